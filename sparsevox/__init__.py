@@ -1,0 +1,21 @@
+"""sparsevox: spatially sparse convolutions on voxel grids for NumPy, CuPy, PyTorch and JAX.
+
+``import sparsevox`` needs only NumPy; CuPy, torch and jax are imported when their arrays are used.
+"""
+from .algos import (SPARSE_CONV_BWD_ALGO_MODE, SPARSE_CONV_FWD_ALGO_MODE, SPARSE_DEPTHWISE_CONV_BWD_ALGO_MODE,
+                    SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE)
+from .config import allow_tf32
+from .conv import conv_backward, conv_forward, spatially_sparse_conv
+from .depthwise import depthwise_backward, depthwise_forward, spatially_sparse_depthwise_conv
+from .errors import AlgorithmUnavailableError, MissingDependencyError
+from .kernel_map import KernelMap, kernel_map
+from .voxels import Voxels
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Voxels", "KernelMap", "kernel_map", "spatially_sparse_conv", "spatially_sparse_depthwise_conv",
+    "conv_forward", "conv_backward", "depthwise_forward", "depthwise_backward", "allow_tf32",
+    "SPARSE_CONV_FWD_ALGO_MODE", "SPARSE_CONV_BWD_ALGO_MODE", "SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE",
+    "SPARSE_DEPTHWISE_CONV_BWD_ALGO_MODE", "AlgorithmUnavailableError", "MissingDependencyError",
+]

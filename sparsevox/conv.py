@@ -1,0 +1,151 @@
+"""Sparse convolution: the core forward/backward on NumPy or CuPy arrays, and the public functions.
+
+``conv_forward``/``conv_backward`` are for users who differentiate themselves (NumPy, CuPy); the
+framework adapters wrap exactly these two.
+"""
+from __future__ import annotations
+
+import logging
+
+from . import autotune, config
+from ._arrays import array_module, from_core, to_core
+from .algos import resolve_algos
+from .errors import AlgorithmUnavailableError
+from .kernel_map import KernelMap, kernel_map
+from .problem import Problem
+from .registry import availability
+
+log = logging.getLogger("sparsevox")
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _device(a) -> str:
+    return "cpu" if array_module(a).__name__ == "numpy" else "gpu"
+
+
+def _gpu_name(a) -> str:
+    if _device(a) == "cpu":
+        return ""
+    from .gpu_info import device_name
+    return device_name(a.device.id)
+
+
+def check_conv_args(feats, weight, kmap: KernelMap, op: str = "conv") -> None:
+    """Validate shapes, dtypes and devices; raise ``ValueError`` naming the argument."""
+    if feats.dtype.name not in _FLOATS:
+        raise ValueError(f"features dtype must be one of {_FLOATS}, got {feats.dtype.name}")
+    if weight.dtype != feats.dtype:
+        raise ValueError(f"weight dtype ({weight.dtype.name}) must equal the features dtype ({feats.dtype.name})")
+    if feats.ndim != 2:
+        raise ValueError(f"features must have shape [N, C], got {tuple(feats.shape)}")
+    if feats.shape[0] != kmap.num_in:
+        raise ValueError(f"features have {feats.shape[0]} rows but the kernel map expects {kmap.num_in}")
+    if _device(feats) != _device(weight):
+        raise ValueError(f"weight is on the {_device(weight)} but the features are on the {_device(feats)}")
+    k = kmap.num_offsets
+    if op == "conv":
+        if weight.ndim != 3 or weight.shape[0] != k or weight.shape[1] != feats.shape[1]:
+            raise ValueError(f"weight must have shape [K={k}, C_in={feats.shape[1]}, C_out], got {tuple(weight.shape)}")
+    elif weight.ndim != 2 or weight.shape[0] != k or weight.shape[1] != feats.shape[1]:
+        raise ValueError(f"depthwise weight must have shape [K={k}, C={feats.shape[1]}], got {tuple(weight.shape)}")
+
+
+def problem_of(op, direction, feats, weight, kmap) -> Problem:
+    c_out = weight.shape[2] if op == "conv" else weight.shape[1]
+    return Problem(op, direction, _device(feats), feats.dtype.name, kmap.num_in, kmap.num_out,
+                   feats.shape[1], c_out, kmap.num_offsets, kmap.stride, kmap.kind, _gpu_name(feats),
+                   config.allow_tf32() and feats.dtype.name == "float32")
+
+
+def select(problem: Problem, algo_input, run):
+    """Resolve the algorithm input, drop what cannot run here, and let the autotuner choose."""
+    names, explicit = resolve_algos(algo_input, problem.op, "fwd" if problem.direction == "fwd" else "bwd")
+    algos, why = availability(problem.op, names, problem)
+    if not algos:
+        reasons = "; ".join(f"{n}: {r}" for n, r in why.items())
+        raise AlgorithmUnavailableError(
+            f"no requested {problem.op} algorithm can run on the {problem.device} for {problem.dtype} "
+            f"({reasons})" + ("; on CPU arrays only explicit_gemm/explicit runs" if problem.device == "cpu" else ""))
+    for n, r in why.items():
+        (log.info if explicit else log.debug)("%s %s left out: %s", problem.op, n, r)
+    return autotune.choose(problem, algos, run)
+
+
+def conv_forward(feats, weight, kmap: KernelMap, fwd_algo=None):
+    """Forward sparse convolution on core arrays.
+
+    Args:
+        feats: ``[N_in, C_in]`` NumPy or CuPy array, float16/bfloat16/float32/float64.
+        weight: ``[K, C_in, C_out]``, same dtype and device.
+        kmap: the :class:`KernelMap` of the layer.
+        fwd_algo: algorithm input (see :func:`spatially_sparse_conv`).
+
+    Returns ``[N_out, C_out]`` in the input dtype:
+    ``out[o] = sum_k sum_{(i, o) in pairs_k} feats[i] @ weight[k]``.
+    """
+    check_conv_args(feats, weight, kmap)
+    problem = problem_of("conv", "fwd", feats, weight, kmap)
+    algo, params = select(problem, fwd_algo, lambda a, p: a.forward(feats, weight, kmap, **p))
+    return algo.forward(feats, weight, kmap, **params)
+
+
+def conv_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, feats_grad=True, weight_grad=True):
+    """Gradients ``(grad_feats [N_in, C_in] or None, grad_weight [K, C_in, C_out] or None)``."""
+    check_conv_args(feats, weight, kmap)
+    if tuple(grad_out.shape) != (kmap.num_out, weight.shape[2]):
+        raise ValueError(f"grad_out must have shape {(kmap.num_out, weight.shape[2])}, got {tuple(grad_out.shape)}")
+    grad_out = grad_out.astype(feats.dtype, copy=False)
+    gf = gw = None
+    if feats_grad:
+        problem = problem_of("conv", "dgrad", feats, weight, kmap)
+        algo, p = select(problem, bwd_algo, lambda a, p: a.dgrad(grad_out, weight, kmap, **p))
+        gf = algo.dgrad(grad_out, weight, kmap, **p)
+    if weight_grad:
+        problem = problem_of("conv", "wgrad", feats, weight, kmap)
+        k = kmap.num_offsets
+        algo, p = select(problem, bwd_algo, lambda a, p: a.wgrad(feats, grad_out, kmap, k, **p))
+        gw = algo.wgrad(feats, grad_out, kmap, k, **p)
+    return gf, gw
+
+
+def output_voxels_of(voxels, kmap: KernelMap, out_feats, output_voxels=None):
+    """Wrap output features as ``Voxels`` of the caller's library, sharing cached geometry."""
+    from .voxels import Voxels
+    if kmap.kind == "submanifold":
+        return voxels.replace(out_feats)
+    if isinstance(output_voxels, Voxels):
+        return output_voxels.replace(out_feats)
+    return Voxels.from_core_coords(kmap.out_coords, out_feats, voxels.origin)
+
+
+def spatially_sparse_conv(voxels, weight, kernel_size=3, stride=1, dilation=1, transposed=False,
+                          generative=False, output_voxels=None, fwd_algo=None, bwd_algo=None):
+    """Spatially sparse convolution of ``voxels`` with ``weight``.
+
+    Args:
+        voxels: :class:`~sparsevox.Voxels` with feats ``[N, C_in]``.
+        weight: ``[K, C_in, C_out]`` with ``K = kx * ky * kz`` (offset index z fastest), same dtype.
+        kernel_size, stride, dilation: int or 3-tuple.
+        transposed, generative, output_voxels: see :func:`sparsevox.kernel_map`.
+        fwd_algo, bwd_algo: an algorithm enum member, its lower-case name, a list of either, ``AUTO``,
+            or None (read ``SPARSEVOX_FWD_ALGO_MODE``/``WARPCONVNET_FWD_ALGO_MODE``, else auto).
+
+    Returns ``Voxels`` (feats ``[N_out, C_out]``, input dtype) in the caller's array library.
+    ``out[p] = sum_k feats[stride * p + offset_k] @ weight[k]`` (cross-correlation, as PyTorch).
+    PyTorch and JAX inputs go through :mod:`sparsevox.adapters` and are differentiable.
+    """
+    lib = voxels.origin.lib
+    if lib == "torch":
+        from .adapters import torch as adapter
+        return adapter.spatially_sparse_conv(voxels, weight, kernel_size, stride, dilation, transposed,
+                                             generative, output_voxels, fwd_algo, bwd_algo)
+    if lib == "jax":
+        from .adapters import jax as adapter
+        return adapter.spatially_sparse_conv(voxels, weight, kernel_size, stride, dilation, transposed,
+                                             generative, output_voxels, fwd_algo, bwd_algo)
+    kmap = kernel_map(voxels, kernel_size, stride, dilation, transposed, generative, output_voxels)
+    feats, _ = to_core(voxels.feats)
+    w, _ = to_core(weight)
+    out = conv_forward(feats, w, kmap, fwd_algo)
+    return output_voxels_of(voxels, kmap, from_core(out, voxels.origin), output_voxels)

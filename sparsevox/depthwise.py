@@ -1,0 +1,78 @@
+"""Depthwise sparse convolution: ``out[o, c] = sum_k sum_{(i, o) in pairs_k} feats[i, c] * weight[k, c]``."""
+from __future__ import annotations
+
+from ._arrays import from_core, library_of, to_core
+from .conv import check_conv_args, problem_of, select
+from .kernel_map import KernelMap
+
+
+def _as_kmap(kernel_map, num_in: int, num_out: int) -> KernelMap:
+    if isinstance(kernel_map, KernelMap):
+        if kernel_map.num_out != num_out:
+            raise ValueError(f"num_out_coords ({num_out}) differs from the kernel map's {kernel_map.num_out}")
+        return kernel_map
+    try:
+        in_maps, out_maps, offsets = kernel_map
+    except (TypeError, ValueError):
+        raise ValueError("kernel_map must be a KernelMap or a tuple (in_maps, out_maps, offsets)") from None
+    import numpy as np
+    from ._arrays import to_host
+    i, _ = to_core(in_maps)
+    o, _ = to_core(out_maps)
+    off, _ = to_core(offsets)
+    host = to_host(off).astype(np.int64)
+    if host.ndim != 1 or host[0] != 0 or np.any(np.diff(host) < 0) or host[-1] != i.shape[0]:
+        raise ValueError("kernel_map offsets must be non-decreasing from 0 to len(in_maps)")
+    return KernelMap(i, o, off, host, num_in, num_out, None)
+
+
+def depthwise_forward(feats, weight, kmap: KernelMap, fwd_algo=None):
+    """Core forward on NumPy/CuPy arrays: feats ``[N_in, C]``, weight ``[K, C]`` → ``[N_out, C]``."""
+    check_conv_args(feats, weight, kmap, op="depthwise")
+    problem = problem_of("depthwise", "fwd", feats, weight, kmap)
+    algo, p = select(problem, fwd_algo, lambda a, p: a.forward(feats, weight, kmap, **p))
+    return algo.forward(feats, weight, kmap, **p)
+
+
+def depthwise_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, feats_grad=True, weight_grad=True):
+    """Core gradients ``(grad_feats [N_in, C] or None, grad_weight [K, C] or None)``."""
+    check_conv_args(feats, weight, kmap, op="depthwise")
+    if tuple(grad_out.shape) != (kmap.num_out, feats.shape[1]):
+        raise ValueError(f"grad_out must have shape {(kmap.num_out, feats.shape[1])}, got {tuple(grad_out.shape)}")
+    grad_out = grad_out.astype(feats.dtype, copy=False)
+    gf = gw = None
+    if feats_grad:
+        problem = problem_of("depthwise", "dgrad", feats, weight, kmap)
+        algo, p = select(problem, bwd_algo, lambda a, p: a.dgrad(grad_out, weight, kmap, **p))
+        gf = algo.dgrad(grad_out, weight, kmap, **p)
+    if weight_grad:
+        problem = problem_of("depthwise", "wgrad", feats, weight, kmap)
+        k = kmap.num_offsets
+        algo, p = select(problem, bwd_algo, lambda a, p: a.wgrad(feats, grad_out, kmap, k, **p))
+        gw = algo.wgrad(feats, grad_out, kmap, k, **p)
+    return gf, gw
+
+
+def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map, num_out_coords,
+                                    fwd_algo=None, bwd_algo=None):
+    """Depthwise sparse convolution (the reference guide's signature).
+
+    Args:
+        input_features: ``[N_in, C]`` float array (NumPy, CuPy, PyTorch or JAX).
+        depthwise_weight: ``[K, C]``, same dtype.
+        kernel_map: a :class:`KernelMap` (from :func:`sparsevox.kernel_map`) or ``(in_maps, out_maps, offsets)``.
+        num_out_coords: number of output rows.
+        fwd_algo, bwd_algo: ``EXPLICIT``, ``IMPLICIT``, ``AUTO``, names, lists, or None (environment).
+
+    Returns ``[num_out_coords, C]`` in the caller's library; PyTorch/JAX inputs are differentiable.
+    """
+    lib = library_of(input_features)
+    if lib in ("torch", "jax"):
+        import importlib
+        adapter = importlib.import_module(f"sparsevox.adapters.{lib}")
+        return adapter.spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map,
+                                                       num_out_coords, fwd_algo, bwd_algo)
+    feats, origin = to_core(input_features)
+    w, _ = to_core(depthwise_weight)
+    kmap = _as_kmap(kernel_map, feats.shape[0], int(num_out_coords))
+    return from_core(depthwise_forward(feats, w, kmap, fwd_algo), origin)

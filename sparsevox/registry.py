@@ -1,0 +1,73 @@
+"""The one algorithm registry: canonical name → Algorithm, for each op (``conv`` and ``depthwise``).
+
+Backends register here at import; GPU modules import CuPy only when first called, so registering
+them costs nothing on a machine without a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One algorithm of one op.
+
+    forward(feats, weight, kmap, **params) -> out
+    dgrad(grad_out, weight, kmap, **params) -> grad_feats
+    wgrad(feats, grad_out, kmap, num_offsets, **params) -> grad_weight
+    params(direction, problem) -> list of parameter dicts to search (``[{}]`` when nothing to tune)
+    available(problem) -> (ok, reason): can it run on this device and dtype?
+    """
+    name: str
+    forward: Callable
+    dgrad: Callable
+    wgrad: Callable
+    params: Callable
+    available: Callable
+
+
+_REGISTRY: dict[str, dict[str, Algorithm]] = {"conv": {}, "depthwise": {}}
+
+
+def register(op: str, algo: Algorithm) -> None:
+    _REGISTRY[op][algo.name] = algo
+
+
+def algorithms(op: str) -> dict[str, Algorithm]:
+    _load_backends()
+    return _REGISTRY[op]
+
+
+_loaded = False
+
+
+def _load_backends() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from . import backends  # noqa: F401  (registers every algorithm)
+
+
+def availability(op: str, names, problem) -> tuple[list[Algorithm], dict[str, str]]:
+    """Split requested names into runnable algorithms and ``{name: reason}`` for the others."""
+    table = algorithms(op)
+    ok, why = [], {}
+    for name in names:
+        algo = table.get(name)
+        if algo is None:
+            why[name] = "not part of this build of sparsevox"
+            continue
+        good, reason = algo.available(problem)
+        if good:
+            ok.append(algo)
+        else:
+            why[name] = reason
+    return ok, why
+
+
+def dtype_name(a) -> str:
+    return np.dtype(a.dtype).name if not hasattr(a.dtype, "name") else a.dtype.name

@@ -1,0 +1,193 @@
+"""The sparse tensor: ``Voxels(coords, feats)``."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import geometry
+from ._arrays import Origin, array_module, from_core, library_of, to_core, to_host
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _dtype_name(a) -> str:
+    return str(getattr(a, "dtype", "")).replace("torch.", "")
+
+
+class Voxels:
+    """A batch of sparse voxel grids.
+
+    Args:
+        coords: integer array ``[N, 4]``, columns ``(batch, x, y, z)``. Batch in ``[0, 1023]``; x, y, z in
+            ``[-131072, 131071]`` (18 bits each, so they pack into one 64-bit key). Unique per batch.
+        feats: float array ``[N, C]`` (float16, bfloat16, float32 or float64), row ``i`` belongs to
+            ``coords[i]``.
+
+    Both may come from NumPy, CuPy, PyTorch or JAX (anything DLPack speaks) and must live on the same
+    device. ``coords``/``feats`` are kept as given, so framework autograd flows through ``feats``.
+    Kernel maps built for this geometry are cached on the object (:func:`sparsevox.kernel_map`).
+
+    Example:
+        >>> v = Voxels(np.array([[0, 0, 0, 0], [0, 1, 0, 0]]), np.ones((2, 8), np.float32))
+        >>> v.num_voxels, v.num_channels
+        (2, 8)
+    """
+
+    def __init__(self, coords, feats, *, check: bool = True):
+        self.coords = coords
+        self.feats = feats
+        self._kmaps: dict = {}
+        self._core = None  # (core coords int32, origin)
+        self._keys = None  # (sorted keys, permutation) built on first use
+        if check:
+            self._validate()
+
+    # -- validation -------------------------------------------------------------------------
+    def _validate(self) -> None:
+        c, origin = self.core_coords()
+        if c.ndim != 2 or c.shape[1] != 4:
+            raise ValueError(f"coords must have shape [N, 4] (batch, x, y, z), got {tuple(c.shape)}")
+        f = self.feats
+        if f is not None:
+            if len(f.shape) != 2:
+                raise ValueError(f"feats must have shape [N, C], got {tuple(f.shape)}")
+            if f.shape[0] != c.shape[0]:
+                raise ValueError(f"feats has {f.shape[0]} rows but coords has {c.shape[0]}; they must match")
+            if _dtype_name(f) not in _FLOAT_DTYPES:
+                raise ValueError(f"feats dtype must be one of {_FLOAT_DTYPES}, got {_dtype_name(f)}")
+            if library_of(f) != origin.lib:
+                raise ValueError(f"coords ({origin.lib}) and feats ({library_of(f)}) must come from one library")
+        geometry.check_coord_range(c, array_module(c))
+        keys, _ = self.sorted_keys()
+        if keys.shape[0] > 1:
+            dup = keys[1:] == keys[:-1]
+            if bool(dup.any()):
+                xp = array_module(c)
+                i = int(to_host(xp.nonzero(dup)[0][:1])[0])
+                row = to_host(geometry.unpack_keys(keys[i:i + 1], xp))[0].tolist()
+                raise ValueError(f"coords must be unique per batch; (batch, x, y, z) = {row} occurs "
+                                 f"more than once ({int(dup.sum())} duplicate rows in all)")
+
+    # -- core views ---------------------------------------------------------------------------
+    def core_coords(self):
+        """``(coords, origin)``: int32 coordinates as a NumPy or CuPy array, and the caller's origin."""
+        if self._core is None:
+            c, origin = to_core(self.coords)
+            if c.dtype.kind not in "iu":
+                raise ValueError(f"coords must be an integer array, got dtype {c.dtype}")
+            xp = array_module(c)
+            if c.ndim == 2 and c.dtype != xp.int32:
+                if c.shape[0] and (int(c.max()) > np.iinfo(np.int32).max or int(c.min()) < np.iinfo(np.int32).min):
+                    raise ValueError("coords do not fit in int32")
+                c = c.astype(xp.int32)
+            self._core = (xp.ascontiguousarray(c), origin)
+        return self._core
+
+    def sorted_keys(self):
+        """``(keys, perm)``: packed keys sorted ascending and the row order that sorts them."""
+        if self._keys is None:
+            c, _ = self.core_coords()
+            xp = array_module(c)
+            keys = geometry.pack_keys(c, xp)
+            perm = xp.argsort(keys, kind="stable") if xp is np else xp.argsort(keys)
+            self._keys = (keys[perm], perm.astype(xp.int32))
+        return self._keys
+
+    @property
+    def origin(self) -> Origin:
+        return self.core_coords()[1]
+
+    @property
+    def num_voxels(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.feats.shape[1])
+
+    def replace(self, feats) -> "Voxels":
+        """Same geometry (and cached kernel maps), new features."""
+        if feats.shape[0] != self.num_voxels:
+            raise ValueError(f"feats must have {self.num_voxels} rows, got {feats.shape[0]}")
+        out = Voxels(self.coords, feats, check=False)
+        out._kmaps, out._core, out._keys = self._kmaps, self._core, self._keys
+        return out
+
+    @classmethod
+    def from_core_coords(cls, coords, feats, origin: Origin, sorted_rows: bool = True) -> "Voxels":
+        """Wrap core int32 coords (sorted by key when ``sorted_rows``) and caller-library feats."""
+        out = cls(from_core(coords, origin), feats, check=False)
+        out._core = (coords, origin)
+        if sorted_rows:
+            xp = array_module(coords)
+            out._keys = (geometry.pack_keys(coords, xp), xp.arange(coords.shape[0], dtype=xp.int32))
+        return out
+
+    def __repr__(self) -> str:
+        f = self.feats
+        return (f"Voxels(num_voxels={self.num_voxels}, channels={None if f is None else f.shape[1]}, "
+                f"dtype={_dtype_name(f) if f is not None else None}, lib={self.origin.lib})")
+
+    # -- construction from points -------------------------------------------------------------
+    @classmethod
+    def from_points(cls, points, voxel_size, batch=None, reduction: str = "mean", features=None) -> "Voxels":
+        """Voxelise a point cloud.
+
+        Args:
+            points: float array ``[P, 3 + F]``: x, y, z and F feature columns (F may be 0).
+            voxel_size: float or 3 floats, > 0; voxel coordinates are ``floor(xyz / voxel_size)``.
+            batch: optional int array ``[P]`` of batch indices in ``[0, 1023]`` (default all 0).
+            reduction: how features of the points in one voxel combine: ``"mean"``, ``"max"`` or ``"sum"``.
+            features: optional ``[P, F]`` features used instead of ``points[:, 3:]``. When there are no
+                feature columns at all, each voxel gets one feature: its point count (for "sum") or 1.
+
+        Returns ``Voxels`` with coords sorted by (batch, x, y, z), in the caller's array library.
+        """
+        if reduction not in ("mean", "max", "sum"):
+            raise ValueError(f"reduction must be 'mean', 'max' or 'sum', got {reduction!r}")
+        p, origin = to_core(points)
+        xp = array_module(p)
+        if p.ndim != 2 or p.shape[1] < 3:
+            raise ValueError(f"points must have shape [P, 3 + F], got {tuple(p.shape)}")
+        size = np.broadcast_to(np.asarray(voxel_size, dtype=np.float64), (3,))
+        if not np.all(size > 0) or not np.all(np.isfinite(size)):
+            raise ValueError(f"voxel_size must be positive and finite, got {voxel_size!r}")
+        xyz = p[:, :3].astype(xp.float64)
+        if not bool(xp.isfinite(xyz).all()):
+            raise ValueError("points: x, y, z must be finite (found NaN or inf)")
+        feats = p[:, 3:] if features is None else to_core(features)[0]
+        if feats.shape[0] != p.shape[0]:
+            raise ValueError(f"features must have {p.shape[0]} rows, got {feats.shape[0]}")
+        if feats.shape[1] == 0:
+            feats = xp.ones((p.shape[0], 1), dtype=xp.float32)
+        n = p.shape[0]
+        coords = xp.empty((n, 4), dtype=xp.int64)
+        coords[:, 0] = 0 if batch is None else to_core(batch)[0].astype(xp.int64)
+        coords[:, 1:] = xp.floor(xyz / xp.asarray(size)).astype(xp.int64)
+        geometry.check_coord_range(coords, xp, what="voxel coordinates of points")
+        keys = geometry.pack_keys(coords, xp)
+        ukeys, inverse = xp.unique(keys, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        m = ukeys.shape[0]
+        acc_dtype = xp.float64 if feats.dtype == xp.float64 else xp.float32
+        f = feats.astype(acc_dtype)
+        scatter = _scatter_ops(xp)
+        if reduction == "max":
+            out = xp.full((m, f.shape[1]), -xp.inf, dtype=acc_dtype)
+            scatter["max"](out, inverse, f)
+        else:
+            out = xp.zeros((m, f.shape[1]), dtype=acc_dtype)
+            scatter["add"](out, inverse, f)
+            if reduction == "mean":
+                counts = xp.zeros(m, dtype=acc_dtype)
+                scatter["add"](counts, inverse, xp.ones(n, dtype=acc_dtype))
+                out /= counts[:, None]
+        out = out.astype(feats.dtype) if feats.dtype.kind == "f" else out
+        ucoords = geometry.unpack_keys(ukeys, xp)
+        return cls(from_core(ucoords, origin), from_core(out, origin), check=False)
+
+
+def _scatter_ops(xp):
+    if xp is np:
+        return {"add": np.add.at, "max": np.maximum.at}
+    import cupyx
+    return {"add": cupyx.scatter_add, "max": cupyx.scatter_max}
