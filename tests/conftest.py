@@ -1,0 +1,37 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py importable as `reference`
+
+from sparsevox.gpu_info import gpu_available  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    ok, reason = gpu_available()
+    if ok:
+        return
+    skip = pytest.mark.skip(reason=f"no GPU ({reason})")
+    for item in items:
+        if "gpu" in item.keywords or "multigpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+    """Fresh random inputs every run; the seed is printed on failure so a case can be replayed."""
+    seed = np.random.SeedSequence().entropy % (2 ** 32)
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)
+
+
+def pointcloud_dir():
+    """Real scans: the copy carried to the GPU machine, else ../shared beside the checkout."""
+    root = Path(__file__).resolve().parents[1]
+    for p in (root / ".gpudata" / "pointclouds", root.parent / "shared" / "data" / "pointclouds"):
+        if p.is_dir():
+            return p
+    return None
