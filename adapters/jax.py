@@ -1,0 +1,185 @@
+"""JAX adapter: sparse convolutions as ``jax.custom_vjp`` functions that work under ``jit`` and ``grad``.
+
+Kernel maps are built outside ``jit`` (they decide output shapes) and passed in as a pytree,
+:class:`JaxKernelMap`, whose arrays are traced and whose sizes are static::
+
+    kmap = sparsevox.adapters.jax.kernel_map(voxels, kernel_size=3)      # outside jit
+    @jax.jit
+    def loss(feats, weight):
+        return conv_features(feats, weight, kmap).sum()
+    jax.grad(loss, argnums=(0, 1))(feats, weight)
+
+The primal runs the sparsevox core through a host callback (``jax.pure_callback``, vmapped
+sequentially): on the CPU that is zero-copy NumPy.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sparsevox as sv
+from sparsevox.conv import output_voxels_of
+from sparsevox.kernel_map import KernelMap
+from sparsevox.voxels import Voxels
+
+__all__ = ["JaxKernelMap", "kernel_map", "conv_features", "depthwise_features", "spatially_sparse_conv",
+           "spatially_sparse_depthwise_conv", "init_conv", "apply_conv"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class JaxKernelMap:
+    """A kernel map as a JAX pytree: ``in_maps``/``out_maps`` int32 ``[L]`` arrays; static sizes."""
+    in_maps: jax.Array
+    out_maps: jax.Array
+    offsets: tuple = dataclasses.field(metadata=dict(static=True))
+    num_in: int = dataclasses.field(metadata=dict(static=True))
+    num_out: int = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def from_core(cls, kmap: KernelMap) -> "JaxKernelMap":
+        t = kmap.derived.get("jax.map")
+        if t is None:
+            t = cls(jnp.asarray(np.asarray(kmap.in_maps)), jnp.asarray(np.asarray(kmap.out_maps)),
+                    tuple(int(v) for v in kmap.offsets_host), kmap.num_in, kmap.num_out)
+            kmap.derived["jax.map"] = t
+        return t
+
+
+def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, generative=False,
+               output_voxels=None) -> JaxKernelMap:
+    """:func:`sparsevox.kernel_map` as a :class:`JaxKernelMap` (call outside ``jit``)."""
+    return JaxKernelMap.from_core(sv.kernel_map(voxels, kernel_size, stride, dilation, transposed, generative,
+                                                output_voxels))
+
+
+def _core_map(in_maps, out_maps, offsets, num_in, num_out) -> KernelMap:
+    host = np.asarray(offsets, dtype=np.int64)
+    return KernelMap(np.asarray(in_maps), np.asarray(out_maps), host.astype(np.int32), host, num_in, num_out, None)
+
+
+def _host_call(fn, out_shapes, *args):
+    return jax.pure_callback(fn, out_shapes, *args, vmap_method="sequential")
+
+
+def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
+    c_out = weight.shape[2] if op == "conv" else weight.shape[1]
+    core = sv.conv_forward if op == "conv" else sv.depthwise_forward
+
+    def host(f, w, i, o):
+        m = _core_map(i, o, kmap.offsets, kmap.num_in, kmap.num_out)
+        return np.asarray(core(np.asarray(f), np.asarray(w), m, fwd_algo))
+    return _host_call(host, jax.ShapeDtypeStruct((kmap.num_out, c_out), feats.dtype),
+                      feats, weight, kmap.in_maps, kmap.out_maps)
+
+
+def _backward(op, feats, weight, kmap: JaxKernelMap, grad, bwd_algo):
+    core = sv.conv_backward if op == "conv" else sv.depthwise_backward
+
+    def host(g, f, w, i, o):
+        m = _core_map(i, o, kmap.offsets, kmap.num_in, kmap.num_out)
+        gf, gw = core(np.asarray(g), np.asarray(f), np.asarray(w), m, bwd_algo)
+        return np.asarray(gf), np.asarray(gw)
+    shapes = (jax.ShapeDtypeStruct(feats.shape, feats.dtype), jax.ShapeDtypeStruct(weight.shape, weight.dtype))
+    return _host_call(host, shapes, grad, feats, weight, kmap.in_maps, kmap.out_maps)
+
+
+def _make(op):
+    @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+    def f(feats, weight, kmap, fwd_algo=None, bwd_algo=None):
+        return _forward(op, feats, weight, kmap, fwd_algo)
+
+    def f_fwd(feats, weight, kmap, fwd_algo, bwd_algo):
+        return _forward(op, feats, weight, kmap, fwd_algo), (feats, weight, kmap)
+
+    def f_bwd(fwd_algo, bwd_algo, res, grad):
+        feats, weight, kmap = res
+        gf, gw = _backward(op, feats, weight, kmap, grad, bwd_algo)
+        zeros = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, jax.dtypes.float0), kmap)
+        return gf, gw, zeros
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
+
+
+_conv = _make("conv")
+_depthwise = _make("depthwise")
+
+
+def _algo_key(value):
+    """Algorithm inputs must be hashable to be static: lists become tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def conv_features(feats, weight, kmap: JaxKernelMap, fwd_algo=None, bwd_algo=None):
+    """Differentiable features ``[N_out, C_out]`` of a convolution: feats ``[N_in, C_in]``, weight ``[K, C_in, C_out]``."""
+    if weight.dtype != feats.dtype:
+        raise ValueError(f"weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
+    if weight.ndim != 3 or weight.shape[0] != len(kmap.offsets) - 1 or weight.shape[1] != feats.shape[1]:
+        raise ValueError(f"weight must have shape [K={len(kmap.offsets) - 1}, C_in={feats.shape[1]}, C_out], "
+                         f"got {tuple(weight.shape)}")
+    return _conv(feats, weight, kmap, _algo_key(fwd_algo), _algo_key(bwd_algo))
+
+
+def depthwise_features(feats, weight, kmap: JaxKernelMap, fwd_algo=None, bwd_algo=None):
+    """Differentiable depthwise features ``[N_out, C]``: feats ``[N_in, C]``, weight ``[K, C]``."""
+    if weight.dtype != feats.dtype:
+        raise ValueError(f"depthwise_weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
+    if weight.ndim != 2 or weight.shape != (len(kmap.offsets) - 1, feats.shape[1]):
+        raise ValueError(f"depthwise_weight must have shape [K={len(kmap.offsets) - 1}, C={feats.shape[1]}], "
+                         f"got {tuple(weight.shape)}")
+    return _depthwise(feats, weight, kmap, _algo_key(fwd_algo), _algo_key(bwd_algo))
+
+
+def spatially_sparse_conv(voxels, weight, kernel_size=3, stride=1, dilation=1, transposed=False,
+                          generative=False, output_voxels=None, fwd_algo=None, bwd_algo=None):
+    """:func:`sparsevox.spatially_sparse_conv` for JAX ``Voxels``; differentiable in feats and weight
+    (outside ``jit``: it builds the kernel map; inside ``jit`` use :func:`conv_features`)."""
+    core_map = sv.kernel_map(voxels, kernel_size, stride, dilation, transposed, generative, output_voxels)
+    out = conv_features(voxels.feats, weight, JaxKernelMap.from_core(core_map), fwd_algo, bwd_algo)
+    return output_voxels_of(voxels, core_map, out, output_voxels)
+
+
+def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map, num_out_coords,
+                                    fwd_algo=None, bwd_algo=None):
+    """The guide's depthwise signature; ``kernel_map`` is a JaxKernelMap, a KernelMap or a CSR tuple."""
+    if not isinstance(kernel_map, JaxKernelMap):
+        from sparsevox.depthwise import _as_kmap
+        kernel_map = JaxKernelMap.from_core(_as_kmap(kernel_map, input_features.shape[0], int(num_out_coords)))
+    if kernel_map.num_out != int(num_out_coords):
+        raise ValueError(f"num_out_coords ({num_out_coords}) differs from the kernel map's {kernel_map.num_out}")
+    return depthwise_features(input_features, depthwise_weight, kernel_map, fwd_algo, bwd_algo)
+
+
+# --- a minimal module API: init / apply ----------------------------------------------------------
+
+def init_conv(key, in_channels, out_channels, kernel_size=3, bias=True, dtype=jnp.float32):
+    """Parameters ``{"weight": [K, C_in, C_out], "bias": [C_out]}``, Kaiming-uniform like ``torch.nn.Conv3d``."""
+    k = int(np.prod(np.broadcast_to(kernel_size, 3)))
+    bound = 1.0 / np.sqrt(in_channels * k)
+    kw, kb = jax.random.split(key)
+    params = {"weight": jax.random.uniform(kw, (k, in_channels, out_channels), dtype, -bound, bound)}
+    if bias:
+        params["bias"] = jax.random.uniform(kb, (out_channels,), dtype, -bound, bound)
+    return params
+
+
+def apply_conv(params, feats, kmap: JaxKernelMap, fwd_algo=None, bwd_algo=None):
+    """Apply a conv layer's ``params`` to features with a prebuilt kernel map (jit-friendly)."""
+    out = conv_features(feats, params["weight"], kmap, fwd_algo, bwd_algo)
+    return out + params["bias"] if "bias" in params else out
+
+
+def _voxels_flatten(v: Voxels):
+    return (v.coords, v.feats), None
+
+
+def _voxels_unflatten(aux, children):
+    return Voxels(children[0], children[1], check=False)
+
+
+jax.tree_util.register_pytree_node(Voxels, _voxels_flatten, _voxels_unflatten)

@@ -1,0 +1,327 @@
+"""PyTorch adapter: differentiable sparse convolutions as ``torch.library`` custom ops, and modules.
+
+The ops take the kernel map as tensors (``in_maps``, ``out_maps`` on the data's device, ``offsets`` on
+the CPU) so they compose with ``torch.compile``; the :class:`~sparsevox.KernelMap` object that made
+them is found again through a weak table, so algorithm-derived data (reverse maps, masks) stays cached.
+Build kernel maps outside compiled regions (:func:`sparsevox.kernel_map`).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import weakref
+
+import torch
+
+import sparsevox as sv
+from sparsevox import _arrays
+from sparsevox.conv import output_voxels_of
+from sparsevox.kernel_map import KernelMap
+
+__all__ = ["spatially_sparse_conv", "spatially_sparse_depthwise_conv", "SpatiallySparseConv", "SparseConv3d",
+           "SpatiallySparseDepthwiseConv", "kernel_map_tensors"]
+
+_live_maps: "weakref.WeakValueDictionary[tuple, KernelMap]" = weakref.WeakValueDictionary()
+
+
+def _algo_str(value) -> str:
+    """Algorithm input → a string that survives the op boundary ("" means None: read the environment)."""
+    if value is None:
+        return ""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return ",".join(str(getattr(v, "value", v)) for v in items)
+
+
+def _algo_value(s: str):
+    return None if s == "" else s.split(",")
+
+
+def kernel_map_tensors(kmap: KernelMap):
+    """``(in_maps, out_maps, offsets)`` as torch tensors (zero-copy; offsets int64 on the CPU)."""
+    t = kmap.derived.get("torch.tensors")
+    if t is None:
+        t = (torch.from_dlpack(kmap.in_maps), torch.from_dlpack(kmap.out_maps),
+             torch.from_numpy(kmap.offsets_host))
+        kmap.derived["torch.tensors"] = t
+        _live_maps[_map_key(t[0], t[1])] = kmap
+    return t
+
+
+def _map_key(in_maps, out_maps):
+    return (in_maps.device, in_maps.data_ptr(), out_maps.data_ptr(), in_maps.numel())
+
+
+def _core_map(in_maps, out_maps, offsets, num_in: int, num_out: int) -> KernelMap:
+    kmap = _live_maps.get(_map_key(in_maps, out_maps))
+    if kmap is not None:
+        return kmap
+    i, _ = _arrays.to_core(in_maps)
+    o, _ = _arrays.to_core(out_maps)
+    host = offsets.cpu().numpy().astype("int64")
+    xp = _arrays.array_module(i)
+    return KernelMap(i, o, xp.asarray(host.astype("int32")), host, num_in, num_out, None)
+
+
+def _stream(t: torch.Tensor):
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return _arrays.on_caller_stream(_arrays.Origin("torch", t.device))
+
+
+# --- sparse conv ops ------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsevox::conv_fwd", mutates_args=())
+def _conv_fwd(feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor, out_maps: torch.Tensor,
+              offsets: torch.Tensor, num_out: int, fwd_algo: str) -> torch.Tensor:
+    kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
+    with _stream(feats):
+        f, origin = _arrays.to_core(feats)
+        w, _ = _arrays.to_core(weight.to(feats.dtype) if weight.dtype != feats.dtype else weight)
+        out = sv.conv_forward(f, w, kmap, _algo_value(fwd_algo))
+        return _arrays.from_core(out, origin)
+
+
+@_conv_fwd.register_fake
+def _(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo):
+    return feats.new_empty((num_out, weight.shape[2]))
+
+
+@torch.library.custom_op("sparsevox::conv_bwd", mutates_args=())
+def _conv_bwd(grad_out: torch.Tensor, feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor,
+              out_maps: torch.Tensor, offsets: torch.Tensor, bwd_algo: str, feats_grad: bool,
+              weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], grad_out.shape[0])
+    with _stream(feats):
+        g, origin = _arrays.to_core(grad_out.contiguous())
+        f, _ = _arrays.to_core(feats)
+        w, _ = _arrays.to_core(weight)
+        gf, gw = sv.conv_backward(g, f, w, kmap, _algo_value(bwd_algo), feats_grad, weight_grad)
+        gf = _arrays.from_core(gf, origin) if gf is not None else torch.zeros_like(feats)
+        gw = _arrays.from_core(gw, origin) if gw is not None else torch.zeros_like(weight)
+        return gf, gw
+
+
+@_conv_bwd.register_fake
+def _(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad):
+    return torch.empty_like(feats), torch.empty_like(weight)
+
+
+def _conv_setup(ctx, inputs, output):
+    feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo = inputs
+    ctx.save_for_backward(feats, weight, in_maps, out_maps, offsets)
+
+
+def _conv_backward(ctx, grad):
+    feats, weight, in_maps, out_maps, offsets = ctx.saved_tensors
+    gf, gw = torch.ops.sparsevox.conv_bwd(grad, feats, weight, in_maps, out_maps, offsets, ctx.bwd_algo,
+                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    return (gf if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None)
+
+
+# The bwd algorithm is not an input of the forward op (it would be an argument the forward ignores);
+# it travels from the caller to setup_context through a context variable instead.
+_BWD_ALGO: contextvars.ContextVar[str] = contextvars.ContextVar("sparsevox_bwd_algo", default="")
+
+
+def _conv_setup_with_bwd(ctx, inputs, output):
+    _conv_setup(ctx, inputs, output)
+    ctx.bwd_algo = _BWD_ALGO.get()
+
+
+_conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_with_bwd)
+
+
+def _autocast(*tensors):
+    """Under ``torch.autocast("cuda")`` run in the autocast dtype (float32 accumulation inside)."""
+    t0 = tensors[0]
+    if t0.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+        return tuple(t.to(dt) if t.is_floating_point() else t for t in tensors)
+    return tensors
+
+
+def conv_features(feats, weight, kmap: KernelMap, fwd_algo=None, bwd_algo=None):
+    """Differentiable ``[N_out, C_out]`` features of a convolution with a prebuilt kernel map."""
+    in_maps, out_maps, offsets = kernel_map_tensors(kmap)
+    feats, weight = _autocast(feats, weight)
+    if weight.dtype != feats.dtype:
+        raise ValueError(f"weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
+    token = _BWD_ALGO.set(_algo_str(bwd_algo))
+    try:
+        return torch.ops.sparsevox.conv_fwd(feats, weight, in_maps, out_maps, offsets, kmap.num_out,
+                                            _algo_str(fwd_algo))
+    finally:
+        _BWD_ALGO.reset(token)
+
+
+def spatially_sparse_conv(voxels, weight, kernel_size=3, stride=1, dilation=1, transposed=False,
+                          generative=False, output_voxels=None, fwd_algo=None, bwd_algo=None):
+    """Differentiable :func:`sparsevox.spatially_sparse_conv` for torch ``Voxels`` (same arguments)."""
+    kmap = sv.kernel_map(voxels, kernel_size, stride, dilation, transposed, generative, output_voxels)
+    out = conv_features(voxels.feats, weight, kmap, fwd_algo, bwd_algo)
+    return output_voxels_of(voxels, kmap, out, output_voxels)
+
+
+# --- depthwise ops --------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsevox::depthwise_fwd", mutates_args=())
+def _dw_fwd(feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor, out_maps: torch.Tensor,
+            offsets: torch.Tensor, num_out: int, fwd_algo: str) -> torch.Tensor:
+    kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
+    with _stream(feats):
+        f, origin = _arrays.to_core(feats)
+        w, _ = _arrays.to_core(weight)
+        return _arrays.from_core(sv.depthwise_forward(f, w, kmap, _algo_value(fwd_algo)), origin)
+
+
+@_dw_fwd.register_fake
+def _(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo):
+    return feats.new_empty((num_out, feats.shape[1]))
+
+
+@torch.library.custom_op("sparsevox::depthwise_bwd", mutates_args=())
+def _dw_bwd(grad_out: torch.Tensor, feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor,
+            out_maps: torch.Tensor, offsets: torch.Tensor, bwd_algo: str, feats_grad: bool,
+            weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], grad_out.shape[0])
+    with _stream(feats):
+        g, origin = _arrays.to_core(grad_out.contiguous())
+        f, _ = _arrays.to_core(feats)
+        w, _ = _arrays.to_core(weight)
+        gf, gw = sv.depthwise_backward(g, f, w, kmap, _algo_value(bwd_algo), feats_grad, weight_grad)
+        gf = _arrays.from_core(gf, origin) if gf is not None else torch.zeros_like(feats)
+        gw = _arrays.from_core(gw, origin) if gw is not None else torch.zeros_like(weight)
+        return gf, gw
+
+
+@_dw_bwd.register_fake
+def _(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad):
+    return torch.empty_like(feats), torch.empty_like(weight)
+
+
+def _dw_backward(ctx, grad):
+    feats, weight, in_maps, out_maps, offsets = ctx.saved_tensors
+    gf, gw = torch.ops.sparsevox.depthwise_bwd(grad, feats, weight, in_maps, out_maps, offsets, ctx.bwd_algo,
+                                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    return (gf if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None)
+
+
+_dw_fwd.register_autograd(_dw_backward, setup_context=_conv_setup_with_bwd)
+
+
+def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map, num_out_coords,
+                                    fwd_algo=None, bwd_algo=None):
+    """Differentiable depthwise convolution: features ``[N_in, C]``, weight ``[K, C]`` → ``[num_out_coords, C]``.
+
+    ``kernel_map`` is a :class:`~sparsevox.KernelMap` or an ``(in_maps, out_maps, offsets)`` tuple."""
+    from sparsevox.depthwise import _as_kmap
+    kmap = _as_kmap(kernel_map, input_features.shape[0], int(num_out_coords))
+    in_maps, out_maps, offsets = kernel_map_tensors(kmap)
+    feats, weight = _autocast(input_features, depthwise_weight)
+    if weight.dtype != feats.dtype:
+        raise ValueError(f"depthwise_weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
+    token = _BWD_ALGO.set(_algo_str(bwd_algo))
+    try:
+        return torch.ops.sparsevox.depthwise_fwd(feats, weight, in_maps, out_maps, offsets, kmap.num_out,
+                                                 _algo_str(fwd_algo))
+    finally:
+        _BWD_ALGO.reset(token)
+
+
+# --- modules --------------------------------------------------------------------------------------
+
+class SpatiallySparseConv(torch.nn.Module):
+    """A sparse convolution layer: ``Voxels [N, C_in] → Voxels [N_out, C_out]``.
+
+    Weight ``[K, C_in, C_out]`` (K = kx·ky·kz, offset index z fastest), Kaiming-uniform initialised like
+    ``torch.nn.Conv3d``; optional bias ``[C_out]``. ``forward(voxels, output_voxels=None)``; pass
+    ``output_voxels`` (the finer level) to a non-generative transposed layer.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1, transposed=False,
+                 generative=False, bias=True, fwd_algo=None, bwd_algo=None, device=None, dtype=None):
+        super().__init__()
+        from sparsevox.geometry import triple
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        if self.in_channels < 1 or self.out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
+        self.kernel_size = triple(kernel_size, "kernel_size")
+        self.stride = triple(stride, "stride")
+        self.dilation = triple(dilation, "dilation")
+        self.transposed, self.generative = bool(transposed), bool(generative)
+        self.fwd_algo, self.bwd_algo = fwd_algo, bwd_algo
+        k = math.prod(self.kernel_size)
+        self.weight = torch.nn.Parameter(torch.empty(k, self.in_channels, self.out_channels, device=device, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.empty(self.out_channels, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        fan_in = self.in_channels * self.weight.shape[0]
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) as nn.Conv3d
+        torch.nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            torch.nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, voxels, output_voxels=None):
+        out = spatially_sparse_conv(voxels, self.weight, self.kernel_size, self.stride, self.dilation,
+                                    self.transposed, self.generative, output_voxels, self.fwd_algo, self.bwd_algo)
+        if self.bias is not None:
+            out = out.replace(out.feats + self.bias.to(out.feats.dtype))
+        return out
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"dilation={self.dilation}")
+        if self.transposed:
+            s += ", transposed=True"
+        if self.generative:
+            s += ", generative=True"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.fwd_algo is not None or self.bwd_algo is not None:
+            s += f", fwd_algo={self.fwd_algo}, bwd_algo={self.bwd_algo}"
+        return s
+
+
+class SparseConv3d(SpatiallySparseConv):
+    """spconv/TorchSparse-style name for :class:`SpatiallySparseConv` (stride 1 = submanifold)."""
+
+
+class SpatiallySparseDepthwiseConv(torch.nn.Module):
+    """Depthwise sparse convolution: weight ``[K, C]``, optional bias ``[C]``; ``forward(voxels, output_voxels=None)``."""
+
+    def __init__(self, channels, kernel_size=3, stride=1, dilation=1, transposed=False, generative=False,
+                 bias=True, fwd_algo=None, bwd_algo=None, device=None, dtype=None):
+        super().__init__()
+        from sparsevox.geometry import triple
+        if int(channels) < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.channels = int(channels)
+        self.kernel_size = triple(kernel_size, "kernel_size")
+        self.stride = triple(stride, "stride")
+        self.dilation = triple(dilation, "dilation")
+        self.transposed, self.generative = bool(transposed), bool(generative)
+        self.fwd_algo, self.bwd_algo = fwd_algo, bwd_algo
+        k = math.prod(self.kernel_size)
+        self.weight = torch.nn.Parameter(torch.empty(k, self.channels, device=device, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.empty(self.channels, device=device, dtype=dtype)) if bias else None
+        bound = 1.0 / math.sqrt(k)
+        torch.nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            torch.nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, voxels, output_voxels=None):
+        kmap = sv.kernel_map(voxels, self.kernel_size, self.stride, self.dilation, self.transposed,
+                             self.generative, output_voxels)
+        out = spatially_sparse_depthwise_conv(voxels.feats, self.weight, kmap, kmap.num_out,
+                                              self.fwd_algo, self.bwd_algo)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return output_voxels_of(voxels, kmap, out, output_voxels)
+
+    def extra_repr(self):
+        return (f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"dilation={self.dilation}" + ("" if self.bias is not None else ", bias=False"))
