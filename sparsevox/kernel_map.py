@@ -65,23 +65,42 @@ def _lookup(sorted_keys, perm, query_keys, valid, xp):
     return xp.where(hit, perm[pos], -1).astype(xp.int32)
 
 
-def _shifted(coords, off, scale, xp):
-    """Coordinates ``scale * c + off`` for every offset: ``[K, N, 4]`` int64 (batch column unchanged)."""
+def _linear_keys(coords, xp):
+    """Packed keys of int64 ``[N, 4]`` rows computed as a linear form (mod 2^64).
+
+    The key is linear in the coordinates, so ``key(c + off) = key(c) + key_delta(off)`` exactly for
+    every pair that lands in range; out-of-range rows are masked by the caller."""
     c = coords.astype(xp.int64)
-    out = xp.empty((off.shape[0],) + c.shape, dtype=xp.int64)
-    out[:, :, 0] = c[None, :, 0]
-    out[:, :, 1:] = c[None, :, 1:] * xp.asarray(scale, dtype=xp.int64) + xp.asarray(off, dtype=xp.int64)[:, None, :]
-    return out
+    bits = geometry.COORD_BITS
+    key = c[:, 0] << (3 * bits)
+    for axis, shift in ((1, 2 * bits), (2, bits), (3, 0)):
+        key = key + ((c[:, axis] - geometry.COORD_MIN) << shift)
+    return key.view(xp.uint64)
 
 
-def _query(keys_perm, coords_q, xp):
-    """Look up ``[K, N, 4]`` query coordinates in a sorted key set → ``[K, N]`` rows or -1."""
+def _query(keys_perm, base, off, xp):
+    """Rows of ``base + off_k`` (base int64 ``[N, 4]``, off ``[K, 3]``) in a sorted key set → ``[K, N]``, -1 if absent."""
     sorted_keys, perm = keys_perm
-    flat = coords_q.reshape(-1, 4)
-    valid = geometry.in_range_mask(flat, xp)
-    safe = xp.where(valid[:, None], flat, 0)
-    keys = geometry.pack_keys(safe, xp)
-    return _lookup(sorted_keys, perm, keys, valid, xp).reshape(coords_q.shape[:2])
+    bits = geometry.COORD_BITS
+    off = np.asarray(off, dtype=np.int64)
+    delta = (off[:, 0] << (2 * bits)) + (off[:, 1] << bits) + off[:, 2]
+    keys = _linear_keys(base, xp)[None, :] + xp.asarray(delta.view(np.uint64))[:, None]
+    valid = xp.ones(keys.shape, dtype=bool)
+    if base.shape[0]:
+        lo, hi = to_host(base[:, 1:].min(axis=0)), to_host(base[:, 1:].max(axis=0))
+        for a in range(3):  # only axes whose shifted range can leave the packable box need a mask
+            if lo[a] + off[:, a].min() < geometry.COORD_MIN or hi[a] + off[:, a].max() > geometry.COORD_MAX:
+                v = base[None, :, a + 1] + xp.asarray(off[:, a])[:, None]
+                valid &= (v >= geometry.COORD_MIN) & (v <= geometry.COORD_MAX)
+    return _lookup(sorted_keys, perm, keys, valid, xp)
+
+
+def _scaled(coords, stride, xp):
+    """``[N, 4]`` int64 rows with x, y, z multiplied by the stride."""
+    c = coords.astype(xp.int64)
+    if tuple(stride) != (1, 1, 1):
+        c[:, 1:] *= xp.asarray(stride, dtype=xp.int64)
+    return c
 
 
 def _sorted(coords, xp):
@@ -90,17 +109,21 @@ def _sorted(coords, xp):
     return keys[perm], perm.astype(xp.int32)
 
 
-def _csr(rows_in, rows_out, xp):
-    """``[K, N]`` candidate in/out rows (-1 = no pair) → CSR arrays sorted by (k, out)."""
+def _csr(rows_in, rows_out, xp, out_sorted):
+    """``[K, N]`` candidate in/out rows (-1 = no pair) → CSR arrays sorted by (k, out).
+
+    ``out_sorted``: rows_out already increases along each k row (row-major selection keeps it)."""
     k_count = rows_in.shape[0]
     hit = (rows_in >= 0) & (rows_out >= 0)
     counts = hit.sum(axis=1)
     offsets = xp.zeros(k_count + 1, dtype=xp.int64)
     offsets[1:] = xp.cumsum(counts)
-    k_idx = xp.broadcast_to(xp.arange(k_count)[:, None], rows_in.shape)[hit]
+    k_idx = None if out_sorted else xp.broadcast_to(xp.arange(k_count)[:, None], rows_in.shape)[hit]
     ins, outs = rows_in[hit], rows_out[hit]
-    order = xp.lexsort(xp.stack([outs, k_idx])) if ins.shape[0] else xp.arange(0)
-    return ins[order].astype(xp.int32), outs[order].astype(xp.int32), offsets
+    if not out_sorted and ins.shape[0]:
+        order = xp.lexsort(xp.stack([outs, k_idx]))
+        ins, outs = ins[order], outs[order]
+    return ins.astype(xp.int32), outs.astype(xp.int32), offsets
 
 
 def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transposed, generative,
@@ -120,7 +143,9 @@ def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transpose
         if generative:
             if out_coords is not None:
                 raise ValueError("output_voxels must be None when generative=True (the outputs are generated)")
-            cand = _shifted(coords, off, st, xp).reshape(-1, 4)
+            c = coords.astype(xp.int64)
+            cand = xp.concatenate([xp.broadcast_to(c[None, :, :1], (len(off),) + c[:, :1].shape),
+                                   c[None, :, 1:] * xp.asarray(st) + xp.asarray(off)[:, None, :]], 2).reshape(-1, 4)
             if cand.shape[0]:
                 geometry.check_coord_range(cand, xp, what="generated output coordinates")
             out_coords = geometry.unpack_keys(xp.unique(geometry.pack_keys(cand, xp)), xp)
@@ -128,7 +153,7 @@ def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transpose
             raise ValueError("a transposed convolution needs output_voxels (usually the finer Voxels saved "
                              "from the matching strided layer), or generative=True")
         # out = s * in + off: look up every (offset, input) candidate among the output sites.
-        rows_out = _query(_sorted(out_coords, xp), _shifted(coords, off, st, xp), xp)
+        rows_out = _query(_sorted(out_coords, xp), _scaled(coords, st, xp), off, xp)
         rows_in = xp.broadcast_to(xp.arange(n_in, dtype=xp.int32)[None, :], rows_out.shape)
     else:
         if st == (1, 1, 1) and out_coords is None:
@@ -140,9 +165,9 @@ def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transpose
                 down = xp.concatenate([c[:, :1], xp.floor_divide(c[:, 1:], xp.asarray(st, dtype=xp.int64))], 1)
                 out_coords = geometry.unpack_keys(xp.unique(geometry.pack_keys(down, xp)), xp)
         # in = s * out + off
-        rows_in = _query(sorted_in, _shifted(out_coords, off, st, xp), xp)
+        rows_in = _query(sorted_in, _scaled(out_coords, st, xp), off, xp)
         rows_out = xp.broadcast_to(xp.arange(out_coords.shape[0], dtype=xp.int32)[None, :], rows_in.shape)
-    ins, outs, offsets = _csr(rows_in, rows_out, xp)
+    ins, outs, offsets = _csr(rows_in, rows_out, xp, out_sorted=not transposed)
     return KernelMap(ins, outs, offsets.astype(xp.int32), to_host(offsets).astype(np.int64), n_in,
                      int(out_coords.shape[0]), xp.ascontiguousarray(out_coords.astype(xp.int32)),
                      ks, st, dl, kind)
