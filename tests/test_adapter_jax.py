@@ -1,0 +1,80 @@
+"""The JAX adapter on the CPU: custom_vjp under jit and grad, check_grads, pytrees, module API."""
+import numpy as np
+import pytest
+from reference import dense_conv, dense_conv_grads, expected_out_coords, random_voxels, rel_err
+
+import sparsevox as sv
+from sparsevox.testing import KINDS, kind_args
+
+jax = pytest.importorskip("jax", reason="jax not installed")
+import jax.numpy as jnp  # noqa: E402
+from jax.test_util import check_grads  # noqa: E402
+
+svj = pytest.importorskip("sparsevox.adapters.jax")
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)
+
+
+def _case(rng, kind):
+    s, tr, gen = kind_args(kind, 2)
+    fine = random_voxels(rng, 60, extent=6, batches=2)
+    coords, out_v = fine, None
+    if kind == "transposed":
+        out_v = sv.Voxels(jnp.asarray(fine), None)
+        coords = expected_out_coords(fine, 2, 2, 1, False, False)
+    ks = 3 if kind == "submanifold" else 2
+    f = rng.standard_normal((len(coords), 3))
+    w = rng.standard_normal((ks ** 3, 3, 2))
+    v = sv.Voxels(jnp.asarray(coords), jnp.asarray(f))
+    kmap = svj.kernel_map(v, ks, s, 1, tr, gen, out_v)
+    return v, jnp.asarray(w), kmap, (ks, s, tr), sv.kernel_map(v, ks, s, 1, tr, gen, out_v).out_coords
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_jit_grad_matches_oracle(rng, kind):
+    v, w, kmap, (ks, s, tr), out_coords = _case(rng, kind)
+    g = jnp.asarray(rng.standard_normal((kmap.num_out, 2)))
+
+    @jax.jit
+    def loss(f, w):
+        return (svj.conv_features(f, w, kmap) * g).sum()
+
+    gf, gw = jax.grad(loss, argnums=(0, 1))(v.feats, w)
+    rgf, rgw = dense_conv_grads(np.asarray(v.coords), np.asarray(v.feats), np.asarray(w), np.asarray(g), ks, s, 1,
+                                tr, out_coords)
+    assert rel_err(gf, rgf) < 1e-12 and rel_err(gw, rgw) < 1e-12
+    out = jax.jit(svj.conv_features)(v.feats, w, kmap)
+    assert rel_err(out, dense_conv(np.asarray(v.coords), np.asarray(v.feats), np.asarray(w), ks, s, 1, tr,
+                                   out_coords)) < 1e-12
+
+
+def test_check_grads(rng):
+    v, w, kmap, _, _ = _case(rng, "strided")
+    check_grads(lambda f, w: svj.conv_features(f, w, kmap), (v.feats, w), order=1, modes=("rev",))
+    dw = jnp.asarray(rng.standard_normal((8, 3)))
+    check_grads(lambda f, w: svj.depthwise_features(f, w, kmap), (v.feats, dw), order=1, modes=("rev",))
+
+
+def test_vmap_sequential(rng):
+    v, w, kmap, _, _ = _case(rng, "submanifold")
+    fs = jnp.stack([v.feats, 2 * v.feats])
+    out = jax.vmap(lambda f: svj.conv_features(f, w, kmap))(fs)
+    np.testing.assert_allclose(out[1], 2 * out[0], rtol=1e-12)
+
+
+def test_voxels_is_a_pytree_and_module_api(rng):
+    v, _, kmap, _, _ = _case(rng, "submanifold")
+    leaves = jax.tree_util.tree_leaves(v)
+    assert len(leaves) == 2
+    params = svj.init_conv(jax.random.PRNGKey(0), 3, 4, kernel_size=3, dtype=jnp.float64)
+    assert params["weight"].shape == (27, 3, 4)
+    out = jax.jit(svj.apply_conv)(params, v.feats, kmap)
+    ref = svj.conv_features(v.feats, params["weight"], kmap) + params["bias"]
+    np.testing.assert_allclose(out, ref)
+    with pytest.raises(ValueError, match="K=27"):
+        svj.conv_features(v.feats, jnp.zeros((8, 3, 4)), kmap)
