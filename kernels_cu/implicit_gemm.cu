@@ -1,0 +1,304 @@
+// IMPLICIT_GEMM: fused gather-GEMM-scatter sparse convolution kernels.
+//
+// igemm_fwd  (forward, and dgrad on the reverse map with W transposed per offset):
+//   Y[row_of_slot[i], n] = sum_k sum_c X[nbr[k][i], c] * W[k][c][n], nbr[k][i] = -1 when absent.
+//   Slots are the output rows in a chosen order (sorted by neighbour bitmask, so that the rows of a
+//   tile share offsets); nbr is stored in slot order so its reads stay coalesced.
+//   Output-stationary: one CTA owns BM rows x BN output channels, loops over the offsets its tile has
+//   (tile_mask, one bit per offset) and over C_in in steps of BK, and writes each output once.
+// igemm_wgrad:
+//   dW[k][m][n] += sum_{p in chunk} X[in_maps[p], m] * dY[out_maps[p], n]; a chunk is a range of
+//   pairs of one offset (split-K over pairs), partial sums added atomically into an accumulator-typed dW.
+//
+// Template parameters: T storage dtype (__half, __nv_bfloat16: tensor cores, float32 accumulation;
+// float, double: exact SIMT FMA in T's precision), BM x BN CTA tile, BK reduction step, WM x WN warp
+// tile, STAGES shared-memory pipeline depth (cp.async), VEC 16-byte loads (both channel counts are
+// multiples of 16 / sizeof(T) and the pointers 16-byte aligned), TC tensor cores (only half types).
+// Shared-memory rows are padded by 16 bytes so ldmatrix / column reads hit distinct banks.
+#include "common/mma.cuh"
+
+namespace svx_igemm {
+using namespace svx;
+
+template <typename T> struct Pad { static constexpr int value = 16 / sizeof(T); };
+
+// Load ROWS x COLS elements into shared memory s[ROWS][COLS + pad]: row r comes from global row
+// row_of(r) (or zeros where row_of(r) < 0), columns col0 .. col0 + COLS - 1 (zeros at and past col_lim).
+template <typename T, int ROWS, int COLS, int NTH, bool VEC, typename RowFn>
+__device__ __forceinline__ void load_rows(T* s, const T* __restrict__ g, int ld, int col0, int col_lim,
+                                          RowFn row_of, int tid) {
+    constexpr int LDS = COLS + Pad<T>::value;
+    if constexpr (VEC) {
+        constexpr int E = 16 / sizeof(T);
+        constexpr int CPR = COLS / E;
+        constexpr int TOTAL = ROWS * CPR;
+#pragma unroll
+        for (int it = 0; it < (TOTAL + NTH - 1) / NTH; ++it) {
+            const int i = it * NTH + tid;
+            if (TOTAL % NTH != 0 && i >= TOTAL) break;
+            const int r = i / CPR, c = (i % CPR) * E;
+            const long long gr = row_of(r);
+            const int col = col0 + c;
+            const bool ok = gr >= 0 && col < col_lim;  // col_lim is a multiple of E here
+            const T* src = ok ? g + gr * ld + col : g;
+            cp_async16(s + r * LDS + c, src, ok ? 16 : 0);
+        }
+    } else {
+        constexpr int TOTAL = ROWS * COLS;
+        for (int i = tid; i < TOTAL; i += NTH) {
+            const int r = i / COLS, c = i % COLS;
+            const long long gr = row_of(r);
+            const int col = col0 + c;
+            s[r * LDS + c] = (gr >= 0 && col < col_lim) ? g[gr * ld + col] : zero_of<T>();
+        }
+    }
+}
+
+// One BK step of the warp tile. A is [BM][BK+pad] (AK = false) or k-major [BK][BM+pad] (AK = true);
+// B is [BK][BN+pad]. acc holds WM*WN/32 values per thread (layout: see acc_pos).
+template <typename T, typename AccT, int BM, int BN, int BK, int WM, int WN, bool AK, bool TC>
+__device__ __forceinline__ void mma_step(const T* As, const T* Bs, AccT* acc, int wm, int wn, int lane) {
+    constexpr int P = Pad<T>::value;
+    constexpr int LDA = AK ? BM + P : BK + P;
+    constexpr int LDB = BN + P;
+    if constexpr (TC) {
+        constexpr int MT = WM / 16, NT = WN / 8;
+        static_assert(NT % 2 == 0, "WN must be a multiple of 16");
+        const int j = lane >> 3, r = lane & 7;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int m0 = wm + mt * 16;
+                if constexpr (!AK) {
+                    ldmatrix_x4(a[mt], As + (m0 + (lane & 15)) * LDA + kk + (lane >> 4) * 8);
+                } else {
+                    ldmatrix_x4_trans(a[mt], As + (kk + r + (j >> 1) * 8) * LDA + m0 + (j & 1) * 8);
+                }
+            }
+            unsigned b[NT][2];
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                unsigned t[4];
+                ldmatrix_x4_trans(t, Bs + (kk + r + (j & 1) * 8) * LDB + wn + np * 16 + (j >> 1) * 8);
+                b[2 * np][0] = t[0];
+                b[2 * np][1] = t[1];
+                b[2 * np + 1][0] = t[2];
+                b[2 * np + 1][1] = t[3];
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    mma16816<T>(*reinterpret_cast<float(*)[4]>(acc + (mt * NT + nt) * 4), a[mt], b[nt][0],
+                                b[nt][1]);
+        }
+    } else {
+        constexpr int TM = WM / 4, TN = WN / 8;
+        const int lr = lane >> 3, lc = lane & 7;
+#pragma unroll 4
+        for (int kk = 0; kk < BK; ++kk) {
+            AccT a[TM], b[TN];
+#pragma unroll
+            for (int i = 0; i < TM; ++i) {
+                const int m = wm + lr + 4 * i;
+                a[i] = to_acc(AK ? As[kk * LDA + m] : As[m * LDA + kk]);
+            }
+#pragma unroll
+            for (int jn = 0; jn < TN; ++jn) b[jn] = to_acc(Bs[kk * LDB + wn + lc + 8 * jn]);
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int jn = 0; jn < TN; ++jn) acc[i * TN + jn] = fma(a[i], b[jn], acc[i * TN + jn]);
+        }
+    }
+}
+
+// Tile-local (row, col) of accumulator idx. TC: (mt, nt, r) fragments of m16n8; SIMT: 4 x 8 lanes.
+template <int WM, int WN, bool TC>
+__device__ __forceinline__ void acc_pos(int idx, int lane, int& row, int& col) {
+    if constexpr (TC) {
+        constexpr int NT = WN / 8;
+        const int f = idx >> 2, r = idx & 3, mt = f / NT, nt = f % NT;
+        row = mt * 16 + (lane >> 2) + (r >> 1) * 8;
+        col = nt * 8 + (lane & 3) * 2 + (r & 1);
+    } else {
+        constexpr int TN = WN / 8;
+        const int i = idx / TN, jn = idx % TN;
+        row = (lane >> 3) + 4 * i;
+        col = (lane & 7) + 8 * jn;
+    }
+}
+
+// Smallest active offset >= from in a tile's bitmask, or a large number when none is left.
+__device__ __forceinline__ int next_k(const unsigned* __restrict__ tm, int words, int from) {
+    int w = from >> 5;
+    if (w >= words) return 1 << 30;
+    unsigned bits = tm[w] & (~0u << (from & 31));
+    while (true) {
+        if (bits) return (w << 5) + __ffs(bits) - 1;
+        if (++w >= words) return 1 << 30;
+        bits = tm[w];
+    }
+}
+
+template <typename T, int BM, int BN, int BK, int WM, int WN, int STAGES, bool VEC, bool TC>
+__global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32)
+igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restrict__ nbr,
+          const unsigned* __restrict__ tile_mask, const int* __restrict__ row_of_slot, T* __restrict__ Y,
+          int n_rows, int c_in, int c_out, int mask_words) {
+    using AccT = typename AccOf<T>::type;
+    constexpr int NTH = (BM / WM) * (BN / WN) * 32;
+    constexpr int P = Pad<T>::value;
+    constexpr int A_SZ = BM * (BK + P), B_SZ = BK * (BN + P);
+    constexpr int ACC_N = WM * WN / 32;
+    static_assert(STAGES >= 2, "at least double buffering");
+    __shared__ __align__(16) unsigned char smem_raw[STAGES * (A_SZ + B_SZ) * sizeof(T)];
+    T* smem = reinterpret_cast<T*>(smem_raw);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = (warp / (BN / WN)) * WM, wn = (warp % (BN / WN)) * WN;
+    const int ncol = (c_out + BN - 1) / BN;
+    const int row_tile = blockIdx.x / ncol, col_tile = blockIdx.x % ncol;  // column tiles adjacent: A reuse in L2
+    const int row0 = row_tile * BM, n0 = col_tile * BN;
+    const unsigned* tm = tile_mask + (size_t)row_tile * mask_words;
+
+    int n_active = 0;
+    for (int w = 0; w < mask_words; ++w) n_active += __popc(tm[w]);
+    const int csteps = (c_in + BK - 1) / BK;
+    const int total = n_active * csteps;
+
+    int lk = next_k(tm, mask_words, 0), lc = 0;  // loader position: offset, first input channel
+    auto load = [&](int stage) {
+        T* As = smem + stage * (A_SZ + B_SZ);
+        T* Bs = As + A_SZ;
+        const int* nb = nbr + (size_t)lk * n_rows;
+        load_rows<T, BM, BK, NTH, VEC>(
+            As, X, c_in, lc, c_in,
+            [&](int r) -> long long {
+                const int row = row0 + r;
+                return row < n_rows ? (long long)__ldg(nb + row) : -1LL;
+            },
+            tid);
+        const int kc = lc, kk = lk;
+        load_rows<T, BK, BN, NTH, VEC>(
+            Bs, W, c_out, n0, c_out,
+            [&](int r) -> long long { return kc + r < c_in ? (long long)kk * c_in + kc + r : -1LL; }, tid);
+        lc += BK;
+        if (lc >= c_in) {
+            lc = 0;
+            lk = next_k(tm, mask_words, lk + 1);
+        }
+    };
+
+    AccT acc[ACC_N];
+#pragma unroll
+    for (int i = 0; i < ACC_N; ++i) acc[i] = AccT(0);
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < total) load(s);
+        cp_async_commit();
+    }
+    for (int it = 0; it < total; ++it) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int nxt = it + STAGES - 1;
+        if (nxt < total) load(nxt % STAGES);
+        cp_async_commit();
+        const T* As = smem + (it % STAGES) * (A_SZ + B_SZ);
+        mma_step<T, AccT, BM, BN, BK, WM, WN, false, TC>(As, As + A_SZ, acc, wm, wn, lane);
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: every element of the tile is written exactly once (zeros where no pair contributes).
+    if constexpr (TC) {
+        const bool pairs = (c_out % 2 == 0);
+#pragma unroll
+        for (int i = 0; i < ACC_N; i += 2) {  // acc[i], acc[i + 1]: columns col, col + 1 of one row
+            int r, c;
+            acc_pos<WM, WN, TC>(i, lane, r, c);
+            const int slot = row0 + wm + r, col = n0 + wn + c;
+            if (slot >= n_rows) continue;
+            T* dst = Y + (size_t)__ldg(row_of_slot + slot) * c_out + col;
+            if (pairs && col + 1 < c_out) {
+                store_acc2(dst, acc[i], acc[i + 1]);
+            } else {
+                if (col < c_out) store_acc(dst, acc[i]);
+                if (col + 1 < c_out) store_acc(dst + 1, acc[i + 1]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < ACC_N; ++i) {
+            int r, c;
+            acc_pos<WM, WN, TC>(i, lane, r, c);
+            const int slot = row0 + wm + r, col = n0 + wn + c;
+            if (slot < n_rows && col < c_out) store_acc(Y + (size_t)__ldg(row_of_slot + slot) * c_out + col, acc[i]);
+        }
+    }
+}
+
+template <typename T, int BM, int BN, int BK, int WM, int WN, int STAGES, bool VEC, bool TC>
+__global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32)
+igemm_wgrad(const T* __restrict__ X, const T* __restrict__ dY, const int* __restrict__ in_maps,
+            const int* __restrict__ out_maps, const int* __restrict__ chunks,  // [n_chunks][3]: k, lo, hi
+            typename AccOf<T>::type* __restrict__ dW, int c_in, int c_out) {
+    using AccT = typename AccOf<T>::type;
+    constexpr int NTH = (BM / WM) * (BN / WN) * 32;
+    constexpr int P = Pad<T>::value;
+    constexpr int A_SZ = BK * (BM + P), B_SZ = BK * (BN + P);
+    constexpr int ACC_N = WM * WN / 32;
+    __shared__ __align__(16) unsigned char smem_raw[STAGES * (A_SZ + B_SZ) * sizeof(T)];
+    T* smem = reinterpret_cast<T*>(smem_raw);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = (warp / (BN / WN)) * WM, wn = (warp % (BN / WN)) * WN;
+    const int ntn = (c_out + BN - 1) / BN, ntm = (c_in + BM - 1) / BM;
+    const int tile = blockIdx.x % (ntm * ntn), chunk = blockIdx.x / (ntm * ntn);
+    const int m0 = (tile / ntn) * BM, n0 = (tile % ntn) * BN;
+    const int k = chunks[3 * chunk], lo = chunks[3 * chunk + 1], hi = chunks[3 * chunk + 2];
+    const int total = (hi - lo + BK - 1) / BK;
+
+    auto load = [&](int stage, int step) {
+        T* As = smem + stage * (A_SZ + B_SZ);
+        T* Bs = As + A_SZ;
+        const int p0 = lo + step * BK;
+        load_rows<T, BK, BM, NTH, VEC>(
+            As, X, c_in, m0, c_in,
+            [&](int r) -> long long { return p0 + r < hi ? (long long)__ldg(in_maps + p0 + r) : -1LL; }, tid);
+        load_rows<T, BK, BN, NTH, VEC>(
+            Bs, dY, c_out, n0, c_out,
+            [&](int r) -> long long { return p0 + r < hi ? (long long)__ldg(out_maps + p0 + r) : -1LL; }, tid);
+    };
+
+    AccT acc[ACC_N];
+#pragma unroll
+    for (int i = 0; i < ACC_N; ++i) acc[i] = AccT(0);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < total) load(s, s);
+        cp_async_commit();
+    }
+    for (int it = 0; it < total; ++it) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int nxt = it + STAGES - 1;
+        if (nxt < total) load(nxt % STAGES, nxt);
+        cp_async_commit();
+        const T* As = smem + (it % STAGES) * (A_SZ + B_SZ);
+        mma_step<T, AccT, BM, BN, BK, WM, WN, true, TC>(As, As + A_SZ, acc, wm, wn, lane);
+    }
+    cp_async_wait<0>();
+    if (total == 0) return;
+#pragma unroll
+    for (int i = 0; i < ACC_N; ++i) {
+        int r, c;
+        acc_pos<WM, WN, TC>(i, lane, r, c);
+        const int m = m0 + wm + r, n = n0 + wn + c;
+        if (m < c_in && n < c_out) atomicAdd(dW + ((size_t)k * c_in + m) * c_out + n, acc[i]);
+    }
+}
+
+}  // namespace svx_igemm

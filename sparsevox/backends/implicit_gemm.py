@@ -1,0 +1,38 @@
+"""Registers IMPLICIT_GEMM (conv): fused gather-GEMM-scatter CUDA kernels, GPU only.
+
+Search space (the reference guide's names): forward and dgrad over ``fwd_block_size`` (rows per CTA)
+x ``gemm_block_size`` (output channels per CTA); wgrad over ``gemm_block_size`` (square weight tile)
+x ``split_k_factor`` (CTAs per multiprocessor the pairs are split into). At most 8 combinations each.
+"""
+from .. import implicit_gemm as ig
+from ..registry import Algorithm, register
+
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _params(direction, problem):
+    if direction == "fwd":
+        return ig.fwd_params(problem.dtype, problem.c_out)
+    if direction == "dgrad":
+        return ig.fwd_params(problem.dtype, problem.c_in)
+    if direction == "wgrad":
+        return ig.wgrad_params(problem.dtype, problem.c_in, problem.c_out)
+    raise ValueError(f"direction must be 'fwd', 'dgrad' or 'wgrad', got {direction!r}")
+
+
+def _available(problem):
+    if problem.device != "gpu":
+        return False, "implicit_gemm runs on CUDA GPUs only (CPU arrays use explicit_gemm)"
+    from ..gpu_info import compute_capability, gpu_available
+    ok, why = gpu_available()
+    if not ok:
+        return False, why
+    if problem.dtype not in _DTYPES:
+        return False, f"implicit_gemm supports {_DTYPES}, not {problem.dtype}"
+    import cupy
+    if compute_capability(cupy.cuda.Device().id) < (8, 0):
+        return False, "implicit_gemm needs compute capability 8.0 or newer (mma.sync, cp.async)"
+    return True, ""
+
+
+register("conv", Algorithm("implicit_gemm", ig.forward, ig.dgrad, ig.wgrad, _params, _available))

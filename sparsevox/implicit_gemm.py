@@ -1,0 +1,290 @@
+"""IMPLICIT_GEMM on CuPy: fused gather-GEMM-scatter kernels from ``kernels_cu/implicit_gemm.cu``.
+
+forward: output-stationary; a CTA owns ``fwd_block_size`` output rows x ``gemm_block_size`` output
+channels, reads input rows through a dense neighbour table ``nbr[k, out] = in`` (-1 absent), skips the
+offsets no row of its tile has (a per-tile bitmask) and writes each output once (no atomics).
+dgrad: the same kernel on the reverse table ``nbr_rev[k, in] = out`` with ``W[k]^T``.
+wgrad: ``dW[k] = X[in_k]^T @ dY[out_k]`` over chunks of pairs (split-K), float32 (float64) atomics.
+
+float16/bfloat16 run on tensor cores (mma.sync m16n8k16, float32 accumulation); float32 and float64
+run an exact SIMT path in their own precision. Derived tables are cached in ``kmap.derived`` under
+``implicit_gemm.*`` keys; compiled kernels are cached per (dtype, tile, vector) instantiation.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import numpy as np
+
+from .cuda_loader import get_function
+
+log = logging.getLogger("sparsevox.implicit_gemm")
+
+_CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+_SMEM_LIMIT = 48 * 1024  # static shared memory per block
+
+# (BM, BN) -> (WM, WN): warp tiles. Tensor-core tiles need WM % 16 == 0, WN % 16 == 0;
+# SIMT tiles need WM % 4 == 0, WN % 8 == 0.
+TC_TILES = {(32, 32): (16, 16), (64, 32): (32, 16), (64, 64): (32, 32), (128, 64): (64, 32),
+            (64, 128): (32, 64), (128, 128): (64, 32)}
+SIMT_TILES = {(32, 32): (16, 16), (64, 32): (32, 16), (64, 64): (32, 32), (128, 64): (64, 32),
+              (64, 128): (32, 64)}
+WGRAD_TILES = (32, 64, 128)  # square C_in x C_out tiles of the weight gradient
+SPLIT_FACTORS = (1, 2, 4, 8)  # wgrad CTAs per multiprocessor (split-K over pairs)
+
+
+def is_tc(dtype_name: str) -> bool:
+    return dtype_name in ("float16", "bfloat16")
+
+
+def tiles_for(dtype_name: str) -> dict:
+    return TC_TILES if is_tc(dtype_name) else SIMT_TILES
+
+
+def _bk(dtype_name: str) -> int:
+    """Reduction step per pipeline stage: 64 bytes of a row for half types, less for wide dtypes."""
+    return {"float64": 8, "float32": 16}.get(dtype_name, 32)
+
+
+def _stages(dtype_name, bm, bn, bk, a_kmajor) -> int:
+    pad = 16 // _SIZE[dtype_name]
+    per = ((bk * (bm + pad)) if a_kmajor else (bm * (bk + pad))) + bk * (bn + pad)
+    for s in (3, 2):
+        if s * per * _SIZE[dtype_name] <= _SMEM_LIMIT:
+            return s
+    raise ValueError(f"tile {bm}x{bn} does not fit in shared memory for {dtype_name}")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: int):
+    """The compiled instantiation (cached; ``device_id`` keys the per-device module)."""
+    if kind == "fwd":
+        wm, wn = tiles_for(dtype_name)[(bm, bn)]
+    else:
+        wm, wn = (16, 16) if bm == 32 else (32, 32) if bm == 64 else (64, 32)
+    bk = _bk(dtype_name)
+    stages = _stages(dtype_name, bm, bn, bk, kind == "wgrad")
+    tc = is_tc(dtype_name)
+    name = (f"svx_igemm::igemm_{kind}<{_CTYPE[dtype_name]},{bm},{bn},{bk},{wm},{wn},{stages},"
+            f"{'true' if vec else 'false'},{'true' if tc else 'false'}>")
+    fn = get_function("implicit_gemm", name, name_expressions=(name,))
+    threads = (bm // wm) * (bn // wn) * 32
+    return fn, threads
+
+
+def _dtype_name(a) -> str:
+    return a.dtype.name
+
+
+def _aligned(*arrays) -> bool:
+    return all(a.data.ptr % 16 == 0 for a in arrays)
+
+
+def _vec_ok(dtype_name, c_a, c_b, *arrays) -> bool:
+    e = 16 // _SIZE[dtype_name]
+    return c_a % e == 0 and c_b % e == 0 and _aligned(*arrays)
+
+
+# ---- derived maps (cached on the kernel map) ------------------------------------------------------
+
+def neighbour_table(kmap, reverse: bool):
+    """``[K, rows]`` int32: ``nbr[k, out] = in`` (forward) or ``nbr[k, in] = out`` (reverse), -1 absent."""
+    import cupy
+    key = "implicit_gemm.nbr_rev" if reverse else "implicit_gemm.nbr"
+    t = kmap.derived.get(key)
+    if t is None:
+        k_count = kmap.num_offsets
+        rows = kmap.num_in if reverse else kmap.num_out
+        t = cupy.full((k_count, rows), -1, dtype=cupy.int32)
+        if kmap.num_pairs:
+            counts = np.diff(kmap.offsets_host).tolist()
+            kidx = cupy.repeat(cupy.arange(k_count, dtype=cupy.int32), counts)
+            dst, src = (kmap.in_maps, kmap.out_maps) if reverse else (kmap.out_maps, kmap.in_maps)
+            t[kidx, dst] = src
+        kmap.derived[key] = t
+    return t
+
+
+def slot_table(kmap, reverse: bool, sort_rows: bool):
+    """``(row_of_slot int32 [rows], nbr in slot order [K, rows])``.
+
+    ``sort_rows``: slots ordered by each row's neighbour bitmask (stable), so a tile's rows share
+    offsets and the tile skips more of them (spconv's MaskImplicitGemm idea); else identity order.
+    """
+    import cupy
+    key = f"implicit_gemm.slots{'_rev' if reverse else ''}.{int(sort_rows)}"
+    t = kmap.derived.get(key)
+    if t is None:
+        nbr = neighbour_table(kmap, reverse)
+        k_count, rows = nbr.shape
+        if sort_rows and rows > 1:
+            # Key: bitmask of the first 63 offsets, most significant = offset 0 (stable ties keep locality).
+            kk = min(k_count, 63)
+            w = cupy.left_shift(cupy.int64(1), cupy.arange(kk - 1, -1, -1, dtype=cupy.int64))
+            keys = ((nbr[:kk] >= 0).astype(cupy.int64) * w[:, None]).sum(axis=0)
+            order = cupy.argsort(keys).astype(cupy.int32)
+            t = (order, cupy.ascontiguousarray(nbr[:, order]))
+        else:
+            t = (cupy.arange(rows, dtype=cupy.int32), nbr)
+        kmap.derived[key] = t
+    return t
+
+
+def tile_masks(kmap, reverse: bool, bm: int, sort_rows: bool):
+    """``[tiles, words]`` uint32: bit k set when some row of the ``bm``-slot tile has offset k."""
+    import cupy
+    key = f"implicit_gemm.mask{'_rev' if reverse else ''}.{bm}.{int(sort_rows)}"
+    m = kmap.derived.get(key)
+    if m is None:
+        _, nbr = slot_table(kmap, reverse, sort_rows)
+        k_count, rows = nbr.shape
+        tiles = max(1, -(-rows // bm))
+        words = max(1, -(-k_count // 32))
+        valid = cupy.zeros((words * 32, tiles * bm), dtype=cupy.bool_)
+        valid[:k_count, :rows] = nbr >= 0
+        anyk = valid.reshape(words * 32, tiles, bm).any(axis=2).astype(cupy.uint32)  # [32W, tiles]
+        bits = cupy.left_shift(cupy.uint32(1), cupy.arange(32, dtype=cupy.uint32))
+        m = (anyk.reshape(words, 32, tiles) * bits[None, :, None]).sum(axis=1, dtype=cupy.uint32)
+        m = cupy.ascontiguousarray(m.T)
+        kmap.derived[key] = m
+    return m
+
+
+def wgrad_chunks(kmap, chunk: int):
+    """``([n_chunks, 3] int32 (k, lo, hi) on the device, n_chunks)``: pair ranges of one offset each."""
+    import cupy
+    key = f"implicit_gemm.chunks.{chunk}"
+    c = kmap.derived.get(key)
+    if c is None:
+        rows = []
+        o = kmap.offsets_host
+        for k in range(len(o) - 1):
+            for lo in range(int(o[k]), int(o[k + 1]), chunk):
+                rows.append((k, lo, min(lo + chunk, int(o[k + 1]))))
+        arr = np.asarray(rows, dtype=np.int32).reshape(-1, 3)
+        c = (cupy.asarray(arr), arr.shape[0])
+        kmap.derived[key] = c
+    return c
+
+
+# ---- default parameters -----------------------------------------------------------------------------
+
+def _pow2ceil(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def default_fwd_tile(dtype_name: str, c_out: int) -> tuple[int, int]:
+    bn = min(128 if is_tc(dtype_name) else 64, max(32, _pow2ceil(c_out)))
+    return (64, bn)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id: int) -> int:
+    import cupy
+    return int(cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
+
+
+# ---- the three directions ---------------------------------------------------------------------------
+
+def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, out=None):
+    """``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]``; weight ``[K, C_a, C_b]`` contiguous.
+
+    ``out`` (optional, ``[n_rows, C_b]`` contiguous, src dtype) is fully overwritten.
+    """
+    import cupy
+    dt = _dtype_name(src)
+    c_a, c_b = int(weight_kcn.shape[1]), int(weight_kcn.shape[2])
+    if out is None:
+        out = cupy.empty((n_rows, c_b), dtype=src.dtype)
+    elif tuple(out.shape) != (n_rows, c_b) or out.dtype != src.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {src.dtype} array of shape {(n_rows, c_b)}")
+    if n_rows == 0 or c_b == 0:
+        return out
+    if c_a == 0:
+        out.fill(0)
+        return out
+    slots, nbr = slot_table(kmap, reverse, sort_rows)
+    masks = tile_masks(kmap, reverse, bm, sort_rows)
+    vec = _vec_ok(dt, c_a, c_b, src, weight_kcn)
+    fn, threads = _kernel("fwd", dt, bm, bn, vec, src.device.id)
+    grid = (-(-n_rows // bm)) * (-(-c_b // bn))
+    fn((grid,), (threads,), (src, weight_kcn, nbr, masks, slots, out, np.int32(n_rows), np.int32(c_a),
+                             np.int32(c_b), np.int32(masks.shape[1])))
+    return out
+
+
+def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, out=None):
+    """``out [num_out, C_out] = sum_k gather(feats, in_k) @ weight[k]`` scattered to ``out_k``.
+
+    ``sort_rows``: process output rows grouped by neighbour bitmask (fewer skipped-offset misses).
+    ``out``: optional preallocated result (every element is written; tests pass it poisoned).
+    """
+    import cupy
+    feats = cupy.ascontiguousarray(feats)
+    weight = cupy.ascontiguousarray(weight)
+    bm, bn = _tile(feats, int(weight.shape[2]), fwd_block_size, gemm_block_size)
+    return _gather_gemm(feats, weight, kmap, False, kmap.num_out, bm, bn, sort_rows, out)
+
+
+def dgrad(grad_out, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, out=None):
+    """``grad_feats [num_in, C_in]``: the forward kernel on the reverse map with ``weight[k]^T``."""
+    import cupy
+    grad_out = cupy.ascontiguousarray(grad_out)
+    wt = cupy.ascontiguousarray(weight.transpose(0, 2, 1))
+    bm, bn = _tile(grad_out, int(weight.shape[1]), fwd_block_size, gemm_block_size)
+    return _gather_gemm(grad_out, wt, kmap, True, kmap.num_in, bm, bn, sort_rows, out)
+
+
+def _tile(a, c_out, bm, bn):
+    dt = _dtype_name(a)
+    dbm, dbn = default_fwd_tile(dt, c_out)
+    bm, bn = int(bm or dbm), int(bn or dbn)
+    if (bm, bn) not in tiles_for(dt):
+        raise ValueError(f"(fwd_block_size, gemm_block_size) must be one of {sorted(tiles_for(dt))} "
+                         f"for {dt}, got {(bm, bn)}")
+    return bm, bn
+
+
+def wgrad(feats, grad_out, kmap, num_offsets, gemm_block_size=None, split_k_factor=None):
+    """``grad_weight [K, C_in, C_out]``, ``grad_weight[k] = feats[in_k]^T @ grad_out[out_k]``."""
+    import cupy
+    feats = cupy.ascontiguousarray(feats)
+    grad_out = cupy.ascontiguousarray(grad_out)
+    dt = _dtype_name(feats)
+    c_in, c_out = int(feats.shape[1]), int(grad_out.shape[1])
+    acc_dt = cupy.float64 if dt == "float64" else cupy.float32
+    acc = cupy.zeros((num_offsets, c_in, c_out), dtype=acc_dt)
+    if kmap.num_pairs == 0 or c_in == 0 or c_out == 0:
+        return acc.astype(feats.dtype, copy=False)
+    t = int(gemm_block_size or min(128 if is_tc(dt) else 64, max(32, _pow2ceil(max(c_in, c_out)))))
+    if t not in WGRAD_TILES or (not is_tc(dt) and t > 64):
+        raise ValueError(f"gemm_block_size for wgrad must be one of {WGRAD_TILES} (SIMT: <= 64), got {t}")
+    split = int(split_k_factor or 2)
+    if split < 1:
+        raise ValueError(f"split_k_factor must be >= 1, got {split}")
+    bk = _bk(dt)
+    tiles = (-(-c_in // t)) * (-(-c_out // t))
+    want = split * _sm_count(feats.device.id)  # CTAs wanted in flight
+    chunk = max(bk, -(-kmap.num_pairs * tiles // want))
+    chunk = -(-chunk // bk) * bk
+    chunks, n_chunks = wgrad_chunks(kmap, chunk)
+    vec = _vec_ok(dt, c_in, c_out, feats, grad_out)
+    fn, threads = _kernel("wgrad", dt, t, t, vec, feats.device.id)
+    fn((n_chunks * tiles,), (threads,), (feats, grad_out, kmap.in_maps, kmap.out_maps, chunks, acc,
+                                         np.int32(c_in), np.int32(c_out)))
+    return acc if acc.dtype == feats.dtype else acc.astype(feats.dtype)
+
+
+def fwd_params(dtype_name: str, c_out: int) -> list[dict]:
+    cap = max(32, _pow2ceil(c_out))
+    return [{"fwd_block_size": bm, "gemm_block_size": bn}
+            for (bm, bn) in sorted(tiles_for(dtype_name)) if bn <= cap]
+
+
+def wgrad_params(dtype_name: str, c_in: int, c_out: int) -> list[dict]:
+    cap = max(32, _pow2ceil(max(c_in, c_out)))
+    sizes = [t for t in WGRAD_TILES if t <= cap and (is_tc(dtype_name) or t <= 64)][-2:]
+    return [{"gemm_block_size": t, "split_k_factor": s} for t in sizes for s in SPLIT_FACTORS]
