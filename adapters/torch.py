@@ -10,20 +10,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import weakref
 
 import torch
 
 import sparsevox as sv
 from sparsevox import _arrays
 from sparsevox.conv import output_voxels_of
-from sparsevox.kernel_map import KernelMap
+from sparsevox.kernel_map import KernelMap, recall
 
 __all__ = ["spatially_sparse_conv", "spatially_sparse_depthwise_conv", "SpatiallySparseConv", "SparseConv3d",
            "SpatiallySparseDepthwiseConv", "kernel_map_tensors"]
-
-_live_maps: "weakref.WeakValueDictionary[tuple, KernelMap]" = weakref.WeakValueDictionary()
-
 
 def _algo_str(value) -> str:
     """Algorithm input → a string that survives the op boundary ("" means None: read the environment)."""
@@ -44,23 +40,11 @@ def kernel_map_tensors(kmap: KernelMap):
         t = (torch.from_dlpack(kmap.in_maps), torch.from_dlpack(kmap.out_maps),
              torch.from_numpy(kmap.offsets_host))
         kmap.derived["torch.tensors"] = t
-        _live_maps[_map_key(t[0], t[1])] = kmap
     return t
 
 
-def _map_key(in_maps, out_maps):
-    return (in_maps.device, in_maps.data_ptr(), out_maps.data_ptr(), in_maps.numel())
-
-
 def _core_map(in_maps, out_maps, offsets, num_in: int, num_out: int) -> KernelMap:
-    kmap = _live_maps.get(_map_key(in_maps, out_maps))
-    if kmap is not None:
-        return kmap
-    i, _ = _arrays.to_core(in_maps)
-    o, _ = _arrays.to_core(out_maps)
-    host = offsets.cpu().numpy().astype("int64")
-    xp = _arrays.array_module(i)
-    return KernelMap(i, o, xp.asarray(host.astype("int32")), host, num_in, num_out, None)
+    return recall(_arrays.to_core(in_maps)[0], _arrays.to_core(out_maps)[0], offsets.numpy(), num_in, num_out)
 
 
 def _stream(t: torch.Tensor):

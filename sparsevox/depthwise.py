@@ -1,9 +1,9 @@
 """Depthwise sparse convolution: ``out[o, c] = sum_k sum_{(i, o) in pairs_k} feats[i, c] * weight[k, c]``."""
 from __future__ import annotations
 
-from ._arrays import from_core, library_of, to_core
+from ._arrays import from_core, library_of, to_core, to_host
 from .conv import check_conv_args, problem_of, select
-from .kernel_map import KernelMap
+from .kernel_map import KernelMap, recall
 
 
 def _as_kmap(kernel_map, num_in: int, num_out: int) -> KernelMap:
@@ -15,15 +15,7 @@ def _as_kmap(kernel_map, num_in: int, num_out: int) -> KernelMap:
         in_maps, out_maps, offsets = kernel_map
     except (TypeError, ValueError):
         raise ValueError("kernel_map must be a KernelMap or a tuple (in_maps, out_maps, offsets)") from None
-    import numpy as np
-    from ._arrays import to_host
-    i, _ = to_core(in_maps)
-    o, _ = to_core(out_maps)
-    off, _ = to_core(offsets)
-    host = to_host(off).astype(np.int64)
-    if host.ndim != 1 or host[0] != 0 or np.any(np.diff(host) < 0) or host[-1] != i.shape[0]:
-        raise ValueError("kernel_map offsets must be non-decreasing from 0 to len(in_maps)")
-    return KernelMap(i, o, off, host, num_in, num_out, None)
+    return recall(to_core(in_maps)[0], to_core(out_maps)[0], to_host(to_core(offsets)[0]), num_in, num_out)
 
 
 def depthwise_forward(feats, weight, kmap: KernelMap, fwd_algo=None):

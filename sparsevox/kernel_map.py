@@ -9,6 +9,7 @@ Output coordinates of strided and generative layers are sorted by (batch, x, y, 
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,6 +174,31 @@ def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transpose
                      ks, st, dl, kind)
 
 
+def _data_ptr(a) -> int:
+    return int(a.data.ptr) if hasattr(a.data, "ptr") else int(a.ctypes.data)
+
+
+# Maps handed to a framework travel as bare arrays; this table finds the KernelMap object again (with
+# its algorithm-derived caches) from the arrays' addresses, as long as the map is alive.
+_live: "weakref.WeakValueDictionary[tuple, KernelMap]" = weakref.WeakValueDictionary()
+
+
+def _remember(kmap: KernelMap) -> None:
+    _live[(_data_ptr(kmap.in_maps), _data_ptr(kmap.out_maps), kmap.in_maps.shape[0])] = kmap
+
+
+def recall(in_maps, out_maps, offsets_host, num_in: int, num_out: int) -> KernelMap:
+    """The live :class:`KernelMap` whose arrays these are, or a new one wrapping them (core arrays)."""
+    kmap = _live.get((_data_ptr(in_maps), _data_ptr(out_maps), in_maps.shape[0]))
+    if kmap is not None and kmap.num_in == num_in and kmap.num_out == num_out:
+        return kmap
+    xp = array_module(in_maps)
+    host = np.asarray(offsets_host, dtype=np.int64)
+    if host.ndim != 1 or host[0] != 0 or np.any(np.diff(host) < 0) or host[-1] != in_maps.shape[0]:
+        raise ValueError("kernel map offsets must be non-decreasing from 0 to len(in_maps)")
+    return KernelMap(in_maps, out_maps, xp.asarray(host.astype(np.int32)), host, num_in, num_out, None)
+
+
 # A GPU backend may replace the builder for CuPy arrays: {"cupy": callable with build_kernel_map's signature}.
 BUILDERS: dict = {}
 
@@ -212,5 +238,6 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     xp = array_module(coords)
     builder = BUILDERS.get("cupy" if xp is not np else "numpy", build_kernel_map)
     kmap = builder(coords, voxels.sorted_keys(), ks, st, dl, transposed, generative, out_coords)
+    _remember(kmap)
     voxels._kmaps[key] = (kmap, out_v)  # keep out_v alive so its id stays unique
     return kmap
