@@ -9,21 +9,28 @@ Kernel maps are built outside ``jit`` (they decide output shapes) and passed in 
         return conv_features(feats, weight, kmap).sum()
     jax.grad(loss, argnums=(0, 1))(feats, weight)
 
-The primal runs the sparsevox core through a host callback (``jax.pure_callback``, vmapped
-sequentially): on the CPU that is zero-copy NumPy.
+The primal runs the sparsevox core inside ``jax.experimental.buffer_callback``: the callback sees
+XLA's own buffers (NumPy views on the CPU, CuPy views on the GPU, no host round trip) and launches the
+GPU work on XLA's stream (``ctx.stream``). Under ``vmap`` it runs once per batch element.
+
+GPU memory: XLA preallocates most of the GPU; the kernels' scratch memory comes from CuPy's pool, so
+leave room for it, e.g. ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.5`` or ``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.buffer_callback import buffer_callback
 
 import sparsevox as sv
 from sparsevox.conv import output_voxels_of
-from sparsevox.kernel_map import KernelMap
+from sparsevox._arrays import to_host
+from sparsevox.kernel_map import KernelMap, recall
 from sparsevox.voxels import Voxels
 
 __all__ = ["JaxKernelMap", "kernel_map", "conv_features", "depthwise_features", "spatially_sparse_conv",
@@ -44,10 +51,17 @@ class JaxKernelMap:
     def from_core(cls, kmap: KernelMap) -> "JaxKernelMap":
         t = kmap.derived.get("jax.map")
         if t is None:
-            t = cls(jnp.asarray(np.asarray(kmap.in_maps)), jnp.asarray(np.asarray(kmap.out_maps)),
+            t = cls(_to_jax(kmap.in_maps), _to_jax(kmap.out_maps),
                     tuple(int(v) for v in kmap.offsets_host), kmap.num_in, kmap.num_out)
             kmap.derived["jax.map"] = t
         return t
+
+
+def _to_jax(a):
+    """A core index array as a JAX array: zero-copy from CuPy; NumPy arrays are copied onto the default device."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        return jax.dlpack.from_dlpack(a)
+    return jnp.asarray(to_host(a))
 
 
 def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, generative=False,
@@ -57,35 +71,67 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
                                                 output_voxels))
 
 
-def _core_map(in_maps, out_maps, offsets, num_in, num_out) -> KernelMap:
-    host = np.asarray(offsets, dtype=np.int64)
-    return KernelMap(np.asarray(in_maps), np.asarray(out_maps), host.astype(np.int32), host, num_in, num_out, None)
+def _view(buf, on_gpu: bool):
+    """A NumPy or CuPy view of an XLA buffer (no copy)."""
+    if not on_gpu:
+        return np.asarray(buf)
+    import cupy
+    try:
+        return cupy.from_dlpack(buf)
+    except Exception:  # dtypes some DLPack paths lack: the CUDA array interface also works
+        return cupy.asarray(buf)
 
 
-def _host_call(fn, out_shapes, *args):
-    return jax.pure_callback(fn, out_shapes, *args, vmap_method="sequential")
+@functools.lru_cache(maxsize=64)
+def _external_stream(ptr: int, device_id: int):
+    import cupy
+    return cupy.cuda.ExternalStream(ptr, device_id)
+
+
+def _call(fn, out_shapes, *args):
+    """Run ``fn(outputs, *inputs)`` on core views of XLA buffers, on XLA's stream."""
+    def callback(ctx, outs, ins):
+        try:
+            stream = ctx.stream
+        except Exception:  # the CPU backend has no GPU context (UNIMPLEMENTED)
+            stream = None
+        on_gpu = stream is not None
+        views = [_view(b, on_gpu) for b in ins]
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        targets = [_view(b, on_gpu) for b in outs]
+        if on_gpu:
+            import cupy
+            dev = targets[0].device.id
+            with cupy.cuda.Device(dev), _external_stream(int(stream), dev):
+                fn(targets, *views)
+        else:
+            fn(targets, *views)
+    return buffer_callback(callback, out_shapes, vmap_method="sequential")(args)
+
+
+def _core_map(in_maps, out_maps, kmap: JaxKernelMap) -> KernelMap:
+    return recall(in_maps, out_maps, kmap.offsets, kmap.num_in, kmap.num_out)
 
 
 def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
     c_out = weight.shape[2] if op == "conv" else weight.shape[1]
     core = sv.conv_forward if op == "conv" else sv.depthwise_forward
 
-    def host(f, w, i, o):
-        m = _core_map(i, o, kmap.offsets, kmap.num_in, kmap.num_out)
-        return np.asarray(core(np.asarray(f), np.asarray(w), m, fwd_algo))
-    return _host_call(host, jax.ShapeDtypeStruct((kmap.num_out, c_out), feats.dtype),
-                      feats, weight, kmap.in_maps, kmap.out_maps)
+    def run(outs, f, w, i, o):
+        outs[0][...] = core(f, w, _core_map(i, o, kmap), fwd_algo)
+    return _call(run, jax.ShapeDtypeStruct((kmap.num_out, c_out), feats.dtype),
+                 feats, weight, kmap.in_maps, kmap.out_maps)
 
 
 def _backward(op, feats, weight, kmap: JaxKernelMap, grad, bwd_algo):
     core = sv.conv_backward if op == "conv" else sv.depthwise_backward
 
-    def host(g, f, w, i, o):
-        m = _core_map(i, o, kmap.offsets, kmap.num_in, kmap.num_out)
-        gf, gw = core(np.asarray(g), np.asarray(f), np.asarray(w), m, bwd_algo)
-        return np.asarray(gf), np.asarray(gw)
+    def run(outs, g, f, w, i, o):
+        gf, gw = core(g, f, w, _core_map(i, o, kmap), bwd_algo)
+        outs[0][...] = gf
+        outs[1][...] = gw
     shapes = (jax.ShapeDtypeStruct(feats.shape, feats.dtype), jax.ShapeDtypeStruct(weight.shape, weight.dtype))
-    return _host_call(host, shapes, grad, feats, weight, kmap.in_maps, kmap.out_maps)
+    return _call(run, shapes, grad, feats, weight, kmap.in_maps, kmap.out_maps)
 
 
 def _make(op):
