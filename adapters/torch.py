@@ -19,7 +19,7 @@ from sparsevox.conv import output_voxels_of
 from sparsevox.kernel_map import KernelMap, recall
 
 __all__ = ["spatially_sparse_conv", "spatially_sparse_depthwise_conv", "SpatiallySparseConv", "SparseConv3d",
-           "SpatiallySparseDepthwiseConv", "kernel_map_tensors"]
+           "SpatiallySparseDepthwiseConv", "kernel_map_tensors", "conv_features", "conv_tensors"]
 
 def _algo_str(value) -> str:
     """Algorithm input → a string that survives the op boundary ("" means None: read the environment)."""
@@ -129,13 +129,20 @@ def _autocast(*tensors):
 def conv_features(feats, weight, kmap: KernelMap, fwd_algo=None, bwd_algo=None):
     """Differentiable ``[N_out, C_out]`` features of a convolution with a prebuilt kernel map."""
     in_maps, out_maps, offsets = kernel_map_tensors(kmap)
+    return conv_tensors(feats, weight, in_maps, out_maps, offsets, kmap.num_out, fwd_algo, bwd_algo)
+
+
+def conv_tensors(feats, weight, in_maps, out_maps, offsets, num_out: int, fwd_algo=None, bwd_algo=None):
+    """:func:`conv_features` with the map as tensors (:func:`kernel_map_tensors`): the form to use inside
+    ``torch.compile(fullgraph=True)``, where kernel maps must come in from outside."""
     feats, weight = _autocast(feats, weight)
     if weight.dtype != feats.dtype:
         raise ValueError(f"weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
+    if bwd_algo is None:  # nothing to pass on (keeps the call free of context-variable traffic for compile)
+        return torch.ops.sparsevox.conv_fwd(feats, weight, in_maps, out_maps, offsets, num_out, _algo_str(fwd_algo))
     token = _BWD_ALGO.set(_algo_str(bwd_algo))
     try:
-        return torch.ops.sparsevox.conv_fwd(feats, weight, in_maps, out_maps, offsets, kmap.num_out,
-                                            _algo_str(fwd_algo))
+        return torch.ops.sparsevox.conv_fwd(feats, weight, in_maps, out_maps, offsets, num_out, _algo_str(fwd_algo))
     finally:
         _BWD_ALGO.reset(token)
 

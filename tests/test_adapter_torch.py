@@ -95,3 +95,29 @@ def test_bwd_algo_reaches_backward(rng, monkeypatch):
     out = sv.spatially_sparse_conv(v, w, **args, bwd_algo="implicit_gemm")
     with pytest.raises(sv.AlgorithmUnavailableError):
         out.feats.sum().backward()
+
+
+def test_torch_compile_fullgraph_module_stack(rng):
+    """Maps are built outside the compiled region and passed in as tensors."""
+    v, _, _, _ = _case(rng, "submanifold", dtype=torch.float32)
+    kmap = sv.kernel_map(v, 3)
+    maps = svt.kernel_map_tensors(kmap)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = svt.SpatiallySparseConv(3, 8)
+            self.b = svt.SpatiallySparseConv(8, 3)
+
+        def forward(self, feats, in_maps, out_maps, offsets, num_out: int):
+            x = torch.relu(svt.conv_tensors(feats, self.a.weight, in_maps, out_maps, offsets, num_out) + self.a.bias)
+            return svt.conv_tensors(x, self.b.weight, in_maps, out_maps, offsets, num_out) + self.b.bias + feats
+
+    block = Block()
+    f = v.feats.detach().requires_grad_(True)
+    eager = block(f, *maps, kmap.num_out)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(f, *maps, kmap.num_out)
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    assert f.grad is not None and block.a.weight.grad is not None
