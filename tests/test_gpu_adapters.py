@@ -1,0 +1,112 @@
+"""The adapters on the GPU: opcheck, torch.compile, AMP, streams, no host sync, JAX jit(grad)."""
+import time
+
+import numpy as np
+import pytest
+from reference import TOL, dense_conv, dense_conv_grads, random_voxels, rel_err
+
+import sparsevox as sv
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch", reason="torch not installed")
+svt = pytest.importorskip("sparsevox.adapters.torch")
+
+
+def _layer(rng, n=400, c_in=16, c_out=8, dtype=torch.float32, device="cuda"):
+    c = random_voxels(rng, n, extent=10, batches=2)
+    f = torch.randn(len(c), c_in, device=device, dtype=dtype)
+    w = torch.randn(27, c_in, c_out, device=device, dtype=dtype) / np.sqrt(27 * c_in)
+    return sv.Voxels(torch.from_numpy(c).to(device), f), w
+
+
+def _oracle(v, w):
+    c = v.coords.cpu().numpy()
+    return dense_conv(c, v.feats.double().cpu().numpy(), w.double().cpu().numpy(), 3, 1, 1, False, c)
+
+
+def test_opcheck_cuda(rng):
+    v, w = _layer(rng)
+    kmap = sv.kernel_map(v, 3)
+    i, o, off = svt.kernel_map_tensors(kmap)
+    assert i.is_cuda and not off.is_cuda
+    torch.library.opcheck(torch.ops.sparsevox.conv_fwd, (v.feats, w, i, o, off, kmap.num_out, "explicit_gemm"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_runs_in_low_precision(rng, dtype):
+    v, w = _layer(rng)
+    w.requires_grad_(True)
+    with torch.autocast("cuda", dtype=dtype):
+        out = sv.spatially_sparse_conv(v, w)
+    assert out.feats.dtype == dtype
+    assert rel_err(out.feats.double().cpu().numpy(), _oracle(v, w.detach())) < TOL[str(dtype).split(".")[1]]
+    out.feats.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+
+
+def test_torch_compile_inductor_fullgraph(rng):
+    v, w = _layer(rng)
+    kmap = sv.kernel_map(v, 3)
+    maps = svt.kernel_map_tensors(kmap)
+
+    def f(feats, w, in_maps, out_maps, offsets):
+        return torch.relu(svt.conv_tensors(feats, w, in_maps, out_maps, offsets, kmap.num_out)).sum(1)
+
+    out = torch.compile(f, fullgraph=True)(v.feats, w, *maps)
+    torch.testing.assert_close(out, f(v.feats, w, *maps))
+
+
+def test_no_host_sync_with_cached_map(rng):
+    v, w = _layer(rng, n=2000, c_in=32, c_out=32)
+    f = v.feats.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    for _ in range(2):  # build and cache the map, compile kernels, settle the autotuner
+        out = sv.spatially_sparse_conv(v.replace(f), w)
+        out.feats.sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU clock cycles on the current stream
+    t = time.perf_counter()
+    out = sv.spatially_sparse_conv(v.replace(f), w)
+    out.feats.sum().backward()
+    elapsed = time.perf_counter() - t
+    still_running = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert still_running, f"the layer waited for the GPU (returned after {elapsed:.3f} s with the stream idle)"
+
+
+def test_runs_on_callers_stream(rng):
+    v, w = _layer(rng)
+    ref = _oracle(v, w)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(int(2e8))  # work queued before ours on the side stream must finish first
+        out = sv.spatially_sparse_conv(v, w)
+    side.synchronize()
+    assert rel_err(out.feats.double().cpu().numpy(), ref) < TOL["float32"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_second_device(rng):
+    v, w = _layer(rng, device="cuda:1")
+    out = sv.spatially_sparse_conv(v, w)
+    assert out.feats.device == torch.device("cuda:1")
+    assert rel_err(out.feats.double().cpu().numpy(), _oracle(v, w)) < TOL["float32"]
+
+
+def test_jax_jit_grad_on_gpu(rng):
+    jax = pytest.importorskip("jax", reason="jax not installed")
+    if jax.default_backend() != "gpu":
+        pytest.skip("jax has no GPU backend here")
+    import jax.numpy as jnp
+    svj = pytest.importorskip("sparsevox.adapters.jax")
+    c = random_voxels(rng, 400, extent=10, batches=2)
+    f = rng.standard_normal((len(c), 16)).astype(np.float32)
+    w = (rng.standard_normal((27, 16, 8)) / 20).astype(np.float32)
+    g = rng.standard_normal((len(c), 8)).astype(np.float32)
+    v = sv.Voxels(jnp.asarray(c), jnp.asarray(f))
+    kmap = svj.kernel_map(v, 3)
+    loss = jax.jit(jax.grad(lambda f, w: (svj.conv_features(f, w, kmap) * g).sum(), argnums=(0, 1)))
+    gf, gw = loss(jnp.asarray(f), jnp.asarray(w))
+    assert next(iter(gf.devices())).platform == "gpu"
+    rgf, rgw = dense_conv_grads(c, f, w, g, 3, 1, 1, False, c)
+    assert rel_err(np.asarray(gf), rgf) < TOL["float32"] and rel_err(np.asarray(gw), rgw) < TOL["float32"]
