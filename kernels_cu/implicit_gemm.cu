@@ -14,7 +14,8 @@
 // float, double: exact SIMT FMA in T's precision), BM x BN CTA tile, BK reduction step, WM x WN warp
 // tile, STAGES shared-memory pipeline depth (cp.async), VEC 16-byte loads (both channel counts are
 // multiples of 16 / sizeof(T) and the pointers 16-byte aligned), TC tensor cores (only half types).
-// Shared-memory rows are padded by 16 bytes so ldmatrix / column reads hit distinct banks.
+// Shared memory is dynamic (the launcher passes STAGES * tile bytes and raises the 48 KB limit where
+// needed). Shared-memory rows are padded by 16 bytes so ldmatrix / column reads hit distinct banks.
 #include "common/mma.cuh"
 
 namespace svx_igemm {
@@ -154,7 +155,7 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
     constexpr int A_SZ = BM * (BK + P), B_SZ = BK * (BN + P);
     constexpr int ACC_N = WM * WN / 32;
     static_assert(STAGES >= 2, "at least double buffering");
-    __shared__ __align__(16) unsigned char smem_raw[STAGES * (A_SZ + B_SZ) * sizeof(T)];
+    extern __shared__ __align__(16) unsigned char smem_raw[];  // STAGES * (A_SZ + B_SZ) * sizeof(T) bytes
     T* smem = reinterpret_cast<T*>(smem_raw);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -250,7 +251,7 @@ igemm_wgrad(const T* __restrict__ X, const T* __restrict__ dY, const int* __rest
     constexpr int P = Pad<T>::value;
     constexpr int A_SZ = BK * (BM + P), B_SZ = BK * (BN + P);
     constexpr int ACC_N = WM * WN / 32;
-    __shared__ __align__(16) unsigned char smem_raw[STAGES * (A_SZ + B_SZ) * sizeof(T)];
+    extern __shared__ __align__(16) unsigned char smem_raw[];  // STAGES * (A_SZ + B_SZ) * sizeof(T) bytes
     T* smem = reinterpret_cast<T*>(smem_raw);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

@@ -24,12 +24,14 @@ log = logging.getLogger("sparsevox.implicit_gemm")
 
 _CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
 _SIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
-_SMEM_LIMIT = 48 * 1024  # static shared memory per block
+_SMEM_SMALL = 64 * 1024  # up to here a tile gets 4 stages (deep prefetch of the gathered rows)
+_SMEM_LIMIT = 200 * 1024  # dynamic shared memory per block we allow (the H100 gives 227 KB)
 
 # (BM, BN) -> (WM, WN): warp tiles. Tensor-core tiles need WM % 16 == 0, WN % 16 == 0;
-# SIMT tiles need WM % 4 == 0, WN % 8 == 0.
+# SIMT tiles need WM % 4 == 0, WN % 8 == 0. Large tiles (64 x 64 warp tiles, 8 warps) cut the
+# L2 -> shared traffic of W[k], which every (row tile, offset) reloads: flops per byte = BM*BN/(BM+BN).
 TC_TILES = {(32, 32): (16, 16), (64, 32): (32, 16), (64, 64): (32, 32), (128, 64): (64, 32),
-            (64, 128): (32, 64), (128, 128): (64, 32)}
+            (64, 128): (32, 64), (128, 128): (64, 32), (256, 128): (64, 64), (128, 256): (64, 64)}
 SIMT_TILES = {(32, 32): (16, 16), (64, 32): (32, 16), (64, 64): (32, 32), (128, 64): (64, 32),
               (64, 128): (32, 64)}
 WGRAD_TILES = (32, 64, 128)  # square C_in x C_out tiles of the weight gradient
@@ -49,11 +51,18 @@ def _bk(dtype_name: str) -> int:
     return {"float64": 8, "float32": 16}.get(dtype_name, 32)
 
 
-def _stages(dtype_name, bm, bn, bk, a_kmajor) -> int:
+def _smem_per_stage(dtype_name, bm, bn, bk, a_kmajor) -> int:
     pad = 16 // _SIZE[dtype_name]
     per = ((bk * (bm + pad)) if a_kmajor else (bm * (bk + pad))) + bk * (bn + pad)
+    return per * _SIZE[dtype_name]
+
+
+def _stages(dtype_name, bm, bn, bk, a_kmajor) -> int:
+    per = _smem_per_stage(dtype_name, bm, bn, bk, a_kmajor)
+    if 4 * per <= _SMEM_SMALL:
+        return 4
     for s in (3, 2):
-        if s * per * _SIZE[dtype_name] <= _SMEM_LIMIT:
+        if s * per <= _SMEM_LIMIT:
             return s
     raise ValueError(f"tile {bm}x{bn} does not fit in shared memory for {dtype_name}")
 
@@ -72,7 +81,10 @@ def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: 
             f"{'true' if vec else 'false'},{'true' if tc else 'false'}>")
     fn = get_function("implicit_gemm", name, name_expressions=(name,))
     threads = (bm // wm) * (bn // wn) * 32
-    return fn, threads
+    smem = stages * _smem_per_stage(dtype_name, bm, bn, bk, kind == "wgrad")
+    if smem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = smem
+    return fn, threads, smem
 
 
 def _dtype_name(a) -> str:
@@ -209,10 +221,10 @@ def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, out=
     slots, nbr = slot_table(kmap, reverse, sort_rows)
     masks = tile_masks(kmap, reverse, bm, sort_rows)
     vec = _vec_ok(dt, c_a, c_b, src, weight_kcn)
-    fn, threads = _kernel("fwd", dt, bm, bn, vec, src.device.id)
+    fn, threads, smem = _kernel("fwd", dt, bm, bn, vec, src.device.id)
     grid = (-(-n_rows // bm)) * (-(-c_b // bn))
     fn((grid,), (threads,), (src, weight_kcn, nbr, masks, slots, out, np.int32(n_rows), np.int32(c_a),
-                             np.int32(c_b), np.int32(masks.shape[1])))
+                             np.int32(c_b), np.int32(masks.shape[1])), shared_mem=smem)
     return out
 
 
@@ -272,9 +284,9 @@ def wgrad(feats, grad_out, kmap, num_offsets, gemm_block_size=None, split_k_fact
     chunk = -(-chunk // bk) * bk
     chunks, n_chunks = wgrad_chunks(kmap, chunk)
     vec = _vec_ok(dt, c_in, c_out, feats, grad_out)
-    fn, threads = _kernel("wgrad", dt, t, t, vec, feats.device.id)
+    fn, threads, smem = _kernel("wgrad", dt, t, t, vec, feats.device.id)
     fn((n_chunks * tiles,), (threads,), (feats, grad_out, kmap.in_maps, kmap.out_maps, chunks, acc,
-                                         np.int32(c_in), np.int32(c_out)))
+                                         np.int32(c_in), np.int32(c_out)), shared_mem=smem)
     return acc if acc.dtype == feats.dtype else acc.astype(feats.dtype)
 
 
