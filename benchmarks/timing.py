@@ -1,0 +1,113 @@
+"""Timing: medians of CUDA-event timings after warm-up (host ``perf_counter`` on the CPU), and the dense
+cuBLAS rate that the sparse layers are compared with.
+
+Each timed repetition records a start and an end event on torch's current stream around one call and
+waits for the end event, so a figure covers the host overhead of the call as well as its kernels (for
+small layers the host part dominates; that is what a network sees). CuPy work launched by the core
+without an explicit stream goes to the legacy default stream, which synchronises with torch's default
+stream, so the events cover it too.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Timing:
+    """Median and spread of one measurement, in milliseconds."""
+    ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+
+    def as_dict(self) -> dict:
+        return {"ms": self.ms, "min_ms": self.min_ms, "max_ms": self.max_ms, "repeats": self.repeats}
+
+
+def synchronize(device: str) -> None:
+    if device == "gpu":
+        import torch
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str, warmup: int = 3, repeats: int = 20) -> Timing:
+    """Run ``fn()`` ``warmup`` times, then time ``repeats`` calls one by one; return their median.
+
+    Args:
+        fn: a callable with no arguments (its result is dropped).
+        device: ``"gpu"`` (torch CUDA events) or ``"cpu"`` (``time.perf_counter``).
+        warmup: untimed calls first (compilation, autotuning, allocator warm-up), >= 0.
+        repeats: timed calls, >= 1.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    if device == "gpu":
+        import torch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(repeats):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t) * 1e3)
+    return Timing(statistics.median(samples), min(samples), max(samples), repeats)
+
+
+def flops(pairs: int, c_in: int, c_out: int) -> float:
+    """Multiply-adds of one pass over the pairs, counted as 2 FLOPs: ``2 * pairs * C_in * C_out``."""
+    return 2.0 * pairs * c_in * c_out
+
+
+def tflops(pairs: int, c_in: int, c_out: int, ms: float, passes: int = 1) -> float | None:
+    """TFLOP/s of ``passes`` GEMM-equivalent passes (forward 1, forward+backward 3) taking ``ms``."""
+    if not ms or ms <= 0 or pairs <= 0:
+        return None
+    return passes * flops(pairs, c_in, c_out) / (ms * 1e-3) / 1e12
+
+
+class DenseReference:
+    """TFLOP/s of a dense ``[rows, C_in] @ [C_in, C_out]`` matmul in a dtype, measured once per shape.
+
+    On the GPU: ``torch.matmul`` (cuBLAS) with TF32 off for float32 unless the run opted in. On the CPU
+    (dry runs): NumPy in float32 (NumPy has no fast float16 GEMM), which only checks the plumbing.
+    """
+
+    def __init__(self, device: str, warmup: int = 3, repeats: int = 20):
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+        self._cache: dict = {}
+
+    def tflops(self, rows: int, c_in: int, c_out: int, dtype: str) -> float | None:
+        if rows <= 0:
+            return None
+        key = (rows, c_in, c_out, dtype)
+        if key not in self._cache:
+            self._cache[key] = self._measure(rows, c_in, c_out, dtype)
+        return self._cache[key]
+
+    def _measure(self, rows, c_in, c_out, dtype):
+        if self.device == "gpu":
+            import torch
+            dt = getattr(torch, dtype)
+            a = torch.randn(rows, c_in, device="cuda", dtype=dt)
+            b = torch.randn(c_in, c_out, device="cuda", dtype=dt)
+            out = torch.empty(rows, c_out, device="cuda", dtype=dt)
+            t = time_call(lambda: torch.matmul(a, b, out=out), "gpu", self.warmup, self.repeats)
+            del a, b, out
+        else:
+            import numpy as np
+            rng = np.random.default_rng(0)
+            a = rng.standard_normal((rows, c_in), dtype=np.float32)
+            b = rng.standard_normal((c_in, c_out), dtype=np.float32)
+            t = time_call(lambda: a @ b, "cpu", 1, max(1, min(self.repeats, 5)))
+        return tflops(rows, c_in, c_out, t.ms)

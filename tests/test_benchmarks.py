@@ -1,0 +1,82 @@
+"""The benchmark harness's plumbing, on the CPU: a tiny dry run writes the result file, the Markdown
+table and (with matplotlib) the plot; provenance, scenes and the record format behave."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
+from benchmarks import layers, provenance, report, scenes  # noqa: E402
+
+
+def test_slug_names_gpu_families():
+    assert provenance.slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert provenance.slug("NVIDIA H200") == "h200"
+    assert provenance.slug(None) == "cpu"
+    assert provenance.slug("Some New Card 9000") == "some-new-card-9000"
+
+
+def test_commit_override(monkeypatch):
+    provenance.commit.cache_clear()
+    monkeypatch.setenv("SPARSEVOX_RESULT_COMMIT", "abc1234")
+    try:
+        assert provenance.commit() == "abc1234"
+        assert provenance.stem("cpu").endswith("-cpu-abc1234")
+    finally:
+        provenance.commit.cache_clear()
+
+
+def test_crop_keeps_nearest_voxels():
+    c = np.zeros((100, 4), np.int32)
+    c[:, 1] = np.arange(100)
+    out = scenes.crop(c, 10)
+    assert out.shape == (10, 4)
+    assert np.ptp(out[:, 1]) == 9  # one contiguous run around the median
+    assert scenes.crop(c, 0) is c
+
+
+def test_unknown_scene_is_a_value_error():
+    with pytest.raises(ValueError, match="scene must be one of"):
+        scenes.points_of("nope")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    rc = layers.main(["--cpu", "--out", str(out), "--stem", "2000-01-01-cpu-test", "--scenes", "lidar_synth",
+                      "--channels", "4", "--dtypes", "float32", "--max-voxels", "300", "--warmup", "0",
+                      "--repeats", "1"])
+    assert rc == 0
+    return out, json.loads((out / "2000-01-01-cpu-test-layers.json").read_text())
+
+
+def test_dry_run_writes_design_records(dry_run):
+    out, doc = dry_run
+    for key in ("device", "date", "commit", "records"):
+        assert key in doc
+    ops = {r["op"] for r in doc["records"]}
+    assert ops == {"map_build", "subm_fwd", "subm_fwd_bwd", "down", "up"}
+    required = {"op", "scene", "n_voxels", "pairs", "c_in", "c_out", "dtype", "algo", "ms", "peer", "tflops",
+                "cublas_fraction"}
+    for r in doc["records"]:
+        assert required <= set(r), r
+    ran = [r for r in doc["records"] if r["op"] != "map_build" and r.get("ms")]
+    explicit = [r for r in ran if r["algo"]["requested"] == "explicit_gemm"]
+    assert explicit and all(r["algo"]["chosen"]["fwd"]["name"] == "explicit_gemm" for r in explicit)
+    auto = [r for r in ran if r["algo"]["requested"] == "auto"]
+    assert auto and all(r["tflops"] > 0 and r["pairs"] > 0 for r in auto)
+    assert (out / "2000-01-01-cpu-test-layers.md").read_text().startswith("# Layer benchmarks")
+
+
+def test_report_table_and_plot_with_a_peer(dry_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, doc = dry_run
+    for r in doc["records"]:
+        if r.get("ms"):
+            r["peer"] = {"spconv": 2 * r["ms"]}
+    paths = report.write_all(doc, tmp_path, "x", "layers")
+    assert paths["png"].stat().st_size > 10_000
+    text = report.summary_text(doc)
+    assert "2.00×" in text and "map_build" in text
