@@ -1,0 +1,178 @@
+"""Depthwise IMPLICIT: fused CUDA kernels (``kernels_cu/depthwise.cu``) on CuPy arrays.
+
+forward / dgrad: one gather kernel over a dense neighbour table ``[K, rows]`` int32 (-1 = absent):
+each output row and channel vector loops over the K offsets and is written once (no atomics, no
+zero-fill). The tables are derived once per kernel map on the GPU and cached in ``kmap.derived``:
+``"depthwise.nbr"`` (``nbr[k][out] = in``) for the forward, ``"depthwise.nbr_rev"``
+(``rev[k][in] = out``) for dgrad. wgrad reduces chunks of each offset's pairs per block and adds
+one float32 (float64) partial per (block, k, c) into a ``[K, C]`` buffer.
+
+Parameters searched by the autotuner: forward/dgrad ``ilp`` (channel vectors per thread) × ``block``
+(threads per block), wgrad ``chunk`` (pairs per block) × ``threads``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..gpu_info import gpu_available
+from ..registry import Algorithm, register
+
+STEM = "depthwise"
+_CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+_ILPS = (1, 2)
+_FWD_PARAMS = [{"ilp": i, "block": b} for i in _ILPS for b in (128, 256, 512)]
+_WGRAD_PARAMS = [{"chunk": c, "threads": t} for c in (256, 1024, 4096) for t in (256, 512)]
+
+
+def _vec_widths(ctype: str) -> tuple[int, ...]:
+    """Vector widths compiled for a type: every power of two with ``VEC * itemsize <= 16`` bytes."""
+    size = {"__half": 2, "__nv_bfloat16": 2, "float": 4, "double": 8}[ctype]
+    return tuple(v for v in (1, 2, 4, 8) if v * size <= 16)
+
+
+def _name_expressions(ctype: str) -> tuple[str, ...]:
+    """Every kernel instantiated for one dtype: one module (one NVRTC compile) per dtype and device."""
+    names = [f"depthwise_gather<{ctype}, {v}, {i}>" for v in _vec_widths(ctype) for i in _ILPS]
+    names += [f"depthwise_wgrad<{ctype}, {v}>" for v in _vec_widths(ctype)]
+    return tuple(names)
+
+
+_functions: dict = {}
+
+
+def _function(kernel: str, ctype: str):
+    """A compiled kernel, cached per (device, name) so a call costs one dict lookup."""
+    import cupy
+    key = (cupy.cuda.Device().id, kernel)
+    fn = _functions.get(key)
+    if fn is None:
+        from ..cuda_loader import get_function
+        fn = get_function(STEM, kernel, _name_expressions(ctype))
+        _functions[key] = fn
+    return fn
+
+
+def _vec(c: int, itemsize: int, *arrays) -> int:
+    """Widest vector (elements) that divides C, fits 16 bytes, and every pointer's alignment allows."""
+    v = 16 // itemsize
+    while v > 1 and (c % v or any(a.data.ptr % (v * itemsize) for a in arrays)):
+        v //= 2
+    return v
+
+
+def _i32(a):
+    import cupy
+    return cupy.ascontiguousarray(cupy.asarray(a), dtype=cupy.int32)
+
+
+def _csr(kmap):
+    """``(in_maps, out_maps, offsets)`` as contiguous int32 device arrays (cached on the map)."""
+    got = kmap.derived.get("depthwise.csr")
+    if got is None:
+        got = (_i32(kmap.in_maps), _i32(kmap.out_maps), _i32(kmap.offsets_host))
+        kmap.derived["depthwise.csr"] = got
+    return got
+
+
+def neighbour_table(kmap, reverse: bool = False):
+    """``[K, rows]`` int32 device table: ``nbr[k][out] = in`` (or ``rev[k][in] = out`` with ``reverse``).
+
+    Built on the GPU from the CSR map in two launches (fill with -1, scatter) and cached in
+    ``kmap.derived["depthwise.nbr"]`` / ``["depthwise.nbr_rev"]``.
+    """
+    key = "depthwise.nbr_rev" if reverse else "depthwise.nbr"
+    table = kmap.derived.get(key)
+    if table is not None:
+        return table
+    import cupy
+    ins, outs, offsets = _csr(kmap)
+    k, pairs = kmap.num_offsets, int(ins.shape[0])
+    rows = kmap.num_in if reverse else kmap.num_out
+    table = cupy.full((k, rows), -1, dtype=cupy.int32)
+    if pairs:
+        src, dst = (outs, ins) if reverse else (ins, outs)
+        fn = _function("depthwise_build_table", "float")
+        fn(((pairs + 255) // 256,), (256,), (src, dst, offsets, np.int32(k), np.int32(pairs), np.int32(rows), table))
+    kmap.derived[key] = table
+    return table
+
+
+def _gather(src, weight, table, ilp: int, block: int, out=None):
+    """``out[r, c] = sum_k src[table[k, r], c] * weight[k, c]``: the forward and dgrad kernel."""
+    import cupy
+    src = cupy.ascontiguousarray(src)
+    weight = cupy.ascontiguousarray(weight)
+    k, rows = table.shape
+    c = src.shape[1]
+    if out is None:
+        out = cupy.empty((rows, c), dtype=src.dtype)
+    elif out.shape != (rows, c) or out.dtype != src.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {src.dtype} array of shape {(rows, c)}")
+    if rows == 0 or c == 0:
+        return out
+    if src.shape[0] == 0 or k == 0:
+        out.fill(0)
+        return out
+    ctype = _CTYPE[src.dtype.name]
+    vec = _vec(c, src.dtype.itemsize, src, weight, out)
+    ilp = ilp if (c // vec) > 1 else 1
+    groups = -(-(c // vec) // ilp)
+    total = rows * groups
+    fn = _function(f"depthwise_gather<{ctype}, {vec}, {ilp}>", ctype)
+    fn(((total + block - 1) // block,), (block,),
+       (src, weight, table, out, np.int32(rows), np.int32(k), np.int32(c)))
+    return out
+
+
+def forward(feats, weight, kmap, ilp: int = 1, block: int = 256, out=None):
+    """``out[o, c] = sum_k feats[nbr[k][o], c] * weight[k, c]``: feats ``[N_in, C]``, weight ``[K, C]`` →
+    ``[N_out, C]`` in the features' dtype (float32/float64 accumulation). ``out``: optional destination."""
+    return _gather(feats, weight, neighbour_table(kmap), ilp, block, out)
+
+
+def dgrad(grad_out, weight, kmap, ilp: int = 1, block: int = 256, out=None):
+    """``grad_in[i, c] = sum_k grad_out[rev[k][i], c] * weight[k, c]`` → ``[N_in, C]``."""
+    return _gather(grad_out, weight, neighbour_table(kmap, reverse=True), ilp, block, out)
+
+
+def wgrad(feats, grad_out, kmap, num_offsets: int, chunk: int = 1024, threads: int = 256):
+    """``grad_w[k, c] = sum_{(i, o) in pairs_k} feats[i, c] * grad_out[o, c]`` → ``[num_offsets, C]``."""
+    import cupy
+    feats = cupy.ascontiguousarray(feats)
+    grad_out = cupy.ascontiguousarray(grad_out)
+    c = feats.shape[1]
+    acc_dtype = cupy.float64 if feats.dtype == cupy.float64 else cupy.float32
+    gw = cupy.zeros((num_offsets, c), dtype=acc_dtype)
+    k = kmap.num_offsets
+    counts = np.diff(kmap.offsets_host)
+    longest = int(counts.max()) if counts.size else 0
+    if longest and c:
+        ins, outs, offsets = _csr(kmap)
+        ctype = _CTYPE[feats.dtype.name]
+        vec = _vec(c, feats.dtype.itemsize, feats, grad_out)
+        nvec = c // vec
+        bx = min(nvec, 32)
+        by = max(1, threads // bx)
+        grid = ((longest + chunk - 1) // chunk, k, (nvec + bx - 1) // bx)
+        fn = _function(f"depthwise_wgrad<{ctype}, {vec}>", ctype)
+        fn(grid, (bx, by), (feats, grad_out, ins, outs, offsets, gw, np.int32(c), np.int32(chunk)),
+           shared_mem=by * vec * bx * gw.dtype.itemsize)
+    return gw if gw.dtype == feats.dtype else gw.astype(feats.dtype)
+
+
+def _params(direction, problem):
+    return list(_WGRAD_PARAMS if direction == "wgrad" else _FWD_PARAMS)
+
+
+def _available(problem):
+    if problem.device != "gpu":
+        return False, "IMPLICIT runs on CUDA GPUs only (these arrays are on the CPU)"
+    ok, reason = gpu_available()
+    if not ok:
+        return False, reason
+    if problem.dtype not in _CTYPE:
+        return False, f"dtype {problem.dtype} is not one of {tuple(_CTYPE)}"
+    return True, ""
+
+
+register("depthwise", Algorithm("implicit", forward, dgrad, wgrad, _params, _available))
