@@ -148,15 +148,19 @@ template <typename T, int BM, int BN, int BK, int WM, int WN, int STAGES, bool V
 __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32)
 igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restrict__ nbr,
           const unsigned* __restrict__ tile_mask, const int* __restrict__ row_of_slot, T* __restrict__ Y,
-          int n_rows, int c_in, int c_out, int mask_words) {
+          int n_rows, int c_in, int c_out, int mask_words, int k_cap) {
     using AccT = typename AccOf<T>::type;
     constexpr int NTH = (BM / WM) * (BN / WN) * 32;
     constexpr int P = Pad<T>::value;
     constexpr int A_SZ = BM * (BK + P), B_SZ = BK * (BN + P);
     constexpr int ACC_N = WM * WN / 32;
     static_assert(STAGES >= 2, "at least double buffering");
-    extern __shared__ __align__(16) unsigned char smem_raw[];  // STAGES * (A_SZ + B_SZ) * sizeof(T) bytes
+    // Dynamic shared memory: STAGES * (A_SZ + B_SZ) tiles of T, then (when k_cap > 0, i.e. K offsets fit)
+    // s_nbr[k_cap][BM] neighbour rows of this tile per active offset and s_k[k_cap] the active offsets.
+    extern __shared__ __align__(16) unsigned char smem_raw[];
     T* smem = reinterpret_cast<T*>(smem_raw);
+    int* s_nbr = reinterpret_cast<int*>(smem_raw + STAGES * (A_SZ + B_SZ) * sizeof(T));
+    int* s_k = s_nbr + k_cap * BM;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = (warp / (BN / WN)) * WM, wn = (warp % (BN / WN)) * WN;
@@ -169,15 +173,35 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
     for (int w = 0; w < mask_words; ++w) n_active += __popc(tm[w]);
     const int csteps = (c_in + BK - 1) / BK;
     const int total = n_active * csteps;
+    const bool staged = k_cap > 0;
 
-    int lk = next_k(tm, mask_words, 0), lc = 0;  // loader position: offset, first input channel
+    if (staged) {
+        // One round of independent loads for every (active offset, row) of the tile instead of a dependent
+        // global read (index, then row) in every pipeline stage.
+        if (tid == 0) {
+            int a = 0;
+            for (int w = 0; w < mask_words; ++w)
+                for (unsigned bits = tm[w]; bits; bits &= bits - 1) s_k[a++] = (w << 5) + __ffs(bits) - 1;
+        }
+        __syncthreads();
+        for (int i = tid; i < n_active * BM; i += NTH) {
+            const int a = i / BM, r = i % BM, row = row0 + r;
+            s_nbr[i] = row < n_rows ? __ldg(nbr + (size_t)s_k[a] * n_rows + row) : -1;
+        }
+        __syncthreads();
+    }
+
+    int la = 0, lc = 0;  // loader position: active offset index, first input channel
+    int lk = staged ? (n_active ? s_k[0] : 0) : next_k(tm, mask_words, 0);
     auto load = [&](int stage) {
         T* As = smem + stage * (A_SZ + B_SZ);
         T* Bs = As + A_SZ;
         const int* nb = nbr + (size_t)lk * n_rows;
+        const int* snb = s_nbr + la * BM;
         load_rows<T, BM, BK, NTH, VEC>(
             As, X, c_in, lc, c_in,
             [&](int r) -> long long {
+                if (staged) return (long long)snb[r];
                 const int row = row0 + r;
                 return row < n_rows ? (long long)__ldg(nb + row) : -1LL;
             },
@@ -189,7 +213,8 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
         lc += BK;
         if (lc >= c_in) {
             lc = 0;
-            lk = next_k(tm, mask_words, lk + 1);
+            ++la;
+            lk = staged ? (la < n_active ? s_k[la] : 0) : next_k(tm, mask_words, lk + 1);
         }
     };
 
@@ -202,14 +227,28 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
         if (s < total) load(s);
         cp_async_commit();
     }
+    int ca = -1, cc = csteps - 1;  // compute position: active offset index, step within C_in
+    bool warp_has = true;          // does any row of this warp's slice have offset ca?
     for (int it = 0; it < total; ++it) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         const int nxt = it + STAGES - 1;
         if (nxt < total) load(nxt % STAGES);
         cp_async_commit();
-        const T* As = smem + (it % STAGES) * (A_SZ + B_SZ);
-        mma_step<T, AccT, BM, BN, BK, WM, WN, false, TC>(As, As + A_SZ, acc, wm, wn, lane);
+        if (++cc == csteps) {
+            cc = 0;
+            ++ca;
+            if (staged) {  // rows sorted by mask: a warp's slice often lacks offsets its tile has
+                bool has = false;
+#pragma unroll
+                for (int r = lane; r < WM; r += 32) has |= s_nbr[ca * BM + wm + r] >= 0;
+                warp_has = __any_sync(0xffffffffu, has);
+            }
+        }
+        if (warp_has) {
+            const T* As = smem + (it % STAGES) * (A_SZ + B_SZ);
+            mma_step<T, AccT, BM, BN, BK, WM, WN, false, TC>(As, As + A_SZ, acc, wm, wn, lane);
+        }
     }
     cp_async_wait<0>();
 

@@ -25,7 +25,9 @@ log = logging.getLogger("sparsevox.implicit_gemm")
 _CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
 _SIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 _SMEM_SMALL = 64 * 1024  # up to here a tile gets 4 stages (deep prefetch of the gathered rows)
-_SMEM_LIMIT = 200 * 1024  # dynamic shared memory per block we allow (the H100 gives 227 KB)
+_SMEM_LIMIT = 160 * 1024  # pipeline shared memory per block we allow (the H100 gives 227 KB)
+_DYN_SET: dict = {}  # id(kernel) -> dynamic shared memory limit already set
+_NBR_SMEM = 64 * 1024  # at most this much for the staged neighbour rows of a tile (K * BM int32)
 
 # (BM, BN) -> (WM, WN): warp tiles. Tensor-core tiles need WM % 16 == 0, WN % 16 == 0;
 # SIMT tiles need WM % 4 == 0, WN % 8 == 0. Large tiles (64 x 64 warp tiles, 8 warps) cut the
@@ -84,6 +86,7 @@ def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: 
     smem = stages * _smem_per_stage(dtype_name, bm, bn, bk, kind == "wgrad")
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
+        _DYN_SET[id(fn)] = smem
     return fn, threads, smem
 
 
@@ -222,9 +225,16 @@ def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, out=
     masks = tile_masks(kmap, reverse, bm, sort_rows)
     vec = _vec_ok(dt, c_a, c_b, src, weight_kcn)
     fn, threads, smem = _kernel("fwd", dt, bm, bn, vec, src.device.id)
+    k_count = int(nbr.shape[0])
+    # Stage the tile's neighbour rows (K x BM int32) in shared memory when they fit.
+    k_cap = k_count if k_count * (bm + 1) * 4 <= _NBR_SMEM else 0
+    smem += k_cap * (bm + 1) * 4
+    if smem > 48 * 1024 and _DYN_SET.get(id(fn), 0) < smem:  # raise the opt-in limit once per size
+        fn.max_dynamic_shared_size_bytes = smem
+        _DYN_SET[id(fn)] = smem
     grid = (-(-n_rows // bm)) * (-(-c_b // bn))
     fn((grid,), (threads,), (src, weight_kcn, nbr, masks, slots, out, np.int32(n_rows), np.int32(c_a),
-                             np.int32(c_b), np.int32(masks.shape[1])), shared_mem=smem)
+                             np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap)), shared_mem=smem)
     return out
 
 
