@@ -169,6 +169,14 @@ def markdown(doc) -> str:
             if speedup(m):
                 out.append(f"| speed-up vs spconv (inference map) | {_fmt_x(speedup(m))} | |")
             out.append("")
+        errs = defaultdict(list)
+        for r in recs:
+            if r["scene"] == s and r.get("peer_rel_err"):
+                for k, v in r["peer_rel_err"].items():
+                    errs[(k, r["dtype"])].append(v)
+        if errs:
+            out += ["Same geometry and weights as the peer: largest relative error of sparsevox's SubM forward vs "
+                    + ", ".join(f"{k} {d}: {max(v):.2g}" for (k, d), v in sorted(errs.items())), ""]
         for d in dtypes:
             rows = []
             for op in LAYER_OPS:
