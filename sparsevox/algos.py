@@ -81,7 +81,23 @@ def _split_env(value: str) -> list[str]:
     return [p.strip().strip("'\"") for p in v.split(",") if p.strip()]
 
 
+_memo: dict = {}
+
+
 def resolve_algos(value, op: str, direction: str) -> tuple[tuple[str, ...], bool]:
+    """Memoised :func:`_resolve` (it runs on every layer call; keyed by the input and the environment)."""
+    try:
+        key = (op, direction, tuple(value) if isinstance(value, list) else value,
+               env_value(op, direction)[0] if value is None else None)
+        hit = _memo.get(key)
+    except TypeError:  # unhashable input: resolve without the memo
+        return _resolve(value, op, direction)
+    if hit is None:
+        hit = _memo[key] = _resolve(value, op, direction)
+    return hit
+
+
+def _resolve(value, op: str, direction: str) -> tuple[tuple[str, ...], bool]:
     """Resolve an algorithm input to ``(names, explicit)``.
 
     ``names`` are the canonical lower-case algorithm names allowed (AUTO expanded to all of them);
