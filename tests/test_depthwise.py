@@ -195,11 +195,11 @@ GPU_CHANNELS = [3, 17, 64, 256]
 
 
 @functools.lru_cache(maxsize=None)
-def gpu_case(kind: str, c: int):
+def gpu_case(kind: str, c: int, n: int = 150, extent: int = 8):
     """A fixed case per (kind, C): CPU map and float64 inputs, shared by the dtype × direction tests."""
     seed = 1000 + 31 * KINDS.index(kind) + c
     rng = np.random.default_rng(seed)
-    case = make_case(rng, kind, n=150, extent=8)
+    case = make_case(rng, kind, n=n, extent=extent)
     kmap = case["kmap"]
     x = rng.standard_normal((kmap.num_in, c))
     w = rng.standard_normal((kmap.num_offsets, c))
@@ -335,3 +335,80 @@ def test_implicit_empty_and_unaligned_inputs():
     assert float(cupy.abs(dwi.forward(xs, ws, empty)).max()) == 0.0
     assert float(cupy.abs(dwi.dgrad(cupy.ones((4, 8), cupy.float32), ws, empty)).max()) == 0.0
     assert float(cupy.abs(dwi.wgrad(xs, cupy.ones((4, 8), cupy.float32), empty, 27)).max()) == 0.0
+
+
+# --- CPU: the real CUDA source, emulated (threads on the CPU) --------------------------------------
+
+def emulated(kind, c, dtype, params_fwd, params_wgrad, shift=0):
+    """Forward, dgrad and wgrad of ``kernels_cu/depthwise.cu`` run by the CPU emulator with the backend's
+    own launch geometry; destinations poisoned with NaN. Returns ``[(name, got, want)]``."""
+    import depthwise_cpu_emulator as emu
+
+    from sparsevox.backends import depthwise_implicit as dwi
+    case, x, w, g, _ = gpu_case(kind, c, n=60, extent=6)  # small: one OS thread per CUDA thread
+    kmap = case["kmap"]
+    dt = np_dtype(dtype)
+    ctype = dwi._CTYPE[dtype]
+    ref, rgf, rgw = oracle(case, *(a.astype(dt).astype(np.float64) for a in (x, w, g)))
+    buf = np.empty(x.size + shift, dt)[shift:].reshape(x.shape)  # shift > 0: rows not 16-byte aligned
+    buf[...] = x.astype(dt)
+    xq, wq, gq = buf, w.astype(dt), g.astype(dt)
+    k, pairs = kmap.num_offsets, kmap.num_pairs
+    off = kmap.offsets_host.astype(np.int32)
+    ins, outs = np.asarray(kmap.in_maps, np.int32), np.asarray(kmap.out_maps, np.int32)
+    results = []
+    for rows, src, dst, want, name in ((kmap.num_out, xq, (ins, outs), ref, "fwd"),
+                                       (kmap.num_in, gq, (outs, ins), rgf, "dgrad")):
+        table = np.full((k, rows), -1, np.int32)
+        emu.launch("depthwise_build_table", *dwi.table_launch(pairs), (*dst, off, k, pairs, rows, table))
+        for p in params_fwd:
+            out = np.full((rows, c), np.nan, dt)
+            vec = dwi.vec_width(c, dt.itemsize, (src.ctypes.data, wq.ctypes.data, out.ctypes.data))
+            ilp, grid, block = dwi.gather_launch(rows, c, vec, p["ilp"], p["block"])
+            emu.launch(f"depthwise_gather<{ctype}, {vec}, {ilp}>", grid, block, (src, wq, table, out, rows, k, c))
+            results.append((f"{name} vec={vec} {p}", out, want))
+    acc = np.float64 if dtype == "float64" else np.float32
+    for p in params_wgrad:
+        gw = np.zeros((k, c), acc)
+        vec = dwi.vec_width(c, dt.itemsize, (xq.ctypes.data, gq.ctypes.data))
+        grid, block, smem = dwi.wgrad_launch(int(np.diff(off).max()), k, c, vec, p["chunk"], p["threads"],
+                                             gw.itemsize)
+        emu.launch(f"depthwise_wgrad<{ctype}, {vec}>", grid, block, (xq, gq, ins, outs, off, gw, c, p["chunk"]), smem)
+        results.append((f"wgrad vec={vec} {p}", gw.astype(dt), rgw))
+    return results
+
+
+def _emulator_or_skip():
+    import depthwise_cpu_emulator as emu
+    ok, why = emu.available()
+    if not ok:
+        pytest.skip(f"CUDA CPU emulator unavailable: {why}")
+
+
+@pytest.mark.parametrize("c", [3, 17, 64, 130])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_kernels_match_oracle(dtype, c):
+    """Every dtype × vector width (C = 3, 17: scalar; 130: 2-wide; 64: 16-byte), submanifold."""
+    _emulator_or_skip()
+    wgrad_params = param_sets("wgrad")[:1] + [{"chunk": 16, "threads": 64}]
+    for name, got, want in emulated("submanifold", c, dtype, param_sets("fwd")[:2], wgrad_params):
+        err = rel_err(got.astype(np.float64), want)
+        assert err < TOL[dtype], f"{name}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_emulated_kernels_every_kind_and_param(kind):
+    """Every kind × every parameter combination the autotuner may pick (float16, C = 64)."""
+    _emulator_or_skip()
+    small_chunks = {"chunk": 16, "threads": 64}  # several blocks per offset: the cross-block atomics
+    for name, got, want in emulated(kind, 64, "float16", param_sets("fwd"), param_sets("wgrad") + [small_chunks]):
+        err = rel_err(got.astype(np.float64), want)
+        assert err < TOL["float16"], f"{kind} {name}: rel err {err:.3g}"
+
+
+def test_emulated_kernels_unaligned_rows_take_scalar_loads():
+    _emulator_or_skip()
+    results = emulated("strided", 64, "float16", param_sets("fwd")[:1], param_sets("wgrad")[:1], shift=1)
+    assert all("vec=1" in name for name, _, _ in results[:1] + results[-1:])
+    for name, got, want in results:
+        assert rel_err(got.astype(np.float64), want) < TOL["float16"], name

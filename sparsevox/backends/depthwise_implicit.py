@@ -52,12 +52,34 @@ def _function(kernel: str, ctype: str):
     return fn
 
 
-def _vec(c: int, itemsize: int, *arrays) -> int:
+def vec_width(c: int, itemsize: int, ptrs) -> int:
     """Widest vector (elements) that divides C, fits 16 bytes, and every pointer's alignment allows."""
     v = 16 // itemsize
-    while v > 1 and (c % v or any(a.data.ptr % (v * itemsize) for a in arrays)):
+    while v > 1 and (c % v or any(p % (v * itemsize) for p in ptrs)):
         v //= 2
     return v
+
+
+def gather_launch(rows: int, c: int, vec: int, ilp: int, block: int) -> tuple[int, tuple, tuple]:
+    """``(ilp, grid, block)`` of ``depthwise_gather``: one thread per (row, group of ``ilp`` vectors)."""
+    nvec = c // vec
+    ilp = ilp if nvec > 1 else 1
+    groups = -(-nvec // ilp)
+    return ilp, (-(-rows * groups // block),), (block,)
+
+
+def wgrad_launch(longest: int, k: int, c: int, vec: int, chunk: int, threads: int, acc_itemsize: int):
+    """``(grid, block, shared_mem)`` of ``depthwise_wgrad``: grid (chunks of the longest offset, K,
+    channel blocks of up to 32 vectors); block (vectors, pair lanes); one accumulator per thread and lane."""
+    nvec = c // vec
+    bx = min(nvec, 32)
+    by = max(1, threads // bx)
+    return (-(-longest // chunk), k, -(-nvec // bx)), (bx, by), by * vec * bx * acc_itemsize
+
+
+def table_launch(pairs: int) -> tuple[tuple, tuple]:
+    """``(grid, block)`` of ``depthwise_build_table``: one thread per pair."""
+    return (-(-pairs // 256),), (256,)
 
 
 def _i32(a):
@@ -92,7 +114,7 @@ def neighbour_table(kmap, reverse: bool = False):
     if pairs:
         src, dst = (outs, ins) if reverse else (ins, outs)
         fn = _function("depthwise_build_table", "float")
-        fn(((pairs + 255) // 256,), (256,), (src, dst, offsets, np.int32(k), np.int32(pairs), np.int32(rows), table))
+        fn(*table_launch(pairs), (src, dst, offsets, np.int32(k), np.int32(pairs), np.int32(rows), table))
     kmap.derived[key] = table
     return table
 
@@ -114,13 +136,10 @@ def _gather(src, weight, table, ilp: int, block: int, out=None):
         out.fill(0)
         return out
     ctype = _CTYPE[src.dtype.name]
-    vec = _vec(c, src.dtype.itemsize, src, weight, out)
-    ilp = ilp if (c // vec) > 1 else 1
-    groups = -(-(c // vec) // ilp)
-    total = rows * groups
+    vec = vec_width(c, src.dtype.itemsize, (src.data.ptr, weight.data.ptr, out.data.ptr))
+    ilp, grid, blk = gather_launch(rows, c, vec, ilp, block)
     fn = _function(f"depthwise_gather<{ctype}, {vec}, {ilp}>", ctype)
-    fn(((total + block - 1) // block,), (block,),
-       (src, weight, table, out, np.int32(rows), np.int32(k), np.int32(c)))
+    fn(grid, blk, (src, weight, table, out, np.int32(rows), np.int32(k), np.int32(c)))
     return out
 
 
@@ -149,14 +168,10 @@ def wgrad(feats, grad_out, kmap, num_offsets: int, chunk: int = 1024, threads: i
     if longest and c:
         ins, outs, offsets = _csr(kmap)
         ctype = _CTYPE[feats.dtype.name]
-        vec = _vec(c, feats.dtype.itemsize, feats, grad_out)
-        nvec = c // vec
-        bx = min(nvec, 32)
-        by = max(1, threads // bx)
-        grid = ((longest + chunk - 1) // chunk, k, (nvec + bx - 1) // bx)
+        vec = vec_width(c, feats.dtype.itemsize, (feats.data.ptr, grad_out.data.ptr))
+        grid, blk, smem = wgrad_launch(longest, k, c, vec, chunk, threads, gw.dtype.itemsize)
         fn = _function(f"depthwise_wgrad<{ctype}, {vec}>", ctype)
-        fn(grid, (bx, by), (feats, grad_out, ins, outs, offsets, gw, np.int32(c), np.int32(chunk)),
-           shared_mem=by * vec * bx * gw.dtype.itemsize)
+        fn(grid, blk, (feats, grad_out, ins, outs, offsets, gw, np.int32(c), np.int32(chunk)), shared_mem=smem)
     return gw if gw.dtype == feats.dtype else gw.astype(feats.dtype)
 
 
