@@ -89,6 +89,8 @@ def main():
     ap.add_argument("--dtypes", default="float16")
     ap.add_argument("--channels", default="32,64,128,256")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep", action="store_true", help="also time (WM, WN, STAGES) variants of the float16 forward")
+    ap.add_argument("--no-main", action="store_true", help="skip the per-parameter table (sweep only)")
     args = ap.parse_args()
 
     pts = lidar_like_points(seed=0)
@@ -106,7 +108,9 @@ def main():
 
     records = []
     tol = {"float16": 1e-2, "bfloat16": 2e-2, "float32": 1e-5, "float64": 1e-12}
-    for dt in args.dtypes.split(","):
+    if args.sweep:
+        sweep(kmap, records)
+    for dt in ([] if args.no_main else args.dtypes.split(",")):
         for c in [int(x) for x in args.channels.split(",")]:
             rng = cupy.random.default_rng(c)
             x = rng.standard_normal((n, c), dtype=cupy.float32).astype(dt)
@@ -175,6 +179,42 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "implicit_dev.json"), "w") as fh:
         json.dump({"n": n, "pairs": pairs, "records": records}, fh, indent=1, default=str)
+
+
+SWEEP = {  # C -> [(BM, BN, (WM, WN, STAGES))]
+    32: [(64, 32, (32, 16, 2)), (64, 32, (32, 16, 3)), (64, 32, (32, 16, 4)), (64, 32, (16, 16, 4)),
+         (128, 32, (32, 16, 4)), (128, 32, (64, 16, 4)), (32, 32, (16, 16, 6))],
+    128: [(32, 128, (16, 64, 4)), (32, 128, (32, 32, 4)), (64, 128, (32, 64, 3)), (128, 128, (64, 64, 3))],
+    256: [(64, 128, (32, 64, 2)), (64, 128, (32, 64, 3)), (128, 128, (64, 64, 3)), (128, 128, (64, 64, 4)),
+          (64, 256, (32, 64, 3)), (64, 256, (64, 64, 3)), (32, 256, (16, 64, 3)), (32, 256, (32, 64, 3)),
+          (32, 128, (16, 64, 4)), (32, 128, (32, 32, 4))],
+}
+
+
+def sweep(kmap, records):
+    """Forward float16 variants outside the search space: each checked against EXPLICIT_GEMM first."""
+    import cupy
+
+    from sparsevox import explicit_gemm as eg
+    from sparsevox import implicit_gemm as ig
+    n, pairs = kmap.num_out, kmap.num_pairs
+    for c, variants in SWEEP.items():
+        rng = cupy.random.default_rng(c)
+        x = rng.standard_normal((n, c), dtype=cupy.float32).astype("float16")
+        w = (rng.standard_normal((27, c, c), dtype=cupy.float32) / np.sqrt(27 * c)).astype("float16")
+        ref = eg.forward(x.astype(cupy.float32), w.astype(cupy.float32), kmap)
+        for bm, bn, var in variants:
+            p = dict(fwd_block_size=bm, gemm_block_size=bn, variant=var)
+            try:
+                err = rel(ig.forward(x, w, kmap, **p), ref)
+            except Exception as e:  # noqa: BLE001 - a variant that cannot launch is reported
+                print(f"  sweep C={c} {bm}x{bn} {var}: {type(e).__name__}: {e}")
+                continue
+            ok = err < 1e-2
+            ms = gpu_ms(lambda: ig.forward(x, w, kmap, **p)) if ok else float("nan")
+            records.append(dict(sweep=True, dtype="float16", c=c, params=p, rel_err=err, ok=ok, ms=ms))
+            print(f"  sweep C={c:3d} {bm:3d}x{bn:3d} warp/stages={var} err={err:.1e} {'OK ' if ok else 'FAIL'} "
+                  f"{ms:.4f} ms {2 * pairs * c * c / ms / 1e9:.0f} TF/s", flush=True)
 
 
 if __name__ == "__main__":

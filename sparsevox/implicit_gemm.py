@@ -70,14 +70,24 @@ def _stages(dtype_name, bm, bn, bk, a_kmajor) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: int):
-    """The compiled instantiation (cached; ``device_id`` keys the per-device module)."""
-    if kind == "fwd":
-        wm, wn = tiles_for(dtype_name)[(bm, bn)]
-    else:
-        wm, wn = (16, 16) if bm == 32 else (32, 32) if bm == 64 else (64, 32)
+def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: int, variant=None):
+    """The compiled instantiation (cached; ``device_id`` keys the per-device module).
+
+    ``variant``: ``(WM, WN, STAGES)`` overriding the tables (benchmark sweeps only; not searched).
+    """
     bk = _bk(dtype_name)
-    stages = _stages(dtype_name, bm, bn, bk, kind == "wgrad")
+    if variant is not None:
+        wm, wn, stages = (int(v) for v in variant)
+        step = 16 if is_tc(dtype_name) else 4
+        if bm % wm or bn % wn or wm % step or wn % (16 if is_tc(dtype_name) else 8) or \
+                not 1 <= (bm // wm) * (bn // wn) <= 16 or stages < 2:
+            raise ValueError(f"variant (WM, WN, STAGES) = {variant} does not tile {bm}x{bn} for {dtype_name}")
+    else:
+        if kind == "fwd":
+            wm, wn = tiles_for(dtype_name)[(bm, bn)]
+        else:
+            wm, wn = (16, 16) if bm == 32 else (32, 32) if bm == 64 else (64, 32)
+        stages = _stages(dtype_name, bm, bn, bk, kind == "wgrad")
     tc = is_tc(dtype_name)
     name = (f"svx_igemm::igemm_{kind}<{_CTYPE[dtype_name]},{bm},{bn},{bk},{wm},{wn},{stages},"
             f"{'true' if vec else 'false'},{'true' if tc else 'false'}>")
@@ -204,7 +214,8 @@ def _sm_count(device_id: int) -> int:
 
 # ---- the three directions ---------------------------------------------------------------------------
 
-def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, out=None):
+def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr=False, out=None,
+                 variant=None):
     """``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]``; weight ``[K, C_a, C_b]`` contiguous.
 
     ``out`` (optional, ``[n_rows, C_b]`` contiguous, src dtype) is fully overwritten.
@@ -224,10 +235,10 @@ def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, out=
     slots, nbr = slot_table(kmap, reverse, sort_rows)
     masks = tile_masks(kmap, reverse, bm, sort_rows)
     vec = _vec_ok(dt, c_a, c_b, src, weight_kcn)
-    fn, threads, smem = _kernel("fwd", dt, bm, bn, vec, src.device.id)
+    fn, threads, smem = _kernel("fwd", dt, bm, bn, vec, src.device.id, variant)
     k_count = int(nbr.shape[0])
     # Stage the tile's neighbour rows (K x BM int32) in shared memory when they fit.
-    k_cap = k_count if k_count * (bm + 1) * 4 <= _NBR_SMEM else 0
+    k_cap = k_count if stage_nbr and k_count * (bm + 1) * 4 <= _NBR_SMEM else 0
     smem += k_cap * (bm + 1) * 4
     if smem > 48 * 1024 and _DYN_SET.get(id(fn), 0) < smem:  # raise the opt-in limit once per size
         fn.max_dynamic_shared_size_bytes = smem
@@ -238,33 +249,38 @@ def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, out=
     return out
 
 
-def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, out=None):
+def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, stage_nbr=False,
+            out=None, variant=None):
     """``out [num_out, C_out] = sum_k gather(feats, in_k) @ weight[k]`` scattered to ``out_k``.
 
     ``sort_rows``: process output rows grouped by neighbour bitmask (fewer skipped-offset misses).
+    ``stage_nbr``: stage the tile's neighbour rows in shared memory once and let warps skip offsets
+    their slice lacks (measured v3: no gain on the H100, the extra shared memory costs occupancy; off).
     ``out``: optional preallocated result (every element is written; tests pass it poisoned).
+    ``variant``: ``(WM, WN, STAGES)`` override for benchmark sweeps.
     """
     import cupy
     feats = cupy.ascontiguousarray(feats)
     weight = cupy.ascontiguousarray(weight)
-    bm, bn = _tile(feats, int(weight.shape[2]), fwd_block_size, gemm_block_size)
-    return _gather_gemm(feats, weight, kmap, False, kmap.num_out, bm, bn, sort_rows, out)
+    bm, bn = _tile(feats, int(weight.shape[2]), fwd_block_size, gemm_block_size, variant)
+    return _gather_gemm(feats, weight, kmap, False, kmap.num_out, bm, bn, sort_rows, stage_nbr, out, variant)
 
 
-def dgrad(grad_out, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, out=None):
+def dgrad(grad_out, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, stage_nbr=False,
+          out=None):
     """``grad_feats [num_in, C_in]``: the forward kernel on the reverse map with ``weight[k]^T``."""
     import cupy
     grad_out = cupy.ascontiguousarray(grad_out)
     wt = cupy.ascontiguousarray(weight.transpose(0, 2, 1))
     bm, bn = _tile(grad_out, int(weight.shape[1]), fwd_block_size, gemm_block_size)
-    return _gather_gemm(grad_out, wt, kmap, True, kmap.num_in, bm, bn, sort_rows, out)
+    return _gather_gemm(grad_out, wt, kmap, True, kmap.num_in, bm, bn, sort_rows, stage_nbr, out)
 
 
-def _tile(a, c_out, bm, bn):
+def _tile(a, c_out, bm, bn, variant=None):
     dt = _dtype_name(a)
     dbm, dbn = default_fwd_tile(dt, c_out)
     bm, bn = int(bm or dbm), int(bn or dbn)
-    if (bm, bn) not in tiles_for(dt):
+    if variant is None and (bm, bn) not in tiles_for(dt):
         raise ValueError(f"(fwd_block_size, gemm_block_size) must be one of {sorted(tiles_for(dt))} "
                          f"for {dt}, got {(bm, bn)}")
     return bm, bn

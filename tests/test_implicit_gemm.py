@@ -98,14 +98,15 @@ def test_every_tile_and_split_matches_oracle(rng, dtype):
     fwd = ig.fwd_params(dtype, 128)
     wg = ig.wgrad_params(dtype, 128, 128)
     for i in range(max(len(fwd), len(wg))):
-        fp = dict(fwd[i % len(fwd)], sort_rows=i % 2 == 0)
+        fp = dict(fwd[i % len(fwd)], sort_rows=i % 2 == 0, stage_nbr=i % 3 == 0)
         _check_all_directions(rng, case, dtype, fp, wg[i % len(wg)])
 
 
 @pytest.mark.gpu
-def test_kernel_size_5_uses_several_mask_words(rng):
+@pytest.mark.parametrize("stage_nbr", [False, True])
+def test_kernel_size_5_uses_several_mask_words(rng, stage_nbr):
     case = _case(rng, "submanifold", 32, 16, "float16", n=600, extent=9, ks=5)  # K = 125 > 32
-    _check_all_directions(rng, case, "float16")
+    _check_all_directions(rng, case, "float16", {"stage_nbr": stage_nbr})
 
 
 @pytest.mark.gpu
