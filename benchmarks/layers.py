@@ -69,24 +69,16 @@ def parse_args(argv):
 
 @contextlib.contextmanager
 def recorded_choices():
-    """Record what the autotuner returns per direction while the block runs: ``{"fwd": {...}, ...}``.
-
-    Wraps ``sparsevox.autotune.choose`` (which ``sparsevox.conv.select`` calls through the module), so
-    forced single algorithms and AUTO alike report the algorithm and parameters that ran."""
-    from sparsevox import autotune
-    original = autotune.choose
+    """Record the algorithm and parameters that ran per direction while the block runs:
+    ``{"fwd": {...}, ...}`` (from ``sparsevox.conv.last_plans``, set on every call, forced or AUTO)."""
+    from sparsevox import conv
+    conv.last_plans.clear()
     seen: dict = {}
-
-    def wrapper(problem, algos, run, *a, **k):
-        algo, params = original(problem, algos, run, *a, **k)
-        seen[problem.direction] = {"name": algo.name, "params": dict(params)}
-        return algo, params
-
-    autotune.choose = wrapper
     try:
         yield seen
     finally:
-        autotune.choose = original
+        for (_, direction), (name, params) in conv.last_plans.items():
+            seen[direction] = {"name": name, "params": dict(params)}
 
 
 def _error_text(e: BaseException) -> str:

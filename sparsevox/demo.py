@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 import sparsevox as sv
-from sparsevox import autotune
+from sparsevox import conv
 from sparsevox.gpu_info import gpu_available
 from sparsevox.synthetic import lidar_like_points
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         sv.conv_backward(xp.ones_like(out), feats, w, kmap)
         _sync(xp)
         t_bwd = time.perf_counter() - t
-        algo = autotune.last_choice("conv", "fwd") if hasattr(autotune, "last_choice") else "explicit_gemm"
+        algo = conv.last_plans[("conv", "fwd")][0]
         print(f"{name:6} {kmap.num_in:>9,} → {kmap.num_out:>8,} {c_in:>4}→{c_out:<4} {kmap.num_pairs:>10,} "
               f"{str(algo):>14} {t_fwd * 1e3:8.1f} {t_bwd * 1e3:8.1f}   (map {t_map * 1e3:.1f} ms)")
         saved.append(name)

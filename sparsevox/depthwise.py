@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ._arrays import from_core, library_of, to_core, to_host
-from .conv import check_conv_args, problem_of, select
+from .conv import plan
 from .kernel_map import KernelMap, recall
 
 
@@ -20,27 +20,24 @@ def _as_kmap(kernel_map, num_in: int, num_out: int) -> KernelMap:
 
 def depthwise_forward(feats, weight, kmap: KernelMap, fwd_algo=None):
     """Core forward on NumPy/CuPy arrays: feats ``[N_in, C]``, weight ``[K, C]`` → ``[N_out, C]``."""
-    check_conv_args(feats, weight, kmap, op="depthwise")
-    problem = problem_of("depthwise", "fwd", feats, weight, kmap)
-    algo, p = select(problem, fwd_algo, lambda a, p: a.forward(feats, weight, kmap, **p))
+    algo, p = plan("depthwise", "fwd", feats, weight, kmap, fwd_algo, lambda a, p: a.forward(feats, weight, kmap, **p))
     return algo.forward(feats, weight, kmap, **p)
 
 
 def depthwise_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, feats_grad=True, weight_grad=True):
     """Core gradients ``(grad_feats [N_in, C] or None, grad_weight [K, C] or None)``."""
-    check_conv_args(feats, weight, kmap, op="depthwise")
     if tuple(grad_out.shape) != (kmap.num_out, feats.shape[1]):
         raise ValueError(f"grad_out must have shape {(kmap.num_out, feats.shape[1])}, got {tuple(grad_out.shape)}")
     grad_out = grad_out.astype(feats.dtype, copy=False)
     gf = gw = None
     if feats_grad:
-        problem = problem_of("depthwise", "dgrad", feats, weight, kmap)
-        algo, p = select(problem, bwd_algo, lambda a, p: a.dgrad(grad_out, weight, kmap, **p))
+        algo, p = plan("depthwise", "dgrad", feats, weight, kmap, bwd_algo,
+                       lambda a, p: a.dgrad(grad_out, weight, kmap, **p))
         gf = algo.dgrad(grad_out, weight, kmap, **p)
     if weight_grad:
-        problem = problem_of("depthwise", "wgrad", feats, weight, kmap)
         k = kmap.num_offsets
-        algo, p = select(problem, bwd_algo, lambda a, p: a.wgrad(feats, grad_out, kmap, k, **p))
+        algo, p = plan("depthwise", "wgrad", feats, weight, kmap, bwd_algo,
+                       lambda a, p: a.wgrad(feats, grad_out, kmap, k, **p))
         gw = algo.wgrad(feats, grad_out, kmap, k, **p)
     return gf, gw
 
