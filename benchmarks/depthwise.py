@@ -7,8 +7,8 @@ Per scene and algorithm one ``depthwise_fwd`` record:
   events), so the inputs come from HBM; ``ms_warm``: median per call of back-to-back
   batches (L2 may still hold part of the previous call's data).
 - ``bytes``: what the layer must move: features in once + out once + the map once (CSR pairs,
-  ``8 * pairs``); ``bytes_read`` adds what IMPLICIT actually streams besides (its ``[K, N]`` int32
-  neighbour table instead of the pairs).
+  ``8 * pairs``); ``bytes_read``: what IMPLICIT streams with the chosen parameters (features plus its
+  ``[K, N]`` int32 neighbour table, or its per-row list: ``4 (N + 1) + 8 * pairs``).
 - ``gbps`` = bytes / ms, ``copy_fraction`` = gbps / 3000 (the H100's 3.0 TB/s device copy,
   MEASUREMENTS.md), ``copy_fraction_measured`` against a device-to-device copy timed in this run.
 - IMPLICIT: every parameter combination is timed; the record holds the best, all of them in ``sweep``.
@@ -135,8 +135,14 @@ def bench_scene(name, voxel_size, coords_np, source, c, dtype, repeats, timer, c
     item = x.dtype.itemsize
     feat_bytes = (n + kmap.num_out) * c * item
     need = feat_bytes + 8 * pairs
-    table_read = feat_bytes + 4 * k * kmap.num_out
-    dwi.neighbour_table(kmap), dwi.neighbour_table(kmap, reverse=True)  # derived once per map, not timed
+    for reverse in (False, True):  # derived once per map (cached on it), not timed
+        dwi.neighbour_table(kmap, reverse)
+        dwi.neighbour_list(kmap, reverse)
+
+    def streamed(rows, p):
+        """Bytes IMPLICIT forward/dgrad reads and writes with parameters ``p`` (its neighbour source)."""
+        return feat_bytes + (4 * k * rows if p.get("nbr") == "table" else 4 * (rows + 1) + 8 * pairs)
+
     label = f"{name} {n:,} voxels {voxel_size * 100:g} cm, {pairs / max(n, 1):.2f} neighbours"
     print(f"[depthwise] {label} ({source})", flush=True)
     base = {"scene": name, "n_in": n, "n_out": kmap.num_out, "pairs": pairs, "c": c, "dtype": dtype,
@@ -145,12 +151,14 @@ def bench_scene(name, voxel_size, coords_np, source, c, dtype, repeats, timer, c
     def med(xs):
         return statistics.median(xs)
 
-    # direction -> (op, IMPLICIT call with params, EXPLICIT call, bytes IMPLICIT streams)
+    # direction -> (op, IMPLICIT call with params, EXPLICIT call, bytes IMPLICIT streams with params p)
     runs = {
-        "fwd": ("depthwise_fwd", lambda p: dwi.forward(x, w, kmap, **p), lambda: ex_forward(x, w, kmap), table_read),
+        "fwd": ("depthwise_fwd", lambda p: dwi.forward(x, w, kmap, **p), lambda: ex_forward(x, w, kmap),
+                lambda p: streamed(kmap.num_out, p)),
         "dgrad": ("depthwise_dgrad", lambda p: dwi.dgrad(g, w, kmap, **p), lambda: ex_dgrad(g, w, kmap),
-                  feat_bytes + 4 * k * kmap.num_in),
-        "wgrad": ("depthwise_wgrad", lambda p: dwi.wgrad(x, g, kmap, k, **p), lambda: ex_wgrad(x, g, kmap, k), need),
+                  lambda p: streamed(kmap.num_in, p)),
+        "wgrad": ("depthwise_wgrad", lambda p: dwi.wgrad(x, g, kmap, k, **p), lambda: ex_wgrad(x, g, kmap, k),
+                  lambda p: need),
     }
     records = []
     for direction in ["fwd", "dgrad", "wgrad"] if backward else ["fwd"]:
@@ -169,7 +177,7 @@ def bench_scene(name, voxel_size, coords_np, source, c, dtype, repeats, timer, c
             call = med(timer.warm(lambda: sv.depthwise_forward(x, w, kmap, "implicit"), max(3, repeats // 4)))
             extra["call_ms"] = call
         records.append(_record(op, algo={"name": "implicit", **p}, ms=best["ms"], ms_warm=warm, bytes_=need,
-                               bytes_read=read_extra, **base, **extra))
+                               bytes_read=read_extra(p), **base, **extra))
         exp()
         e_cold = med(timer.cold(exp, max(3, repeats // 2)))
         e_warm = med(timer.warm(exp, max(3, repeats // 4)))

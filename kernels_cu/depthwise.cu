@@ -5,8 +5,10 @@
 //   wgrad:   dw[k, c]   = sum_{pairs j of offset k} x[in_j, c] * g[out_j, c]
 //
 // forward and dgrad are one gather kernel: each thread owns one destination row and ILP channel
-// vectors of VEC elements, loops over the K offsets, accumulates in registers (float32, float64 for
-// double) and writes each element once — no atomics, no zero-fill of the output.
+// vectors of VEC elements, loops over the row's neighbours, accumulates in registers (float32,
+// float64 for double) and writes each element once — no atomics, no zero-fill of the output. The
+// neighbours come from a dense table [K, rows] (depthwise_gather) or from a per-row list of the
+// present ones (depthwise_gather_list); the autotuner picks.
 // wgrad: each block reduces a chunk of one offset's pairs in registers, then across its rows in
 // shared memory, then issues one atomicAdd per (block, c) into a float32 (float64) buffer.
 //
@@ -57,62 +59,41 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& v) {
     __stcs(reinterpret_cast<S*>(p), *reinterpret_cast<const S*>(&v));
 }
 
-// Offsets processed per step of the gather loop: their table entries are read first, then their
-// rows, so UNROLL independent loads are in flight per channel vector.
+// Neighbours processed per step of the gather loop: their indices are read first, then their rows,
+// so UNROLL independent row loads are in flight per channel vector.
 constexpr int UNROLL = 4;
 
-}  // namespace sparsevox_dw
-
-// dst[r, c] = sum_k src[table[k * rows + r], c] * weight[k, c]   (table entry -1: no contribution)
-//   src    [n_src, C] T, row-major;  weight [K, C] T;  table [K, rows] int32;  dst [rows, C] T
-// One thread per (row, group of ILP channel vectors); groups = ceil(C / VEC / ILP) threads per row,
-// its vectors are g, g + groups, ... so neighbouring threads read neighbouring 16-byte pieces.
+// acc[j] += src[idx[u], vector cv_j] * weight[kk[u], vector cv_j] for the UNROLL neighbours of one
+// step (idx < 0: absent). All row loads are issued before the first multiply.
 template <typename T, int VEC, int ILP>
-__global__ void __launch_bounds__(512) depthwise_gather(
-        const T* __restrict__ src, const T* __restrict__ weight, const int* __restrict__ table,
-        T* __restrict__ dst, int rows, int K, int C) {
-    using namespace sparsevox_dw;
-    typedef typename AccOf<T>::type A;
-    const int nvec = C / VEC;
-    const int groups = (nvec + ILP - 1) / ILP;
-    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (tid >= (long long)rows * groups) return;
-    const int row = (int)(tid / groups);
-    const int g = (int)(tid - (long long)row * groups);
-
-    A acc[ILP][VEC];
+__device__ __forceinline__ void accumulate(const int (&idx)[UNROLL], const int (&kk)[UNROLL],
+        const T* __restrict__ src, const T* __restrict__ weight, int C, int nvec, int g, int groups,
+        typename AccOf<T>::type (&acc)[ILP][VEC]) {
+    Pack<T, VEC> xs[UNROLL][ILP];
 #pragma unroll
-    for (int j = 0; j < ILP; ++j)
+    for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[j][v] = A(0);
-
-    const int* __restrict__ trow = table + row;
-    for (int k0 = 0; k0 < K; k0 += UNROLL) {
-        int idx[UNROLL];
+        for (int j = 0; j < ILP; ++j) {
+            const int cv = g + j * groups;
+            if (idx[u] >= 0 && cv < nvec) xs[u][j] = load_pack<T, VEC>(src + (size_t)idx[u] * C + (size_t)cv * VEC);
+        }
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u)
-            idx[u] = (k0 + u < K) ? trow[(size_t)(k0 + u) * rows] : -1;
-        Pack<T, VEC> xs[UNROLL][ILP];
+    for (int u = 0; u < UNROLL; ++u) {
+        if (idx[u] < 0) continue;
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u)
+        for (int j = 0; j < ILP; ++j) {
+            const int cv = g + j * groups;
+            if (cv >= nvec) continue;
+            const Pack<T, VEC> w = load_pack<T, VEC>(weight + (size_t)kk[u] * C + (size_t)cv * VEC);
 #pragma unroll
-            for (int j = 0; j < ILP; ++j) {
-                const int cv = g + j * groups;
-                if (idx[u] >= 0 && cv < nvec) xs[u][j] = load_pack<T, VEC>(src + (size_t)idx[u] * C + (size_t)cv * VEC);
-            }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            if (idx[u] < 0) continue;
-#pragma unroll
-            for (int j = 0; j < ILP; ++j) {
-                const int cv = g + j * groups;
-                if (cv >= nvec) continue;
-                const Pack<T, VEC> w = load_pack<T, VEC>(weight + (size_t)(k0 + u) * C + (size_t)cv * VEC);
-#pragma unroll
-                for (int v = 0; v < VEC; ++v) acc[j][v] += to_acc(xs[u][j].v[v]) * to_acc(w.v[v]);
-            }
+            for (int v = 0; v < VEC; ++v) acc[j][v] += to_acc(xs[u][j].v[v]) * to_acc(w.v[v]);
         }
     }
+}
+
+template <typename T, int VEC, int ILP>
+__device__ __forceinline__ void write_row(T* __restrict__ dst, int row, int C, int nvec, int g, int groups,
+                                          const typename AccOf<T>::type (&acc)[ILP][VEC]) {
 #pragma unroll
     for (int j = 0; j < ILP; ++j) {
         const int cv = g + j * groups;
@@ -123,6 +104,72 @@ __global__ void __launch_bounds__(512) depthwise_gather(
         store_pack<T, VEC>(dst + (size_t)row * C + (size_t)cv * VEC, o);
     }
 }
+
+}  // namespace sparsevox_dw
+
+// Both gather kernels: one thread per (row, group of ILP channel vectors); groups = ceil(C / VEC / ILP)
+// threads per row, whose vectors are g, g + groups, ... so neighbouring threads read neighbouring
+// 16-byte pieces of a row. Accumulation in registers, each destination element written once.
+#define SPARSEVOX_DW_THREAD_SETUP                                                   \
+    using namespace sparsevox_dw;                                                   \
+    typedef typename AccOf<T>::type A;                                              \
+    const int nvec = C / VEC;                                                       \
+    const int groups = (nvec + ILP - 1) / ILP;                                      \
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;         \
+    if (tid >= (long long)rows * groups) return;                                    \
+    const int row = (int)(tid / groups);                                            \
+    const int g = (int)(tid - (long long)row * groups);                             \
+    A acc[ILP][VEC];                                                                \
+    _Pragma("unroll") for (int j = 0; j < ILP; ++j)                                 \
+        _Pragma("unroll") for (int v = 0; v < VEC; ++v) acc[j][v] = A(0);
+
+// Dense table: dst[r, c] = sum_k src[table[k * rows + r], c] * weight[k, c]   (entry -1: absent)
+//   src [n_src, C] T row-major;  weight [K, C] T;  table [K, rows] int32;  dst [rows, C] T
+// Loops over all K offsets (UNROLL table entries, then their rows, per step).
+template <typename T, int VEC, int ILP>
+__global__ void __launch_bounds__(512) depthwise_gather(
+        const T* __restrict__ src, const T* __restrict__ weight, const int* __restrict__ table,
+        T* __restrict__ dst, int rows, int K, int C) {
+    SPARSEVOX_DW_THREAD_SETUP
+    const int* __restrict__ trow = table + row;
+    for (int k0 = 0; k0 < K; k0 += UNROLL) {
+        int idx[UNROLL], kk[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            kk[u] = k0 + u;
+            idx[u] = (k0 + u < K) ? trow[(size_t)(k0 + u) * rows] : -1;
+        }
+        accumulate<T, VEC, ILP>(idx, kk, src, weight, C, nvec, g, groups, acc);
+    }
+    write_row<T, VEC, ILP>(dst, row, C, nvec, g, groups, acc);
+}
+
+// Per-row list (the present neighbours only): dst[r, c] = sum_{j in [ptr[r], ptr[r+1])}
+//   src[nb[j].x, c] * weight[nb[j].y, c];   ptr [rows + 1] int32;  nb [L] int2 (source row, offset k)
+// Reads 8 bytes per present neighbour instead of 4 * K per row, and the dependent-load chain per row is
+// ptr -> nb -> rows (one step covers up to UNROLL neighbours) instead of K / UNROLL table steps.
+template <typename T, int VEC, int ILP>
+__global__ void __launch_bounds__(512) depthwise_gather_list(
+        const T* __restrict__ src, const T* __restrict__ weight, const int* __restrict__ ptr,
+        const int2* __restrict__ nb, T* __restrict__ dst, int rows, int C) {
+    SPARSEVOX_DW_THREAD_SETUP
+    const int beg = ptr[row], end = ptr[row + 1];
+    for (int j0 = beg; j0 < end; j0 += UNROLL) {
+        int idx[UNROLL], kk[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            int2 e;
+            e.x = -1;
+            e.y = 0;
+            if (j0 + u < end) e = nb[j0 + u];
+            idx[u] = e.x;
+            kk[u] = e.y;
+        }
+        accumulate<T, VEC, ILP>(idx, kk, src, weight, C, nvec, g, groups, acc);
+    }
+    write_row<T, VEC, ILP>(dst, row, C, nvec, g, groups, acc);
+}
+#undef SPARSEVOX_DW_THREAD_SETUP
 
 // dw[k, c] += sum over pairs j in [offsets[k] + blockIdx.x * chunk, ... + chunk) of x[in_j, c] * g[out_j, c]
 //   x [n_in, C] T;  g [n_out, C] T;  in_maps/out_maps [L] int32;  offsets [K + 1] int32;

@@ -92,6 +92,9 @@ def _entry(expr: str) -> str:
     if kernel == "depthwise_gather":
         params = f"const {ctype}* s, const {ctype}* w, const int* t, {ctype}* d, int rows, int K, int C"
         call = f"depthwise_gather<{args}>(s, w, t, d, rows, K, C);"
+    elif kernel == "depthwise_gather_list":
+        params = f"const {ctype}* s, const {ctype}* w, const int* p, const int2* nb, {ctype}* d, int rows, int C"
+        call = f"depthwise_gather_list<{args}>(s, w, p, nb, d, rows, C);"
     else:
         params = (f"const {ctype}* x, const {ctype}* g, const int* i, const int* o, const int* off, {acc}* dw, "
                   "int C, int chunk")

@@ -4,9 +4,10 @@ A depthwise convolution is the dense oracle with a diagonal weight, ``W_full[k] 
 weight gradient is the diagonal of the oracle's ``[K, C, C]`` weight gradient.
 
 CPU: EXPLICIT for every kind, forward and backward, the public signature with a ``KernelMap`` and with
-an ``(in_maps, out_maps, offsets)`` tuple, bad inputs. GPU (skipped with "no GPU" elsewhere): IMPLICIT
-for every dtype × C ∈ {3, 17, 64, 256} × forward / dgrad / wgrad, every parameter combination the
-autotuner may pick, poisoned (NaN-filled) destinations, every kind.
+an ``(in_maps, out_maps, offsets)`` tuple, bad inputs; and the real ``kernels_cu/depthwise.cu`` run by
+a CPU thread emulator (``depthwise_cpu_emulator.py``) with the backend's launch geometry. GPU (skipped
+with "no GPU" elsewhere): IMPLICIT for every dtype × C ∈ {3, 17, 64, 256} × forward / dgrad / wgrad,
+every parameter combination the autotuner may pick, poisoned (NaN-filled) destinations, every kind.
 """
 import functools
 
@@ -295,7 +296,7 @@ def test_implicit_every_kind_through_public_api(kind, dtype):
 
 
 @pytest.mark.gpu
-def test_neighbour_tables_match_csr():
+def test_neighbour_tables_and_lists_match_csr():
     import cupy
     from sparsevox.backends import depthwise_implicit as dwi
     kmap = gpu_kmap("strided", 17)
@@ -311,6 +312,11 @@ def test_neighbour_tables_match_csr():
         want_rev[k, ins[sl]] = outs[sl]
     np.testing.assert_array_equal(nbr, want)
     np.testing.assert_array_equal(rev, want_rev)
+    for reverse, table in ((False, want), (True, want_rev)):  # per-row lists: row r's (source, k) in k order
+        ptr, nb = (cupy.asnumpy(a) for a in dwi.neighbour_list(kmap, reverse))
+        for r in range(table.shape[1]):
+            ks = np.nonzero(table[:, r] >= 0)[0]
+            np.testing.assert_array_equal(nb[ptr[r]:ptr[r + 1]], np.stack([table[ks, r], ks], 1))
 
 
 @pytest.mark.gpu
@@ -361,11 +367,16 @@ def emulated(kind, c, dtype, params_fwd, params_wgrad, shift=0):
                                        (kmap.num_in, gq, (outs, ins), rgf, "dgrad")):
         table = np.full((k, rows), -1, np.int32)
         emu.launch("depthwise_build_table", *dwi.table_launch(pairs), (*dst, off, k, pairs, rows, table))
+        ptr, nb = dwi.list_from_table(table, np)
         for p in params_fwd:
             out = np.full((rows, c), np.nan, dt)
             vec = dwi.vec_width(c, dt.itemsize, (src.ctypes.data, wq.ctypes.data, out.ctypes.data))
             ilp, grid, block = dwi.gather_launch(rows, c, vec, p["ilp"], p["block"])
-            emu.launch(f"depthwise_gather<{ctype}, {vec}, {ilp}>", grid, block, (src, wq, table, out, rows, k, c))
+            if p["nbr"] == "table":
+                kernel, args = "depthwise_gather", (src, wq, table, out, rows, k, c)
+            else:
+                kernel, args = "depthwise_gather_list", (src, wq, ptr, nb, out, rows, c)
+            emu.launch(f"{kernel}<{ctype}, {vec}, {ilp}>", grid, block, args)
             results.append((f"{name} vec={vec} {p}", out, want))
     acc = np.float64 if dtype == "float64" else np.float32
     for p in params_wgrad:
@@ -391,7 +402,8 @@ def test_emulated_kernels_match_oracle(dtype, c):
     """Every dtype × vector width (C = 3, 17: scalar; 130: 2-wide; 64: 16-byte), submanifold."""
     _emulator_or_skip()
     wgrad_params = param_sets("wgrad")[:1] + [{"chunk": 16, "threads": 64}]
-    for name, got, want in emulated("submanifold", c, dtype, param_sets("fwd")[:2], wgrad_params):
+    fwd_params = param_sets("fwd")[:1] + param_sets("fwd")[-1:]  # a list and a table variant
+    for name, got, want in emulated("submanifold", c, dtype, fwd_params, wgrad_params):
         err = rel_err(got.astype(np.float64), want)
         assert err < TOL[dtype], f"{name}: rel err {err:.3g}"
 
@@ -408,7 +420,8 @@ def test_emulated_kernels_every_kind_and_param(kind):
 
 def test_emulated_kernels_unaligned_rows_take_scalar_loads():
     _emulator_or_skip()
-    results = emulated("strided", 64, "float16", param_sets("fwd")[:1], param_sets("wgrad")[:1], shift=1)
-    assert all("vec=1" in name for name, _, _ in results[:1] + results[-1:])
+    fwd_params = param_sets("fwd")[:1] + param_sets("fwd")[-1:]
+    results = emulated("strided", 64, "float16", fwd_params, param_sets("wgrad")[:1], shift=1)
+    assert all("vec=1" in name for name, _, _ in results[:2] + results[-1:])
     for name, got, want in results:
         assert rel_err(got.astype(np.float64), want) < TOL["float16"], name

@@ -1,14 +1,16 @@
 """Depthwise IMPLICIT: fused CUDA kernels (``kernels_cu/depthwise.cu``) on CuPy arrays.
 
-forward / dgrad: one gather kernel over a dense neighbour table ``[K, rows]`` int32 (-1 = absent):
-each output row and channel vector loops over the K offsets and is written once (no atomics, no
-zero-fill). The tables are derived once per kernel map on the GPU and cached in ``kmap.derived``:
-``"depthwise.nbr"`` (``nbr[k][out] = in``) for the forward, ``"depthwise.nbr_rev"``
-(``rev[k][in] = out``) for dgrad. wgrad reduces chunks of each offset's pairs per block and adds
-one float32 (float64) partial per (block, k, c) into a ``[K, C]`` buffer.
+forward / dgrad: one gather kernel; each output row and channel vector loops over the row's
+neighbours and is written once (no atomics, no zero-fill). Neighbours come from a dense table
+``[K, rows]`` int32 (-1 = absent) derived once per kernel map on the GPU and cached in
+``kmap.derived``: ``"depthwise.nbr"`` (``nbr[k][out] = in``) for the forward, ``"depthwise.nbr_rev"``
+(``rev[k][in] = out``) for dgrad; or from the per-row list of the present neighbours derived from
+that table (``"depthwise.list"`` / ``"depthwise.list_rev"``), which reads 8 bytes per pair instead of
+``4 K`` per row and has a shorter chain of dependent loads. wgrad reduces chunks of each offset's
+pairs per block and adds one float32 (float64) partial per (block, k, c) into a ``[K, C]`` buffer.
 
-Parameters searched by the autotuner: forward/dgrad ``ilp`` (channel vectors per thread) × ``block``
-(threads per block), wgrad ``chunk`` (pairs per block) × ``threads``.
+Parameters searched by the autotuner: forward/dgrad ``nbr`` (table/list) × (``ilp`` channel vectors per
+thread, ``block`` threads per block); wgrad ``chunk`` (pairs per block) × ``threads``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from ..registry import Algorithm, register
 STEM = "depthwise"
 _CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
 _ILPS = (1, 2)
-_FWD_PARAMS = [{"ilp": i, "block": b} for i in _ILPS for b in (128, 256, 512)]
+_FWD_PARAMS = [{"nbr": n, "ilp": i, "block": b} for n in ("list", "table") for i, b in ((1, 128), (1, 256), (2, 256))]
 _WGRAD_PARAMS = [{"chunk": c, "threads": t} for c in (256, 1024, 4096) for t in (256, 512)]
 
 
@@ -32,7 +34,8 @@ def _vec_widths(ctype: str) -> tuple[int, ...]:
 
 def _name_expressions(ctype: str) -> tuple[str, ...]:
     """Every kernel instantiated for one dtype: one module (one NVRTC compile) per dtype and device."""
-    names = [f"depthwise_gather<{ctype}, {v}, {i}>" for v in _vec_widths(ctype) for i in _ILPS]
+    names = [f"{k}<{ctype}, {v}, {i}>" for k in ("depthwise_gather", "depthwise_gather_list")
+             for v in _vec_widths(ctype) for i in _ILPS]
     names += [f"depthwise_wgrad<{ctype}, {v}>" for v in _vec_widths(ctype)]
     return tuple(names)
 
@@ -119,12 +122,42 @@ def neighbour_table(kmap, reverse: bool = False):
     return table
 
 
-def _gather(src, weight, table, ilp: int, block: int, out=None):
-    """``out[r, c] = sum_k src[table[k, r], c] * weight[k, c]``: the forward and dgrad kernel."""
+def neighbour_list(kmap, reverse: bool = False):
+    """``(ptr [rows + 1] int32, nb [L, 2] int32)``: row ``r``'s present neighbours are
+    ``nb[ptr[r]:ptr[r + 1]]`` as (source row, offset k), in k order. Derived once from the table
+    (one ``nonzero``) and cached in ``kmap.derived["depthwise.list"]`` / ``["depthwise.list_rev"]``."""
+    key = "depthwise.list_rev" if reverse else "depthwise.list"
+    got = kmap.derived.get(key)
+    if got is not None:
+        return got
     import cupy
+    got = list_from_table(neighbour_table(kmap, reverse), cupy)
+    kmap.derived[key] = got
+    return got
+
+
+def list_from_table(table, xp):
+    """``[K, rows]`` table (NumPy or CuPy ``xp``) → ``(ptr [rows + 1], nb [L, 2])`` int32, see
+    :func:`neighbour_list`."""
+    present = table.T >= 0  # [rows, K]: nonzero walks it row by row, k ascending within a row
+    r, kk = xp.nonzero(present)
+    nb = xp.empty((r.shape[0], 2), dtype=xp.int32)
+    nb[:, 0] = table[kk, r]
+    nb[:, 1] = kk
+    ptr = xp.zeros(table.shape[1] + 1, dtype=xp.int32)
+    ptr[1:] = xp.cumsum(present.sum(axis=1, dtype=xp.int32))
+    return ptr, nb
+
+
+def _gather(src, weight, kmap, reverse: bool, nbr: str, ilp: int, block: int, out=None):
+    """``out[r, c] = sum over r's neighbours (s, k) of src[s, c] * weight[k, c]``: forward and dgrad."""
+    import cupy
+    if nbr not in ("table", "list"):
+        raise ValueError(f"nbr must be 'table' or 'list', got {nbr!r}")
     src = cupy.ascontiguousarray(src)
     weight = cupy.ascontiguousarray(weight)
-    k, rows = table.shape
+    k = kmap.num_offsets
+    rows = kmap.num_in if reverse else kmap.num_out
     c = src.shape[1]
     if out is None:
         out = cupy.empty((rows, c), dtype=src.dtype)
@@ -132,26 +165,37 @@ def _gather(src, weight, table, ilp: int, block: int, out=None):
         raise ValueError(f"out must be a C-contiguous {src.dtype} array of shape {(rows, c)}")
     if rows == 0 or c == 0:
         return out
-    if src.shape[0] == 0 or k == 0:
+    if src.shape[0] == 0 or k == 0 or kmap.num_pairs == 0:
         out.fill(0)
         return out
     ctype = _CTYPE[src.dtype.name]
     vec = vec_width(c, src.dtype.itemsize, (src.data.ptr, weight.data.ptr, out.data.ptr))
     ilp, grid, blk = gather_launch(rows, c, vec, ilp, block)
-    fn = _function(f"depthwise_gather<{ctype}, {vec}, {ilp}>", ctype)
-    fn(grid, blk, (src, weight, table, out, np.int32(rows), np.int32(k), np.int32(c)))
+    if nbr == "table":
+        fn = _function(f"depthwise_gather<{ctype}, {vec}, {ilp}>", ctype)
+        args = (src, weight, neighbour_table(kmap, reverse), out, np.int32(rows), np.int32(k), np.int32(c))
+    else:
+        ptr, nb = neighbour_list(kmap, reverse)
+        fn = _function(f"depthwise_gather_list<{ctype}, {vec}, {ilp}>", ctype)
+        args = (src, weight, ptr, nb, out, np.int32(rows), np.int32(c))
+    fn(grid, blk, args)
     return out
 
 
-def forward(feats, weight, kmap, ilp: int = 1, block: int = 256, out=None):
+def forward(feats, weight, kmap, nbr: str = "list", ilp: int = 1, block: int = 256, out=None):
     """``out[o, c] = sum_k feats[nbr[k][o], c] * weight[k, c]``: feats ``[N_in, C]``, weight ``[K, C]`` →
-    ``[N_out, C]`` in the features' dtype (float32/float64 accumulation). ``out``: optional destination."""
-    return _gather(feats, weight, neighbour_table(kmap), ilp, block, out)
+    ``[N_out, C]`` in the features' dtype (float32/float64 accumulation).
+
+    ``nbr``: neighbours from the dense ``[K, N_out]`` table (``"table"``) or the per-row list of present
+    ones (``"list"``); ``ilp``: channel vectors per thread; ``block``: threads per block;
+    ``out``: optional C-contiguous destination."""
+    return _gather(feats, weight, kmap, False, nbr, ilp, block, out)
 
 
-def dgrad(grad_out, weight, kmap, ilp: int = 1, block: int = 256, out=None):
-    """``grad_in[i, c] = sum_k grad_out[rev[k][i], c] * weight[k, c]`` → ``[N_in, C]``."""
-    return _gather(grad_out, weight, neighbour_table(kmap, reverse=True), ilp, block, out)
+def dgrad(grad_out, weight, kmap, nbr: str = "list", ilp: int = 1, block: int = 256, out=None):
+    """``grad_in[i, c] = sum_k grad_out[rev[k][i], c] * weight[k, c]`` → ``[N_in, C]`` (the forward's
+    kernel on the reverse table / list)."""
+    return _gather(grad_out, weight, kmap, True, nbr, ilp, block, out)
 
 
 def wgrad(feats, grad_out, kmap, num_offsets: int, chunk: int = 1024, threads: int = 256):
