@@ -236,3 +236,23 @@ extern "C" __global__ void depthwise_build_table(
     }
     table[(size_t)lo * rows + to[j]] = from[j];
 }
+
+// The per-row list of present neighbours, from the table: nb[ptr[r] + n] = (table[k][r], k) for the
+// n-th present k of row r, k ascending. ptr [rows + 1] is the exclusive prefix sum of the per-row
+// counts (computed by the caller). One thread per row; no device-to-host copy is needed because the
+// list length is the map's pair count, known on the host.
+extern "C" __global__ void depthwise_build_list(
+        const int* __restrict__ table, int K, int rows, const int* __restrict__ ptr, int2* __restrict__ nb) {
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    int n = ptr[r];
+    for (int k = 0; k < K; ++k) {
+        const int s = table[(size_t)k * rows + r];
+        if (s >= 0) {
+            int2 e;
+            e.x = s;
+            e.y = k;
+            nb[n++] = e;
+        }
+    }
+}

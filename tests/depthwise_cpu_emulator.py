@@ -115,7 +115,9 @@ def _source() -> str:
     table = (f'extern "C" void emu_depthwise_build_table({_GEOM}, const int* f, const int* t, const int* off, '
              f'int K, int L, int rows, int* table) {{ {_LAUNCH} '
              'depthwise_build_table(f, t, off, K, L, rows, table); }); }')
-    return "\n".join([PRELUDE, body, *entries, table])
+    lst = (f'extern "C" void emu_depthwise_build_list({_GEOM}, const int* table, int K, int rows, const int* ptr, '
+           f'int2* nb) {{ {_LAUNCH} depthwise_build_list(table, K, rows, ptr, nb); }}); }}')
+    return "\n".join([PRELUDE, body, *entries, table, lst])
 
 
 @functools.lru_cache(maxsize=None)

@@ -367,7 +367,11 @@ def emulated(kind, c, dtype, params_fwd, params_wgrad, shift=0):
                                        (kmap.num_in, gq, (outs, ins), rgf, "dgrad")):
         table = np.full((k, rows), -1, np.int32)
         emu.launch("depthwise_build_table", *dwi.table_launch(pairs), (*dst, off, k, pairs, rows, table))
-        ptr, nb = dwi.list_from_table(table, np)
+        ptr = dwi.list_offsets(table, np)
+        nb = np.full((pairs, 2), -7, np.int32)
+        emu.launch("depthwise_build_list", *dwi.list_launch(rows), (table, k, rows, ptr, nb))
+        r, kk = np.nonzero(table.T >= 0)  # row-major: by row, then k
+        np.testing.assert_array_equal(nb, np.stack([table[kk, r], kk], 1))
         for p in params_fwd:
             out = np.full((rows, c), np.nan, dt)
             vec = dwi.vec_width(c, dt.itemsize, (src.ctypes.data, wq.ctypes.data, out.ctypes.data))

@@ -6,8 +6,10 @@ neighbours and is written once (no atomics, no zero-fill). Neighbours come from 
 ``kmap.derived``: ``"depthwise.nbr"`` (``nbr[k][out] = in``) for the forward, ``"depthwise.nbr_rev"``
 (``rev[k][in] = out``) for dgrad; or from the per-row list of the present neighbours derived from
 that table (``"depthwise.list"`` / ``"depthwise.list_rev"``), which reads 8 bytes per pair instead of
-``4 K`` per row and has a shorter chain of dependent loads. wgrad reduces chunks of each offset's
-pairs per block and adds one float32 (float64) partial per (block, k, c) into a ``[K, C]`` buffer.
+``4 K`` per row and has a shorter chain of dependent loads. Deriving them needs no device-to-host
+copy (sizes come from ``kmap.offsets_host``), so a first call does not synchronise either.
+wgrad reduces chunks of each offset's pairs per block and adds one float32 (float64) partial per
+(block, k, c) into a ``[K, C]`` buffer.
 
 Parameters searched by the autotuner: forward/dgrad ``nbr`` (table/list) × (``ilp`` channel vectors per
 thread, ``block`` threads per block); wgrad ``chunk`` (pairs per block) × ``threads``.
@@ -94,7 +96,7 @@ def _csr(kmap):
     """``(in_maps, out_maps, offsets)`` as contiguous int32 device arrays (cached on the map)."""
     got = kmap.derived.get("depthwise.csr")
     if got is None:
-        got = (_i32(kmap.in_maps), _i32(kmap.out_maps), _i32(kmap.offsets_host))
+        got = (_i32(kmap.in_maps), _i32(kmap.out_maps), _i32(kmap.offsets))  # device offsets: no H2D copy
         kmap.derived["depthwise.csr"] = got
     return got
 
@@ -124,29 +126,36 @@ def neighbour_table(kmap, reverse: bool = False):
 
 def neighbour_list(kmap, reverse: bool = False):
     """``(ptr [rows + 1] int32, nb [L, 2] int32)``: row ``r``'s present neighbours are
-    ``nb[ptr[r]:ptr[r + 1]]`` as (source row, offset k), in k order. Derived once from the table
-    (one ``nonzero``) and cached in ``kmap.derived["depthwise.list"]`` / ``["depthwise.list_rev"]``."""
+    ``nb[ptr[r]:ptr[r + 1]]`` as (source row, offset k), k ascending. Derived from the table on the GPU
+    without a device-to-host copy (a count, a prefix sum, one launch) and cached in
+    ``kmap.derived["depthwise.list"]`` / ``["depthwise.list_rev"]``."""
     key = "depthwise.list_rev" if reverse else "depthwise.list"
     got = kmap.derived.get(key)
     if got is not None:
         return got
     import cupy
-    got = list_from_table(neighbour_table(kmap, reverse), cupy)
+    table = neighbour_table(kmap, reverse)
+    k, rows = table.shape
+    ptr = list_offsets(table, cupy)
+    nb = cupy.empty((kmap.num_pairs, 2), dtype=cupy.int32)
+    if rows and kmap.num_pairs:
+        fn = _function("depthwise_build_list", "float")
+        fn(*list_launch(rows), (table, np.int32(k), np.int32(rows), ptr, nb))
+    got = (ptr, nb)
     kmap.derived[key] = got
     return got
 
 
-def list_from_table(table, xp):
-    """``[K, rows]`` table (NumPy or CuPy ``xp``) → ``(ptr [rows + 1], nb [L, 2])`` int32, see
-    :func:`neighbour_list`."""
-    present = table.T >= 0  # [rows, K]: nonzero walks it row by row, k ascending within a row
-    r, kk = xp.nonzero(present)
-    nb = xp.empty((r.shape[0], 2), dtype=xp.int32)
-    nb[:, 0] = table[kk, r]
-    nb[:, 1] = kk
+def list_offsets(table, xp):
+    """``ptr [rows + 1]`` int32 of a ``[K, rows]`` table (NumPy or CuPy ``xp``): prefix sum of present entries."""
     ptr = xp.zeros(table.shape[1] + 1, dtype=xp.int32)
-    ptr[1:] = xp.cumsum(present.sum(axis=1, dtype=xp.int32))
-    return ptr, nb
+    ptr[1:] = xp.cumsum((table >= 0).sum(axis=0, dtype=xp.int32))
+    return ptr
+
+
+def list_launch(rows: int) -> tuple[tuple, tuple]:
+    """``(grid, block)`` of ``depthwise_build_list``: one thread per row."""
+    return (-(-rows // 128),), (128,)
 
 
 def _gather(src, weight, kmap, reverse: bool, nbr: str, ilp: int, block: int, out=None):
