@@ -2,3 +2,4 @@
 from . import explicit  # noqa: F401
 from . import depthwise_implicit  # noqa: F401
 from . import implicit_gemm  # noqa: F401
+from . import cutlass_implicit_gemm  # noqa: F401
