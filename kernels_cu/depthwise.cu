@@ -220,6 +220,14 @@ __global__ void depthwise_wgrad(
     }
 }
 
+// dst[i] = (T) src[i]: the float32 wgrad accumulator rounded to the half-precision result (one launch,
+// independent of the array library's support for bfloat16).
+template <typename T>
+__global__ void depthwise_cast(const float* __restrict__ src, T* __restrict__ dst, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = sparsevox_dw::from_acc<T>(src[i]);
+}
+
 // table[k * rows + to[j]] = from[j] for every pair j (k found by binary search in offsets).
 // Forward table: from = in_maps, to = out_maps, rows = num_out; reverse: the other way round.
 // The caller fills table with -1 first. Within one offset each row occurs at most once, so the

@@ -92,6 +92,9 @@ def _entry(expr: str) -> str:
     if kernel == "depthwise_gather":
         params = f"const {ctype}* s, const {ctype}* w, const int* t, {ctype}* d, int rows, int K, int C"
         call = f"depthwise_gather<{args}>(s, w, t, d, rows, K, C);"
+    elif kernel == "depthwise_cast":
+        params = f"const float* s, {ctype}* d, long long n"
+        call = f"depthwise_cast<{args}>(s, d, n);"
     elif kernel == "depthwise_gather_list":
         params = f"const {ctype}* s, const {ctype}* w, const int* p, const int2* nb, {ctype}* d, int rows, int C"
         call = f"depthwise_gather_list<{args}>(s, w, p, nb, d, rows, C);"
@@ -149,6 +152,8 @@ def _arg(a):
     if isinstance(a, np.ndarray):
         assert a.flags.c_contiguous, "kernel arguments must be contiguous"
         return ctypes.c_void_p(a.ctypes.data)
+    if isinstance(a, np.int64):
+        return ctypes.c_longlong(int(a))
     return ctypes.c_int(int(a))
 
 

@@ -39,6 +39,8 @@ def _name_expressions(ctype: str) -> tuple[str, ...]:
     names = [f"{k}<{ctype}, {v}, {i}>" for k in ("depthwise_gather", "depthwise_gather_list")
              for v in _vec_widths(ctype) for i in _ILPS]
     names += [f"depthwise_wgrad<{ctype}, {v}>" for v in _vec_widths(ctype)]
+    if ctype in ("__half", "__nv_bfloat16"):
+        names.append(f"depthwise_cast<{ctype}>")
     return tuple(names)
 
 
@@ -80,6 +82,11 @@ def wgrad_launch(longest: int, k: int, c: int, vec: int, chunk: int, threads: in
     bx = min(nvec, 32)
     by = max(1, threads // bx)
     return (-(-longest // chunk), k, -(-nvec // bx)), (bx, by), by * vec * bx * acc_itemsize
+
+
+def cast_launch(n: int) -> tuple[tuple, tuple]:
+    """``(grid, block)`` of ``depthwise_cast``: one thread per element."""
+    return (-(-n // 256),), (256,)
 
 
 def table_launch(pairs: int) -> tuple[tuple, tuple]:
@@ -175,7 +182,7 @@ def _gather(src, weight, kmap, reverse: bool, nbr: str, ilp: int, block: int, ou
     if rows == 0 or c == 0:
         return out
     if src.shape[0] == 0 or k == 0 or kmap.num_pairs == 0:
-        out.fill(0)
+        out.data.memset_async(0, out.nbytes)  # all-zero bits are 0.0 in every float dtype
         return out
     ctype = _CTYPE[src.dtype.name]
     vec = vec_width(c, src.dtype.itemsize, (src.data.ptr, weight.data.ptr, out.data.ptr))
@@ -225,7 +232,13 @@ def wgrad(feats, grad_out, kmap, num_offsets: int, chunk: int = 1024, threads: i
         grid, blk, smem = wgrad_launch(longest, k, c, vec, chunk, threads, gw.dtype.itemsize)
         fn = _function(f"depthwise_wgrad<{ctype}, {vec}>", ctype)
         fn(grid, blk, (feats, grad_out, ins, outs, offsets, gw, np.int32(c), np.int32(chunk)), shared_mem=smem)
-    return gw if gw.dtype == feats.dtype else gw.astype(feats.dtype)
+    if gw.dtype == feats.dtype:
+        return gw
+    out = cupy.empty(gw.shape, dtype=feats.dtype)
+    if gw.size:
+        ctype = _CTYPE[feats.dtype.name]
+        _function(f"depthwise_cast<{ctype}>", ctype)(*cast_launch(gw.size), (gw, out, np.int64(gw.size)))
+    return out
 
 
 def _params(direction, problem):
