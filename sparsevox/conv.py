@@ -43,6 +43,10 @@ def check_conv_args(feats, weight, kmap: KernelMap, op: str = "conv") -> None:
         raise ValueError(f"features have {feats.shape[0]} rows but the kernel map expects {kmap.num_in}")
     if _device(feats) != _device(weight):
         raise ValueError(f"weight is on the {_device(weight)} but the features are on the {_device(feats)}")
+    if _device(feats) == "gpu":
+        devs = {"features": feats.device.id, "weight": weight.device.id, "kernel map": kmap.in_maps.device.id}
+        if len(set(devs.values())) > 1:
+            raise ValueError(f"all arrays must be on one GPU, got {devs}")
     k = kmap.num_offsets
     if op == "conv":
         if weight.ndim != 3 or weight.shape[0] != k or weight.shape[1] != feats.shape[1]:

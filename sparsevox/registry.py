@@ -5,6 +5,7 @@ them costs nothing on a machine without a GPU.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,14 +43,19 @@ def algorithms(op: str) -> dict[str, Algorithm]:
 
 
 _loaded = False
+_load_lock = threading.Lock()
 
 
 def _load_backends() -> None:
+    # Frameworks call in from several threads (JAX runs each device's callback on its own thread): the
+    # flag is set only after the import, under a lock, so no thread sees a half-filled registry.
     global _loaded
     if _loaded:
         return
-    _loaded = True
-    from . import backends  # noqa: F401  (registers every algorithm)
+    with _load_lock:
+        if not _loaded:
+            from . import backends  # noqa: F401  (registers every algorithm)
+            _loaded = True
 
 
 def availability(op: str, names, problem) -> tuple[list[Algorithm], dict[str, str]]:

@@ -155,9 +155,6 @@ raise SystemExit(1 if errors else 0)
 """
 
 
-@pytest.mark.xfail(strict=False, reason="sparsevox/registry.py _load_backends is not thread-safe: a first "
-                   "use from two threads (JAX runs each device's callback on its own thread) can see a "
-                   "half-loaded registry and raise AlgorithmUnavailableError; reported to the lead")
 def test_first_use_from_threads():
     """The first convolution of a process, from 4 threads at once (as JAX's per-device callbacks do)."""
     for _ in range(3):  # the race is timing-dependent: a few fresh processes
