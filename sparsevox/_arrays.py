@@ -2,9 +2,17 @@
 
 The core never imports a framework at module level; libraries are recognised by the module of the
 array's type, and imported only when an array of theirs is seen (einops' rule).
+
+GPU arrays cross without a copy through DLPack (``cupy.from_dlpack``, ``torch.from_dlpack``,
+``jax.dlpack.from_dlpack``); each side passes its stream, so the producer's pending work is ordered
+before the consumer's. Work for a caller runs on the caller's device and stream: wrap it in
+:func:`on_caller_stream` (torch: ``torch.cuda.current_stream()``; CuPy: CuPy's current stream; JAX: the
+stream XLA hands a callback, passed explicitly). Inside it the DLPack hand-overs need no extra events,
+because producer and consumer stream are the same.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +71,13 @@ def to_core(x):
         x = x.detach()
         if x.device.type == "cuda":
             cupy = import_cupy()
-            return cupy.from_dlpack(x), Origin("torch", x.device)
+            try:
+                return cupy.from_dlpack(x), Origin("torch", x.device)
+            except (TypeError, NotImplementedError, BufferError):
+                if x.dtype != torch.bfloat16:
+                    raise
+                # a CuPy without bfloat16 DLPack: compute on a float32 copy, return bfloat16
+                return cupy.from_dlpack(x.float()), Origin("torch", x.device, torch.bfloat16)
         if x.dtype == torch.bfloat16:  # NumPy has no bfloat16 of its own: compute in float32
             return x.float().numpy(), Origin("torch", x.device, torch.bfloat16)
         return x.numpy(), Origin("torch", x.device)
@@ -76,19 +90,117 @@ def to_core(x):
 
 
 def from_core(a, origin: Origin):
-    """Convert a core array back to the caller's library and device."""
+    """Convert a core array back to the caller's library and device (zero-copy on the GPU)."""
     if origin.lib in ("numpy", "cupy"):
         return a
     if origin.lib == "torch":
         import torch
         if origin.on_gpu:
-            return torch.from_dlpack(a)
+            t = _torch_from_cupy(a, torch)
+            return t.to(origin.dtype) if origin.dtype is not None and t.dtype != origin.dtype else t
         t = torch.from_numpy(np.ascontiguousarray(a))
         return t.to(origin.dtype) if origin.dtype is not None else t
     import jax
     if origin.on_gpu:
-        return jax.dlpack.from_dlpack(a)
+        return _jax_from_cupy(a, jax)
     return jax.device_put(np.asarray(a), origin.device)
+
+
+def _torch_from_cupy(a, torch):
+    try:
+        return torch.from_dlpack(a)
+    except (TypeError, BufferError, NotImplementedError, RuntimeError):
+        if a.dtype.name != "bfloat16":
+            raise
+        # a CuPy that cannot export bfloat16: hand over the bits as int16 and reinterpret (no copy)
+        return torch.from_dlpack(a.view(import_cupy().int16)).view(torch.bfloat16)
+
+
+def _jax_from_cupy(a, jax):
+    try:
+        return jax.dlpack.from_dlpack(a)
+    except (TypeError, BufferError, NotImplementedError, RuntimeError, ValueError) as e:
+        cupy = import_cupy()
+        if a.dtype.name == "bfloat16":  # bits as uint16, reinterpreted by XLA
+            return jax.lax.bitcast_convert_type(jax.dlpack.from_dlpack(a.view(cupy.uint16)), jax.numpy.bfloat16)
+        if "align" in str(e):  # XLA wants aligned buffers; a fresh CuPy allocation is
+            return jax.dlpack.from_dlpack(cupy.ascontiguousarray(a).copy())
+        raise
+
+
+# --- the caller's device and stream ---------------------------------------------------------------
+
+_streams: dict = {}  # (device id, stream handle) -> CuPy stream object
+
+
+def gpu_device_id(origin: Origin) -> int:
+    """The CUDA device ordinal of a GPU origin."""
+    if origin.lib == "cupy":
+        return int(origin.device)
+    if origin.lib == "torch":
+        idx = origin.device.index
+        if idx is None:
+            import torch
+            idx = torch.cuda.current_device()
+        return int(idx)
+    hw = getattr(origin.device, "local_hardware_id", None)  # jax: the CUDA ordinal in this process
+    return int(origin.device.id if hw is None else hw)
+
+
+def external_stream(handle: int, device_id: int):
+    """A CuPy stream object for a raw ``cudaStream_t`` handle, cached (creating one costs ~7 µs).
+
+    Handle 0 is the legacy default stream (what torch's default stream is): CuPy's null stream.
+    The wrapper owns nothing, so caching it is safe even if the stream is destroyed and its handle
+    reused: the wrapper only ever names the handle.
+    """
+    key = (device_id, handle)
+    s = _streams.get(key)
+    if s is None:
+        cupy = import_cupy()
+        s = cupy.cuda.Stream.null if handle == 0 else cupy.cuda.ExternalStream(handle, device_id)
+        _streams[key] = s
+    return s
+
+
+def caller_stream(origin: Origin):
+    """The CuPy stream the caller's pending work is ordered on, or None for CuPy's current stream
+    (CuPy callers, and JAX arrays outside a callback: DLPack orders XLA's work before ours)."""
+    if origin.lib != "torch" or not origin.on_gpu:
+        return None
+    import torch
+    dev = gpu_device_id(origin)
+    return external_stream(int(torch.cuda.current_stream(dev).cuda_stream), dev)
+
+
+@contextlib.contextmanager
+def on_caller_stream(origin: Origin, stream: int | None = None):
+    """Run the enclosed CuPy work on the caller's device and stream.
+
+    Args:
+        origin: where the inputs came from (:func:`to_core`). CPU origins make this a no-op.
+        stream: an explicit ``cudaStream_t`` handle (e.g. the one XLA gives a ``buffer_callback``);
+            default: torch's current stream on the tensor's device for torch, CuPy's current stream
+            otherwise.
+
+    Yields the CuPy stream in use (None on the CPU). Example::
+
+        with on_caller_stream(origin):
+            f, origin = to_core(feats)
+            out = from_core(conv_forward(f, w, kmap), origin)
+    """
+    if not origin.on_gpu:
+        yield None
+        return
+    cupy = import_cupy()
+    dev = gpu_device_id(origin)
+    with cupy.cuda.Device(dev):
+        s = external_stream(int(stream), dev) if stream is not None else caller_stream(origin)
+        if s is None:
+            yield cupy.cuda.get_current_stream()
+            return
+        with s:
+            yield s
 
 
 def array_module(a):

@@ -2,23 +2,91 @@
 
 Within one offset every input row and every output row occurs at most once (the map is a partial
 bijection per offset), so ``out[rows] += ...`` with fancy indexing is exact, no atomics needed.
-Products run in the compute dtype (float32 for float16/bfloat16 on the CPU; on the GPU cuBLAS
-multiplies float16/bfloat16 with float32 accumulation) and are summed in a float32 (float64) buffer.
+
+Precision (the compute dtype of the per-offset GEMMs, then summed in a float32 or float64 buffer):
+
+- float64: float64 GEMMs (cuBLAS DGEMM on the GPU).
+- float32: float32 GEMMs. On the GPU they use TF32 tensor cores only when the user opted in with
+  :func:`sparsevox.allow_tf32` (or ``SPARSEVOX_ALLOW_TF32=1``). Mechanism: CuPy chooses the cuBLAS
+  compute type of float32 GEMMs from a process-wide table (``cupy._core.set_compute_type``, first
+  filled from the environment variable ``CUPY_TF32``). Every call here sets the float32 entry to
+  ``COMPUTE_TYPE_TF32`` (``CUBLAS_COMPUTE_32F_FAST_TF32``) when TF32 is allowed and the features are
+  float32, to ``COMPUTE_TYPE_DEFAULT`` (``CUBLAS_COMPUTE_32F``, full float32) otherwise, and restores
+  the previous entry on return: ``CUPY_TF32=1`` does not leak TF32 into sparsevox, and sparsevox's
+  choice does not leak out. The table is per process, not per thread: threads that run convolutions
+  concurrently with different ``allow_tf32`` settings race on it.
+- float16 / bfloat16 on the GPU: cuBLAS GEMMs on the 16-bit operands with float32 accumulation
+  (``gemmEx``, ``CUBLAS_COMPUTE_32F``), rounded to 16 bits per offset, summed in float32. Should the
+  installed CuPy not multiply bfloat16 (probed once per device), bfloat16 GEMMs run in float32 instead
+  (logged). The weight gradient (a long reduction over pairs) always runs in float32.
+- float16 / bfloat16 on the CPU: float32 GEMMs (NumPy has no fast 16-bit GEMM).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+
+import numpy as np
+
 from ._arrays import array_module
+from .config import allow_tf32
+
+log = logging.getLogger("sparsevox.explicit_gemm")
 
 PARAMS = [{}]  # nothing to tune
+
+_bf16_native: dict[int, bool] = {}  # device id -> CuPy multiplies bfloat16 there
+
+
+def _bf16_gemm_native(xp, like) -> bool:
+    """Whether CuPy gathers and multiplies bfloat16 (the dtype of ``like``) on ``like``'s device (probed
+    once per device)."""
+    dev = like.device.id
+    ok = _bf16_native.get(dev)
+    if ok is None:
+        try:
+            with xp.cuda.Device(dev):
+                a = xp.ones((4, 8), dtype=like.dtype)
+                b = xp.ones((8, 2), dtype=like.dtype)
+                ok = bool(((a[xp.arange(2)] @ b).astype(xp.float32) == 8).all())
+        except Exception as e:  # noqa: BLE001  (any failure: use the float32 path)
+            log.info("bfloat16 GEMMs run in float32 on device %d: CuPy cannot multiply bfloat16 (%s: %s)",
+                     dev, type(e).__name__, e)
+            ok = False
+        _bf16_native[dev] = ok
+    return ok
 
 
 def _dtypes(a, xp):
     """(compute dtype of the GEMMs, accumulation dtype)."""
     if a.dtype == xp.float64:
         return xp.float64, xp.float64
-    if xp.__name__ == "numpy" or a.dtype == xp.float32:
+    if xp is np or a.dtype == xp.float32:
+        return xp.float32, xp.float32
+    if a.dtype.name == "bfloat16" and not _bf16_gemm_native(xp, a):
         return xp.float32, xp.float32
     return a.dtype, xp.float32  # half/bfloat16 GEMM on the GPU, float32 sum
+
+
+@contextlib.contextmanager
+def _gemm_mode(a, xp):
+    """On CuPy: run on ``a``'s device, float32 GEMMs in TF32 iff allowed and ``a`` is float32."""
+    if xp is np:
+        yield
+        return
+    from cupy._core import _routines_linalg as linalg
+    f32 = np.dtype(np.float32)
+    want = linalg.COMPUTE_TYPE_TF32 if (allow_tf32() and a.dtype == f32) else linalg.COMPUTE_TYPE_DEFAULT
+    with xp.cuda.Device(a.device.id):
+        prev = linalg.get_compute_type(f32)
+        if prev == want:
+            yield
+            return
+        linalg.set_compute_type(f32, want)
+        try:
+            yield
+        finally:
+            linalg.set_compute_type(f32, prev)
 
 
 def _segments(kmap):
@@ -35,8 +103,9 @@ def forward(feats, weight, kmap):
     cdt, adt = _dtypes(feats, xp)
     x, w = feats.astype(cdt, copy=False), weight.astype(cdt, copy=False)
     out = xp.zeros((kmap.num_out, weight.shape[2]), dtype=adt)
-    for k, i, o in _segments(kmap):
-        out[o] += (x[i] @ w[k]).astype(adt, copy=False)
+    with _gemm_mode(feats, xp):
+        for k, i, o in _segments(kmap):
+            out[o] += (x[i] @ w[k]).astype(adt, copy=False)
     return out.astype(feats.dtype, copy=False)
 
 
@@ -46,8 +115,9 @@ def dgrad(grad_out, weight, kmap):
     cdt, adt = _dtypes(grad_out, xp)
     g, w = grad_out.astype(cdt, copy=False), weight.astype(cdt, copy=False)
     gin = xp.zeros((kmap.num_in, weight.shape[1]), dtype=adt)
-    for k, i, o in _segments(kmap):
-        gin[i] += (g[o] @ w[k].T).astype(adt, copy=False)
+    with _gemm_mode(grad_out, xp):
+        for k, i, o in _segments(kmap):
+            gin[i] += (g[o] @ w[k].T).astype(adt, copy=False)
     return gin.astype(grad_out.dtype, copy=False)
 
 
@@ -57,11 +127,12 @@ def wgrad(feats, grad_out, kmap, num_offsets: int):
     cdt, adt = _dtypes(feats, xp)
     x, g = feats.astype(cdt, copy=False), grad_out.astype(cdt, copy=False)
     gw = xp.zeros((num_offsets, feats.shape[1], grad_out.shape[1]), dtype=adt)
-    for k, i, o in _segments(kmap):
-        if xp.__name__ == "numpy" or cdt in (xp.float32, xp.float64):
-            gw[k] = x[i].T @ g[o]
-        else:  # long reduction over pairs: accumulate in float32 (cuBLAS does, the cast is exact)
-            gw[k] = x[i].astype(adt).T @ g[o].astype(adt)
+    with _gemm_mode(feats, xp):
+        for k, i, o in _segments(kmap):
+            if xp is np or cdt in (xp.float32, xp.float64):
+                gw[k] = x[i].T @ g[o]
+            else:  # long reduction over pairs: float32 operands (the cast is exact) and result
+                gw[k] = x[i].astype(adt).T @ g[o].astype(adt)
     return gw.astype(feats.dtype, copy=False)
 
 

@@ -236,6 +236,8 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
         if out_origin.on_gpu != origin.on_gpu:
             raise ValueError("output_voxels must be on the same device as voxels")
     xp = array_module(coords)
+    if xp is not np and "cupy" not in BUILDERS:
+        from . import gpu_kernel_map  # noqa: F401  (registers the hash-table builder as BUILDERS["cupy"])
     builder = BUILDERS.get("cupy" if xp is not np else "numpy", build_kernel_map)
     kmap = builder(coords, voxels.sorted_keys(), ks, st, dl, transposed, generative, out_coords)
     _remember(kmap)

@@ -1,0 +1,243 @@
+"""Kernel maps on the GPU: a hash table of the input voxels, queried once per (offset, output row).
+
+Registered as ``kernel_map.BUILDERS["cupy"]`` when imported (``kernel_map.kernel_map`` imports this
+module the first time it sees CuPy coordinates). It returns exactly the map of the NumPy builder
+(:func:`sparsevox.kernel_map.build_kernel_map`): the same output sites in the same order and the same
+pairs in the canonical order (by offset ``k``, then by output row).
+
+How (kernels in ``kernels_cu/kernel_map.cu``, table in ``kernels_cu/common/hash.cuh``):
+
+1. Output sites: submanifold reuses the input rows; strided outputs are the sorted unique keys of
+   ``floor(c / s)``; generated outputs the sorted unique keys of ``s * c + off_k`` (GPU sort).
+2. The input voxels go into an open-addressing table (packed 64-bit keys, value = row). A key seen
+   twice is a duplicate voxel: ``ValueError`` naming it.
+3. One query per (k, output row m) writes ``cand[k, m]`` = the input row or -1. Non-transposed:
+   ``in = s * out + off_k``; transposed: ``out = s * in + off_k``, so ``in = (out - off_k) / s`` where
+   every axis divides exactly — a gather from the output side, hence the canonical order for free.
+4. A block-count scan and a stable compaction write ``in_maps``/``out_maps`` in (k, m) order.
+
+Device→host copies: one per map (``offsets_host`` and the status words, K + 3 int64), plus one for the
+number of output sites of strided/generative layers. Work runs on CuPy's current device and stream
+(see :func:`sparsevox._arrays.on_caller_stream`).
+
+Set ``SPARSEVOX_GPU_KERNEL_MAP=generic`` to keep the xp-generic builder on CuPy instead (debugging).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from . import geometry
+from .kernel_map import BUILDERS, KernelMap
+from .kernel_map import build_kernel_map as _generic_builder
+
+log = logging.getLogger("sparsevox.gpu_kernel_map")
+
+BLOCK = 256  # threads per block of the per-row kernels
+SCAN_BLOCK = 1024  # threads of the single-block scan
+_KERNELS = ("insert", "query", "compact", "candidate_keys", "unique_heads", "unique_info", "unique_unpack")
+NAME_EXPRESSIONS = tuple(f"kmap_{k}<{BLOCK}>" for k in _KERNELS) + (f"kmap_scan<{SCAN_BLOCK}>",)
+_INT32_MAX = 2 ** 31 - 1
+_EMPTY = -1  # an all-ones status word read as int64
+
+
+class CupyDevice:
+    """The few device operations the builder needs, on CuPy (tests drive the same builder through a
+    NumPy twin that runs the CUDA source on the CPU)."""
+
+    def __init__(self):
+        import cupy
+        self.xp = cupy
+        self._fns: dict = {}
+
+    def launch(self, name: str, grid: int, block: int, args: tuple) -> None:
+        dev = self.xp.cuda.Device().id
+        fn = self._fns.get((dev, name, block))
+        if fn is None:
+            from .cuda_loader import get_function
+            fn = get_function("kernel_map", f"kmap_{name}<{block}>", NAME_EXPRESSIONS)
+            self._fns[(dev, name, block)] = fn
+        fn((grid,), (block,), args)
+
+    def fill_ones(self, a) -> None:
+        """Set every byte of ``a`` to 0xFF on the current stream (EMPTY keys, -1 int32)."""
+        cupy = self.xp
+        cupy.cuda.runtime.memsetAsync(a.data.ptr, 0xFF, a.nbytes, cupy.cuda.get_current_stream().ptr)
+
+    def to_host(self, a) -> np.ndarray:
+        return a.get()
+
+
+_device = None
+
+
+def _cupy_device() -> CupyDevice:
+    global _device
+    if _device is None:
+        _device = CupyDevice()
+    return _device
+
+
+def _blocks(n: int, block: int = BLOCK) -> int:
+    return (n + block - 1) // block
+
+
+def _geometry_args(st, ks, dl) -> tuple:
+    return tuple(np.int32(v) for v in (*st, *ks, *dl))
+
+
+def _check_int32(count: int, what: str) -> None:
+    if count > _INT32_MAX:
+        raise ValueError(f"{what} ({count}) exceeds 2^31 - 1; KernelMap stores int32 indices "
+                         f"(split the batch or reduce the kernel size)")
+
+
+def _unique_outputs(dev, coords, mode: int, st, ks, dl, num_k: int):
+    """Sorted unique output sites ``[U, 4]`` int32: mode 0 ``floor(c / s)``, mode 1 ``s * c + off_k``."""
+    xp = dev.xp
+    n = coords.shape[0]
+    count = n * (num_k if mode == 1 else 1)
+    _check_int32(count, "the number of candidate output sites")
+    keys = xp.empty(count, dtype=xp.uint64)
+    status = xp.empty(2, dtype=xp.uint64)
+    dev.fill_ones(status)
+    dev.launch("candidate_keys", _blocks(count), BLOCK,
+               (coords, np.int32(n), np.int32(count), np.int32(mode), *_geometry_args(st, ks, dl), keys, status))
+    keys = xp.sort(keys)
+    heads = xp.empty(count, dtype=xp.int32)
+    dev.launch("unique_heads", _blocks(count), BLOCK, (keys, np.int32(count), heads))
+    pos = xp.cumsum(heads, dtype=xp.int32)
+    info = xp.empty(2, dtype=xp.int64)
+    dev.launch("unique_info", 1, BLOCK, (pos, np.int32(count), status, info))
+    unique, bad = (int(v) for v in dev.to_host(info))
+    if bad != _EMPTY:
+        if mode == 0:  # floor(c / s) of an unpackable input row
+            _raise_table_status(dev, coords, _EMPTY, bad)
+        _raise_generated_range(dev, coords, st, ks, dl)
+    out = xp.empty((unique, 4), dtype=xp.int32)
+    dev.launch("unique_unpack", _blocks(count), BLOCK, (keys, heads, pos, np.int32(count), out))
+    return out
+
+
+def _raise_generated_range(dev, coords, st, ks, dl):
+    """Slow path, only on error: the NumPy builder's message for out-of-range generated sites."""
+    xp = dev.xp
+    off = geometry.kernel_offsets(ks, dl)
+    c = coords.astype(xp.int64)
+    k = off.shape[0]
+    cand = xp.concatenate([xp.broadcast_to(c[None, :, :1], (k,) + c[:, :1].shape),
+                           c[None, :, 1:] * xp.asarray(st) + xp.asarray(off)[:, None, :]], 2).reshape(-1, 4)
+    geometry.check_coord_range(cand, xp, what="generated output coordinates")
+    raise ValueError("generated output coordinates leave the packable range")  # not reached
+
+
+def _insert(dev, coords):
+    """Hash table of ``coords`` (value = row). Returns ``(table, mask)``; its status words are checked
+    by the caller after the one host copy."""
+    xp = dev.xp
+    n = coords.shape[0]
+    cap = 1 << max(6, (2 * n - 1).bit_length())  # power of two >= 2n: load factor <= 1/2
+    table = xp.empty(2 * cap + 4, dtype=xp.uint64)
+    dev.fill_ones(table)
+    dev.launch("insert", _blocks(n), BLOCK, (coords, np.int32(n), table, np.uint64(cap - 1)))
+    return table, cap - 1
+
+
+def _raise_table_status(dev, coords, dup_row: int, bad_row: int):
+    if bad_row != _EMPTY:
+        geometry.check_coord_range(coords, dev.xp)
+        raise ValueError(f"coords: row {bad_row} is outside the packable range")  # not reached
+    if dup_row != _EMPTY:
+        row = dev.to_host(coords[dup_row]).tolist()
+        raise ValueError(f"coords must be unique per batch; (batch, x, y, z) = {row} occurs more than once")
+
+
+def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool):
+    """``(in_maps, out_maps, offsets, offsets_host)`` in the canonical order."""
+    xp = dev.xp
+    num_k = ks[0] * ks[1] * ks[2]
+    m = out_coords.shape[0]
+    _check_int32(num_k * m, "offsets x output sites")
+    table, mask = _insert(dev, coords)
+    nbm = _blocks(m)
+    cand = xp.empty(num_k * m, dtype=xp.int32)
+    counts = xp.empty(num_k * nbm, dtype=xp.int32)
+    dev.launch("query", num_k * nbm, BLOCK,
+               (out_coords, np.int32(m), np.int32(nbm), np.int32(transposed), *_geometry_args(st, ks, dl),
+                table, np.uint64(mask), cand, counts))
+    offsets = xp.empty(num_k + 1, dtype=xp.int32)
+    info = xp.empty(num_k + 3, dtype=xp.int64)
+    status = table[2 * (mask + 1) + 2:]
+    dev.launch("scan", 1, SCAN_BLOCK,
+               (counts, np.int32(num_k * nbm), np.int32(nbm), np.int32(num_k), offsets, info, status))
+    host = dev.to_host(info)  # the one synchronisation: sizes for the allocation, and the checks
+    _raise_table_status(dev, coords, int(host[num_k + 1]), int(host[num_k + 2]))
+    offsets_host = host[:num_k + 1].astype(np.int64)
+    total = int(offsets_host[-1])
+    in_maps = xp.empty(total, dtype=xp.int32)
+    out_maps = xp.empty(total, dtype=xp.int32)
+    if total:
+        dev.launch("compact", num_k * nbm, BLOCK, (cand, np.int32(m), np.int32(nbm), counts, in_maps, out_maps))
+    return in_maps, out_maps, offsets, offsets_host
+
+
+def build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords=None) -> KernelMap:
+    """The builder on device operations ``dev`` (:class:`CupyDevice` or a test twin)."""
+    xp = dev.xp
+    ks = geometry.triple(kernel_size, "kernel_size")
+    st = geometry.triple(stride, "stride")
+    dl = geometry.triple(dilation, "dilation")
+    num_k = ks[0] * ks[1] * ks[2]
+    coords = xp.ascontiguousarray(coords, dtype=xp.int32)
+    n_in = coords.shape[0]
+    if generative and not transposed:
+        raise ValueError("generative=True is a transposed convolution that creates its output sites; "
+                         "pass transposed=True with it")
+    if transposed:
+        kind = "generative" if generative else "transposed"
+        if generative:
+            if out_coords is not None:
+                raise ValueError("output_voxels must be None when generative=True (the outputs are generated)")
+            out_coords = (_unique_outputs(dev, coords, 1, st, ks, dl, num_k) if n_in
+                          else xp.empty((0, 4), dtype=xp.int32))
+        elif out_coords is None:
+            raise ValueError("a transposed convolution needs output_voxels (usually the finer Voxels saved "
+                             "from the matching strided layer), or generative=True")
+    elif st == (1, 1, 1) and out_coords is None:
+        kind, out_coords = "submanifold", coords
+    else:
+        kind = "strided"
+        if out_coords is None:
+            out_coords = (_unique_outputs(dev, coords, 0, st, ks, dl, num_k) if n_in
+                          else xp.empty((0, 4), dtype=xp.int32))
+    out_coords = xp.ascontiguousarray(out_coords, dtype=xp.int32)
+    m = out_coords.shape[0]
+    if n_in and m:
+        in_maps, out_maps, offsets, offsets_host = _pairs(dev, coords, out_coords, st, ks, dl, bool(transposed))
+    else:
+        in_maps = xp.empty(0, dtype=xp.int32)
+        out_maps = xp.empty(0, dtype=xp.int32)
+        offsets = xp.zeros(num_k + 1, dtype=xp.int32)
+        offsets_host = np.zeros(num_k + 1, dtype=np.int64)
+    return KernelMap(in_maps, out_maps, offsets, offsets_host, n_in, m, out_coords, ks, st, dl, kind)
+
+
+def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transposed, generative,
+                     out_coords=None) -> KernelMap:
+    """GPU twin of :func:`sparsevox.kernel_map.build_kernel_map` for CuPy int32 coordinates.
+
+    ``sorted_in`` (the NumPy builder's sorted keys) is not used: the hash table replaces it.
+    Runs on the device of ``coords`` and CuPy's current stream.
+    """
+    dev = _cupy_device()
+    with dev.xp.cuda.Device(coords.device.id):
+        return build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords)
+
+
+if os.environ.get("SPARSEVOX_GPU_KERNEL_MAP", "hash").lower() != "generic":
+    BUILDERS["cupy"] = build_kernel_map
+else:  # keep the xp-generic builder; remember the choice so kernel_map() stops importing us
+    BUILDERS["cupy"] = _generic_builder
+    log.info("SPARSEVOX_GPU_KERNEL_MAP=generic: GPU kernel maps use the xp-generic builder")

@@ -1,0 +1,173 @@
+"""Run ``kernels_cu/kernel_map.cu`` on the CPU: the CUDA source compiled as C++ with one OS thread per
+CUDA thread (blocks run one after another, so ``__shared__`` becomes ``static``), barriers for
+``__syncthreads``, a per-warp exchange for ``__shfl_up_sync`` and ``std::atomic_ref`` for the atomics.
+
+It exists so that the GPU kernel-map builder (:mod:`sparsevox.gpu_kernel_map`, the same Python code
+and the same kernels) can be checked against the NumPy builder on machines without a GPU. It is slow
+(thousands of threads per launch): keep inputs small. Needs g++ with C++20 (``<barrier>``).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PRELUDE = r"""
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+struct dim3 { unsigned x = 0, y = 0, z = 0; };
+struct ulonglong2 { unsigned long long x, y; };
+static thread_local dim3 threadIdx, blockIdx;
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+static std::barrier<>* g_block;
+static std::vector<std::unique_ptr<std::barrier<>>> g_warps;
+static std::atomic<int> g_count{0};
+static int g_lanes[32][32];
+inline void __syncthreads() { g_block->arrive_and_wait(); }
+inline int __syncthreads_count(int p) {
+    g_block->arrive_and_wait();
+    if (p) g_count.fetch_add(1);
+    g_block->arrive_and_wait();
+    int r = g_count.load();
+    g_block->arrive_and_wait();
+    if (threadIdx.x == 0) g_count.store(0);
+    g_block->arrive_and_wait();
+    return r;
+}
+inline int __shfl_up_sync(unsigned, int v, int d) {
+    int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    g_lanes[w][l] = v;
+    g_warps[w]->arrive_and_wait();
+    int r = l >= d ? g_lanes[w][l - d] : v;
+    g_warps[w]->arrive_and_wait();
+    return r;
+}
+inline unsigned long long atomicCAS(unsigned long long* a, unsigned long long cmp, unsigned long long val) {
+    std::atomic_ref<unsigned long long> r(*a);
+    r.compare_exchange_strong(cmp, val);
+    return cmp;  // the old value either way
+}
+inline unsigned long long atomicMin(unsigned long long* a, unsigned long long v) {
+    std::atomic_ref<unsigned long long> r(*a);
+    unsigned long long old = r.load();
+    while (v < old && !r.compare_exchange_weak(old, v)) {}
+    return old;
+}
+template <class F> void emu_launch(int grid, int block, F f) {
+    std::barrier<> bb(block);
+    g_block = &bb;
+    g_warps.clear();
+    for (int w = 0; w < (block + 31) / 32; ++w)
+        g_warps.emplace_back(new std::barrier<>(block < 32 ? block : 32));
+    g_count = 0;
+    std::vector<std::thread> ts;
+    for (int t = 0; t < block; ++t)
+        ts.emplace_back([&, t] {
+            threadIdx.x = t;
+            for (int b = 0; b < grid; ++b) { blockIdx.x = b; f(); bb.arrive_and_wait(); }
+        });
+    for (auto& t : ts) t.join();
+}
+"""
+
+# (kernel, template block, C parameter list, argument names)
+WRAPPERS = [
+    ("insert", 256, "const int* c, int n, unsigned long long* t, unsigned long long mask", "c, n, t, mask"),
+    ("query", 256, "const int* q, int m, int nbm, int tr, int sx, int sy, int sz, int kx, int ky, int kz, "
+                   "int dx, int dy, int dz, const unsigned long long* t, unsigned long long mask, int* cand, "
+                   "int* counts", "q, m, nbm, tr, sx, sy, sz, kx, ky, kz, dx, dy, dz, t, mask, cand, counts"),
+    ("scan", 1024, "int* counts, int total, int nbm, int K, int* offsets, long long* info, "
+                   "const unsigned long long* status", "counts, total, nbm, K, offsets, info, status"),
+    ("compact", 256, "const int* cand, int m, int nbm, const int* base, int* im, int* om",
+     "cand, m, nbm, base, im, om"),
+    ("candidate_keys", 256, "const int* c, int n, int count, int mode, int sx, int sy, int sz, int kx, int ky, "
+                            "int kz, int dx, int dy, int dz, unsigned long long* keys, unsigned long long* status",
+     "c, n, count, mode, sx, sy, sz, kx, ky, kz, dx, dy, dz, keys, status"),
+    ("unique_heads", 256, "const unsigned long long* keys, int count, int* heads", "keys, count, heads"),
+    ("unique_info", 256, "const int* pos, int count, const unsigned long long* status, long long* info",
+     "pos, count, status, info"),
+    ("unique_unpack", 256, "const unsigned long long* keys, const int* heads, const int* pos, int count, int* out",
+     "keys, heads, pos, count, out"),
+]
+
+
+def _source() -> str:
+    kcu = ROOT / "kernels_cu"
+    body = (kcu / "kernel_map.cu").read_text().replace('#include "common/hash.cuh"', "")
+    parts = [PRELUDE, (kcu / "common" / "hash.cuh").read_text(), body]
+    for name, block, params, args in WRAPPERS:
+        parts.append(f'extern "C" void emu_kmap_{name}(int grid, int block, {params}) {{\n'
+                     f'    emu_launch(grid, block, [=] {{ kmap_{name}<{block}>({args}); }});\n}}')
+    return "\n".join(parts)
+
+
+def available() -> tuple[bool, str]:
+    if shutil.which("g++") is None:
+        return False, "g++ not found"
+    try:
+        _library()
+    except Exception as e:  # noqa: BLE001  (any build failure means: cannot emulate here)
+        return False, f"emulator build failed: {e}"
+    return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    src = _source()
+    digest = hashlib.sha1(src.encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"sparsevox_kmap_emu_{digest}.so"
+    if not out.exists():
+        cpp = out.with_suffix(".cpp")
+        cpp.write_text(src)
+        tmp = out.with_suffix(".tmp.so")
+        subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", str(cpp), "-o", str(tmp)],
+                       check=True, capture_output=True, text=True)
+        tmp.replace(out)
+    return ctypes.CDLL(str(out))
+
+
+def _c_arg(a):
+    if isinstance(a, np.ndarray):
+        assert a.flags.c_contiguous, "kernel arguments must be contiguous"
+        return ctypes.c_void_p(a.ctypes.data)
+    if isinstance(a, np.uint64):
+        return ctypes.c_ulonglong(int(a))
+    if isinstance(a, (np.int32, int)):
+        return ctypes.c_int(int(a))
+    raise TypeError(f"unsupported kernel argument {type(a)}")
+
+
+class EmulatedDevice:
+    """Drop-in for :class:`sparsevox.gpu_kernel_map.CupyDevice`: NumPy arrays, kernels on the CPU."""
+    xp = np
+
+    def __init__(self):
+        self.lib = _library()
+        self.launches: list[str] = []
+
+    def launch(self, name, grid, block, args):
+        self.launches.append(name)
+        getattr(self.lib, f"emu_kmap_{name}")(ctypes.c_int(grid), ctypes.c_int(block), *(_c_arg(a) for a in args))
+
+    def fill_ones(self, a):
+        a.view(np.uint8).fill(0xFF)
+
+    def to_host(self, a):
+        return np.array(a, copy=True)

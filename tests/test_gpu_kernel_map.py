@@ -1,0 +1,237 @@
+"""The GPU kernel-map builder (hash table, kernels_cu/kernel_map.cu) equals the NumPy builder exactly.
+
+Two drivers of the same Python builder (:func:`sparsevox.gpu_kernel_map.build`) and the same CUDA source:
+- on the GPU (``@pytest.mark.gpu``): every kind, kernel size, stride, dilation and batch count on random
+  inputs, limits, N = 0, duplicates, and the real scans of ``pointcloud_dir()``;
+- on the CPU through ``tests/cuda_cpu_emulator.py`` (the kernels compiled as C++, one thread per CUDA
+  thread): a smaller set, so the kernels' logic is checked where no GPU is present.
+"""
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import pointcloud_dir
+from reference import expected_out_coords, random_voxels
+
+import sparsevox as sv
+from sparsevox import gpu_kernel_map
+from sparsevox.geometry import BATCH_MAX, COORD_MAX, COORD_MIN
+from sparsevox.kernel_map import build_kernel_map as numpy_builder
+from sparsevox.testing import BATCHES, DILATIONS, KERNEL_SIZES, KINDS, STRIDES, kind_args
+
+FIELDS = ("in_maps", "out_maps", "offsets", "offsets_host", "out_coords")
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def assert_same_map(got, want, what=""):
+    for f in FIELDS:
+        a, b = _host(getattr(got, f)), _host(getattr(want, f))
+        assert a.dtype == b.dtype, f"{what} {f}: dtype {a.dtype} != {b.dtype}"
+        assert a.shape == b.shape, f"{what} {f}: shape {a.shape} != {b.shape}"
+        if not np.array_equal(a, b):
+            bad = np.argwhere(a != b)[:5].tolist()
+            raise AssertionError(f"{what} {f}: differs at {bad} (of {a.size})")
+    for f in ("num_in", "num_out", "kind", "kernel_size", "stride", "dilation"):
+        assert getattr(got, f) == getattr(want, f), f"{what} {f}: {getattr(got, f)} != {getattr(want, f)}"
+
+
+def reference_map(coords, *args, out=None):
+    return numpy_builder(coords, sv.Voxels(coords, None).sorted_keys(), *args, out)
+
+
+def make_coords(rng, kind, stride, batches, n=60, extent=7):
+    """(input coords, output coords or None) as NumPy int32; transposed inputs are the coarse level."""
+    fine = random_voxels(rng, n * batches, extent=extent, batches=batches)
+    if kind == "transposed":
+        return expected_out_coords(fine, 2, stride, 1, False, False), fine
+    return fine, None
+
+
+EDGE = np.array([[0, COORD_MAX, COORD_MAX, COORD_MAX], [0, COORD_MAX - 1, COORD_MAX, COORD_MAX],
+                 [BATCH_MAX, COORD_MIN, COORD_MIN, COORD_MIN], [BATCH_MAX, COORD_MIN + 1, COORD_MIN, COORD_MIN],
+                 [0, COORD_MIN, COORD_MAX, 0],
+                 # packs to all ones, the bits of a free hash slot: it has a slot of its own
+                 [BATCH_MAX, COORD_MAX, COORD_MAX, COORD_MAX], [BATCH_MAX, COORD_MAX, COORD_MAX, COORD_MAX - 1]],
+                np.int32)
+EMPTY = np.zeros((0, 4), np.int32)
+EDGE_CASES = [  # (coords, kernel_size, stride, dilation, transposed, generative, out)
+    (EMPTY, 3, 1, 1, False, False, None), (EMPTY, 3, 2, 1, False, False, None),
+    (EMPTY, 2, 2, 1, True, True, None), (EMPTY, 3, 2, 1, True, False, np.array([[0, 1, 1, 1]], np.int32)),
+    (np.array([[0, 1, 1, 1]], np.int32), 3, 2, 1, True, False, EMPTY),
+    (np.array([[0, 1, 1, 1], [0, 2, 2, 2]], np.int32), 3, 1, 1, False, False, np.array([[0, 1, 1, 1]], np.int32)),
+    (EDGE, 3, 1, 1, False, False, None), (EDGE, 3, 2, 1, False, False, None),
+    (EDGE, (2, 3, 1), 3, 2, False, False, None),
+]
+
+
+# --- on the CPU, through the emulator -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def emulated():
+    import cuda_cpu_emulator as emu
+    ok, reason = emu.available()
+    if not ok:
+        pytest.skip(f"CUDA CPU emulator unavailable: {reason}")
+    return emu.EmulatedDevice()
+
+
+EMU_CASES = [("submanifold", 3, 1, 1, 1), ("submanifold", (3, 1, 2), 1, 2, 3), ("submanifold", 2, 1, 1, 1),
+             ("strided", 2, 2, 1, 1), ("strided", 3, (1, 2, 3), 2, 3), ("transposed", 2, 2, 1, 1),
+             ("transposed", 3, (2, 1, 2), 1, 3), ("generative", 2, 2, 1, 1), ("generative", (3, 1, 3), 2, 2, 3)]
+
+
+@pytest.mark.parametrize("kind,ks,stride,dilation,batches", EMU_CASES)
+def test_emulated_kernels_match_numpy_builder(emulated, rng, kind, ks, stride, dilation, batches):
+    s, tr, gen = kind_args(kind, stride)
+    coords, out = make_coords(rng, kind, s, batches, n=40, extent=6)
+    got = gpu_kernel_map.build(emulated, coords, ks, s, dilation, tr, gen, out)
+    assert_same_map(got, reference_map(coords, ks, s, dilation, tr, gen, out=out), kind)
+
+
+@pytest.mark.parametrize("case", range(len(EDGE_CASES)))
+def test_emulated_edges_and_empty(emulated, case):
+    coords, ks, s, d, tr, gen, out = EDGE_CASES[case]
+    got = gpu_kernel_map.build(emulated, coords, ks, s, d, tr, gen, out)
+    assert_same_map(got, reference_map(coords, ks, s, d, tr, gen, out=out), f"edge case {case}")
+
+
+def test_emulated_errors(emulated):
+    dup = np.array([[0, 1, 2, 3], [1, 1, 2, 3], [0, 1, 2, 3], [0, 5, 5, 5]], np.int32)
+    with pytest.raises(ValueError, match=r"unique.*\[0, 1, 2, 3\]"):
+        gpu_kernel_map.build(emulated, dup, 3, 1, 1, False, False)
+    ones = np.array([[BATCH_MAX, COORD_MAX, COORD_MAX, COORD_MAX]] * 2, np.int32)
+    with pytest.raises(ValueError, match=r"unique.*\[1023, 131071, 131071, 131071\]"):
+        gpu_kernel_map.build(emulated, ones, 3, 1, 1, False, False)
+    with pytest.raises(ValueError, match="x must be in"):
+        gpu_kernel_map.build(emulated, np.array([[0, COORD_MAX + 1, 0, 0]], np.int32), 3, 1, 1, False, False)
+    far = np.array([[0, COORD_MAX // 2 + 1, 0, 0]], np.int32)
+    with pytest.raises(ValueError, match="generated output coordinates"):
+        gpu_kernel_map.build(emulated, far, 2, 2, 1, True, True)
+    with pytest.raises(ValueError, match="transposed=True"):
+        gpu_kernel_map.build(emulated, far, 2, 2, 1, False, True)
+    with pytest.raises(ValueError, match="output_voxels"):
+        gpu_kernel_map.build(emulated, far, 2, 2, 1, True, False)
+
+
+def test_emulated_real_scan(emulated):
+    """The 800-point KITTI test scan at 5 cm (766 voxels): SubM k3, k2 s2 down, up and generative."""
+    coords = _scan_coords(_find_scan("kitti_test_000000.bin"))
+    assert_same_map(gpu_kernel_map.build(emulated, coords, 3, 1, 1, False, False),
+                    reference_map(coords, 3, 1, 1, False, False), "subm k3")
+    down = gpu_kernel_map.build(emulated, coords, 2, 2, 1, False, False)
+    assert_same_map(down, reference_map(coords, 2, 2, 1, False, False), "down k2")
+    coarse = down.out_coords
+    assert_same_map(gpu_kernel_map.build(emulated, coarse, 2, 2, 1, True, False, coords),
+                    reference_map(coarse, 2, 2, 1, True, False, out=coords), "up k2")
+    assert_same_map(gpu_kernel_map.build(emulated, coarse, 2, 2, 1, True, True),
+                    reference_map(coarse, 2, 2, 1, True, True), "generative k2")
+
+
+# --- on the GPU ----------------------------------------------------------------------------------
+
+GPU_CASES = [c for c in itertools.product(KINDS, KERNEL_SIZES + [(2, 3, 1)], STRIDES + [(1, 2, 3)], DILATIONS, BATCHES)
+             if not (c[0] == "submanifold" and c[2] != 1)]
+
+
+@pytest.fixture
+def cupy():
+    return pytest.importorskip("cupy")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,ks,stride,dilation,batches", GPU_CASES)
+def test_gpu_builder_matches_numpy_builder(cupy, rng, kind, ks, stride, dilation, batches):
+    s, tr, gen = kind_args(kind, stride)
+    coords, out = make_coords(rng, kind, s, batches)
+    got = gpu_kernel_map.build_kernel_map(cupy.asarray(coords), None, ks, s, dilation, tr, gen,
+                                          None if out is None else cupy.asarray(out))
+    assert isinstance(got.in_maps, cupy.ndarray) and isinstance(got.offsets, cupy.ndarray)
+    assert isinstance(got.offsets_host, np.ndarray)
+    assert_same_map(got, reference_map(coords, ks, s, dilation, tr, gen, out=out), kind)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(len(EDGE_CASES)))
+def test_gpu_edges_and_empty(cupy, case):
+    coords, ks, s, d, tr, gen, out = EDGE_CASES[case]
+    got = gpu_kernel_map.build_kernel_map(cupy.asarray(coords), None, ks, s, d, tr, gen,
+                                          None if out is None else cupy.asarray(out))
+    assert_same_map(got, reference_map(coords, ks, s, d, tr, gen, out=out), f"edge case {case}")
+
+
+@pytest.mark.gpu
+def test_gpu_errors(cupy):
+    dup = cupy.asarray(np.array([[0, 1, 2, 3], [1, 1, 2, 3], [0, 1, 2, 3], [0, 5, 5, 5]], np.int32))
+    with pytest.raises(ValueError, match=r"unique.*\[0, 1, 2, 3\]"):
+        gpu_kernel_map.build_kernel_map(dup, None, 3, 1, 1, False, False)
+    ones = cupy.asarray(np.array([[BATCH_MAX, COORD_MAX, COORD_MAX, COORD_MAX]] * 2, np.int32))
+    with pytest.raises(ValueError, match=r"unique.*\[1023, 131071, 131071, 131071\]"):
+        gpu_kernel_map.build_kernel_map(ones, None, 3, 1, 1, False, False)
+    far = cupy.asarray(np.array([[0, COORD_MAX // 2 + 1, 0, 0]], np.int32))
+    with pytest.raises(ValueError, match="generated output coordinates"):
+        gpu_kernel_map.build_kernel_map(far, None, 2, 2, 1, True, True)
+
+
+@pytest.mark.gpu
+def test_gpu_large_random_and_public_api(cupy, rng):
+    """200k voxels in 2 batches (many probe collisions); the public kernel_map() on CuPy Voxels uses
+    the hash builder and caches its map."""
+    coords = random_voxels(rng, 200_000, extent=80, batches=2)
+    v = sv.Voxels(cupy.asarray(coords), None)
+    got = sv.kernel_map(v, 3)
+    from sparsevox.kernel_map import BUILDERS
+    assert BUILDERS["cupy"] is gpu_kernel_map.build_kernel_map
+    assert sv.kernel_map(v, 3) is got
+    assert_same_map(got, reference_map(coords, 3, 1, 1, False, False), "200k subm k3")
+    down = sv.kernel_map(v, 2, 2)
+    assert_same_map(down, reference_map(coords, 2, 2, 1, False, False), "200k k2 s2")
+
+
+def _find_scan(name):
+    """A real scan from ``pointcloud_dir()`` or, failing that, ../shared/data/pointclouds; else skip."""
+    root = Path(__file__).resolve().parents[1]
+    for d in (pointcloud_dir(), root.parent / "shared" / "data" / "pointclouds"):
+        if d is not None and (d / name).exists():
+            return d / name
+    pytest.skip(f"real scan {name} not found (.gpudata/pointclouds/ or ../shared/data/pointclouds/)")
+
+
+def _scan_coords(path):
+    cols = 5 if path.name.startswith("nuscenes") else 6 if path.name.startswith(("scannet", "sunrgbd")) else 4
+    pts = np.fromfile(path, np.float32).reshape(-1, cols)
+    size = 0.02 if path.name.startswith(("scannet", "sunrgbd")) else 0.05
+    return np.asarray(sv.Voxels.from_points(pts[:, :3], size).coords)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["semantickitti_000000.bin", "kitti_000008.bin", "scannet_scene0000_00.bin",
+                                  "nuscenes_LIDAR_TOP_1532402927647951.bin"])
+def test_gpu_real_scans_match_numpy_builder(cupy, name):
+    coords = _scan_coords(_find_scan(name))
+    c = cupy.asarray(coords)
+    for ks, s, dil in ((3, 1, 1), (5, 1, 1), (3, 1, 2), (2, 1, 1)):
+        got = gpu_kernel_map.build_kernel_map(c, None, ks, s, dil, False, False)
+        assert_same_map(got, reference_map(coords, ks, s, dil, False, False), f"{name} subm k{ks} d{dil}")
+    for ks in (2, 3):
+        down = gpu_kernel_map.build_kernel_map(c, None, ks, 2, 1, False, False)
+        assert_same_map(down, reference_map(coords, ks, 2, 1, False, False), f"{name} down k{ks}")
+        coarse = _host(down.out_coords)
+        up = gpu_kernel_map.build_kernel_map(down.out_coords, None, ks, 2, 1, True, False, c)
+        assert_same_map(up, reference_map(coarse, ks, 2, 1, True, False, out=coords), f"{name} up k{ks}")
+        gen = gpu_kernel_map.build_kernel_map(down.out_coords, None, ks, 2, 1, True, True)
+        assert_same_map(gen, reference_map(coarse, ks, 2, 1, True, True), f"{name} generative k{ks}")
+
+
+@pytest.mark.gpu
+def test_gpu_map_follows_the_current_stream(cupy, rng):
+    """Built on a non-default stream without synchronising the device first: same map."""
+    coords = random_voxels(rng, 5000, extent=30, batches=1)
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        got = gpu_kernel_map.build_kernel_map(cupy.asarray(coords), None, 3, 1, 1, False, False)
+    s.synchronize()
+    assert_same_map(got, reference_map(coords, 3, 1, 1, False, False), "side stream")
