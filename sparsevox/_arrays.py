@@ -158,9 +158,25 @@ def external_stream(handle: int, device_id: int):
     s = _streams.get(key)
     if s is None:
         cupy = import_cupy()
-        s = cupy.cuda.Stream.null if handle == 0 else cupy.cuda.ExternalStream(handle, device_id)
+        if handle == 0:
+            s = cupy.cuda.Stream.null
+        elif hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14 (ExternalStream is deprecated)
+            s = cupy.cuda.Stream.from_external(_StreamHandle(handle))
+        else:
+            s = cupy.cuda.ExternalStream(handle, device_id)
         _streams[key] = s
     return s
+
+
+class _StreamHandle:
+    """A raw ``cudaStream_t`` in the CUDA stream protocol, which ``cupy.cuda.Stream.from_external`` reads."""
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
 
 
 def caller_stream(origin: Origin):

@@ -97,6 +97,13 @@ def test_cpu_origins_need_no_stream():
         assert s is None
 
 
+def test_stream_wrappers_are_cached_and_name_the_handle():
+    pytest.importorskip("cupy")  # wrapping a handle needs no device
+    s = _arrays.external_stream(0x1234, 0)
+    assert s.ptr == 0x1234 and _arrays.external_stream(0x1234, 0) is s
+    assert _arrays.external_stream(0, 0).ptr == 0  # torch's default stream: the legacy default stream
+
+
 def _torch_cuda():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
