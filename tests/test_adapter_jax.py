@@ -4,6 +4,7 @@ import pytest
 from reference import dense_conv, dense_conv_grads, expected_out_coords, random_voxels, rel_err
 
 import sparsevox as sv
+from sparsevox._arrays import to_host
 from sparsevox.testing import KINDS, kind_args
 
 jax = pytest.importorskip("jax", reason="jax not installed")
@@ -32,7 +33,8 @@ def _case(rng, kind):
     w = rng.standard_normal((ks ** 3, 3, 2))
     v = sv.Voxels(jnp.asarray(coords), jnp.asarray(f))
     kmap = svj.kernel_map(v, ks, s, 1, tr, gen, out_v)
-    return v, jnp.asarray(w), kmap, (ks, s, tr), sv.kernel_map(v, ks, s, 1, tr, gen, out_v).out_coords
+    out_coords = to_host(sv.kernel_map(v, ks, s, 1, tr, gen, out_v).out_coords)  # CuPy when jax runs on a GPU
+    return v, jnp.asarray(w), kmap, (ks, s, tr), out_coords
 
 
 @pytest.mark.parametrize("kind", KINDS)
