@@ -88,6 +88,13 @@ def _geometry_args(st, ks, dl) -> tuple:
     return tuple(np.int32(v) for v in (*st, *ks, *dl))
 
 
+def _as_int32_rows(xp, a):
+    """``a`` as a C-contiguous int32 array (itself when it already is one: the common case)."""
+    if a.dtype == xp.int32 and a.flags.c_contiguous:
+        return a
+    return xp.ascontiguousarray(a, dtype=xp.int32)
+
+
 def _check_int32(count: int, what: str) -> None:
     if count > _INT32_MAX:
         raise ValueError(f"{what} ({count}) exceeds 2^31 - 1; KernelMap stores int32 indices "
@@ -190,7 +197,7 @@ def build(dev, coords, kernel_size, stride, dilation, transposed, generative, ou
     st = geometry.triple(stride, "stride")
     dl = geometry.triple(dilation, "dilation")
     num_k = ks[0] * ks[1] * ks[2]
-    coords = xp.ascontiguousarray(coords, dtype=xp.int32)
+    coords = _as_int32_rows(xp, coords)
     n_in = coords.shape[0]
     if generative and not transposed:
         raise ValueError("generative=True is a transposed convolution that creates its output sites; "
@@ -212,7 +219,7 @@ def build(dev, coords, kernel_size, stride, dilation, transposed, generative, ou
         if out_coords is None:
             out_coords = (_unique_outputs(dev, coords, 0, st, ks, dl, num_k) if n_in
                           else xp.empty((0, 4), dtype=xp.int32))
-    out_coords = xp.ascontiguousarray(out_coords, dtype=xp.int32)
+    out_coords = _as_int32_rows(xp, out_coords)
     m = out_coords.shape[0]
     if n_in and m:
         in_maps, out_maps, offsets, offsets_host = _pairs(dev, coords, out_coords, st, ks, dl, bool(transposed))
@@ -235,6 +242,8 @@ def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transpose
     with dev.xp.cuda.Device(coords.device.id):
         return build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords)
 
+
+build_kernel_map.needs_sorted_keys = False  # kernel_map() then skips Voxels.sorted_keys() (an argsort)
 
 if os.environ.get("SPARSEVOX_GPU_KERNEL_MAP", "hash").lower() != "generic":
     BUILDERS["cupy"] = build_kernel_map

@@ -239,7 +239,9 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     if xp is not np and "cupy" not in BUILDERS:
         from . import gpu_kernel_map  # noqa: F401  (registers the hash-table builder as BUILDERS["cupy"])
     builder = BUILDERS.get("cupy" if xp is not np else "numpy", build_kernel_map)
-    kmap = builder(coords, voxels.sorted_keys(), ks, st, dl, transposed, generative, out_coords)
+    # a builder that does not read the sorted keys (the GPU hash table) spares their argsort
+    sorted_in = voxels.sorted_keys() if getattr(builder, "needs_sorted_keys", True) else None
+    kmap = builder(coords, sorted_in, ks, st, dl, transposed, generative, out_coords)
     _remember(kmap)
     voxels._kmaps[key] = (kmap, out_v)  # keep out_v alive so its id stays unique
     return kmap

@@ -189,6 +189,9 @@ def test_gpu_large_random_and_public_api(cupy, rng):
     assert_same_map(got, reference_map(coords, 3, 1, 1, False, False), "200k subm k3")
     down = sv.kernel_map(v, 2, 2)
     assert_same_map(down, reference_map(coords, 2, 2, 1, False, False), "200k k2 s2")
+    unchecked = sv.Voxels(cupy.asarray(coords), None, check=False)
+    sv.kernel_map(unchecked, 3)
+    assert unchecked._keys is None, "the hash builder must not make kernel_map() sort the keys"
 
 
 def _find_scan(name):
