@@ -19,7 +19,6 @@ leave room for it, e.g. ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.5`` or ``XLA_PYTHON_C
 from __future__ import annotations
 
 import dataclasses
-import functools
 from functools import partial
 
 import jax
@@ -29,7 +28,7 @@ from jax.experimental.buffer_callback import buffer_callback
 
 import sparsevox as sv
 from sparsevox.conv import output_voxels_of
-from sparsevox._arrays import to_host
+from sparsevox._arrays import external_stream, to_host
 from sparsevox.kernel_map import KernelMap, recall
 from sparsevox.voxels import Voxels
 
@@ -82,12 +81,6 @@ def _view(buf, on_gpu: bool):
         return cupy.asarray(buf)
 
 
-@functools.lru_cache(maxsize=64)
-def _external_stream(ptr: int, device_id: int):
-    import cupy
-    return cupy.cuda.ExternalStream(ptr, device_id)
-
-
 def _call(fn, out_shapes, *args):
     """Run ``fn(outputs, *inputs)`` on core views of XLA buffers, on XLA's stream."""
     def callback(ctx, outs, ins):
@@ -102,7 +95,7 @@ def _call(fn, out_shapes, *args):
         if on_gpu:
             import cupy
             dev = targets[0].device.id
-            with cupy.cuda.Device(dev), _external_stream(int(stream), dev):
+            with cupy.cuda.Device(dev), external_stream(int(stream), dev):
                 fn(targets, *views)
         else:
             fn(targets, *views)

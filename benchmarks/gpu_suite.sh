@@ -86,8 +86,8 @@ test_rc=skipped
 if [ "$run_tests" = 1 ]; then
   echo "== tests (timeout ${tests_timeout}s)"
   { echo "# sparsevox GPU test log"; echo "# device: $gpu"; echo "# date: $(date -u '+%F %T') UTC";
-    echo "# commit: ${stem##*-} (from $commit_src)"; echo "# command: python3 -m pytest tests -q -rs"; } > "$RES/$stem-tests.log"
-  timeout --signal=INT --kill-after=15 "$tests_timeout" python3 -m pytest tests -q -rs 2>&1 | tee -a "$RES/$stem-tests.log"
+    echo "# commit: ${stem##*-} (from $commit_src)"; echo "# command: python3 -m pytest tests -q -rs ${PYTEST_ARGS:-}"; } > "$RES/$stem-tests.log"
+  timeout --signal=INT --kill-after=15 "$tests_timeout" python3 -m pytest tests -q -rs ${PYTEST_ARGS:-} 2>&1 | tee -a "$RES/$stem-tests.log"
   test_rc=$?
   [ "$test_rc" = 124 ] && echo "tests STOPPED at the ${tests_timeout}s timeout" | tee -a "$RES/$stem-tests.log"
   pack
@@ -107,7 +107,7 @@ run_bench_module() {  # module, then its extra arguments
 if [ "$run_bench" = 1 ]; then
   # shellcheck disable=SC2086  # LAYERS_ARGS is split on purpose, e.g. "--peers spconv spconv_triton"
   run_bench_module benchmarks.layers "${cpu[@]}" ${LAYERS_ARGS:-}
-  [ -f benchmarks/autotune_overhead.py ] && run_bench_module benchmarks.autotune_overhead
+  [ -z "${SKIP_AUTOTUNE_OVERHEAD:-}" ] && [ -f benchmarks/autotune_overhead.py ] && run_bench_module benchmarks.autotune_overhead
   for m in "${mods[@]}"; do run_bench_module "$m"; done
 fi
 
