@@ -244,8 +244,15 @@ def _run(args, rank, world, device, dtype, backend, dist, torch) -> int:
     verdict = [check["pass"] and spread == 0.0 and not foreign]
     dist.broadcast_object_list(verdict, src=0)  # every rank exits with the same status
     ok = bool(verdict[0])
-    if rank != 0:
-        return 0 if ok else 1
+    if rank == 0:
+        _report(args, ok, world, backend, device, reports, check, spread, losses, step_ms, foreign, torch)
+    # Leave together: a rank that tears gloo down while rank 0 still reports can abort the job at exit
+    # ("terminate called without an active exception", seen here about one run in four).
+    dist.barrier()
+    return 0 if ok else 1
+
+
+def _report(args, ok, world, backend, device, reports, check, spread, losses, step_ms, foreign, torch) -> None:
     tol = dp_scans.TOL[args.dtype]
     line = (f"DDP grad check {'PASS' if ok else 'FAIL'}: world={world} backend={backend} device={device.type} "
             f"dtype={args.dtype} voxels/rank={[r['n_voxels'] for r in reports]} "
@@ -257,7 +264,6 @@ def _run(args, rank, world, device, dtype, backend, dist, torch) -> int:
     print(line, flush=True)
     if args.out:
         _write(args, line, ok, check, world, backend, device, spread, losses, step_ms, reports, torch)
-    return 0 if ok else 1
 
 
 def _check_step0(args, rank, world, device, dtype, model, init_state, all_scans, dist, torch):
