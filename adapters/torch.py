@@ -53,87 +53,65 @@ def _stream(t: torch.Tensor):
     return _arrays.on_caller_stream(_arrays.Origin("torch", t.device))
 
 
-# --- sparse conv ops ------------------------------------------------------------------------------
-
-def _conv_fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out: int, fwd_algo: str):
-    kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
-    with _stream(feats):
-        f, origin = _arrays.to_core(feats)
-        w, _ = _arrays.to_core(weight.to(feats.dtype) if weight.dtype != feats.dtype else weight)
-        out = sv.conv_forward(f, w, kmap, _algo_value(fwd_algo))
-        return _arrays.from_core(out, origin)
-
-
-@torch.library.custom_op("sparsevox::conv_fwd", mutates_args=())
-def _conv_fwd(feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor, out_maps: torch.Tensor,
-              offsets: torch.Tensor, num_out: int, fwd_algo: str) -> torch.Tensor:
-    return _conv_fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo)
-
-
-@_conv_fwd.register_fake
-def _(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo):
-    return feats.new_empty((num_out, weight.shape[2]))
-
-
-def _conv_bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo: str, feats_grad: bool,
-                   weight_grad: bool):
-    kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], grad_out.shape[0])
-    with _stream(feats):
-        g, origin = _arrays.to_core(grad_out.contiguous())
-        f, _ = _arrays.to_core(feats)
-        w, _ = _arrays.to_core(weight)
-        gf, gw = sv.conv_backward(g, f, w, kmap, _algo_value(bwd_algo), feats_grad, weight_grad)
-        gf = _arrays.from_core(gf, origin) if gf is not None else torch.zeros_like(feats)
-        gw = _arrays.from_core(gw, origin) if gw is not None else torch.zeros_like(weight)
-        return gf, gw
-
-
-@torch.library.custom_op("sparsevox::conv_bwd", mutates_args=())
-def _conv_bwd(grad_out: torch.Tensor, feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor,
-              out_maps: torch.Tensor, offsets: torch.Tensor, bwd_algo: str, feats_grad: bool,
-              weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _conv_bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad)
-
-
-@_conv_bwd.register_fake
-def _(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad):
-    return torch.empty_like(feats), torch.empty_like(weight)
-
-
-def _conv_setup(ctx, inputs, output):
-    feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo = inputs
-    ctx.save_for_backward(feats, weight, in_maps, out_maps, offsets)
-
-
-def _conv_backward(ctx, grad):
-    feats, weight, in_maps, out_maps, offsets = ctx.saved_tensors
-    gf, gw = torch.ops.sparsevox.conv_bwd(grad, feats, weight, in_maps, out_maps, offsets, ctx.bwd_algo,
-                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-    return (gf if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None)
-
+# --- the ops -------------------------------------------------------------------------------------
+# One definition serves both convolutions: each becomes a pair of custom ops (forward, backward) with
+# fake kernels and autograd for torch.compile, and a plain autograd.Function for eager calls, because
+# ``torch.library.custom_op`` dispatch costs ~300 µs of host time per call in torch 2.11 (measured on
+# the H100: 376 µs through the op vs 53 µs for the core call), more than a small layer's kernel.
 
 # The bwd algorithm is not an input of the forward op (it would be an argument the forward ignores);
-# it travels from the caller to setup_context through a context variable instead.
+# under torch.compile it travels from the caller to setup_context through a context variable instead.
 _BWD_ALGO: contextvars.ContextVar[str] = contextvars.ContextVar("sparsevox_bwd_algo", default="")
 
 
-def _conv_setup_with_bwd(ctx, inputs, output):
-    _conv_setup(ctx, inputs, output)
-    ctx.bwd_algo = _BWD_ALGO.get()
+def _define(name: str, core_forward, core_backward, out_channels):
+    """Register ``sparsevox::<name>_fwd``/``_bwd`` and return ``(eager autograd.Function, forward op)``."""
 
+    def fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo):
+        kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
+        with _stream(feats):
+            f, origin = _arrays.to_core(feats)
+            w, _ = _arrays.to_core(weight)
+            return _arrays.from_core(core_forward(f, w, kmap, _algo_value(fwd_algo)), origin)
 
-_conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_with_bwd)
+    def bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad):
+        kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], grad_out.shape[0])
+        with _stream(feats):
+            g, origin = _arrays.to_core(grad_out.contiguous())
+            f, _ = _arrays.to_core(feats)
+            w, _ = _arrays.to_core(weight)
+            gf, gw = core_backward(g, f, w, kmap, _algo_value(bwd_algo), feats_grad, weight_grad)
+            gf = _arrays.from_core(gf, origin) if gf is not None else torch.zeros_like(feats)
+            gw = _arrays.from_core(gw, origin) if gw is not None else torch.zeros_like(weight)
+            return gf, gw
 
+    def fwd(feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor, out_maps: torch.Tensor,
+            offsets: torch.Tensor, num_out: int, fwd_algo: str) -> torch.Tensor:
+        return fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo)
 
-def _eager_function(fwd_impl, bwd_impl):
-    """The same op as a plain ``autograd.Function`` for eager mode.
+    def bwd(grad_out: torch.Tensor, feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor,
+            out_maps: torch.Tensor, offsets: torch.Tensor, bwd_algo: str, feats_grad: bool,
+            weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad)
 
-    ``torch.library.custom_op`` dispatch costs ~300 µs of host time per call in torch 2.11 (measured on
-    the H100: 376 µs through the op vs 53 µs for the core call), more than a small layer's kernel; the
-    custom ops stay the path under ``torch.compile``, where that cost is traced away.
-    """
-    class Fn(torch.autograd.Function):
+    fwd_op = torch.library.custom_op(f"sparsevox::{name}_fwd", fwd, mutates_args=())
+    bwd_op = torch.library.custom_op(f"sparsevox::{name}_bwd", bwd, mutates_args=())
+    fwd_op.register_fake(lambda feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo:
+                         feats.new_empty((num_out, out_channels(feats, weight))))
+    bwd_op.register_fake(lambda grad_out, feats, weight, *rest: (torch.empty_like(feats), torch.empty_like(weight)))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:5])
+        ctx.bwd_algo = _BWD_ALGO.get()
+
+    def backward(ctx, grad):
+        need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gf, gw = bwd_op(grad, *ctx.saved_tensors, ctx.bwd_algo, need_f, need_w)
+        return gf if need_f else None, gw if need_w else None, None, None, None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+
+    class Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, bwd_algo):
             ctx.save_for_backward(feats, weight, in_maps, out_maps, offsets)
@@ -142,14 +120,17 @@ def _eager_function(fwd_impl, bwd_impl):
 
         @staticmethod
         def backward(ctx, grad):
-            feats, weight, in_maps, out_maps, offsets = ctx.saved_tensors
             need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            gf, gw = bwd_impl(grad, feats, weight, in_maps, out_maps, offsets, ctx.bwd_algo, need_f, need_w)
+            gf, gw = bwd_impl(grad, *ctx.saved_tensors, ctx.bwd_algo, need_f, need_w)
             return gf if need_f else None, gw if need_w else None, None, None, None, None, None, None
-    return Fn
+
+    Eager.__name__ = Eager.__qualname__ = f"{name}_function"
+    return Eager, fwd_op
 
 
-_ConvFunction = _eager_function(_conv_fwd_impl, _conv_bwd_impl)
+_ConvFunction, _conv_fwd = _define("conv", sv.conv_forward, sv.conv_backward, lambda f, w: w.shape[2])
+_DepthwiseFunction, _dw_fwd = _define("depthwise", sv.depthwise_forward, sv.depthwise_backward,
+                                      lambda f, w: f.shape[1])
 
 
 def _apply(function, op, feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, bwd_algo):
@@ -187,7 +168,7 @@ def conv_tensors(feats, weight, in_maps, out_maps, offsets, num_out: int, fwd_al
     feats, weight = _autocast(feats, weight)
     if weight.dtype != feats.dtype:
         raise ValueError(f"weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
-    return _apply(_ConvFunction, torch.ops.sparsevox.conv_fwd, feats, weight, in_maps, out_maps, offsets,
+    return _apply(_ConvFunction, _conv_fwd, feats, weight, in_maps, out_maps, offsets,
                   num_out, fwd_algo, bwd_algo)
 
 
@@ -199,65 +180,7 @@ def spatially_sparse_conv(voxels, weight, kernel_size=3, stride=1, dilation=1, t
     return output_voxels_of(voxels, kmap, out, output_voxels)
 
 
-# --- depthwise ops --------------------------------------------------------------------------------
-
-def _dw_fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out: int, fwd_algo: str):
-    kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
-    with _stream(feats):
-        f, origin = _arrays.to_core(feats)
-        w, _ = _arrays.to_core(weight)
-        return _arrays.from_core(sv.depthwise_forward(f, w, kmap, _algo_value(fwd_algo)), origin)
-
-
-@torch.library.custom_op("sparsevox::depthwise_fwd", mutates_args=())
-def _dw_fwd(feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor, out_maps: torch.Tensor,
-            offsets: torch.Tensor, num_out: int, fwd_algo: str) -> torch.Tensor:
-    return _dw_fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo)
-
-
-@_dw_fwd.register_fake
-def _(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo):
-    return feats.new_empty((num_out, feats.shape[1]))
-
-
-def _dw_bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo: str, feats_grad: bool,
-                 weight_grad: bool):
-    kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], grad_out.shape[0])
-    with _stream(feats):
-        g, origin = _arrays.to_core(grad_out.contiguous())
-        f, _ = _arrays.to_core(feats)
-        w, _ = _arrays.to_core(weight)
-        gf, gw = sv.depthwise_backward(g, f, w, kmap, _algo_value(bwd_algo), feats_grad, weight_grad)
-        gf = _arrays.from_core(gf, origin) if gf is not None else torch.zeros_like(feats)
-        gw = _arrays.from_core(gw, origin) if gw is not None else torch.zeros_like(weight)
-        return gf, gw
-
-
-@torch.library.custom_op("sparsevox::depthwise_bwd", mutates_args=())
-def _dw_bwd(grad_out: torch.Tensor, feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor,
-            out_maps: torch.Tensor, offsets: torch.Tensor, bwd_algo: str, feats_grad: bool,
-            weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _dw_bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad)
-
-
-@_dw_bwd.register_fake
-def _(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad):
-    return torch.empty_like(feats), torch.empty_like(weight)
-
-
-def _dw_backward(ctx, grad):
-    feats, weight, in_maps, out_maps, offsets = ctx.saved_tensors
-    gf, gw = torch.ops.sparsevox.depthwise_bwd(grad, feats, weight, in_maps, out_maps, offsets, ctx.bwd_algo,
-                                               ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-    return (gf if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None)
-
-
-_dw_fwd.register_autograd(_dw_backward, setup_context=_conv_setup_with_bwd)
-
-
-_DepthwiseFunction = _eager_function(_dw_fwd_impl, _dw_bwd_impl)
-
+# --- depthwise ---------------------------------------------------------------------------------
 
 def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map, num_out_coords,
                                     fwd_algo=None, bwd_algo=None):
@@ -270,7 +193,7 @@ def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map
     feats, weight = _autocast(input_features, depthwise_weight)
     if weight.dtype != feats.dtype:
         raise ValueError(f"depthwise_weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
-    return _apply(_DepthwiseFunction, torch.ops.sparsevox.depthwise_fwd, feats, weight, in_maps, out_maps,
+    return _apply(_DepthwiseFunction, _dw_fwd, feats, weight, in_maps, out_maps,
                   offsets, kmap.num_out, fwd_algo, bwd_algo)
 
 
