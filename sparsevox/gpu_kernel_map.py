@@ -199,19 +199,11 @@ def build(dev, coords, kernel_size, stride, dilation, transposed, generative, ou
     num_k = ks[0] * ks[1] * ks[2]
     coords = _as_int32_rows(xp, coords)
     n_in = coords.shape[0]
-    if generative and not transposed:
-        raise ValueError("generative=True is a transposed convolution that creates its output sites; "
-                         "pass transposed=True with it")
     if transposed:
         kind = "generative" if generative else "transposed"
         if generative:
-            if out_coords is not None:
-                raise ValueError("output_voxels must be None when generative=True (the outputs are generated)")
             out_coords = (_unique_outputs(dev, coords, 1, st, ks, dl, num_k) if n_in
                           else xp.empty((0, 4), dtype=xp.int32))
-        elif out_coords is None:
-            raise ValueError("a transposed convolution needs output_voxels (usually the finer Voxels saved "
-                             "from the matching strided layer), or generative=True")
     elif st == (1, 1, 1) and out_coords is None:
         kind, out_coords = "submanifold", coords
     else:

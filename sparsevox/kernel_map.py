@@ -127,32 +127,37 @@ def _csr(rows_in, rows_out, xp, out_sorted):
     return ins.astype(xp.int32), outs.astype(xp.int32), offsets
 
 
+def check_kind(transposed: bool, generative: bool, has_output: bool) -> None:
+    """The argument rules every builder relies on (checked once, in :func:`kernel_map`)."""
+    if generative and not transposed:
+        raise ValueError("generative=True is a transposed convolution that creates its output sites; "
+                         "pass transposed=True with it")
+    if generative and has_output:
+        raise ValueError("output_voxels must be None when generative=True (the outputs are generated)")
+    if transposed and not generative and not has_output:
+        raise ValueError("a transposed convolution needs output_voxels (usually the finer Voxels saved "
+                         "from the matching strided layer), or generative=True")
+
+
 def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transposed, generative,
                      out_coords=None) -> KernelMap:
-    """Build the map for core int32 coordinates (NumPy or CuPy). See :func:`sparsevox.kernel_map`."""
+    """Build the map for core int32 coordinates (NumPy or CuPy), arguments already checked by
+    :func:`check_kind`. See :func:`sparsevox.kernel_map`."""
     xp = array_module(coords)
     ks = geometry.triple(kernel_size, "kernel_size")
     st = geometry.triple(stride, "stride")
     dl = geometry.triple(dilation, "dilation")
     off = geometry.kernel_offsets(ks, dl)
     n_in = coords.shape[0]
-    if generative and not transposed:
-        raise ValueError("generative=True is a transposed convolution that creates its output sites; "
-                         "pass transposed=True with it")
     if transposed:
         kind = "generative" if generative else "transposed"
         if generative:
-            if out_coords is not None:
-                raise ValueError("output_voxels must be None when generative=True (the outputs are generated)")
             c = coords.astype(xp.int64)
             cand = xp.concatenate([xp.broadcast_to(c[None, :, :1], (len(off),) + c[:, :1].shape),
                                    c[None, :, 1:] * xp.asarray(st) + xp.asarray(off)[:, None, :]], 2).reshape(-1, 4)
             if cand.shape[0]:
                 geometry.check_coord_range(cand, xp, what="generated output coordinates")
             out_coords = geometry.unpack_keys(xp.unique(geometry.pack_keys(cand, xp)), xp)
-        elif out_coords is None:
-            raise ValueError("a transposed convolution needs output_voxels (usually the finer Voxels saved "
-                             "from the matching strided layer), or generative=True")
         # out = s * in + off: look up every (offset, input) candidate among the output sites.
         rows_out = _query(_sorted(out_coords, xp), _scaled(coords, st, xp), off, xp)
         rows_in = xp.broadcast_to(xp.arange(n_in, dtype=xp.int32)[None, :], rows_out.shape)
@@ -222,6 +227,7 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     ks = geometry.triple(kernel_size, "kernel_size")
     st = geometry.triple(stride, "stride")
     dl = geometry.triple(dilation, "dilation")
+    check_kind(transposed, generative, output_voxels is not None)
     out_v = None
     if output_voxels is not None:
         out_v = output_voxels if isinstance(output_voxels, Voxels) else Voxels(output_voxels, None)
