@@ -33,7 +33,8 @@ from sparsevox.kernel_map import KernelMap, recall
 from sparsevox.voxels import Voxels
 
 __all__ = ["JaxKernelMap", "kernel_map", "conv_features", "depthwise_features", "spatially_sparse_conv",
-           "spatially_sparse_depthwise_conv", "init_conv", "apply_conv"]
+           "spatially_sparse_depthwise_conv", "init_conv", "apply_conv", "SpatiallySparseConv",
+           "SpatiallySparseDepthwiseConv"]
 
 
 @jax.tree_util.register_dataclass
@@ -211,6 +212,57 @@ def apply_conv(params, feats, kmap: JaxKernelMap, fwd_algo=None, bwd_algo=None):
     """Apply a conv layer's ``params`` to features with a prebuilt kernel map (jit-friendly)."""
     out = conv_features(feats, params["weight"], kmap, fwd_algo, bwd_algo)
     return out + params["bias"] if "bias" in params else out
+
+
+class SpatiallySparseConv:
+    """A conv layer as an ``init``/``apply`` pair (no framework beyond JAX).
+
+    ``layer = SpatiallySparseConv(16, 32)``; ``params = layer.init(key)``;
+    ``feats_out = layer.apply(params, feats, kmap)`` inside ``jit``; the kernel map (a
+    :class:`JaxKernelMap`) is built outside ``jit`` with this layer's geometry
+    (``kernel_map(voxels, layer.kernel_size, layer.stride, ...)``).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1, transposed=False,
+                 generative=False, bias=True, fwd_algo=None, bwd_algo=None, dtype=jnp.float32):
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        self.transposed, self.generative, self.bias, self.dtype = transposed, generative, bias, dtype
+        self.fwd_algo, self.bwd_algo = fwd_algo, bwd_algo
+
+    def kernel_map(self, voxels, output_voxels=None) -> JaxKernelMap:
+        return kernel_map(voxels, self.kernel_size, self.stride, self.dilation, self.transposed, self.generative,
+                          output_voxels)
+
+    def init(self, key):
+        return init_conv(key, self.in_channels, self.out_channels, self.kernel_size, self.bias, self.dtype)
+
+    def apply(self, params, feats, kmap: JaxKernelMap):
+        return apply_conv(params, feats, kmap, self.fwd_algo, self.bwd_algo)
+
+
+class SpatiallySparseDepthwiseConv(SpatiallySparseConv):
+    """Depthwise conv layer: params ``{"weight": [K, C], "bias": [C]}``; same ``init``/``apply`` pattern."""
+
+    def __init__(self, channels, kernel_size=3, stride=1, dilation=1, transposed=False, generative=False,
+                 bias=True, fwd_algo=None, bwd_algo=None, dtype=jnp.float32):
+        super().__init__(channels, channels, kernel_size, stride, dilation, transposed, generative, bias,
+                         fwd_algo, bwd_algo, dtype)
+
+    def init(self, key):
+        k = int(np.prod(np.broadcast_to(self.kernel_size, 3)))
+        bound = 1.0 / np.sqrt(k)
+        kw, kb = jax.random.split(key)
+        params = {"weight": jax.random.uniform(kw, (k, self.in_channels), self.dtype, -bound, bound)}
+        if self.bias:
+            params["bias"] = jax.random.uniform(kb, (self.in_channels,), self.dtype, -bound, bound)
+        return params
+
+    def apply(self, params, feats, kmap: JaxKernelMap):
+        out = depthwise_features(feats, params["weight"], kmap, self.fwd_algo, self.bwd_algo)
+        return out + params["bias"] if "bias" in params else out
 
 
 def _voxels_flatten(v: Voxels):

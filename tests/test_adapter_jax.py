@@ -80,3 +80,19 @@ def test_voxels_is_a_pytree_and_module_api(rng):
     np.testing.assert_allclose(out, ref)
     with pytest.raises(ValueError, match="K=27"):
         svj.conv_features(v.feats, jnp.zeros((8, 3, 4)), kmap)
+
+
+def test_layer_classes_init_apply(rng):
+    v, _, kmap, _, _ = _case(rng, "submanifold")
+    conv = svj.SpatiallySparseConv(3, 4, dtype=jnp.float64)
+    p = conv.init(jax.random.PRNGKey(0))
+    np.testing.assert_allclose(jax.jit(conv.apply)(p, v.feats, kmap),
+                               svj.conv_features(v.feats, p["weight"], kmap) + p["bias"])
+    dw = svj.SpatiallySparseDepthwiseConv(3, dtype=jnp.float64)
+    q = dw.init(jax.random.PRNGKey(1))
+    assert q["weight"].shape == (27, 3)
+    full = np.stack([np.diag(w) for w in np.asarray(q["weight"])])  # depthwise = diagonal dense weights
+    ref = dense_conv(np.asarray(v.coords), np.asarray(v.feats), full, 3, 1, 1, False, np.asarray(v.coords))
+    assert rel_err(np.asarray(dw.apply(q, v.feats, kmap)) - np.asarray(q["bias"]), ref) < 1e-12
+    with pytest.raises(ValueError, match="in_channels"):
+        svj.SpatiallySparseConv(0, 4)
