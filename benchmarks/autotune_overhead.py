@@ -91,10 +91,8 @@ def _measure_layer(xp, sync, c, dtype, scene, voxel_size, n):
 
     algo, params = conv.select(conv.problem_of("conv", "fwd", feats, weight, kmap), "auto", lambda a, p: None)
 
-    def dispatch():  # what conv_forward adds around the kernel call
-        conv.check_conv_args(feats, weight, kmap)
-        problem = conv.problem_of("conv", "fwd", feats, weight, kmap)
-        return conv.select(problem, "auto", lambda a, p: None)
+    def dispatch():  # what conv_forward adds around the kernel call: the memoised per-call plan
+        return conv.plan("conv", "fwd", feats, weight, kmap, "auto", lambda a, p: None)
 
     dispatch_us = _host_us(dispatch, 10 * n, lambda: None)
     call_us = _host_us(lambda: conv.conv_forward(feats, weight, kmap, "auto"), n, sync)
