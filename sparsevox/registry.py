@@ -75,5 +75,14 @@ def availability(op: str, names, problem) -> tuple[list[Algorithm], dict[str, st
     return ok, why
 
 
+def gpu_unavailable(problem, name: str) -> str | None:
+    """Why a GPU-only algorithm ``name`` cannot run for ``problem`` (CPU arrays, no usable GPU), or None."""
+    if problem.device != "gpu":
+        return f"{name} runs on CUDA GPUs only (CPU arrays use the explicit algorithm)"
+    from .gpu_info import gpu_available
+    ok, reason = gpu_available()
+    return None if ok else reason
+
+
 def dtype_name(a) -> str:
     return np.dtype(a.dtype).name if not hasattr(a.dtype, "name") else a.dtype.name

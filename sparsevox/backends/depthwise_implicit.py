@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..gpu_info import gpu_available
-from ..registry import Algorithm, register
+from ..registry import Algorithm, gpu_unavailable, register
 
 STEM = "depthwise"
 _CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
@@ -246,11 +245,9 @@ def _params(direction, problem):
 
 
 def _available(problem):
-    if problem.device != "gpu":
-        return False, "IMPLICIT runs on CUDA GPUs only (these arrays are on the CPU)"
-    ok, reason = gpu_available()
-    if not ok:
-        return False, reason
+    why = gpu_unavailable(problem, "IMPLICIT")
+    if why:
+        return False, why
     if problem.dtype not in _CTYPE:
         return False, f"dtype {problem.dtype} is not one of {tuple(_CTYPE)}"
     return True, ""

@@ -5,7 +5,7 @@ x ``gemm_block_size`` (output channels per CTA); wgrad over ``gemm_block_size`` 
 x ``split_k_factor`` (CTAs per multiprocessor the pairs are split into). At most 8 combinations each.
 """
 from .. import implicit_gemm as ig
-from ..registry import Algorithm, register
+from ..registry import Algorithm, gpu_unavailable, register
 
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -21,12 +21,10 @@ def _params(direction, problem):
 
 
 def _available(problem):
-    if problem.device != "gpu":
-        return False, "implicit_gemm runs on CUDA GPUs only (CPU arrays use explicit_gemm)"
-    from ..gpu_info import compute_capability, gpu_available
-    ok, why = gpu_available()
-    if not ok:
+    why = gpu_unavailable(problem, "implicit_gemm")
+    if why:
         return False, why
+    from ..gpu_info import compute_capability
     if problem.dtype not in _DTYPES:
         return False, f"implicit_gemm supports {_DTYPES}, not {problem.dtype}"
     import cupy
