@@ -199,6 +199,17 @@ def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map
 
 # --- modules --------------------------------------------------------------------------------------
 
+def _set_geometry(layer, kernel_size, stride, dilation, transposed, generative, fwd_algo, bwd_algo) -> int:
+    """Store a layer's normalised geometry and algorithm inputs; return its number of offsets K."""
+    from sparsevox.geometry import triple
+    layer.kernel_size = triple(kernel_size, "kernel_size")
+    layer.stride = triple(stride, "stride")
+    layer.dilation = triple(dilation, "dilation")
+    layer.transposed, layer.generative = bool(transposed), bool(generative)
+    layer.fwd_algo, layer.bwd_algo = fwd_algo, bwd_algo
+    return math.prod(layer.kernel_size)
+
+
 class SpatiallySparseConv(torch.nn.Module):
     """A sparse convolution layer: ``Voxels [N, C_in] → Voxels [N_out, C_out]``.
 
@@ -210,16 +221,10 @@ class SpatiallySparseConv(torch.nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1, transposed=False,
                  generative=False, bias=True, fwd_algo=None, bwd_algo=None, device=None, dtype=None):
         super().__init__()
-        from sparsevox.geometry import triple
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         if self.in_channels < 1 or self.out_channels < 1:
             raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
-        self.kernel_size = triple(kernel_size, "kernel_size")
-        self.stride = triple(stride, "stride")
-        self.dilation = triple(dilation, "dilation")
-        self.transposed, self.generative = bool(transposed), bool(generative)
-        self.fwd_algo, self.bwd_algo = fwd_algo, bwd_algo
-        k = math.prod(self.kernel_size)
+        k = _set_geometry(self, kernel_size, stride, dilation, transposed, generative, fwd_algo, bwd_algo)
         self.weight = torch.nn.Parameter(torch.empty(k, self.in_channels, self.out_channels, device=device, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.empty(self.out_channels, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
@@ -262,16 +267,10 @@ class SpatiallySparseDepthwiseConv(torch.nn.Module):
     def __init__(self, channels, kernel_size=3, stride=1, dilation=1, transposed=False, generative=False,
                  bias=True, fwd_algo=None, bwd_algo=None, device=None, dtype=None):
         super().__init__()
-        from sparsevox.geometry import triple
         if int(channels) < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         self.channels = int(channels)
-        self.kernel_size = triple(kernel_size, "kernel_size")
-        self.stride = triple(stride, "stride")
-        self.dilation = triple(dilation, "dilation")
-        self.transposed, self.generative = bool(transposed), bool(generative)
-        self.fwd_algo, self.bwd_algo = fwd_algo, bwd_algo
-        k = math.prod(self.kernel_size)
+        k = _set_geometry(self, kernel_size, stride, dilation, transposed, generative, fwd_algo, bwd_algo)
         self.weight = torch.nn.Parameter(torch.empty(k, self.channels, device=device, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.empty(self.channels, device=device, dtype=dtype)) if bias else None
         bound = 1.0 / math.sqrt(k)
