@@ -13,7 +13,8 @@
 # SUITE_BUDGET_S seconds (default 470; --quick 300): tests get at most TESTS_TIMEOUT_S (default 240; quick
 # 150), the benchmarks the time left (they stop starting measurements at their budget and write what
 # they have). The commit is git's when .git travelled, else $COMMIT. LAYERS_ARGS adds options to
-# benchmarks.layers (e.g. LAYERS_ARGS="--peers spconv spconv_triton"; spconv-triton autotunes for minutes).
+# benchmarks.layers (e.g. LAYERS_ARGS="--peers spconv spconv_triton"; spconv-triton autotunes for minutes);
+# SKIP_LAYERS=1 leaves benchmarks.layers out (diagnostic runs of the named modules only).
 #
 # $OUT (when set) receives at most 4 files: results.tar (every file of this run, paths relative to the
 # repository root: `tar -xf results.tar -C <repo>`), summary.md (the short table), tests-tail.log and
@@ -106,7 +107,7 @@ run_bench_module() {  # module, then its extra arguments
 }
 if [ "$run_bench" = 1 ]; then
   # shellcheck disable=SC2086  # LAYERS_ARGS is split on purpose, e.g. "--peers spconv spconv_triton"
-  run_bench_module benchmarks.layers "${cpu[@]}" ${LAYERS_ARGS:-}
+  [ -z "${SKIP_LAYERS:-}" ] && run_bench_module benchmarks.layers "${cpu[@]}" ${LAYERS_ARGS:-}
   [ -z "${SKIP_AUTOTUNE_OVERHEAD:-}" ] && [ -f benchmarks/autotune_overhead.py ] && run_bench_module benchmarks.autotune_overhead
   for m in "${mods[@]}"; do run_bench_module "$m"; done
 fi

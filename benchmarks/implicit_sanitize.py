@@ -10,14 +10,19 @@ def main():
     import sparsevox as sv
     from sparsevox import explicit_gemm as eg
     from sparsevox import implicit_gemm as ig
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="submanifold only, four cases")
+    ap.add_argument("--case", type=int, action="append", help="run only these case indices (repeatable)")
+    ap.add_argument("--voxels", type=int, default=1500, help="random voxels in a 2 x 14^3 grid")
+    args = ap.parse_args()
     rng = np.random.default_rng(0)
-    flat = rng.choice(2 * 14 ** 3, size=1500, replace=False)
+    flat = rng.choice(2 * 14 ** 3, size=min(args.voxels, 2 * 14 ** 3), replace=False)
     b, r = np.divmod(flat, 14 ** 3)
     x, r = np.divmod(r, 14 ** 2)
     y, z = np.divmod(r, 14)
     coords = cupy.asarray(np.stack([b, x, y, z], 1).astype(np.int32))
-    import sys
-    quick = "--quick" in sys.argv
+    quick = args.quick
     kinds = {"submanifold": (1, False)} if quick else {"submanifold": (1, False), "strided": (2, False)}
     for kind, (s, tr) in kinds.items():
         kmap = sv.kernel_map(sv.Voxels(coords, None), 3, s, 1, tr)
@@ -32,6 +37,8 @@ def main():
                  {"gemm_block_size": 32})]
         if quick:
             cases = [cases[0], cases[1], cases[3], cases[5]]
+        if args.case:
+            cases = [cases[i] for i in args.case]
         for dt, cin, cout, fp, wp in cases:
             f = cupy.asarray(rng.standard_normal((kmap.num_in, cin))).astype(dt)
             w = cupy.asarray(rng.standard_normal((kmap.num_offsets, cin, cout))).astype(dt)
