@@ -155,12 +155,46 @@ def main(argv=None) -> int:
         texts.append((f"{name}, by own time", _profile(fn, 200, sync)))
         texts.append((f"{name}, cumulative", _profile(fn, 200, sync, "cumulative", 40)))
 
+    # forward+backward through torch autograd (the backward runs on autograd's device thread), the bare
+    # backward implementation on the main thread and on another thread, and the core pair.
+    ft = feats.detach().clone().requires_grad_(True)
+    wt = w["subm"].detach().clone().requires_grad_(True)
+    g = torch.randn_like(feats)
+    g_c = cupy.asarray(g)
+
+    def torch_fb():
+        return torch.autograd.grad(svt.conv_features(ft, wt, kmap, algo, algo), (ft, wt), g)
+    _, bwd_impl = svt._ConvFunction.impls
+    in_m, out_m, offs = svt.kernel_map_tensors(kmap)
+    bwd = lambda: bwd_impl(g, ft.detach(), wt.detach(), in_m, out_m, offs, "implicit_gemm", True, True)  # noqa: E731
+    core_fb = lambda: sv.conv_backward(g_c, f_c, w_c, kmap, algo)  # noqa: E731
+
+    def per_call(fn, n=200):
+        fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - t) / n * 1e6
+    rec["torch_subm_fwd_bwd_us"] = per_call(torch_fb)
+    rec["core_subm_bwd_us"] = per_call(core_fb)
+    rec["torch_bwd_impl_main_thread_us"] = per_call(bwd)
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        rec["torch_bwd_impl_other_thread_us"] = ex.submit(per_call, bwd).result()
+        rec["core_bwd_other_thread_us"] = ex.submit(per_call, core_fb).result()
+    texts.append(("torch bwd_impl (main thread), cumulative", _profile(bwd, 200, sync, "cumulative", 40)))
+    texts.append(("core backward, cumulative", _profile(core_fb, 200, sync, "cumulative", 40)))
+    from sparsevox.kernel_map import recall_stats
+    rec["recall_stats"] = dict(recall_stats)
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.stem}-host_breakdown.json").write_text(json.dumps(rec, indent=1))
     (out / f"{args.stem}-host_breakdown.txt").write_text("\n".join(f"### {t}\n{s}" for t, s in texts))
     for k, val in rec.items():
-        print(f"{k:34} {val:.1f}" if isinstance(val, float) else f"{k:34} {val}")
+        print(f"{k:34} {val:.1f}" if isinstance(val, float) else f"{k:34} {val}", flush=True)
     return 0
 
 

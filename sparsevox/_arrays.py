@@ -113,8 +113,30 @@ def _wrap_torch_cuda(x, cupy, torch):
     dt = _torch_dtypes.get(x.dtype)
     if dt is None or x.numel() == 0 or not x.is_contiguous():
         return None
-    mem = cupy.cuda.UnownedMemory(x.data_ptr(), x.numel() * x.element_size(), x, x.device.index)
-    return cupy.ndarray(tuple(x.shape), dt, cupy.cuda.MemoryPointer(mem, 0))
+    return wrap_device_pointer(cupy, x.data_ptr(), tuple(x.shape), dt, x, x.device.index)
+
+
+def wrap_device_pointer(cupy, ptr: int, shape: tuple, dtype, owner, device_id: int = -1):
+    """A C-contiguous CuPy view of ``shape``/``dtype`` at device address ``ptr``; ``owner`` is kept alive
+    with it. No stream handshake: the caller runs on the stream that produced the memory."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    mem = cupy.cuda.UnownedMemory(ptr, nbytes, owner, device_id)
+    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0))
+
+
+def cuda_interface_view(obj):
+    """A CuPy view of a C-contiguous object exposing ``__cuda_array_interface__``, or None when it is
+    strided or of a dtype NumPy cannot name (then use DLPack). Skips CuPy's own interface import,
+    which synchronises on the producer's stream when the interface names one."""
+    cupy = import_cupy()
+    try:
+        cai = obj.__cuda_array_interface__
+        dt = np.dtype(cai["typestr"])
+    except (AttributeError, TypeError, KeyError):
+        return None
+    if cai.get("strides") is not None or dt.kind == "V":
+        return None
+    return wrap_device_pointer(cupy, int(cai["data"][0]), tuple(cai["shape"]), dt, obj)
 
 
 def from_core(a, origin: Origin):
@@ -214,7 +236,16 @@ def caller_stream(origin: Origin):
         return None
     import torch
     dev = gpu_device_id(origin)
-    return external_stream(int(torch.cuda.current_stream(dev).cuda_stream), dev)
+    return external_stream(torch_stream_handle(torch, dev), dev)
+
+
+def torch_stream_handle(torch, device_id: int) -> int:
+    """torch's current ``cudaStream_t`` on ``device_id`` (the raw getter costs ~0.3 µs against ~5 µs for
+    ``torch.cuda.current_stream``, which builds a Stream object; Triton and Inductor use the same getter)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return int(raw(device_id))
+    return int(torch.cuda.current_stream(device_id).cuda_stream)
 
 
 @contextlib.contextmanager
@@ -245,6 +276,11 @@ def on_caller_stream(origin: Origin, stream: int | None = None):
             return
         with s:
             yield s
+
+
+def data_ptr(a) -> int:
+    """Address of a core (NumPy or CuPy) array's first element."""
+    return int(a.data.ptr) if hasattr(a.data, "ptr") else int(a.ctypes.data)
 
 
 def array_module(a):

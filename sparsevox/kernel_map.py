@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import geometry
-from ._arrays import array_module, to_host
+from ._arrays import array_module, data_ptr, to_host
 
 
 @dataclass
@@ -29,6 +29,9 @@ class KernelMap:
         offsets_host: the same offsets as a NumPy int64 array (sizes of the per-offset GEMMs).
         num_in, num_out: row counts of input and output.
         out_coords: int32 ``[num_out, 4]`` core array (NumPy/CuPy) of the output sites.
+        dense_nbr: optional int32 ``[K, num_out]`` on the data's device, ``dense_nbr[k, out]`` = the
+            input row paired with ``out`` by offset ``k``, or -1 (the GPU builder's query table, reused
+            as the implicit GEMM's forward neighbour table); None when the builder did not make it.
     """
     in_maps: object
     out_maps: object
@@ -41,6 +44,7 @@ class KernelMap:
     stride: tuple = (1, 1, 1)
     dilation: tuple = (1, 1, 1)
     kind: str = "submanifold"
+    dense_nbr: object = field(default=None, repr=False)
     derived: dict = field(default_factory=dict, repr=False)  # algorithm-specific views (reverse map, masks)
 
     @property
@@ -179,24 +183,39 @@ def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transpose
                      ks, st, dl, kind)
 
 
-def _data_ptr(a) -> int:
-    return int(a.data.ptr) if hasattr(a.data, "ptr") else int(a.ctypes.data)
-
-
 # Maps handed to a framework travel as bare arrays; this table finds the KernelMap object again (with
 # its algorithm-derived caches) from the arrays' addresses, as long as the map is alive.
 _live: "weakref.WeakValueDictionary[tuple, KernelMap]" = weakref.WeakValueDictionary()
 
 
 def _remember(kmap: KernelMap) -> None:
-    _live[(_data_ptr(kmap.in_maps), _data_ptr(kmap.out_maps), kmap.in_maps.shape[0])] = kmap
+    _live[(data_ptr(kmap.in_maps), data_ptr(kmap.out_maps), kmap.in_maps.shape[0])] = kmap
+
+
+# How often recall() found the live map, and how often it had to wrap the arrays in a new KernelMap
+# (whose derived tables are then rebuilt: a miss on every call means a framework copies the map).
+recall_stats = {"hits": 0, "misses": 0}
+
+
+def live_map(in_ptr: int, out_ptr: int, length: int, num_in: int, num_out: int) -> KernelMap | None:
+    """The live :class:`KernelMap` whose index arrays start at these device (or host) addresses, or None.
+
+    Empty maps are never matched: their arrays share address 0 whatever their offsets."""
+    if length == 0:
+        return None
+    kmap = _live.get((in_ptr, out_ptr, length))
+    if kmap is not None and kmap.num_in == num_in and kmap.num_out == num_out:
+        recall_stats["hits"] += 1
+        return kmap
+    return None
 
 
 def recall(in_maps, out_maps, offsets_host, num_in: int, num_out: int) -> KernelMap:
     """The live :class:`KernelMap` whose arrays these are, or a new one wrapping them (core arrays)."""
-    kmap = _live.get((_data_ptr(in_maps), _data_ptr(out_maps), in_maps.shape[0]))
-    if kmap is not None and kmap.num_in == num_in and kmap.num_out == num_out:
+    kmap = live_map(data_ptr(in_maps), data_ptr(out_maps), in_maps.shape[0], num_in, num_out)
+    if kmap is not None:
         return kmap
+    recall_stats["misses"] += 1
     xp = array_module(in_maps)
     host = np.asarray(offsets_host, dtype=np.int64)
     if host.ndim != 1 or host[0] != 0 or np.any(np.diff(host) < 0) or host[-1] != in_maps.shape[0]:

@@ -38,6 +38,7 @@ class Voxels:
         self._kmaps: dict = {}
         self._core = None  # (core coords int32, origin)
         self._keys = None  # (sorted keys, permutation) built on first use
+        self._rows_sorted = False  # rows known to be in key order (outputs of a strided/generative map)
         if check:
             self._validate()
 
@@ -88,8 +89,11 @@ class Voxels:
             c, _ = self.core_coords()
             xp = array_module(c)
             keys = geometry.pack_keys(c, xp)
-            perm = xp.argsort(keys, kind="stable") if xp is np else xp.argsort(keys)
-            self._keys = (keys[perm], perm.astype(xp.int32))
+            if self._rows_sorted:
+                self._keys = (keys, xp.arange(c.shape[0], dtype=xp.int32))
+            else:
+                perm = xp.argsort(keys, kind="stable") if xp is np else xp.argsort(keys)
+                self._keys = (keys[perm], perm.astype(xp.int32))
         return self._keys
 
     @property
@@ -109,7 +113,7 @@ class Voxels:
         if feats.shape[0] != self.num_voxels:
             raise ValueError(f"feats must have {self.num_voxels} rows, got {feats.shape[0]}")
         out = Voxels(self.coords, feats, check=False)
-        out._kmaps, out._core, out._keys = self._kmaps, self._core, self._keys
+        out._kmaps, out._core, out._keys, out._rows_sorted = self._kmaps, self._core, self._keys, self._rows_sorted
         return out
 
     @classmethod
@@ -117,10 +121,8 @@ class Voxels:
         """Wrap core int32 coords (sorted by key when ``sorted_rows``) and caller-library feats."""
         out = cls(from_core(coords, origin), feats, check=False)
         out._core = (coords, origin)
-        if sorted_rows:
-            xp = array_module(coords)
-            out._keys = (geometry.pack_keys(coords, xp), xp.arange(coords.shape[0], dtype=xp.int32))
-        return out
+        out._rows_sorted = sorted_rows  # sorted_keys() then skips the argsort (and runs only if asked:
+        return out                      # the GPU builder never asks, and packing costs ~14 launches)
 
     def __repr__(self) -> str:
         f = self.feats

@@ -96,3 +96,42 @@ def test_layer_classes_init_apply(rng):
     assert rel_err(np.asarray(dw.apply(q, v.feats, kmap)) - np.asarray(q["bias"]), ref) < 1e-12
     with pytest.raises(ValueError, match="in_channels"):
         svj.SpatiallySparseConv(0, 4)
+
+
+def test_closed_over_and_argument_maps_reuse_the_core_map(rng):
+    """jit embeds a closed-over map as constants (a copy of its arrays), and on the CPU ``from_core``
+    copies too; the callback must still find the core map (and its cached tables) instead of wrapping
+    a new KernelMap on every call."""
+    from sparsevox.kernel_map import recall_stats
+    v, w, kmap, (ks, s, tr), out_coords = _case(rng, "submanifold")
+    closed = jax.jit(lambda f, w: svj.conv_features(f, w, kmap))
+    as_arg = jax.jit(svj.conv_features)
+    grad = jax.jit(jax.grad(lambda f, w: svj.conv_features(f, w, kmap).sum(), (0, 1)))
+    misses = recall_stats["misses"]
+    for _ in range(3):
+        a, b = closed(v.feats, w), as_arg(v.feats, w, kmap)
+        jax.block_until_ready(grad(v.feats, w))
+    assert recall_stats["misses"] == misses
+    ref = dense_conv(np.asarray(v.coords), np.asarray(v.feats), np.asarray(w), ks, s, 1, tr, out_coords)
+    assert rel_err(a, ref) < 1e-12 and rel_err(b, ref) < 1e-12
+
+
+def test_a_changed_copy_is_not_taken_for_its_source_map(rng):
+    """Same static source, different arrays (a user's edit): the callback must use the arrays it got."""
+    import dataclasses
+    v, w, kmap, (ks, s, tr), out_coords = _case(rng, "submanifold")
+    k = kmap.offsets[1] - kmap.offsets[0]
+    assert k > 1
+    # reverse the pairs of offset 0: still a valid map, different result
+    seg = slice(kmap.offsets[0], kmap.offsets[1])
+    edited = dataclasses.replace(kmap, in_maps=kmap.in_maps.at[seg].set(kmap.in_maps[seg][::-1]))
+    assert edited.source is kmap.source
+    got = jax.jit(svj.conv_features)(v.feats, w, edited)
+    f, wn = np.asarray(v.feats), np.asarray(w)
+    im, om = np.asarray(edited.in_maps), np.asarray(edited.out_maps)
+    want = np.zeros((kmap.num_out, wn.shape[2]))
+    for kk in range(len(kmap.offsets) - 1):
+        lo, hi = kmap.offsets[kk], kmap.offsets[kk + 1]
+        np.add.at(want, om[lo:hi], f[im[lo:hi]] @ wn[kk])
+    assert rel_err(got, want) < 1e-12
+    assert rel_err(got, dense_conv(np.asarray(v.coords), f, wn, ks, s, 1, tr, out_coords)) > 1e-6
