@@ -1,20 +1,21 @@
-// Kernel maps on the GPU (sparsevox/gpu_kernel_map.py): a hash table of the input voxels, one query
-// per (offset k, output row m), and a stable compaction that yields the canonical CSR order
-// (by k, then by output row) without sorting.
+// Kernel maps on the GPU (sparsevox/gpu_kernel_map.py): a hash table of the input voxels, then one
+// kernel that queries every (offset k, output row m) and compacts the hits in the canonical CSR order
+// (by k, then by output row) with a single-pass scan, without sorting.
 //
 //   kmap_insert          coords [N, 4] -> hash table (value = row); flags duplicates / bad rows
-//   kmap_query           cand[k, m] = input row paired with output row m by offset k, or -1;
-//                        counts[k, b] = hits of output block b (one entry per BLOCK rows)
-//                        non-transposed: in = s * out + off_k; transposed: out = s * in + off_k,
-//                        i.e. in = (out - off_k) / s when every axis divides exactly
-//   kmap_scan            one block: exclusive scan of counts in place, offsets[K + 1], and the
-//                        host-bound info row (offsets, then the two status words)
-//   kmap_compact         writes the pairs of cand in (k, m) order at the scanned positions
+//   kmap_query_compact   one block per tile (k, BLOCK output rows), tiles taken in canonical order by
+//                        an atomic ticket: cand[k, m] = input row paired with output row m by offset
+//                        k, or -1; a block scan of the tile's hits; a decoupled look-back over the
+//                        earlier tiles' published words gives the tile's base; the pairs land at base
+//                        + rank in upper-bound buffers; offsets[K + 1] and the host-bound info row
+//                        (offsets, then the two insert status words) come out of the same kernel
 //   kmap_candidate_keys  packed keys of floor(c / s) (strided outputs) or s * c + off_k (generated)
 //   kmap_unique_*        head flags, count and unpacking of a sorted key array (unique outputs)
 //
+// The scan state (ticket and tile words) sits after the status words in the table's allocation, so
+// the table's one memset (all ones) also resets it (see kmap_query_compact).
 // Index arithmetic is 64-bit where a product can exceed 2^31 (K * M, s * c + off); the host checks
-// that K * M and the pair count fit int32 (KernelMap stores int32 maps and offsets).
+// that K * M fits int32 (so do the pair count and every prefix; KernelMap stores int32 maps and offsets).
 // Every kernel is a template on its block size BLOCK (a multiple of 32, at most 1024).
 #include "common/hash.cuh"
 
@@ -75,6 +76,47 @@ __device__ __forceinline__ void flag_min(unsigned long long* word, long long ind
     atomicMin(word, (unsigned long long)index);
 }
 
+// --- single-pass scan state (decoupled look-back, Merrill & Garland 2016) ---------------------------
+// One 64-bit word per tile: flag in bits 63..62, value in the low bits, so one atomic store publishes
+// both. The all-ones word left by the table's memset (flag 3) means "not ready".
+constexpr unsigned long long TILE_AGGREGATE = 1;  // value = the tile's own hit count
+constexpr unsigned long long TILE_PREFIX = 2;     // value = hits of every tile up to this one, inclusive
+constexpr unsigned long long TILE_NOT_READY = 3;
+constexpr unsigned long long TILE_VALUE_MASK = (1ull << 62) - 1;
+
+__device__ __forceinline__ void publish(unsigned long long* tiles, int t, unsigned long long flag, int value) {
+    atomicExch(tiles + t, (flag << 62) | (unsigned long long)(unsigned)value);
+}
+
+// Exclusive prefix of tile t > 0, by the 32 lanes of one warp: each round reads the words of the 32
+// tiles before `top` (volatile loads: they bypass L1 and are re-read while spinning), waits until all
+// of them are published, then sums them down to the nearest one carrying an inclusive prefix. Tile 0
+// always publishes a prefix, so the walk ends. Values fit int: the host checks K * m <= 2^31 - 1.
+// No fence is needed: a tile word carries its value itself, and the pairs, cand, offsets and info are
+// read only by later kernels or the host.
+__device__ __forceinline__ int look_back(const unsigned long long* tiles, int t, int lane) {
+    int excl = 0;
+    for (int top = t - 1;; top -= 32) {
+        const int idx = top - lane;
+        unsigned long long w;
+        while (true) {
+            w = idx >= 0 ? *reinterpret_cast<const volatile unsigned long long*>(tiles + idx)
+                         : TILE_PREFIX << 62;  // before tile 0: prefix 0
+            if (__ballot_sync(0xffffffffu, (w >> 62) == TILE_NOT_READY) == 0u) break;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+            __nanosleep(32);
+#endif
+        }
+        const unsigned prefixes = __ballot_sync(0xffffffffu, (w >> 62) == TILE_PREFIX);
+        const int stop = prefixes ? __ffs(prefixes) - 1 : 31;  // nearest tile with a prefix
+        int v = lane <= stop ? (int)(w & TILE_VALUE_MASK) : 0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        excl += v;
+        if (prefixes) return excl;
+    }
+}
+
 }  // namespace svx_kmap
 
 // coords [n, 4] int32 (batch, x, y, z) -> table. status = table + 2 * (mask + 1) + 2:
@@ -97,17 +139,37 @@ __global__ void __launch_bounds__(BLOCK) kmap_insert(const int* __restrict__ coo
     if (!insert(table, mask, pack_key(b, x, y, z), (int)row)) svx_kmap::flag_min(status, row);
 }
 
-// Grid: K * nbm blocks (nbm = ceil(m / BLOCK)); block g handles offset k = g / nbm and output
-// rows [(g % nbm) * BLOCK, ... + BLOCK).
-//   qcoords [m, 4] int32 output sites;  cand [K, m] int32;  counts [K, nbm] int32
+// Grid: T = K * nbm blocks (nbm = ceil(m / BLOCK)), one per tile. Tile t (from the ticket, not from
+// blockIdx) handles offset k = t / nbm and output rows [(t % nbm) * BLOCK, ... + BLOCK), so tiles in
+// ticket order are the canonical (k, m) order.
+//   qcoords [m, 4] int32 output sites
+//   status  the two insert status words (table + 2 * (mask + 1) + 2)
+//   state   [1 + T] uint64, all ones on entry (the table's memset): state[0] the ticket counter,
+//           state[1 + t] the tile word of tile t (see svx_kmap::TILE_*)
+//   cand    [K, m] int32: input row paired with output row m by offset k, or -1 (the dense table)
+//   in_buf, out_buf [K * m] int32: pairs at their final positions; only the first offsets[K] are written
+//   offsets [K + 1] int32;  info [K + 3] int64 = offsets, then status[0], status[1] (EMPTY reads as -1)
+// Non-transposed: in = s * out + off_k; transposed: out = s * in + off_k, i.e. in = (out - off_k) / s
+// where every axis divides exactly.
 template <int BLOCK>
-__global__ void __launch_bounds__(BLOCK) kmap_query(
-        const int* __restrict__ qcoords, int m, int nbm, int transposed, int sx, int sy, int sz, int kx,
-        int ky, int kz, int dx, int dy, int dz, const unsigned long long* __restrict__ table,
-        unsigned long long mask, int* __restrict__ cand, int* __restrict__ counts) {
+__global__ void __launch_bounds__(BLOCK) kmap_query_compact(
+        const int* __restrict__ qcoords, int m, int nbm, int K, int transposed, int sx, int sy, int sz,
+        int kx, int ky, int kz, int dx, int dy, int dz, const unsigned long long* __restrict__ table,
+        unsigned long long mask, const unsigned long long* __restrict__ status, unsigned long long* state,
+        int* __restrict__ cand, int* __restrict__ in_buf, int* __restrict__ out_buf,
+        int* __restrict__ offsets, long long* __restrict__ info) {
     using namespace svx_hash;
-    const int k = blockIdx.x / nbm;
-    const int bm = blockIdx.x % nbm;
+    __shared__ int warp_sums[BLOCK / 32];
+    __shared__ int s_tile;
+    __shared__ int s_excl;
+    // The ticket: tiles start in ticket order, so every tile this block waits on below belongs to a
+    // block that is already running (and waits only on earlier tiles): no deadlock whatever the
+    // hardware's block scheduling. The counter starts all ones; the first ticket wraps to 0.
+    if (threadIdx.x == 0) s_tile = (int)(atomicAdd(state, 1ull) + 1ull);
+    __syncthreads();
+    const int t = s_tile;
+    const int k = t / nbm;
+    const int bm = t % nbm;
     const int row = bm * BLOCK + threadIdx.x;
     int found = -1;
     if (row < m) {
@@ -131,59 +193,42 @@ __global__ void __launch_bounds__(BLOCK) kmap_query(
         if (ok && in_range(b, q[0], q[1], q[2])) found = lookup(table, mask, pack_key(b, q[0], q[1], q[2]));
         cand[(long long)k * m + row] = found;
     }
-    const int hits = __syncthreads_count(found >= 0);
-    if (threadIdx.x == 0) counts[blockIdx.x] = hits;
-}
-
-// One block. counts [total = K * nbm] -> exclusive prefix sums in place; offsets [K + 1] int32;
-// info [K + 3] int64 = offsets, then status[0], status[1] (EMPTY reads as -1), copied to the host
-// in one transfer.
-template <int BLOCK>
-__global__ void __launch_bounds__(BLOCK) kmap_scan(int* __restrict__ counts, int total, int nbm, int K,
-                                                   int* __restrict__ offsets, long long* __restrict__ info,
-                                                   const unsigned long long* __restrict__ status) {
-    __shared__ int warp_sums[BLOCK / 32];
-    long long carry = 0;  // same value in every thread
-    for (int base = 0; base < total; base += BLOCK) {
-        const int idx = base + threadIdx.x;
-        const int v = idx < total ? counts[idx] : 0;
-        const int incl = svx_kmap::block_inclusive_scan<BLOCK>(v, warp_sums);
-        const long long excl = carry + incl - v;
-        if (idx < total) {
-            counts[idx] = (int)excl;
-            if (idx % nbm == 0) {
-                offsets[idx / nbm] = (int)excl;
-                info[idx / nbm] = excl;
-            }
+    const int hit = found >= 0 ? 1 : 0;
+    const int incl = svx_kmap::block_inclusive_scan<BLOCK>(hit, warp_sums);
+    const int aggregate = warp_sums[BLOCK / 32 - 1];
+    if (threadIdx.x < 32) {  // warp 0: publish, look back, publish the inclusive prefix
+        unsigned long long* tiles = state + 1;
+        int excl = 0;
+        if (t == 0) {
+            if (threadIdx.x == 0) svx_kmap::publish(tiles, 0, svx_kmap::TILE_PREFIX, aggregate);
+        } else {
+            if (threadIdx.x == 0) svx_kmap::publish(tiles, t, svx_kmap::TILE_AGGREGATE, aggregate);
+            excl = svx_kmap::look_back(tiles, t, threadIdx.x);
+#ifdef SVX_KMAP_PREFIX_EVERY  // tests only: most tiles keep just their aggregate (longer look-backs)
+            if (t % SVX_KMAP_PREFIX_EVERY == 0)
+#endif
+            if (threadIdx.x == 0) svx_kmap::publish(tiles, t, svx_kmap::TILE_PREFIX, excl + aggregate);
         }
-        carry += warp_sums[BLOCK / 32 - 1];
-        __syncthreads();  // warp_sums is rewritten by the next chunk
+        if (threadIdx.x == 0) s_excl = excl;
+    }
+    __syncthreads();
+    const int excl = s_excl;
+    if (hit) {  // pairs keep increasing output row within the tile, tiles are in (k, m) order
+        const int pos = excl + incl - 1;
+        in_buf[pos] = found;
+        out_buf[pos] = row;
     }
     if (threadIdx.x == 0) {
-        offsets[K] = (int)carry;
-        info[K] = carry;
-        info[K + 1] = (long long)status[0];
-        info[K + 2] = (long long)status[1];
-    }
-}
-
-// Same grid as kmap_query. Pair j of block (k, bm) lands at base[k * nbm + bm] + (hits before it in
-// the block), so pairs keep increasing output row within each k: the canonical order.
-template <int BLOCK>
-__global__ void __launch_bounds__(BLOCK) kmap_compact(const int* __restrict__ cand, int m, int nbm,
-                                                      const int* __restrict__ base,
-                                                      int* __restrict__ in_maps, int* __restrict__ out_maps) {
-    __shared__ int warp_sums[BLOCK / 32];
-    const int k = blockIdx.x / nbm;
-    const int bm = blockIdx.x % nbm;
-    const int row = bm * BLOCK + threadIdx.x;
-    const int v = row < m ? cand[(long long)k * m + row] : -1;
-    const int hit = v >= 0 ? 1 : 0;
-    const int incl = svx_kmap::block_inclusive_scan<BLOCK>(hit, warp_sums);
-    if (hit) {
-        const int pos = base[blockIdx.x] + incl - 1;
-        in_maps[pos] = v;
-        out_maps[pos] = row;
+        if (bm == 0) {
+            offsets[k] = excl;
+            info[k] = excl;
+        }
+        if (t == K * nbm - 1) {
+            offsets[K] = excl + aggregate;
+            info[K] = excl + aggregate;
+            info[K + 1] = (long long)status[0];
+            info[K + 2] = (long long)status[1];
+        }
     }
 }
 

@@ -11,14 +11,23 @@ How (kernels in ``kernels_cu/kernel_map.cu``, table in ``kernels_cu/common/hash.
    ``floor(c / s)``; generated outputs the sorted unique keys of ``s * c + off_k`` (GPU sort).
 2. The input voxels go into an open-addressing table (packed 64-bit keys, value = row). A key seen
    twice is a duplicate voxel: ``ValueError`` naming it.
-3. One query per (k, output row m) writes ``cand[k, m]`` = the input row or -1. Non-transposed:
-   ``in = s * out + off_k``; transposed: ``out = s * in + off_k``, so ``in = (out - off_k) / s`` where
-   every axis divides exactly — a gather from the output side, hence the canonical order for free.
-4. A block-count scan and a stable compaction write ``in_maps``/``out_maps`` in (k, m) order.
+3. One kernel, ``kmap_query_compact``, does the rest in a single pass over tiles of (k, 256 output
+   rows), taken in canonical order by an atomic ticket: it looks up every (k, output row m) and writes
+   ``cand[k, m]`` = the input row or -1 (kept as :attr:`KernelMap.dense_nbr`, the forward neighbour
+   table of the implicit GEMM). Non-transposed: ``in = s * out + off_k``; transposed:
+   ``out = s * in + off_k``, so ``in = (out - off_k) / s`` where every axis divides exactly — a gather
+   from the output side, hence the canonical order for free. Each tile scans its hits, finds its base
+   by a decoupled look-back over the earlier tiles' published counts, and writes its pairs at their
+   final positions in upper-bound buffers (``K * M`` each), plus ``offsets`` and the host-bound info
+   row. The ticket and tile words share the table's allocation, so the table's memset resets them.
+4. After the one synchronisation (the info row: sizes and status words), two device-to-device copies
+   on the current stream move the first ``offsets[K]`` pairs into exact-size ``in_maps``/``out_maps``,
+   and the upper-bound buffers go back to CuPy's pool.
 
-Device→host copies: one per map (``offsets_host`` and the status words, K + 3 int64), plus one for the
-number of output sites of strided/generative layers. Work runs on CuPy's current device and stream
-(see :func:`sparsevox._arrays.on_caller_stream`).
+Per map: one memset, two kernels (insert, query_compact), one device→host copy (``offsets_host`` and
+the status words, K + 3 int64), two device-to-device copies; strided/generative layers add one more
+device→host copy for the number of output sites. Work runs on CuPy's current device and stream (see
+:func:`sparsevox._arrays.on_caller_stream`).
 
 Set ``SPARSEVOX_GPU_KERNEL_MAP=generic`` to keep the xp-generic builder on CuPy instead (debugging).
 """
@@ -35,10 +44,9 @@ from .kernel_map import build_kernel_map as _generic_builder
 
 log = logging.getLogger("sparsevox.gpu_kernel_map")
 
-BLOCK = 256  # threads per block of the per-row kernels
-SCAN_BLOCK = 1024  # threads of the single-block scan
-_KERNELS = ("insert", "query", "compact", "candidate_keys", "unique_heads", "unique_info", "unique_unpack")
-NAME_EXPRESSIONS = tuple(f"kmap_{k}<{BLOCK}>" for k in _KERNELS) + (f"kmap_scan<{SCAN_BLOCK}>",)
+BLOCK = 256  # threads per block of the per-row kernels (and output rows per scan tile)
+_KERNELS = ("insert", "query_compact", "candidate_keys", "unique_heads", "unique_info", "unique_unpack")
+NAME_EXPRESSIONS = tuple(f"kmap_{k}<{BLOCK}>" for k in _KERNELS)
 _INT32_MAX = 2 ** 31 - 1
 _EMPTY = -1  # an all-ones status word read as int64
 
@@ -68,6 +76,17 @@ class CupyDevice:
 
     def to_host(self, a) -> np.ndarray:
         return a.get()
+
+    def copy_prefix(self, src, n: int):
+        """A new exact-size array of the first ``n`` entries of 1-D ``src`` (async device-to-device
+        copy on the current stream)."""
+        cupy = self.xp
+        out = cupy.empty(n, dtype=src.dtype)
+        if n:
+            cupy.cuda.runtime.memcpyAsync(out.data.ptr, src.data.ptr, n * src.itemsize,
+                                          cupy.cuda.runtime.memcpyDeviceToDevice,
+                                          cupy.cuda.get_current_stream().ptr)
+        return out
 
 
 _device = None
@@ -140,16 +159,18 @@ def _raise_generated_range(dev, coords, st, ks, dl):
     raise ValueError("generated output coordinates leave the packable range")  # not reached
 
 
-def _insert(dev, coords):
-    """Hash table of ``coords`` (value = row). Returns ``(table, mask)``; its status words are checked
-    by the caller after the one host copy."""
+def _insert(dev, coords, tiles: int):
+    """Hash table of ``coords`` (value = row). Returns ``(table, mask, status, state)``: the table's
+    status words (checked by the caller after the one host copy) and the scan state of
+    ``kmap_query_compact`` (ticket, then ``tiles`` tile words), views of the same allocation that the
+    one memset sets to all ones."""
     xp = dev.xp
     n = coords.shape[0]
     cap = 1 << max(6, (2 * n - 1).bit_length())  # power of two >= 2n: load factor <= 1/2
-    table = xp.empty(2 * cap + 4, dtype=xp.uint64)
+    table = xp.empty(2 * cap + 4 + 1 + tiles, dtype=xp.uint64)
     dev.fill_ones(table)
     dev.launch("insert", _blocks(n), BLOCK, (coords, np.int32(n), table, np.uint64(cap - 1)))
-    return table, cap - 1
+    return table, cap - 1, table[2 * cap + 2:2 * cap + 4], table[2 * cap + 4:]
 
 
 def _raise_table_status(dev, coords, dup_row: int, bad_row: int):
@@ -162,32 +183,32 @@ def _raise_table_status(dev, coords, dup_row: int, bad_row: int):
 
 
 def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool):
-    """``(in_maps, out_maps, offsets, offsets_host)`` in the canonical order."""
+    """``(in_maps, out_maps, offsets, offsets_host, dense_nbr)`` in the canonical order."""
     xp = dev.xp
     num_k = ks[0] * ks[1] * ks[2]
     m = out_coords.shape[0]
-    _check_int32(num_k * m, "offsets x output sites")
-    table, mask = _insert(dev, coords)
+    km = num_k * m
+    _check_int32(km, "offsets x output sites")
     nbm = _blocks(m)
-    cand = xp.empty(num_k * m, dtype=xp.int32)
-    counts = xp.empty(num_k * nbm, dtype=xp.int32)
-    dev.launch("query", num_k * nbm, BLOCK,
-               (out_coords, np.int32(m), np.int32(nbm), np.int32(transposed), *_geometry_args(st, ks, dl),
-                table, np.uint64(mask), cand, counts))
-    offsets = xp.empty(num_k + 1, dtype=xp.int32)
-    info = xp.empty(num_k + 3, dtype=xp.int64)
-    status = table[2 * (mask + 1) + 2:]
-    dev.launch("scan", 1, SCAN_BLOCK,
-               (counts, np.int32(num_k * nbm), np.int32(nbm), np.int32(num_k), offsets, info, status))
-    host = dev.to_host(info)  # the one synchronisation: sizes for the allocation, and the checks
+    tiles = num_k * nbm
+    table, mask, status, state = _insert(dev, coords, tiles)
+    # Kept with the map: cand (the dense neighbour table) and offsets, one allocation. Temporary: the
+    # upper-bound pair buffers and the info row (int64, 8-byte aligned after 2 * km int32), another.
+    keep = xp.empty(km + num_k + 1, dtype=xp.int32)
+    cand, offsets = keep[:km], keep[km:]
+    scratch = xp.empty(2 * km + 2 * (num_k + 3), dtype=xp.int32)
+    in_buf, out_buf, info = scratch[:km], scratch[km:2 * km], scratch[2 * km:].view(xp.int64)
+    dev.launch("query_compact", tiles, BLOCK,
+               (out_coords, np.int32(m), np.int32(nbm), np.int32(num_k), np.int32(transposed),
+                *_geometry_args(st, ks, dl), table, np.uint64(mask), status, state, cand, in_buf, out_buf,
+                offsets, info))
+    host = dev.to_host(info)  # the one synchronisation: sizes for the exact copies, and the checks
     _raise_table_status(dev, coords, int(host[num_k + 1]), int(host[num_k + 2]))
     offsets_host = host[:num_k + 1].astype(np.int64)
     total = int(offsets_host[-1])
-    in_maps = xp.empty(total, dtype=xp.int32)
-    out_maps = xp.empty(total, dtype=xp.int32)
-    if total:
-        dev.launch("compact", num_k * nbm, BLOCK, (cand, np.int32(m), np.int32(nbm), counts, in_maps, out_maps))
-    return in_maps, out_maps, offsets, offsets_host
+    in_maps = dev.copy_prefix(in_buf, total)
+    out_maps = dev.copy_prefix(out_buf, total)
+    return in_maps, out_maps, offsets, offsets_host, cand.reshape(num_k, m)
 
 
 def build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords=None) -> KernelMap:
@@ -213,14 +234,17 @@ def build(dev, coords, kernel_size, stride, dilation, transposed, generative, ou
                           else xp.empty((0, 4), dtype=xp.int32))
     out_coords = _as_int32_rows(xp, out_coords)
     m = out_coords.shape[0]
+    dense_nbr = None
     if n_in and m:
-        in_maps, out_maps, offsets, offsets_host = _pairs(dev, coords, out_coords, st, ks, dl, bool(transposed))
+        in_maps, out_maps, offsets, offsets_host, dense_nbr = _pairs(dev, coords, out_coords, st, ks, dl,
+                                                                     bool(transposed))
     else:
         in_maps = xp.empty(0, dtype=xp.int32)
         out_maps = xp.empty(0, dtype=xp.int32)
         offsets = xp.zeros(num_k + 1, dtype=xp.int32)
         offsets_host = np.zeros(num_k + 1, dtype=np.int64)
-    return KernelMap(in_maps, out_maps, offsets, offsets_host, n_in, m, out_coords, ks, st, dl, kind)
+    return KernelMap(in_maps, out_maps, offsets, offsets_host, n_in, m, out_coords, ks, st, dl, kind,
+                     dense_nbr=dense_nbr)
 
 
 def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transposed, generative,

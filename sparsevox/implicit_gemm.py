@@ -115,8 +115,13 @@ def _vec_ok(dtype_name, c_a, c_b, *arrays) -> bool:
 
 # ---- derived maps (cached on the kernel map) ------------------------------------------------------
 
-def neighbour_table(kmap, reverse: bool):
-    """``[K, rows]`` int32: ``nbr[k, out] = in`` (forward) or ``nbr[k, in] = out`` (reverse), -1 absent."""
+def neighbour_table(kmap, reverse: bool = False):
+    """``[K, rows]`` int32: ``nbr[k, out] = in`` (forward) or ``nbr[k, in] = out`` (reverse), -1 absent.
+
+    The forward table is the map's ``dense_nbr`` when its builder made one (the GPU hash builder's query
+    table); otherwise, and for the reverse table, it is scattered from the CSR map once and cached."""
+    if not reverse and getattr(kmap, "dense_nbr", None) is not None:
+        return kmap.dense_nbr
     import cupy
     key = "implicit_gemm.nbr_rev" if reverse else "implicit_gemm.nbr"
     t = kmap.derived.get(key)

@@ -1,6 +1,12 @@
 """Run ``kernels_cu/kernel_map.cu`` on the CPU: the CUDA source compiled as C++ with one OS thread per
 CUDA thread (blocks run one after another, so ``__shared__`` becomes ``static``), barriers for
-``__syncthreads``, a per-warp exchange for ``__shfl_up_sync`` and ``std::atomic_ref`` for the atomics.
+``__syncthreads``, a per-warp exchange for ``__shfl_up_sync`` / ``__shfl_xor_sync`` / ``__ballot_sync``
+and ``std::atomic_ref`` for the atomics.
+
+Blocks run in blockIdx order, so ``kmap_query_compact``'s tickets follow blockIdx and its look-back
+always finds the previous tile's inclusive prefix at once; ``EmulatedDevice(prefix_every=n)`` builds
+the kernels with ``SVX_KMAP_PREFIX_EVERY=n`` (only tiles ``t % n == 0`` publish a prefix) so the
+look-back also sums aggregates across several 32-tile windows.
 
 It exists so that the GPU kernel-map builder (:mod:`sparsevox.gpu_kernel_map`, the same Python code
 and the same kernels) can be checked against the NumPy builder on machines without a GPU. It is slow
@@ -38,19 +44,8 @@ static thread_local dim3 threadIdx, blockIdx;
 #define __shared__ static
 static std::barrier<>* g_block;
 static std::vector<std::unique_ptr<std::barrier<>>> g_warps;
-static std::atomic<int> g_count{0};
 static int g_lanes[32][32];
 inline void __syncthreads() { g_block->arrive_and_wait(); }
-inline int __syncthreads_count(int p) {
-    g_block->arrive_and_wait();
-    if (p) g_count.fetch_add(1);
-    g_block->arrive_and_wait();
-    int r = g_count.load();
-    g_block->arrive_and_wait();
-    if (threadIdx.x == 0) g_count.store(0);
-    g_block->arrive_and_wait();
-    return r;
-}
 inline int __shfl_up_sync(unsigned, int v, int d) {
     int w = threadIdx.x / 32, l = threadIdx.x % 32;
     g_lanes[w][l] = v;
@@ -59,6 +54,32 @@ inline int __shfl_up_sync(unsigned, int v, int d) {
     g_warps[w]->arrive_and_wait();
     return r;
 }
+inline int __shfl_xor_sync(unsigned, int v, int m) {
+    int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    g_lanes[w][l] = v;
+    g_warps[w]->arrive_and_wait();
+    int r = g_lanes[w][l ^ m];
+    g_warps[w]->arrive_and_wait();
+    return r;
+}
+inline unsigned __ballot_sync(unsigned, int p) {  // full warps only (BLOCK is a multiple of 32)
+    int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    g_lanes[w][l] = p ? 1 : 0;
+    g_warps[w]->arrive_and_wait();
+    unsigned r = 0;
+    for (int i = 0; i < 32; ++i) r |= (unsigned)g_lanes[w][i] << i;
+    g_warps[w]->arrive_and_wait();
+    return r;
+}
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
+    return std::atomic_ref<unsigned long long>(*a).fetch_add(v);
+}
+inline unsigned atomicAdd(unsigned* a, unsigned v) { return std::atomic_ref<unsigned>(*a).fetch_add(v); }
+inline unsigned long long atomicExch(unsigned long long* a, unsigned long long v) {
+    return std::atomic_ref<unsigned long long>(*a).exchange(v);
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline unsigned long long atomicCAS(unsigned long long* a, unsigned long long cmp, unsigned long long val) {
     std::atomic_ref<unsigned long long> r(*a);
     r.compare_exchange_strong(cmp, val);
@@ -76,7 +97,6 @@ template <class F> void emu_launch(int grid, int block, F f) {
     g_warps.clear();
     for (int w = 0; w < (block + 31) / 32; ++w)
         g_warps.emplace_back(new std::barrier<>(block < 32 ? block : 32));
-    g_count = 0;
     std::vector<std::thread> ts;
     for (int t = 0; t < block; ++t)
         ts.emplace_back([&, t] {
@@ -90,13 +110,11 @@ template <class F> void emu_launch(int grid, int block, F f) {
 # (kernel, template block, C parameter list, argument names)
 WRAPPERS = [
     ("insert", 256, "const int* c, int n, unsigned long long* t, unsigned long long mask", "c, n, t, mask"),
-    ("query", 256, "const int* q, int m, int nbm, int tr, int sx, int sy, int sz, int kx, int ky, int kz, "
-                   "int dx, int dy, int dz, const unsigned long long* t, unsigned long long mask, int* cand, "
-                   "int* counts", "q, m, nbm, tr, sx, sy, sz, kx, ky, kz, dx, dy, dz, t, mask, cand, counts"),
-    ("scan", 1024, "int* counts, int total, int nbm, int K, int* offsets, long long* info, "
-                   "const unsigned long long* status", "counts, total, nbm, K, offsets, info, status"),
-    ("compact", 256, "const int* cand, int m, int nbm, const int* base, int* im, int* om",
-     "cand, m, nbm, base, im, om"),
+    ("query_compact", 256, "const int* q, int m, int nbm, int K, int tr, int sx, int sy, int sz, int kx, int ky, "
+                           "int kz, int dx, int dy, int dz, const unsigned long long* t, unsigned long long mask, "
+                           "const unsigned long long* status, unsigned long long* state, int* cand, int* ib, "
+                           "int* ob, int* offsets, long long* info",
+     "q, m, nbm, K, tr, sx, sy, sz, kx, ky, kz, dx, dy, dz, t, mask, status, state, cand, ib, ob, offsets, info"),
     ("candidate_keys", 256, "const int* c, int n, int count, int mode, int sx, int sy, int sz, int kx, int ky, "
                             "int kz, int dx, int dy, int dz, unsigned long long* keys, unsigned long long* status",
      "c, n, count, mode, sx, sy, sz, kx, ky, kz, dx, dy, dz, keys, status"),
@@ -108,10 +126,11 @@ WRAPPERS = [
 ]
 
 
-def _source() -> str:
+def _source(prefix_every: int = 0) -> str:
     kcu = ROOT / "kernels_cu"
     body = (kcu / "kernel_map.cu").read_text().replace('#include "common/hash.cuh"', "")
-    parts = [PRELUDE, (kcu / "common" / "hash.cuh").read_text(), body]
+    defines = [f"#define SVX_KMAP_PREFIX_EVERY {prefix_every}"] if prefix_every else []
+    parts = [*defines, PRELUDE, (kcu / "common" / "hash.cuh").read_text(), body]
     for name, block, params, args in WRAPPERS:
         parts.append(f'extern "C" void emu_kmap_{name}(int grid, int block, {params}) {{\n'
                      f'    emu_launch(grid, block, [=] {{ kmap_{name}<{block}>({args}); }});\n}}')
@@ -129,8 +148,8 @@ def available() -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _library():
-    src = _source()
+def _library(prefix_every: int = 0):
+    src = _source(prefix_every)
     digest = hashlib.sha1(src.encode()).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / f"sparsevox_kmap_emu_{digest}.so"
     if not out.exists():
@@ -158,8 +177,8 @@ class EmulatedDevice:
     """Drop-in for :class:`sparsevox.gpu_kernel_map.CupyDevice`: NumPy arrays, kernels on the CPU."""
     xp = np
 
-    def __init__(self):
-        self.lib = _library()
+    def __init__(self, prefix_every: int = 0):
+        self.lib = _library(prefix_every)
         self.launches: list[str] = []
 
     def launch(self, name, grid, block, args):
@@ -171,3 +190,6 @@ class EmulatedDevice:
 
     def to_host(self, a):
         return np.array(a, copy=True)
+
+    def copy_prefix(self, src, n):
+        return np.array(src[:n], copy=True)

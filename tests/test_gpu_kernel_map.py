@@ -4,7 +4,9 @@ Two drivers of the same Python builder (:func:`sparsevox.gpu_kernel_map.build`) 
 - on the GPU (``@pytest.mark.gpu``): every kind, kernel size, stride, dilation and batch count on random
   inputs, limits, N = 0, duplicates, and the real scans of ``pointcloud_dir()``;
 - on the CPU through ``tests/cuda_cpu_emulator.py`` (the kernels compiled as C++, one thread per CUDA
-  thread): a smaller set, so the kernels' logic is checked where no GPU is present.
+  thread): a smaller set, so the kernels' logic is checked where no GPU is present, including maps of
+  many scan tiles (also with look-backs forced across several 32-tile windows) and the launch sequence.
+Both check the kept query table ``KernelMap.dense_nbr`` against the CSR pairs.
 """
 import itertools
 from pathlib import Path
@@ -129,6 +131,85 @@ def test_emulated_real_scan(emulated):
                     reference_map(coarse, 2, 2, 1, True, True), "generative k2")
 
 
+def csr_table(kmap):
+    """``[K, num_out]`` int32 ``nbr[k, out] = in`` (-1 absent) scattered from the CSR arrays."""
+    host = np.asarray(kmap.offsets_host)
+    nbr = np.full((len(host) - 1, kmap.num_out), -1, np.int32)
+    k = np.repeat(np.arange(len(host) - 1), np.diff(host))
+    nbr[k, _host(kmap.out_maps)] = _host(kmap.in_maps)
+    return nbr
+
+
+def assert_dense_nbr(kmap, what=""):
+    from sparsevox.implicit_gemm import neighbour_table
+    nbr = kmap.dense_nbr
+    assert nbr is not None, f"{what}: the GPU builder must keep its query table"
+    h = _host(nbr)
+    assert h.dtype == np.int32 and h.shape == (kmap.num_offsets, kmap.num_out), f"{what}: {h.dtype} {h.shape}"
+    np.testing.assert_array_equal(h, csr_table(kmap), err_msg=what)
+    assert neighbour_table(kmap) is nbr, f"{what}: implicit GEMM must reuse dense_nbr"
+
+
+@pytest.mark.parametrize("kind,ks,stride,dilation,batches", EMU_CASES)
+def test_emulated_dense_nbr_matches_csr(emulated, rng, kind, ks, stride, dilation, batches):
+    s, tr, gen = kind_args(kind, stride)
+    coords, out = make_coords(rng, kind, s, batches, n=40, extent=6)
+    assert_dense_nbr(gpu_kernel_map.build(emulated, coords, ks, s, dilation, tr, gen, out), kind)
+
+
+@pytest.fixture(scope="module")
+def emulated_sparse_prefixes():
+    """Kernels built so that only every 40th tile publishes an inclusive prefix: look-backs then sum
+    aggregates across more than one 32-tile window (on the CPU the previous tile is always complete)."""
+    import cuda_cpu_emulator as emu
+    ok, reason = emu.available()
+    if not ok:
+        pytest.skip(f"CUDA CPU emulator unavailable: {reason}")
+    return emu.EmulatedDevice(prefix_every=40)
+
+
+MANY_TILE_CASES = [("submanifold", 3, 1, 1), ("submanifold", (3, 1, 2), 1, 2), ("strided", 2, 2, 1),
+                   ("transposed", 2, 2, 1)]
+
+
+@pytest.mark.parametrize("sparse_prefixes", [False, True])
+@pytest.mark.parametrize("kind,ks,stride,dilation", MANY_TILE_CASES)
+def test_emulated_many_tiles_match_numpy_builder(emulated, emulated_sparse_prefixes, rng, sparse_prefixes,
+                                                 kind, ks, stride, dilation):
+    """More than 3 row blocks of 256 and several offsets: the single-pass scan carries across tiles."""
+    dev = emulated_sparse_prefixes if sparse_prefixes else emulated
+    s, tr, gen = kind_args(kind, stride)
+    coords, out = make_coords(rng, kind, s, 2, n=900, extent=12)
+    m = (out if out is not None else coords).shape[0]
+    if kind != "strided":
+        assert m > 3 * gpu_kernel_map.BLOCK
+    got = gpu_kernel_map.build(dev, coords, ks, s, dilation, tr, gen, out)
+    assert_same_map(got, reference_map(coords, ks, s, dilation, tr, gen, out=out), f"{kind} many tiles")
+    assert_dense_nbr(got, f"{kind} many tiles")
+
+
+def test_emulated_no_pairs(emulated):
+    """Inputs and outputs present but no pair at all: empty exact copies, offsets all 0."""
+    coords = np.array([[0, 1, 1, 1]], np.int32)
+    out = np.array([[0, 100, 100, 100], [1, 2, 2, 2]], np.int32)
+    got = gpu_kernel_map.build(emulated, coords, 2, 2, 1, True, False, out)
+    assert_same_map(got, reference_map(coords, 2, 2, 1, True, False, out=out), "no pairs")
+    assert got.num_pairs == 0 and (_host(got.dense_nbr) == -1).all()
+
+
+def test_emulated_launch_sequence(emulated, rng):
+    """A SubM map is two kernels (insert, fused query + single-pass scan + compaction): no separate
+    scan or compaction launch may come back."""
+    coords = random_voxels(rng, 300, extent=8, batches=1)
+    emulated.launches.clear()
+    gpu_kernel_map.build(emulated, coords, 3, 1, 1, False, False)
+    assert emulated.launches == ["insert", "query_compact"]
+    emulated.launches.clear()
+    gpu_kernel_map.build(emulated, coords, 2, 2, 1, False, False)
+    assert emulated.launches == ["candidate_keys", "unique_heads", "unique_info", "unique_unpack", "insert",
+                                 "query_compact"]
+
+
 # --- on the GPU ----------------------------------------------------------------------------------
 
 GPU_CASES = [c for c in itertools.product(KINDS, KERNEL_SIZES + [(2, 3, 1)], STRIDES + [(1, 2, 3)], DILATIONS, BATCHES)
@@ -190,6 +271,19 @@ def test_gpu_large_random_and_public_api(cupy, rng):
     unchecked = sv.Voxels(cupy.asarray(coords), None, check=False)
     sv.kernel_map(unchecked, 3)
     assert unchecked._keys is None, "the hash builder must not make kernel_map() sort the keys"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_dense_nbr_matches_csr(cupy, rng, kind):
+    """The kept query table equals the CSR pairs (50k voxels: thousands of tiles in the look-back)."""
+    s, tr, gen = kind_args(kind, 2)
+    coords, out = make_coords(rng, kind, s, 2, n=25_000, extent=60)
+    got = gpu_kernel_map.build_kernel_map(cupy.asarray(coords), None, 3, s, 1, tr, gen,
+                                          None if out is None else cupy.asarray(out))
+    assert isinstance(got.dense_nbr, cupy.ndarray)
+    assert_same_map(got, reference_map(coords, 3, s, 1, tr, gen, out=out), kind)
+    assert_dense_nbr(got, kind)
 
 
 def _find_scan(name):

@@ -3,11 +3,13 @@
 // Key: bits 63..54 batch (10 bits), then x, y, z with 18 bits each, every axis offset by 2^17 so
 // that sorting keys sorts voxels by (batch, x, y, z). Value: the row index of the voxel.
 //
-// Table layout: one uint64 array of 2 * capacity + 4 words, filled with all-ones bytes before use
-// (one cudaMemsetAsync 0xFF):
+// Table layout: one uint64 array of 2 * capacity + 4 words (+ the caller's extra words), filled with
+// all-ones bytes before use (one cudaMemsetAsync 0xFF):
 //   [2s], [2s+1]           slot s: key (EMPTY_KEY = free), value (row index, low 32 bits)
 //   [2cap], [2cap+1]       the slot of the all-ones key itself: (flag, value), flag EMPTY = absent
 //   [2cap+2], [2cap+3]     status words written by the insert kernel (see kernel_map.cu)
+//   [2cap+4, ...)          optional words of the caller, reset by the same memset (kernel_map.cu:
+//                          the ticket and tile words of kmap_query_compact's single-pass scan)
 // The all-ones key needs its own slot because it is a valid voxel: batch 1023 with
 // x = y = z = 131071 packs to 0xFFFF'FFFF'FFFF'FFFF, the same bits as a free slot.
 //
