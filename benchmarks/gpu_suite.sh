@@ -109,7 +109,10 @@ if [ "$run_bench" = 1 ]; then
   # shellcheck disable=SC2086  # LAYERS_ARGS is split on purpose, e.g. "--peers spconv spconv_triton"
   [ -z "${SKIP_LAYERS:-}" ] && run_bench_module benchmarks.layers "${cpu[@]}" ${LAYERS_ARGS:-}
   [ -z "${SKIP_AUTOTUNE_OVERHEAD:-}" ] && [ -f benchmarks/autotune_overhead.py ] && run_bench_module benchmarks.autotune_overhead
-  for m in "${mods[@]}"; do run_bench_module "$m"; done
+  for m in "${mods[@]}"; do
+    # shellcheck disable=SC2086
+    if [ "$m" = benchmarks.layers ]; then run_bench_module "$m" "${cpu[@]}" ${LAYERS_ARGS:-}; else run_bench_module "$m"; fi
+  done
 fi
 
 echo
