@@ -12,7 +12,7 @@
 # modules named as arguments (each gets --out --stem [--quick] --budget-s). The whole run keeps to
 # SUITE_BUDGET_S seconds (default 470; --quick 300): tests get at most TESTS_TIMEOUT_S (default 240; quick
 # 150), the benchmarks the time left (they stop starting measurements at their budget and write what
-# they have). The commit is git's when .git travelled, else $COMMIT. LAYERS_ARGS adds options to
+# they have). The commit is $COMMIT when set, else git's. LAYERS_ARGS adds options to
 # benchmarks.layers (e.g. LAYERS_ARGS="--peers spconv spconv_triton"; spconv-triton autotunes for minutes);
 # SKIP_LAYERS=1 leaves benchmarks.layers out (diagnostic runs of the named modules only).
 #
@@ -65,8 +65,8 @@ else
   echo "no .peers/*.tar.xz: benchmarks run without peers"
 fi
 
-if git -c safe.directory='*' rev-parse --short HEAD >/dev/null 2>&1; then commit_src=git
-elif [ -n "${COMMIT:-}" ]; then commit_src='$COMMIT'
+if [ -n "${COMMIT:-}" ]; then commit_src='$COMMIT'
+elif git -c safe.directory='*' rev-parse --short HEAD >/dev/null 2>&1; then commit_src=git
 else commit_src=none; fi
 stem=$(python3 -m benchmarks.provenance "${cpu[@]}") || stem="$(date +%F)-gpu-${COMMIT:-unknown}"
 export SPARSEVOX_RESULT_COMMIT=${stem##*-}

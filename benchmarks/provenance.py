@@ -3,9 +3,9 @@
 ``python -m benchmarks.provenance`` prints the stem ``<yyyy-mm-dd>-<gpu>-<short commit>`` (used by
 ``gpu_suite.sh`` so that every file of one run shares it).
 
-The commit is ``git rev-parse --short HEAD`` when the checkout has its ``.git``; otherwise the
-``COMMIT`` environment variable (the lead passes it when the working tree travels without ``.git``),
-else ``"unknown"``. ``SPARSEVOX_RESULT_COMMIT`` overrides both (``gpu_suite.sh`` sets it, so every file of
+The commit is the ``COMMIT`` environment variable when set (the lead names the commit it sends; the GPU
+machine's copy of ``.git`` was seen to be stale), else ``git rev-parse --short HEAD``, else
+``"unknown"``. ``SPARSEVOX_RESULT_COMMIT`` overrides both (``gpu_suite.sh`` sets it, so every file of
 one run names the same commit even if HEAD moves meanwhile).
 """
 from __future__ import annotations
@@ -40,10 +40,11 @@ def _git(*args) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def commit() -> str:
-    """``$SPARSEVOX_RESULT_COMMIT`` (the suite pins the commit it started at), else the checkout's short
-    commit, else ``$COMMIT``, else ``"unknown"``."""
-    return (os.environ.get("SPARSEVOX_RESULT_COMMIT", "").strip() or _git("rev-parse", "--short", "HEAD")
-            or os.environ.get("COMMIT", "").strip() or "unknown")
+    """``$SPARSEVOX_RESULT_COMMIT`` (the suite pins the commit it started at), else ``$COMMIT`` (the lead
+    names the commit it sent: the GPU machine's copy of ``.git`` was seen to be stale), else the
+    checkout's short commit, else ``"unknown"``."""
+    return (os.environ.get("SPARSEVOX_RESULT_COMMIT", "").strip() or os.environ.get("COMMIT", "").strip()
+            or _git("rev-parse", "--short", "HEAD") or "unknown")
 
 
 @functools.lru_cache(maxsize=None)
