@@ -3,12 +3,13 @@
 // (by k, then by output row) with a single-pass scan, without sorting.
 //
 //   kmap_insert          coords [N, 4] -> hash table (value = row); flags duplicates / bad rows
-//   kmap_query_compact   one block per tile (k, BLOCK output rows), tiles taken in canonical order by
-//                        an atomic ticket: cand[k, m] = input row paired with output row m by offset
-//                        k, or -1; a block scan of the tile's hits; a decoupled look-back over the
-//                        earlier tiles' published words gives the tile's base; the pairs land at base
-//                        + rank in upper-bound buffers; offsets[K + 1] and the host-bound info row
-//                        (offsets, then the two insert status words) come out of the same kernel
+//   kmap_query_compact   one block per tile (k, BLOCK * ITEMS output rows), tiles taken in canonical
+//                        order by an atomic ticket: cand[k, m] = input row paired with output row m by
+//                        offset k, or -1; the tile's hit count is published at once, a decoupled
+//                        look-back over the earlier tiles' published words gives the tile's base, and
+//                        the pairs land at base + rank (rank in (k, row) order) in upper-bound buffers;
+//                        offsets[K + 1] and the host-bound info row (offsets, then the two insert
+//                        status words) come out of the same kernel
 //   kmap_candidate_keys  packed keys of floor(c / s) (strided outputs) or s * c + off_k (generated)
 //   kmap_unique_*        head flags, count and unpacking of a sorted key array (unique outputs)
 //
@@ -16,7 +17,8 @@
 // the table's one memset (all ones) also resets it (see kmap_query_compact).
 // Index arithmetic is 64-bit where a product can exceed 2^31 (K * M, s * c + off); the host checks
 // that K * M fits int32 (so do the pair count and every prefix; KernelMap stores int32 maps and offsets).
-// Every kernel is a template on its block size BLOCK (a multiple of 32, at most 1024).
+// Every kernel is a template on its block size BLOCK (a multiple of 32, at most 1024);
+// kmap_query_compact also on ITEMS, the output rows per thread of a tile.
 #include "common/hash.cuh"
 
 namespace svx_kmap {
@@ -42,35 +44,6 @@ __device__ __forceinline__ long long floor_div(long long a, long long s) {
     return a >= 0 ? a / s : -((-a + s - 1) / s);
 }
 
-// Inclusive prefix sum of v over the block. `warp_sums` is shared scratch of BLOCK / 32 ints; on
-// return warp_sums[BLOCK / 32 - 1] holds the block total. The caller syncs before reusing it.
-template <int BLOCK>
-__device__ __forceinline__ int block_inclusive_scan(int v, int* warp_sums) {
-    static_assert(BLOCK % 32 == 0 && BLOCK <= 1024, "BLOCK must be a multiple of 32, at most 1024");
-    constexpr int WARPS = BLOCK / 32;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int t = __shfl_up_sync(0xffffffffu, v, o);
-        if (lane >= o) v += t;
-    }
-    if (lane == 31) warp_sums[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        int w = lane < WARPS ? warp_sums[lane] : 0;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int t = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += t;
-        }
-        if (lane < WARPS) warp_sums[lane] = w;
-    }
-    __syncthreads();
-    if (warp > 0) v += warp_sums[warp - 1];
-    return v;
-}
-
 // Status words: atomicMin keeps the smallest offending index, so the report is deterministic.
 __device__ __forceinline__ void flag_min(unsigned long long* word, long long index) {
     atomicMin(word, (unsigned long long)index);
@@ -88,32 +61,79 @@ __device__ __forceinline__ void publish(unsigned long long* tiles, int t, unsign
     atomicExch(tiles + t, (flag << 62) | (unsigned long long)(unsigned)value);
 }
 
-// Exclusive prefix of tile t > 0, by the 32 lanes of one warp: each round reads the words of the 32
-// tiles before `top` (volatile loads: they bypass L1 and are re-read while spinning), waits until all
-// of them are published, then sums them down to the nearest one carrying an inclusive prefix. Tile 0
-// always publishes a prefix, so the walk ends. Values fit int: the host checks K * m <= 2^31 - 1.
-// No fence is needed: a tile word carries its value itself, and the pairs, cand, offsets and info are
-// read only by later kernels or the host.
+// Exclusive prefix of tile t > 0, by the 32 lanes of one warp. Each round reads the words of the 32
+// tiles before `top` (lane i: tile top - i; volatile loads bypass L1 and are re-read while spinning)
+// and finds the nearest one carrying an inclusive prefix; it waits only until every tile from top down
+// to that one (down to the window's end if there is none) is published, never on tiles beyond it, then
+// adds those values and stops at the prefix or moves to the next window. Tile 0 always publishes a
+// prefix, so the walk ends. Values fit int: the host checks K * m <= 2^31 - 1. No fence is needed: a
+// tile word carries its value itself, and the pairs, cand, offsets and info are read only by later
+// kernels or the host.
 __device__ __forceinline__ int look_back(const unsigned long long* tiles, int t, int lane) {
     int excl = 0;
     for (int top = t - 1;; top -= 32) {
         const int idx = top - lane;
         unsigned long long w;
+        unsigned prefixes;
+        int stop;
         while (true) {
             w = idx >= 0 ? *reinterpret_cast<const volatile unsigned long long*>(tiles + idx)
                          : TILE_PREFIX << 62;  // before tile 0: prefix 0
-            if (__ballot_sync(0xffffffffu, (w >> 62) == TILE_NOT_READY) == 0u) break;
+            const unsigned waiting = __ballot_sync(0xffffffffu, (w >> 62) == TILE_NOT_READY);
+            prefixes = __ballot_sync(0xffffffffu, (w >> 62) == TILE_PREFIX);
+            stop = prefixes ? __ffs(prefixes) - 1 : 31;  // lane of the nearest tile with a prefix
+            const unsigned needed = stop == 31 ? 0xffffffffu : (2u << stop) - 1u;  // lanes 0..stop
+            if ((waiting & needed) == 0u) break;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
             __nanosleep(32);
 #endif
         }
-        const unsigned prefixes = __ballot_sync(0xffffffffu, (w >> 62) == TILE_PREFIX);
-        const int stop = prefixes ? __ffs(prefixes) - 1 : 31;  // nearest tile with a prefix
         int v = lane <= stop ? (int)(w & TILE_VALUE_MASK) : 0;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         excl += v;
         if (prefixes) return excl;
+    }
+}
+
+// found[i] = row of keys[i] in the table (svx_hash::lookup), or -1 where !valid[i]. The first probe of
+// every item is loaded before any is examined (ITEMS independent loads in flight per thread); the few
+// keys not settled by it continue along their probe chain.
+template <int ITEMS>
+__device__ __forceinline__ void lookup_items(const unsigned long long* __restrict__ table,
+                                             unsigned long long mask, const unsigned long long (&keys)[ITEMS],
+                                             const bool (&valid)[ITEMS], int (&found)[ITEMS]) {
+    using namespace svx_hash;
+    ulonglong2 e[ITEMS];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        e[i].x = EMPTY_KEY;
+        e[i].y = 0;
+        if (valid[i] && keys[i] != EMPTY_KEY)  // key and value in one 16-byte load (see lookup)
+            e[i] = *reinterpret_cast<const ulonglong2*>(table + 2 * (mix(keys[i]) & mask));
+    }
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        const unsigned long long key = keys[i];
+        if (!valid[i]) {
+            found[i] = -1;
+        } else if (key == EMPTY_KEY) {  // the all-ones key has a slot of its own
+            found[i] = lookup(table, mask, key);
+        } else if (e[i].x == key) {
+            found[i] = (int)e[i].y;
+        } else if (e[i].x == EMPTY_KEY) {
+            found[i] = -1;
+        } else {  // a collision: continue the linear probe after the first slot
+            found[i] = -1;
+            for (unsigned long long sl = (mix(key) + 1) & mask;; sl = (sl + 1) & mask) {
+                const ulonglong2 f = *reinterpret_cast<const ulonglong2*>(table + 2 * sl);
+                if (f.x == key) {
+                    found[i] = (int)f.y;
+                    break;
+                }
+                if (f.x == EMPTY_KEY) break;
+            }
+        }
     }
 }
 
@@ -139,9 +159,11 @@ __global__ void __launch_bounds__(BLOCK) kmap_insert(const int* __restrict__ coo
     if (!insert(table, mask, pack_key(b, x, y, z), (int)row)) svx_kmap::flag_min(status, row);
 }
 
-// Grid: T = K * nbm blocks (nbm = ceil(m / BLOCK)), one per tile. Tile t (from the ticket, not from
-// blockIdx) handles offset k = t / nbm and output rows [(t % nbm) * BLOCK, ... + BLOCK), so tiles in
-// ticket order are the canonical (k, m) order.
+// Grid: T = K * nbm blocks (nbm = ceil(m / (BLOCK * ITEMS))), one per tile. Tile t (from the ticket,
+// not from blockIdx) handles offset k = t / nbm and output rows [row0, row0 + BLOCK * ITEMS) with
+// row0 = (t % nbm) * BLOCK * ITEMS (tiles never straddle two offsets), so tiles in ticket order are the
+// canonical (k, m) order. Striped layout: item i of thread x is row row0 + i * BLOCK + x, so the
+// qcoords reads and cand writes of a warp are contiguous, and (item, warp, lane) order is row order.
 //   qcoords [m, 4] int32 output sites
 //   status  the two insert status words (table + 2 * (mask + 1) + 2)
 //   state   [1 + T] uint64, all ones on entry (the table's memset): state[0] the ticket counter,
@@ -151,7 +173,7 @@ __global__ void __launch_bounds__(BLOCK) kmap_insert(const int* __restrict__ coo
 //   offsets [K + 1] int32;  info [K + 3] int64 = offsets, then status[0], status[1] (EMPTY reads as -1)
 // Non-transposed: in = s * out + off_k; transposed: out = s * in + off_k, i.e. in = (out - off_k) / s
 // where every axis divides exactly.
-template <int BLOCK>
+template <int BLOCK, int ITEMS>
 __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
         const int* __restrict__ qcoords, int m, int nbm, int K, int transposed, int sx, int sy, int sz,
         int kx, int ky, int kz, int dx, int dy, int dz, const unsigned long long* __restrict__ table,
@@ -159,9 +181,16 @@ __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
         int* __restrict__ cand, int* __restrict__ in_buf, int* __restrict__ out_buf,
         int* __restrict__ offsets, long long* __restrict__ info) {
     using namespace svx_hash;
-    __shared__ int warp_sums[BLOCK / 32];
+    static_assert(BLOCK % 32 == 0 && BLOCK <= 1024, "BLOCK must be a multiple of 32, at most 1024");
+    static_assert(ITEMS >= 1, "ITEMS must be positive");
+    constexpr int WARPS = BLOCK / 32;
+    constexpr int GROUPS = ITEMS * WARPS;          // (item, warp) groups of 32 rows, in row order
+    constexpr int PER_LANE = (GROUPS + 31) / 32;   // groups per lane in warp 0's scan of the counts
+    __shared__ int s_group[GROUPS];  // hits of each group, then their exclusive prefix within the tile
     __shared__ int s_tile;
     __shared__ int s_excl;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
     // The ticket: tiles start in ticket order, so every tile this block waits on below belongs to a
     // block that is already running (and waits only on earlier tiles): no deadlock whatever the
     // hardware's block scheduling. The counter starts all ones; the first ticket wraps to 0.
@@ -170,53 +199,105 @@ __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
     const int t = s_tile;
     const int k = t / nbm;
     const int bm = t % nbm;
-    const int row = bm * BLOCK + threadIdx.x;
-    int found = -1;
-    if (row < m) {
-        long long o[3];
-        svx_kmap::offset_of(k, kx, ky, kz, dx, dy, dz, o);
-        const int* c = qcoords + 4 * (long long)row;
-        const long long s[3] = {sx, sy, sz};
-        long long q[3];
-        bool ok = true;
+    const long long row0 = (long long)bm * (BLOCK * ITEMS) + threadIdx.x;  // this thread's item 0
+
+    // 1. Lookups: every item's query key, then the table probes (independent loads in flight).
+    long long o[3];
+    svx_kmap::offset_of(k, kx, ky, kz, dx, dy, dz, o);
+    const long long s[3] = {sx, sy, sz};
+    unsigned long long keys[ITEMS];
+    bool valid[ITEMS];
 #pragma unroll
-        for (int a = 0; a < 3; ++a) {
-            if (transposed) {  // out = s * in + off  <=>  in = (out - off) / s, exactly
-                const long long d = (long long)c[a + 1] - o[a];
-                ok = ok && (d % s[a] == 0);
-                q[a] = d / s[a];
-            } else {
-                q[a] = s[a] * (long long)c[a + 1] + o[a];
+    for (int i = 0; i < ITEMS; ++i) {
+        const long long row = row0 + (long long)i * BLOCK;
+        keys[i] = 0;
+        valid[i] = false;
+        if (row < m) {
+            const int* c = qcoords + 4 * row;
+            long long q[3];
+            bool ok = true;
+#pragma unroll
+            for (int a = 0; a < 3; ++a) {
+                if (transposed) {  // out = s * in + off  <=>  in = (out - off) / s, exactly
+                    const long long d = (long long)c[a + 1] - o[a];
+                    ok = ok && (d % s[a] == 0);
+                    q[a] = d / s[a];
+                } else {
+                    q[a] = s[a] * (long long)c[a + 1] + o[a];
+                }
+            }
+            const long long b = c[0];
+            if (ok && in_range(b, q[0], q[1], q[2])) {
+                keys[i] = pack_key(b, q[0], q[1], q[2]);
+                valid[i] = true;
             }
         }
-        const long long b = c[0];
-        if (ok && in_range(b, q[0], q[1], q[2])) found = lookup(table, mask, pack_key(b, q[0], q[1], q[2]));
-        cand[(long long)k * m + row] = found;
     }
-    const int hit = found >= 0 ? 1 : 0;
-    const int incl = svx_kmap::block_inclusive_scan<BLOCK>(hit, warp_sums);
-    const int aggregate = warp_sums[BLOCK / 32 - 1];
-    if (threadIdx.x < 32) {  // warp 0: publish, look back, publish the inclusive prefix
+    int found[ITEMS];
+    svx_kmap::lookup_items<ITEMS>(table, mask, keys, valid, found);
+    int* cand_k = cand + (long long)k * m;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        const long long row = row0 + (long long)i * BLOCK;
+        if (row < m) cand_k[row] = found[i];
+        const unsigned hits = __ballot_sync(0xffffffffu, found[i] >= 0);
+        if (lane == 0) s_group[i * WARPS + warp] = __popc(hits);
+    }
+    __syncthreads();
+
+    // 2. Warp 0: scan the group counts (-> the tile's aggregate), publish the aggregate at once, look
+    //    back for the tile's base, publish the inclusive prefix.
+    int aggregate = 0;
+    if (warp == 0) {
+        int v[PER_LANE];
+        int sum = 0;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            const int g = lane * PER_LANE + j;
+            v[j] = g < GROUPS ? s_group[g] : 0;
+            sum += v[j];
+        }
+        int incl = sum;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+            const int u = __shfl_up_sync(0xffffffffu, incl, d);
+            if (lane >= d) incl += u;
+        }
+        aggregate = __shfl_sync(0xffffffffu, incl, 31);
         unsigned long long* tiles = state + 1;
+        if (lane == 0)
+            svx_kmap::publish(tiles, t, t == 0 ? svx_kmap::TILE_PREFIX : svx_kmap::TILE_AGGREGATE, aggregate);
+        int run = incl - sum;  // exclusive prefix of this lane's first group
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+            const int g = lane * PER_LANE + j;
+            if (g < GROUPS) s_group[g] = run;
+            run += v[j];
+        }
         int excl = 0;
-        if (t == 0) {
-            if (threadIdx.x == 0) svx_kmap::publish(tiles, 0, svx_kmap::TILE_PREFIX, aggregate);
-        } else {
-            if (threadIdx.x == 0) svx_kmap::publish(tiles, t, svx_kmap::TILE_AGGREGATE, aggregate);
-            excl = svx_kmap::look_back(tiles, t, threadIdx.x);
+        if (t > 0) {
+            excl = svx_kmap::look_back(tiles, t, lane);
 #ifdef SVX_KMAP_PREFIX_EVERY  // tests only: most tiles keep just their aggregate (longer look-backs)
             if (t % SVX_KMAP_PREFIX_EVERY == 0)
 #endif
-            if (threadIdx.x == 0) svx_kmap::publish(tiles, t, svx_kmap::TILE_PREFIX, excl + aggregate);
+            if (lane == 0) svx_kmap::publish(tiles, t, svx_kmap::TILE_PREFIX, excl + aggregate);
         }
-        if (threadIdx.x == 0) s_excl = excl;
+        if (lane == 0) s_excl = excl;
     }
     __syncthreads();
+
+    // 3. The pairs, in row order: item i of a lane goes after the hits of every earlier (item, warp)
+    //    group of the tile and of the earlier lanes of its own group.
     const int excl = s_excl;
-    if (hit) {  // pairs keep increasing output row within the tile, tiles are in (k, m) order
-        const int pos = excl + incl - 1;
-        in_buf[pos] = found;
-        out_buf[pos] = row;
+    const unsigned lanes_below = (1u << lane) - 1u;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        const unsigned hits = __ballot_sync(0xffffffffu, found[i] >= 0);
+        if (found[i] >= 0) {
+            const int pos = excl + s_group[i * WARPS + warp] + __popc(hits & lanes_below);
+            in_buf[pos] = found[i];
+            out_buf[pos] = (int)(row0 + (long long)i * BLOCK);
+        }
     }
     if (threadIdx.x == 0) {
         if (bm == 0) {

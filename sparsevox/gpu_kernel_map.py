@@ -11,15 +11,18 @@ How (kernels in ``kernels_cu/kernel_map.cu``, table in ``kernels_cu/common/hash.
    ``floor(c / s)``; generated outputs the sorted unique keys of ``s * c + off_k`` (GPU sort).
 2. The input voxels go into an open-addressing table (packed 64-bit keys, value = row). A key seen
    twice is a duplicate voxel: ``ValueError`` naming it.
-3. One kernel, ``kmap_query_compact``, does the rest in a single pass over tiles of (k, 256 output
-   rows), taken in canonical order by an atomic ticket: it looks up every (k, output row m) and writes
+3. One kernel, ``kmap_query_compact``, does the rest in a single pass over tiles of (k, 2048 output
+   rows: 256 threads x ``ITEMS`` = 8 rows each; a tile never straddles two offsets), taken in canonical
+   order by an atomic ticket: it looks up every (k, output row m) and writes
    ``cand[k, m]`` = the input row or -1 (kept as :attr:`KernelMap.dense_nbr`, the forward neighbour
    table of the implicit GEMM). Non-transposed: ``in = s * out + off_k``; transposed:
    ``out = s * in + off_k``, so ``in = (out - off_k) / s`` where every axis divides exactly — a gather
-   from the output side, hence the canonical order for free. Each tile scans its hits, finds its base
-   by a decoupled look-back over the earlier tiles' published counts, and writes its pairs at their
-   final positions in upper-bound buffers (``K * M`` each), plus ``offsets`` and the host-bound info
-   row. The ticket and tile words share the table's allocation, so the table's memset resets them.
+   from the output side, hence the canonical order for free. Each tile publishes its hit count as
+   soon as its lookups are done, finds its base by a decoupled look-back over the earlier tiles'
+   published counts, and writes its pairs at their final positions (ranked in row order) in
+   upper-bound buffers (``K * M`` each), plus ``offsets`` and the host-bound info row. Big tiles keep
+   the look-back chain short (its latency grows with the number of tiles). The ticket and tile words
+   share the table's allocation, so the table's memset resets them.
 4. After the one synchronisation (the info row: sizes and status words), two device-to-device copies
    on the current stream move the first ``offsets[K]`` pairs into exact-size ``in_maps``/``out_maps``,
    and the upper-bound buffers go back to CuPy's pool.
@@ -44,9 +47,18 @@ from .kernel_map import build_kernel_map as _generic_builder
 
 log = logging.getLogger("sparsevox.gpu_kernel_map")
 
-BLOCK = 256  # threads per block of the per-row kernels (and output rows per scan tile)
+BLOCK = 256  # threads per block of the per-row kernels
+ITEMS = 8  # output rows per thread of a kmap_query_compact tile: BLOCK * ITEMS rows per tile
 _KERNELS = ("insert", "query_compact", "candidate_keys", "unique_heads", "unique_info", "unique_unpack")
-NAME_EXPRESSIONS = tuple(f"kmap_{k}<{BLOCK}>" for k in _KERNELS)
+
+
+def kernel_name(name: str, block: int, items: int = ITEMS) -> str:
+    """The template instantiation of kernel ``name``: ``kmap_<name><block>``, and for query_compact
+    ``kmap_query_compact<block, items>``."""
+    return f"kmap_{name}<{block}, {items}>" if name == "query_compact" else f"kmap_{name}<{block}>"
+
+
+NAME_EXPRESSIONS = tuple(kernel_name(k, BLOCK) for k in _KERNELS)
 _INT32_MAX = 2 ** 31 - 1
 _EMPTY = -1  # an all-ones status word read as int64
 
@@ -54,6 +66,8 @@ _EMPTY = -1  # an all-ones status word read as int64
 class CupyDevice:
     """The few device operations the builder needs, on CuPy (tests drive the same builder through a
     NumPy twin that runs the CUDA source on the CPU)."""
+
+    tile_items = ITEMS  # rows per thread of a query_compact tile (the builder sizes the grid by it)
 
     def __init__(self):
         import cupy
@@ -65,7 +79,7 @@ class CupyDevice:
         fn = self._fns.get((dev, name, block))
         if fn is None:
             from .cuda_loader import get_function
-            fn = get_function("kernel_map", f"kmap_{name}<{block}>", NAME_EXPRESSIONS)
+            fn = get_function("kernel_map", kernel_name(name, block, self.tile_items), NAME_EXPRESSIONS)
             self._fns[(dev, name, block)] = fn
         fn((grid,), (block,), args)
 
@@ -189,7 +203,7 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool):
     m = out_coords.shape[0]
     km = num_k * m
     _check_int32(km, "offsets x output sites")
-    nbm = _blocks(m)
+    nbm = _blocks(m, BLOCK * dev.tile_items)  # tiles per offset (a tile never spans two offsets)
     tiles = num_k * nbm
     table, mask, status, state = _insert(dev, coords, tiles)
     # Kept with the map: cand (the dense neighbour table) and offsets, one allocation. Temporary: the

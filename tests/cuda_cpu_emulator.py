@@ -6,7 +6,9 @@ and ``std::atomic_ref`` for the atomics.
 Blocks run in blockIdx order, so ``kmap_query_compact``'s tickets follow blockIdx and its look-back
 always finds the previous tile's inclusive prefix at once; ``EmulatedDevice(prefix_every=n)`` builds
 the kernels with ``SVX_KMAP_PREFIX_EVERY=n`` (only tiles ``t % n == 0`` publish a prefix) so the
-look-back also sums aggregates across several 32-tile windows.
+look-back also sums aggregates across several 32-tile windows. ``EmulatedDevice(items=i)`` instantiates
+``kmap_query_compact<256, i>`` (rows per thread of a tile; default that of the GPU builder), so small
+inputs can still span many tiles.
 
 It exists so that the GPU kernel-map builder (:mod:`sparsevox.gpu_kernel_map`, the same Python code
 and the same kernels) can be checked against the NumPy builder on machines without a GPU. It is slow
@@ -23,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from sparsevox import gpu_kernel_map
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +75,16 @@ inline unsigned __ballot_sync(unsigned, int p) {  // full warps only (BLOCK is a
     g_warps[w]->arrive_and_wait();
     return r;
 }
+inline int __shfl_sync(unsigned, int v, int src) {
+    int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    g_lanes[w][l] = v;
+    g_warps[w]->arrive_and_wait();
+    int r = g_lanes[w][src & 31];
+    g_warps[w]->arrive_and_wait();
+    return r;
+}
 inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
     return std::atomic_ref<unsigned long long>(*a).fetch_add(v);
 }
@@ -107,7 +120,7 @@ template <class F> void emu_launch(int grid, int block, F f) {
 }
 """
 
-# (kernel, template block, C parameter list, argument names)
+# (kernel, template block, C parameter list, argument names); query_compact's template also takes ITEMS
 WRAPPERS = [
     ("insert", 256, "const int* c, int n, unsigned long long* t, unsigned long long mask", "c, n, t, mask"),
     ("query_compact", 256, "const int* q, int m, int nbm, int K, int tr, int sx, int sy, int sz, int kx, int ky, "
@@ -126,14 +139,15 @@ WRAPPERS = [
 ]
 
 
-def _source(prefix_every: int = 0) -> str:
+def _source(prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS) -> str:
     kcu = ROOT / "kernels_cu"
     body = (kcu / "kernel_map.cu").read_text().replace('#include "common/hash.cuh"', "")
     defines = [f"#define SVX_KMAP_PREFIX_EVERY {prefix_every}"] if prefix_every else []
     parts = [*defines, PRELUDE, (kcu / "common" / "hash.cuh").read_text(), body]
     for name, block, params, args in WRAPPERS:
+        kernel = gpu_kernel_map.kernel_name(name, block, items)
         parts.append(f'extern "C" void emu_kmap_{name}(int grid, int block, {params}) {{\n'
-                     f'    emu_launch(grid, block, [=] {{ kmap_{name}<{block}>({args}); }});\n}}')
+                     f'    emu_launch(grid, block, [=] {{ {kernel}({args}); }});\n}}')
     return "\n".join(parts)
 
 
@@ -148,8 +162,8 @@ def available() -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _library(prefix_every: int = 0):
-    src = _source(prefix_every)
+def _library(prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS):
+    src = _source(prefix_every, items)
     digest = hashlib.sha1(src.encode()).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / f"sparsevox_kmap_emu_{digest}.so"
     if not out.exists():
@@ -177,12 +191,15 @@ class EmulatedDevice:
     """Drop-in for :class:`sparsevox.gpu_kernel_map.CupyDevice`: NumPy arrays, kernels on the CPU."""
     xp = np
 
-    def __init__(self, prefix_every: int = 0):
-        self.lib = _library(prefix_every)
+    def __init__(self, prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS):
+        self.lib = _library(prefix_every, items)
+        self.tile_items = items  # the builder sizes query_compact's grid by it
         self.launches: list[str] = []
+        self.grids: list[int] = []  # grid size of each launch, in launch order
 
     def launch(self, name, grid, block, args):
         self.launches.append(name)
+        self.grids.append(grid)
         getattr(self.lib, f"emu_kmap_{name}")(ctypes.c_int(grid), ctypes.c_int(block), *(_c_arg(a) for a in args))
 
     def fill_ones(self, a):

@@ -5,7 +5,8 @@ Two drivers of the same Python builder (:func:`sparsevox.gpu_kernel_map.build`) 
   inputs, limits, N = 0, duplicates, and the real scans of ``pointcloud_dir()``;
 - on the CPU through ``tests/cuda_cpu_emulator.py`` (the kernels compiled as C++, one thread per CUDA
   thread): a smaller set, so the kernels' logic is checked where no GPU is present, including maps of
-  many scan tiles (also with look-backs forced across several 32-tile windows) and the launch sequence.
+  many scan tiles (also with look-backs forced across several 32-tile windows), tiles of several rows
+  per thread with m below, at and above one tile, and the launch sequence.
 Both check the kept query table ``KernelMap.dense_nbr`` against the CSR pairs.
 """
 import itertools
@@ -158,14 +159,22 @@ def test_emulated_dense_nbr_matches_csr(emulated, rng, kind, ks, stride, dilatio
 
 
 @pytest.fixture(scope="module")
-def emulated_sparse_prefixes():
-    """Kernels built so that only every 40th tile publishes an inclusive prefix: look-backs then sum
-    aggregates across more than one 32-tile window (on the CPU the previous tile is always complete)."""
+def emulated_with():
+    """``emulated_with(prefix_every=0, items=ITEMS)``: an emulated device whose kernels are built with
+    ``SVX_KMAP_PREFIX_EVERY=prefix_every`` (only every n-th tile publishes an inclusive prefix, so
+    look-backs sum aggregates across more than one 32-tile window; on the CPU the previous tile is
+    otherwise always complete) and ``kmap_query_compact<256, items>`` (tiles of 256 * items rows)."""
     import cuda_cpu_emulator as emu
     ok, reason = emu.available()
     if not ok:
         pytest.skip(f"CUDA CPU emulator unavailable: {reason}")
-    return emu.EmulatedDevice(prefix_every=40)
+    devices = {}
+
+    def get(prefix_every=0, items=gpu_kernel_map.ITEMS):
+        if (prefix_every, items) not in devices:
+            devices[prefix_every, items] = emu.EmulatedDevice(prefix_every=prefix_every, items=items)
+        return devices[prefix_every, items]
+    return get
 
 
 MANY_TILE_CASES = [("submanifold", 3, 1, 1), ("submanifold", (3, 1, 2), 1, 2), ("strided", 2, 2, 1),
@@ -174,10 +183,10 @@ MANY_TILE_CASES = [("submanifold", 3, 1, 1), ("submanifold", (3, 1, 2), 1, 2), (
 
 @pytest.mark.parametrize("sparse_prefixes", [False, True])
 @pytest.mark.parametrize("kind,ks,stride,dilation", MANY_TILE_CASES)
-def test_emulated_many_tiles_match_numpy_builder(emulated, emulated_sparse_prefixes, rng, sparse_prefixes,
-                                                 kind, ks, stride, dilation):
-    """More than 3 row blocks of 256 and several offsets: the single-pass scan carries across tiles."""
-    dev = emulated_sparse_prefixes if sparse_prefixes else emulated
+def test_emulated_many_tiles_match_numpy_builder(emulated_with, rng, sparse_prefixes, kind, ks, stride, dilation):
+    """Tiles of 256 rows (items=1): more than 3 row tiles per offset and several offsets, so the
+    single-pass scan carries across tiles (and, with sparse prefixes, across look-back windows)."""
+    dev = emulated_with(prefix_every=40 if sparse_prefixes else 0, items=1)
     s, tr, gen = kind_args(kind, stride)
     coords, out = make_coords(rng, kind, s, 2, n=900, extent=12)
     m = (out if out is not None else coords).shape[0]
@@ -186,6 +195,38 @@ def test_emulated_many_tiles_match_numpy_builder(emulated, emulated_sparse_prefi
     got = gpu_kernel_map.build(dev, coords, ks, s, dilation, tr, gen, out)
     assert_same_map(got, reference_map(coords, ks, s, dilation, tr, gen, out=out), f"{kind} many tiles")
     assert_dense_nbr(got, f"{kind} many tiles")
+
+
+# (kind, kernel size, output rows m, prefix_every, items): the production tile of BLOCK * ITEMS = 2048
+# rows with m below one tile, exactly one tile, and several tiles with a partial last one (with and
+# without look-backs across windows: k3 x 3 tiles = 81 tiles, a prefix every 40); items = 3 and 5 make
+# the per-tile (item, warp) group count no multiple of 32.
+BIG_TILE_CASES = [("submanifold", 3, 700, 0, 8), ("submanifold", 3, 2048, 0, 8), ("submanifold", 3, 4500, 0, 8),
+                  ("submanifold", 3, 4500, 40, 8), ("transposed", 2, 4500, 0, 8), ("transposed", 3, 4500, 5, 8),
+                  ("submanifold", 3, 1700, 7, 3), ("submanifold", (3, 1, 2), 1300, 0, 5)]
+
+
+@pytest.mark.parametrize("kind,ks,m,prefix_every,items", BIG_TILE_CASES)
+def test_emulated_big_tiles_match_numpy_builder(emulated_with, rng, kind, ks, m, prefix_every, items):
+    """Tiles of BLOCK * items output rows of one offset: K * ceil(m / (BLOCK * items)) tiles, pairs in
+    row order across the items of a thread and the warps of a block; dense inputs (most rows hit)."""
+    dev = emulated_with(prefix_every=prefix_every, items=items)
+    rng_coords = random_voxels(rng, m, extent=14, batches=2)
+    assert rng_coords.shape[0] == m
+    if kind == "transposed":  # outputs: the m fine voxels; inputs: their coarse level
+        coords, out = expected_out_coords(rng_coords, 2, 2, 1, False, False), rng_coords
+        s, tr = 2, True
+    else:
+        coords, out, s, tr = rng_coords, None, 1, False
+    dev.grids.clear()
+    dev.launches.clear()
+    got = gpu_kernel_map.build(dev, coords, ks, s, 1, tr, False, out)
+    num_k = int(np.prod(np.broadcast_to(ks, 3)))
+    tile = gpu_kernel_map.BLOCK * items
+    assert dev.grids[dev.launches.index("query_compact")] == num_k * -(-m // tile)
+    assert_same_map(got, reference_map(coords, ks, s, 1, tr, False, out=out), f"{kind} m={m} items={items}")
+    assert_dense_nbr(got, f"{kind} m={m} items={items}")
+    assert got.num_pairs >= m  # dense: every output row has a pair (SubM: itself; up k2 s2: its parent)
 
 
 def test_emulated_no_pairs(emulated):
