@@ -80,12 +80,13 @@ _plans: dict = {}
 last_plans: dict = {}  # (op, direction) -> (algorithm name, params) of the latest call, for benchmarks and logs
 
 
-def plan(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input, run):
+def plan(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input, run, memo_only: bool = False):
     """``(algorithm, params)`` for one call: validated and chosen once per distinct call signature.
 
     A layer called again with the same shapes, dtype, device, map and algorithm input skips validation,
     problem construction and registry filtering (that is every training step after the first), which
-    keeps the per-call host cost of a cached choice to a dictionary lookup.
+    keeps the per-call host cost of a cached choice to a dictionary lookup. ``memo_only``: return None
+    instead of planning when this signature has no memoised choice.
     """
     algo_key = tuple(algo_input) if isinstance(algo_input, list) else algo_input
     env = resolve_algos(algo_input, op, "fwd" if direction == "fwd" else "bwd") if algo_input is None else None
@@ -98,6 +99,8 @@ def plan(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input, ru
         hit, key = None, None
     if hit is not None and hit[0] is kmap:
         choice = hit[1]
+    elif memo_only:
+        return None
     else:
         check_conv_args(feats, weight, kmap, op)
         choice = select(problem_of(op, direction, feats, weight, kmap), algo_input, run)
@@ -141,6 +144,19 @@ def conv_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, feats
                        lambda a, p: a.wgrad(feats, grad_out, kmap, k, **p))
         gw = algo.wgrad(feats, grad_out, kmap, k, **p)
     return gf, gw
+
+
+def prepared(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input):
+    """The launch object (``launch(a, b, out)`` on raw device addresses, see
+    :class:`sparsevox.implicit_gemm.Launch`) of the algorithm this call signature runs, or None when
+    that algorithm has none. Call it after one ordinary call with the same arguments (which plans and, for
+    AUTO, tunes): framework adapters then launch later calls from tensor addresses directly."""
+    choice = plan(op, direction, feats, weight, kmap, algo_input, None, memo_only=True) if op == "conv" else None
+    if choice is None or choice[0].prepare is None or _device(feats) != "gpu":
+        return None
+    algo, params = choice
+    return algo.prepare(direction, feats.dtype.name, int(feats.shape[1]), int(weight.shape[2]), kmap,
+                        int(feats.device.id), **params)
 
 
 def output_voxels_of(voxels, kmap: KernelMap, out_feats, output_voxels=None):

@@ -219,6 +219,68 @@ def _sm_count(device_id: int) -> int:
 
 # ---- the three directions ---------------------------------------------------------------------------
 
+class Launch:
+    """One IMPLICIT_GEMM kernel launch with every argument fixed except the two input addresses, the
+    output address and the stream (CuPy's current stream at :meth:`launch`).
+
+    The CuPy functions below run through it; framework adapters keep one per call signature
+    (:func:`sparsevox.conv.prepared`) and launch from raw tensor addresses on later calls, which skips
+    wrapping each tensor as a CuPy array and the per-call planning (~10 µs per array, measured).
+
+    What the caller provides: ``a``, ``b`` C-contiguous inputs of the call's dtype (fwd: feats
+    ``[N_in, C_in]`` and weight ``[K, C_in, C_out]``; dgrad: grad_out ``[N_out, C_out]`` and the weight
+    with its last two axes swapped, ``[K, C_out, C_in]`` (``transpose_b``); wgrad: feats and grad_out),
+    and ``out`` of ``out_shape``: the data dtype, or for wgrad the zero-filled ``acc_dtype`` accumulator
+    (float32; float64 for float64 data) that the caller casts back.
+    """
+    __slots__ = ("fn", "grid", "block", "smem", "args", "holes", "vec", "out_shape", "acc_dtype", "transpose_b",
+                 "keep")
+
+    def __init__(self, fn, grid, block, smem, args, holes, vec, out_shape, acc_dtype=None, transpose_b=False,
+                 keep=()):
+        self.fn, self.grid, self.block, self.smem = fn, grid, block, smem
+        self.args, self.holes, self.vec, self.out_shape = tuple(args), holes, vec, tuple(out_shape)
+        self.acc_dtype, self.transpose_b, self.keep = acc_dtype, transpose_b, keep
+
+    def launch(self, a: int, b: int, out: int) -> bool:
+        """Launch with device addresses ``a``, ``b``, ``out``. Returns False, launching nothing, when the
+        kernel uses 16-byte vector loads and ``a`` or ``b`` is not 16-byte aligned."""
+        if self.vec and (a | b) & 15:
+            return False
+        args = list(self.args)
+        i, j, k = self.holes
+        args[i], args[j], args[k] = a, b, out
+        self.fn((self.grid,), (self.block,), tuple(args), shared_mem=self.smem)
+        return True
+
+
+def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec, device_id,
+                         variant=None) -> Launch:
+    """The :class:`Launch` of ``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]`` (cached on the map)."""
+    key = ("implicit_gemm.launch", dt, c_a, c_b, reverse, n_rows, bm, bn, bool(sort_rows), bool(stage_nbr), vec,
+           device_id, variant)
+    prep = kmap.derived.get(key)
+    if prep is not None:
+        return prep
+    slots, nbr = slot_table(kmap, reverse, sort_rows)
+    masks = tile_masks(kmap, reverse, bm, sort_rows)
+    fn, threads, smem = _kernel("fwd", dt, bm, bn, vec, device_id, variant)
+    k_count = int(nbr.shape[0])
+    # Stage the tile's neighbour rows (K x BM int32) in shared memory when they fit.
+    k_cap = k_count if stage_nbr and k_count * (bm + 1) * 4 <= _NBR_SMEM else 0
+    smem += k_cap * (bm + 1) * 4
+    if smem > 48 * 1024 and _DYN_SET.get(id(fn), 0) < smem:  # raise the opt-in limit once per size
+        fn.max_dynamic_shared_size_bytes = smem
+        _DYN_SET[id(fn)] = smem
+    grid = (-(-n_rows // bm)) * (-(-c_b // bn))
+    args = (None, None, nbr.data.ptr, masks.data.ptr, slots.data.ptr, None, np.int32(n_rows), np.int32(c_a),
+            np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap))
+    prep = Launch(fn, grid, threads, smem, args, (0, 1, 5), vec, (n_rows, c_b), transpose_b=reverse,
+                  keep=(nbr, masks, slots))
+    kmap.derived[key] = prep
+    return prep
+
+
 def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr=False, out=None,
                  variant=None):
     """``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]``; weight ``[K, C_a, C_b]`` contiguous.
@@ -237,20 +299,10 @@ def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, stag
     if c_a == 0:
         out.fill(0)
         return out
-    slots, nbr = slot_table(kmap, reverse, sort_rows)
-    masks = tile_masks(kmap, reverse, bm, sort_rows)
     vec = _vec_ok(dt, c_a, c_b, src, weight_kcn)
-    fn, threads, smem = _kernel("fwd", dt, bm, bn, vec, src.device.id, variant)
-    k_count = int(nbr.shape[0])
-    # Stage the tile's neighbour rows (K x BM int32) in shared memory when they fit.
-    k_cap = k_count if stage_nbr and k_count * (bm + 1) * 4 <= _NBR_SMEM else 0
-    smem += k_cap * (bm + 1) * 4
-    if smem > 48 * 1024 and _DYN_SET.get(id(fn), 0) < smem:  # raise the opt-in limit once per size
-        fn.max_dynamic_shared_size_bytes = smem
-        _DYN_SET[id(fn)] = smem
-    grid = (-(-n_rows // bm)) * (-(-c_b // bn))
-    fn((grid,), (threads,), (src, weight_kcn, nbr, masks, slots, out, np.int32(n_rows), np.int32(c_a),
-                             np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap)), shared_mem=smem)
+    prep = _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec,
+                                src.device.id, variant)
+    prep.launch(src.data.ptr, weight_kcn.data.ptr, out.data.ptr)
     return out
 
 
@@ -267,7 +319,7 @@ def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort
     import cupy
     feats = cupy.ascontiguousarray(feats)
     weight = cupy.ascontiguousarray(weight)
-    bm, bn = _tile(feats, int(weight.shape[2]), fwd_block_size, gemm_block_size, variant)
+    bm, bn = _tile(_dtype_name(feats), int(weight.shape[2]), fwd_block_size, gemm_block_size, variant)
     return _gather_gemm(feats, weight, kmap, False, kmap.num_out, bm, bn, sort_rows, stage_nbr, out, variant)
 
 
@@ -277,18 +329,48 @@ def dgrad(grad_out, weight, kmap, fwd_block_size=None, gemm_block_size=None, sor
     import cupy
     grad_out = cupy.ascontiguousarray(grad_out)
     wt = cupy.ascontiguousarray(weight.transpose(0, 2, 1))
-    bm, bn = _tile(grad_out, int(weight.shape[1]), fwd_block_size, gemm_block_size)
+    bm, bn = _tile(_dtype_name(grad_out), int(weight.shape[1]), fwd_block_size, gemm_block_size)
     return _gather_gemm(grad_out, wt, kmap, True, kmap.num_in, bm, bn, sort_rows, stage_nbr, out)
 
 
-def _tile(a, c_out, bm, bn, variant=None):
-    dt = _dtype_name(a)
+def _tile(dt, c_out, bm, bn, variant=None):
     dbm, dbn = default_fwd_tile(dt, c_out)
     bm, bn = int(bm or dbm), int(bn or dbn)
     if variant is None and (bm, bn) not in tiles_for(dt):
         raise ValueError(f"(fwd_block_size, gemm_block_size) must be one of {sorted(tiles_for(dt))} "
                          f"for {dt}, got {(bm, bn)}")
     return bm, bn
+
+
+def _wgrad_setup(dt, c_in, c_out, num_pairs, device_id, gemm_block_size, split_k_factor):
+    """``(tile, chunk)`` of the weight-gradient kernel, validating its parameters."""
+    t = int(gemm_block_size or min(128 if is_tc(dt) else 64, max(32, _pow2ceil(max(c_in, c_out)))))
+    if t not in WGRAD_TILES or (not is_tc(dt) and t > 64):
+        raise ValueError(f"gemm_block_size for wgrad must be one of {WGRAD_TILES} (SIMT: <= 64), got {t}")
+    split = int(split_k_factor or 2)
+    if split < 1:
+        raise ValueError(f"split_k_factor must be >= 1, got {split}")
+    bk = _bk(dt)
+    tiles = (-(-c_in // t)) * (-(-c_out // t))
+    want = split * _sm_count(device_id)  # CTAs wanted in flight
+    chunk = max(bk, -(-num_pairs * tiles // want))
+    return t, -(-chunk // bk) * bk
+
+
+def _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, device_id) -> Launch:
+    key = ("implicit_gemm.wgrad_launch", dt, c_in, c_out, num_offsets, t, chunk, vec, device_id)
+    prep = kmap.derived.get(key)
+    if prep is not None:
+        return prep
+    chunks, n_chunks = wgrad_chunks(kmap, chunk)
+    fn, threads, smem = _kernel("wgrad", dt, t, t, vec, device_id)
+    tiles = (-(-c_in // t)) * (-(-c_out // t))
+    args = (None, None, kmap.in_maps.data.ptr, kmap.out_maps.data.ptr, chunks.data.ptr, None, np.int32(c_in),
+            np.int32(c_out))
+    prep = Launch(fn, n_chunks * tiles, threads, smem, args, (0, 1, 5), vec, (num_offsets, c_in, c_out),
+                  acc_dtype="float64" if dt == "float64" else "float32", keep=(chunks, kmap.in_maps, kmap.out_maps))
+    kmap.derived[key] = prep
+    return prep
 
 
 def wgrad(feats, grad_out, kmap, num_offsets, gemm_block_size=None, split_k_factor=None):
@@ -302,23 +384,35 @@ def wgrad(feats, grad_out, kmap, num_offsets, gemm_block_size=None, split_k_fact
     acc = cupy.zeros((num_offsets, c_in, c_out), dtype=acc_dt)
     if kmap.num_pairs == 0 or c_in == 0 or c_out == 0:
         return acc.astype(feats.dtype, copy=False)
-    t = int(gemm_block_size or min(128 if is_tc(dt) else 64, max(32, _pow2ceil(max(c_in, c_out)))))
-    if t not in WGRAD_TILES or (not is_tc(dt) and t > 64):
-        raise ValueError(f"gemm_block_size for wgrad must be one of {WGRAD_TILES} (SIMT: <= 64), got {t}")
-    split = int(split_k_factor or 2)
-    if split < 1:
-        raise ValueError(f"split_k_factor must be >= 1, got {split}")
-    bk = _bk(dt)
-    tiles = (-(-c_in // t)) * (-(-c_out // t))
-    want = split * _sm_count(feats.device.id)  # CTAs wanted in flight
-    chunk = max(bk, -(-kmap.num_pairs * tiles // want))
-    chunk = -(-chunk // bk) * bk
-    chunks, n_chunks = wgrad_chunks(kmap, chunk)
+    t, chunk = _wgrad_setup(dt, c_in, c_out, kmap.num_pairs, feats.device.id, gemm_block_size, split_k_factor)
     vec = _vec_ok(dt, c_in, c_out, feats, grad_out)
-    fn, threads, smem = _kernel("wgrad", dt, t, t, vec, feats.device.id)
-    fn((n_chunks * tiles,), (threads,), (feats, grad_out, kmap.in_maps, kmap.out_maps, chunks, acc,
-                                         np.int32(c_in), np.int32(c_out)), shared_mem=smem)
+    _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, feats.device.id).launch(
+        feats.data.ptr, grad_out.data.ptr, acc.data.ptr)
     return acc if acc.dtype == feats.dtype else acc.astype(feats.dtype)
+
+
+def prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params) -> Launch | None:
+    """The :class:`Launch` that ``forward``/``dgrad``/``wgrad`` run for a layer of this dtype and
+    channel counts with 16-byte aligned inputs (vector loads when the channel counts allow them), or
+    None for an empty problem (the CuPy functions handle those). ``params`` as chosen by the plan."""
+    if not (c_in and c_out and kmap.num_in and kmap.num_out and kmap.num_pairs):
+        return None
+    e = 16 // _SIZE[dtype_name]
+    vec = c_in % e == 0 and c_out % e == 0
+    if direction == "wgrad":
+        t, chunk = _wgrad_setup(dtype_name, c_in, c_out, kmap.num_pairs, device_id,
+                                params.get("gemm_block_size"), params.get("split_k_factor"))
+        return _prepare_wgrad(dtype_name, c_in, c_out, kmap, kmap.num_offsets, t, chunk, vec, device_id)
+    sort_rows, stage_nbr = params.get("sort_rows", True), params.get("stage_nbr", False)
+    if direction == "fwd":
+        bm, bn = _tile(dtype_name, c_out, params.get("fwd_block_size"), params.get("gemm_block_size"))
+        return _prepare_gather_gemm(dtype_name, c_in, c_out, kmap, False, kmap.num_out, bm, bn, sort_rows,
+                                    stage_nbr, vec, device_id)
+    if direction == "dgrad":
+        bm, bn = _tile(dtype_name, c_in, params.get("fwd_block_size"), params.get("gemm_block_size"))
+        return _prepare_gather_gemm(dtype_name, c_out, c_in, kmap, True, kmap.num_in, bm, bn, sort_rows,
+                                    stage_nbr, vec, device_id)
+    raise ValueError(f"direction must be 'fwd', 'dgrad' or 'wgrad', got {direction!r}")
 
 
 def fwd_params(dtype_name: str, c_out: int) -> list[dict]:

@@ -21,6 +21,9 @@ class Algorithm:
     wgrad(feats, grad_out, kmap, num_offsets, **params) -> grad_weight
     params(direction, problem) -> list of parameter dicts to search (``[{}]`` when nothing to tune)
     available(problem) -> (ok, reason): can it run on this device and dtype?
+    prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params) -> a launch object with
+        ``launch(a, b, out)`` on raw device addresses, or None (optional: GPU kernels that adapters may
+        call without wrapping tensors; see :func:`sparsevox.conv.prepared`)
     """
     name: str
     forward: Callable
@@ -28,6 +31,7 @@ class Algorithm:
     wgrad: Callable
     params: Callable
     available: Callable
+    prepare: Callable | None = None
 
 
 _REGISTRY: dict[str, dict[str, Algorithm]] = {"conv": {}, "depthwise": {}}

@@ -33,4 +33,4 @@ def _available(problem):
     return True, ""
 
 
-register("conv", Algorithm("implicit_gemm", ig.forward, ig.dgrad, ig.wgrad, _params, _available))
+register("conv", Algorithm("implicit_gemm", ig.forward, ig.dgrad, ig.wgrad, _params, _available, ig.prepare))

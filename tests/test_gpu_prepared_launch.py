@@ -1,0 +1,123 @@
+"""The torch adapter's prepared launches on the GPU: after the first call of a signature, later calls
+launch IMPLICIT_GEMM from tensor addresses (sparsevox.conv.prepared). Every call must still match the
+float64 oracle, forward and both gradients, on fresh inputs, for each dtype; misaligned views and odd
+channel counts must take a correct path too."""
+import numpy as np
+import pytest
+from reference import TOL, dense_conv, dense_conv_grads, random_voxels, rel_err
+
+import sparsevox as sv
+from sparsevox import conv as sv_conv
+from sparsevox import implicit_gemm as ig
+from sparsevox._arrays import to_host
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch", reason="torch not installed")
+svt = pytest.importorskip("sparsevox.adapters.torch")
+
+ALGO = ["implicit_gemm"]
+
+
+def _scene(rng, kind):
+    c = random_voxels(rng, 900, extent=12, batches=2)
+    v = sv.Voxels(torch.from_numpy(c).cuda(), None)
+    if kind == "submanifold":
+        return v, sv.kernel_map(v, 3), 3, 1, c
+    kmap = sv.kernel_map(v, 2, 2)
+    return v, kmap, 2, 2, to_host(kmap.out_coords)
+
+
+def _poison_allocator(kmap, c_in, c_out, dtype):
+    """Leave NaN-filled blocks of the output sizes in torch's caching allocator, so a launch that fails
+    to write part of a torch.empty output shows NaNs."""
+    blocks = [torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+              for shape in ((kmap.num_out, c_out), (kmap.num_in, c_in))]
+    del blocks
+
+
+def _fresh(rng, kmap, c_in, c_out, dtype):
+    _poison_allocator(kmap, c_in, c_out, dtype)
+    k = kmap.num_offsets
+    f = torch.from_numpy(rng.standard_normal((kmap.num_in, c_in))).cuda().to(dtype)
+    w = torch.from_numpy(rng.standard_normal((k, c_in, c_out)) / np.sqrt(k * c_in)).cuda().to(dtype)
+    g = torch.from_numpy(rng.standard_normal((kmap.num_out, c_out))).cuda().to(dtype)
+    return f.requires_grad_(True), w.requires_grad_(True), g
+
+
+def _check(v_coords, out_coords, kmap, ks, s, f, w, g, out, gf, gw, dtype_name):
+    args = (v_coords, f.detach().double().cpu().numpy(), w.detach().double().cpu().numpy())
+    ref = dense_conv(*args, ks, s, 1, False, out_coords)
+    rgf, rgw = dense_conv_grads(*args, g.double().cpu().numpy(), ks, s, 1, False, out_coords)
+    tol = TOL[dtype_name]
+    assert rel_err(out.detach().double().cpu().numpy(), ref) < tol
+    assert rel_err(gf.double().cpu().numpy(), rgf) < tol
+    assert rel_err(gw.double().cpu().numpy(), rgw) < tol
+
+
+@pytest.mark.parametrize("kind", ["submanifold", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [(32, 64), (17, 3)])
+def test_repeated_calls_match_the_oracle(rng, kind, dtype, channels):
+    v, kmap, ks, s, out_coords = _scene(rng, kind)
+    coords = v.coords.cpu().numpy()
+    for call in range(3):  # call 0 plans; calls 1 and 2 launch the prepared kernels
+        f, w, g = _fresh(rng, kmap, *channels, dtype)
+        out = svt.conv_features(f, w, kmap, ALGO, ALGO)
+        gf, gw = torch.autograd.grad(out, (f, w), g)
+        _check(coords, out_coords, kmap, ks, s, f, w, g, out, gf, gw, str(dtype).split(".")[1])
+    name = str(dtype).split(".")[1]
+    prepared = [val for key, val in kmap.derived.items() if isinstance(key, tuple) and key[0].startswith("torch.")]
+    assert len(prepared) == 3 and all(prepared), f"expected fwd, dgrad, wgrad launches for {name}, got {prepared}"
+
+
+def test_later_calls_skip_the_core(rng, monkeypatch):
+    v, kmap, ks, s, out_coords = _scene(rng, "submanifold")
+    f, w, g = _fresh(rng, kmap, 32, 32, torch.float16)
+    torch.autograd.grad(svt.conv_features(f, w, kmap, ALGO, ALGO), (f, w), g)
+
+    def boom(*a, **k):
+        raise AssertionError("the call planned although a prepared launch exists")
+    monkeypatch.setattr(sv_conv, "plan", boom)
+    calls = []
+    real = ig.Launch.launch
+
+    def counting(self, a, b, out):
+        calls.append(self.out_shape)
+        return real(self, a, b, out)
+    monkeypatch.setattr(ig.Launch, "launch", counting)
+    f, w, g = _fresh(rng, kmap, 32, 32, torch.float16)
+    out = svt.conv_features(f, w, kmap, ALGO, ALGO)
+    gf, gw = torch.autograd.grad(out, (f, w), g)
+    assert len(calls) == 3  # fwd, dgrad, wgrad, each launched once from addresses
+    _check(v.coords.cpu().numpy(), out_coords, kmap, ks, s, f, w, g, out, gf, gw, "float16")
+
+
+def test_misaligned_view_falls_back_correctly(rng):
+    """A feature view starting 2 bytes into its storage cannot use the 16-byte loads the launch was
+    prepared with: the call must take the ordinary path (which picks scalar loads) and stay exact."""
+    v, kmap, ks, s, out_coords = _scene(rng, "submanifold")
+    f, w, g = _fresh(rng, kmap, 32, 32, torch.float16)
+    svt.conv_features(f, w, kmap, ALGO, ALGO)  # plan + prepare
+    base = torch.from_numpy(rng.standard_normal(kmap.num_in * 32 + 1)).cuda().half()
+    f2 = base[1:].view(kmap.num_in, 32)
+    assert f2.data_ptr() % 16 != 0 and f2.is_contiguous()
+    out = svt.conv_features(f2, w, kmap, ALGO, ALGO)
+    ref = dense_conv(v.coords.cpu().numpy(), f2.double().cpu().numpy(), w.detach().double().cpu().numpy(),
+                     ks, s, 1, False, out_coords)
+    assert rel_err(out.double().cpu().numpy(), ref) < TOL["float16"]
+
+
+def test_prepared_launch_follows_the_current_stream(rng):
+    v, kmap, ks, s, out_coords = _scene(rng, "submanifold")
+    f, w, g = _fresh(rng, kmap, 32, 32, torch.float16)
+    svt.conv_features(f, w, kmap, ALGO, ALGO)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(int(5e7))  # the result is wrong unless the launch is ordered after this
+        f2 = f.detach() * 2
+        out = svt.conv_features(f2, w.detach(), kmap, ALGO, ALGO)
+    torch.cuda.current_stream().wait_stream(side)
+    ref = dense_conv(v.coords.cpu().numpy(), f2.double().cpu().numpy(), w.detach().double().cpu().numpy(),
+                     ks, s, 1, False, out_coords)
+    assert rel_err(out.double().cpu().numpy(), ref) < TOL["float16"]
