@@ -13,6 +13,7 @@ because producer and consumer stream are the same.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,13 +114,15 @@ def _wrap_torch_cuda(x, cupy, torch):
     dt = _torch_dtypes.get(x.dtype)
     if dt is None or x.numel() == 0 or not x.is_contiguous():
         return None
-    return wrap_device_pointer(cupy, x.data_ptr(), tuple(x.shape), dt, x, x.device.index)
+    return wrap_device_pointer(cupy, x.data_ptr(), tuple(x.shape), dt, x, x.device.index,
+                               x.numel() * x.element_size())
 
 
-def wrap_device_pointer(cupy, ptr: int, shape: tuple, dtype, owner, device_id: int = -1):
+def wrap_device_pointer(cupy, ptr: int, shape: tuple, dtype, owner, device_id: int = -1, nbytes: int | None = None):
     """A C-contiguous CuPy view of ``shape``/``dtype`` at device address ``ptr``; ``owner`` is kept alive
     with it. No stream handshake: the caller runs on the stream that produced the memory."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if nbytes is None:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     mem = cupy.cuda.UnownedMemory(ptr, nbytes, owner, device_id)
     return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0))
 
