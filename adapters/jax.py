@@ -70,6 +70,10 @@ class _Source:
         self.ref = weakref.ref(kmap)
         self.verified: set = set()  # (in address, out address) of copies found equal to the map
 
+    def known(self, in_addr: int, out_addr: int) -> KernelMap | None:
+        """The map, when arrays at these addresses were already found equal to it."""
+        return self.ref() if (in_addr, out_addr) in self.verified else None
+
     def match(self, in_maps, out_maps) -> KernelMap | None:
         core = self.ref()
         if core is None or core.in_maps.shape[0] != in_maps.shape[0]:
@@ -113,24 +117,33 @@ def _view(buf, on_gpu: bool):
         return cupy.asarray(buf)
 
 
+def _addr(buf) -> int:
+    """Device address of an XLA GPU buffer."""
+    return int(buf.__cuda_array_interface__["data"][0])
+
+
+def _device_of(addr: int) -> int:
+    import cupy
+    if addr == 0:  # an empty buffer has no address: any device will do, nothing is launched for it
+        return cupy.cuda.Device().id
+    return int(cupy.cuda.runtime.pointerGetAttributes(addr).device)
+
+
 def _call(fn, out_shapes, *args):
-    """Run ``fn(outputs, *inputs)`` on core views of XLA buffers, on XLA's stream."""
+    """Run ``fn(outs, ins, on_gpu)`` on XLA's buffers; on the GPU inside XLA's device and stream."""
     def callback(ctx, outs, ins):
         try:
             stream = ctx.stream
         except Exception:  # the CPU backend has no GPU context (UNIMPLEMENTED)
             stream = None
-        on_gpu = stream is not None
-        views = [_view(b, on_gpu) for b in ins]
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-        targets = [_view(b, on_gpu) for b in outs]
-        if on_gpu:
-            import cupy
-            dev = targets[0].device.id
-            with cupy.cuda.Device(dev), external_stream(int(stream), dev):
-                fn(targets, *views)
-        else:
-            fn(targets, *views)
+        if stream is None:
+            fn(outs, ins, False)
+            return
+        import cupy
+        dev = _device_of(_addr(outs[0]))
+        with cupy.cuda.Device(dev), external_stream(int(stream), dev):
+            fn(outs, ins, True)
     return buffer_callback(callback, out_shapes, vmap_method="sequential")(args)
 
 
@@ -141,23 +154,78 @@ def _core_map(in_maps, out_maps, kmap: JaxKernelMap) -> KernelMap:
     return hit if hit is not None else recall(in_maps, out_maps, kmap.offsets, kmap.num_in, kmap.num_out)
 
 
+def _map_of(i, o, kmap: JaxKernelMap, on_gpu: bool) -> KernelMap:
+    """The core KernelMap of the map buffers: by address when it is known (no views), else via views."""
+    if on_gpu:
+        ai, ao = _addr(i), _addr(o)
+        hit = live_map(ai, ao, i.shape[0], kmap.num_in, kmap.num_out)
+        if hit is None and kmap.source is not None:
+            hit = kmap.source.known(ai, ao)
+        if hit is not None:
+            return hit
+    return _core_map(_view(i, on_gpu), _view(o, on_gpu), kmap)
+
+
+# Prepared launches (sparsevox.conv.prepared), as in the torch adapter: after one ordinary call of a
+# signature on the GPU, later calls launch the chosen kernels on XLA's buffer addresses, writing the
+# outputs in place (no CuPy views, no planning, no copy of the result into XLA's buffer). Kept on the
+# core map; False marks a signature without one.
+
 def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
     c_out = weight.shape[2] if op == "conv" else weight.shape[1]
     core = sv.conv_forward if op == "conv" else sv.depthwise_forward
 
-    def run(outs, f, w, i, o):
-        outs[0][...] = core(f, w, _core_map(i, o, kmap), fwd_algo)
+    def run(outs, ins, on_gpu):
+        f, w, i, o = ins
+        core_map = _map_of(i, o, kmap, on_gpu)
+        key = ("jax.fwd", op, str(f.dtype), tuple(f.shape), tuple(w.shape), fwd_algo)
+        prep = core_map.derived.get(key) if on_gpu else False
+        if prep and prep.launch(_addr(f), _addr(w), _addr(outs[0])):
+            return
+        fv, wv = _view(f, on_gpu), _view(w, on_gpu)
+        _view(outs[0], on_gpu)[...] = core(fv, wv, core_map, fwd_algo)
+        if prep is None:
+            core_map.derived[key] = sv.conv.prepared(op, "fwd", fv, wv, core_map, fwd_algo) or False
     return _call(run, jax.ShapeDtypeStruct((kmap.num_out, c_out), feats.dtype),
                  feats, weight, kmap.in_maps, kmap.out_maps)
+
+
+def _fast_backward(dprep, wprep, outs, g, f, w) -> bool:
+    import cupy
+    wt = cupy.ascontiguousarray(_view(w, True).transpose(0, 2, 1))
+    if not dprep.launch(_addr(g), wt.data.ptr, _addr(outs[0])):
+        return False
+    gw = _view(outs[1], True)
+    if gw.dtype.name == wprep.acc_dtype:  # float32/float64: accumulate straight into XLA's buffer
+        gw.fill(0)
+        return wprep.launch(_addr(f), _addr(g), gw.data.ptr)
+    acc = cupy.zeros(wprep.out_shape, dtype=wprep.acc_dtype)
+    if not wprep.launch(_addr(f), _addr(g), acc.data.ptr):
+        return False
+    gw[...] = acc
+    return True
 
 
 def _backward(op, feats, weight, kmap: JaxKernelMap, grad, bwd_algo):
     core = sv.conv_backward if op == "conv" else sv.depthwise_backward
 
-    def run(outs, g, f, w, i, o):
-        gf, gw = core(g, f, w, _core_map(i, o, kmap), bwd_algo)
-        outs[0][...] = gf
-        outs[1][...] = gw
+    def run(outs, ins, on_gpu):
+        g, f, w, i, o = ins
+        core_map = _map_of(i, o, kmap, on_gpu)
+        base = (op, str(f.dtype), tuple(f.shape), tuple(w.shape), bwd_algo)
+        dkey, wkey = ("jax.dgrad",) + base, ("jax.wgrad",) + base
+        dprep = core_map.derived.get(dkey) if on_gpu else False
+        wprep = core_map.derived.get(wkey) if on_gpu else False
+        if dprep and wprep and str(g.dtype) == str(f.dtype) and _fast_backward(dprep, wprep, outs, g, f, w):
+            return
+        gv, fv, wv = (_view(b, on_gpu) for b in (g, f, w))
+        gf, gw = core(gv, fv, wv, core_map, bwd_algo)
+        _view(outs[0], on_gpu)[...] = gf
+        _view(outs[1], on_gpu)[...] = gw
+        if dprep is None:
+            core_map.derived[dkey] = sv.conv.prepared(op, "dgrad", fv, wv, core_map, bwd_algo) or False
+        if wprep is None:
+            core_map.derived[wkey] = sv.conv.prepared(op, "wgrad", fv, wv, core_map, bwd_algo) or False
     shapes = (jax.ShapeDtypeStruct(feats.shape, feats.dtype), jax.ShapeDtypeStruct(weight.shape, weight.dtype))
     return _call(run, shapes, grad, feats, weight, kmap.in_maps, kmap.out_maps)
 
