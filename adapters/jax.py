@@ -178,7 +178,7 @@ def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
     def run(outs, ins, on_gpu):
         f, w, i, o = ins
         core_map = _map_of(i, o, kmap, on_gpu)
-        key = ("jax.fwd", op, str(f.dtype), tuple(f.shape), tuple(w.shape), fwd_algo)
+        key = ("jax.fwd", op, str(f.dtype), tuple(f.shape), tuple(w.shape), fwd_algo, sv.allow_tf32())
         prep = core_map.derived.get(key) if on_gpu else False
         if prep and prep.launch(_addr(f), _addr(w), _addr(outs[0])):
             return
@@ -212,7 +212,7 @@ def _backward(op, feats, weight, kmap: JaxKernelMap, grad, bwd_algo):
     def run(outs, ins, on_gpu):
         g, f, w, i, o = ins
         core_map = _map_of(i, o, kmap, on_gpu)
-        base = (op, str(f.dtype), tuple(f.shape), tuple(w.shape), bwd_algo)
+        base = (op, str(f.dtype), tuple(f.shape), tuple(w.shape), bwd_algo, sv.allow_tf32())
         dkey, wkey = ("jax.dgrad",) + base, ("jax.wgrad",) + base
         dprep = core_map.derived.get(dkey) if on_gpu else False
         wprep = core_map.derived.get(wkey) if on_gpu else False

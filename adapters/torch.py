@@ -126,7 +126,7 @@ def _define(name: str, core_forward, core_backward, out_channels):
 
     def fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo):
         kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
-        key = ("torch.fwd", name, feats.device, feats.dtype, feats.shape, weight.shape, fwd_algo)
+        key = ("torch.fwd", name, feats.device, feats.dtype, feats.shape, weight.shape, fwd_algo, sv.allow_tf32())
         prep = _prepared(kmap, key)
         if prep:
             out = _fast_forward(prep, feats, weight)
@@ -143,7 +143,7 @@ def _define(name: str, core_forward, core_backward, out_channels):
     def bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad):
         kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], grad_out.shape[0])
         grad_out = grad_out.contiguous()
-        base = (name, feats.device, feats.dtype, feats.shape, weight.shape, bwd_algo)
+        base = (name, feats.device, feats.dtype, feats.shape, weight.shape, bwd_algo, sv.allow_tf32())
         dkey, wkey = ("torch.dgrad",) + base, ("torch.wgrad",) + base
         dprep = _prepared(kmap, dkey) if feats_grad else None
         wprep = _prepared(kmap, wkey) if weight_grad else None
