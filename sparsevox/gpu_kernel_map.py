@@ -22,7 +22,8 @@ How (kernels in ``kernels_cu/kernel_map.cu``, table in ``kernels_cu/common/hash.
    published counts, and writes its pairs at their final positions (ranked in row order) in
    upper-bound buffers (``K * M`` each), plus ``offsets`` and the host-bound info row. Big tiles keep
    the look-back chain short (its latency grows with the number of tiles). The ticket and tile words
-   share the table's allocation, so the table's memset resets them.
+   share the table's allocation, so the table's memset resets them; with a prebuilt table (below) they
+   get a small allocation of their own, memset per map.
 4. After the one synchronisation (the info row: sizes and status words), two device-to-device copies
    on the current stream move the first ``offsets[K]`` pairs into exact-size ``in_maps``/``out_maps``,
    and the upper-bound buffers go back to CuPy's pool.
@@ -32,10 +33,16 @@ the status words, K + 3 int64), two device-to-device copies; strided/generative 
 device→host copy for the number of output sites. Work runs on CuPy's current device and stream (see
 :func:`sparsevox._arrays.on_caller_stream`).
 
+Validation of CuPy ``Voxels`` (:func:`hash_table`) is step 2 alone: one memset, the insert kernel and
+one 16-byte device→host read of its two status words (duplicate row, out-of-range row). The table is
+kept on the ``Voxels`` and handed back here as ``table=(table, mask)``, so a map of those voxels skips
+its own insert: one memset (the scan state), query_compact, then as above.
+
 Set ``SPARSEVOX_GPU_KERNEL_MAP=generic`` to keep the xp-generic builder on CuPy instead (debugging).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -173,18 +180,43 @@ def _raise_generated_range(dev, coords, st, ks, dl):
     raise ValueError("generated output coordinates leave the packable range")  # not reached
 
 
-def _insert(dev, coords, tiles: int):
-    """Hash table of ``coords`` (value = row). Returns ``(table, mask, status, state)``: the table's
-    status words (checked by the caller after the one host copy) and the scan state of
-    ``kmap_query_compact`` (ticket, then ``tiles`` tile words), views of the same allocation that the
-    one memset sets to all ones."""
+def _capacity(n: int) -> int:
+    return 1 << max(6, (2 * n - 1).bit_length())  # power of two >= 2n: load factor <= 1/2
+
+
+def _insert(dev, coords, extra: int = 0):
+    """Hash table of ``coords`` (value = row): ``(table, mask)``. ``table`` holds ``2 * cap + 4`` words
+    (slots, the all-ones key's slot, the two status words) and ``extra`` words of the caller after them,
+    all set to all ones by the one memset."""
     xp = dev.xp
     n = coords.shape[0]
-    cap = 1 << max(6, (2 * n - 1).bit_length())  # power of two >= 2n: load factor <= 1/2
-    table = xp.empty(2 * cap + 4 + 1 + tiles, dtype=xp.uint64)
+    cap = _capacity(n)
+    table = xp.empty(2 * cap + 4 + extra, dtype=xp.uint64)
     dev.fill_ones(table)
     dev.launch("insert", _blocks(n), BLOCK, (coords, np.int32(n), table, np.uint64(cap - 1)))
-    return table, cap - 1, table[2 * cap + 2:2 * cap + 4], table[2 * cap + 4:]
+    return table, cap - 1
+
+
+def _status(table, mask: int):
+    """The insert's two status words (duplicate row, out-of-range row), a view of ``table``."""
+    return table[2 * (mask + 1) + 2:2 * (mask + 1) + 4]
+
+
+def hash_table(dev, coords):
+    """Insert ``coords`` (``[N, 4]`` int32, N > 0) into a table for later maps and read its status.
+
+    Returns ``((table, mask), dup_row, bad_row)``: a row of a duplicated voxel (the smallest row whose
+    insert found its key present: which copy loses is up to the scheduling) and the smallest row
+    outside the packable range, each -1 when there is none. One
+    memset, one kernel, one device→host read of 16 bytes (which also waits for the insert, so the
+    table may be used on any stream afterwards). The table is only valid when both rows are -1.
+    CuPy: on the device of ``coords`` and CuPy's current stream."""
+    xp = dev.xp
+    with (xp.cuda.Device(coords.device.id) if xp is not np else contextlib.nullcontext()):
+        coords = _as_int32_rows(xp, coords)
+        table, mask = _insert(dev, coords)
+        dup_row, bad_row = (int(v) for v in dev.to_host(_status(table, mask)).view(np.int64))
+    return (table, mask), dup_row, bad_row
 
 
 def _raise_table_status(dev, coords, dup_row: int, bad_row: int):
@@ -196,7 +228,7 @@ def _raise_table_status(dev, coords, dup_row: int, bad_row: int):
         raise ValueError(f"coords must be unique per batch; (batch, x, y, z) = {row} occurs more than once")
 
 
-def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool):
+def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None):
     """``(in_maps, out_maps, offsets, offsets_host, dense_nbr)`` in the canonical order."""
     xp = dev.xp
     num_k = ks[0] * ks[1] * ks[2]
@@ -205,7 +237,18 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool):
     _check_int32(km, "offsets x output sites")
     nbm = _blocks(m, BLOCK * dev.tile_items)  # tiles per offset (a tile never spans two offsets)
     tiles = num_k * nbm
-    table, mask, status, state = _insert(dev, coords, tiles)
+    # the scan state of query_compact: the ticket, then one word per tile, all ones on entry
+    if table is None:  # in the tail of the new table: its one memset resets them
+        table, mask = _insert(dev, coords, 1 + tiles)
+        state = table[2 * (mask + 1) + 4:]
+    else:  # a prebuilt table is shared by every map of these voxels: a fresh state of this map's own
+        table, mask = table
+        if mask + 1 != _capacity(coords.shape[0]) or table.shape[0] < 2 * (mask + 1) + 4:
+            raise ValueError(f"the prebuilt hash table (capacity {mask + 1}) was not built for these "
+                             f"{coords.shape[0]} coordinates")
+        state = xp.empty(1 + tiles, dtype=xp.uint64)
+        dev.fill_ones(state)
+    status = _status(table, mask)
     # Kept with the map: cand (the dense neighbour table) and offsets, one allocation. Temporary: the
     # upper-bound pair buffers and the info row (int64, 8-byte aligned after 2 * km int32), another.
     keep = xp.empty(km + num_k + 1, dtype=xp.int32)
@@ -225,8 +268,12 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool):
     return in_maps, out_maps, offsets, offsets_host, cand.reshape(num_k, m)
 
 
-def build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords=None) -> KernelMap:
-    """The builder on device operations ``dev`` (:class:`CupyDevice` or a test twin)."""
+def build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords=None,
+          table=None) -> KernelMap:
+    """The builder on device operations ``dev`` (:class:`CupyDevice` or a test twin).
+
+    ``table``: ``(table, mask)`` of :func:`hash_table` for these ``coords`` (rows in the same order,
+    status clean), used instead of inserting them again."""
     xp = dev.xp
     ks = geometry.triple(kernel_size, "kernel_size")
     st = geometry.triple(stride, "stride")
@@ -251,7 +298,7 @@ def build(dev, coords, kernel_size, stride, dilation, transposed, generative, ou
     dense_nbr = None
     if n_in and m:
         in_maps, out_maps, offsets, offsets_host, dense_nbr = _pairs(dev, coords, out_coords, st, ks, dl,
-                                                                     bool(transposed))
+                                                                     bool(transposed), table)
     else:
         in_maps = xp.empty(0, dtype=xp.int32)
         out_maps = xp.empty(0, dtype=xp.int32)
@@ -262,18 +309,20 @@ def build(dev, coords, kernel_size, stride, dilation, transposed, generative, ou
 
 
 def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transposed, generative,
-                     out_coords=None) -> KernelMap:
+                     out_coords=None, table=None) -> KernelMap:
     """GPU twin of :func:`sparsevox.kernel_map.build_kernel_map` for CuPy int32 coordinates.
 
     ``sorted_in`` (the NumPy builder's sorted keys) is not used: the hash table replaces it.
+    ``table``: the input voxels' table from :func:`hash_table` (kept by ``Voxels`` validation), or None.
     Runs on the device of ``coords`` and CuPy's current stream.
     """
     dev = _cupy_device()
     with dev.xp.cuda.Device(coords.device.id):
-        return build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords)
+        return build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords, table)
 
 
 build_kernel_map.needs_sorted_keys = False  # kernel_map() then skips Voxels.sorted_keys() (an argsort)
+build_kernel_map.takes_table = True  # kernel_map() passes the Voxels' validated hash table
 
 if os.environ.get("SPARSEVOX_GPU_KERNEL_MAP", "hash").lower() != "generic":
     BUILDERS["cupy"] = build_kernel_map

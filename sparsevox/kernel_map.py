@@ -266,7 +266,9 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     builder = BUILDERS.get("cupy" if xp is not np else "numpy", build_kernel_map)
     # a builder that does not read the sorted keys (the GPU hash table) spares their argsort
     sorted_in = voxels.sorted_keys() if getattr(builder, "needs_sorted_keys", True) else None
-    kmap = builder(coords, sorted_in, ks, st, dl, transposed, generative, out_coords)
+    # a builder that takes a hash table (the GPU one) reuses the one Voxels validation built
+    extra = {"table": getattr(voxels, "_hash", None)} if getattr(builder, "takes_table", False) else {}
+    kmap = builder(coords, sorted_in, ks, st, dl, transposed, generative, out_coords, **extra)
     _remember(kmap)
     voxels._kmaps[key] = (kmap, out_v)  # keep out_v alive so its id stays unique
     return kmap

@@ -13,6 +13,33 @@ def _dtype_name(a) -> str:
     return str(getattr(a, "dtype", "")).replace("torch.", "")
 
 
+def _hash_device(c):
+    """The device operations with which validation checks core coords ``c`` through the GPU kernel-map
+    builder's hash insert (:func:`sparsevox.gpu_kernel_map.hash_table`), or None for NumPy coords
+    (host checks on sorted keys). Tests return an emulated device here to run that path on the CPU."""
+    if array_module(c) is np:
+        return None
+    from . import gpu_kernel_map
+    return gpu_kernel_map._cupy_device()
+
+
+def _check_coords(c, xp, voxels) -> None:
+    """Range, then uniqueness through the sorted keys (``voxels.sorted_keys()`` when given, so they are
+    cached; else computed here)."""
+    geometry.check_coord_range(c, xp)
+    if voxels is not None:
+        keys, _ = voxels.sorted_keys()
+    else:
+        keys = xp.sort(geometry.pack_keys(c, xp))
+    if keys.shape[0] > 1:
+        dup = keys[1:] == keys[:-1]
+        if bool(dup.any()):
+            i = int(to_host(xp.nonzero(dup)[0][:1])[0])
+            row = to_host(geometry.unpack_keys(keys[i:i + 1], xp))[0].tolist()
+            raise ValueError(f"coords must be unique per batch; (batch, x, y, z) = {row} occurs "
+                             f"more than once ({int(dup.sum())} duplicate rows in all)")
+
+
 class Voxels:
     """A batch of sparse voxel grids.
 
@@ -39,6 +66,7 @@ class Voxels:
         self._core = None  # (core coords int32, origin)
         self._keys = None  # (sorted keys, permutation) built on first use
         self._rows_sorted = False  # rows known to be in key order (outputs of a strided/generative map)
+        self._hash = None  # (table, mask): the GPU hash table of the coords, kept by validation for maps
         if check:
             self._validate()
 
@@ -57,16 +85,22 @@ class Voxels:
                 raise ValueError(f"feats dtype must be one of {_FLOAT_DTYPES}, got {_dtype_name(f)}")
             if library_of(f) != origin.lib:
                 raise ValueError(f"coords ({origin.lib}) and feats ({library_of(f)}) must come from one library")
-        geometry.check_coord_range(c, array_module(c))
-        keys, _ = self.sorted_keys()
-        if keys.shape[0] > 1:
-            dup = keys[1:] == keys[:-1]
-            if bool(dup.any()):
-                xp = array_module(c)
-                i = int(to_host(xp.nonzero(dup)[0][:1])[0])
-                row = to_host(geometry.unpack_keys(keys[i:i + 1], xp))[0].tolist()
-                raise ValueError(f"coords must be unique per batch; (batch, x, y, z) = {row} occurs "
-                                 f"more than once ({int(dup.sum())} duplicate rows in all)")
+        if c.shape[0] == 0:
+            return  # nothing to range-check or compare
+        dev = _hash_device(c)
+        if dev is not None:
+            # GPU: the kernel-map builder's hash insert checks range and uniqueness in one kernel and
+            # one 16-byte read; its table is kept for the maps of these voxels (kernel_map()).
+            from . import gpu_kernel_map
+            table, dup_row, bad_row = gpu_kernel_map.hash_table(dev, c)
+            if dup_row == -1 and bad_row == -1:
+                self._hash = table
+                return
+            # error path only: the host checks name the offending voxels exactly as for NumPy coords
+            _check_coords(dev.to_host(c), np, None)
+            gpu_kernel_map._raise_table_status(dev, c, dup_row, bad_row)  # not reached
+            return
+        _check_coords(c, array_module(c), self)
 
     # -- core views ---------------------------------------------------------------------------
     def core_coords(self):
@@ -114,6 +148,7 @@ class Voxels:
             raise ValueError(f"feats must have {self.num_voxels} rows, got {feats.shape[0]}")
         out = Voxels(self.coords, feats, check=False)
         out._kmaps, out._core, out._keys, out._rows_sorted = self._kmaps, self._core, self._keys, self._rows_sorted
+        out._hash = self._hash
         return out
 
     @classmethod

@@ -196,6 +196,7 @@ class EmulatedDevice:
         self.tile_items = items  # the builder sizes query_compact's grid by it
         self.launches: list[str] = []
         self.grids: list[int] = []  # grid size of each launch, in launch order
+        self.fills: list[int] = []  # element count of each fill_ones (one memsetAsync on the GPU), in order
 
     def launch(self, name, grid, block, args):
         self.launches.append(name)
@@ -203,7 +204,14 @@ class EmulatedDevice:
         getattr(self.lib, f"emu_kmap_{name}")(ctypes.c_int(grid), ctypes.c_int(block), *(_c_arg(a) for a in args))
 
     def fill_ones(self, a):
+        self.fills.append(a.size)
         a.view(np.uint8).fill(0xFF)
+
+    def clear_log(self):
+        """Forget the launches, grids and fills recorded so far."""
+        self.launches.clear()
+        self.grids.clear()
+        self.fills.clear()
 
     def to_host(self, a):
         return np.array(a, copy=True)

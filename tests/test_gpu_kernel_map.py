@@ -251,6 +251,144 @@ def test_emulated_launch_sequence(emulated, rng):
                                  "query_compact"]
 
 
+
+# --- Voxels validation through the hash insert, and its table reused by the maps ---------------------
+
+@pytest.fixture
+def emulated_voxels(emulated, monkeypatch):
+    """``sv.Voxels`` of NumPy coords validated as CuPy ones are: through the emulated hash insert."""
+    from sparsevox import voxels
+    monkeypatch.setattr(voxels, "_hash_device", lambda c: emulated)
+    emulated.clear_log()
+    return emulated
+
+
+def _host_error(coords):
+    with pytest.raises(ValueError) as e:
+        sv.Voxels(coords, np.zeros((len(coords), 1), np.float32))
+    return str(e.value)
+
+
+VALIDATION_ERRORS = [  # (coords, message pattern)
+    (np.array([[0, 1, 2, 3], [1, 1, 2, 3], [0, 1, 2, 3], [0, 5, 5, 5]], np.int32), r"unique.*\[0, 1, 2, 3\]"),
+    (np.array([[0, 9, 9, 9], [0, 1, 2, 3], [0, 9, 9, 9], [0, 1, 2, 3], [0, 1, 2, 3]], np.int32),
+     r"unique.*\[0, 1, 2, 3\].*\(3 duplicate rows in all\)"),
+    (np.array([[BATCH_MAX, COORD_MAX, COORD_MAX, COORD_MAX]] * 2, np.int32), r"unique.*\[1023, 131071, 131071, 131071\]"),
+    (np.array([[0, 0, 0, 0], [0, COORD_MAX + 1, 0, 0]], np.int32), r"x must be in \[-131072, 131071\], got range \[0, 131072\]"),
+    (np.array([[0, 0, COORD_MIN - 1, 0]], np.int32), r"y must be in .*got range \[-131073, -131073\]"),
+    (np.array([[0, 0, 0, COORD_MAX + 1], [0, 0, 0, 5]], np.int32), "z must be in"),
+    (np.array([[BATCH_MAX + 1, 0, 0, 0], [3, 0, 0, 0]], np.int32), r"batch index must be in \[0, 1023\], got range \[3, 1024\]"),
+    (np.array([[-1, 0, 0, 0]], np.int32), r"batch index .*got range \[-1, -1\]"),
+    # out of range and duplicated: the range error comes first, as on the host
+    (np.array([[0, 1, 1, 1], [0, 1, 1, 1], [-1, 0, 0, 0]], np.int32), "batch index"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(VALIDATION_ERRORS)))
+def test_emulated_validation_errors_match_the_host_messages(emulated, monkeypatch, case):
+    coords, pattern = VALIDATION_ERRORS[case]
+    want = _host_error(coords)  # NumPy coords: the host checks (sorted keys, min/max)
+    from sparsevox import voxels
+    monkeypatch.setattr(voxels, "_hash_device", lambda c: emulated)
+    emulated.clear_log()
+    with pytest.raises(ValueError, match=pattern) as e:
+        sv.Voxels(coords, np.zeros((len(coords), 1), np.float32))
+    assert str(e.value) == want
+    assert emulated.launches == ["insert"]
+
+
+def test_emulated_hash_table_status(emulated):
+    """hash_table itself: a row of a duplicated voxel (whichever insert lost the race, the smallest such)
+    and the smallest out-of-range row, -1 for none."""
+    c = np.array([[0, 1, 1, 1], [0, 2, 2, 2], [0, 1, 1, 1], [-1, 0, 0, 0], [0, 2, 2, 2], [0, 0, COORD_MAX + 1, 0]],
+                 np.int32)
+    emulated.clear_log()
+    (table, mask), dup, bad = gpu_kernel_map.hash_table(emulated, c)
+    assert dup in (0, 1, 2, 4) and bad == 3
+    assert emulated.launches == ["insert"] and emulated.fills == [table.size]
+    assert table.size == 2 * (mask + 1) + 4  # no scan-state tail: each map brings its own
+    _, dup, bad = gpu_kernel_map.hash_table(emulated, EDGE)
+    assert (dup, bad) == (-1, -1)
+
+
+def test_emulated_validation_of_empty_and_valid_voxels(emulated_voxels, rng):
+    v = sv.Voxels(EMPTY, np.zeros((0, 2), np.float32))
+    assert v._hash is None and emulated_voxels.launches == []
+    coords = random_voxels(rng, 300, extent=8, batches=2)
+    v = sv.Voxels(coords, np.zeros((len(coords), 2), np.float32))
+    assert emulated_voxels.launches == ["insert"] and len(emulated_voxels.fills) == 1
+    assert v._hash is not None and v._keys is None, "validation through the table must not sort keys"
+    assert v.replace(np.ones((len(coords), 3), np.float32))._hash is v._hash
+
+
+@pytest.mark.parametrize("kind,ks,stride,dilation,batches", EMU_CASES)
+def test_emulated_cached_table_is_reused_by_the_map(emulated_voxels, rng, kind, ks, stride, dilation, batches):
+    """A validated Voxels' table serves its maps: no second insert, one memset (the scan state of the
+    map), and the same map as a build that inserts the coordinates itself."""
+    s, tr, gen = kind_args(kind, stride)
+    coords, out = make_coords(rng, kind, s, batches, n=40, extent=6)
+    v = sv.Voxels(coords, None)
+    dev = emulated_voxels
+    fresh_launches = []
+    for use_table in (False, True, True):  # twice with the table: its status and the state stay clean
+        dev.clear_log()
+        got = gpu_kernel_map.build(dev, coords, ks, s, dilation, tr, gen, out, table=v._hash if use_table else None)
+        if not use_table:
+            want, fresh_launches, fresh_fills = got, list(dev.launches), len(dev.fills)
+            continue
+        assert_same_map(got, want, f"{kind} with the cached table")
+        assert_dense_nbr(got, f"{kind} with the cached table")
+        assert "insert" not in dev.launches
+        assert dev.launches == [n for n in fresh_launches if n != "insert"]
+        assert len(dev.fills) == fresh_fills  # the scan state's memset replaces the table's
+    assert_same_map(want, reference_map(coords, ks, s, dilation, tr, gen, out=out), kind)
+
+
+def test_emulated_cached_table_many_tiles(emulated_with, monkeypatch, rng):
+    """Maps of many scan tiles and several offsets from one cached table (each with a fresh ticket and
+    tile words), and look-backs across windows."""
+    from sparsevox import voxels
+    dev = emulated_with(prefix_every=40, items=1)
+    monkeypatch.setattr(voxels, "_hash_device", lambda c: dev)
+    coords = random_voxels(rng, 1800, extent=12, batches=2)
+    v = sv.Voxels(coords, None)
+    for ks, s, d in ((3, 1, 1), ((3, 1, 2), 1, 2), (2, 2, 1), (3, 1, 1)):
+        dev.clear_log()
+        got = gpu_kernel_map.build(dev, coords, ks, s, d, False, False, table=v._hash)
+        assert "insert" not in dev.launches
+        assert_same_map(got, reference_map(coords, ks, s, d, False, False), f"k{ks} s{s} d{d}")
+        assert_dense_nbr(got, f"k{ks} s{s} d{d}")
+
+
+def test_emulated_kernel_map_passes_the_cached_table(emulated_voxels, monkeypatch, rng):
+    """kernel_map() hands a table-taking builder the Voxels' validated table."""
+    from sparsevox.kernel_map import BUILDERS
+    seen = []
+
+    def builder(coords, sorted_in, ks, st, dl, tr, gen, out, table=None):
+        seen.append(table)
+        return gpu_kernel_map.build(emulated_voxels, coords, ks, st, dl, tr, gen, out, table)
+    builder.needs_sorted_keys = False
+    builder.takes_table = True
+    monkeypatch.setitem(BUILDERS, "numpy", builder)
+    coords = random_voxels(rng, 200, extent=7, batches=1)
+    v = sv.Voxels(coords, None)
+    emulated_voxels.clear_log()
+    got = sv.kernel_map(v, 3)
+    assert seen == [v._hash] and emulated_voxels.launches == ["query_compact"]
+    assert v._keys is None
+    assert_same_map(got, reference_map(coords, 3, 1, 1, False, False), "kernel_map() with the cached table")
+    unchecked = sv.Voxels(coords, None, check=False)
+    sv.kernel_map(unchecked, 3)
+    assert seen[-1] is None and "insert" in emulated_voxels.launches
+
+
+def test_emulated_table_of_other_coordinates_is_refused(emulated, rng):
+    coords = random_voxels(rng, 100, extent=7, batches=1)
+    table, _, _ = gpu_kernel_map.hash_table(emulated, coords[:10])
+    with pytest.raises(ValueError, match="not built for these"):
+        gpu_kernel_map.build(emulated, coords, 3, 1, 1, False, False, table=table)
+
 # --- on the GPU ----------------------------------------------------------------------------------
 
 GPU_CASES = [c for c in itertools.product(KINDS, KERNEL_SIZES + [(2, 3, 1)], STRIDES + [(1, 2, 3)], DILATIONS, BATCHES)
@@ -371,3 +509,38 @@ def test_gpu_map_follows_the_current_stream(cupy, rng):
         got = gpu_kernel_map.build_kernel_map(cupy.asarray(coords), None, 3, 1, 1, False, False)
     s.synchronize()
     assert_same_map(got, reference_map(coords, 3, 1, 1, False, False), "side stream")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(len(VALIDATION_ERRORS)))
+def test_gpu_validation_errors_match_the_host_messages(cupy, case):
+    coords, pattern = VALIDATION_ERRORS[case]
+    want = _host_error(coords)
+    with pytest.raises(ValueError, match=pattern) as e:
+        sv.Voxels(cupy.asarray(coords), cupy.zeros((len(coords), 1), cupy.float32))
+    assert str(e.value) == want
+
+
+@pytest.mark.gpu
+def test_gpu_validation_keeps_the_table_for_the_maps(cupy, rng, monkeypatch):
+    """CuPy Voxels validate through the hash insert (no sorted keys) and their maps reuse its table:
+    no second insert; maps equal those built without it; empty coords need no table."""
+    assert sv.Voxels(cupy.zeros((0, 4), cupy.int32), None)._hash is None
+    coords = random_voxels(rng, 20_000, extent=40, batches=2)
+    v = sv.Voxels(cupy.asarray(coords), None)
+    assert v._hash is not None and v._keys is None
+    inserts = []
+    real_insert = gpu_kernel_map._insert
+    monkeypatch.setattr(gpu_kernel_map, "_insert", lambda *a, **k: inserts.append(1) or real_insert(*a, **k))
+    for args in ((3, 1, 1, False, False), (2, 2, 1, False, False), (3, 1, 2, False, False)):
+        got = sv.kernel_map(v, *args[:3])
+        assert not inserts, f"{args}: the map inserted the voxels again"
+        fresh = gpu_kernel_map.build_kernel_map(cupy.asarray(coords), None, *args)
+        assert_same_map(got, fresh, f"{args} cached vs fresh table")
+        assert_same_map(got, reference_map(coords, *args), f"{args}")
+        assert_dense_nbr(got, f"{args}")
+        inserts.clear()
+    coarse = sv.Voxels(sv.kernel_map(v, 2, 2).out_coords, None)  # transposed: the coarse table
+    up = sv.kernel_map(coarse, 2, 2, transposed=True, generative=True)
+    assert not inserts
+    assert_same_map(up, reference_map(_host(coarse.coords), 2, 2, 1, True, True), "generative from the cached table")

@@ -7,18 +7,40 @@ import sparsevox as sv
 from sparsevox.geometry import BATCH_MAX, COORD_MAX, COORD_MIN
 
 
-def test_duplicates_are_rejected_with_the_coordinate():
+@pytest.fixture(params=["host", "hash"])
+def validation(request, monkeypatch):
+    """How ``Voxels`` validates: "host" (NumPy: sorted keys, min/max) or "hash" (the CuPy path: the GPU
+    kernel-map builder's hash insert, here through the CUDA CPU emulator)."""
+    if request.param == "hash":
+        import cuda_cpu_emulator as emu
+        ok, reason = emu.available()
+        if not ok:
+            pytest.skip(f"CUDA CPU emulator unavailable: {reason}")
+        dev = emu.EmulatedDevice()
+        from sparsevox import voxels
+        monkeypatch.setattr(voxels, "_hash_device", lambda c: dev)
+    return request.param
+
+
+def test_duplicates_are_rejected_with_the_coordinate(validation):
     c = np.array([[0, 1, 2, 3], [1, 1, 2, 3], [0, 1, 2, 3]])
-    with pytest.raises(ValueError, match=r"unique.*\[0, 1, 2, 3\]"):
+    with pytest.raises(ValueError, match=r"unique.*\[0, 1, 2, 3\] occurs more than once \(1 duplicate rows in all\)"):
         sv.Voxels(c, np.zeros((3, 1), np.float32))
 
 
 @pytest.mark.parametrize("row,what", [([0, COORD_MAX + 1, 0, 0], "x"), ([0, 0, COORD_MIN - 1, 0], "y"),
                                       ([0, 0, 0, COORD_MAX + 1], "z"), ([BATCH_MAX + 1, 0, 0, 0], "batch"),
                                       ([-1, 0, 0, 0], "batch")])
-def test_out_of_range_coordinates(row, what):
+def test_out_of_range_coordinates(validation, row, what):
     with pytest.raises(ValueError, match=what):
         sv.Voxels(np.array([row]), np.zeros((1, 2), np.float32))
+
+
+def test_valid_and_empty_coords_pass(validation, rng):
+    c = random_voxels(rng, 50)
+    v = sv.Voxels(c, np.zeros((len(c), 2), np.float32))
+    assert (v._hash is not None) == (validation == "hash")
+    assert sv.Voxels(np.zeros((0, 4), np.int32), np.zeros((0, 2), np.float32))._hash is None
 
 
 def test_limits_are_accepted_and_maps_stay_exact_at_the_edges(rng):
