@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     rec["map_build_builder_us"] = _us(build, 200)
     public = lambda: sv.kernel_map(sv.Voxels(coords, None, check=False), 3)  # noqa: E731
     rec["map_build_public_us"] = _us(public, 200)
+    rec["voxels_check_us"] = _us(lambda: sv.Voxels(coords, None), 200)  # validation (hash insert + one read)
+    rec["voxels_check_and_map_us"] = _us(lambda: sv.kernel_map(sv.Voxels(coords, None), 3), 200)
     texts.append(("map build (builder), by own time", _profile(build, 200, sync)))
     # GPU time of each map-build kernel: CUDA events around every launch of the builder's device object
     dev = gpu_kernel_map._cupy_device()
