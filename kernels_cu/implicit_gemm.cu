@@ -23,32 +23,55 @@ using namespace svx;
 
 template <typename T> struct Pad { static constexpr int value = 16 / sizeof(T); };
 
+// Which elements of a ROWS x COLS shared-memory tile thread tid loads in load_rows: visit j is element
+// i = j * NTH + tid (while i < TOTAL), row i / CPR, columns (i % CPR) * E .. + E - 1, with E = 16 / sizeof(T)
+// for 16-byte vector loads, else 1. The rows are fixed per thread, so their global row numbers can be
+// fetched ahead of time (igemm_fwd's neighbour-index prefetch). Warp-visit j of warp w covers the 32 / CPR
+// consecutive rows from (j * NTH + 32 w) / CPR, lane l row (j * NTH + 32 w) / CPR + l / CPR; so one int per
+// lane holds the rows of all the warp's visits when LANES = VISITS * 32 / CPR <= 32 (SHUFFLE): lane
+// j * 32 / CPR + s holds row s of warp-visit j, and a thread reads its row from lane_of(j, lane).
+template <typename T, int ROWS, int COLS, int NTH, bool VEC>
+struct TileWalk {
+    static constexpr int E = VEC ? 16 / int(sizeof(T)) : 1;
+    static constexpr int CPR = COLS / E;
+    static constexpr int TOTAL = ROWS * CPR;
+    static constexpr int VISITS = (TOTAL + NTH - 1) / NTH;
+    static constexpr int RPW = 32 / CPR;  // rows per warp-visit
+    static constexpr int LANES = VISITS * RPW;
+    // Every warp runs the same visits (warp-uniform loop exit) and the rows fit one int per lane.
+    static constexpr bool SHUFFLE = CPR <= 32 && 32 % CPR == 0 && NTH % 32 == 0 && TOTAL % 32 == 0 && LANES <= 32;
+    __device__ static __forceinline__ int lane_row(int lane, int warp) {  // tile row whose index lane holds
+        return ((lane / RPW) * NTH + warp * 32) / CPR + lane % RPW;
+    }
+    __device__ static __forceinline__ int lane_of(int j, int lane) { return j * RPW + lane / CPR; }
+};
+
 // Load ROWS x COLS elements into shared memory s[ROWS][COLS + pad]: row r comes from global row
-// row_of(r) (or zeros where row_of(r) < 0), columns col0 .. col0 + COLS - 1 (zeros at and past col_lim).
+// row_of(j, r) (or zeros where that is < 0; j: the thread's visit number, see TileWalk), columns
+// col0 .. col0 + COLS - 1 (zeros at and past col_lim).
 template <typename T, int ROWS, int COLS, int NTH, bool VEC, typename RowFn>
 __device__ __forceinline__ void load_rows(T* s, const T* __restrict__ g, int ld, int col0, int col_lim,
                                           RowFn row_of, int tid) {
+    using Walk = TileWalk<T, ROWS, COLS, NTH, VEC>;
     constexpr int LDS = COLS + Pad<T>::value;
+    constexpr int E = Walk::E, CPR = Walk::CPR, TOTAL = Walk::TOTAL;
     if constexpr (VEC) {
-        constexpr int E = 16 / sizeof(T);
-        constexpr int CPR = COLS / E;
-        constexpr int TOTAL = ROWS * CPR;
 #pragma unroll
-        for (int it = 0; it < (TOTAL + NTH - 1) / NTH; ++it) {
-            const int i = it * NTH + tid;
+        for (int j = 0; j < Walk::VISITS; ++j) {
+            const int i = j * NTH + tid;
             if (TOTAL % NTH != 0 && i >= TOTAL) break;
             const int r = i / CPR, c = (i % CPR) * E;
-            const long long gr = row_of(r);
+            const long long gr = row_of(j, r);
             const int col = col0 + c;
             const bool ok = gr >= 0 && col < col_lim;  // col_lim is a multiple of E here
             const T* src = ok ? g + gr * ld + col : g;
             cp_async16(s + r * LDS + c, src, ok ? 16 : 0);
         }
     } else {
-        constexpr int TOTAL = ROWS * COLS;
-        for (int i = tid; i < TOTAL; i += NTH) {
+        int j = 0;
+        for (int i = tid; i < TOTAL; i += NTH, ++j) {
             const int r = i / COLS, c = i % COLS;
-            const long long gr = row_of(r);
+            const long long gr = row_of(j, r);
             const int col = col0 + c;
             s[r * LDS + c] = (gr >= 0 && col < col_lim) ? g[gr * ld + col] : zero_of<T>();
         }
@@ -193,6 +216,21 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
 
     int la = 0, lc = 0;  // loader position: active offset index, first input channel
     int lk = staged ? (n_active ? s_k[0] : 0) : next_k(tm, mask_words, 0);
+    // Not staged: the neighbour indices nbr[lk][row] of the A rows this warp loads are read one offset
+    // ahead, into one register per lane (TileWalk::SHUFFLE layout; -1 past n_rows), right after the last
+    // stage of the previous offset has issued its gathers; the loader takes them with a shuffle. The
+    // dependent index read then overlaps a stage of MMAs instead of delaying the next stage's gathers.
+    // Tile shapes whose rows do not fit one int per lane (none in the launcher's tables; some sweep
+    // variants) read each index right before its gather.
+    using AWalk = TileWalk<T, BM, BK, NTH, VEC>;
+    int a_idx = -1;
+    auto fetch_idx = [&](int k) {
+        if constexpr (AWalk::SHUFFLE) {
+            const int row = row0 + AWalk::lane_row(lane, warp);
+            a_idx = lane < AWalk::LANES && row < n_rows ? __ldg(nbr + (size_t)k * n_rows + row) : -1;
+        }
+    };
+    if (!staged && total > 0) fetch_idx(lk);
     auto load = [&](int stage) {
         T* As = smem + stage * (A_SZ + B_SZ);
         T* Bs = As + A_SZ;
@@ -200,21 +238,26 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
         const int* snb = s_nbr + la * BM;
         load_rows<T, BM, BK, NTH, VEC>(
             As, X, c_in, lc, c_in,
-            [&](int r) -> long long {
+            [&](int j, int r) -> long long {
                 if (staged) return (long long)snb[r];
-                const int row = row0 + r;
-                return row < n_rows ? (long long)__ldg(nb + row) : -1LL;
+                if constexpr (AWalk::SHUFFLE) {
+                    return (long long)__shfl_sync(0xffffffffu, a_idx, AWalk::lane_of(j, lane));
+                } else {
+                    const int row = row0 + r;
+                    return row < n_rows ? (long long)__ldg(nb + row) : -1LL;
+                }
             },
             tid);
         const int kc = lc, kk = lk;
         load_rows<T, BK, BN, NTH, VEC>(
             Bs, W, c_out, n0, c_out,
-            [&](int r) -> long long { return kc + r < c_in ? (long long)kk * c_in + kc + r : -1LL; }, tid);
+            [&](int, int r) -> long long { return kc + r < c_in ? (long long)kk * c_in + kc + r : -1LL; }, tid);
         lc += BK;
-        if (lc >= c_in) {
+        if (lc >= c_in) {  // next offset; the stages of one offset (C_in > BK) share its indices
             lc = 0;
             ++la;
             lk = staged ? (la < n_active ? s_k[la] : 0) : next_k(tm, mask_words, lk + 1);
+            if (!staged && la < n_active) fetch_idx(lk);
         }
     };
 
@@ -307,10 +350,10 @@ igemm_wgrad(const T* __restrict__ X, const T* __restrict__ dY, const int* __rest
         const int p0 = lo + step * BK;
         load_rows<T, BK, BM, NTH, VEC>(
             As, X, c_in, m0, c_in,
-            [&](int r) -> long long { return p0 + r < hi ? (long long)__ldg(in_maps + p0 + r) : -1LL; }, tid);
+            [&](int, int r) -> long long { return p0 + r < hi ? (long long)__ldg(in_maps + p0 + r) : -1LL; }, tid);
         load_rows<T, BK, BN, NTH, VEC>(
             Bs, dY, c_out, n0, c_out,
-            [&](int r) -> long long { return p0 + r < hi ? (long long)__ldg(out_maps + p0 + r) : -1LL; }, tid);
+            [&](int, int r) -> long long { return p0 + r < hi ? (long long)__ldg(out_maps + p0 + r) : -1LL; }, tid);
     };
 
     AccT acc[ACC_N];
