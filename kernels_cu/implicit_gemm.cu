@@ -5,7 +5,9 @@
 //   Slots are the output rows in a chosen order (sorted by neighbour bitmask, so that the rows of a
 //   tile share offsets); nbr is stored in slot order so its reads stay coalesced.
 //   Output-stationary: one CTA owns BM rows x BN output channels, loops over the offsets its tile has
-//   (tile_mask, one bit per offset) and over C_in in steps of BK, and writes each output once.
+//   (tile_mask, one bit per offset) and over C_in in steps of BK, and writes each output once. A mask
+//   split runs it once per part of the offsets (slots sorted by that part's bitmask), the later passes
+//   with `accumulate` adding into the output instead of overwriting it.
 // igemm_wgrad:
 //   dW[k][m][n] += sum_{p in chunk} X[in_maps[p], m] * dY[out_maps[p], n]; a chunk is a range of
 //   pairs of one offset (split-K over pairs), partial sums added atomically into an accumulator-typed dW.
@@ -171,7 +173,7 @@ template <typename T, int BM, int BN, int BK, int WM, int WN, int STAGES, bool V
 __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32)
 igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restrict__ nbr,
           const unsigned* __restrict__ tile_mask, const int* __restrict__ row_of_slot, T* __restrict__ Y,
-          int n_rows, int c_in, int c_out, int mask_words, int k_cap) {
+          int n_rows, int c_in, int c_out, int mask_words, int k_cap, int accumulate) {
     using AccT = typename AccOf<T>::type;
     constexpr int NTH = (BM / WM) * (BN / WN) * 32;
     constexpr int P = Pad<T>::value;
@@ -295,7 +297,8 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
     }
     cp_async_wait<0>();
 
-    // Epilogue: every element of the tile is written exactly once (zeros where no pair contributes).
+    // Epilogue: every element of the tile is written exactly once (zeros where no pair contributes);
+    // with `accumulate` (the later passes of a mask split) it is added to what an earlier pass wrote.
     if constexpr (TC) {
         const bool pairs = (c_out % 2 == 0);
 #pragma unroll
@@ -306,10 +309,14 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
             if (slot >= n_rows) continue;
             T* dst = Y + (size_t)__ldg(row_of_slot + slot) * c_out + col;
             if (pairs && col + 1 < c_out) {
+                if (accumulate) {
+                    acc[i] += to_acc(dst[0]);
+                    acc[i + 1] += to_acc(dst[1]);
+                }
                 store_acc2(dst, acc[i], acc[i + 1]);
             } else {
-                if (col < c_out) store_acc(dst, acc[i]);
-                if (col + 1 < c_out) store_acc(dst + 1, acc[i + 1]);
+                if (col < c_out) store_acc(dst, accumulate ? acc[i] + to_acc(dst[0]) : acc[i]);
+                if (col + 1 < c_out) store_acc(dst + 1, accumulate ? acc[i + 1] + to_acc(dst[1]) : acc[i + 1]);
             }
         }
     } else {
@@ -318,7 +325,10 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
             int r, c;
             acc_pos<WM, WN, TC>(i, lane, r, c);
             const int slot = row0 + wm + r, col = n0 + wn + c;
-            if (slot < n_rows && col < c_out) store_acc(Y + (size_t)__ldg(row_of_slot + slot) * c_out + col, acc[i]);
+            if (slot < n_rows && col < c_out) {
+                T* dst = Y + (size_t)__ldg(row_of_slot + slot) * c_out + col;
+                store_acc(dst, accumulate ? acc[i] + to_acc(*dst) : acc[i]);
+            }
         }
     }
 }

@@ -138,23 +138,31 @@ def neighbour_table(kmap, reverse: bool = False):
     return t
 
 
-def slot_table(kmap, reverse: bool, sort_rows: bool):
+def _part(k_count: int, split: int, h: int) -> tuple[int, int]:
+    """Offsets ``[k0, k1)`` of part ``h`` when the K offsets are split into ``split`` contiguous parts."""
+    return h * k_count // split, (h + 1) * k_count // split
+
+
+def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
     """``(row_of_slot int32 [rows], nbr in slot order [K, rows])``.
 
     ``sort_rows``: slots ordered by each row's neighbour bitmask (stable), so a tile's rows share
     offsets and the tile skips more of them (spconv's MaskImplicitGemm idea); else identity order.
+    ``part``: ``(k0, k1)``, sort by the bits of these offsets only (one pass of a mask split).
     """
     import cupy
-    key = f"implicit_gemm.slots{'_rev' if reverse else ''}.{int(sort_rows)}"
+    k0, k1 = part if part is not None else (0, kmap.num_offsets)
+    key = f"implicit_gemm.slots{'_rev' if reverse else ''}.{int(sort_rows)}.{k0}.{k1}"
     t = kmap.derived.get(key)
     if t is None:
         nbr = neighbour_table(kmap, reverse)
         k_count, rows = nbr.shape
         if sort_rows and rows > 1:
-            # Key: bitmask of the first 63 offsets, most significant = offset 0 (stable ties keep locality).
-            kk = min(k_count, 63)
+            # Key: bitmask of the part's first 63 offsets, most significant = its first offset (stable
+            # ties keep locality).
+            kk = min(k1 - k0, 63)
             w = cupy.left_shift(cupy.int64(1), cupy.arange(kk - 1, -1, -1, dtype=cupy.int64))
-            keys = ((nbr[:kk] >= 0).astype(cupy.int64) * w[:, None]).sum(axis=0)
+            keys = ((nbr[k0:k0 + kk] >= 0).astype(cupy.int64) * w[:, None]).sum(axis=0)
             order = cupy.argsort(keys).astype(cupy.int32)
             t = (order, cupy.ascontiguousarray(nbr[:, order]))
         else:
@@ -163,18 +171,20 @@ def slot_table(kmap, reverse: bool, sort_rows: bool):
     return t
 
 
-def tile_masks(kmap, reverse: bool, bm: int, sort_rows: bool):
-    """``[tiles, words]`` uint32: bit k set when some row of the ``bm``-slot tile has offset k."""
+def tile_masks(kmap, reverse: bool, bm: int, sort_rows: bool, part: tuple | None = None):
+    """``[tiles, words]`` uint32: bit k set when some row of the ``bm``-slot tile has offset k (only
+    offsets in ``part = (k0, k1)`` when given)."""
     import cupy
-    key = f"implicit_gemm.mask{'_rev' if reverse else ''}.{bm}.{int(sort_rows)}"
+    k0, k1 = part if part is not None else (0, kmap.num_offsets)
+    key = f"implicit_gemm.mask{'_rev' if reverse else ''}.{bm}.{int(sort_rows)}.{k0}.{k1}"
     m = kmap.derived.get(key)
     if m is None:
-        _, nbr = slot_table(kmap, reverse, sort_rows)
+        _, nbr = slot_table(kmap, reverse, sort_rows, part)
         k_count, rows = nbr.shape
         tiles = max(1, -(-rows // bm))
         words = max(1, -(-k_count // 32))
         valid = cupy.zeros((words * 32, tiles * bm), dtype=cupy.bool_)
-        valid[:k_count, :rows] = nbr >= 0
+        valid[k0:k1, :rows] = nbr[k0:k1] >= 0
         anyk = valid.reshape(words * 32, tiles, bm).any(axis=2).astype(cupy.uint32)  # [32W, tiles]
         bits = cupy.left_shift(cupy.uint32(1), cupy.arange(32, dtype=cupy.uint32))
         m = (anyk.reshape(words, 32, tiles) * bits[None, :, None]).sum(axis=1, dtype=cupy.uint32)
@@ -220,7 +230,7 @@ def _sm_count(device_id: int) -> int:
 # ---- the three directions ---------------------------------------------------------------------------
 
 class Launch:
-    """One IMPLICIT_GEMM kernel launch with every argument fixed except the two input addresses, the
+    """IMPLICIT_GEMM kernel launches with every argument fixed except the two input addresses, the
     output address and the stream (CuPy's current stream at :meth:`launch`).
 
     The CuPy functions below run through it; framework adapters keep one per call signature
@@ -232,14 +242,15 @@ class Launch:
     with its last two axes swapped, ``[K, C_out, C_in]`` (``transpose_b``); wgrad: feats and grad_out),
     and ``out`` of ``out_shape``: the data dtype, or for wgrad the zero-filled ``acc_dtype`` accumulator
     (float32; float64 for float64 data) that the caller casts back.
-    """
-    __slots__ = ("fn", "grid", "block", "smem", "args", "holes", "vec", "out_shape", "acc_dtype", "transpose_b",
-                 "keep")
 
-    def __init__(self, fn, grid, block, smem, args, holes, vec, out_shape, acc_dtype=None, transpose_b=False,
-                 keep=()):
-        self.fn, self.grid, self.block, self.smem = fn, grid, block, smem
-        self.args, self.holes, self.vec, self.out_shape = tuple(args), holes, vec, tuple(out_shape)
+    ``steps``: ``(kernel, grid, block, shared bytes, args)`` run in order (a mask split is two passes,
+    the second adding into the first's output); ``holes``: where ``a``, ``b``, ``out`` go in ``args``.
+    """
+    __slots__ = ("steps", "holes", "vec", "out_shape", "acc_dtype", "transpose_b", "keep")
+
+    def __init__(self, steps, holes, vec, out_shape, acc_dtype=None, transpose_b=False, keep=()):
+        self.steps = [(fn, grid, block, smem, tuple(args)) for fn, grid, block, smem, args in steps]
+        self.holes, self.vec, self.out_shape = holes, vec, tuple(out_shape)
         self.acc_dtype, self.transpose_b, self.keep = acc_dtype, transpose_b, keep
 
     def launch(self, a: int, b: int, out: int) -> bool:
@@ -247,42 +258,51 @@ class Launch:
         kernel uses 16-byte vector loads and ``a`` or ``b`` is not 16-byte aligned."""
         if self.vec and (a | b) & 15:
             return False
-        args = list(self.args)
         i, j, k = self.holes
-        args[i], args[j], args[k] = a, b, out
-        self.fn((self.grid,), (self.block,), tuple(args), shared_mem=self.smem)
+        for fn, grid, block, smem, template in self.steps:
+            args = list(template)
+            args[i], args[j], args[k] = a, b, out
+            fn((grid,), (block,), tuple(args), shared_mem=smem)
         return True
 
 
 def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec, device_id,
-                         variant=None) -> Launch:
-    """The :class:`Launch` of ``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]`` (cached on the map)."""
+                         variant=None, mask_split=1) -> Launch:
+    """The :class:`Launch` of ``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]`` (cached on the map).
+
+    ``mask_split``: run the offsets in that many contiguous parts, each with slots sorted by its own
+    offsets' bitmask (fewer tile rows without a neighbour at an active offset), the later parts adding
+    into the output (spconv's split mask)."""
     key = ("implicit_gemm.launch", dt, c_a, c_b, reverse, n_rows, bm, bn, bool(sort_rows), bool(stage_nbr), vec,
-           device_id, variant)
+           device_id, variant, mask_split)
     prep = kmap.derived.get(key)
     if prep is not None:
         return prep
-    slots, nbr = slot_table(kmap, reverse, sort_rows)
-    masks = tile_masks(kmap, reverse, bm, sort_rows)
-    fn, threads, smem = _kernel("fwd", dt, bm, bn, vec, device_id, variant)
-    k_count = int(nbr.shape[0])
+    fn, threads, smem0 = _kernel("fwd", dt, bm, bn, vec, device_id, variant)
+    k_count = kmap.num_offsets
     # Stage the tile's neighbour rows (K x BM int32) in shared memory when they fit.
     k_cap = k_count if stage_nbr and k_count * (bm + 1) * 4 <= _NBR_SMEM else 0
-    smem += k_cap * (bm + 1) * 4
+    smem = smem0 + k_cap * (bm + 1) * 4
     if smem > 48 * 1024 and _DYN_SET.get(id(fn), 0) < smem:  # raise the opt-in limit once per size
         fn.max_dynamic_shared_size_bytes = smem
         _DYN_SET[id(fn)] = smem
     grid = (-(-n_rows // bm)) * (-(-c_b // bn))
-    args = (None, None, nbr.data.ptr, masks.data.ptr, slots.data.ptr, None, np.int32(n_rows), np.int32(c_a),
-            np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap))
-    prep = Launch(fn, grid, threads, smem, args, (0, 1, 5), vec, (n_rows, c_b), transpose_b=reverse,
-                  keep=(nbr, masks, slots))
+    steps, keep = [], []
+    for h in range(mask_split):
+        part = _part(k_count, mask_split, h) if mask_split > 1 else None
+        slots, nbr = slot_table(kmap, reverse, sort_rows, part)
+        masks = tile_masks(kmap, reverse, bm, sort_rows, part)
+        steps.append((fn, grid, threads, smem,
+                      (None, None, nbr.data.ptr, masks.data.ptr, slots.data.ptr, None, np.int32(n_rows),
+                       np.int32(c_a), np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap), np.int32(h > 0))))
+        keep += [nbr, masks, slots]
+    prep = Launch(steps, (0, 1, 5), vec, (n_rows, c_b), transpose_b=reverse, keep=tuple(keep))
     kmap.derived[key] = prep
     return prep
 
 
 def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr=False, out=None,
-                 variant=None):
+                 variant=None, mask_split=1):
     """``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]``; weight ``[K, C_a, C_b]`` contiguous.
 
     ``out`` (optional, ``[n_rows, C_b]`` contiguous, src dtype) is fully overwritten.
@@ -301,13 +321,20 @@ def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, stag
         return out
     vec = _vec_ok(dt, c_a, c_b, src, weight_kcn)
     prep = _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec,
-                                src.device.id, variant)
+                                src.device.id, variant, _check_split(mask_split, kmap))
     prep.launch(src.data.ptr, weight_kcn.data.ptr, out.data.ptr)
     return out
 
 
+def _check_split(mask_split, kmap) -> int:
+    m = int(mask_split)
+    if not 1 <= m <= max(1, kmap.num_offsets):
+        raise ValueError(f"mask_split must be in [1, K={kmap.num_offsets}], got {mask_split}")
+    return m
+
+
 def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, stage_nbr=False,
-            out=None, variant=None):
+            out=None, variant=None, mask_split=1):
     """``out [num_out, C_out] = sum_k gather(feats, in_k) @ weight[k]`` scattered to ``out_k``.
 
     ``sort_rows``: process output rows grouped by neighbour bitmask (fewer skipped-offset misses).
@@ -315,22 +342,25 @@ def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort
     their slice lacks (measured v3: no gain on the H100, the extra shared memory costs occupancy; off).
     ``out``: optional preallocated result (every element is written; tests pass it poisoned).
     ``variant``: ``(WM, WN, STAGES)`` override for benchmark sweeps.
+    ``mask_split``: 1 or 2 (searched): the offsets in that many passes, each sorted by its own bitmask.
     """
     import cupy
     feats = cupy.ascontiguousarray(feats)
     weight = cupy.ascontiguousarray(weight)
     bm, bn = _tile(_dtype_name(feats), int(weight.shape[2]), fwd_block_size, gemm_block_size, variant)
-    return _gather_gemm(feats, weight, kmap, False, kmap.num_out, bm, bn, sort_rows, stage_nbr, out, variant)
+    return _gather_gemm(feats, weight, kmap, False, kmap.num_out, bm, bn, sort_rows, stage_nbr, out, variant,
+                        mask_split)
 
 
 def dgrad(grad_out, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, stage_nbr=False,
-          out=None):
+          out=None, mask_split=1):
     """``grad_feats [num_in, C_in]``: the forward kernel on the reverse map with ``weight[k]^T``."""
     import cupy
     grad_out = cupy.ascontiguousarray(grad_out)
     wt = cupy.ascontiguousarray(weight.transpose(0, 2, 1))
     bm, bn = _tile(_dtype_name(grad_out), int(weight.shape[1]), fwd_block_size, gemm_block_size)
-    return _gather_gemm(grad_out, wt, kmap, True, kmap.num_in, bm, bn, sort_rows, stage_nbr, out)
+    return _gather_gemm(grad_out, wt, kmap, True, kmap.num_in, bm, bn, sort_rows, stage_nbr, out,
+                        mask_split=mask_split)
 
 
 def _tile(dt, c_out, bm, bn, variant=None):
@@ -367,7 +397,7 @@ def _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, device_id)
     tiles = (-(-c_in // t)) * (-(-c_out // t))
     args = (None, None, kmap.in_maps.data.ptr, kmap.out_maps.data.ptr, chunks.data.ptr, None, np.int32(c_in),
             np.int32(c_out))
-    prep = Launch(fn, n_chunks * tiles, threads, smem, args, (0, 1, 5), vec, (num_offsets, c_in, c_out),
+    prep = Launch([(fn, n_chunks * tiles, threads, smem, args)], (0, 1, 5), vec, (num_offsets, c_in, c_out),
                   acc_dtype="float64" if dt == "float64" else "float32", keep=(chunks, kmap.in_maps, kmap.out_maps))
     kmap.derived[key] = prep
     return prep
@@ -404,21 +434,27 @@ def prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params) -> La
                                 params.get("gemm_block_size"), params.get("split_k_factor"))
         return _prepare_wgrad(dtype_name, c_in, c_out, kmap, kmap.num_offsets, t, chunk, vec, device_id)
     sort_rows, stage_nbr = params.get("sort_rows", True), params.get("stage_nbr", False)
+    split = _check_split(params.get("mask_split", 1), kmap)
     if direction == "fwd":
         bm, bn = _tile(dtype_name, c_out, params.get("fwd_block_size"), params.get("gemm_block_size"))
         return _prepare_gather_gemm(dtype_name, c_in, c_out, kmap, False, kmap.num_out, bm, bn, sort_rows,
-                                    stage_nbr, vec, device_id)
+                                    stage_nbr, vec, device_id, None, split)
     if direction == "dgrad":
         bm, bn = _tile(dtype_name, c_in, params.get("fwd_block_size"), params.get("gemm_block_size"))
         return _prepare_gather_gemm(dtype_name, c_out, c_in, kmap, True, kmap.num_in, bm, bn, sort_rows,
-                                    stage_nbr, vec, device_id)
+                                    stage_nbr, vec, device_id, None, split)
     raise ValueError(f"direction must be 'fwd', 'dgrad' or 'wgrad', got {direction!r}")
 
 
-def fwd_params(dtype_name: str, c_out: int) -> list[dict]:
+MASK_SPLIT_MIN_K = 16  # kernels with at least this many offsets also try the two-pass mask split
+
+
+def fwd_params(dtype_name: str, c_out: int, num_offsets: int = 27) -> list[dict]:
     cap = max(32, _pow2ceil(c_out))
-    return [{"fwd_block_size": bm, "gemm_block_size": bn}
-            for (bm, bn) in sorted(tiles_for(dtype_name)) if bn <= cap]
+    tiles = [{"fwd_block_size": bm, "gemm_block_size": bn} for (bm, bn) in sorted(tiles_for(dtype_name)) if bn <= cap]
+    if num_offsets < MASK_SPLIT_MIN_K:
+        return tiles
+    return tiles + [dict(t, mask_split=2) for t in tiles]
 
 
 def wgrad_params(dtype_name: str, c_in: int, c_out: int) -> list[dict]:

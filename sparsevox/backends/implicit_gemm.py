@@ -1,8 +1,8 @@
 """Registers IMPLICIT_GEMM (conv): fused gather-GEMM-scatter CUDA kernels, GPU only.
 
 Search space (the reference guide's names): forward and dgrad over ``fwd_block_size`` (rows per CTA)
-x ``gemm_block_size`` (output channels per CTA); wgrad over ``gemm_block_size`` (square weight tile)
-x ``split_k_factor`` (CTAs per multiprocessor the pairs are split into). At most 8 combinations each.
+x ``gemm_block_size`` (output channels per CTA), x ``mask_split`` in {1, 2} for kernels of 16+ offsets; wgrad over ``gemm_block_size`` (square weight tile)
+x ``split_k_factor`` (CTAs per multiprocessor the pairs are split into). At most 16 combinations each.
 """
 from .. import implicit_gemm as ig
 from ..registry import Algorithm, gpu_unavailable, register
@@ -12,9 +12,9 @@ _DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 def _params(direction, problem):
     if direction == "fwd":
-        return ig.fwd_params(problem.dtype, problem.c_out)
+        return ig.fwd_params(problem.dtype, problem.c_out, problem.num_offsets)
     if direction == "dgrad":
-        return ig.fwd_params(problem.dtype, problem.c_in)
+        return ig.fwd_params(problem.dtype, problem.c_in, problem.num_offsets)
     if direction == "wgrad":
         return ig.wgrad_params(problem.dtype, problem.c_in, problem.c_out)
     raise ValueError(f"direction must be 'fwd', 'dgrad' or 'wgrad', got {direction!r}")
