@@ -161,7 +161,10 @@ def test_jax_repeated_jit_grad_matches_the_oracle(rng, dtype, monkeypatch):
             out = fwd(f, w)
             gf, gw = grad(f, w, g)
             if call > 0:
-                assert len(calls) - n_before == 4  # the jitted forward, then grad: fwd, dgrad, wgrad
+                # the jitted forward, and grad's dgrad and wgrad (XLA may drop grad's own forward: the
+                # loss value is not returned) all launch from addresses
+                shapes = set(calls[n_before:])
+                assert {(k, 16), (k, 32), (27, 32, 16)} <= shapes, shapes
             fn, wn, gn = (np.asarray(a, dtype=np.float64) for a in (f, w, g))
             ref = dense_conv(c, fn, wn, 3, 1, 1, False, c)
             rgf, rgw = dense_conv_grads(c, fn, wn, gn, 3, 1, 1, False, c)
