@@ -55,7 +55,11 @@ from .kernel_map import build_kernel_map as _generic_builder
 log = logging.getLogger("sparsevox.gpu_kernel_map")
 
 BLOCK = 256  # threads per block of the per-row kernels
-ITEMS = 8  # output rows per thread of a kmap_query_compact tile: BLOCK * ITEMS rows per tile
+# Output rows per thread of a kmap_query_compact tile (BLOCK * ITEMS rows per tile). Read once at import;
+# SPARSEVOX_KMAP_ITEMS (1-16) overrides it for benchmark sweeps (benchmarks/map_build_sweep.py).
+ITEMS = int(os.environ.get("SPARSEVOX_KMAP_ITEMS", "8"))
+if not 1 <= ITEMS <= 16:
+    raise ValueError(f"SPARSEVOX_KMAP_ITEMS must be in [1, 16], got {ITEMS}")
 _KERNELS = ("insert", "query_compact", "candidate_keys", "unique_heads", "unique_info", "unique_unpack")
 
 
