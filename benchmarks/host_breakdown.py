@@ -124,28 +124,9 @@ def main(argv=None) -> int:
     rec["voxels_check_us"] = _us(lambda: sv.Voxels(coords, None), 200)  # validation (hash insert + one read)
     rec["voxels_check_and_map_us"] = _us(lambda: sv.kernel_map(sv.Voxels(coords, None), 3), 200)
     texts.append(("map build (builder), by own time", _profile(build, 200, sync)))
-    # GPU time of each map-build kernel: CUDA events around every launch of the builder's device object
-    dev = gpu_kernel_map._cupy_device()
-    pending = []
-    plain_launch = dev.launch
+    from benchmarks.map_build_sweep import kernel_times
+    rec["map_build_kernel_us"] = kernel_times(build, 50)
 
-    def timed_launch(name, grid, block, args_):
-        s, e = cupy.cuda.Event(), cupy.cuda.Event()
-        s.record()
-        plain_launch(name, grid, block, args_)
-        e.record()
-        pending.append((name, s, e))
-    dev.launch = timed_launch
-    try:
-        for _ in range(50):
-            build()
-        sync()
-    finally:
-        dev.launch = plain_launch
-    kernel_us: dict = {}
-    for name, s, e in pending:
-        kernel_us.setdefault(name, []).append(cupy.cuda.get_elapsed_time(s, e) * 1e3)
-    rec["map_build_kernel_us"] = {k: float(np.median(v)) for k, v in kernel_us.items()}
     texts.append(("map build (public), cumulative", _profile(public, 200, sync, "cumulative", 40)))
 
     v = sv.Voxels(coords, feats)

@@ -10,6 +10,34 @@ import time
 import numpy as np
 
 
+def kernel_times(build, n: int) -> dict:
+    """Median GPU µs of each kernel the GPU map builder launches, over ``n`` calls of ``build()``
+    (CUDA events around every launch of the builder's device object)."""
+    import cupy
+
+    from sparsevox import gpu_kernel_map as gkm
+    dev = gkm._cupy_device()
+    plain, pending = dev.launch, []
+
+    def timed(name, grid, block, args):
+        s, e = cupy.cuda.Event(), cupy.cuda.Event()
+        s.record()
+        plain(name, grid, block, args)
+        e.record()
+        pending.append((name, s, e))
+    dev.launch = timed
+    try:
+        for _ in range(n):
+            build()
+        cupy.cuda.Device().synchronize()
+    finally:
+        dev.launch = plain
+    per: dict = {}
+    for name, s, e in pending:
+        per.setdefault(name, []).append(cupy.cuda.get_elapsed_time(s, e) * 1e3)
+    return {k: round(float(np.median(v)), 1) for k, v in per.items()}
+
+
 def main() -> int:
     import cupy
 
@@ -26,23 +54,9 @@ def main() -> int:
         build()
     cupy.cuda.Device().synchronize()
     wall = (time.perf_counter() - t) / 200 * 1e6
-    dev, plain, pending = gkm._cupy_device(), gkm._cupy_device().launch, []
-
-    def timed(name, grid, block, args):
-        s, e = cupy.cuda.Event(), cupy.cuda.Event()
-        s.record()
-        plain(name, grid, block, args)
-        e.record()
-        pending.append((name, s, e))
-    dev.launch = timed
-    for _ in range(50):
-        build()
-    cupy.cuda.Device().synchronize()
-    per: dict = {}
-    for name, s, e in pending:
-        per.setdefault(name, []).append(cupy.cuda.get_elapsed_time(s, e) * 1e3)
+    per = kernel_times(build, 50)
     print(json.dumps({"scene": scene.name, "items": gkm.ITEMS, "builder_us": round(wall, 1),
-                      "kernel_us": {k: round(float(np.median(v)), 1) for k, v in per.items()}}))
+                      "kernel_us": per}))
     return 0
 
 

@@ -44,6 +44,17 @@ def _fresh(rng, kmap, c_in, c_out, dtype):
     return f.requires_grad_(True), w.requires_grad_(True), g
 
 
+def _count_launches(monkeypatch) -> list:
+    """Record the output shape of every prepared launch from now on."""
+    calls, real = [], ig.Launch.launch
+
+    def counting(self, a, b, out):
+        calls.append(self.out_shape)
+        return real(self, a, b, out)
+    monkeypatch.setattr(ig.Launch, "launch", counting)
+    return calls
+
+
 def _check(v_coords, out_coords, kmap, ks, s, f, w, g, out, gf, gw, dtype_name):
     args = (v_coords, f.detach().double().cpu().numpy(), w.detach().double().cpu().numpy())
     ref = dense_conv(*args, ks, s, 1, False, out_coords)
@@ -78,13 +89,7 @@ def test_later_calls_skip_the_core(rng, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the call planned although a prepared launch exists")
     monkeypatch.setattr(sv_conv, "plan", boom)
-    calls = []
-    real = ig.Launch.launch
-
-    def counting(self, a, b, out):
-        calls.append(self.out_shape)
-        return real(self, a, b, out)
-    monkeypatch.setattr(ig.Launch, "launch", counting)
+    calls = _count_launches(monkeypatch)
     f, w, g = _fresh(rng, kmap, 32, 32, torch.float16)
     out = svt.conv_features(f, w, kmap, ALGO, ALGO)
     gf, gw = torch.autograd.grad(out, (f, w), g)
@@ -148,13 +153,7 @@ def test_jax_repeated_jit_grad_matches_the_oracle(rng, dtype, monkeypatch):
         fwd = jax.jit(lambda f, w: svj.conv_features(f, w, kmap, ALGO, ALGO))
         grad = jax.jit(jax.grad(lambda f, w, g: (svj.conv_features(f, w, kmap, ALGO, ALGO).astype(jnp.float64)
                                                   * g.astype(jnp.float64)).sum(), argnums=(0, 1)))
-        calls = []
-        real = ig.Launch.launch
-
-        def counting(self, a, b, out):
-            calls.append(self.out_shape)
-            return real(self, a, b, out)
-        monkeypatch.setattr(ig.Launch, "launch", counting)
+        calls = _count_launches(monkeypatch)
         for call in range(3):
             f, w, g = fresh()
             n_before = len(calls)
