@@ -9,9 +9,15 @@ Kernel maps are built outside ``jit`` (they decide output shapes) and passed in 
         return conv_features(feats, weight, kmap).sum()
     jax.grad(loss, argnums=(0, 1))(feats, weight)
 
+A map may be closed over (as above: ``jit`` then embeds its arrays as constants) or passed as an
+argument; either way the callback finds the core :class:`~sparsevox.KernelMap` and its cached tables
+(through the map's static ``source``, comparing a copy with the map once).
+
 The primal runs the sparsevox core inside ``jax.experimental.buffer_callback``: the callback sees
-XLA's own buffers (NumPy views on the CPU, CuPy views on the GPU, no host round trip) and launches the
-GPU work on XLA's stream (``ctx.stream``). Under ``vmap`` it runs once per batch element.
+XLA's own buffers (NumPy views on the CPU, device addresses on the GPU, no host round trip) and launches
+the GPU work on XLA's stream (``ctx.stream``). After the first call of a signature the GPU work is the
+prepared launch of the chosen kernels (:func:`sparsevox.conv.prepared`), writing into XLA's output buffers.
+Under ``vmap`` it runs once per batch element.
 
 GPU memory: XLA preallocates most of the GPU; the kernels' scratch memory comes from CuPy's pool, so
 leave room for it, e.g. ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.5`` or ``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
