@@ -191,7 +191,7 @@ def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
         fv, wv = _view(f, on_gpu), _view(w, on_gpu)
         _view(outs[0], on_gpu)[...] = core(fv, wv, core_map, fwd_algo)
         if prep is None:
-            core_map.derived[key] = sv.conv.prepared(op, "fwd", fv, wv, core_map, fwd_algo) or False
+            sv.conv.remember_prepared(core_map, key, op, "fwd", fv, wv, fwd_algo)
     return _call(run, jax.ShapeDtypeStruct((kmap.num_out, c_out), feats.dtype),
                  feats, weight, kmap.in_maps, kmap.out_maps)
 
@@ -229,9 +229,9 @@ def _backward(op, feats, weight, kmap: JaxKernelMap, grad, bwd_algo):
         _view(outs[0], on_gpu)[...] = gf
         _view(outs[1], on_gpu)[...] = gw
         if dprep is None:
-            core_map.derived[dkey] = sv.conv.prepared(op, "dgrad", fv, wv, core_map, bwd_algo) or False
+            sv.conv.remember_prepared(core_map, dkey, op, "dgrad", fv, wv, bwd_algo)
         if wprep is None:
-            core_map.derived[wkey] = sv.conv.prepared(op, "wgrad", fv, wv, core_map, bwd_algo) or False
+            sv.conv.remember_prepared(core_map, wkey, op, "wgrad", fv, wv, bwd_algo)
     shapes = (jax.ShapeDtypeStruct(feats.shape, feats.dtype), jax.ShapeDtypeStruct(weight.shape, weight.dtype))
     return _call(run, shapes, grad, feats, weight, kmap.in_maps, kmap.out_maps)
 

@@ -81,26 +81,17 @@ def _launch_context(device):
     return cupy.cuda.Device(dev), _arrays.external_stream(_arrays.torch_stream_handle(torch, dev), dev)
 
 
-def _launch(prep, a, b, out) -> bool:
-    device_ctx, stream = _launch_context(out.device)
-    with device_ctx, stream:
-        return prep.launch(a.data_ptr(), b.data_ptr(), out.data_ptr())
-
-
 def _prepared(kmap, key):
     return kmap.derived.get(key) if kmap.in_maps.__class__.__module__.startswith("cupy") else False
-
-
-def _remember_prepared(kmap, key, op, direction, f, w, algo):
-    if key not in kmap.derived:
-        kmap.derived[key] = sv.conv.prepared(op, direction, f, w, kmap, algo) or False
 
 
 def _fast_forward(prep, feats, weight):
     if not (feats.is_contiguous() and weight.is_contiguous()):
         return None
     out = torch.empty(prep.out_shape, dtype=feats.dtype, device=feats.device)
-    return out if _launch(prep, feats, weight, out) else None
+    device_ctx, stream = _launch_context(feats.device)
+    with device_ctx, stream:
+        return out if prep.launch(feats.data_ptr(), weight.data_ptr(), out.data_ptr()) else None
 
 
 def _fast_backward(dprep, wprep, grad_out, feats, weight):
@@ -108,16 +99,18 @@ def _fast_backward(dprep, wprep, grad_out, feats, weight):
     if not (feats.is_contiguous() and weight.is_contiguous()):
         return None
     gf = gw = None
-    if dprep is not None:
-        wt = weight.transpose(1, 2).contiguous()
-        gf = torch.empty(dprep.out_shape, dtype=feats.dtype, device=feats.device)
-        if not _launch(dprep, grad_out, wt, gf):
-            return None
-    if wprep is not None:
-        acc = torch.zeros(wprep.out_shape, dtype=getattr(torch, wprep.acc_dtype), device=feats.device)
-        if not _launch(wprep, feats, grad_out, acc):
-            return None
-        gw = acc if acc.dtype == weight.dtype else acc.to(weight.dtype)
+    device_ctx, stream = _launch_context(feats.device)
+    with device_ctx, stream:
+        if dprep is not None:
+            wt = weight.transpose(1, 2).contiguous()
+            gf = torch.empty(dprep.out_shape, dtype=feats.dtype, device=feats.device)
+            if not dprep.launch(grad_out.data_ptr(), wt.data_ptr(), gf.data_ptr()):
+                return None
+        if wprep is not None:
+            acc = torch.zeros(wprep.out_shape, dtype=getattr(torch, wprep.acc_dtype), device=feats.device)
+            if not wprep.launch(feats.data_ptr(), grad_out.data_ptr(), acc.data_ptr()):
+                return None
+            gw = acc if acc.dtype == weight.dtype else acc.to(weight.dtype)
     return gf, gw
 
 
@@ -137,7 +130,7 @@ def _define(name: str, core_forward, core_backward, out_channels):
             w, _ = _arrays.to_core(weight)
             out = _arrays.from_core(core_forward(f, w, kmap, _algo_value(fwd_algo)), origin)
             if prep is None:
-                _remember_prepared(kmap, key, name, "fwd", f, w, _algo_value(fwd_algo))
+                sv.conv.remember_prepared(kmap, key, name, "fwd", f, w, _algo_value(fwd_algo))
             return out
 
     def bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad):
@@ -160,9 +153,9 @@ def _define(name: str, core_forward, core_backward, out_channels):
             w, _ = _arrays.to_core(weight)
             gf, gw = core_backward(g, f, w, kmap, _algo_value(bwd_algo), feats_grad, weight_grad)
             if feats_grad and dprep is None:
-                _remember_prepared(kmap, dkey, name, "dgrad", f, w, _algo_value(bwd_algo))
+                sv.conv.remember_prepared(kmap, dkey, name, "dgrad", f, w, _algo_value(bwd_algo))
             if weight_grad and wprep is None:
-                _remember_prepared(kmap, wkey, name, "wgrad", f, w, _algo_value(bwd_algo))
+                sv.conv.remember_prepared(kmap, wkey, name, "wgrad", f, w, _algo_value(bwd_algo))
             gf = _arrays.from_core(gf, origin) if gf is not None else torch.zeros_like(feats)
             gw = _arrays.from_core(gw, origin) if gw is not None else torch.zeros_like(weight)
             return gf, gw

@@ -159,6 +159,13 @@ def prepared(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input
                         int(feats.device.id), **params)
 
 
+def remember_prepared(kmap: KernelMap, key, op: str, direction: str, feats, weight, algo_input) -> None:
+    """Keep :func:`prepared` for a call that just ran under ``kmap.derived[key]`` (False when there is
+    none, so callers do not ask again). Adapters key it by their own call signature."""
+    if key not in kmap.derived:
+        kmap.derived[key] = prepared(op, direction, feats, weight, kmap, algo_input) or False
+
+
 def output_voxels_of(voxels, kmap: KernelMap, out_feats, output_voxels=None):
     """Wrap output features as ``Voxels`` of the caller's library, sharing cached geometry."""
     from .voxels import Voxels

@@ -51,6 +51,11 @@ def test_prepared_is_none_on_the_cpu_and_before_any_plan(rng):
     assert conv.prepared("conv", "fwd", f, w, kmap, None) is None  # CPU arrays: no GPU launch
     assert conv.prepared("depthwise", "fwd", f, w[:, :, 0], kmap, None) is None
     assert conv.plan("conv", "dgrad", f, w, kmap, None, None, memo_only=True) is None
+    conv.remember_prepared(kmap, ("test", 1), "conv", "fwd", f, w, None)
+    assert kmap.derived[("test", 1)] is False  # "none for this signature", so adapters do not ask again
+    kmap.derived[("test", 1)] = "kept"
+    conv.remember_prepared(kmap, ("test", 1), "conv", "fwd", f, w, None)
+    assert kmap.derived[("test", 1)] == "kept"  # an existing entry is not recomputed
 
 
 def test_live_map_by_address_and_empty_maps(rng):
