@@ -10,21 +10,15 @@ import ctypes
 
 import numpy as np
 import pytest
-from reference import (
-    TOL,
-    dense_conv,
-    dense_conv_grads,
-    expected_out_coords,
-    random_voxels,
-    rel_err,
-)
+from gpu_cases import host, np_dtype, quantised_case, to_gpu
+from reference import TOL, dense_conv, dense_conv_grads, random_voxels, rel_err
 
 import sparsevox as sv
 from sparsevox import cutlass_lib
 from sparsevox.backends import cutlass_implicit_gemm as cig
 from sparsevox.errors import AlgorithmUnavailableError
 from sparsevox.problem import Problem
-from sparsevox.testing import KINDS, kind_args
+from sparsevox.testing import KINDS
 
 NO_LIBRARY = "no CUTLASS library (run `python -m sparsevox build-cutlass`)"
 needs_library = pytest.mark.skipif(not cutlass_lib.available()[0], reason=NO_LIBRARY)
@@ -113,44 +107,16 @@ def test_built_library_loads_and_validates_arguments():
 
 # ---------------------------------------------------------------- GPU: against the dense oracle
 
-def _np_dtype(name):
-    if name == "bfloat16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def _to_gpu(a, dtype):
-    import cupy
-    return cupy.asarray(np.asarray(a, dtype=np.float32)).astype(dtype)
-
-
-def _host(a):
-    return np.asarray(a.astype("float64").get())
-
-
 def _case(rng, kind, c_in, c_out, dtype, n=400, extent=10, ks=3):
-    """GPU kernel map, host coords, host float64 inputs quantised to ``dtype`` and their GPU copies."""
-    import cupy
-    s, tr, gen = kind_args(kind, 2)
-    fine = random_voxels(rng, n, extent=extent, batches=2)
-    output = None
-    if kind == "transposed":
-        output = sv.Voxels(cupy.asarray(fine), None)
-        coords = expected_out_coords(fine, 2, s, 1, False, False)
-    else:
-        coords = fine
-    k = ks ** 3
-    q = _np_dtype(dtype)  # TF32 inputs stay float32: the rounding to TF32 is the kernel's
-    feats = rng.standard_normal((len(coords), c_in)).astype(q).astype(np.float64)
-    weight = (rng.standard_normal((k, c_in, c_out)) / np.sqrt(c_in * 4)).astype(q).astype(np.float64)
-    v = sv.Voxels(cupy.asarray(coords), _to_gpu(feats, dtype))
-    kmap = sv.kernel_map(v, ks, s, 1, tr, gen, output)
-    out_coords = cupy.asnumpy(kmap.out_coords)
-    g = rng.standard_normal((kmap.num_out, c_out)).astype(q).astype(np.float64)
-    ref = dense_conv(coords, feats, weight, ks, s, 1, tr, out_coords)
-    rgf, rgw = dense_conv_grads(coords, feats, weight, g, ks, s, 1, tr, out_coords)
-    return dict(kmap=kmap, x=v.feats, w=_to_gpu(weight, dtype), g=_to_gpu(g, dtype), ref=ref, rgf=rgf, rgw=rgw,
+    """:func:`gpu_cases.quantised_case` plus a quantised grad_out and the oracle's results.
+
+    TF32 inputs stay float32 (``dtype`` "float32"): the rounding to TF32 is the kernel's."""
+    case = quantised_case(rng, kind, c_in, c_out, dtype, n, extent, ks)
+    g = rng.standard_normal((case["kmap"].num_out, c_out)).astype(np_dtype(dtype)).astype(np.float64)
+    geo = (case["ks"], case["s"], 1, case["tr"], case["out_coords"])
+    ref = dense_conv(case["coords"], case["feats"], case["weight"], *geo)
+    rgf, rgw = dense_conv_grads(case["coords"], case["feats"], case["weight"], g, *geo)
+    return dict(kmap=case["kmap"], x=case["x"], w=case["w"], g=to_gpu(g, dtype), ref=ref, rgf=rgf, rgw=rgw,
                 problem=dict(c_in=c_in, c_out=c_out))
 
 
@@ -171,11 +137,11 @@ def _check_every_param(case, label, direction):
     for params in cig._params(direction, problem):
         got, ref = _run(case, direction, params)
         assert got.dtype.name == dtype and tuple(got.shape) == ref.shape
-        err = rel_err(_host(got), ref)
+        err = rel_err(host(got), ref)
         assert err < TOLS[label], f"{direction} {params}: rel err {err:.3g}"
         if direction != "wgrad":  # rows no pair reaches are exactly zero
             idle = np.abs(ref).sum(axis=1) == 0
-            assert np.all(_host(got)[idle] == 0), f"{direction} {params}: rows without pairs are not zero"
+            assert np.all(host(got)[idle] == 0), f"{direction} {params}: rows without pairs are not zero"
 
 
 @pytest.mark.parametrize("direction", ["fwd", "dgrad", "wgrad"])
@@ -211,7 +177,7 @@ def test_public_api_and_tf32_opt_in(rng):
     v16 = sv.Voxels(cupy.asarray(coords), cupy.asarray(feats).astype(cupy.float16))
     out = sv.spatially_sparse_conv(v16, cupy.asarray(weight).astype(cupy.float16), fwd_algo=algo)
     assert out.feats.dtype == cupy.float16
-    assert rel_err(_host(out.feats), dense_conv(coords, feats.astype(np.float16), weight.astype(np.float16),
+    assert rel_err(host(out.feats), dense_conv(coords, feats.astype(np.float16), weight.astype(np.float16),
                                                3, 1, 1, False, coords)) < TOL["float16"]
 
     v32 = sv.Voxels(cupy.asarray(coords), cupy.asarray(feats))
@@ -223,12 +189,12 @@ def test_public_api_and_tf32_opt_in(rng):
             sv.spatially_sparse_conv(v32, w32, fwd_algo=algo)
         sv.allow_tf32(True)
         out = sv.spatially_sparse_conv(v32, w32, fwd_algo=algo)
-        assert out.feats.dtype == cupy.float32 and rel_err(_host(out.feats), ref) < TOLS["tf32"]
+        assert out.feats.dtype == cupy.float32 and rel_err(host(out.feats), ref) < TOLS["tf32"]
         kmap = sv.kernel_map(v32, 3)
         g = cupy.asarray(rng.standard_normal((len(coords), 8)).astype(np.float32))
         gf, gw = sv.conv_backward(g, v32.feats, w32, kmap, bwd_algo="cutlass_implicit_gemm")
         rgf, rgw = dense_conv_grads(coords, feats, weight, g.get(), 3, 1, 1, False, coords)
-        assert rel_err(_host(gf), rgf) < TOLS["tf32"] and rel_err(_host(gw), rgw) < TOLS["tf32"]
+        assert rel_err(host(gf), rgf) < TOLS["tf32"] and rel_err(host(gw), rgw) < TOLS["tf32"]
     finally:
         sv.allow_tf32(previous)
 
@@ -243,5 +209,5 @@ def test_runs_on_the_callers_stream(rng):
         out = cig.forward(case["x"], case["w"], case["kmap"], mma_tile=3, split_k_slices=1)
         gw = cig.wgrad(case["x"], case["g"], case["kmap"], case["kmap"].num_offsets, mma_tile=3, split_k_slices=8)
         stream.synchronize()
-    assert rel_err(_host(out), case["ref"]) < TOL["float16"]
-    assert rel_err(_host(gw), case["rgw"]) < TOL["float16"]
+    assert rel_err(host(out), case["ref"]) < TOL["float16"]
+    assert rel_err(host(gw), case["rgw"]) < TOL["float16"]

@@ -3,6 +3,7 @@ torch CUDA tensors, JAX GPU arrays and CuPy arrays in, the caller's library and 
 caller's stream."""
 import numpy as np
 import pytest
+from gpu_cases import np_dtype
 from reference import TOL, dense_conv, dense_conv_grads, expected_out_coords, random_voxels, rel_err
 
 import sparsevox as sv
@@ -13,13 +14,6 @@ from sparsevox.testing import DTYPES, KINDS, kind_args
 @pytest.fixture
 def cupy():
     return pytest.importorskip("cupy")
-
-
-def _np_dtype(name):
-    if name == "bfloat16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def make_case(rng, kind, c_in=16, c_out=8, ks=3, stride=2, batches=2):
@@ -37,7 +31,7 @@ def make_case(rng, kind, c_in=16, c_out=8, ks=3, stride=2, batches=2):
 
 def gpu_conv(cupy, rng, kind, dtype, c_in=16, c_out=8):
     """Run forward, dgrad and wgrad through EXPLICIT_GEMM on CuPy; return results and the float64 oracle."""
-    dt = _np_dtype(dtype)
+    dt = np_dtype(dtype)
     coords, f64, w64, out, (s, tr, gen) = make_case(rng, kind, c_in, c_out)
     f, w = f64.astype(dt), w64.astype(dt)  # the oracle sees the rounded inputs
     v = sv.Voxels(cupy.asarray(coords), cupy.asarray(f))

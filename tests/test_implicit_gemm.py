@@ -4,50 +4,14 @@ Kernel-level calls get NaN-poisoned output buffers so an element the kernel forg
 """
 import numpy as np
 import pytest
-from reference import TOL, dense_conv, dense_conv_grads, expected_out_coords, random_voxels, rel_err
+from gpu_cases import host, np_dtype, quantised_case, to_gpu
+from reference import TOL, dense_conv, dense_conv_grads, rel_err
 
 import sparsevox as sv
-from sparsevox.testing import DTYPES, KINDS, kind_args
+from sparsevox.testing import DTYPES, KINDS
 
 # C_in -> C_out: odd, tiny, vector-friendly and multi-tile channel counts on both sides.
 CHANNELS = {3: 17, 17: 3, 32: 32, 130: 130}
-
-
-def _np_dtype(name):
-    if name == "bfloat16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def _to_gpu(a, dtype):
-    import cupy
-    return cupy.asarray(np.asarray(a, dtype=np.float32 if dtype != "float64" else np.float64)).astype(dtype)
-
-
-def _host(a):
-    return np.asarray(a.astype("float64").get())
-
-
-def _case(rng, kind, c_in, c_out, dtype, n=400, extent=10, ks=3):
-    """GPU kernel map, host coords, quantised host float64 inputs and their GPU copies."""
-    import cupy
-    s, tr, gen = kind_args(kind, 2)
-    fine = random_voxels(rng, n, extent=extent, batches=2)
-    output = None
-    if kind == "transposed":
-        output = sv.Voxels(cupy.asarray(fine), None)
-        coords = expected_out_coords(fine, 2, s, 1, False, False)
-    else:
-        coords = fine
-    k = ks ** 3
-    # Quantise to the dtype first so the oracle sees exactly the values the kernel sees.
-    feats = rng.standard_normal((len(coords), c_in)).astype(_np_dtype(dtype)).astype(np.float64)
-    weight = (rng.standard_normal((k, c_in, c_out)) / np.sqrt(c_in * 4)).astype(_np_dtype(dtype)).astype(np.float64)
-    v = sv.Voxels(cupy.asarray(coords), _to_gpu(feats, dtype))
-    kmap = sv.kernel_map(v, ks, s, 1, tr, gen, output)
-    return dict(coords=coords, feats=feats, weight=weight, kmap=kmap, s=s, tr=tr, ks=ks,
-                out_coords=cupy.asnumpy(kmap.out_coords), x=v.feats, w=_to_gpu(weight, dtype))
 
 
 def _poisoned(shape, dtype):
@@ -62,21 +26,21 @@ def _check_all_directions(rng, case, dtype, fwd_p=None, wgrad_p=None):
     out = _poisoned((kmap.num_out, c_out), dtype)
     ig.forward(c["x"], c["w"], kmap, out=out, **(fwd_p or {}))
     ref = dense_conv(c["coords"], c["feats"], c["weight"], c["ks"], c["s"], 1, c["tr"], c["out_coords"])
-    err = rel_err(_host(out), ref)
+    err = rel_err(host(out), ref)
     assert err < TOL[dtype], f"forward rel err {err:.3g} ({fwd_p})"
 
-    g = rng.standard_normal((kmap.num_out, c_out)).astype(_np_dtype(dtype)).astype(np.float64)
+    g = rng.standard_normal((kmap.num_out, c_out)).astype(np_dtype(dtype)).astype(np.float64)
     rgf, rgw = dense_conv_grads(c["coords"], c["feats"], c["weight"], g, c["ks"], c["s"], 1, c["tr"],
                                 c["out_coords"])
-    gpu_g = _to_gpu(g, dtype)
+    gpu_g = to_gpu(g, dtype)
     gf = _poisoned((kmap.num_in, c_in), dtype)
     ig.dgrad(gpu_g, c["w"], kmap, out=gf, **(fwd_p or {}))
-    err = rel_err(_host(gf), rgf)
+    err = rel_err(host(gf), rgf)
     assert err < TOL[dtype], f"dgrad rel err {err:.3g} ({fwd_p})"
 
     gw = ig.wgrad(c["x"], gpu_g, kmap, kmap.num_offsets, **(wgrad_p or {}))
     assert gw.dtype == c["x"].dtype and gw.shape == c["weight"].shape
-    err = rel_err(_host(gw), rgw)
+    err = rel_err(host(gw), rgw)
     assert err < TOL[dtype], f"wgrad rel err {err:.3g} ({wgrad_p})"
 
 
@@ -85,7 +49,7 @@ def _check_all_directions(rng, case, dtype, fwd_p=None, wgrad_p=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_dtype_direction_matches_oracle(rng, kind, dtype, c_in):
-    case = _case(rng, kind, c_in, CHANNELS[c_in], dtype)
+    case = quantised_case(rng, kind, c_in, CHANNELS[c_in], dtype)
     _check_all_directions(rng, case, dtype)
 
 
@@ -94,7 +58,7 @@ def test_every_kind_dtype_direction_matches_oracle(rng, kind, dtype, c_in):
 def test_every_tile_and_split_matches_oracle(rng, dtype):
     """All parameter combinations the autotuner may pick, on a scene with many tiles and chunks."""
     from sparsevox import implicit_gemm as ig
-    case = _case(rng, "submanifold", 128, 128, dtype, n=3000, extent=18)
+    case = quantised_case(rng, "submanifold", 128, 128, dtype, n=3000, extent=18)
     fwd = ig.fwd_params(dtype, 128)
     wg = ig.wgrad_params(dtype, 128, 128)
     for i in range(max(len(fwd), len(wg))):
@@ -109,7 +73,7 @@ def test_every_tile_and_split_matches_oracle(rng, dtype):
 def test_mask_split_matches_oracle(rng, kind, dtype, split):
     """Offsets in 2 or 3 passes, each sorted by its own bitmask, later passes adding into the
     NaN-poisoned output the first pass wrote: forward and dgrad against the oracle, odd channels."""
-    case = _case(rng, kind, 17, 130, dtype)
+    case = quantised_case(rng, kind, 17, 130, dtype)
     _check_all_directions(rng, case, dtype, {"mask_split": split})
 
 
@@ -129,23 +93,23 @@ def test_mask_split_argument_range():
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage_nbr", [False, True])
 def test_kernel_size_5_uses_several_mask_words(rng, stage_nbr):
-    case = _case(rng, "submanifold", 32, 16, "float16", n=600, extent=9, ks=5)  # K = 125 > 32
+    case = quantised_case(rng, "submanifold", 32, 16, "float16", n=600, extent=9, ks=5)  # K = 125 > 32
     _check_all_directions(rng, case, "float16", {"stage_nbr": stage_nbr})
 
 
 @pytest.mark.gpu
 def test_public_api_autotunes_implicit_gemm(rng):
     import cupy
-    case = _case(rng, "submanifold", 32, 64, "float16")
+    case = quantised_case(rng, "submanifold", 32, 64, "float16")
     out = sv.conv_forward(case["x"], case["w"], case["kmap"], fwd_algo="implicit_gemm")
     ref = dense_conv(case["coords"], case["feats"], case["weight"], 3, 1, 1, False, case["out_coords"])
-    assert rel_err(_host(out), ref) < TOL["float16"]
+    assert rel_err(host(out), ref) < TOL["float16"]
     g = cupy.asarray(rng.standard_normal(out.shape)).astype(out.dtype)
     gf, gw = sv.conv_backward(g, case["x"], case["w"], case["kmap"], bwd_algo="implicit_gemm")
-    rgf, rgw = dense_conv_grads(case["coords"], case["feats"], case["weight"], _host(g), 3, 1, 1, False,
+    rgf, rgw = dense_conv_grads(case["coords"], case["feats"], case["weight"], host(g), 3, 1, 1, False,
                                 case["out_coords"])
-    assert rel_err(_host(gf), rgf) < TOL["float16"]
-    assert rel_err(_host(gw), rgw) < TOL["float16"]
+    assert rel_err(host(gf), rgf) < TOL["float16"]
+    assert rel_err(host(gw), rgw) < TOL["float16"]
 
 
 def test_unavailable_on_cpu_problem():
