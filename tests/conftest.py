@@ -35,3 +35,12 @@ def pointcloud_dir():
         if p.is_dir():
             return p
     return None
+
+
+@pytest.fixture
+def jax_x64():
+    """Float64 JAX arrays for the duration of a test (the oracle comparisons need them)."""
+    jax = pytest.importorskip("jax", reason="jax not installed")
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)

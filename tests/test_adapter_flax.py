@@ -19,11 +19,7 @@ from jax.test_util import check_grads  # noqa: E402
 svf = pytest.importorskip("sparsevox.adapters.flax")
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
+pytestmark = pytest.mark.usefixtures("jax_x64")
 
 
 def _scene(rng, kind, c_in=3):

@@ -14,11 +14,7 @@ from jax.test_util import check_grads  # noqa: E402
 svj = pytest.importorskip("sparsevox.adapters.jax")
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
+pytestmark = pytest.mark.usefixtures("jax_x64")
 
 
 def _case(rng, kind):

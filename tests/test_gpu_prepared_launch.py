@@ -129,7 +129,7 @@ def test_prepared_launch_follows_the_current_stream(rng):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-def test_jax_repeated_jit_grad_matches_the_oracle(rng, dtype, monkeypatch):
+def test_jax_repeated_jit_grad_matches_the_oracle(rng, dtype, monkeypatch, jax_x64):
     """The JAX adapter's callbacks launch prepared kernels from XLA's buffer addresses after the first
     call: each call (fresh inputs, map closed over) must match the oracle, and later calls must launch
     fwd/dgrad/wgrad from addresses."""
@@ -138,38 +138,34 @@ def test_jax_repeated_jit_grad_matches_the_oracle(rng, dtype, monkeypatch):
         pytest.skip("jax has no GPU backend here")
     import jax.numpy as jnp
     svj = pytest.importorskip("sparsevox.adapters.jax")
-    jax.config.update("jax_enable_x64", True)
-    try:
-        c = random_voxels(rng, 900, extent=12, batches=2)
-        v = sv.Voxels(jnp.asarray(c), None)
-        kmap = svj.kernel_map(v, 3)
-        k = kmap.num_in
+    c = random_voxels(rng, 900, extent=12, batches=2)
+    v = sv.Voxels(jnp.asarray(c), None)
+    kmap = svj.kernel_map(v, 3)
+    k = kmap.num_in
 
-        def fresh():
-            f = jnp.asarray(rng.standard_normal((k, 32))).astype(dtype)
-            w = jnp.asarray(rng.standard_normal((27, 32, 16)) / np.sqrt(27 * 32)).astype(dtype)
-            g = jnp.asarray(rng.standard_normal((k, 16))).astype(dtype)
-            return f, w, g
-        fwd = jax.jit(lambda f, w: svj.conv_features(f, w, kmap, ALGO, ALGO))
-        grad = jax.jit(jax.grad(lambda f, w, g: (svj.conv_features(f, w, kmap, ALGO, ALGO).astype(jnp.float64)
-                                                  * g.astype(jnp.float64)).sum(), argnums=(0, 1)))
-        calls = _count_launches(monkeypatch)
-        for call in range(3):
-            f, w, g = fresh()
-            n_before = len(calls)
-            out = fwd(f, w)
-            gf, gw = grad(f, w, g)
-            if call > 0:
-                # the jitted forward, and grad's dgrad and wgrad (XLA may drop grad's own forward: the
-                # loss value is not returned) all launch from addresses
-                shapes = set(calls[n_before:])
-                assert {(k, 16), (k, 32), (27, 32, 16)} <= shapes, shapes
-            fn, wn, gn = (np.asarray(a, dtype=np.float64) for a in (f, w, g))
-            ref = dense_conv(c, fn, wn, 3, 1, 1, False, c)
-            rgf, rgw = dense_conv_grads(c, fn, wn, gn, 3, 1, 1, False, c)
-            tol = TOL[dtype]
-            assert rel_err(np.asarray(out, np.float64), ref) < tol
-            assert rel_err(np.asarray(gf, np.float64), rgf) < tol
-            assert rel_err(np.asarray(gw, np.float64), rgw) < tol
-    finally:
-        jax.config.update("jax_enable_x64", False)
+    def fresh():
+        f = jnp.asarray(rng.standard_normal((k, 32))).astype(dtype)
+        w = jnp.asarray(rng.standard_normal((27, 32, 16)) / np.sqrt(27 * 32)).astype(dtype)
+        g = jnp.asarray(rng.standard_normal((k, 16))).astype(dtype)
+        return f, w, g
+    fwd = jax.jit(lambda f, w: svj.conv_features(f, w, kmap, ALGO, ALGO))
+    grad = jax.jit(jax.grad(lambda f, w, g: (svj.conv_features(f, w, kmap, ALGO, ALGO).astype(jnp.float64)
+                                              * g.astype(jnp.float64)).sum(), argnums=(0, 1)))
+    calls = _count_launches(monkeypatch)
+    for call in range(3):
+        f, w, g = fresh()
+        n_before = len(calls)
+        out = fwd(f, w)
+        gf, gw = grad(f, w, g)
+        if call > 0:
+            # the jitted forward, and grad's dgrad and wgrad (XLA may drop grad's own forward: the
+            # loss value is not returned) all launch from addresses
+            shapes = set(calls[n_before:])
+            assert {(k, 16), (k, 32), (27, 32, 16)} <= shapes, shapes
+        fn, wn, gn = (np.asarray(a, dtype=np.float64) for a in (f, w, g))
+        ref = dense_conv(c, fn, wn, 3, 1, 1, False, c)
+        rgf, rgw = dense_conv_grads(c, fn, wn, gn, 3, 1, 1, False, c)
+        tol = TOL[dtype]
+        assert rel_err(np.asarray(out, np.float64), ref) < tol
+        assert rel_err(np.asarray(gf, np.float64), rgf) < tol
+        assert rel_err(np.asarray(gw, np.float64), rgw) < tol
