@@ -447,6 +447,9 @@ def prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params) -> La
 
 
 MASK_SPLIT_MIN_K = 16  # kernels with at least this many offsets also try the two-pass mask split
+# ... and from this many output channels a three-pass one: each extra pass re-reads and re-writes the
+# output (~5 % of the C=256 kernel), which only pays where the MMAs it saves dominate.
+MASK_SPLIT_3_MIN_C = 128
 
 
 def fwd_params(dtype_name: str, c_out: int, num_offsets: int = 27) -> list[dict]:
@@ -454,7 +457,8 @@ def fwd_params(dtype_name: str, c_out: int, num_offsets: int = 27) -> list[dict]
     tiles = [{"fwd_block_size": bm, "gemm_block_size": bn} for (bm, bn) in sorted(tiles_for(dtype_name)) if bn <= cap]
     if num_offsets < MASK_SPLIT_MIN_K:
         return tiles
-    return tiles + [dict(t, mask_split=2) for t in tiles]
+    splits = (2, 3) if c_out >= MASK_SPLIT_3_MIN_C else (2,)
+    return tiles + [dict(t, mask_split=s) for s in splits for t in tiles]
 
 
 def wgrad_params(dtype_name: str, c_in: int, c_out: int) -> list[dict]:

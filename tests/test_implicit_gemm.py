@@ -88,6 +88,8 @@ def test_mask_split_argument_range():
     assert ig._check_split(2, SimpleNamespace(num_offsets=27)) == 2
     assert [p.get("mask_split", 1) for p in ig.fwd_params("float16", 64, 27)].count(2) > 0
     assert all("mask_split" not in p for p in ig.fwd_params("float16", 64, 8))
+    assert {p.get("mask_split", 1) for p in ig.fwd_params("float16", 64, 27)} == {1, 2}
+    assert {p.get("mask_split", 1) for p in ig.fwd_params("float16", 128, 27)} == {1, 2, 3}
 
 
 @pytest.mark.gpu

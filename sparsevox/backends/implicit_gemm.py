@@ -1,8 +1,9 @@
 """Registers IMPLICIT_GEMM (conv): fused gather-GEMM-scatter CUDA kernels, GPU only.
 
 Search space (the reference guide's names): forward and dgrad over ``fwd_block_size`` (rows per CTA)
-x ``gemm_block_size`` (output channels per CTA), x ``mask_split`` in {1, 2} for kernels of 16+ offsets; wgrad over ``gemm_block_size`` (square weight tile)
-x ``split_k_factor`` (CTAs per multiprocessor the pairs are split into). At most 16 combinations each.
+x ``gemm_block_size`` (output channels per CTA), x ``mask_split`` in {1, 2} for kernels of 16+ offsets
+(also 3 from 128 channels); wgrad over ``gemm_block_size`` (square weight tile) x ``split_k_factor``
+(CTAs per multiprocessor the pairs are split into). At most 24 forward/dgrad and 8 wgrad combinations.
 """
 from .. import implicit_gemm as ig
 from ..registry import Algorithm, gpu_unavailable, register

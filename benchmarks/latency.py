@@ -1,0 +1,205 @@
+"""Where the time of ONE call goes, on the GPU: host, device, and what the benchmark harness adds.
+
+``python -m benchmarks.latency --out DIR [--stem STEM]``. The layer benchmark times single calls between
+two CUDA events (``benchmarks/timing.time_call``), so a call's host time before its first launch is
+exposed in full. For the smallest layers (SubM k3, C=32 float16 forward, through the torch adapter,
+map cached) and for the kernel-map build, this records per call:
+
+- ``event_ms``: the layer benchmark's figure (events around one call, synchronise, median);
+- ``host_us``: wall time of the call alone, with the device idle before it (no synchronise after);
+- ``device_us``: device time per call with the host hidden: a sleeping kernel holds the stream while
+  ``n`` calls queue behind it, events around the queued calls (not for the map build, which reads back);
+- ``loop_us``: back-to-back calls, wall per call, one synchronise at the end.
+
+The same for spconv's SubM layer when it is importable, and the harness floor (one tiny torch kernel).
+
+JAX (issue 8): wall time of one jitted call ending in ``block_until_ready`` for a jitted no-op, a
+jitted ``buffer_callback`` whose callback does nothing (plain, and ``command_buffer_compatible``), and
+the sparsevox SubM forward; repeated in a child process with ``XLA_FLAGS=--xla_gpu_graph_min_graph_size=1``
+(XLA command buffers also for one-op graphs). This bounds what the adapter's own work can win.
+Writes ``<stem>-latency.json``; prints one line per figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SLEEP_CYCLES = 20_000_000  # ~10 ms at H100 clocks: longer than the host needs to queue the calls
+
+
+def _median(xs):
+    return float(statistics.median(xs))
+
+
+def decompose(fn, repeats: int = 40, queued: int = 20, device: bool = True) -> dict:
+    """Figures of one call of ``fn`` (see the module docstring); µs except ``event_ms``."""
+    import torch
+    from benchmarks.timing import time_call
+    rec = {"event_ms": time_call(fn, "gpu", 3, repeats).ms}
+    host = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t) * 1e6)
+    torch.cuda.synchronize()
+    rec["host_us"] = _median(host)
+    if device:
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        per = []
+        for _ in range(5):
+            torch.cuda._sleep(SLEEP_CYCLES)
+            s.record()
+            for _ in range(queued):
+                fn()
+            e.record()
+            e.synchronize()
+            per.append(s.elapsed_time(e) * 1e3 / queued)
+        rec["device_us"] = _median(per)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(queued * 5):
+        fn()
+    torch.cuda.synchronize()
+    rec["loop_us"] = (time.perf_counter() - t) * 1e6 / (queued * 5)
+    return rec
+
+
+def _line(name, rec):
+    print(f"{name}: " + ", ".join(f"{k} {v:.3f}" if k.endswith("ms") else f"{k} {v:.1f}"
+                                  for k, v in rec.items() if isinstance(v, float)), flush=True)
+
+
+def torch_part(scene_names) -> dict:
+    import torch
+
+    from benchmarks import peers, scenes
+    from benchmarks.runners import Geometry, Layers
+    out = {}
+    x = torch.zeros(1024, device="cuda")
+    out["harness_floor_tiny_kernel"] = decompose(lambda: x.add_(1))
+    _line("harness floor (x.add_(1))", out["harness_floor_tiny_kernel"])
+    sp, why = peers.import_peer("spconv")
+    for scene in scenes.load_scenes(scene_names):
+        geo = Geometry(scene.coords, "gpu", "torch")
+        lay = Layers(geo, 32, "float16")
+        fn, _ = lay.subm_fwd("implicit_gemm")
+        key = f"{scene.name}_subm_c32_f16_fwd"
+        out[key] = decompose(fn)
+        _line(key, out[key])
+        if sp is not None:
+            pg = peers.PeerGeometry(sp, scene.coords)
+            pl = peers.PeerLayers(pg, lay.feats, lay.weights)
+            out[key + "_spconv"] = decompose(pl.subm_fwd())
+            _line(key + " spconv", out[key + "_spconv"])
+        mb, _ = geo.map_build()
+        out[f"{scene.name}_map_build"] = decompose(mb, device=False)
+        _line(f"{scene.name} map build", out[f"{scene.name}_map_build"])
+        if sp is not None:
+            pg = peers.PeerGeometry(sp, scene.coords)
+            out[f"{scene.name}_map_build_spconv"] = decompose(pg.map_build(), device=False)
+            _line(f"{scene.name} map build spconv", out[f"{scene.name}_map_build_spconv"])
+    if sp is None:
+        out["spconv"] = f"not importable: {why}"
+    return out
+
+
+def _wall_us(fn, repeats=50):
+    for _ in range(5):
+        fn()
+    xs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        xs.append((time.perf_counter() - t) * 1e6)
+    return _median(xs)
+
+
+def jax_part() -> dict:
+    """One jitted call + block_until_ready, µs: the floor XLA sets under any buffer_callback."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.buffer_callback import buffer_callback
+
+    if jax.default_backend() != "gpu":
+        return {"skipped": "jax has no GPU"}
+    import sparsevox as sv
+    from benchmarks import scenes
+    from sparsevox.adapters import jax as svj
+    scene = (scenes.load_scenes(["semantickitti"]) or scenes.load_scenes(["lidar_synth"]))[0]
+    n, c = scene.n_voxels, 32
+    x = jnp.zeros((n, c), jnp.float16)
+    shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+    def nothing(ctx, out, ins):
+        del ctx, out, ins
+
+    def touch_stream(ctx, out, ins):  # what the adapter's callback pays before its work: the stream
+        int(ctx.stream)
+
+    out = {"xla_flags": os.environ.get("XLA_FLAGS", "")}
+    fns = {
+        "jit_noop": jax.jit(lambda a: a + 1),
+        "jit_buffer_callback_empty": jax.jit(lambda a: buffer_callback(nothing, shape)(a)),
+        "jit_buffer_callback_stream": jax.jit(lambda a: buffer_callback(touch_stream, shape)(a)),
+        "jit_buffer_callback_empty_cmdbuf": jax.jit(
+            lambda a: buffer_callback(nothing, shape, command_buffer_compatible=True)(a)),
+    }
+    for name, f in fns.items():
+        out[name + "_us"] = _wall_us(lambda f=f: f(x).block_until_ready())
+    rng = np.random.default_rng(0)
+    fj = jnp.asarray(rng.standard_normal((n, c)).astype(np.float16))
+    wj = jnp.asarray((rng.standard_normal((27, c, c)) / np.sqrt(27 * c)).astype(np.float16))
+    kj = svj.kernel_map(sv.Voxels(jnp.asarray(scene.coords), fj), 3)
+    fwd = jax.jit(lambda f, w, k: svj.conv_features(f, w, k))
+    out["sparsevox_subm_c32_f16_fwd_us"] = _wall_us(lambda: fwd(fj, wj, kj).block_until_ready())
+    # The same layer's callback body alone (host time of the adapter's own work, no XLA around it).
+    out["scene"] = scene.name
+    for k, v in out.items():
+        if k.endswith("_us"):
+            print(f"jax {k}: {v:.1f}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--stem", default="latency")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=120)
+    ap.add_argument("--jax-only", action="store_true", help="print the JAX part as JSON (child process)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.jax_only:
+        print("JSON " + json.dumps(jax_part()))
+        return 0
+    rec = {"torch": torch_part(["semantickitti", "lidar_synth"])}
+    rec["jax"] = jax_part()
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1").strip())
+    try:
+        child = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--jax-only"], env=env,
+                               capture_output=True, text=True, timeout=max(30, args.budget_s / 2))
+        print(child.stdout[-3000:], child.stderr[-2000:], flush=True)
+        lines = [ln for ln in child.stdout.splitlines() if ln.startswith("JSON ")]
+        rec["jax_min_graph_size_1"] = json.loads(lines[-1][5:]) if lines else {"error": child.stderr[-2000:]}
+    except subprocess.TimeoutExpired:
+        rec["jax_min_graph_size_1"] = {"error": "timed out"}
+    from benchmarks import provenance
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.stem}-latency.json"
+    path.write_text(json.dumps({**provenance.header(provenance.gpu_name()), **rec}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
