@@ -61,6 +61,11 @@ class JaxKernelMap:
         if t is None:
             t = cls(_to_jax(kmap.in_maps), _to_jax(kmap.out_maps),
                     tuple(int(v) for v in kmap.offsets_host), kmap.num_in, kmap.num_out, _Source(kmap))
+            # The source is weak (jit's caches keep statics alive), so the map the user holds keeps the
+            # core map alive: else a map made from a temporary Voxels loses its core map, and with it
+            # the cached tables, and every call rebuilds them (measured: 3.3 ms instead of 0.3 ms).
+            # Not a pytree field: copies made by jit/tree_map hold only the weak source.
+            object.__setattr__(t, "_core", kmap)
             kmap.derived["jax.map"] = t
         return t
 

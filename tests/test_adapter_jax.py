@@ -112,6 +112,26 @@ def test_closed_over_and_argument_maps_reuse_the_core_map(rng):
     assert rel_err(a, ref) < 1e-12 and rel_err(b, ref) < 1e-12
 
 
+def test_a_map_of_a_temporary_voxels_keeps_its_core_map(rng):
+    """``svj.kernel_map(Voxels(...), 3)`` with the Voxels dropped at once: the JAX map the user holds
+    must keep the core map (and its cached tables) alive, so calls do not rebuild them."""
+    import gc
+
+    from sparsevox.kernel_map import recall_stats
+    v, w, _, _, _ = _case(rng, "submanifold")
+    kmap = svj.kernel_map(sv.Voxels(v.coords, v.feats), 3)
+    gc.collect()
+    assert kmap.source.ref() is not None
+    fwd = jax.jit(svj.conv_features)
+    fwd(v.feats, w, kmap).block_until_ready()
+    misses = recall_stats["misses"]
+    for _ in range(3):
+        fwd(v.feats, w, kmap).block_until_ready()
+    assert recall_stats["misses"] == misses
+    copy = jax.tree_util.tree_map(lambda a: a, kmap)  # pytree copies carry only the weak source
+    assert not hasattr(copy, "_core") and copy.source is kmap.source
+
+
 def test_a_changed_copy_is_not_taken_for_its_source_map(rng):
     """Same static source, different arrays (a user's edit): the callback must use the arrays it got."""
     import dataclasses
