@@ -447,8 +447,9 @@ def prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params) -> La
 
 
 MASK_SPLIT_MIN_K = 16  # kernels with at least this many offsets also try the two-pass mask split
-# ... and from this many output channels a three-pass one: each extra pass re-reads and re-writes the
-# output (~5 % of the C=256 kernel), which only pays where the MMAs it saves dominate.
+# ... and the exact SIMT kernels (float32/float64) from this many output channels a three-pass one:
+# it pays where the FMAs it saves dominate (H100 run 59d516e: float32 C=256 fwd 2.41 -> 2.28 ms), never
+# on tensor cores, which are not MMA-bound (float16 C=256: 0.62 vs 0.55 ms; never picked).
 MASK_SPLIT_3_MIN_C = 128
 
 
@@ -457,7 +458,7 @@ def fwd_params(dtype_name: str, c_out: int, num_offsets: int = 27) -> list[dict]
     tiles = [{"fwd_block_size": bm, "gemm_block_size": bn} for (bm, bn) in sorted(tiles_for(dtype_name)) if bn <= cap]
     if num_offsets < MASK_SPLIT_MIN_K:
         return tiles
-    splits = (2, 3) if c_out >= MASK_SPLIT_3_MIN_C else (2,)
+    splits = (2, 3) if c_out >= MASK_SPLIT_3_MIN_C and not is_tc(dtype_name) else (2,)
     return tiles + [dict(t, mask_split=s) for s in splits for t in tiles]
 
 

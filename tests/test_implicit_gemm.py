@@ -89,7 +89,8 @@ def test_mask_split_argument_range():
     assert [p.get("mask_split", 1) for p in ig.fwd_params("float16", 64, 27)].count(2) > 0
     assert all("mask_split" not in p for p in ig.fwd_params("float16", 64, 8))
     assert {p.get("mask_split", 1) for p in ig.fwd_params("float16", 64, 27)} == {1, 2}
-    assert {p.get("mask_split", 1) for p in ig.fwd_params("float16", 128, 27)} == {1, 2, 3}
+    assert {p.get("mask_split", 1) for p in ig.fwd_params("float16", 128, 27)} == {1, 2}
+    assert {p.get("mask_split", 1) for p in ig.fwd_params("float32", 128, 27)} == {1, 2, 3}
 
 
 @pytest.mark.gpu

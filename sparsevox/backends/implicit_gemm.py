@@ -2,8 +2,9 @@
 
 Search space (the reference guide's names): forward and dgrad over ``fwd_block_size`` (rows per CTA)
 x ``gemm_block_size`` (output channels per CTA), x ``mask_split`` in {1, 2} for kernels of 16+ offsets
-(also 3 from 128 channels); wgrad over ``gemm_block_size`` (square weight tile) x ``split_k_factor``
-(CTAs per multiprocessor the pairs are split into). At most 24 forward/dgrad and 8 wgrad combinations.
+(also 3 for float32/float64 from 128 channels); wgrad over ``gemm_block_size`` (square weight tile) x
+``split_k_factor`` (CTAs per multiprocessor the pairs are split into). At most 16 forward/dgrad and 8
+wgrad combinations.
 """
 from .. import implicit_gemm as ig
 from ..registry import Algorithm, gpu_unavailable, register
