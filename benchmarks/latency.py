@@ -12,6 +12,7 @@ map cached) and for the kernel-map build, this records per call:
 - ``loop_us``: back-to-back calls, wall per call, one synchronise at the end.
 
 The same for spconv's SubM layer when it is importable, and the harness floor (one tiny torch kernel).
+For the map build also the host µs of each device operation of the GPU builder (``map_build_phases``).
 
 JAX (issue 8): wall time of one jitted call ending in ``block_until_ready`` for a jitted no-op, a
 jitted ``buffer_callback`` whose callback does nothing (plain, and ``command_buffer_compatible``), and
@@ -103,6 +104,8 @@ def torch_part(scene_names) -> dict:
         mb, _ = geo.map_build()
         out[f"{scene.name}_map_build"] = decompose(mb, device=False)
         _line(f"{scene.name} map build", out[f"{scene.name}_map_build"])
+        out[f"{scene.name}_map_build_host_phases"] = map_build_phases(geo.coords)
+        _line(f"{scene.name} map build host phases", out[f"{scene.name}_map_build_host_phases"])
         if sp is not None:
             pg = peers.PeerGeometry(sp, scene.coords)
             out[f"{scene.name}_map_build_spconv"] = decompose(pg.map_build(), device=False)
@@ -110,6 +113,49 @@ def torch_part(scene_names) -> dict:
     if sp is None:
         out["spconv"] = f"not importable: {why}"
     return out
+
+
+def map_build_phases(coords, n: int = 50) -> dict:
+    """Host µs per SubM k3 map build (``kernel_map(Voxels(coords, None, check=False), 3)``, torch coords)
+    spent in each device operation of the GPU builder (wrapped with timers), in making the ``Voxels``,
+    and the rest (Python glue); ``to_host`` includes the wait for the kernels."""
+    import torch
+
+    from sparsevox import Voxels, gpu_kernel_map as gkm, kernel_map
+    dev = gkm._cupy_device()
+    spent: dict = {}
+    originals = {name: getattr(dev, name) for name in ("launch", "fill_ones", "to_host", "copy_prefix")}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+    for name, fn in originals.items():
+        setattr(dev, name, timed(name, fn))
+    try:
+        kernel_map(Voxels(coords, None, check=False), 3)
+        torch.cuda.synchronize()
+        spent.clear()
+        total = vox = 0.0
+        for _ in range(n):
+            t0 = time.perf_counter()
+            v = Voxels(coords, None, check=False)
+            t1 = time.perf_counter()
+            kernel_map(v, 3)
+            t2 = time.perf_counter()
+            vox += t1 - t0
+            total += t2 - t0
+    finally:
+        for name, fn in originals.items():
+            setattr(dev, name, fn)
+    rec = {"total_us": total / n * 1e6, "voxels_us": vox / n * 1e6}
+    rec.update({f"{k}_us": v / n * 1e6 for k, v in spent.items()})
+    rec["python_glue_us"] = rec["total_us"] - sum(v for k, v in rec.items() if k != "total_us")
+    return rec
 
 
 def _wall_us(fn, repeats=50):
@@ -154,14 +200,40 @@ def jax_part() -> dict:
             lambda a: buffer_callback(nothing, shape, command_buffer_compatible=True)(a)),
     }
     for name, f in fns.items():
-        out[name + "_us"] = _wall_us(lambda f=f: f(x).block_until_ready())
+        try:
+            out[name + "_us"] = _wall_us(lambda f=f: f(x).block_until_ready())
+        except Exception as e:  # one variant failing (e.g. a flag this jaxlib lacks) keeps the others
+            out[name + "_error"] = f"{type(e).__name__}: {e}"[:300]
     rng = np.random.default_rng(0)
     fj = jnp.asarray(rng.standard_normal((n, c)).astype(np.float16))
     wj = jnp.asarray((rng.standard_normal((27, c, c)) / np.sqrt(27 * c)).astype(np.float16))
     kj = svj.kernel_map(sv.Voxels(jnp.asarray(scene.coords), fj), 3)
     fwd = jax.jit(lambda f, w, k: svj.conv_features(f, w, k))
     out["sparsevox_subm_c32_f16_fwd_us"] = _wall_us(lambda: fwd(fj, wj, kj).block_until_ready())
-    # The same layer's callback body alone (host time of the adapter's own work, no XLA around it).
+    # The adapter's own work inside the callback (``run``: map lookup, key, prepared launch), timed from
+    # within, so that total - floor - run = what the callback's wrapper and XLA's round trip add.
+    spent = {"s": 0.0, "n": 0}
+    plain_call = svj._call
+
+    def timed_call(fn, out_shapes, *args):
+        def run(outs, ins, on_gpu):
+            t = time.perf_counter()
+            try:
+                fn(outs, ins, on_gpu)
+            finally:
+                spent["s"] += time.perf_counter() - t
+                spent["n"] += 1
+        return plain_call(run, out_shapes, *args)
+    svj._call = timed_call
+    try:
+        fwd_t = jax.jit(lambda f, w, k: svj.conv_features(f, w, k))
+        out["sparsevox_fwd_timed_us"] = _wall_us(lambda: fwd_t(fj, wj, kj).block_until_ready())
+        spent.update(s=0.0, n=0)
+        for _ in range(50):
+            fwd_t(fj, wj, kj).block_until_ready()
+        out["callback_run_us"] = spent["s"] / max(spent["n"], 1) * 1e6
+    finally:
+        svj._call = plain_call
     out["scene"] = scene.name
     for k, v in out.items():
         if k.endswith("_us"):
