@@ -9,12 +9,14 @@
 //                        look-back over the earlier tiles' published words gives the tile's base, and
 //                        the pairs land at base + rank (rank in (k, row) order) in upper-bound buffers;
 //                        offsets[K + 1] and the host-bound info row (offsets, then the two insert
-//                        status words) come out of the same kernel
+//                        status words) come out of the same kernel; for a submanifold map of odd
+//                        kernel sizes (symmetric = 1) only the offsets before the centre probe: see below
 //   kmap_candidate_keys  packed keys of floor(c / s) (strided outputs) or s * c + off_k (generated)
 //   kmap_unique_*        head flags, count and unpacking of a sorted key array (unique outputs)
 //
 // The scan state (ticket and tile words) sits after the status words in the table's allocation, so
-// the table's one memset (all ones) also resets it (see kmap_query_compact).
+// the table's one memset (all ones) also resets it (see kmap_query_compact); a symmetric map keeps it
+// after cand instead, reset by the same memset as cand's mirrored rows (sparsevox/gpu_kernel_map.py).
 // Index arithmetic is 64-bit where a product can exceed 2^31 (K * M, s * c + off); the host checks
 // that K * M fits int32 (so do the pair count and every prefix; KernelMap stores int32 maps and offsets).
 // Every kernel is a template on its block size BLOCK (a multiple of 32, at most 1024);
@@ -96,6 +98,21 @@ __device__ __forceinline__ int look_back(const unsigned long long* tiles, int t,
     }
 }
 
+// Wait (thread 0) until the counter `word`, all ones on entry, has counted `n` increments, then fence
+// so that the writes made before those increments (each behind a __threadfence) are seen. The volatile
+// load bypasses L1 and is re-read while spinning.
+__device__ __forceinline__ void wait_count(const unsigned long long* word, int n) {
+    const unsigned long long done = (unsigned long long)n - 1ull;  // all ones + n, wrapped
+    while (*reinterpret_cast<const volatile unsigned long long*>(word) != done) {
+#ifdef SVX_KMAP_SPIN_STUCK  // the CPU emulator: blocks run in ticket order, so a wait can never be needed
+        SVX_KMAP_SPIN_STUCK();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+        __nanosleep(64);
+#endif
+    }
+    __threadfence();
+}
+
 // found[i] = row of keys[i] in the table (svx_hash::lookup), or -1 where !valid[i]. The first probe of
 // every item is loaded before any is examined (ITEMS independent loads in flight per thread); the few
 // keys not settled by it continue along their probe chain.
@@ -166,17 +183,31 @@ __global__ void __launch_bounds__(BLOCK) kmap_insert(const int* __restrict__ coo
 // qcoords reads and cand writes of a warp are contiguous, and (item, warp, lane) order is row order.
 //   qcoords [m, 4] int32 output sites
 //   status  the two insert status words (table + 2 * (mask + 1) + 2)
-//   state   [1 + T] uint64, all ones on entry (the table's memset): state[0] the ticket counter,
-//           state[1 + t] the tile word of tile t (see svx_kmap::TILE_*)
+//   state   [1 + T (+ K / 2 if symmetric)] uint64, all ones on entry (a memset): state[0] the ticket
+//           counter, state[1 + t] the tile word of tile t (see svx_kmap::TILE_*), then done[] (below)
 //   cand    [K, m] int32: input row paired with output row m by offset k, or -1 (the dense table)
 //   in_buf, out_buf [K * m] int32: pairs at their final positions; only the first offsets[K] are written
 //   offsets [K + 1] int32;  info [K + 3] int64 = offsets, then status[0], status[1] (EMPTY reads as -1)
 // Non-transposed: in = s * out + off_k; transposed: out = s * in + off_k, i.e. in = (out - off_k) / s
 // where every axis divides exactly.
+//
+// symmetric = 1 (the host sets it only for a submanifold map: out = in = qcoords, stride 1, not
+// transposed, every kernel-size axis odd): offsets are symmetric, off_{K-1-k} = -off_k, and the centre
+// kc = K / 2 is 0, so pair (k, out m, in j) exists iff pair (K-1-k, out j, in m) does. Then
+//   k < kc   probes as above, and also scatters cand[K-1-k, j] = m for every hit j of row m; once the
+//            whole block's scatters are written (the barrier before step 2), thread 0 fences and counts
+//            the tile in done[k];
+//   k == kc  no probe: cand[kc, m] = m (every voxel is its own centre neighbour);
+//   k > kc   no probe: waits until done[K-1-k] has counted all nbm tiles of offset K-1-k, then reads
+//            cand[k, m]. Those tiles have earlier tickets (K-1-k < kc < k), so they are running or done:
+//            no deadlock, as for the look-back.
+// cand's rows kc+1..K-1 must be all ones (-1) on entry (the host's memset), and state has K / 2 more
+// words after the tile words, all ones: done[k] = state[1 + K * nbm + k]. Counts, look-back and
+// compaction are the same for every offset, so the map is exactly that of the probing path.
 template <int BLOCK, int ITEMS>
 __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
-        const int* __restrict__ qcoords, int m, int nbm, int K, int transposed, int sx, int sy, int sz,
-        int kx, int ky, int kz, int dx, int dy, int dz, const unsigned long long* __restrict__ table,
+        const int* __restrict__ qcoords, int m, int nbm, int K, int transposed, int symmetric, int sx, int sy,
+        int sz, int kx, int ky, int kz, int dx, int dy, int dz, const unsigned long long* __restrict__ table,
         unsigned long long mask, const unsigned long long* __restrict__ status, unsigned long long* state,
         int* __restrict__ cand, int* __restrict__ in_buf, int* __restrict__ out_buf,
         int* __restrict__ offsets, long long* __restrict__ info) {
@@ -201,49 +232,83 @@ __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
     const int bm = t % nbm;
     const long long row0 = (long long)bm * (BLOCK * ITEMS) + threadIdx.x;  // this thread's item 0
 
-    // 1. Lookups: every item's query key, then the table probes (independent loads in flight).
-    long long o[3];
-    svx_kmap::offset_of(k, kx, ky, kz, dx, dy, dz, o);
-    const long long s[3] = {sx, sy, sz};
-    unsigned long long keys[ITEMS];
-    bool valid[ITEMS];
+    // 1. Lookups: every item's query key, then the table probes (independent loads in flight); for a
+    //    symmetric map only before the centre offset (see above).
+    const int kc = K / 2;
+    unsigned long long* done = state + 1 + (long long)K * nbm;  // symmetric only: K / 2 counters
+    const bool scatter = symmetric && k < kc;
+    int* cand_k = cand + (long long)k * m;
+    int found[ITEMS];
+    if (symmetric && k == kc) {
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-        const long long row = row0 + (long long)i * BLOCK;
-        keys[i] = 0;
-        valid[i] = false;
-        if (row < m) {
-            const int* c = qcoords + 4 * row;
-            long long q[3];
-            bool ok = true;
+        for (int i = 0; i < ITEMS; ++i) {
+            const long long row = row0 + (long long)i * BLOCK;
+            found[i] = row < m ? (int)row : -1;
+            if (row < m) cand_k[row] = found[i];
+        }
+    } else if (symmetric && k > kc) {
+        if (threadIdx.x == 0) svx_kmap::wait_count(done + (K - 1 - k), nbm);
+        __syncthreads();
 #pragma unroll
-            for (int a = 0; a < 3; ++a) {
-                if (transposed) {  // out = s * in + off  <=>  in = (out - off) / s, exactly
-                    const long long d = (long long)c[a + 1] - o[a];
-                    ok = ok && (d % s[a] == 0);
-                    q[a] = d / s[a];
-                } else {
-                    q[a] = s[a] * (long long)c[a + 1] + o[a];
+        for (int i = 0; i < ITEMS; ++i) {  // L2 reads: the scatters came from other blocks
+            const long long row = row0 + (long long)i * BLOCK;
+            found[i] = row < m ? __ldcg(cand_k + row) : -1;
+        }
+    } else {
+        long long o[3];
+        svx_kmap::offset_of(k, kx, ky, kz, dx, dy, dz, o);
+        const long long s[3] = {sx, sy, sz};
+        unsigned long long keys[ITEMS];
+        bool valid[ITEMS];
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const long long row = row0 + (long long)i * BLOCK;
+            keys[i] = 0;
+            valid[i] = false;
+            if (row < m) {
+                const int* c = qcoords + 4 * row;
+                long long q[3];
+                bool ok = true;
+#pragma unroll
+                for (int a = 0; a < 3; ++a) {
+                    if (transposed) {  // out = s * in + off  <=>  in = (out - off) / s, exactly
+                        const long long d = (long long)c[a + 1] - o[a];
+                        ok = ok && (d % s[a] == 0);
+                        q[a] = d / s[a];
+                    } else {
+                        q[a] = s[a] * (long long)c[a + 1] + o[a];
+                    }
+                }
+                const long long b = c[0];
+                if (ok && in_range(b, q[0], q[1], q[2])) {
+                    keys[i] = pack_key(b, q[0], q[1], q[2]);
+                    valid[i] = true;
                 }
             }
-            const long long b = c[0];
-            if (ok && in_range(b, q[0], q[1], q[2])) {
-                keys[i] = pack_key(b, q[0], q[1], q[2]);
-                valid[i] = true;
-            }
+        }
+        svx_kmap::lookup_items<ITEMS>(table, mask, keys, valid, found);
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const long long row = row0 + (long long)i * BLOCK;
+            if (row < m) cand_k[row] = found[i];
+        }
+        if (scatter) {  // pair (K-1-k, out found, in row); a loop of its own: 63 registers, not 79 (ITEMS 8)
+            int* mirror = cand + (long long)(K - 1 - k) * m;
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i)
+                if (found[i] >= 0) mirror[found[i]] = (int)(row0 + (long long)i * BLOCK);
         }
     }
-    int found[ITEMS];
-    svx_kmap::lookup_items<ITEMS>(table, mask, keys, valid, found);
-    int* cand_k = cand + (long long)k * m;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-        const long long row = row0 + (long long)i * BLOCK;
-        if (row < m) cand_k[row] = found[i];
         const unsigned hits = __ballot_sync(0xffffffffu, found[i] >= 0);
         if (lane == 0) s_group[i * WARPS + warp] = __popc(hits);
     }
     __syncthreads();
+    if (scatter && threadIdx.x == 0) {  // every thread's scatters precede the barrier above
+        __threadfence();
+        atomicAdd(done + k, 1ull);
+    }
 
     // 2. Warp 0: scan the group counts (-> the tile's aggregate), publish the aggregate at once, look
     //    back for the tile's base, publish the inclusive prefix.

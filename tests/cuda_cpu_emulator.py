@@ -6,9 +6,12 @@ and ``std::atomic_ref`` for the atomics.
 Blocks run in blockIdx order, so ``kmap_query_compact``'s tickets follow blockIdx and its look-back
 always finds the previous tile's inclusive prefix at once; ``EmulatedDevice(prefix_every=n)`` builds
 the kernels with ``SVX_KMAP_PREFIX_EVERY=n`` (only tiles ``t % n == 0`` publish a prefix) so the
-look-back also sums aggregates across several 32-tile windows. ``EmulatedDevice(items=i)`` instantiates
-``kmap_query_compact<256, i>`` (rows per thread of a tile; default that of the GPU builder), so small
-inputs can still span many tiles.
+look-back also sums aggregates across several 32-tile windows. For the same reason the mirrored tiles of a
+symmetric (SubM) map find their offset's scatters all done when they start: a wait that does not end at
+once waits on a later ticket or for a wrong count, a bug that can hang the GPU, so the kernels are built
+with ``SVX_KMAP_SPIN_STUCK`` and that launch raises ``RuntimeError`` instead of spinning forever.
+``EmulatedDevice(items=i)`` instantiates ``kmap_query_compact<256, i>`` (rows per thread of a tile;
+default that of the GPU builder), so small inputs can still span many tiles.
 
 It exists so that the GPU kernel-map builder (:mod:`sparsevox.gpu_kernel_map`, the same Python code
 and the same kernels) can be checked against the NumPy builder on machines without a GPU. It is slow
@@ -49,6 +52,10 @@ static thread_local dim3 threadIdx, blockIdx;
 static std::barrier<>* g_block;
 static std::vector<std::unique_ptr<std::barrier<>>> g_warps;
 static int g_lanes[32][32];
+static std::atomic<int> g_spin_stuck{0};
+#define SVX_KMAP_SPIN_STUCK() { g_spin_stuck = 1; break; }  // see kernel_map.cu wait_count
+extern "C" int emu_spin_stuck() { return g_spin_stuck.exchange(0); }
+template <class T> inline T __ldcg(const T* p) { return *p; }
 inline void __syncthreads() { g_block->arrive_and_wait(); }
 inline int __shfl_up_sync(unsigned, int v, int d) {
     int w = threadIdx.x / 32, l = threadIdx.x % 32;
@@ -123,11 +130,11 @@ template <class F> void emu_launch(int grid, int block, F f) {
 # (kernel, template block, C parameter list, argument names); query_compact's template also takes ITEMS
 WRAPPERS = [
     ("insert", 256, "const int* c, int n, unsigned long long* t, unsigned long long mask", "c, n, t, mask"),
-    ("query_compact", 256, "const int* q, int m, int nbm, int K, int tr, int sx, int sy, int sz, int kx, int ky, "
-                           "int kz, int dx, int dy, int dz, const unsigned long long* t, unsigned long long mask, "
-                           "const unsigned long long* status, unsigned long long* state, int* cand, int* ib, "
-                           "int* ob, int* offsets, long long* info",
-     "q, m, nbm, K, tr, sx, sy, sz, kx, ky, kz, dx, dy, dz, t, mask, status, state, cand, ib, ob, offsets, info"),
+    ("query_compact", 256, "const int* q, int m, int nbm, int K, int tr, int sym, int sx, int sy, int sz, int kx, "
+                           "int ky, int kz, int dx, int dy, int dz, const unsigned long long* t, "
+                           "unsigned long long mask, const unsigned long long* status, unsigned long long* state, "
+                           "int* cand, int* ib, int* ob, int* offsets, long long* info",
+     "q, m, nbm, K, tr, sym, sx, sy, sz, kx, ky, kz, dx, dy, dz, t, mask, status, state, cand, ib, ob, offsets, info"),
     ("candidate_keys", 256, "const int* c, int n, int count, int mode, int sx, int sy, int sz, int kx, int ky, "
                             "int kz, int dx, int dy, int dz, unsigned long long* keys, unsigned long long* status",
      "c, n, count, mode, sx, sy, sz, kx, ky, kz, dx, dy, dz, keys, status"),
@@ -196,21 +203,27 @@ class EmulatedDevice:
         self.tile_items = items  # the builder sizes query_compact's grid by it
         self.launches: list[str] = []
         self.grids: list[int] = []  # grid size of each launch, in launch order
+        self.args: list[tuple] = []  # the scalar arguments of each launch (arrays as None), in order
         self.fills: list[int] = []  # element count of each fill_ones (one memsetAsync on the GPU), in order
 
     def launch(self, name, grid, block, args):
         self.launches.append(name)
         self.grids.append(grid)
+        self.args.append(tuple(None if isinstance(a, np.ndarray) else a for a in args))
         getattr(self.lib, f"emu_kmap_{name}")(ctypes.c_int(grid), ctypes.c_int(block), *(_c_arg(a) for a in args))
+        if self.lib.emu_spin_stuck():
+            raise RuntimeError(f"kmap_{name}: a spin-wait did not end at once (a wait on a later "
+                               f"ticket or for a wrong count: on a GPU, a hang)")
 
     def fill_ones(self, a):
         self.fills.append(a.size)
         a.view(np.uint8).fill(0xFF)
 
     def clear_log(self):
-        """Forget the launches, grids and fills recorded so far."""
+        """Forget the launches, grids, arguments and fills recorded so far."""
         self.launches.clear()
         self.grids.clear()
+        self.args.clear()
         self.fills.clear()
 
     def to_host(self, a):

@@ -6,7 +6,10 @@ Two drivers of the same Python builder (:func:`sparsevox.gpu_kernel_map.build`) 
 - on the CPU through ``tests/cuda_cpu_emulator.py`` (the kernels compiled as C++, one thread per CUDA
   thread): a smaller set, so the kernels' logic is checked where no GPU is present, including maps of
   many scan tiles (also with look-backs forced across several 32-tile windows), tiles of several rows
-  per thread with m below, at and above one tile, and the launch sequence.
+  per thread with m below, at and above one tile, and the launch sequence;
+- the symmetric SubM path (odd kernel sizes: only offsets before the centre probe, the rest mirror):
+  taken when it should be and only then (the launch flag, and a table missing one voxel, which shows
+  which lookups really happened), on both drivers.
 Both check the kept query table ``KernelMap.dense_nbr`` against the CSR pairs.
 """
 import itertools
@@ -252,6 +255,135 @@ def test_emulated_launch_sequence(emulated, rng):
 
 
 
+# --- SubM symmetry: offsets before the centre probe, the centre is the identity, the rest mirror -----
+
+def _symmetric(kind, ks):
+    """Whether the builder takes query_compact's symmetric path (SubM, every kernel-size axis odd)."""
+    return kind == "submanifold" and all(v % 2 for v in np.broadcast_to(ks, 3))
+
+
+_SYMMETRIC_ARG = 5  # query_compact's arguments: out_coords, m, nbm, K, transposed, symmetric, ...
+
+
+def _query_args(dev):
+    return dev.args[dev.launches.index("query_compact")]
+
+
+# (kernel size, dilation, batches, voxels, items, prefix_every): several tiles per offset (items 1 or 2:
+# 256- or 512-row tiles), so mirrored tiles read rows scattered by every tile of their mirror offset
+SYMMETRIC_CASES = [(3, 1, 2, 1800, 1, 0), (3, 1, 1, 1500, 1, 7), (3, 2, 3, 1200, 2, 0), ((3, 1, 5), 1, 2, 1000, 1, 0),
+                   ((3, 1, 5), (2, 1, 3), 2, 1000, 1, 5), ((1, 3, 1), 1, 2, 900, 1, 0), (5, 1, 1, 700, 1, 0),
+                   (1, 1, 2, 900, 1, 0), ((1, 1, 3), 3, 1, 600, 1, 0)]
+
+
+@pytest.mark.parametrize("ks,dilation,batches,n,items,prefix_every", SYMMETRIC_CASES)
+def test_emulated_symmetric_subm_matches_numpy_builder(emulated_with, rng, ks, dilation, batches, n, items,
+                                                       prefix_every):
+    dev = emulated_with(prefix_every=prefix_every, items=items)
+    coords = random_voxels(rng, n, extent=11, batches=batches)
+    m = coords.shape[0]
+    assert m > 2 * gpu_kernel_map.BLOCK * items  # at least 3 tiles per offset
+    dev.clear_log()
+    got = gpu_kernel_map.build(dev, coords, ks, 1, dilation, False, False)
+    args = _query_args(dev)
+    assert args[_SYMMETRIC_ARG] == 1, "SubM of odd kernel sizes must take the symmetric path"
+    num_k = args[3]
+    assert dev.grids[dev.launches.index("query_compact")] == num_k * args[2] and args[2] >= 3
+    what = f"symmetric k{ks} d{dilation} items={items}"
+    assert_same_map(got, reference_map(coords, ks, 1, dilation, False, False), what)
+    assert_dense_nbr(got, what)
+    # besides the table's, one memset (int32 words): cand's mirrored rows, offsets (+ 1 to align) and the
+    # scan state (ticket, tile words, scatter counters: 2 words each)
+    head = num_k * m + num_k + 1
+    assert len(dev.fills) == 2
+    assert (num_k // 2) * m + num_k + 1 + head % 2 + 2 * (1 + num_k * args[2] + num_k // 2) in dev.fills
+
+
+SYMMETRIC_SMALL = [  # (coords, kernel size, dilation): no neighbours, one voxel, the all-ones key
+    (np.array([[0, 0, 0, 0], [0, 5, 0, 0], [1, 0, 0, 0], [0, 0, 9, 9], [2, -7, 3, 100]], np.int32), 3, 1),
+    (np.array([[0, 0, 0, 0], [0, 5, 0, 0], [1, 0, 0, 0], [0, 0, 9, 9], [2, -7, 3, 100]], np.int32), (3, 1, 5), 2),
+    (np.array([[3, 1, 2, 3]], np.int32), 3, 1), (np.array([[3, 1, 2, 3]], np.int32), 1, 1),
+    (EDGE, 3, 1), (EDGE, (1, 1, 3), 1), (EDGE, 5, 1),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SYMMETRIC_SMALL)))
+def test_emulated_symmetric_isolated_voxels(emulated, case):
+    coords, ks, d = SYMMETRIC_SMALL[case]
+    emulated.clear_log()
+    got = gpu_kernel_map.build(emulated, coords, ks, 1, d, False, False)
+    assert _query_args(emulated)[_SYMMETRIC_ARG] == 1
+    assert_same_map(got, reference_map(coords, ks, 1, d, False, False), f"isolated case {case}")
+    assert_dense_nbr(got, f"isolated case {case}")
+    if case < 4:  # no neighbours: the centre pairs only
+        assert got.num_pairs == len(coords)
+
+
+@pytest.mark.parametrize("kind,ks,stride", [("submanifold", 2, 1), ("submanifold", (3, 2, 3), 1),
+                                            ("strided", 3, 2), ("transposed", 3, 2), ("generative", 3, 2)])
+def test_emulated_other_kinds_keep_probing(emulated, rng, kind, ks, stride):
+    """Even kernel sizes, strided, transposed and generative maps probe every offset (flag 0)."""
+    s, tr, gen = kind_args(kind, stride)
+    coords, out = make_coords(rng, kind, s, 2, n=40, extent=6)
+    emulated.clear_log()
+    got = gpu_kernel_map.build(emulated, coords, ks, s, 1, tr, gen, out)
+    assert _query_args(emulated)[_SYMMETRIC_ARG] == 0
+    assert_same_map(got, reference_map(coords, ks, s, 1, tr, gen, out=out), kind)
+    # stride 1 with the outputs given explicitly (even the inputs themselves) is no SubM map: it probes
+    emulated.clear_log()
+    gpu_kernel_map.build(emulated, coords, 3, 1, 1, False, False, coords.copy())
+    assert _query_args(emulated)[_SYMMETRIC_ARG] == 0
+
+
+def _delete_voxel(table, mask, want):
+    """Delete from host hash ``table`` a voxel v whose slot is followed by a free one (so no probe chain
+    breaks) and that has neighbours before and after the centre in ``want`` (the K x m CSR table of the
+    SubM k3 map); return v and the dense table the symmetric path must then give. Only probes that look
+    v up miss. The probing path would lose every pair with input v. The symmetric path: v is its own
+    centre neighbour (not probed); pairs (k < kc, in v) are lost (probed); pairs (k > kc, in v) are kept
+    (scattered from v's own probes of offset K-1-k, which find its neighbours); pairs (k > kc, out v)
+    are lost instead (their scatters came from the probes that missed v)."""
+    kc = want.shape[0] // 2
+    slots = table[:2 * (mask + 1)].reshape(-1, 2)
+    empty = np.uint64(2 ** 64 - 1)
+    rows = [int(slots[s, 1]) for s in np.flatnonzero((slots[:, 0] != empty) & (np.roll(slots[:, 0], -1) == empty))]
+    v = max(rows, key=lambda r: int((want == r).sum()))
+    assert (want[:kc] == v).any() and (want[kc + 1:] == v).any() and want[kc, v] == v
+    slots[np.flatnonzero((slots[:, 0] != empty) & (slots[:, 1] == v))[0], 0] = empty
+    expect = want.copy()
+    expect[:kc][expect[:kc] == v] = -1
+    expect[kc + 1:, v] = -1
+    return v, expect
+
+
+def test_emulated_symmetric_path_skips_the_probes(emulated_with, rng):
+    """The centre and the offsets after it are really not probed (see _delete_voxel)."""
+    dev = emulated_with(items=1)
+    coords = random_voxels(rng, 900, extent=9, batches=1)
+    (table, mask), dup, bad = gpu_kernel_map.hash_table(dev, coords)
+    assert (dup, bad) == (-1, -1)
+    _, expect = _delete_voxel(table, mask, csr_table(reference_map(coords, 3, 1, 1, False, False)))
+    dev.clear_log()
+    got = _host(gpu_kernel_map.build(dev, coords, 3, 1, 1, False, False, table=(table, mask)).dense_nbr)
+    assert _query_args(dev)[_SYMMETRIC_ARG] == 1
+    np.testing.assert_array_equal(got, expect)
+
+
+def test_emulated_stuck_spin_wait_raises(emulated, rng, monkeypatch):
+    """The emulator turns a spin-wait that would not end (here: a scatter counter one ahead) into an
+    error instead of a hang."""
+    coords = random_voxels(rng, 100, extent=6, batches=1)
+    real = emulated.launch
+
+    def launch(name, grid, block, args):
+        if name == "query_compact":
+            args[18][-1] = 0  # the state's last word: done[K/2 - 1], all ones + 1
+        real(name, grid, block, args)
+    monkeypatch.setattr(emulated, "launch", launch)
+    with pytest.raises(RuntimeError, match="spin-wait did not end"):
+        gpu_kernel_map.build(emulated, coords, 3, 1, 1, False, False)
+
+
 # --- Voxels validation through the hash insert, and its table reused by the maps ---------------------
 
 @pytest.fixture
@@ -340,7 +472,9 @@ def test_emulated_cached_table_is_reused_by_the_map(emulated_voxels, rng, kind, 
         assert_dense_nbr(got, f"{kind} with the cached table")
         assert "insert" not in dev.launches
         assert dev.launches == [n for n in fresh_launches if n != "insert"]
-        assert len(dev.fills) == fresh_fills  # the scan state's memset replaces the table's
+        # the scan state's memset replaces the table's, which also resets the state of a fresh build;
+        # a symmetric SubM map has its state reset with cand's mirrored rows, by a memset of its own
+        assert len(dev.fills) == fresh_fills - _symmetric(kind, ks)
     assert_same_map(want, reference_map(coords, ks, s, dilation, tr, gen, out=out), kind)
 
 
@@ -464,6 +598,36 @@ def test_gpu_dense_nbr_matches_csr(cupy, rng, kind):
     assert_same_map(got, reference_map(coords, 3, s, 1, tr, gen, out=out), kind)
     assert_dense_nbr(got, kind)
 
+
+@pytest.mark.gpu
+def test_gpu_symmetric_path_skips_the_probes(cupy, rng):
+    """On the GPU too, a SubM k3 map probes only the offsets before the centre (see _delete_voxel)."""
+    coords = random_voxels(rng, 30_000, extent=40, batches=2)
+    c = cupy.asarray(coords)
+    (table, mask), dup, bad = gpu_kernel_map.hash_table(gpu_kernel_map._cupy_device(), c)
+    assert (dup, bad) == (-1, -1)
+    host = table.get()
+    _, expect = _delete_voxel(host, mask, csr_table(reference_map(coords, 3, 1, 1, False, False)))
+    table[...] = cupy.asarray(host)
+    got = gpu_kernel_map.build_kernel_map(c, None, 3, 1, 1, False, False, table=(table, mask))
+    np.testing.assert_array_equal(got.dense_nbr.get(), expect)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ks", [3, 5, (3, 1, 5)])
+def test_gpu_symmetric_subm_repeated_builds(cupy, rng, ks):
+    """The mirrored tiles of a SubM map spin-wait for the scatters of other blocks: 150k voxels
+    (74 tiles per offset, thousands of blocks in flight), ten builds each with and without a prebuilt
+    table, every one exact."""
+    coords = random_voxels(rng, 150_000, extent=70, batches=2)
+    want = reference_map(coords, ks, 1, 1, False, False)
+    c = cupy.asarray(coords)
+    table, dup, bad = gpu_kernel_map.hash_table(gpu_kernel_map._cupy_device(), c)
+    assert (dup, bad) == (-1, -1)
+    for i in range(20):
+        got = gpu_kernel_map.build_kernel_map(c, None, ks, 1, 1, False, False, table=table if i % 2 else None)
+        assert_same_map(got, want, f"k{ks} build {i}")
+        assert_dense_nbr(got, f"k{ks} build {i}")
 
 def _find_scan(name):
     """A real scan from ``pointcloud_dir()`` or, failing that, ../shared/data/pointclouds; else skip."""
