@@ -111,7 +111,7 @@ def test_default_weight_gradient_launch_matches_cupy_launch(rng):
     b = torch.randn(kmap.num_out, 64, device="cuda").half()
     via_cupy, via_driver = _both(prep, a, b, torch.float16, dev)
     torch.cuda.synchronize()
-    torch.testing.assert_close(via_driver, via_cupy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(via_driver, via_cupy, rtol=1e-4, atol=1e-4)
 
 
 def test_driver_launch_from_a_thread_without_cuda_context(rng):
