@@ -25,6 +25,8 @@ def _algo_str(value) -> str:
     """Algorithm input → a string that survives the op boundary ("" means None: read the environment)."""
     if value is None:
         return ""
+    if type(value) is str:  # the common case, and what the join below makes of it
+        return value
     items = value if isinstance(value, (list, tuple)) else [value]
     return ",".join(str(getattr(v, "value", v)) for v in items)
 
@@ -74,11 +76,26 @@ _BWD_ALGO: contextvars.ContextVar[str] = contextvars.ContextVar("sparsevox_bwd_a
 # with torch and launch from the tensors' addresses on torch's current stream, skipping the CuPy views,
 # the DLPack hand-back and the planning (measured on the H100: ~100 µs of host time per call otherwise).
 # False marks "no prepared launch for this signature" so the slow path is not asked again.
+# The launches go to the CUDA driver with torch's raw stream handle (no CuPy stream object to enter),
+# and CuPy's device context is entered only when the caller's current device is another one.
 
-def _launch_context(device):
+_cuda_runtime = None  # cupy.cuda.runtime, imported on the first prepared launch
+
+
+def _on_device(dev: int):
+    """A context making ``dev`` the current CUDA device; a shared null context when it already is
+    (cudaGetDevice is a fraction of a µs, a ``cupy.cuda.Device`` context several)."""
+    global _cuda_runtime
+    if _cuda_runtime is None:
+        import cupy
+        _cuda_runtime = cupy.cuda.runtime
+    if _cuda_runtime.getDevice() == dev:
+        return _SAME_DEVICE
     import cupy
-    dev = device.index if device.index is not None else torch.cuda.current_device()
-    return cupy.cuda.Device(dev), _arrays.external_stream(_arrays.torch_stream_handle(torch, dev), dev)
+    return cupy.cuda.Device(dev)
+
+
+_SAME_DEVICE = contextlib.nullcontext()
 
 
 def _prepared(kmap, key):
@@ -89,9 +106,11 @@ def _fast_forward(prep, feats, weight):
     if not (feats.is_contiguous() and weight.is_contiguous()):
         return None
     out = torch.empty(prep.out_shape, dtype=feats.dtype, device=feats.device)
-    device_ctx, stream = _launch_context(feats.device)
-    with device_ctx, stream:
-        return out if prep.launch(feats.data_ptr(), weight.data_ptr(), out.data_ptr()) else None
+    dev = feats.get_device()
+    stream = _arrays.torch_stream_handle(torch, dev)
+    with _on_device(dev):
+        ok = prep.launch(feats.data_ptr(), weight.data_ptr(), out.data_ptr(), stream)
+    return out if ok else None
 
 
 def _fast_backward(dprep, wprep, grad_out, feats, weight):
@@ -99,16 +118,17 @@ def _fast_backward(dprep, wprep, grad_out, feats, weight):
     if not (feats.is_contiguous() and weight.is_contiguous()):
         return None
     gf = gw = None
-    device_ctx, stream = _launch_context(feats.device)
-    with device_ctx, stream:
+    dev = feats.get_device()
+    stream = _arrays.torch_stream_handle(torch, dev)
+    with _on_device(dev):
         if dprep is not None:
             wt = weight.transpose(1, 2).contiguous()
             gf = torch.empty(dprep.out_shape, dtype=feats.dtype, device=feats.device)
-            if not dprep.launch(grad_out.data_ptr(), wt.data_ptr(), gf.data_ptr()):
+            if not dprep.launch(grad_out.data_ptr(), wt.data_ptr(), gf.data_ptr(), stream):
                 return None
         if wprep is not None:
             acc = torch.zeros(wprep.out_shape, dtype=getattr(torch, wprep.acc_dtype), device=feats.device)
-            if not wprep.launch(feats.data_ptr(), grad_out.data_ptr(), acc.data_ptr()):
+            if not wprep.launch(feats.data_ptr(), grad_out.data_ptr(), acc.data_ptr(), stream):
                 return None
             gw = acc if acc.dtype == weight.dtype else acc.to(weight.dtype)
     return gf, gw
@@ -209,9 +229,27 @@ _DepthwiseFunction, _dw_fwd = _define("depthwise", sv.depthwise_forward, sv.dept
                                       lambda f, w: f.shape[1])
 
 
+_forward_ad = torch.autograd.forward_ad
+
+
+def _needs_function(feats, weight) -> bool:
+    """Whether an eager call must go through the autograd.Function: a gradient can flow to an input, a
+    forward-AD level is open, functorch transforms are active (where the Function decides, as before), or
+    torch.jit.trace records the call (the Function is one node of the trace; the forward alone would
+    leave only its torch.empty there). Otherwise the forward runs alone, as the Function would run it
+    under no_grad (the output has no grad_fn either way), without the Function's ~6 µs of host time."""
+    return ((torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad))
+            or getattr(_forward_ad, "_current_level", 0) >= 0 or torch._C._are_functorch_transforms_active()
+            or torch.jit.is_tracing())
+
+
 def _apply(function, op, feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, bwd_algo):
-    """Eager: the autograd.Function; under torch.compile: the registered custom op."""
+    """Eager: the autograd.Function (or the forward alone when nothing is differentiated); under
+    torch.compile: the registered custom op."""
     if not torch.compiler.is_compiling():
+        if not _needs_function(feats, weight):
+            fwd_impl = function.impls[0]
+            return fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, _algo_str(fwd_algo))
         return function.apply(feats, weight, in_maps, out_maps, offsets, num_out, _algo_str(fwd_algo),
                               _algo_str(bwd_algo))
     if bwd_algo is None:  # nothing to pass on (keeps the traced call free of context-variable traffic)
@@ -226,7 +264,7 @@ def _apply(function, op, feats, weight, in_maps, out_maps, offsets, num_out, fwd
 def _autocast(*tensors):
     """Under ``torch.autocast("cuda")`` run in the autocast dtype (float32 accumulation inside)."""
     t0 = tensors[0]
-    if t0.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+    if t0.is_cuda and torch.is_autocast_enabled("cuda"):
         dt = torch.get_autocast_dtype("cuda")
         return tuple(t.to(dt) if t.is_floating_point() else t for t in tensors)
     return tensors

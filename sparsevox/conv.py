@@ -14,6 +14,7 @@ from .errors import AlgorithmUnavailableError
 from .kernel_map import KernelMap, kernel_map
 from .problem import Problem
 from .registry import availability
+from .voxels import Voxels
 
 log = logging.getLogger("sparsevox")
 
@@ -168,7 +169,6 @@ def remember_prepared(kmap: KernelMap, key, op: str, direction: str, feats, weig
 
 def output_voxels_of(voxels, kmap: KernelMap, out_feats, output_voxels=None):
     """Wrap output features as ``Voxels`` of the caller's library, sharing cached geometry."""
-    from .voxels import Voxels
     if kmap.kind == "submanifold":
         return voxels.replace(out_feats)
     if isinstance(output_voxels, Voxels):

@@ -12,9 +12,11 @@ run an exact SIMT path in their own precision. Derived tables are cached in ``km
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import math
+import threading
 
 import numpy as np
 
@@ -231,7 +233,7 @@ def _sm_count(device_id: int) -> int:
 
 class Launch:
     """IMPLICIT_GEMM kernel launches with every argument fixed except the two input addresses, the
-    output address and the stream (CuPy's current stream at :meth:`launch`).
+    output address and the stream.
 
     The CuPy functions below run through it; framework adapters keep one per call signature
     (:func:`sparsevox.conv.prepared`) and launch from raw tensor addresses on later calls, which skips
@@ -245,25 +247,113 @@ class Launch:
 
     ``steps``: ``(kernel, grid, block, shared bytes, args)`` run in order (a mask split is two passes,
     the second adding into the first's output); ``holes``: where ``a``, ``b``, ``out`` go in ``args``.
+    ``device_id``: the device the kernels are loaded on (the driver path launches their handles there;
+    None: the current device at the first such launch).
     """
-    __slots__ = ("steps", "holes", "vec", "out_shape", "acc_dtype", "transpose_b", "keep")
+    __slots__ = ("steps", "holes", "vec", "out_shape", "acc_dtype", "transpose_b", "keep", "device_id", "_packed")
 
-    def __init__(self, steps, holes, vec, out_shape, acc_dtype=None, transpose_b=False, keep=()):
+    def __init__(self, steps, holes, vec, out_shape, acc_dtype=None, transpose_b=False, keep=(), device_id=None):
         self.steps = [(fn, grid, block, smem, tuple(args)) for fn, grid, block, smem, args in steps]
         self.holes, self.vec, self.out_shape = holes, vec, tuple(out_shape)
         self.acc_dtype, self.transpose_b, self.keep = acc_dtype, transpose_b, keep
+        self.device_id = device_id
+        self._packed = None  # the driver path's argument blocks, built on its first launch
 
-    def launch(self, a: int, b: int, out: int) -> bool:
+    def launch(self, a: int, b: int, out: int, stream: int | None = None) -> bool:
         """Launch with device addresses ``a``, ``b``, ``out``. Returns False, launching nothing, when the
-        kernel uses 16-byte vector loads and ``a`` or ``b`` is not 16-byte aligned."""
+        kernel uses 16-byte vector loads and ``a`` or ``b`` is not 16-byte aligned.
+
+        ``stream``: a raw ``cudaStream_t`` to launch on through the CUDA driver, with the arguments packed
+        once (:class:`_Packed`); the current device must be ``device_id``. None: through CuPy, on CuPy's
+        current stream."""
         if self.vec and (a | b) & 15:
             return False
+        if stream is not None:
+            _launch_driver(self, a, b, out, stream)
+            return True
         i, j, k = self.holes
         for fn, grid, block, smem, template in self.steps:
             args = list(template)
             args[i], args[j], args[k] = a, b, out
             fn((grid,), (block,), tuple(args), shared_mem=smem)
         return True
+
+
+# --- the driver path of Launch.launch -----------------------------------------------------------
+# CuPy's RawKernel call costs 5-8 µs of host time (measured on the H100 host): it converts every
+# argument to a fresh C box, looks the stream up and checks the context on each call. A prepared launch
+# knows its arguments in advance, so they are packed once into ctypes storage, and a call writes the
+# three addresses into their boxes and hands the same parameter array to cuLaunchKernel.
+
+# Each argument's C type, as CuPy passes it (cupy/cuda/function.pyx ``_pointer``: a Python int goes as
+# an int64, a float as a double, a NumPy scalar by its own type). Addresses (Python ints, and the holes)
+# are void* boxes: the same 8 bytes as CuPy's int64.
+_CTYPES = {float: ctypes.c_double, np.int8: ctypes.c_int8, np.uint8: ctypes.c_uint8, np.int16: ctypes.c_int16,
+           np.uint16: ctypes.c_uint16, np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32,
+           np.int64: ctypes.c_int64, np.uint64: ctypes.c_uint64, np.float32: ctypes.c_float,
+           np.float64: ctypes.c_double, np.bool_: ctypes.c_bool}
+
+
+def _box(value):
+    """A ctypes object holding one kernel argument with CuPy's layout for it."""
+    if value is None or type(value) is int:
+        return ctypes.c_void_p(value)
+    ct = _CTYPES.get(type(value))
+    if ct is None:
+        raise TypeError(f"prepared launch argument of unsupported type {type(value).__name__}: {value!r}")
+    return ct(value.item() if isinstance(value, np.generic) else value)
+
+
+class _Step:
+    """One step through the driver: the function handle, the dimensions CuPy would pass (at least 1
+    each), the argument boxes, the pointer array cuLaunchKernel reads, and the boxes of the holes."""
+    __slots__ = ("func", "grid", "block", "smem", "boxes", "params", "params_addr", "holes")
+
+    def __init__(self, fn, grid, block, smem, args, holes):
+        self.func = int(fn.kernel.ptr)  # the CUfunction CuPy loaded on the current device
+        self.grid, self.block, self.smem = max(1, int(grid)), max(1, int(block)), int(smem)
+        self.boxes = [_box(v) for v in args]
+        self.params = (ctypes.c_void_p * len(args))(*(ctypes.addressof(b) for b in self.boxes))
+        self.params_addr = ctypes.addressof(self.params)
+        self.holes = tuple(self.boxes[h] for h in holes)
+
+
+class _Packed:
+    """A Launch's steps packed for the driver. The boxes are shared by every call, so a lock keeps two
+    threads launching the same Launch from writing each other's addresses (cuLaunchKernel copies the
+    values before it returns, so holding it across the launches is enough)."""
+    __slots__ = ("steps", "lock")
+
+    def __init__(self, prep: Launch):
+        import cupy
+        dev = prep.device_id if prep.device_id is not None else cupy.cuda.runtime.getDevice()
+        with cupy.cuda.Device(dev):  # RawKernel.kernel loads the function for the current device
+            self.steps = [_Step(fn, grid, block, smem, args, prep.holes) for fn, grid, block, smem, args in prep.steps]
+        self.lock = threading.Lock()
+
+
+_cuda_driver = None  # cupy_backends' driver module, imported on the first driver launch
+
+
+def _launch_driver(prep: Launch, a: int, b: int, out: int, stream: int) -> None:
+    global _cuda_driver
+    packed = prep._packed
+    if packed is None:
+        from cupy_backends.cuda.api import driver
+        _cuda_driver = driver
+        packed = prep._packed = _Packed(prep)
+    driver = _cuda_driver
+    if not driver.ctxGetCurrent():
+        # A thread that has not called the CUDA runtime yet has no current context (CuPy establishes one
+        # before each launch): a runtime call makes the current device's primary context current.
+        import cupy
+        cupy.cuda.runtime.memGetInfo()
+    launch = driver.launchKernel
+    with packed.lock:
+        for st in packed.steps:
+            ha, hb, hout = st.holes
+            ha.value, hb.value, hout.value = a, b, out
+            launch(st.func, st.grid, 1, 1, st.block, 1, 1, st.smem, stream, st.params_addr, 0)
 
 
 def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec, device_id,
@@ -296,7 +386,8 @@ def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows,
                       (None, None, nbr.data.ptr, masks.data.ptr, slots.data.ptr, None, np.int32(n_rows),
                        np.int32(c_a), np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap), np.int32(h > 0))))
         keep += [nbr, masks, slots]
-    prep = Launch(steps, (0, 1, 5), vec, (n_rows, c_b), transpose_b=reverse, keep=tuple(keep))
+    prep = Launch(steps, (0, 1, 5), vec, (n_rows, c_b), transpose_b=reverse, keep=tuple(keep),
+                  device_id=device_id)
     kmap.derived[key] = prep
     return prep
 
@@ -398,7 +489,8 @@ def _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, device_id)
     args = (None, None, kmap.in_maps.data.ptr, kmap.out_maps.data.ptr, chunks.data.ptr, None, np.int32(c_in),
             np.int32(c_out))
     prep = Launch([(fn, n_chunks * tiles, threads, smem, args)], (0, 1, 5), vec, (num_offsets, c_in, c_out),
-                  acc_dtype="float64" if dt == "float64" else "float32", keep=(chunks, kmap.in_maps, kmap.out_maps))
+                  acc_dtype="float64" if dt == "float64" else "float32", keep=(chunks, kmap.in_maps, kmap.out_maps),
+                  device_id=device_id)
     kmap.derived[key] = prep
     return prep
 

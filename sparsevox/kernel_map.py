@@ -242,6 +242,19 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     Returns a :class:`KernelMap`. Maps are cached on ``voxels`` keyed by the geometry, so layers
     with the same geometry share one map.
     """
+    # A layer passes the same arguments on every call: find its map by them as given, before normalising
+    # them (~3 µs), under a key of their values and geometry types (3.0 == 3 and True == 1, but triple()
+    # rejects floats and bools). Aliases live in the same dict as the maps, so they share its lifetime.
+    raw = None
+    if output_voxels is None:
+        raw = (kernel_size, stride, dilation, transposed, generative,
+               type(kernel_size), type(stride), type(dilation))
+        try:
+            cached = voxels._kmaps.get(raw)
+        except TypeError:  # an unhashable argument (a list): the normalised key only
+            cached = raw = None
+        if cached is not None:
+            return cached[0]
     from .voxels import Voxels
     ks = geometry.triple(kernel_size, "kernel_size")
     st = geometry.triple(stride, "stride")
@@ -253,6 +266,8 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     key = (ks, st, dl, bool(transposed), bool(generative), None if out_v is None else id(out_v))
     cached = voxels._kmaps.get(key)
     if cached is not None and (out_v is None or cached[1] is out_v):
+        if raw is not None:
+            voxels._kmaps[raw] = cached
         return cached[0]
     coords, origin = voxels.core_coords()
     out_coords = None
@@ -271,4 +286,6 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     kmap = builder(coords, sorted_in, ks, st, dl, transposed, generative, out_coords, **extra)
     _remember(kmap)
     voxels._kmaps[key] = (kmap, out_v)  # keep out_v alive so its id stays unique
+    if raw is not None:
+        voxels._kmaps[raw] = voxels._kmaps[key]
     return kmap

@@ -1,4 +1,6 @@
 """The PyTorch adapter on the CPU: gradcheck, opcheck, modules."""
+import warnings
+
 import numpy as np
 import pytest
 from reference import dense_conv, expected_out_coords, random_voxels, rel_err
@@ -121,3 +123,76 @@ def test_torch_compile_fullgraph_module_stack(rng):
     torch.testing.assert_close(out, eager)
     out.sum().backward()
     assert f.grad is not None and block.a.weight.grad is not None
+
+
+def _spy_functions(monkeypatch) -> list:
+    """Record which autograd.Function each eager call goes through."""
+    used = []
+    for fn in (svt._ConvFunction, svt._DepthwiseFunction):
+        real = fn.apply
+
+        def apply(*args, _real=real, _name=fn.__name__):
+            used.append(_name)
+            return _real(*args)
+        monkeypatch.setattr(fn, "apply", apply)
+    return used
+
+
+def test_calls_without_gradients_skip_the_autograd_function(rng, monkeypatch):
+    v, w, _, args = _case(rng, "submanifold")
+    kmap = sv.kernel_map(v, 3)
+    want = svt.conv_features(v.feats, w, kmap)  # through the Function: inputs require grad
+    used = _spy_functions(monkeypatch)
+    with torch.no_grad():
+        out = svt.conv_features(v.feats, w, kmap)
+        dw = svt.spatially_sparse_depthwise_conv(v.feats, w[:, :, 0], kmap, kmap.num_out)
+    assert used == [] and out.grad_fn is None and not out.requires_grad and dw.grad_fn is None
+    torch.testing.assert_close(out, want.detach(), rtol=0, atol=0)
+    f0, w0 = v.feats.detach(), w.detach()
+    out = svt.conv_features(f0, w0, kmap)  # grad mode on, but nothing requires grad
+    assert used == [] and out.grad_fn is None
+    torch.testing.assert_close(out, want.detach(), rtol=0, atol=0)
+
+    out = svt.conv_features(f0, w, kmap)  # the weight's gradient flows: the Function runs
+    assert used == ["conv_function"] and out.grad_fn is not None
+    out.sum().backward()
+    assert w.grad is not None
+    out = sv.spatially_sparse_conv(v, w, **args)
+    assert used == ["conv_function"] * 2 and out.feats.grad_fn is not None
+    with torch.autograd.forward_ad.dual_level():  # forward AD: the Function decides, as before
+        svt.conv_features(f0, w0, kmap)
+    assert used == ["conv_function"] * 3
+    with torch.no_grad(), warnings.catch_warnings():  # a trace records the Function as its node
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(lambda f, w: svt.conv_features(f, w, kmap), (f0, w0), check_trace=False)
+        f1 = torch.randn_like(f0)
+        torch.testing.assert_close(traced(f1, w0), svt.conv_features(f1, w0, kmap), rtol=0, atol=0)
+    assert used[:4] == ["conv_function"] * 4
+
+
+def test_kernel_map_lookup_by_the_arguments_as_given(rng, monkeypatch):
+    """A cached map is found by the raw arguments (no normalising) and is the same object the
+    normalising path returns; other arguments give other maps, and arguments triple() rejects still
+    raise although they compare equal to accepted ones."""
+    from sparsevox import geometry
+    v, _, _, _ = _case(rng, "submanifold")
+    m = sv.kernel_map(v, 3)
+    assert sv.kernel_map(v, (3, 3, 3)) is m and sv.kernel_map(v, [3, 3, 3]) is m
+    assert sv.kernel_map(v, np.int64(3)) is m and sv.kernel_map(v, 3, 1, 1, False, False) is m
+    shared = v.replace(v.feats * 2)  # same geometry, same maps
+    assert sv.kernel_map(shared, 3) is m
+    calls = []
+    real_triple = geometry.triple
+    monkeypatch.setattr(geometry, "triple", lambda *a, **k: calls.append(a) or real_triple(*a, **k))
+    assert sv.kernel_map(v, 3) is m and sv.kernel_map(v, (3, 3, 3)) is m and calls == []
+    d2 = sv.kernel_map(v, 3, dilation=2)
+    assert d2 is not m and calls and sv.kernel_map(v, 3, dilation=2) is d2
+    down = sv.kernel_map(v, 2, 2)
+    assert down is not m and down.kind == "strided" and sv.kernel_map(v, 2, 2) is down
+    for bad in (dict(kernel_size=3.0), dict(stride=True), dict(dilation=1.0)):
+        with pytest.raises(ValueError, match="must be an int or a 3-tuple"):
+            sv.kernel_map(v, **bad)
+    with pytest.raises(ValueError, match="needs output_voxels"):
+        sv.kernel_map(v, 2, 2, transposed=True)
+    up = sv.kernel_map(sv.Voxels(torch.from_numpy(down.out_coords), None), 2, 2, transposed=True, output_voxels=v)
+    assert up.kind == "transposed"

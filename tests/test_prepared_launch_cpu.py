@@ -1,7 +1,9 @@
 """The host-side rules of prepared launches and live-map lookups, on the CPU (no kernel runs here)."""
+import ctypes
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -82,3 +84,169 @@ def test_kmap_items_override_is_range_checked():
     p = subprocess.run([sys.executable, "-c", "import sparsevox.gpu_kernel_map as g; print(g.ITEMS)"], env=env,
                        capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.strip() == "4"
+
+
+# --- the driver path (Launch.launch with a stream), against a fake CUDA driver ---------------------
+
+def _cupy_bytes(v) -> bytes:
+    """The bytes CuPy's RawKernel call passes for argument ``v`` (cupy/cuda/function.pyx ``_pointer``)."""
+    if isinstance(v, np.generic):
+        return v.tobytes()
+    if isinstance(v, float):
+        return np.float64(v).tobytes()
+    return np.int64(v).tobytes()
+
+
+class _DriverKernel(_FakeKernel):
+    """A RawKernel stand-in with a CUfunction handle (``kernel.ptr``) and its argument count."""
+
+    def __init__(self, ptr, n_args):
+        super().__init__()
+        self.ptr, self.n_args, self.loads = ptr, n_args, 0
+
+    @property
+    def kernel(self):
+        self.loads += 1
+        return types.SimpleNamespace(ptr=self.ptr)
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    """Record driver launches (reading each argument's bytes back through the parameter array at launch
+    time, as cuLaunchKernel copies them) and fake the CUDA calls the driver path makes."""
+    cupy = pytest.importorskip("cupy")
+    from cupy_backends.cuda.api import driver
+    rec = types.SimpleNamespace(launches=[], kernels={}, devices=[], context=1, mem_info=0)
+
+    def launch_kernel(func, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        n = rec.kernels[func].n_args
+        ptrs = (ctypes.c_void_p * n).from_address(params)
+        rec.launches.append(dict(func=func, grid=(gx, gy, gz), block=(bx, by, bz), smem=smem, stream=stream,
+                                 extra=extra, args=[ctypes.string_at(p, 8) for p in ptrs]))
+
+    class Device:
+        def __init__(self, dev):
+            rec.devices.append(dev)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def mem_get_info():
+        rec.mem_info += 1
+        rec.context = 1
+
+    monkeypatch.setattr(driver, "launchKernel", launch_kernel)
+    monkeypatch.setattr(driver, "ctxGetCurrent", lambda: rec.context)
+    monkeypatch.setattr(cupy.cuda, "Device", Device)
+    monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 3)
+    monkeypatch.setattr(cupy.cuda.runtime, "memGetInfo", mem_get_info)
+
+    def kernel(ptr, n_args):
+        k = _DriverKernel(ptr, n_args)
+        rec.kernels[ptr] = k
+        return k
+    rec.kernel = kernel
+    return rec
+
+
+def _assert_args(launch, template, holes, a, b, out):
+    want = list(template)
+    for h, v in zip(holes, (a, b, out)):
+        want[h] = v
+    for i, (got, v) in enumerate(zip(launch["args"], want)):
+        expect = _cupy_bytes(v)
+        assert got[:len(expect)] == expect, f"argument {i} ({v!r}): {got[:len(expect)]!r} != {expect!r}"
+
+
+ARG_KINDS = (None, None, 0x7F00_0000_1200, np.int32(-3), np.uint32(0xFFFF_FFF0), np.int64(-(1 << 40)),
+             np.uint64((1 << 63) + 5), np.float32(1.5), np.float64(-2.25), 2.5, None, np.int16(-7), np.uint8(200),
+             np.bool_(True), np.int32(0))
+
+
+def test_driver_launch_packs_every_argument_as_cupy_passes_it(fake_driver):
+    k = fake_driver.kernel(0xF00D, len(ARG_KINDS))
+    prep = Launch([(k, 7, 128, 2048, ARG_KINDS)], (0, 1, 10), False, (4, 4), device_id=1)
+    assert prep.launch(0x1000, 0x2000, 0x3000, stream=0x5151)
+    (got,) = fake_driver.launches
+    assert (got["func"], got["grid"], got["block"], got["smem"], got["stream"], got["extra"]) == \
+        (0xF00D, (7, 1, 1), (128, 1, 1), 2048, 0x5151, 0)
+    _assert_args(got, ARG_KINDS, (0, 1, 10), 0x1000, 0x2000, 0x3000)
+    assert k.calls == []  # nothing went through CuPy's launch
+    assert fake_driver.devices == [1]  # the handle was looked up on the launch's device
+
+
+def test_driver_launch_fills_the_holes_per_call_and_packs_once(fake_driver):
+    args1 = (None, None, 99, None, np.int32(3))
+    args2 = (None, None, 98, None, np.int32(4))
+    k1, k2 = fake_driver.kernel(0xA1, 5), fake_driver.kernel(0xA2, 5)
+    prep = Launch([(k1, 7, 128, 1024, args1), (k2, 0, 64, 0, args2)], (0, 1, 3), False, (10, 4))
+    for a, b, out, stream in ((16, 32, 48, 0), (160, 320, 480, 7)):
+        fake_driver.launches.clear()
+        assert prep.launch(a, b, out, stream)
+        first, second = fake_driver.launches
+        assert (first["func"], first["grid"], first["block"], first["smem"], first["stream"]) == \
+            (0xA1, (7, 1, 1), (128, 1, 1), 1024, stream)
+        # a grid of 0 launches one block, as through CuPy (its launcher takes max(1, dim))
+        assert (second["func"], second["grid"], second["block"], second["smem"]) == (0xA2, (1, 1, 1), (64, 1, 1), 0)
+        _assert_args(first, args1, (0, 1, 3), a, b, out)
+        _assert_args(second, args2, (0, 1, 3), a, b, out)
+    assert (k1.loads, k2.loads) == (1, 1)  # function handles and argument boxes are made once
+    assert fake_driver.devices == [3]  # device_id None: the current device at the first driver launch
+
+
+def test_driver_launch_refuses_misaligned_inputs_and_establishes_a_context(fake_driver):
+    k = fake_driver.kernel(0xB0, 3)
+    prep = Launch([(k, 1, 32, 0, (None, None, None))], (0, 1, 2), True, (1, 1))
+    assert prep.launch(18, 32, 64, stream=0) is False and fake_driver.launches == []
+    fake_driver.context = 0  # a thread that has not used the CUDA runtime yet
+    assert prep.launch(16, 32, 64, stream=0) is True and len(fake_driver.launches) == 1
+    assert fake_driver.mem_info == 1
+    assert prep.launch(16, 32, 64, stream=0) and fake_driver.mem_info == 1  # only when none is current
+
+
+def test_driver_launch_rejects_an_argument_it_cannot_type(fake_driver):
+    k = fake_driver.kernel(0xC0, 4)
+    prep = Launch([(k, 1, 32, 0, (None, None, None, "3"))], (0, 1, 2), False, (1, 1))
+    with pytest.raises(TypeError, match="unsupported type str"):
+        prep.launch(16, 32, 64, stream=0)
+
+
+class _Dev:
+    """A CuPy array stand-in: an address and a shape."""
+
+    def __init__(self, ptr, shape=(1,)):
+        self.data, self.shape = types.SimpleNamespace(ptr=ptr), shape
+
+
+@pytest.mark.parametrize("direction,params", [("fwd", {}), ("fwd", {"mask_split": 2}), ("dgrad", {"mask_split": 3}),
+                                              ("wgrad", {"gemm_block_size": 64, "split_k_factor": 2})])
+def test_driver_launch_of_the_implicit_gemm_launches(fake_driver, monkeypatch, direction, params):
+    """The argument tuples implicit_gemm builds (forward/dgrad, mask splits, weight gradient) pack and
+    read back as CuPy would pass them."""
+    from sparsevox import implicit_gemm as ig
+    made = []
+
+    def kernel(kind, dt, bm, bn, vec, device_id, variant=None):
+        k = fake_driver.kernel(0xE000 + len(made), 12 if kind == "fwd" else 8)
+        made.append(k)
+        return k, 128, 4096
+    ptrs = iter(range(0x10_0000, 0x20_0000, 0x100))
+    monkeypatch.setattr(ig, "_kernel", kernel)
+    monkeypatch.setattr(ig, "_sm_count", lambda dev: 132)
+    monkeypatch.setattr(ig, "slot_table", lambda kmap, rev, sort, part=None: (_Dev(next(ptrs)), _Dev(next(ptrs))))
+    monkeypatch.setattr(ig, "tile_masks", lambda kmap, rev, bm, sort, part=None: _Dev(next(ptrs), (9, 1)))
+    monkeypatch.setattr(ig, "wgrad_chunks", lambda kmap, chunk: (_Dev(next(ptrs)), 11))
+    kmap = types.SimpleNamespace(num_in=500, num_out=400, num_pairs=3000, num_offsets=27, derived={},
+                                 in_maps=_Dev(0xAAA0), out_maps=_Dev(0xBBB0))
+    prep = ig.prepare(direction, "float16", 32, 64, kmap, 2, **params)
+    assert prep.device_id == 2
+    assert prep.launch(0x1_0000, 0x2_0000, 0x3_0000, stream=0x77)
+    assert len(fake_driver.launches) == len(prep.steps) == params.get("mask_split", 1)
+    for got, (fn, grid, block, smem, template) in zip(fake_driver.launches, prep.steps):
+        assert (got["func"], got["grid"], got["block"], got["smem"], got["stream"]) == \
+            (fn.ptr, (grid, 1, 1), (block, 1, 1), smem, 0x77)
+        _assert_args(got, template, prep.holes, 0x1_0000, 0x2_0000, 0x3_0000)
+    assert fake_driver.devices == [2]
