@@ -35,7 +35,7 @@ from jax.experimental.buffer_callback import buffer_callback
 
 import sparsevox as sv
 from sparsevox.conv import output_voxels_of
-from sparsevox._arrays import array_module, cuda_interface_view, data_ptr, external_stream, to_host
+from sparsevox._arrays import array_module, cuda_interface_view, data_ptr, external_stream, on_device, to_host
 from sparsevox.kernel_map import KernelMap, live_map, recall
 from sparsevox.voxels import Voxels
 
@@ -140,8 +140,11 @@ def _device_of(addr: int) -> int:
     return int(cupy.cuda.runtime.pointerGetAttributes(addr).device)
 
 
-def _call(fn, out_shapes, *args):
-    """Run ``fn(outs, ins, on_gpu)`` on XLA's buffers; on the GPU inside XLA's device and stream."""
+def _call(fn, out_shapes, *args, fast=None):
+    """Run ``fn(outs, ins, on_gpu)`` on XLA's buffers; on the GPU inside XLA's device and stream.
+
+    ``fast(outs, ins, stream)``, when given, is tried first on the GPU, outside CuPy's device and stream
+    contexts (a prepared launch on the raw stream); it returns False to fall back to ``fn``."""
     def callback(ctx, outs, ins):
         try:
             stream = ctx.stream
@@ -150,6 +153,8 @@ def _call(fn, out_shapes, *args):
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
         if stream is None:
             fn(outs, ins, False)
+            return
+        if fast is not None and fast(outs, ins, int(stream)):
             return
         import cupy
         dev = _device_of(_addr(outs[0]))
@@ -186,10 +191,21 @@ def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
     c_out = weight.shape[2] if op == "conv" else weight.shape[1]
     core = sv.conv_forward if op == "conv" else sv.depthwise_forward
 
+    def key_of(f, w):
+        return ("jax.fwd", op, str(f.dtype), tuple(f.shape), tuple(w.shape), fwd_algo, sv.allow_tf32())
+
+    def fast(outs, ins, stream):
+        f, w, i, o = ins
+        prep = _map_of(i, o, kmap, True).derived.get(key_of(f, w))
+        if not prep:
+            return False
+        with on_device(prep.device_id):
+            return prep.launch(_addr(f), _addr(w), _addr(outs[0]), stream=stream)
+
     def run(outs, ins, on_gpu):
         f, w, i, o = ins
         core_map = _map_of(i, o, kmap, on_gpu)
-        key = ("jax.fwd", op, str(f.dtype), tuple(f.shape), tuple(w.shape), fwd_algo, sv.allow_tf32())
+        key = key_of(f, w)
         prep = core_map.derived.get(key) if on_gpu else False
         if prep and prep.launch(_addr(f), _addr(w), _addr(outs[0])):
             return
@@ -198,7 +214,7 @@ def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
         if prep is None:
             sv.conv.remember_prepared(core_map, key, op, "fwd", fv, wv, fwd_algo)
     return _call(run, jax.ShapeDtypeStruct((kmap.num_out, c_out), feats.dtype),
-                 feats, weight, kmap.in_maps, kmap.out_maps)
+                 feats, weight, kmap.in_maps, kmap.out_maps, fast=fast)
 
 
 def _fast_backward(dprep, wprep, outs, g, f, w) -> bool:

@@ -79,23 +79,6 @@ _BWD_ALGO: contextvars.ContextVar[str] = contextvars.ContextVar("sparsevox_bwd_a
 # The launches go to the CUDA driver with torch's raw stream handle (no CuPy stream object to enter),
 # and CuPy's device context is entered only when the caller's current device is another one.
 
-_cuda_runtime = None  # cupy.cuda.runtime, imported on the first prepared launch
-
-
-def _on_device(dev: int):
-    """A context making ``dev`` the current CUDA device; a shared null context when it already is
-    (cudaGetDevice is a fraction of a µs, a ``cupy.cuda.Device`` context several)."""
-    global _cuda_runtime
-    if _cuda_runtime is None:
-        import cupy
-        _cuda_runtime = cupy.cuda.runtime
-    if _cuda_runtime.getDevice() == dev:
-        return _SAME_DEVICE
-    import cupy
-    return cupy.cuda.Device(dev)
-
-
-_SAME_DEVICE = contextlib.nullcontext()
 
 
 def _prepared(kmap, key):
@@ -108,7 +91,7 @@ def _fast_forward(prep, feats, weight):
     out = torch.empty(prep.out_shape, dtype=feats.dtype, device=feats.device)
     dev = feats.get_device()
     stream = _arrays.torch_stream_handle(torch, dev)
-    with _on_device(dev):
+    with _arrays.on_device(dev):
         ok = prep.launch(feats.data_ptr(), weight.data_ptr(), out.data_ptr(), stream)
     return out if ok else None
 
@@ -120,7 +103,7 @@ def _fast_backward(dprep, wprep, grad_out, feats, weight):
     gf = gw = None
     dev = feats.get_device()
     stream = _arrays.torch_stream_handle(torch, dev)
-    with _on_device(dev):
+    with _arrays.on_device(dev):
         if dprep is not None:
             wt = weight.transpose(1, 2).contiguous()
             gf = torch.empty(dprep.out_shape, dtype=feats.dtype, device=feats.device)

@@ -295,3 +295,23 @@ def array_module(a):
 
 def to_host(a) -> np.ndarray:
     return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+# A prepared launch checks the current device instead of entering a context every call.
+_cuda_runtime = None  # cupy.cuda.runtime, imported on the first prepared launch
+
+
+def on_device(dev: int):
+    """A context making ``dev`` the current CUDA device; a shared null context when it already is
+    (cudaGetDevice is a fraction of a µs, a ``cupy.cuda.Device`` context several)."""
+    global _cuda_runtime
+    if _cuda_runtime is None:
+        import cupy
+        _cuda_runtime = cupy.cuda.runtime
+    if _cuda_runtime.getDevice() == dev:
+        return _SAME_DEVICE
+    import cupy
+    return cupy.cuda.Device(dev)
+
+
+_SAME_DEVICE = contextlib.nullcontext()
