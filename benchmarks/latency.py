@@ -124,7 +124,7 @@ def map_build_phases(coords, n: int = 50) -> dict:
     from sparsevox import Voxels, gpu_kernel_map as gkm, kernel_map
     dev = gkm._cupy_device()
     spent: dict = {}
-    originals = {name: getattr(dev, name) for name in ("launch", "fill_ones", "to_host", "copy_prefix")}
+    originals = {name: getattr(dev, name) for name in ("launch", "fill_ones", "to_host", "copy_pairs", "view")}
 
     def timed(name, fn):
         def wrapper(*a, **k):

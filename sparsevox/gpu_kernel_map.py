@@ -32,12 +32,14 @@ How (kernels in ``kernels_cu/kernel_map.cu``, table in ``kernels_cu/common/hash.
    ``cand``. 13 probes per row instead of 27 for k3, and the same map. Their scan state (with a done
    counter per probed offset) sits after ``offsets`` in the kept allocation, reset by the one memset
    of cand's mirrored rows (which must start at -1).
-4. After the one synchronisation (the info row: sizes and status words), two device-to-device copies
-   on the current stream move the first ``offsets[K]`` pairs into exact-size ``in_maps``/``out_maps``,
-   and the upper-bound buffers go back to CuPy's pool.
+4. After the one synchronisation (the info row: sizes and status words), one 2-D device-to-device copy
+   on the current stream moves the first ``offsets[K]`` pairs of both buffers into one exact-size
+   allocation (``in_maps`` then ``out_maps``), and the upper-bound buffers go back to CuPy's pool.
+   Parts of the allocations are passed to the kernels as raw addresses (a CuPy slice costs µs of host
+   time; a map used about ten).
 
 Per map: one memset (symmetric SubM: two), two kernels (insert, query_compact), one device→host copy
-(``offsets_host`` and the status words, K + 3 int64), two device-to-device copies; strided/generative
+(``offsets_host`` and the status words, K + 3 int64), one 2-D device-to-device copy; strided/generative
 layers add one more device→host copy for the number of output sites. Work runs on CuPy's current
 device and stream (see :func:`sparsevox._arrays.on_caller_stream`).
 
@@ -95,7 +97,7 @@ class CupyDevice:
         self._fns: dict = {}
 
     def launch(self, name: str, grid: int, block: int, args: tuple) -> None:
-        dev = self.xp.cuda.Device().id
+        dev = self.xp.cuda.runtime.getDevice()
         fn = self._fns.get((dev, name, block))
         if fn is None:
             from .cuda_loader import get_function
@@ -103,24 +105,39 @@ class CupyDevice:
             self._fns[(dev, name, block)] = fn
         fn((grid,), (block,), args)
 
-    def fill_ones(self, a) -> None:
-        """Set every byte of ``a`` to 0xFF on the current stream (EMPTY keys, -1 int32)."""
+    def fill_ones(self, a, start: int = 0, count: int | None = None) -> None:
+        """Set every byte of ``a[start:start + count]`` (1-D; default: to the end) to 0xFF on the current
+        stream (EMPTY keys, -1 int32)."""
         cupy = self.xp
-        cupy.cuda.runtime.memsetAsync(a.data.ptr, 0xFF, a.nbytes, cupy.cuda.get_current_stream().ptr)
+        count = a.size - start if count is None else count
+        cupy.cuda.runtime.memsetAsync(a.data.ptr + start * a.itemsize, 0xFF, count * a.itemsize,
+                                      cupy.cuda.get_current_stream().ptr)
+
+    # The builder addresses parts of its few allocations by offset: a CuPy slice or view costs several
+    # µs of host time each (about ten per map), a raw address nothing.
+    @staticmethod
+    def ptr(a, start: int = 0):
+        """Kernel argument: the address of element ``start`` of 1-D ``a``."""
+        return a.data.ptr + start * a.itemsize
+
+    def view(self, a, start: int, shape: tuple, dtype):
+        """An array of ``shape`` and ``dtype`` on ``a``'s memory from element ``start`` (no copy)."""
+        return self.xp.ndarray(shape, dtype=dtype, memptr=a.data + start * a.itemsize)
 
     def to_host(self, a) -> np.ndarray:
         return a.get()
 
-    def copy_prefix(self, src, n: int):
-        """A new exact-size array of the first ``n`` entries of 1-D ``src`` (async device-to-device
-        copy on the current stream)."""
+    def copy_pairs(self, src, stride: int, n: int):
+        """``(src[:n], src[stride:stride + n])`` as new exact-size arrays: one allocation, one 2-D
+        device-to-device copy on the current stream."""
         cupy = self.xp
-        out = cupy.empty(n, dtype=src.dtype)
+        out = cupy.empty(2 * n, dtype=src.dtype)
         if n:
-            cupy.cuda.runtime.memcpyAsync(out.data.ptr, src.data.ptr, n * src.itemsize,
-                                          cupy.cuda.runtime.memcpyDeviceToDevice,
-                                          cupy.cuda.get_current_stream().ptr)
-        return out
+            w = src.itemsize
+            cupy.cuda.runtime.memcpy2DAsync(out.data.ptr, n * w, src.data.ptr, stride * w, n * w, 2,
+                                            cupy.cuda.runtime.memcpyDeviceToDevice,
+                                            cupy.cuda.get_current_stream().ptr)
+        return self.view(out, 0, (n,), src.dtype), self.view(out, n, (n,), src.dtype)
 
 
 _device = None
@@ -210,9 +227,7 @@ def _insert(dev, coords, extra: int = 0):
     return table, cap - 1
 
 
-def _status(table, mask: int):
-    """The insert's two status words (duplicate row, out-of-range row), a view of ``table``."""
-    return table[2 * (mask + 1) + 2:2 * (mask + 1) + 4]
+_STATUS = 2  # the insert's two status words (duplicate row, out-of-range row) at 2 * capacity + 2 of the table
 
 
 def hash_table(dev, coords):
@@ -228,7 +243,8 @@ def hash_table(dev, coords):
     with (xp.cuda.Device(coords.device.id) if xp is not np else contextlib.nullcontext()):
         coords = _as_int32_rows(xp, coords)
         table, mask = _insert(dev, coords)
-        dup_row, bad_row = (int(v) for v in dev.to_host(_status(table, mask)).view(np.int64))
+        status = dev.view(table, _STATUS + 2 * (mask + 1), (2,), np.int64)
+        dup_row, bad_row = (int(v) for v in dev.to_host(status))
     return (table, mask), dup_row, bad_row
 
 
@@ -270,33 +286,33 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
         # (rewritten by the kernel) and state; the state's few words stay with the map.
         head = km + num_k + 1 + (km + num_k + 1) % 2
         keep = xp.empty(head + 2 * words, dtype=xp.int32)
-        state = keep[head:].view(xp.uint64)
-        dev.fill_ones(keep[(num_k - half) * m:])
+        state = dev.ptr(keep, head)
+        dev.fill_ones(keep, (num_k - half) * m)
         if table is None:
             table, mask = _insert(dev, coords)
     elif table is None:  # in the tail of the new table: its one memset resets them
         keep = xp.empty(km + num_k + 1, dtype=xp.int32)
         table, mask = _insert(dev, coords, words)
-        state = table[2 * (mask + 1) + 4:]
+        state = dev.ptr(table, _STATUS + 2 * (mask + 1) + 2)
     else:  # a prebuilt table is shared by every map of these voxels: a fresh state of this map's own
         keep = xp.empty(km + num_k + 1, dtype=xp.int32)
         state = xp.empty(words, dtype=xp.uint64)
         dev.fill_ones(state)
-    status = _status(table, mask)
-    cand, offsets = keep[:km], keep[km:km + num_k + 1]
+        state = dev.ptr(state)
+    # keep = [cand (K x m) | offsets (K + 1) | ...]; scratch = [in_buf (K m) | out_buf (K m) | info]
     scratch = xp.empty(2 * km + 2 * (num_k + 3), dtype=xp.int32)
-    in_buf, out_buf, info = scratch[:km], scratch[km:2 * km], scratch[2 * km:].view(xp.int64)
     dev.launch("query_compact", tiles, BLOCK,
                (out_coords, np.int32(m), np.int32(nbm), np.int32(num_k), np.int32(transposed), np.int32(symmetric),
-                *_geometry_args(st, ks, dl), table, np.uint64(mask), status, state, cand, in_buf, out_buf,
-                offsets, info))
-    host = dev.to_host(info)  # the one synchronisation: sizes for the exact copies, and the checks
+                *_geometry_args(st, ks, dl), table, np.uint64(mask), dev.ptr(table, _STATUS + 2 * (mask + 1)),
+                state, dev.ptr(keep), dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km),
+                dev.ptr(scratch, 2 * km)))
+    # the one synchronisation: sizes for the exact copies, and the checks
+    host = dev.to_host(dev.view(scratch, 2 * km, (num_k + 3,), np.int64))
     _raise_table_status(dev, coords, int(host[num_k + 1]), int(host[num_k + 2]))
     offsets_host = host[:num_k + 1].astype(np.int64)
-    total = int(offsets_host[-1])
-    in_maps = dev.copy_prefix(in_buf, total)
-    out_maps = dev.copy_prefix(out_buf, total)
-    return in_maps, out_maps, offsets, offsets_host, cand.reshape(num_k, m)
+    in_maps, out_maps = dev.copy_pairs(scratch, km, int(offsets_host[-1]))
+    return (in_maps, out_maps, dev.view(keep, km, (num_k + 1,), np.int32), offsets_host,
+            dev.view(keep, 0, (num_k, m), np.int32))
 
 
 def build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords=None,

@@ -215,9 +215,19 @@ class EmulatedDevice:
             raise RuntimeError(f"kmap_{name}: a spin-wait did not end at once (a wait on a later "
                                f"ticket or for a wrong count: on a GPU, a hang)")
 
-    def fill_ones(self, a):
-        self.fills.append(a.size)
-        a.view(np.uint8).fill(0xFF)
+    def fill_ones(self, a, start=0, count=None):
+        count = a.size - start if count is None else count
+        self.fills.append(count)
+        a[start:start + count].view(np.uint8).fill(0xFF)
+
+    @staticmethod
+    def ptr(a, start=0):
+        return a[start:]
+
+    @staticmethod
+    def view(a, start, shape, dtype):
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize // a.itemsize
+        return a[start:start + n].view(dtype).reshape(shape)
 
     def clear_log(self):
         """Forget the launches, grids, arguments and fills recorded so far."""
@@ -229,5 +239,5 @@ class EmulatedDevice:
     def to_host(self, a):
         return np.array(a, copy=True)
 
-    def copy_prefix(self, src, n):
-        return np.array(src[:n], copy=True)
+    def copy_pairs(self, src, stride, n):
+        return np.array(src[:n], copy=True), np.array(src[stride:stride + n], copy=True)
