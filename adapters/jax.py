@@ -195,8 +195,14 @@ def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
         return ("jax.fwd", op, str(f.dtype), tuple(f.shape), tuple(w.shape), fwd_algo, sv.allow_tf32())
 
     def fast(outs, ins, stream):
+        # Only a map known by its buffers' addresses: finding one otherwise compares arrays and may copy,
+        # which must run inside XLA's device and stream (``run``).
         f, w, i, o = ins
-        prep = _map_of(i, o, kmap, True).derived.get(key_of(f, w))
+        ai, ao = _addr(i), _addr(o)
+        core_map = live_map(ai, ao, i.shape[0], kmap.num_in, kmap.num_out)
+        if core_map is None and kmap.source is not None:
+            core_map = kmap.source.known(ai, ao)
+        prep = core_map.derived.get(key_of(f, w)) if core_map is not None else None
         if not prep:
             return False
         with on_device(prep.device_id):

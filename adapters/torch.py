@@ -79,8 +79,6 @@ _BWD_ALGO: contextvars.ContextVar[str] = contextvars.ContextVar("sparsevox_bwd_a
 # The launches go to the CUDA driver with torch's raw stream handle (no CuPy stream object to enter),
 # and CuPy's device context is entered only when the caller's current device is another one.
 
-
-
 def _prepared(kmap, key):
     return kmap.derived.get(key) if kmap.in_maps.__class__.__module__.startswith("cupy") else False
 

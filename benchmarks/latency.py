@@ -223,13 +223,15 @@ def jax_part() -> dict:
             finally:
                 spent["s"] += time.perf_counter() - t
                 spent["n"] += 1
-        def timed_fast(outs, ins, stream):
+        def timed_fast(outs, ins, stream):  # counted as a callback only when it launched (else run is)
             t = time.perf_counter()
+            ok = False
             try:
-                return fast(outs, ins, stream)
+                ok = fast(outs, ins, stream)
+                return ok
             finally:
                 spent["s"] += time.perf_counter() - t
-                spent["n"] += 1
+                spent["n"] += bool(ok)
         return plain_call(run, out_shapes, *args, fast=timed_fast if fast is not None else None)
     svj._call = timed_call
     try:

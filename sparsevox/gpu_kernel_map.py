@@ -83,6 +83,7 @@ def kernel_name(name: str, block: int, items: int = ITEMS) -> str:
 NAME_EXPRESSIONS = tuple(kernel_name(k, BLOCK) for k in _KERNELS)
 _INT32_MAX = 2 ** 31 - 1
 _EMPTY = -1  # an all-ones status word read as int64
+_MAX_PITCH = 2 ** 31 - 1  # cudaDeviceProp.memPitch: the largest pitch cudaMemcpy2D accepts
 
 
 class CupyDevice:
@@ -128,16 +129,23 @@ class CupyDevice:
         return a.get()
 
     def copy_pairs(self, src, stride: int, n: int):
-        """``(src[:n], src[stride:stride + n])`` as new exact-size arrays: one allocation, one 2-D
-        device-to-device copy on the current stream."""
+        """``(src[:n], src[stride:stride + n])`` as new exact-size arrays: one allocation (the second
+        starting 256-byte aligned, as a separate allocation would), one 2-D device-to-device copy on the
+        current stream (two 1-D copies where ``stride`` exceeds the largest pitch cudaMemcpy2D takes)."""
         cupy = self.xp
-        out = cupy.empty(2 * n, dtype=src.dtype)
+        rt = cupy.cuda.runtime
+        w = src.itemsize
+        pad = -(-n * w // 256) * 256 // w  # the second array's start, in elements
+        out = cupy.empty(pad + n, dtype=src.dtype)
         if n:
-            w = src.itemsize
-            cupy.cuda.runtime.memcpy2DAsync(out.data.ptr, n * w, src.data.ptr, stride * w, n * w, 2,
-                                            cupy.cuda.runtime.memcpyDeviceToDevice,
-                                            cupy.cuda.get_current_stream().ptr)
-        return self.view(out, 0, (n,), src.dtype), self.view(out, n, (n,), src.dtype)
+            stream = cupy.cuda.get_current_stream().ptr
+            if stride * w <= _MAX_PITCH:
+                rt.memcpy2DAsync(out.data.ptr, pad * w, src.data.ptr, stride * w, n * w, 2,
+                                 rt.memcpyDeviceToDevice, stream)
+            else:
+                for dst, at in ((0, 0), (pad, stride)):
+                    rt.memcpyAsync(self.ptr(out, dst), self.ptr(src, at), n * w, rt.memcpyDeviceToDevice, stream)
+        return self.view(out, 0, (n,), src.dtype), self.view(out, pad, (n,), src.dtype)
 
 
 _device = None
@@ -227,7 +235,10 @@ def _insert(dev, coords, extra: int = 0):
     return table, cap - 1
 
 
-_STATUS = 2  # the insert's two status words (duplicate row, out-of-range row) at 2 * capacity + 2 of the table
+def _status_at(mask: int) -> int:
+    """Index in the table of the insert's two status words (duplicate row, out-of-range row), after
+    the 2 * capacity slot words and the all-ones key's slot."""
+    return 2 * (mask + 1) + 2
 
 
 def hash_table(dev, coords):
@@ -243,7 +254,7 @@ def hash_table(dev, coords):
     with (xp.cuda.Device(coords.device.id) if xp is not np else contextlib.nullcontext()):
         coords = _as_int32_rows(xp, coords)
         table, mask = _insert(dev, coords)
-        status = dev.view(table, _STATUS + 2 * (mask + 1), (2,), np.int64)
+        status = dev.view(table, _status_at(mask), (2,), np.int64)
         dup_row, bad_row = (int(v) for v in dev.to_host(status))
     return (table, mask), dup_row, bad_row
 
@@ -293,17 +304,17 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
     elif table is None:  # in the tail of the new table: its one memset resets them
         keep = xp.empty(km + num_k + 1, dtype=xp.int32)
         table, mask = _insert(dev, coords, words)
-        state = dev.ptr(table, _STATUS + 2 * (mask + 1) + 2)
+        state = dev.ptr(table, _status_at(mask) + 2)
     else:  # a prebuilt table is shared by every map of these voxels: a fresh state of this map's own
         keep = xp.empty(km + num_k + 1, dtype=xp.int32)
-        state = xp.empty(words, dtype=xp.uint64)
-        dev.fill_ones(state)
-        state = dev.ptr(state)
+        state_words = xp.empty(words, dtype=xp.uint64)  # a named reference: the kernel must not get
+        dev.fill_ones(state_words)                      # memory the pool has already handed back
+        state = dev.ptr(state_words)
     # keep = [cand (K x m) | offsets (K + 1) | ...]; scratch = [in_buf (K m) | out_buf (K m) | info]
     scratch = xp.empty(2 * km + 2 * (num_k + 3), dtype=xp.int32)
     dev.launch("query_compact", tiles, BLOCK,
                (out_coords, np.int32(m), np.int32(nbm), np.int32(num_k), np.int32(transposed), np.int32(symmetric),
-                *_geometry_args(st, ks, dl), table, np.uint64(mask), dev.ptr(table, _STATUS + 2 * (mask + 1)),
+                *_geometry_args(st, ks, dl), table, np.uint64(mask), dev.ptr(table, _status_at(mask)),
                 state, dev.ptr(keep), dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km),
                 dev.ptr(scratch, 2 * km)))
     # the one synchronisation: sizes for the exact copies, and the checks

@@ -25,6 +25,7 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +184,26 @@ def _library(prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS):
     return ctypes.CDLL(str(out))
 
 
+class _Addr:
+    """A raw address the builder passes to a kernel (the GPU device's ``ptr``), holding the array it
+    points into only weakly: a launch fails when that array is gone, where on a GPU the memory pool may
+    already have handed the block to the next allocation."""
+    __slots__ = ("base", "start")
+
+    def __init__(self, a, start):
+        self.base, self.start = weakref.ref(a), start
+
+    def array(self):
+        """The memory from the address on, as a NumPy view (for tests that look at it)."""
+        a = self.base()
+        if a is None:
+            raise RuntimeError("a kernel argument points into an array that no longer exists")
+        return a[self.start:]
+
+
 def _c_arg(a):
+    if isinstance(a, _Addr):
+        return ctypes.c_void_p(a.array().ctypes.data)
     if isinstance(a, np.ndarray):
         assert a.flags.c_contiguous, "kernel arguments must be contiguous"
         return ctypes.c_void_p(a.ctypes.data)
@@ -222,7 +242,7 @@ class EmulatedDevice:
 
     @staticmethod
     def ptr(a, start=0):
-        return a[start:]
+        return _Addr(a, start)
 
     @staticmethod
     def view(a, start, shape, dtype):

@@ -377,7 +377,7 @@ def test_emulated_stuck_spin_wait_raises(emulated, rng, monkeypatch):
 
     def launch(name, grid, block, args):
         if name == "query_compact":
-            args[18][-1] = 0  # the state's last word: done[K/2 - 1], all ones + 1
+            args[18].array().view(np.uint64)[-1] = 0  # the state's last word: done[K/2 - 1], all ones + 1
         real(name, grid, block, args)
     monkeypatch.setattr(emulated, "launch", launch)
     with pytest.raises(RuntimeError, match="spin-wait did not end"):

@@ -44,12 +44,20 @@ def _fresh(rng, kmap, c_in, c_out, dtype):
     return f.requires_grad_(True), w.requires_grad_(True), g
 
 
-def _count_launches(monkeypatch) -> list:
-    """Record the output shape of every prepared launch from now on."""
-    calls, real = [], ig.Launch.launch
+class _Launches(list):
+    """Output shapes of the prepared launches, in order; ``streams``: the stream each got (None: CuPy's
+    current stream, else a raw handle for the driver path)."""
+    streams: list
+
+
+def _count_launches(monkeypatch) -> _Launches:
+    """Record the output shape (and stream argument) of every prepared launch from now on."""
+    calls, real = _Launches(), ig.Launch.launch
+    calls.streams = []
 
     def counting(self, a, b, out, stream=None):
         calls.append(self.out_shape)
+        calls.streams.append(stream)
         return real(self, a, b, out, stream)
     monkeypatch.setattr(ig.Launch, "launch", counting)
     return calls
@@ -162,6 +170,9 @@ def test_jax_repeated_jit_grad_matches_the_oracle(rng, dtype, monkeypatch, jax_x
             # loss value is not returned) all launch from addresses
             shapes = set(calls[n_before:])
             assert {(k, 16), (k, 32), (27, 32, 16)} <= shapes, shapes
+            # the forward goes through the callback's fast path: the driver, on XLA's raw stream
+            fwd_streams = [st for sh, st in zip(calls[n_before:], calls.streams[n_before:]) if sh == (k, 16)]
+            assert fwd_streams and all(isinstance(st, int) for st in fwd_streams), fwd_streams
         fn, wn, gn = (np.asarray(a, dtype=np.float64) for a in (f, w, g))
         ref = dense_conv(c, fn, wn, 3, 1, 1, False, c)
         rgf, rgw = dense_conv_grads(c, fn, wn, gn, 3, 1, 1, False, c)
