@@ -86,11 +86,36 @@ def test_runs_on_callers_stream(rng):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_second_device(rng):
+def test_second_device(rng, monkeypatch):
+    """Data on cuda:1 while cuda:0 is current: the first call plans, the later ones take the prepared
+    launches through the driver (which must make cuda:1 current), forward and backward; every call
+    matches the oracle."""
+    from sparsevox import implicit_gemm as ig
     v, w = _layer(rng, device="cuda:1")
-    out = sv.spatially_sparse_conv(v, w)
-    assert out.feats.device == torch.device("cuda:1")
-    assert rel_err(out.feats.double().cpu().numpy(), _oracle(v, w)) < TOL["float32"]
+    assert torch.cuda.current_device() == 0
+    c = v.coords.cpu().numpy()
+    f = v.feats.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    g = torch.randn(len(c), w.shape[2], device="cuda:1")
+    args = (c, v.feats.double().cpu().numpy(), w.detach().double().cpu().numpy())
+    ref = dense_conv(*args, 3, 1, 1, False, c)
+    rgf, rgw = dense_conv_grads(*args, g.double().cpu().numpy(), 3, 1, 1, False, c)
+    streams, real = [], ig.Launch.launch
+
+    def recording(self, a, b, out, stream=None):
+        streams.append(stream)
+        return real(self, a, b, out, stream)
+    monkeypatch.setattr(ig.Launch, "launch", recording)
+    for _ in range(3):
+        f.grad = w.grad = None
+        out = sv.spatially_sparse_conv(v.replace(f), w, fwd_algo="implicit_gemm", bwd_algo="implicit_gemm")
+        assert out.feats.device == torch.device("cuda:1")
+        out.feats.backward(g)
+        torch.cuda.synchronize(1)
+        assert rel_err(out.feats.detach().double().cpu().numpy(), ref) < TOL["float32"]
+        assert rel_err(f.grad.double().cpu().numpy(), rgf) < TOL["float32"]
+        assert rel_err(w.grad.double().cpu().numpy(), rgw) < TOL["float32"]
+    assert any(st is not None for st in streams), "no prepared driver launch on the second device"
 
 
 def test_jax_jit_grad_on_gpu(rng):
