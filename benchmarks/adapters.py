@@ -12,27 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.timing import wall_ms
 
 STACK = 8  # layers per call in the stacked figure
-
-
-def _median_ms(fn, sync, repeats):
-    for _ in range(3):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -73,17 +60,17 @@ def main(argv=None) -> int:
             kc = sv.kernel_map(vc, 3)
             wc = cupy.asarray(w_np)
             sync_c = cupy.cuda.get_current_stream().synchronize
-            core_f = _median_ms(lambda: sv.conv_forward(vc.feats, wc, kc), sync_c, repeats)
-            core_fb = _median_ms(lambda: sv.conv_backward(sv.conv_forward(vc.feats, wc, kc), vc.feats, wc, kc),
-                                 sync_c, repeats)
+            core_f = wall_ms(lambda: sv.conv_forward(vc.feats, wc, kc), sync_c, repeats=repeats)
+            core_fb = wall_ms(lambda: sv.conv_backward(sv.conv_forward(vc.feats, wc, kc), vc.feats, wc, kc),
+                              sync_c, repeats=repeats)
             # torch
             ft = torch.tensor(f_np, device="cuda", requires_grad=True)
             wt = torch.tensor(w_np, device="cuda", requires_grad=True)
             vt = sv.Voxels(torch.as_tensor(scene.coords, device="cuda"), ft)
             kt = sv.kernel_map(vt, 3)
-            torch_f = _median_ms(lambda: svt.conv_features(ft, wt, kt), torch.cuda.synchronize, repeats)
-            torch_fb = _median_ms(lambda: svt.conv_features(ft, wt, kt).sum().backward(), torch.cuda.synchronize,
-                                  repeats)
+            torch_f = wall_ms(lambda: svt.conv_features(ft, wt, kt), torch.cuda.synchronize, repeats=repeats)
+            torch_fb = wall_ms(lambda: svt.conv_features(ft, wt, kt).sum().backward(), torch.cuda.synchronize,
+                               repeats=repeats)
             # jax (jitted)
             fj, wj = jnp.asarray(f_np), jnp.asarray(w_np)
             vj = sv.Voxels(jnp.asarray(scene.coords), fj)
@@ -93,10 +80,10 @@ def main(argv=None) -> int:
             grad = jax.jit(jax.grad(lambda f, w, k: svj.conv_features(f, w, k).astype(jnp.float32).sum(), (0, 1)))
             fwd_closed = jax.jit(lambda f, w: svj.conv_features(f, w, kj))
             misses0 = recall_stats["misses"]
-            jax_f = _median_ms(lambda: fwd(fj, wj, kj).block_until_ready(), lambda: None, repeats)
-            jax_fb = _median_ms(lambda: jax.block_until_ready(grad(fj, wj, kj)), lambda: None, repeats)
+            jax_f = wall_ms(lambda: fwd(fj, wj, kj).block_until_ready(), repeats=repeats)
+            jax_fb = wall_ms(lambda: jax.block_until_ready(grad(fj, wj, kj)), repeats=repeats)
             misses_arg = recall_stats["misses"] - misses0
-            jax_f_closed = _median_ms(lambda: fwd_closed(fj, wj).block_until_ready(), lambda: None, repeats)
+            jax_f_closed = wall_ms(lambda: fwd_closed(fj, wj).block_until_ready(), repeats=repeats)
             misses_closed = recall_stats["misses"] - misses0 - misses_arg
             # A stack of STACK layers per call (what a network's jitted step does): XLA's dispatch of the
             # jitted call, a fixed ~50-140 µs before any callback runs, is paid once, not per layer.
@@ -112,8 +99,8 @@ def main(argv=None) -> int:
                     f = svj.conv_features(f, w, k)
                 return f
             jax_stack = jax.jit(jax_stack)
-            torch_s = _median_ms(torch_stack, torch.cuda.synchronize, repeats) / STACK
-            jax_s = _median_ms(lambda: jax_stack(fj, wj, kj).block_until_ready(), lambda: None, repeats) / STACK
+            torch_s = wall_ms(torch_stack, torch.cuda.synchronize, repeats=repeats) / STACK
+            jax_s = wall_ms(lambda: jax_stack(fj, wj, kj).block_until_ready(), repeats=repeats) / STACK
             rec = {"op": "subm_adapters", "scene": scene.name, "n_voxels": scene.n_voxels, "c_in": c, "c_out": c,
                    "dtype": dtype, "pairs": kc.num_pairs,
                    "ms": {"core": {"fwd": core_f, "fwd_bwd": core_fb},

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.timing import wall_ms
+
 SLEEP_CYCLES = 20_000_000  # ~10 ms at H100 clocks: longer than the host needs to queue the calls
 
 
@@ -159,14 +161,7 @@ def map_build_phases(coords, n: int = 50) -> dict:
 
 
 def _wall_us(fn, repeats=50):
-    for _ in range(5):
-        fn()
-    xs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        xs.append((time.perf_counter() - t) * 1e6)
-    return _median(xs)
+    return wall_ms(fn, warmup=5, repeats=repeats) * 1e3
 
 
 def jax_part() -> dict:

@@ -64,6 +64,23 @@ def time_call(fn, device: str, warmup: int = 3, repeats: int = 20) -> Timing:
     return Timing(statistics.median(samples), min(samples), max(samples), repeats)
 
 
+def wall_ms(fn, sync=None, warmup: int = 3, repeats: int = 30) -> float:
+    """Median host wall time in ms of ``fn()`` followed by ``sync()`` (when given), after ``warmup``
+    untimed calls: what a loop that waits for each call sees, host and device together."""
+    for _ in range(warmup):
+        fn()
+    if sync is not None:
+        sync()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        samples.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(samples)
+
+
 def flops(pairs: int, c_in: int, c_out: int) -> float:
     """Multiply-adds of one pass over the pairs, counted as 2 FLOPs: ``2 * pairs * C_in * C_out``."""
     return 2.0 * pairs * c_in * c_out

@@ -307,8 +307,10 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
         state = dev.ptr(table, _status_at(mask) + 2)
     else:  # a prebuilt table is shared by every map of these voxels: a fresh state of this map's own
         keep = xp.empty(km + num_k + 1, dtype=xp.int32)
-        state_words = xp.empty(words, dtype=xp.uint64)  # a named reference: the kernel must not get
-        dev.fill_ones(state_words)                      # memory the pool has already handed back
+        # Held by name until the launch: the kernel gets only its address, and a dropped array's memory
+        # goes back to the pool at once (the next allocation could take it).
+        state_words = xp.empty(words, dtype=xp.uint64)
+        dev.fill_ones(state_words)
         state = dev.ptr(state_words)
     # keep = [cand (K x m) | offsets (K + 1) | ...]; scratch = [in_buf (K m) | out_buf (K m) | info]
     scratch = xp.empty(2 * km + 2 * (num_k + 3), dtype=xp.int32)

@@ -58,38 +58,31 @@ static std::atomic<int> g_spin_stuck{0};
 extern "C" int emu_spin_stuck() { return g_spin_stuck.exchange(0); }
 template <class T> inline T __ldcg(const T* p) { return *p; }
 inline void __syncthreads() { g_block->arrive_and_wait(); }
-inline int __shfl_up_sync(unsigned, int v, int d) {
+// Every warp intrinsic is one exchange: each lane publishes a value, the warp meets, each lane reads what
+// it needs from the published row, the warp meets again (so the row can be reused).
+template <class Read> inline auto warp_exchange(int v, Read read) {
     int w = threadIdx.x / 32, l = threadIdx.x % 32;
     g_lanes[w][l] = v;
     g_warps[w]->arrive_and_wait();
-    int r = l >= d ? g_lanes[w][l - d] : v;
+    auto r = read(g_lanes[w], l);
     g_warps[w]->arrive_and_wait();
     return r;
+}
+inline int __shfl_up_sync(unsigned, int v, int d) {
+    return warp_exchange(v, [&](const int* row, int l) { return l >= d ? row[l - d] : v; });
 }
 inline int __shfl_xor_sync(unsigned, int v, int m) {
-    int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    g_lanes[w][l] = v;
-    g_warps[w]->arrive_and_wait();
-    int r = g_lanes[w][l ^ m];
-    g_warps[w]->arrive_and_wait();
-    return r;
-}
-inline unsigned __ballot_sync(unsigned, int p) {  // full warps only (BLOCK is a multiple of 32)
-    int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    g_lanes[w][l] = p ? 1 : 0;
-    g_warps[w]->arrive_and_wait();
-    unsigned r = 0;
-    for (int i = 0; i < 32; ++i) r |= (unsigned)g_lanes[w][i] << i;
-    g_warps[w]->arrive_and_wait();
-    return r;
+    return warp_exchange(v, [&](const int* row, int l) { return row[l ^ m]; });
 }
 inline int __shfl_sync(unsigned, int v, int src) {
-    int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    g_lanes[w][l] = v;
-    g_warps[w]->arrive_and_wait();
-    int r = g_lanes[w][src & 31];
-    g_warps[w]->arrive_and_wait();
-    return r;
+    return warp_exchange(v, [&](const int* row, int) { return row[src & 31]; });
+}
+inline unsigned __ballot_sync(unsigned, int p) {  // full warps only (BLOCK is a multiple of 32)
+    return warp_exchange(p ? 1 : 0, [](const int* row, int) {
+        unsigned r = 0;
+        for (int i = 0; i < 32; ++i) r |= (unsigned)row[i] << i;
+        return r;
+    });
 }
 inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }

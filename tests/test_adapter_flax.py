@@ -4,11 +4,10 @@ import sys
 
 import numpy as np
 import pytest
-from reference import dense_conv, dense_conv_grads, expected_out_coords, random_voxels, rel_err
+from reference import dense_conv, dense_conv_grads, rel_err
 
 import sparsevox as sv
-from sparsevox._arrays import to_host
-from sparsevox.testing import KINDS, kind_args
+from sparsevox.testing import KINDS
 
 pytest.importorskip("flax", reason="flax not installed")
 import jax  # noqa: E402
@@ -17,24 +16,10 @@ from flax import nnx  # noqa: E402
 from jax.test_util import check_grads  # noqa: E402
 
 svf = pytest.importorskip("sparsevox.adapters.flax")
+from jax_cases import scene as _scene  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("jax_x64")
-
-
-def _scene(rng, kind, c_in=3):
-    """``(voxels, output_voxels, layer geometry kwargs, out_coords)`` for one kind, small and random."""
-    s, tr, gen = kind_args(kind, 2)
-    fine = random_voxels(rng, 60, extent=6, batches=2)
-    coords, out_v = fine, None
-    if kind == "transposed":
-        out_v = sv.Voxels(jnp.asarray(fine), None)
-        coords = expected_out_coords(fine, 2, 2, 1, False, False)
-    ks = 3 if kind == "submanifold" else 2
-    v = sv.Voxels(jnp.asarray(coords), jnp.asarray(rng.standard_normal((len(coords), c_in))))
-    geo = dict(kernel_size=ks, stride=s, transposed=tr, generative=gen)
-    out_coords = to_host(sv.kernel_map(v, ks, s, 1, tr, gen, out_v).out_coords)
-    return v, out_v, geo, out_coords
 
 
 def _oracle_args(v, geo):

@@ -1,35 +1,27 @@
 """The JAX adapter on the CPU: custom_vjp under jit and grad, check_grads, pytrees, module API."""
 import numpy as np
 import pytest
-from reference import dense_conv, dense_conv_grads, expected_out_coords, random_voxels, rel_err
+from reference import dense_conv, dense_conv_grads, rel_err
 
 import sparsevox as sv
-from sparsevox._arrays import to_host
-from sparsevox.testing import KINDS, kind_args
+from sparsevox.testing import KINDS
 
 jax = pytest.importorskip("jax", reason="jax not installed")
 import jax.numpy as jnp  # noqa: E402
 from jax.test_util import check_grads  # noqa: E402
 
 svj = pytest.importorskip("sparsevox.adapters.jax")
+from jax_cases import scene  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("jax_x64")
 
 
 def _case(rng, kind):
-    s, tr, gen = kind_args(kind, 2)
-    fine = random_voxels(rng, 60, extent=6, batches=2)
-    coords, out_v = fine, None
-    if kind == "transposed":
-        out_v = sv.Voxels(jnp.asarray(fine), None)
-        coords = expected_out_coords(fine, 2, 2, 1, False, False)
-    ks = 3 if kind == "submanifold" else 2
-    f = rng.standard_normal((len(coords), 3))
+    v, out_v, geo, out_coords = scene(rng, kind)
+    ks, s, tr, gen = geo["kernel_size"], geo["stride"], geo["transposed"], geo["generative"]
     w = rng.standard_normal((ks ** 3, 3, 2))
-    v = sv.Voxels(jnp.asarray(coords), jnp.asarray(f))
     kmap = svj.kernel_map(v, ks, s, 1, tr, gen, out_v)
-    out_coords = to_host(sv.kernel_map(v, ks, s, 1, tr, gen, out_v).out_coords)  # CuPy when jax runs on a GPU
     return v, jnp.asarray(w), kmap, (ks, s, tr), out_coords
 
 
