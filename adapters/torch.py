@@ -83,15 +83,55 @@ def _prepared(kmap, key):
     return kmap.derived.get(key) if kmap.in_maps.__class__.__module__.startswith("cupy") else False
 
 
-def _fast_forward(prep, feats, weight):
+def _fwd_key(name: str, feats, weight, fwd_algo: str):
+    """The key of a forward's prepared launch in ``kmap.derived`` (``fwd_algo`` as :func:`_algo_str` makes it)."""
+    return ("torch.fwd", name, feats.device, feats.dtype, feats.shape, weight.shape, fwd_algo, sv.allow_tf32())
+
+
+# A prepared forward's output of at most this many bytes is allocated one call ahead: right after a
+# launch, the next call's output is allocated while the kernel runs, so the next launch does not wait
+# for torch.empty (~7 µs of host time on the H100 host for a 10 MB tensor, the largest item before a
+# small layer's launch). Costs one spare output per layer signature (not per call); 0 turns it off.
+SPARE_OUTPUT_MAX_BYTES = 16 << 20
+
+
+def _fast_forward(prep, feats, weight, key=None, kmap=None):
+    """Launch ``prep`` on torch's current stream into a new output; None when the inputs do not suit it.
+
+    With ``key`` and ``kmap`` (the launch's entry in ``kmap.derived``), a small output is allocated one
+    call ahead (:data:`SPARE_OUTPUT_MAX_BYTES`): the spare is kept with the stream it was allocated on and
+    used only on that stream and outside CUDA graph capture (whose allocations come from the graph's pool)."""
     if not (feats.is_contiguous() and weight.is_contiguous()):
         return None
-    out = torch.empty(prep.out_shape, dtype=feats.dtype, device=feats.device)
     dev = feats.get_device()
     stream = _arrays.torch_stream_handle(torch, dev)
+    spare = None
+    if key is not None and not torch.cuda.is_current_stream_capturing():
+        spare = kmap.derived.pop(("spare",) + key, None)
+        out = spare[0] if spare is not None and spare[1] == stream else None
+    else:
+        key = out = None
+    if out is None:
+        out = torch.empty(prep.out_shape, dtype=feats.dtype, device=feats.device)
     with _arrays.on_device(dev):
         ok = prep.launch(feats.data_ptr(), weight.data_ptr(), out.data_ptr(), stream)
-    return out if ok else None
+    if not ok:
+        return None
+    if key is not None and out.numel() * out.element_size() <= SPARE_OUTPUT_MAX_BYTES:
+        kmap.derived[("spare",) + key] = (torch.empty_like(out), stream)
+    return out
+
+
+def _eager_forward(feats, weight, kmap, fwd_algo):
+    """:func:`conv_features`' forward through its prepared launch when nothing is differentiated, no
+    autocast or compilation is active and an earlier call prepared this signature (else None): the
+    adapter's layers (autograd.Function, map-as-tensors lookup) add ~5 µs before a small layer's launch."""
+    if torch.compiler.is_compiling() or weight.dtype != feats.dtype or not feats.is_cuda \
+            or torch.is_autocast_enabled("cuda") or _needs_function(feats, weight):
+        return None
+    key = _fwd_key("conv", feats, weight, _algo_str(fwd_algo))
+    prep = kmap.derived.get(key)
+    return _fast_forward(prep, feats, weight, key, kmap) if prep else None
 
 
 def _fast_backward(dprep, wprep, grad_out, feats, weight):
@@ -120,10 +160,10 @@ def _define(name: str, core_forward, core_backward, out_channels):
 
     def fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo):
         kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
-        key = ("torch.fwd", name, feats.device, feats.dtype, feats.shape, weight.shape, fwd_algo, sv.allow_tf32())
+        key = _fwd_key(name, feats, weight, fwd_algo)
         prep = _prepared(kmap, key)
         if prep:
-            out = _fast_forward(prep, feats, weight)
+            out = _fast_forward(prep, feats, weight, key, kmap)
             if out is not None:
                 return out
         with _stream(feats):
@@ -253,6 +293,9 @@ def _autocast(*tensors):
 
 def conv_features(feats, weight, kmap: KernelMap, fwd_algo=None, bwd_algo=None):
     """Differentiable ``[N_out, C_out]`` features of a convolution with a prebuilt kernel map."""
+    out = _eager_forward(feats, weight, kmap, fwd_algo)
+    if out is not None:
+        return out
     in_maps, out_maps, offsets = kernel_map_tensors(kmap)
     return conv_tensors(feats, weight, in_maps, out_maps, offsets, kmap.num_out, fwd_algo, bwd_algo)
 

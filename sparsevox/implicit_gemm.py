@@ -31,11 +31,15 @@ _SMEM_LIMIT = 160 * 1024  # pipeline shared memory per block we allow (the H100 
 _DYN_SET: dict = {}  # id(kernel) -> dynamic shared memory limit already set
 _NBR_SMEM = 64 * 1024  # at most this much for the staged neighbour rows of a tile (K * BM int32)
 
-# (BM, BN) -> (WM, WN): warp tiles. Tensor-core tiles need WM % 16 == 0, WN % 16 == 0;
-# SIMT tiles need WM % 4 == 0, WN % 8 == 0. Large tiles (64 x 64 warp tiles, 8 warps) cut the
-# L2 -> shared traffic of W[k], which every (row tile, offset) reloads: flops per byte = BM*BN/(BM+BN).
-TC_TILES = {(32, 32): (16, 16), (64, 32): (32, 16), (64, 64): (32, 32), (128, 64): (64, 32),
-            (64, 128): (32, 64), (128, 128): (64, 32), (256, 128): (64, 64), (128, 256): (64, 64)}
+# (BM, BN) -> (WM, WN) warp tiles, or (WM, WN, STAGES) where a pipeline depth other than _stages()'s
+# measured faster. Tensor-core tiles need WM % 16 == 0, WN % 16 == 0; SIMT tiles need WM % 4 == 0,
+# WN % 8 == 0. Large tiles (64 x 64 warp tiles, 8 warps) cut the L2 -> shared traffic of W[k], which
+# every (row tile, offset) reloads: flops per byte = BM*BN/(BM+BN). (128, 32) is for C = 32: its
+# iterations are issue-bound (~200 instructions per warp per offset around 4 MMAs), and 128 rows share
+# one iteration's overhead (H100 sweep 2026-11-25: LiDAR-like C=32 49.1 -> 45.5 us, 3 stages).
+TC_TILES = {(32, 32): (16, 16), (64, 32): (32, 16), (128, 32): (32, 32, 3), (64, 64): (32, 32),
+            (128, 64): (64, 32), (64, 128): (32, 64), (128, 128): (64, 32), (256, 128): (64, 64),
+            (128, 256): (64, 64)}
 SIMT_TILES = {(32, 32): (16, 16), (64, 32): (32, 16), (64, 64): (32, 32), (128, 64): (64, 32),
               (64, 128): (32, 64)}
 WGRAD_TILES = (32, 64, 128)  # square C_in x C_out tiles of the weight gradient
@@ -85,11 +89,10 @@ def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: 
                 not 1 <= (bm // wm) * (bn // wn) <= 16 or stages < 2:
             raise ValueError(f"variant (WM, WN, STAGES) = {variant} does not tile {bm}x{bn} for {dtype_name}")
     else:
-        if kind == "fwd":
-            wm, wn = tiles_for(dtype_name)[(bm, bn)]
-        else:
-            wm, wn = (16, 16) if bm == 32 else (32, 32) if bm == 64 else (64, 32)
-        stages = _stages(dtype_name, bm, bn, bk, kind == "wgrad")
+        spec = tiles_for(dtype_name)[(bm, bn)] if kind == "fwd" else \
+            (16, 16) if bm == 32 else (32, 32) if bm == 64 else (64, 32)
+        wm, wn = spec[:2]
+        stages = spec[2] if len(spec) > 2 else _stages(dtype_name, bm, bn, bk, kind == "wgrad")
     tc = is_tc(dtype_name)
     name = (f"svx_igemm::igemm_{kind}<{_CTYPE[dtype_name]},{bm},{bn},{bk},{wm},{wn},{stages},"
             f"{'true' if vec else 'false'},{'true' if tc else 'false'}>")

@@ -180,3 +180,68 @@ def test_jax_repeated_jit_grad_matches_the_oracle(rng, dtype, monkeypatch, jax_x
         assert rel_err(np.asarray(out, np.float64), ref) < tol
         assert rel_err(np.asarray(gf, np.float64), rgf) < tol
         assert rel_err(np.asarray(gw, np.float64), rgw) < tol
+
+
+def _spares(kmap):
+    return {key: val for key, val in kmap.derived.items() if isinstance(key, tuple) and key[0] == "spare"}
+
+
+def _oracle_fwd(v, kmap, f, w):
+    return dense_conv(v.coords.cpu().numpy(), f.double().cpu().numpy(), w.double().cpu().numpy(), 3, 1, 1, False,
+                      v.coords.cpu().numpy())
+
+
+def test_eager_forward_without_grad_launches_directly_and_keeps_earlier_outputs(rng, monkeypatch):
+    """No-grad eager calls after the first go straight to the prepared launch (no planning, one launch),
+    into an output allocated one call ahead: each call's output is its own (a later call must not
+    write into an output already returned), every one matching the oracle."""
+    v, kmap, *_ = _scene(rng, "submanifold")
+    f, w, _ = _fresh(rng, kmap, 32, 32, torch.float16)
+    with torch.no_grad():
+        svt.conv_features(f, w, kmap, ALGO, ALGO)  # plan + prepare
+
+        def boom(*a, **k):
+            raise AssertionError("the call planned although a prepared launch exists")
+        monkeypatch.setattr(sv_conv, "plan", boom)
+        calls = _count_launches(monkeypatch)
+        ins, outs = [], []
+        for _ in range(3):
+            fi = _fresh(rng, kmap, 32, 32, torch.float16)[0].detach()
+            ins.append(fi)
+            outs.append(svt.conv_features(fi, w.detach(), kmap, ALGO, ALGO))
+    assert len(calls) == 3
+    assert len({o.data_ptr() for o in outs}) == 3
+    spare = _spares(kmap)
+    assert len(spare) == 1 and all(t.data_ptr() not in {o.data_ptr() for o in outs} for t, _ in spare.values())
+    for fi, o in zip(ins, outs):
+        assert rel_err(o.double().cpu().numpy(), _oracle_fwd(v, kmap, fi, w.detach())) < TOL["float16"]
+
+
+def test_spare_output_is_not_used_on_another_stream(rng):
+    v, kmap, *_ = _scene(rng, "submanifold")
+    f, w, _ = _fresh(rng, kmap, 32, 32, torch.float16)
+    f, w = f.detach(), w.detach()
+    svt.conv_features(f, w, kmap, ALGO, ALGO)
+    svt.conv_features(f, w, kmap, ALGO, ALGO)  # prepared: leaves a spare made on the current stream
+    (made_on_main,) = [t.data_ptr() for t, _ in _spares(kmap).values()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(int(5e7))
+        f2 = f * 2
+        out = svt.conv_features(f2, w, kmap, ALGO, ALGO)
+    torch.cuda.current_stream().wait_stream(side)
+    assert out.data_ptr() != made_on_main
+    assert rel_err(out.double().cpu().numpy(), _oracle_fwd(v, kmap, f2, w)) < TOL["float16"]
+    (side_spare,) = _spares(kmap).values()
+    assert side_spare[1] == side.cuda_stream
+
+
+def test_spare_outputs_can_be_turned_off(rng, monkeypatch):
+    monkeypatch.setattr(svt, "SPARE_OUTPUT_MAX_BYTES", 0)
+    v, kmap, *_ = _scene(rng, "submanifold")
+    f, w, _ = _fresh(rng, kmap, 32, 32, torch.float16)
+    for _ in range(3):
+        out = svt.conv_features(f.detach(), w.detach(), kmap, ALGO, ALGO)
+    assert not _spares(kmap)
+    assert rel_err(out.double().cpu().numpy(), _oracle_fwd(v, kmap, f.detach(), w.detach())) < TOL["float16"]

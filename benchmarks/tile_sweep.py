@@ -1,0 +1,75 @@
+"""Forward tile sweep for small channel counts (issue 4, the smallest layer): device time of the SubM k3
+forward per CTA tile, warp tile and pipeline depth, each checked against the default tile's output.
+
+``python -m benchmarks.tile_sweep [--scenes lidar_synth semantickitti] [--c 32 64] [--out DIR --stem S]``.
+Device time is a CUDA graph of one forward replayed (``benchmarks.implicit_dev.gpu_ms``), so the host is
+not in it. Variants are ``(BM, BN, WM, WN, STAGES)``; the tables in ``sparsevox.implicit_gemm`` are not
+changed by this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+VARIANTS = [  # (BM, BN, WM, WN, STAGES) for BN = 32
+    (64, 32, 32, 16, 4), (64, 32, 32, 16, 3), (64, 32, 32, 16, 2), (64, 32, 16, 32, 4), (64, 32, 32, 32, 4),
+    (64, 32, 16, 16, 4), (64, 32, 16, 16, 2), (64, 32, 64, 32, 3),
+    (32, 32, 16, 16, 4), (32, 32, 16, 16, 2), (32, 32, 32, 16, 4), (32, 32, 32, 32, 4), (32, 32, 32, 32, 2),
+    (16, 32, 16, 16, 4), (16, 32, 16, 32, 4), (16, 32, 16, 32, 2),
+    (128, 32, 32, 32, 3), (128, 32, 32, 16, 3), (128, 32, 64, 32, 2), (128, 32, 16, 32, 2),
+]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scenes", nargs="+", default=["lidar_synth", "semantickitti"])
+    ap.add_argument("--c", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--stem", default="tile_sweep")
+    a = ap.parse_args(argv)
+
+    import cupy
+    import numpy as np
+
+    import sparsevox as sv
+    from benchmarks import scenes
+    from benchmarks.implicit_dev import gpu_ms
+    from sparsevox import implicit_gemm as ig
+
+    rows = []
+    for scene in scenes.load_scenes(a.scenes):
+        coords = cupy.asarray(scene.coords)
+        kmap = sv.kernel_map(sv.Voxels(coords, None), 3)
+        rng = np.random.default_rng(0)
+        for c in a.c:
+            x = cupy.asarray(rng.standard_normal((scene.n_voxels, c), dtype=np.float32) * 0.5).astype(a.dtype)
+            w = cupy.asarray(rng.standard_normal((27, c, c), dtype=np.float32) / np.sqrt(27 * c)).astype(a.dtype)
+            ref = ig.forward(x, w, kmap).astype(cupy.float32)
+            scale = float(cupy.abs(ref).max()) or 1.0
+            base = gpu_ms(lambda: ig.forward(x, w, kmap), reps=50)
+            print(f"{scene.name} C={c} default tile: {base * 1e3:.1f} us", flush=True)
+            for bm, bn, wm, wn, st in VARIANTS:
+                if bn != min(32, c) and c == 32:
+                    continue
+                bn_c = bn if c == 32 else 64
+                wn_c = wn if c == 32 else wn * 2
+                rec = {"scene": scene.name, "c": c, "tile": [bm, bn_c, wm, wn_c, st]}
+                try:
+                    def fn():
+                        return ig.forward(x, w, kmap, bm, bn_c, variant=(wm, wn_c, st))
+                    err = float(cupy.abs(fn().astype(cupy.float32) - ref).max()) / scale
+                    rec["rel_err"] = err
+                    rec["us"] = gpu_ms(fn, reps=50) * 1e3 if err < 1e-2 else None
+                except Exception as e:  # noqa: BLE001 - a variant that does not build is reported
+                    rec["error"] = f"{type(e).__name__}: {e}"[:160]
+                rows.append(rec)
+                print(json.dumps(rec), flush=True)
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / f"{a.stem}-tile_sweep.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
