@@ -3,13 +3,14 @@ forward per CTA tile, warp tile and pipeline depth, each checked against the def
 
 ``python -m benchmarks.tile_sweep [--scenes lidar_synth semantickitti] [--c 32 64] [--out DIR --stem S]``.
 Device time is a CUDA graph of one forward replayed (``benchmarks.implicit_dev.gpu_ms``), so the host is
-not in it. Variants are ``(BM, BN, WM, WN, STAGES)``; the tables in ``sparsevox.implicit_gemm`` are not
+not in it. Variants are ``(BM, BN, WM, WN, STAGES[, BK])``; the tables in ``sparsevox.implicit_gemm`` are not
 changed by this script.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 VARIANTS = [  # (BM, BN, WM, WN, STAGES) for BN = 32
@@ -19,6 +20,23 @@ VARIANTS = [  # (BM, BN, WM, WN, STAGES) for BN = 32
     (16, 32, 16, 16, 4), (16, 32, 16, 32, 4), (16, 32, 16, 32, 2),
     (128, 32, 32, 32, 3), (128, 32, 32, 16, 3), (128, 32, 64, 32, 2), (128, 32, 16, 32, 2),
 ]
+BIG = [  # (BM, BN, WM, WN, STAGES, BK) for C >= 128 (BN <= C)
+    (128, 128, 64, 32, 3, 32), (128, 128, 64, 32, 4, 32), (128, 128, 64, 32, 3, 64), (128, 128, 64, 32, 2, 64),
+    (128, 128, 64, 64, 3, 32), (128, 128, 64, 64, 4, 32), (128, 128, 64, 64, 3, 64), (128, 128, 32, 64, 3, 32),
+    (64, 128, 32, 64, 4, 32), (64, 128, 32, 64, 3, 64), (64, 128, 32, 32, 4, 32), (64, 128, 32, 32, 3, 64),
+    (256, 128, 64, 64, 3, 32), (256, 128, 64, 64, 4, 32), (256, 128, 64, 32, 3, 32),
+    (128, 256, 64, 64, 3, 32), (128, 256, 64, 64, 4, 32), (128, 256, 64, 64, 2, 64),
+    (64, 256, 32, 64, 3, 32), (64, 256, 32, 64, 3, 64), (64, 64, 32, 32, 4, 64), (128, 64, 64, 32, 3, 64),
+]
+
+
+def _variants(c):
+    """``(BM, BN, WM, WN, STAGES[, BK])`` tiles to time at ``C = c``."""
+    if c >= 128:
+        return [v for v in BIG if v[1] <= c]
+    if c == 32:
+        return list(VARIANTS)
+    return [(bm, 64, wm, wn * 2, st) for bm, _, wm, wn, st in VARIANTS]  # BN = 64: twice the warp tile's N
 
 
 def main(argv=None):
@@ -28,6 +46,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--out", default=None)
     ap.add_argument("--stem", default="tile_sweep")
+    ap.add_argument("--budget-s", type=float, default=300, help="stop starting variants after this long")
     a = ap.parse_args(argv)
 
     import cupy
@@ -39,6 +58,7 @@ def main(argv=None):
     from sparsevox import implicit_gemm as ig
 
     rows = []
+    t0 = time.time()
     for scene in scenes.load_scenes(a.scenes):
         coords = cupy.asarray(scene.coords)
         kmap = sv.kernel_map(sv.Voxels(coords, None), 3)
@@ -50,15 +70,14 @@ def main(argv=None):
             scale = float(cupy.abs(ref).max()) or 1.0
             base = gpu_ms(lambda: ig.forward(x, w, kmap), reps=50)
             print(f"{scene.name} C={c} default tile: {base * 1e3:.1f} us", flush=True)
-            for bm, bn, wm, wn, st in VARIANTS:
-                if bn != min(32, c) and c == 32:
-                    continue
-                bn_c = bn if c == 32 else 64
-                wn_c = wn if c == 32 else wn * 2
-                rec = {"scene": scene.name, "c": c, "tile": [bm, bn_c, wm, wn_c, st]}
+            for bm, bn, *variant in _variants(c):
+                if time.time() - t0 > a.budget_s:
+                    print("budget spent: skipping the rest", flush=True)
+                    break
+                rec = {"scene": scene.name, "c": c, "tile": [bm, bn, *variant]}
                 try:
                     def fn():
-                        return ig.forward(x, w, kmap, bm, bn_c, variant=(wm, wn_c, st))
+                        return ig.forward(x, w, kmap, bm, bn, variant=tuple(variant))
                     err = float(cupy.abs(fn().astype(cupy.float32) - ref).max()) / scale
                     rec["rel_err"] = err
                     rec["us"] = gpu_ms(fn, reps=50) * 1e3 if err < 1e-2 else None

@@ -79,14 +79,16 @@ def _stages(dtype_name, bm, bn, bk, a_kmajor) -> int:
 def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: int, variant=None):
     """The compiled instantiation (cached; ``device_id`` keys the per-device module).
 
-    ``variant``: ``(WM, WN, STAGES)`` overriding the tables (benchmark sweeps only; not searched).
+    ``variant``: ``(WM, WN, STAGES)`` or ``(WM, WN, STAGES, BK)`` overriding the tables (benchmark sweeps
+    only; not searched).
     """
     bk = _bk(dtype_name)
     if variant is not None:
-        wm, wn, stages = (int(v) for v in variant)
+        wm, wn, stages = (int(v) for v in variant[:3])
+        bk = int(variant[3]) if len(variant) > 3 else bk
         step = 16 if is_tc(dtype_name) else 4
         if bm % wm or bn % wn or wm % step or wn % (16 if is_tc(dtype_name) else 8) or \
-                not 1 <= (bm // wm) * (bn // wn) <= 16 or stages < 2:
+                not 1 <= (bm // wm) * (bn // wn) <= 16 or stages < 2 or bk % (16 if is_tc(dtype_name) else 4):
             raise ValueError(f"variant (WM, WN, STAGES) = {variant} does not tile {bm}x{bn} for {dtype_name}")
     else:
         spec = tiles_for(dtype_name)[(bm, bn)] if kind == "fwd" else \
@@ -153,6 +155,11 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
 
     ``sort_rows``: slots ordered by each row's neighbour bitmask (stable), so a tile's rows share
     offsets and the tile skips more of them (spconv's MaskImplicitGemm idea); else identity order.
+    The bitmask is read with the rarest offsets (fewest pairs) most significant: each of them then
+    forms one run of slots, and the frequent ones, split into many runs, are active in most tiles anyway.
+    Measured on the scans (rows per active tile offset that have it, 128-row tiles): LiDAR-like 0.42 ->
+    0.48, SemanticKITTI 0.46 -> 0.54, ScanNet 0.39 -> 0.40, against offset order (first offset most
+    significant).
     ``part``: ``(k0, k1)``, sort by the bits of these offsets only (one pass of a mask split).
     """
     import cupy
@@ -163,17 +170,24 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
         nbr = neighbour_table(kmap, reverse)
         k_count, rows = nbr.shape
         if sort_rows and rows > 1:
-            # Key: bitmask of the part's first 63 offsets, most significant = its first offset (stable
-            # ties keep locality).
-            kk = min(k1 - k0, 63)
-            w = cupy.left_shift(cupy.int64(1), cupy.arange(kk - 1, -1, -1, dtype=cupy.int64))
-            keys = ((nbr[k0:k0 + kk] >= 0).astype(cupy.int64) * w[:, None]).sum(axis=0)
+            keys = ((nbr[k0:k1] >= 0).astype(cupy.int64) * cupy.asarray(mask_key_weights(kmap, k0, k1))[:, None]
+                    ).sum(axis=0)
             order = cupy.argsort(keys).astype(cupy.int32)
             t = (order, cupy.ascontiguousarray(nbr[:, order]))
         else:
             t = (cupy.arange(rows, dtype=cupy.int32), nbr)
         kmap.derived[key] = t
     return t
+
+
+def mask_key_weights(kmap, k0: int, k1: int) -> np.ndarray:
+    """int64 ``[k1 - k0]``: the weight of each offset's bit in the slot sort key: powers of two by rank
+    of pair count, rarest highest (ties by offset), zero past the 63 rarest."""
+    counts = np.diff(np.asarray(kmap.offsets_host, dtype=np.int64))[k0:k1]
+    rank = np.argsort(counts, kind="stable")[:63]
+    w = np.zeros(k1 - k0, dtype=np.int64)
+    w[rank] = np.left_shift(np.int64(1), np.arange(len(rank) - 1, -1, -1, dtype=np.int64))
+    return w
 
 
 def tile_masks(kmap, reverse: bool, bm: int, sort_rows: bool, part: tuple | None = None):

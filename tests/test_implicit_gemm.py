@@ -121,3 +121,41 @@ def test_unavailable_on_cpu_problem():
     algo = algorithms("conv")["implicit_gemm"]
     ok, why = algo.available(Problem("conv", "fwd", "cpu", "float32", 10, 10, 4, 4, 27, (1, 1, 1), "submanifold"))
     assert not ok and "GPU" in why
+
+
+def test_mask_key_weights_put_the_rarest_offsets_first():
+    from types import SimpleNamespace
+
+    from sparsevox import implicit_gemm as ig
+    km = SimpleNamespace(offsets_host=np.cumsum([0, 5, 1, 4, 0, 20]))  # pair counts 5, 1, 4, 0, 20
+    assert ig.mask_key_weights(km, 0, 5).tolist() == [2, 8, 4, 16, 1]
+    assert ig.mask_key_weights(km, 1, 4).tolist() == [2, 1, 4]  # a part ranks its own offsets
+    assert ig.mask_key_weights(km, 0, 2).tolist() == [1, 2]
+    ties = SimpleNamespace(offsets_host=np.cumsum([0, 3, 3, 3]))
+    assert ig.mask_key_weights(ties, 0, 3).tolist() == [4, 2, 1]  # equal counts: offset order
+    k5 = SimpleNamespace(offsets_host=np.cumsum(np.r_[0, np.arange(125, 0, -1)]))  # rarest: the last
+    w = ig.mask_key_weights(k5, 0, 125)
+    assert (w > 0).sum() == 63 and (w[:62] == 0).all() and w[-1] == 2 ** 62 and w[62] == 1
+    assert len(set(w[w > 0].tolist())) == 63  # one bit each: keys stay exact in int64
+
+
+@pytest.mark.gpu
+def test_slots_are_sorted_by_the_rarest_first_bitmask(rng):
+    """The forward slot order: rows ascending by their neighbour bitmask read with the rarest offsets as
+    the most significant bits, ties in row order, a permutation of the rows (and the slot-ordered
+    neighbour table its columns)."""
+    from sparsevox import implicit_gemm as ig
+    case = quantised_case(rng, "submanifold", 16, 16, "float16", n=3000, extent=18)
+    kmap = case["kmap"]
+    slots, nbr_sorted = ig.slot_table(kmap, False, True)
+    slots, nbr_sorted = host(slots), host(nbr_sorted)
+    nbr = host(ig.neighbour_table(kmap))
+    assert sorted(slots.tolist()) == list(range(kmap.num_out))
+    assert (nbr_sorted == nbr[:, slots]).all()
+    w = ig.mask_key_weights(kmap, 0, kmap.num_offsets)
+    keys = ((nbr >= 0).astype(np.int64) * w[:, None]).sum(0)[slots]
+    assert (np.diff(keys) >= 0).all()
+    same = np.diff(keys) == 0
+    assert (np.diff(slots)[same] > 0).all()
+    counts = np.diff(kmap.offsets_host)
+    assert w[int(np.argmin(counts))] == w.max()
