@@ -36,7 +36,8 @@ def main():
                 ("float16", 32, 32, {"fwd_block_size": 64, "gemm_block_size": 32, "stage_nbr": True},
                  {"gemm_block_size": 32}),
                 ("float16", 24, 40, {"fwd_block_size": 64, "gemm_block_size": 64, "mask_split": 2},
-                 {"gemm_block_size": 64})]
+                 {"gemm_block_size": 64}),
+                ("float16", 32, 32, {"fwd_block_size": 128, "gemm_block_size": 32}, {"gemm_block_size": 32})]
         if quick:
             cases = [cases[0], cases[1], cases[3], cases[5]]
         if args.case:
