@@ -20,10 +20,6 @@
 // needed). Shared-memory rows are padded by 16 bytes so ldmatrix / column reads hit distinct banks.
 #include "common/mma.cuh"
 
-#ifndef SVX_IGEMM_FRAG_SKIP  // 0: compute every fragment (the A/B switch of benchmarks/frag_skip_ab.py)
-#define SVX_IGEMM_FRAG_SKIP 1
-#endif
-
 namespace svx_igemm {
 using namespace svx;
 
@@ -85,11 +81,9 @@ __device__ __forceinline__ void load_rows(T* s, const T* __restrict__ g, int ld,
 }
 
 // One BK step of the warp tile. A is [BM][BK+pad] (AK = false) or k-major [BK][BM+pad] (AK = true);
-// B is [BK][BN+pad]. acc holds WM*WN/32 values per thread (layout: see acc_pos). Tensor cores: bit mt of
-// `frags` clear skips the 16-row fragment mt of the warp tile (its A rows are all zero: no neighbour).
+// B is [BK][BN+pad]. acc holds WM*WN/32 values per thread (layout: see acc_pos).
 template <typename T, typename AccT, int BM, int BN, int BK, int WM, int WN, bool AK, bool TC>
-__device__ __forceinline__ void mma_step(const T* As, const T* Bs, AccT* acc, int wm, int wn, int lane,
-                                         unsigned frags = ~0u) {
+__device__ __forceinline__ void mma_step(const T* As, const T* Bs, AccT* acc, int wm, int wn, int lane) {
     constexpr int P = Pad<T>::value;
     constexpr int LDA = AK ? BM + P : BK + P;
     constexpr int LDB = BN + P;
@@ -102,7 +96,6 @@ __device__ __forceinline__ void mma_step(const T* As, const T* Bs, AccT* acc, in
             unsigned a[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                if (!((frags >> mt) & 1u)) continue;
                 const int m0 = wm + mt * 16;
                 if constexpr (!AK) {
                     ldmatrix_x4(a[mt], As + (m0 + (lane & 15)) * LDA + kk + (lane >> 4) * 8);
@@ -124,7 +117,7 @@ __device__ __forceinline__ void mma_step(const T* As, const T* Bs, AccT* acc, in
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
-                    if ((frags >> mt) & 1u) mma16816<T>(*reinterpret_cast<float(*)[4]>(acc + (mt * NT + nt) * 4), a[mt], b[nt][0],
+                    mma16816<T>(*reinterpret_cast<float(*)[4]>(acc + (mt * NT + nt) * 4), a[mt], b[nt][0],
                                 b[nt][1]);
         }
     } else {
@@ -233,15 +226,6 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
     // variants) read each index right before its gather.
     using AWalk = TileWalk<T, BM, BK, NTH, VEC>;
     int a_idx = -1;
-    // Tensor cores, unstaged: which 16-row fragments of a stage's A tile have a neighbour. Each warp
-    // ORs the groups of the rows whose indices it holds (SHUFFLE layout) into its own word of the stage
-    // (no reset needed); the compute ORs the warps' words. A fragment whose rows all lack the offset is
-    // all zeros, and its MMAs are skipped (rows sorted by bitmask: about a third of the fragments of a
-    // 128-row tile on the LiDAR scans). Same stage discipline as the A/B tiles: written by load(stage),
-    // read STAGES - 1 iterations later after a barrier, rewritten only after that compute.
-    constexpr int NW = NTH / 32;
-    constexpr bool FRAG_SKIP = SVX_IGEMM_FRAG_SKIP && TC && VEC && AWalk::SHUFFLE && BM / 16 <= 32;  // (scalar loads: +56 registers)
-    __shared__ unsigned s_act[FRAG_SKIP ? STAGES * NW : 1];
     auto fetch_idx = [&](int k) {
         if constexpr (AWalk::SHUFFLE) {
             const int row = row0 + AWalk::lane_row(lane, warp);
@@ -266,13 +250,6 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
                 }
             },
             tid);
-        if constexpr (FRAG_SKIP) {
-            if (!staged) {
-                const unsigned bit = lane < AWalk::LANES && a_idx >= 0 ? 1u << (AWalk::lane_row(lane, warp) / 16) : 0u;
-                const unsigned groups = __reduce_or_sync(0xffffffffu, bit);
-                if (lane == 0) s_act[stage * NW + warp] = groups;
-            }
-        }
         const int kc = lc, kk = lk;
         load_rows<T, BK, BN, NTH, VEC>(
             Bs, W, c_out, n0, c_out,
@@ -313,18 +290,9 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
                 warp_has = __any_sync(0xffffffffu, has);
             }
         }
-        unsigned frags = ~0u;
-        if constexpr (FRAG_SKIP) {
-            if (!staged) {
-                unsigned groups = 0;
-#pragma unroll
-                for (int w = 0; w < NW; ++w) groups |= s_act[(it % STAGES) * NW + w];
-                frags = groups >> (wm / 16);
-            }
-        }
-        if (warp_has && (frags & ((1u << (WM / 16)) - 1u))) {
+        if (warp_has) {
             const T* As = smem + (it % STAGES) * (A_SZ + B_SZ);
-            mma_step<T, AccT, BM, BN, BK, WM, WN, false, TC>(As, As + A_SZ, acc, wm, wn, lane, frags);
+            mma_step<T, AccT, BM, BN, BK, WM, WN, false, TC>(As, As + A_SZ, acc, wm, wn, lane);
         }
     }
     cp_async_wait<0>();

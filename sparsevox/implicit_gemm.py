@@ -16,7 +16,6 @@ import ctypes
 import functools
 import logging
 import math
-import os
 import threading
 
 import numpy as np
@@ -76,11 +75,6 @@ def _stages(dtype_name, bm, bn, bk, a_kmajor) -> int:
     raise ValueError(f"tile {bm}x{bn} does not fit in shared memory for {dtype_name}")
 
 
-# SPARSEVOX_IGEMM_FRAG_SKIP=0 compiles the forward without skipping the all-zero 16-row fragments
-# (an A/B switch for benchmarks/frag_skip_ab.py; read once at import).
-_DEFINES = (("SVX_IGEMM_FRAG_SKIP", int(os.environ.get("SPARSEVOX_IGEMM_FRAG_SKIP", "1") != "0")),)
-
-
 @functools.lru_cache(maxsize=None)
 def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: int, variant=None):
     """The compiled instantiation (cached; ``device_id`` keys the per-device module).
@@ -104,7 +98,7 @@ def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: 
     tc = is_tc(dtype_name)
     name = (f"svx_igemm::igemm_{kind}<{_CTYPE[dtype_name]},{bm},{bn},{bk},{wm},{wn},{stages},"
             f"{'true' if vec else 'false'},{'true' if tc else 'false'}>")
-    fn = get_function("implicit_gemm", name, name_expressions=(name,), defines=_DEFINES)
+    fn = get_function("implicit_gemm", name, name_expressions=(name,))
     threads = (bm // wm) * (bn // wn) * 32
     smem = stages * _smem_per_stage(dtype_name, bm, bn, bk, kind == "wgrad")
     if smem > 48 * 1024:
