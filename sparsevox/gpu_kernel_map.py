@@ -60,6 +60,7 @@ import os
 import numpy as np
 
 from . import geometry
+from ._arrays import on_device
 from .kernel_map import BUILDERS, KernelMap
 from .kernel_map import build_kernel_map as _generic_builder
 
@@ -319,13 +320,14 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
                 *_geometry_args(st, ks, dl), table, np.uint64(mask), dev.ptr(table, _status_at(mask)),
                 state, dev.ptr(keep), dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km),
                 dev.ptr(scratch, 2 * km)))
+    # The kept views are made while the kernels run (host work after the read-back adds to the build).
+    offsets, dense_nbr = dev.view(keep, km, (num_k + 1,), np.int32), dev.view(keep, 0, (num_k, m), np.int32)
     # the one synchronisation: sizes for the exact copies, and the checks
     host = dev.to_host(dev.view(scratch, 2 * km, (num_k + 3,), np.int64))
     _raise_table_status(dev, coords, int(host[num_k + 1]), int(host[num_k + 2]))
     offsets_host = host[:num_k + 1].astype(np.int64)
     in_maps, out_maps = dev.copy_pairs(scratch, km, int(offsets_host[-1]))
-    return (in_maps, out_maps, dev.view(keep, km, (num_k + 1,), np.int32), offsets_host,
-            dev.view(keep, 0, (num_k, m), np.int32))
+    return in_maps, out_maps, offsets, offsets_host, dense_nbr
 
 
 def build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords=None,
@@ -379,7 +381,7 @@ def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transpose
     Runs on the device of ``coords`` and CuPy's current stream.
     """
     dev = _cupy_device()
-    with dev.xp.cuda.Device(coords.device.id):
+    with on_device(coords.device.id):
         return build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords, table)
 
 
