@@ -80,3 +80,24 @@ def test_report_table_and_plot_with_a_peer(dry_run, tmp_path):
     assert paths["png"].stat().st_size > 10_000
     text = report.summary_text(doc)
     assert "2.00×" in text and "map_build" in text
+
+
+@pytest.mark.parametrize("module", ["small_layer_profile", "tile_sweep", "train_step_profile"])
+def test_gpu_diagnostics_parse_their_arguments_without_a_gpu(module, capsys):
+    """The GPU-only diagnostic programs import and answer --help on a machine without a GPU (their GPU
+    imports come after argument parsing)."""
+    import importlib
+    mod = importlib.import_module(f"benchmarks.{module}")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_tile_sweep_variants_tile_their_blocks():
+    from benchmarks.tile_sweep import _variants
+    for c in (32, 64, 128, 256):
+        vs = _variants(c)
+        assert vs, c
+        for bm, bn, wm, wn, stages, *bk in vs:
+            assert bn <= max(c, 32) and bm % wm == 0 and bn % wn == 0 and wm % 16 == 0 and wn % 16 == 0
+            assert 1 <= (bm // wm) * (bn // wn) <= 16 and stages >= 2 and all(b % 16 == 0 for b in bk)
