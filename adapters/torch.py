@@ -71,10 +71,11 @@ _BWD_ALGO: contextvars.ContextVar[str] = contextvars.ContextVar("sparsevox_bwd_a
 
 
 # --- prepared launches ------------------------------------------------------------------------------
-# After one ordinary call of a signature (dtype, shapes, algorithm input) on a CUDA map, the chosen
-# algorithm's launch object (sparsevox.conv.prepared) is kept on the map; later calls allocate the output
-# with torch and launch from the tensors' addresses on torch's current stream, skipping the CuPy views,
-# the DLPack hand-back and the planning (measured on the H100: ~100 µs of host time per call otherwise).
+# After one ordinary call of a signature (dtype, shapes, devices, algorithm input) on a CUDA map, the
+# chosen algorithm's launch object (sparsevox.conv.prepared) is kept on the map; later calls launch from
+# the tensors' addresses on torch's current stream, skipping the CuPy views, the DLPack hand-back and the
+# planning (measured on the H100: ~100 µs of host time per call otherwise). Eager forwards get their
+# output from a spare allocated after the previous call's launch (see SPARE_OUTPUT_MAX_BYTES).
 # False marks "no prepared launch for this signature" so the slow path is not asked again.
 # The launches go to the CUDA driver with torch's raw stream handle (no CuPy stream object to enter),
 # and CuPy's device context is entered only when the caller's current device is another one.
@@ -85,49 +86,58 @@ def _prepared(kmap, key):
 
 def _fwd_key(name: str, feats, weight, fwd_algo: str):
     """The key of a forward's prepared launch in ``kmap.derived`` (``fwd_algo`` as :func:`_algo_str` makes it)."""
-    return ("torch.fwd", name, feats.device, feats.dtype, feats.shape, weight.shape, fwd_algo, sv.allow_tf32())
+    return ("torch.fwd", name, feats.device, weight.device, feats.dtype, feats.shape, weight.shape, fwd_algo,
+            sv.allow_tf32())
 
 
-# A prepared forward's output of at most this many bytes is allocated one call ahead: right after a
-# launch, the next call's output is allocated while the kernel runs, so the next launch does not wait
+# An eager prepared forward's output of at most this many bytes is allocated one call ahead: right after
+# a launch, the next call's output is allocated while the kernel runs, so the next launch does not wait
 # for torch.empty (~7 µs of host time on the H100 host for a 10 MB tensor, the largest item before a
-# small layer's launch). Costs one spare output per layer signature (not per call); 0 turns it off.
+# small layer's launch). Costs one spare output per kernel map and layer signature, held while the map
+# is cached (on its Voxels) and not returned by torch.cuda.empty_cache(); 0 turns it off.
 SPARE_OUTPUT_MAX_BYTES = 16 << 20
 
 
 def _fast_forward(prep, feats, weight, key=None, kmap=None):
     """Launch ``prep`` on torch's current stream into a new output; None when the inputs do not suit it.
 
-    With ``key`` and ``kmap`` (the launch's entry in ``kmap.derived``), a small output is allocated one
-    call ahead (:data:`SPARE_OUTPUT_MAX_BYTES`): the spare is kept with the stream it was allocated on and
-    used only on that stream and outside CUDA graph capture (whose allocations come from the graph's pool)."""
+    With ``key`` and ``kmap`` (the launch's entry in ``kmap.derived``; eager calls only), a small output
+    is allocated one call ahead (:data:`SPARE_OUTPUT_MAX_BYTES`). A spare is handed out once, and only to
+    a call on the stream it was allocated on, in the same inference mode (an inference tensor must not
+    reach a differentiable call), outside CUDA graph capture (whose allocations belong to the graph's
+    pool); a spare that cannot be allocated (out of memory) is simply not made."""
     if not (feats.is_contiguous() and weight.is_contiguous()):
         return None
     dev = feats.get_device()
     stream = _arrays.torch_stream_handle(torch, dev)
-    spare = None
-    if key is not None and not torch.cuda.is_current_stream_capturing():
-        spare = kmap.derived.pop(("spare",) + key, None)
-        out = spare[0] if spare is not None and spare[1] == stream else None
-    else:
-        key = out = None
-    if out is None:
-        out = torch.empty(prep.out_shape, dtype=feats.dtype, device=feats.device)
-    with _arrays.on_device(dev):
-        ok = prep.launch(feats.data_ptr(), weight.data_ptr(), out.data_ptr(), stream)
-    if not ok:
-        return None
-    if key is not None and out.numel() * out.element_size() <= SPARE_OUTPUT_MAX_BYTES:
-        kmap.derived[("spare",) + key] = (torch.empty_like(out), stream)
+    with _arrays.on_device(dev):  # the capture check reads torch's current stream of the current device
+        out = None
+        if key is not None and not torch.cuda.is_current_stream_capturing():
+            inference = torch.is_inference_mode_enabled()
+            spare = kmap.derived.pop(("spare",) + key, None)
+            if spare is not None and spare[1] == stream and spare[2] == inference:
+                out = spare[0]
+        else:
+            key = None
+        if out is None:
+            out = torch.empty(prep.out_shape, dtype=feats.dtype, device=feats.device)
+        if not prep.launch(feats.data_ptr(), weight.data_ptr(), out.data_ptr(), stream):
+            return None
+        if key is not None and out.numel() * out.element_size() <= SPARE_OUTPUT_MAX_BYTES:
+            try:
+                kmap.derived[("spare",) + key] = (torch.empty_like(out), stream, inference)
+            except torch.OutOfMemoryError:
+                pass
     return out
 
 
 def _eager_forward(feats, weight, kmap, fwd_algo):
     """:func:`conv_features`' forward through its prepared launch when nothing is differentiated, no
-    autocast or compilation is active and an earlier call prepared this signature (else None): the
-    adapter's layers (autograd.Function, map-as-tensors lookup) add ~5 µs before a small layer's launch."""
-    if torch.compiler.is_compiling() or weight.dtype != feats.dtype or not feats.is_cuda \
-            or torch.is_autocast_enabled("cuda") or _needs_function(feats, weight):
+    autocast or compilation is active and an earlier call prepared this signature (else None). Skips
+    what lies between (the map as tensors, autocast and dispatch checks, the live-map lookup by address):
+    ~5 µs before a small layer's launch."""
+    if torch.compiler.is_compiling() or weight.dtype != feats.dtype or weight.device != feats.device \
+            or not feats.is_cuda or torch.is_autocast_enabled("cuda") or _needs_function(feats, weight):
         return None
     key = _fwd_key("conv", feats, weight, _algo_str(fwd_algo))
     prep = kmap.derived.get(key)
@@ -158,12 +168,14 @@ def _fast_backward(dprep, wprep, grad_out, feats, weight):
 def _define(name: str, core_forward, core_backward, out_channels):
     """Register ``sparsevox::<name>_fwd``/``_bwd`` and return ``(eager autograd.Function, forward op)``."""
 
-    def fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo):
+    def fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, eager=True):
+        # eager=False (the registered op, run by compiled graphs): no spare outputs, whose memory would
+        # outlive the call outside the allocator state a compiled graph (cudagraph trees) manages.
         kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
         key = _fwd_key(name, feats, weight, fwd_algo)
         prep = _prepared(kmap, key)
         if prep:
-            out = _fast_forward(prep, feats, weight, key, kmap)
+            out = _fast_forward(prep, feats, weight, key if eager else None, kmap)
             if out is not None:
                 return out
         with _stream(feats):
@@ -203,7 +215,7 @@ def _define(name: str, core_forward, core_backward, out_channels):
 
     def fwd(feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor, out_maps: torch.Tensor,
             offsets: torch.Tensor, num_out: int, fwd_algo: str) -> torch.Tensor:
-        return fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo)
+        return fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, eager=False)
 
     def bwd(grad_out: torch.Tensor, feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor,
             out_maps: torch.Tensor, offsets: torch.Tensor, bwd_algo: str, feats_grad: bool,
@@ -306,6 +318,9 @@ def conv_tensors(feats, weight, in_maps, out_maps, offsets, num_out: int, fwd_al
     feats, weight = _autocast(feats, weight)
     if weight.dtype != feats.dtype:
         raise ValueError(f"weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
+    if weight.device != feats.device:
+        raise ValueError(f"weight is on {weight.device} and the features on {feats.device}: both must be on "
+                         f"one device")
     return _apply(_ConvFunction, _conv_fwd, feats, weight, in_maps, out_maps, offsets,
                   num_out, fwd_algo, bwd_algo)
 
@@ -331,6 +346,9 @@ def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map
     feats, weight = _autocast(input_features, depthwise_weight)
     if weight.dtype != feats.dtype:
         raise ValueError(f"depthwise_weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
+    if weight.device != feats.device:
+        raise ValueError(f"depthwise_weight is on {weight.device} and the features on {feats.device}: both must "
+                         f"be on one device")
     return _apply(_DepthwiseFunction, _dw_fwd, feats, weight, in_maps, out_maps,
                   offsets, kmap.num_out, fwd_algo, bwd_algo)
 

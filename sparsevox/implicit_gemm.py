@@ -34,8 +34,8 @@ _NBR_SMEM = 64 * 1024  # at most this much for the staged neighbour rows of a ti
 # (BM, BN) -> (WM, WN) warp tiles, or (WM, WN, STAGES) where a pipeline depth other than _stages()'s
 # measured faster. Tensor-core tiles need WM % 16 == 0, WN % 16 == 0; SIMT tiles need WM % 4 == 0,
 # WN % 8 == 0. Large tiles (64 x 64 warp tiles, 8 warps) cut the L2 -> shared traffic of W[k], which
-# every (row tile, offset) reloads: flops per byte = BM*BN/(BM+BN). (128, 32) is for C = 32: its
-# iterations are issue-bound (~200 instructions per warp per offset around 4 MMAs), and 128 rows share
+# every (row tile, offset) reloads: flops per byte = BM*BN/(BM+BN). (128, 32) was added for C = 32 (the
+# autotuner tries it for every tensor-core layer, dgrad included): C=32 iterations are issue-bound (~200 instructions per warp per offset around 4 MMAs), and 128 rows share
 # one iteration's overhead (H100 sweep 2026-11-25: LiDAR-like C=32 49.1 -> 45.5 us, 3 stages).
 TC_TILES = {(32, 32): (16, 16), (64, 32): (32, 16), (128, 32): (32, 32, 3), (64, 64): (32, 32),
             (128, 64): (64, 32), (64, 128): (32, 64), (128, 128): (64, 32), (256, 128): (64, 64),
@@ -89,7 +89,7 @@ def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: 
         step = 16 if is_tc(dtype_name) else 4
         if bm % wm or bn % wn or wm % step or wn % (16 if is_tc(dtype_name) else 8) or \
                 not 1 <= (bm // wm) * (bn // wn) <= 16 or stages < 2 or bk % (16 if is_tc(dtype_name) else 4):
-            raise ValueError(f"variant (WM, WN, STAGES) = {variant} does not tile {bm}x{bn} for {dtype_name}")
+            raise ValueError(f"variant (WM, WN, STAGES[, BK]) = {variant} does not tile {bm}x{bn} for {dtype_name}")
     else:
         spec = tiles_for(dtype_name)[(bm, bn)] if kind == "fwd" else \
             (16, 16) if bm == 32 else (32, 32) if bm == 64 else (64, 32)
@@ -170,7 +170,9 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
         nbr = neighbour_table(kmap, reverse)
         k_count, rows = nbr.shape
         if sort_rows and rows > 1:
-            keys = ((nbr[k0:k1] >= 0).astype(cupy.int64) * cupy.asarray(mask_key_weights(kmap, k0, k1))[:, None]
+            w = mask_key_weights(kmap, k0, k1)
+            used = np.flatnonzero(w)  # offsets with pairs (at most 63): the key's bits
+            keys = ((nbr[cupy.asarray(k0 + used)] >= 0).astype(cupy.int64) * cupy.asarray(w[used])[:, None]
                     ).sum(axis=0)
             order = cupy.argsort(keys).astype(cupy.int32)
             t = (order, cupy.ascontiguousarray(nbr[:, order]))
@@ -182,9 +184,10 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
 
 def mask_key_weights(kmap, k0: int, k1: int) -> np.ndarray:
     """int64 ``[k1 - k0]``: the weight of each offset's bit in the slot sort key: powers of two by rank
-    of pair count, rarest highest (ties by offset), zero past the 63 rarest."""
+    of pair count, rarest highest (ties by offset); zero for offsets without pairs (their bit is never
+    set) and past the 63 rarest of the others."""
     counts = np.diff(np.asarray(kmap.offsets_host, dtype=np.int64))[k0:k1]
-    rank = np.argsort(counts, kind="stable")[:63]
+    rank = [k for k in np.argsort(counts, kind="stable") if counts[k] > 0][:63]
     w = np.zeros(k1 - k0, dtype=np.int64)
     w[rank] = np.left_shift(np.int64(1), np.arange(len(rank) - 1, -1, -1, dtype=np.int64))
     return w
@@ -449,7 +452,7 @@ def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort
     ``stage_nbr``: stage the tile's neighbour rows in shared memory once and let warps skip offsets
     their slice lacks (measured v3: no gain on the H100, the extra shared memory costs occupancy; off).
     ``out``: optional preallocated result (every element is written; tests pass it poisoned).
-    ``variant``: ``(WM, WN, STAGES)`` override for benchmark sweeps.
+    ``variant``: ``(WM, WN, STAGES[, BK])`` override for benchmark sweeps.
     ``mask_split``: 1 or 2 (searched): the offsets in that many passes, each sorted by its own bitmask.
     """
     import cupy

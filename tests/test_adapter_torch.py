@@ -196,3 +196,15 @@ def test_kernel_map_lookup_by_the_arguments_as_given(rng, monkeypatch):
         sv.kernel_map(v, 2, 2, transposed=True)
     up = sv.kernel_map(sv.Voxels(torch.from_numpy(down.out_coords), None), 2, 2, transposed=True, output_voxels=v)
     assert up.kind == "transposed"
+
+
+def test_weight_on_another_device_is_a_value_error(rng):
+    """A weight that is not on the features' device is refused by name, before any launch (a prepared
+    launch would otherwise read a foreign address)."""
+    c = random_voxels(rng, 60, extent=5)
+    v = sv.Voxels(torch.from_numpy(c), torch.zeros(len(c), 4))
+    kmap = sv.kernel_map(v, 3)
+    with pytest.raises(ValueError, match="weight is on meta and the features on cpu"):
+        svt.conv_features(v.feats, torch.empty(27, 4, 2, device="meta"), kmap)
+    with pytest.raises(ValueError, match="depthwise_weight is on meta"):
+        svt.spatially_sparse_depthwise_conv(v.feats, torch.empty(27, 4, device="meta"), kmap, kmap.num_out)

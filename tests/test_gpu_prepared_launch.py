@@ -37,6 +37,9 @@ def _poison_allocator(kmap, c_in, c_out, dtype):
 
 def _fresh(rng, kmap, c_in, c_out, dtype):
     _poison_allocator(kmap, c_in, c_out, dtype)
+    for key, val in kmap.derived.items():  # outputs allocated one call ahead: poisoned too
+        if isinstance(key, tuple) and key[0] == "spare":
+            val[0].fill_(float("nan"))
     k = kmap.num_offsets
     f = torch.from_numpy(rng.standard_normal((kmap.num_in, c_in))).cuda().to(dtype)
     w = torch.from_numpy(rng.standard_normal((k, c_in, c_out)) / np.sqrt(k * c_in)).cuda().to(dtype)
@@ -203,6 +206,10 @@ def test_eager_forward_without_grad_launches_directly_and_keeps_earlier_outputs(
         def boom(*a, **k):
             raise AssertionError("the call planned although a prepared launch exists")
         monkeypatch.setattr(sv_conv, "plan", boom)
+
+        def no_tensors(*a, **k):
+            raise AssertionError("the call went through conv_tensors: the direct eager path was not taken")
+        monkeypatch.setattr(svt, "conv_tensors", no_tensors)
         calls = _count_launches(monkeypatch)
         ins, outs = [], []
         for _ in range(3):
@@ -245,3 +252,62 @@ def test_spare_outputs_can_be_turned_off(rng, monkeypatch):
         out = svt.conv_features(f.detach(), w.detach(), kmap, ALGO, ALGO)
     assert not _spares(kmap)
     assert rel_err(out.double().cpu().numpy(), _oracle_fwd(v, kmap, f.detach(), w.detach())) < TOL["float16"]
+
+
+def test_spare_made_in_inference_mode_never_reaches_a_differentiable_call(rng):
+    """Evaluation under torch.inference_mode, then training on the same map: the training forward must
+    not return an inference tensor (it could not be saved for backward or updated in place)."""
+    v, kmap, ks, s, out_coords = _scene(rng, "submanifold")
+    f, w, g = _fresh(rng, kmap, 32, 32, torch.float16)
+    with torch.inference_mode():
+        for _ in range(3):  # plan, prepared (leaves a spare), prepared with the spare
+            svt.conv_features(f.detach(), w.detach(), kmap, ALGO, ALGO)
+    assert any(val[0].is_inference() for val in _spares(kmap).values())
+    for _ in range(2):
+        f, w, g = _fresh(rng, kmap, 32, 32, torch.float16)
+        out = svt.conv_features(f, w, kmap, ALGO, ALGO)
+        assert not out.is_inference()
+        gf, gw = torch.autograd.grad(out, (f, w), g)
+        _check(v.coords.cpu().numpy(), out_coords, kmap, ks, s, f, w, g, out, gf, gw, "float16")
+        out.detach().relu_()  # in place, as an activation would: raises on an inference tensor
+        plain = svt.conv_features(f.detach(), w.detach(), kmap, ALGO, ALGO)  # the no-grad eager path
+        assert not plain.is_inference()
+        plain.relu_()
+
+
+def test_graph_capture_leaves_spares_alone_and_replays_correctly(rng):
+    v, kmap, *_ = _scene(rng, "submanifold")
+    f, w, _ = _fresh(rng, kmap, 32, 32, torch.float16)
+    f, w = f.detach(), w.detach()
+    static_f = f.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on the capture's side stream: plan, prepare, leave a spare
+        for _ in range(3):
+            svt.conv_features(static_f, w, kmap, ALGO, ALGO)
+    torch.cuda.current_stream().wait_stream(side)
+    before = {key: val[0].data_ptr() for key, val in _spares(kmap).items()}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = svt.conv_features(static_f, w, kmap, ALGO, ALGO)
+    assert {key: val[0].data_ptr() for key, val in _spares(kmap).items()} == before
+    for _ in range(2):
+        new_f = _fresh(rng, kmap, 32, 32, torch.float16)[0].detach()
+        static_f.copy_(new_f)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out.double().cpu().numpy(), _oracle_fwd(v, kmap, new_f, w)) < TOL["float16"]
+
+
+def test_a_spare_that_does_not_fit_is_not_made(rng, monkeypatch):
+    v, kmap, *_ = _scene(rng, "submanifold")
+    f, w, _ = _fresh(rng, kmap, 32, 32, torch.float16)
+    f, w = f.detach(), w.detach()
+    svt.conv_features(f, w, kmap, ALGO, ALGO)  # plan + prepare
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+    monkeypatch.setattr(torch, "empty_like", oom)
+    out = svt.conv_features(f, w, kmap, ALGO, ALGO)
+    assert not _spares(kmap)
+    assert rel_err(out.double().cpu().numpy(), _oracle_fwd(v, kmap, f, w)) < TOL["float16"]

@@ -128,9 +128,10 @@ def test_mask_key_weights_put_the_rarest_offsets_first():
 
     from sparsevox import implicit_gemm as ig
     km = SimpleNamespace(offsets_host=np.cumsum([0, 5, 1, 4, 0, 20]))  # pair counts 5, 1, 4, 0, 20
-    assert ig.mask_key_weights(km, 0, 5).tolist() == [2, 8, 4, 16, 1]
-    assert ig.mask_key_weights(km, 1, 4).tolist() == [2, 1, 4]  # a part ranks its own offsets
+    assert ig.mask_key_weights(km, 0, 5).tolist() == [2, 8, 4, 0, 1]  # no pairs: no bit
+    assert ig.mask_key_weights(km, 1, 4).tolist() == [2, 1, 0]  # a part ranks its own offsets
     assert ig.mask_key_weights(km, 0, 2).tolist() == [1, 2]
+    assert ig.mask_key_weights(SimpleNamespace(offsets_host=np.zeros(4, np.int64)), 0, 3).tolist() == [0, 0, 0]
     ties = SimpleNamespace(offsets_host=np.cumsum([0, 3, 3, 3]))
     assert ig.mask_key_weights(ties, 0, 3).tolist() == [4, 2, 1]  # equal counts: offset order
     k5 = SimpleNamespace(offsets_host=np.cumsum(np.r_[0, np.arange(125, 0, -1)]))  # rarest: the last
@@ -157,4 +158,5 @@ def test_slots_are_sorted_by_the_rarest_first_bitmask(rng):
     same = np.diff(keys) == 0
     assert (np.diff(slots)[same] > 0).all()
     counts = np.diff(kmap.offsets_host)
-    assert w[int(np.argmin(counts))] == w.max()
+    with_pairs = np.flatnonzero(counts)
+    assert w[with_pairs[np.argmin(counts[with_pairs])]] == w.max() and (w[counts == 0] == 0).all()
