@@ -39,8 +39,11 @@ def kernel_map_tensors(kmap: KernelMap):
     """``(in_maps, out_maps, offsets)`` as torch tensors (zero-copy; offsets int64 on the CPU)."""
     t = kmap.derived.get("torch.tensors")
     if t is None:
-        t = (torch.from_dlpack(kmap.in_maps), torch.from_dlpack(kmap.out_maps),
-             torch.from_numpy(kmap.offsets_host))
+        # Made outside inference mode even when the first call runs in it: the map's tensors are saved
+        # for backward by later differentiable calls, which inference tensors cannot be.
+        with torch.inference_mode(False):
+            t = (torch.from_dlpack(kmap.in_maps), torch.from_dlpack(kmap.out_maps),
+                 torch.from_numpy(kmap.offsets_host))
         kmap.derived["torch.tensors"] = t
     return t
 

@@ -208,3 +208,18 @@ def test_weight_on_another_device_is_a_value_error(rng):
         svt.conv_features(v.feats, torch.empty(27, 4, 2, device="meta"), kmap)
     with pytest.raises(ValueError, match="depthwise_weight is on meta"):
         svt.spatially_sparse_depthwise_conv(v.feats, torch.empty(27, 4, device="meta"), kmap, kmap.num_out)
+
+
+def test_map_first_used_in_inference_mode_still_trains(rng):
+    """Evaluation under torch.inference_mode first, then a differentiable call on the same map: the
+    map's tensors (saved for backward) must not be inference tensors."""
+    c = random_voxels(rng, 60, extent=5)
+    v = sv.Voxels(torch.from_numpy(c), None)
+    kmap = sv.kernel_map(v, 3)
+    f = torch.randn(len(c), 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(27, 3, 2, dtype=torch.float64, requires_grad=True)
+    with torch.inference_mode():
+        svt.conv_features(f.detach(), w.detach(), kmap)
+    assert not any(t.is_inference() for t in svt.kernel_map_tensors(kmap))
+    gf, gw = torch.autograd.grad(svt.conv_features(f, w, kmap).sum(), (f, w))
+    assert gf.shape == f.shape and gw.shape == w.shape
