@@ -15,10 +15,11 @@ import cProfile
 import io
 import json
 import pstats
-import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.timing import loop_us
 
 _SRC = r"""
 extern "C" __global__ void k2(int* a, int n) { if (threadIdx.x == 0 && blockIdx.x == 0 && n < 0) a[0] = n; }
@@ -30,11 +31,7 @@ extern "C" __global__ void k12(int* a, int* b, int* c, int* d, int n, int m, int
 
 
 def _us(fn, n=2000):
-    fn()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t) / n * 1e6
+    return loop_us(fn, n)
 
 
 def _profile(fn, n, sync, sort="tottime", lines=30) -> str:
@@ -150,13 +147,7 @@ def main(argv=None) -> int:
     f_c, w_c = cupy.asarray(feats), cupy.asarray(w["subm"])
     core = lambda: sv.conv_forward(f_c, w_c, kmap, algo)  # noqa: E731
     for name, fn in (("core_subm", core), ("torch_subm", subm), ("torch_down", downf), ("torch_up", upf)):
-        fn()
-        sync()
-        t = time.perf_counter()
-        for _ in range(200):
-            fn()
-        sync()
-        rec[f"{name}_us"] = (time.perf_counter() - t) / 200 * 1e6
+        rec[f"{name}_us"] = loop_us(fn, 200, sync)
         texts.append((f"{name}, by own time", _profile(fn, 200, sync)))
         texts.append((f"{name}, cumulative", _profile(fn, 200, sync, "cumulative", 40)))
 
@@ -175,13 +166,7 @@ def main(argv=None) -> int:
     core_fb = lambda: sv.conv_backward(g_c, f_c, w_c, kmap, algo)  # noqa: E731
 
     def per_call(fn, n=200):
-        fn()
-        sync()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync()
-        return (time.perf_counter() - t) / n * 1e6
+        return loop_us(fn, n, sync)
     rec["torch_subm_fwd_bwd_us"] = per_call(torch_fb)
     rec["core_subm_bwd_us"] = per_call(core_fb)
     rec["torch_bwd_impl_main_thread_us"] = per_call(bwd)

@@ -16,22 +16,7 @@ import cProfile
 import io
 import json
 import pstats
-import time
 from pathlib import Path
-
-
-def _us(fn, n=400, sync_every=50):
-    import torch
-    fn()
-    torch.cuda.synchronize()
-    spent = 0.0
-    for i in range(0, n, sync_every):
-        t = time.perf_counter()
-        for _ in range(sync_every):
-            fn()
-        spent += time.perf_counter() - t
-        torch.cuda.synchronize()  # outside the timed part: keeps the launch queue short
-    return spent / n * 1e6
 
 
 def main(argv=None):
@@ -50,6 +35,7 @@ def main(argv=None):
     import sparsevox as sv
     from benchmarks import scenes
     from benchmarks.runners import Geometry, Layers
+    from benchmarks.timing import loop_us
     from sparsevox import _arrays
     from sparsevox.adapters import torch as svt
 
@@ -100,7 +86,7 @@ def main(argv=None):
                               sv.allow_tf32()),
     }
     with torch.no_grad():
-        res = {name: _us(fn) for name, fn in stages.items()}
+        res = {name: loop_us(fn, 400, torch.cuda.synchronize, sync_every=50) for name, fn in stages.items()}
     for name, v in res.items():
         print(f"{scene.name} C={a.c} {a.dtype} {name}: {v:.1f} us", flush=True)
     prof = cProfile.Profile()

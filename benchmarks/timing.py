@@ -81,6 +81,28 @@ def wall_ms(fn, sync=None, warmup: int = 3, repeats: int = 30) -> float:
     return statistics.median(samples)
 
 
+def loop_us(fn, n: int = 200, sync=None, sync_every: int | None = None, warmup: int = 1) -> float:
+    """Mean host wall time in µs per call of ``n`` back-to-back calls of ``fn()`` (throughput: the host
+    does not wait for each call). ``sync`` (e.g. ``torch.cuda.synchronize``) runs after the warm-up, every
+    ``sync_every`` calls outside the timed part (keeps the launch queue short) and once at the end, timed."""
+    for _ in range(warmup):
+        fn()
+    if sync is not None:
+        sync()
+    step = sync_every or n
+    spent = 0.0
+    for start in range(0, n, step):
+        t = time.perf_counter()
+        for _ in range(min(step, n - start)):
+            fn()
+        if sync is not None and start + step >= n:
+            sync()
+        spent += time.perf_counter() - t
+        if sync is not None and start + step < n:
+            sync()
+    return spent / n * 1e6
+
+
 def flops(pairs: int, c_in: int, c_out: int) -> float:
     """Multiply-adds of one pass over the pairs, counted as 2 FLOPs: ``2 * pairs * C_in * C_out``."""
     return 2.0 * pairs * c_in * c_out

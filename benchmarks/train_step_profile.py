@@ -1,15 +1,14 @@
 """Where a small layer's forward+backward time goes through torch autograd (host µs per call).
 
-``python -m benchmarks.train_step_profile [--scene semantickitti] [--c 32]``: per-call wall µs over a
-loop of calls with one synchronise at the end (throughput, as ``host_breakdown``) and with a synchronise
-after each call, for: an empty ``autograd.Function`` round trip on CUDA tensors of the layer's shapes,
-the layer's forward with grad enabled, its backward implementation alone (main thread), and the whole
+``python -m benchmarks.train_step_profile [--scene semantickitti] [--c 32]``: host µs per call over a
+loop of calls with one synchronise at the end (throughput, ``timing.loop_us``) and the median of calls
+each followed by a synchronise (``timing.wall_ms``), for: an empty ``autograd.Function`` round trip on
+CUDA tensors of the layer's shapes, the layer's forward with grad enabled, its backward implementation alone (main thread), and the whole
 ``torch.autograd.grad(layer(...), (f, w), g)``; then a torch.profiler table of the whole step.
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 
 def main(argv=None):
@@ -21,6 +20,7 @@ def main(argv=None):
 
     from benchmarks import scenes
     from benchmarks.runners import Geometry, Layers
+    from benchmarks.timing import loop_us, wall_ms
     from sparsevox.adapters import torch as svt
 
     scene = (scenes.load_scenes([a.scene]) or scenes.load_scenes(["lidar_synth"]))[0]
@@ -55,21 +55,11 @@ def main(argv=None):
     def bwd_only():
         return bwd_impl(g, f.detach(), w.detach(), in_m, out_m, offs, algo, True, True)
 
-    def per_call(fn, n=200, sync_each=False):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-            if sync_each:
-                torch.cuda.synchronize()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / n * 1e6
     for name, fn in (("noop_function_grad", noop_step), ("layer_fwd_grad_enabled", fwd),
                      ("bwd_impl_main_thread", bwd_only), ("layer_fwd_bwd", step)):
-        print(f"{scene.name} C={a.c} {name}: loop {per_call(fn):.1f} us, synced {per_call(fn, sync_each=True):.1f} us",
-              flush=True)
+        loop = loop_us(fn, 200, torch.cuda.synchronize, warmup=3)
+        synced = wall_ms(fn, torch.cuda.synchronize, warmup=3, repeats=200) * 1e3
+        print(f"{scene.name} C={a.c} {name}: loop {loop:.1f} us, synced {synced:.1f} us", flush=True)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(20):

@@ -101,3 +101,15 @@ def test_tile_sweep_variants_tile_their_blocks():
         for bm, bn, wm, wn, stages, *bk in vs:
             assert bn <= max(c, 32) and bm % wm == 0 and bn % wn == 0 and wm % 16 == 0 and wn % 16 == 0
             assert 1 <= (bm // wm) * (bn // wn) <= 16 and stages >= 2 and all(b % 16 == 0 for b in bk)
+
+
+def test_loop_us_calls_n_times_and_synchronises_between_chunks():
+    from benchmarks.timing import loop_us
+    events = []
+    us = loop_us(lambda: events.append("call"), 10, sync=lambda: events.append("sync"), sync_every=4, warmup=2)
+    assert us >= 0
+    # warm-up, sync, then chunks of 4, 4, 2 with a sync after each (the last one inside the timing)
+    assert events == ["call"] * 2 + ["sync"] + (["call"] * 4 + ["sync"]) * 2 + ["call"] * 2 + ["sync"]
+    events.clear()
+    loop_us(lambda: events.append("call"), 3)
+    assert events == ["call"] * 4  # one warm-up call, no synchronisation without sync
