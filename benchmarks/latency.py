@@ -3,7 +3,8 @@
 ``python -m benchmarks.latency --out DIR [--stem STEM]``. The layer benchmark times single calls between
 two CUDA events (``benchmarks/timing.time_call``), so a call's host time before its first launch is
 exposed in full. For the smallest layers (SubM k3, C=32 float16 forward, through the torch adapter,
-map cached) and for the kernel-map build, this records per call:
+map cached), for the kernel-map build, and for a fresh scan's first SubM layer (map build included),
+this records per call:
 
 - ``event_ms``: the layer benchmark's figure (events around one call, synchronise, median);
 - ``host_us``: wall time of the call alone, with the device idle before it (no synchronise after);
@@ -112,6 +113,14 @@ def torch_part(scene_names) -> dict:
             pg = peers.PeerGeometry(sp, scene.coords)
             out[f"{scene.name}_map_build_spconv"] = decompose(pg.map_build(), device=False)
             _line(f"{scene.name} map build spconv", out[f"{scene.name}_map_build_spconv"])
+        # A fresh scan's first layer: map build, first forward (its tables) and the layer itself. Our map
+        # build leaves the pair count on the device until first use; this figure includes that use.
+        key = f"{scene.name}_fresh_subm_c32_f16_fwd"
+        out[key] = decompose(lay.subm_fresh("implicit_gemm"), device=False)
+        _line(key, out[key])
+        if sp is not None:
+            out[key + "_spconv"] = decompose(pl.subm_fresh(), device=False)
+            _line(key + " spconv", out[key + "_spconv"])
     if sp is None:
         out["spconv"] = f"not importable: {why}"
     return out
@@ -120,13 +129,14 @@ def torch_part(scene_names) -> dict:
 def map_build_phases(coords, n: int = 50) -> dict:
     """Host µs per SubM k3 map build (``kernel_map(Voxels(coords, None, check=False), 3)``, torch coords)
     spent in each device operation of the GPU builder (wrapped with timers), in making the ``Voxels``,
-    and the rest (Python glue); ``to_host`` includes the wait for the kernels."""
+    and the rest (Python glue). The build does not wait for its kernels (``read_async`` queues the copy
+    of the sizes); ``copy_pairs`` runs at a map's first use, so it is absent here."""
     import torch
 
     from sparsevox import Voxels, gpu_kernel_map as gkm, kernel_map
     dev = gkm._cupy_device()
     spent: dict = {}
-    originals = {name: getattr(dev, name) for name in ("launch", "fill_ones", "to_host", "copy_pairs", "view")}
+    originals = {name: getattr(dev, name) for name in ("launch", "fill_ones", "read_async", "copy_pairs", "view")}
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -245,6 +255,21 @@ def jax_part() -> dict:
     return out
 
 
+def _jax_parts(budget_s: float) -> dict:
+    """The JAX figures, in this process and in a child with XLA command buffers for one-op graphs."""
+    rec = {"jax": jax_part()}
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1").strip())
+    try:
+        child = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--jax-only"], env=env,
+                               capture_output=True, text=True, timeout=max(30, budget_s / 2))
+        print(child.stdout[-3000:], child.stderr[-2000:], flush=True)
+        lines = [ln for ln in child.stdout.splitlines() if ln.startswith("JSON ")]
+        rec["jax_min_graph_size_1"] = json.loads(lines[-1][5:]) if lines else {"error": child.stderr[-2000:]}
+    except subprocess.TimeoutExpired:
+        rec["jax_min_graph_size_1"] = {"error": "timed out"}
+    return rec
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
@@ -252,22 +277,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=120)
     ap.add_argument("--jax-only", action="store_true", help="print the JAX part as JSON (child process)")
+    ap.add_argument("--torch-only", action="store_true", help="skip the JAX part (diagnostic runs)")
     args = ap.parse_args(argv)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.jax_only:
         print("JSON " + json.dumps(jax_part()))
         return 0
     rec = {"torch": torch_part(["semantickitti", "lidar_synth"])}
-    rec["jax"] = jax_part()
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1").strip())
-    try:
-        child = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--jax-only"], env=env,
-                               capture_output=True, text=True, timeout=max(30, args.budget_s / 2))
-        print(child.stdout[-3000:], child.stderr[-2000:], flush=True)
-        lines = [ln for ln in child.stdout.splitlines() if ln.startswith("JSON ")]
-        rec["jax_min_graph_size_1"] = json.loads(lines[-1][5:]) if lines else {"error": child.stderr[-2000:]}
-    except subprocess.TimeoutExpired:
-        rec["jax_min_graph_size_1"] = {"error": "timed out"}
+    if not args.torch_only:
+        rec.update(_jax_parts(args.budget_s))
     from benchmarks import provenance
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
-"""GPU map build on SemanticKITTI (else the built-in scan), SubM k3: builder wall µs per call and the GPU
-time of each kernel, for the query_compact tile size this process was started with
-(``SPARSEVOX_KMAP_ITEMS``). ``for i in 1 2 4 8; do SPARSEVOX_KMAP_ITEMS=$i python -m benchmarks.map_build_sweep; done``
+"""GPU map build on SemanticKITTI (else the built-in scan), SubM k3, for the query_compact tile size this
+process was started with (``SPARSEVOX_KMAP_ITEMS``): builder wall µs per call (back to back), the GPU time
+of each kernel, the whole build's device time with the host hidden (the stream held by a sleeping kernel
+while the build queues), and the event time of one build (host and device, as the layer benchmark
+times it). ``for i in 1 2 4 8; do SPARSEVOX_KMAP_ITEMS=$i python -m benchmarks.map_build_sweep; done``
 prints one JSON line each."""
 from __future__ import annotations
 
@@ -38,6 +40,25 @@ def kernel_times(build, n: int) -> dict:
     return {k: round(float(np.median(v)), 1) for k, v in per.items()}
 
 
+def build_device_us(build, hide_host: bool, n: int = 30) -> float:
+    """Median µs between CUDA events around one ``build()``; with ``hide_host`` a sleeping kernel holds
+    the stream while the build queues, so the figure is the device time of its memsets, kernels and copy."""
+    import cupy
+    sleep = cupy.RawKernel(r"""extern "C" __global__ void svx_sleep(long long n) {
+        long long t0 = clock64(); while (clock64() - t0 < n) {} }""", "svx_sleep")
+    got = []
+    for _ in range(n):
+        s, e = cupy.cuda.Event(), cupy.cuda.Event()
+        if hide_host:
+            sleep((1,), (1,), (np.int64(2_000_000),))  # ~1 ms
+        s.record()
+        build()
+        e.record()
+        e.synchronize()
+        got.append(cupy.cuda.get_elapsed_time(s, e) * 1e3)
+    return float(np.median(got))
+
+
 def main() -> int:
     import cupy
 
@@ -56,7 +77,8 @@ def main() -> int:
     wall = (time.perf_counter() - t) / 200 * 1e6
     per = kernel_times(build, 50)
     print(json.dumps({"scene": scene.name, "items": gkm.ITEMS, "builder_us": round(wall, 1),
-                      "kernel_us": per}))
+                      "kernel_us": per, "device_us": round(build_device_us(build, True), 1),
+                      "event_us": round(build_device_us(build, False), 1)}))
     return 0
 
 

@@ -132,6 +132,17 @@ class PeerLayers:
                 return conv(x).features
         return fn
 
+    def subm_fresh(self):
+        """``fn``: a fresh scan's first SubM layer: a tensor without pairs, so the module builds them
+        (inference) and runs the layer."""
+        torch, conv, geo, feats = self.torch, self.subm, self.geo, self.feats
+
+        def fn():
+            conv.eval()
+            with torch.no_grad():
+                return conv(geo.tensor(feats)).features
+        return fn
+
     def subm_fwd_bwd(self):
         torch, conv = self.torch, self.subm
         f = self.feats.detach().clone().requires_grad_(True)

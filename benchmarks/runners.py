@@ -144,6 +144,20 @@ class Layers:
                 return sv.conv_forward(f, w, km, algo)
         return fn, self.kmap_subm.num_pairs
 
+    def subm_fresh(self, algo):
+        """``fn``: a fresh scan's first SubM k3 forward (torch, no grad): new unvalidated ``Voxels`` of
+        the same coordinates and features, so the map is built (and first used) inside the call."""
+        import torch
+
+        import sparsevox as sv
+        svt, coords, feats, w = self.svt, self.geo.coords, self.feats, self.weights["subm"]
+
+        def fn():
+            with torch.no_grad():
+                return svt.spatially_sparse_conv(sv.Voxels(coords, feats, check=False), w, 3,
+                                                 fwd_algo=algo, bwd_algo=algo).feats
+        return fn
+
     def subm_fwd_bwd(self, algo):
         if self.geo.api == "torch":
             import torch

@@ -32,16 +32,21 @@ How (kernels in ``kernels_cu/kernel_map.cu``, table in ``kernels_cu/common/hash.
    ``cand``. 13 probes per row instead of 27 for k3, and the same map. Their scan state (with a done
    counter per probed offset) sits after ``offsets`` in the kept allocation, reset by the one memset
    of cand's mirrored rows (which must start at -1).
-4. After the one synchronisation (the info row: sizes and status words), one 2-D device-to-device copy
-   on the current stream moves the first ``offsets[K]`` pairs of both buffers into one exact-size
-   allocation (``in_maps`` then ``out_maps``), and the upper-bound buffers go back to CuPy's pool.
+4. No synchronisation: the info row (sizes and status words) is copied into pinned host memory behind
+   the kernels, and the map is returned pending (:attr:`KernelMap.ready` False). Its first use
+   (:meth:`KernelMap.wait`, which every read of the CSR arrays calls) waits for that copy, raises the
+   insert's status (duplicate or out-of-range voxel of unvalidated coordinates), and moves the first
+   ``offsets[K]`` pairs of both buffers into one exact-size allocation (``in_maps`` then ``out_maps``)
+   with one 2-D device-to-device copy on the build's stream; the upper-bound buffers then go back to
+   CuPy's pool. ``offsets`` and ``dense_nbr`` are device views, usable at once. So a map build costs
+   its launches on the host, and the device time of its kernels, which overlaps the host's next work.
    Parts of the allocations are passed to the kernels as raw addresses (a CuPy slice costs µs of host
    time; a map used about ten).
 
-Per map: one memset (symmetric SubM: two), two kernels (insert, query_compact), one device→host copy
-(``offsets_host`` and the status words, K + 3 int64), one 2-D device-to-device copy; strided/generative
-layers add one more device→host copy for the number of output sites. Work runs on CuPy's current
-device and stream (see :func:`sparsevox._arrays.on_caller_stream`).
+Per map: one memset (symmetric SubM: two), two kernels (insert, query_compact), one asynchronous
+device→host copy (the K + 3 int64 info row); at first use one 2-D device-to-device copy; strided and
+generative layers add one synchronous device→host copy for the number of output sites. Work runs on
+CuPy's current device and stream (see :func:`sparsevox._arrays.on_caller_stream`).
 
 Validation of CuPy ``Voxels`` (:func:`hash_table`) is step 2 alone: one memset, the insert kernel and
 one 16-byte device→host read of its two status words (duplicate row, out-of-range row). The table is
@@ -129,10 +134,39 @@ class CupyDevice:
     def to_host(self, a) -> np.ndarray:
         return a.get()
 
-    def copy_pairs(self, src, stride: int, n: int):
+    def read_async(self, a) -> "_HostRead":
+        """Start copying small 1-D ``a`` into pinned host memory on the current stream; ``.wait()`` on
+        the handle gives it as a NumPy array. The copy runs behind the kernels already queued, so the
+        host goes on until something needs the values."""
+        cupy = self.xp
+        stream = cupy.cuda.get_current_stream()
+        mem = cupy.cuda.alloc_pinned_memory(a.nbytes)
+        cupy.cuda.runtime.memcpyAsync(mem.ptr, a.data.ptr, a.nbytes, cupy.cuda.runtime.memcpyDeviceToHost,
+                                      stream.ptr)
+        event = cupy.cuda.Event(block=False, disable_timing=True)
+        event.record(stream)
+        return _HostRead(mem, event, stream, a.device.id, a.size, a.dtype)
+
+    def copy_pairs(self, src, stride: int, n: int, read: "_HostRead | None" = None):
         """``(src[:n], src[stride:stride + n])`` as new exact-size arrays: one allocation (the second
-        starting 256-byte aligned, as a separate allocation would), one 2-D device-to-device copy on the
-        current stream (two 1-D copies where ``stride`` exceeds the largest pitch cudaMemcpy2D takes)."""
+        starting 256-byte aligned, as a separate allocation would), one 2-D device-to-device copy (two
+        1-D copies where ``stride`` exceeds the largest pitch cudaMemcpy2D takes).
+
+        With ``read`` (the map's :meth:`read_async` handle) the copy runs on ``read``'s stream and device,
+        where ``src`` was written and will go back to the pool, and the caller's current stream waits for
+        it; without, on the current stream."""
+        if read is None:
+            return self._copy_pairs(src, stride, n)
+        cupy = self.xp
+        with on_device(read.device):
+            caller = cupy.cuda.get_current_stream()
+            with read.stream:
+                got = self._copy_pairs(src, stride, n)
+            if caller.ptr != read.stream.ptr and n:
+                caller.wait_event(read.stream.record())
+        return got
+
+    def _copy_pairs(self, src, stride: int, n: int):
         cupy = self.xp
         rt = cupy.cuda.runtime
         w = src.itemsize
@@ -147,6 +181,24 @@ class CupyDevice:
                 for dst, at in ((0, 0), (pad, stride)):
                     rt.memcpyAsync(self.ptr(out, dst), self.ptr(src, at), n * w, rt.memcpyDeviceToDevice, stream)
         return self.view(out, 0, (n,), src.dtype), self.view(out, pad, (n,), src.dtype)
+
+
+class _HostRead:
+    """A device-to-host copy in flight (:meth:`CupyDevice.read_async`): the pinned buffer, the event
+    after the copy, and the stream and device it was queued on."""
+    __slots__ = ("mem", "event", "stream", "device", "size", "dtype")
+
+    def __init__(self, mem, event, stream, device: int, size: int, dtype):
+        self.mem, self.event, self.stream, self.device, self.size, self.dtype = mem, event, stream, device, size, dtype
+
+    def wait(self) -> np.ndarray:
+        self.event.synchronize()
+        return np.frombuffer(self.mem, self.dtype, self.size).copy()
+
+    def __del__(self):
+        # CuPy's pinned pool hands a freed buffer out again at once: never while the copy still writes it
+        if self.event is not None and not self.event.done:
+            self.event.synchronize()
 
 
 _device = None
@@ -270,7 +322,8 @@ def _raise_table_status(dev, coords, dup_row: int, bad_row: int):
 
 
 def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, symmetric: bool = False):
-    """``(in_maps, out_maps, offsets, offsets_host, dense_nbr)`` in the canonical order.
+    """``(pending, offsets, dense_nbr)``: the kernels queued, ``pending`` the map's :class:`_PendingPairs`
+    (its CSR arrays, in the canonical order, once the kernels are done).
 
     ``symmetric``: a submanifold map of odd kernel sizes (``out_coords`` is ``coords``, stride 1, not
     transposed), whose offsets after the centre are filled from the probes of their mirror offsets."""
@@ -320,14 +373,32 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
                 *_geometry_args(st, ks, dl), table, np.uint64(mask), dev.ptr(table, _status_at(mask)),
                 state, dev.ptr(keep), dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km),
                 dev.ptr(scratch, 2 * km)))
-    # The kept views are made while the kernels run (host work after the read-back adds to the build).
+    # No synchronisation here: the sizes and status words start towards the host behind the kernels,
+    # and the map takes its exact-size pairs when first used (KernelMap.wait).
+    read = dev.read_async(dev.view(scratch, 2 * km, (num_k + 3,), np.int64))
     offsets, dense_nbr = dev.view(keep, km, (num_k + 1,), np.int32), dev.view(keep, 0, (num_k, m), np.int32)
-    # the one synchronisation: sizes for the exact copies, and the checks
-    host = dev.to_host(dev.view(scratch, 2 * km, (num_k + 3,), np.int64))
-    _raise_table_status(dev, coords, int(host[num_k + 1]), int(host[num_k + 2]))
-    offsets_host = host[:num_k + 1].astype(np.int64)
-    in_maps, out_maps = dev.copy_pairs(scratch, km, int(offsets_host[-1]))
-    return in_maps, out_maps, offsets, offsets_host, dense_nbr
+    return _PendingPairs(dev, coords, scratch, km, num_k, read), offsets, dense_nbr
+
+
+class _PendingPairs:
+    """``KernelMap``'s ``pending``: waits for the info row, raises the insert's status (duplicate or
+    out-of-range voxel), copies the first ``offsets[K]`` pairs of the upper-bound buffers into one
+    exact-size allocation (and lets the buffers go). Returns ``(in_maps, out_maps, offsets_host)``."""
+    __slots__ = ("dev", "coords", "scratch", "km", "num_k", "read", "host")
+
+    def __init__(self, dev, coords, scratch, km: int, num_k: int, read):
+        self.dev, self.coords, self.scratch, self.km, self.num_k, self.read = dev, coords, scratch, km, num_k, read
+        self.host = None
+
+    def __call__(self):
+        if self.host is None:
+            self.host = self.read.wait()
+        host, num_k = self.host, self.num_k
+        _raise_table_status(self.dev, self.coords, int(host[num_k + 1]), int(host[num_k + 2]))
+        offsets_host = host[:num_k + 1].astype(np.int64)
+        in_maps, out_maps = self.dev.copy_pairs(self.scratch, self.km, int(offsets_host[-1]), self.read)
+        self.scratch = self.coords = None
+        return in_maps, out_maps, offsets_host
 
 
 def build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords=None,
@@ -357,19 +428,15 @@ def build(dev, coords, kernel_size, stride, dilation, transposed, generative, ou
                           else xp.empty((0, 4), dtype=xp.int32))
     out_coords = _as_int32_rows(xp, out_coords)
     m = out_coords.shape[0]
-    dense_nbr = None
     if n_in and m:
         # SubM of odd kernel sizes: offsets mirror each other about the centre (0), so half the probes do
         symmetric = kind == "submanifold" and all(v % 2 == 1 for v in ks)
-        in_maps, out_maps, offsets, offsets_host, dense_nbr = _pairs(dev, coords, out_coords, st, ks, dl,
-                                                                     bool(transposed), table, symmetric)
-    else:
-        in_maps = xp.empty(0, dtype=xp.int32)
-        out_maps = xp.empty(0, dtype=xp.int32)
-        offsets = xp.zeros(num_k + 1, dtype=xp.int32)
-        offsets_host = np.zeros(num_k + 1, dtype=np.int64)
-    return KernelMap(in_maps, out_maps, offsets, offsets_host, n_in, m, out_coords, ks, st, dl, kind,
-                     dense_nbr=dense_nbr)
+        pending, offsets, dense_nbr = _pairs(dev, coords, out_coords, st, ks, dl, bool(transposed), table,
+                                             symmetric)
+        return KernelMap(None, None, offsets, None, n_in, m, out_coords, ks, st, dl, kind, dense_nbr=dense_nbr,
+                         pending=pending)
+    return KernelMap(xp.empty(0, dtype=xp.int32), xp.empty(0, dtype=xp.int32), xp.zeros(num_k + 1, dtype=xp.int32),
+                     np.zeros(num_k + 1, dtype=np.int64), n_in, m, out_coords, ks, st, dl, kind)
 
 
 def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transposed, generative,

@@ -10,7 +10,6 @@ Output coordinates of strided and generative layers are sorted by (batch, x, y, 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,7 +17,6 @@ from . import geometry
 from ._arrays import array_module, data_ptr, to_host
 
 
-@dataclass
 class KernelMap:
     """Pairs of a sparse convolution.
 
@@ -32,24 +30,59 @@ class KernelMap:
         dense_nbr: optional int32 ``[K, num_out]`` on the data's device, ``dense_nbr[k, out]`` = the
             input row paired with ``out`` by offset ``k``, or -1 (the GPU builder's query table, reused
             as the implicit GEMM's forward neighbour table); None when the builder did not make it.
+
+    A GPU map is returned as soon as its kernels are queued (``ready`` False): the pair count is on the
+    device until something needs it. The first read of ``in_maps``, ``out_maps``, ``offsets_host`` or
+    ``num_pairs`` (every convolution reads them), or :meth:`wait`, waits for the kernels and takes the
+    pairs into exact-size arrays. That is also where coordinates that skipped validation
+    (``Voxels(..., check=False)``) raise their ``ValueError`` (duplicate or out-of-range voxel), on
+    every use of the map until then, never a silently wrong convolution. ``offsets``, ``dense_nbr``,
+    ``out_coords`` and the sizes are usable at once.
     """
-    in_maps: object
-    out_maps: object
-    offsets: object
-    offsets_host: np.ndarray
-    num_in: int
-    num_out: int
-    out_coords: object
-    kernel_size: tuple = (1, 1, 1)
-    stride: tuple = (1, 1, 1)
-    dilation: tuple = (1, 1, 1)
-    kind: str = "submanifold"
-    dense_nbr: object = field(default=None, repr=False)
-    derived: dict = field(default_factory=dict, repr=False)  # algorithm-specific views (reverse map, masks)
+
+    def __init__(self, in_maps, out_maps, offsets, offsets_host, num_in: int, num_out: int, out_coords,
+                 kernel_size: tuple = (1, 1, 1), stride: tuple = (1, 1, 1), dilation: tuple = (1, 1, 1),
+                 kind: str = "submanifold", dense_nbr=None, derived: dict | None = None, pending=None):
+        self._in_maps, self._out_maps, self._offsets_host = in_maps, out_maps, offsets_host
+        # pending(): (in_maps, out_maps, offsets_host) once the builder's kernels are done; raises the
+        # ValueError of bad coordinates (and stays pending, so every later use raises it too)
+        self._pending = pending
+        self.offsets, self.num_in, self.num_out, self.out_coords = offsets, num_in, num_out, out_coords
+        self.kernel_size, self.stride, self.dilation, self.kind = kernel_size, stride, dilation, kind
+        self.dense_nbr = dense_nbr
+        self.derived = {} if derived is None else derived  # algorithm-specific views (reverse map, masks)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the CSR arrays exist (False for a GPU map whose kernels may still be running)."""
+        return self._pending is None
+
+    def wait(self) -> "KernelMap":
+        """Wait for an asynchronously built map and take its pairs (a no-op once ready); returns self.
+
+        Raises ``ValueError`` for duplicate or out-of-range voxels among unvalidated coordinates."""
+        pending = self._pending
+        if pending is not None:
+            self._in_maps, self._out_maps, self._offsets_host = pending()
+            self._pending = None
+            _remember(self)
+        return self
+
+    @property
+    def in_maps(self):
+        return self.wait()._in_maps if self._pending is not None else self._in_maps
+
+    @property
+    def out_maps(self):
+        return self.wait()._out_maps if self._pending is not None else self._out_maps
+
+    @property
+    def offsets_host(self) -> np.ndarray:
+        return self.wait()._offsets_host if self._pending is not None else self._offsets_host
 
     @property
     def num_offsets(self) -> int:
-        return len(self.offsets_host) - 1
+        return self.offsets.shape[0] - 1
 
     @property
     def num_pairs(self) -> int:
@@ -57,6 +90,11 @@ class KernelMap:
 
     def __iter__(self):  # lets ``in_maps, out_maps, offsets = kmap`` work
         return iter((self.in_maps, self.out_maps, self.offsets))
+
+    def __repr__(self) -> str:
+        pairs = self.num_pairs if self.ready else "pending"
+        return (f"KernelMap(kind={self.kind!r}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"dilation={self.dilation}, num_in={self.num_in}, num_out={self.num_out}, pairs={pairs})")
 
 
 def _lookup(sorted_keys, perm, query_keys, valid, xp):
@@ -284,7 +322,8 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     # a builder that takes a hash table (the GPU one) reuses the one Voxels validation built
     extra = {"table": getattr(voxels, "_hash", None)} if getattr(builder, "takes_table", False) else {}
     kmap = builder(coords, sorted_in, ks, st, dl, transposed, generative, out_coords, **extra)
-    _remember(kmap)
+    if kmap.ready:  # a pending map remembers itself once its arrays exist
+        _remember(kmap)
     voxels._kmaps[key] = (kmap, out_v)  # keep out_v alive so its id stays unique
     if raw is not None:
         voxels._kmaps[raw] = voxels._kmaps[key]

@@ -218,6 +218,7 @@ class EmulatedDevice:
         self.grids: list[int] = []  # grid size of each launch, in launch order
         self.args: list[tuple] = []  # the scalar arguments of each launch (arrays as None), in order
         self.fills: list[int] = []  # element count of each fill_ones (one memsetAsync on the GPU), in order
+        self.reads = 0  # read_async calls (the map build's asynchronous device-to-host copy)
 
     def launch(self, name, grid, block, args):
         self.launches.append(name)
@@ -252,5 +253,21 @@ class EmulatedDevice:
     def to_host(self, a):
         return np.array(a, copy=True)
 
-    def copy_pairs(self, src, stride, n):
+    def read_async(self, a):
+        """The GPU device's pending read; here the values are copied when the builder asks for them
+        (``wait``), as a GPU read would give whatever the kernels left there."""
+        self.reads += 1
+        return _Read(a)
+
+    def copy_pairs(self, src, stride, n, read=None):
         return np.array(src[:n], copy=True), np.array(src[stride:stride + n], copy=True)
+
+
+class _Read:
+    __slots__ = ("a",)
+
+    def __init__(self, a):
+        self.a = a
+
+    def wait(self):
+        return np.array(self.a, copy=True)

@@ -105,15 +105,29 @@ def test_emulated_edges_and_empty(emulated, case):
     assert_same_map(got, reference_map(coords, ks, s, d, tr, gen, out=out), f"edge case {case}")
 
 
+def assert_raises_on_every_use(kmap, match):
+    """A map of unvalidated bad coordinates: built (its kernels queued) without raising, it raises its
+    ``ValueError`` on every use of its pairs and stays unusable."""
+    assert not kmap.ready
+    uses = {"in_maps": lambda: kmap.in_maps, "out_maps": lambda: kmap.out_maps,
+            "offsets_host": lambda: kmap.offsets_host, "num_pairs": lambda: kmap.num_pairs,
+            "iteration": lambda: tuple(kmap), "wait": kmap.wait}
+    for name, use in uses.items():
+        with pytest.raises(ValueError, match=match):
+            use()
+        assert not kmap.ready, f"{name}: a map of bad coordinates became ready"
+
+
 def test_emulated_errors(emulated):
     dup = np.array([[0, 1, 2, 3], [1, 1, 2, 3], [0, 1, 2, 3], [0, 5, 5, 5]], np.int32)
-    with pytest.raises(ValueError, match=r"unique.*\[0, 1, 2, 3\]"):
-        gpu_kernel_map.build(emulated, dup, 3, 1, 1, False, False)
+    assert_raises_on_every_use(gpu_kernel_map.build(emulated, dup, 3, 1, 1, False, False),
+                               r"unique.*\[0, 1, 2, 3\]")
     ones = np.array([[BATCH_MAX, COORD_MAX, COORD_MAX, COORD_MAX]] * 2, np.int32)
-    with pytest.raises(ValueError, match=r"unique.*\[1023, 131071, 131071, 131071\]"):
-        gpu_kernel_map.build(emulated, ones, 3, 1, 1, False, False)
-    with pytest.raises(ValueError, match="x must be in"):
-        gpu_kernel_map.build(emulated, np.array([[0, COORD_MAX + 1, 0, 0]], np.int32), 3, 1, 1, False, False)
+    assert_raises_on_every_use(gpu_kernel_map.build(emulated, ones, 3, 1, 1, False, False),
+                               r"unique.*\[1023, 131071, 131071, 131071\]")
+    bad = np.array([[0, COORD_MAX + 1, 0, 0]], np.int32)
+    assert_raises_on_every_use(gpu_kernel_map.build(emulated, bad, 3, 1, 1, False, False), "x must be in")
+    assert_raises_on_every_use(gpu_kernel_map.build(emulated, bad, 2, 2, 1, False, False), "x must be in")
     far = np.array([[0, COORD_MAX // 2 + 1, 0, 0]], np.int32)
     with pytest.raises(ValueError, match="generated output coordinates"):
         gpu_kernel_map.build(emulated, far, 2, 2, 1, True, True)
@@ -517,6 +531,50 @@ def test_emulated_kernel_map_passes_the_cached_table(emulated_voxels, monkeypatc
     assert seen[-1] is None and "insert" in emulated_voxels.launches
 
 
+def _emulated_builder(monkeypatch, dev):
+    """The GPU builder on the emulated device as kernel_map()'s builder of NumPy coordinates."""
+    def builder(coords, sorted_in, ks, st, dl, tr, gen, out, table=None):
+        return gpu_kernel_map.build(dev, coords, ks, st, dl, tr, gen, out, table)
+    builder.needs_sorted_keys = False
+    builder.takes_table = True
+    from sparsevox.kernel_map import BUILDERS
+    monkeypatch.setitem(BUILDERS, "numpy", builder)
+
+
+def test_emulated_map_is_pending_until_first_use(emulated, monkeypatch, rng):
+    """kernel_map() returns once the kernels are queued: no read of the sizes yet, the map not yet
+    findable by its arrays' addresses; the first convolution takes the pairs (exactly the NumPy
+    builder's), after which the map is ready, remembered and cached."""
+    from sparsevox.kernel_map import live_map
+    _emulated_builder(monkeypatch, emulated)
+    coords = random_voxels(rng, 300, extent=7, batches=2)
+    feats = rng.standard_normal((300, 3))
+    v = sv.Voxels(coords, feats, check=False)
+    reads = emulated.reads
+    kmap = sv.kernel_map(v, 3)
+    assert not kmap.ready and emulated.reads == reads + 1
+    assert kmap.dense_nbr.shape == (27, 300) and kmap.offsets.shape == (28,) and kmap.num_offsets == 27
+    assert "pending" in repr(kmap)
+    w = rng.standard_normal((27, 3, 2))
+    got = sv.conv_forward(feats, w, kmap)
+    assert kmap.ready and sv.kernel_map(v, 3) is kmap
+    want = reference_map(coords, 3, 1, 1, False, False)
+    assert_same_map(kmap, want, "pending map after first use")
+    np.testing.assert_allclose(got, sv.conv_forward(feats, w, want), rtol=1e-12)
+    assert live_map(kmap.in_maps.ctypes.data, kmap.out_maps.ctypes.data, kmap.num_pairs, 300, 300) is kmap
+
+
+def test_emulated_unchecked_duplicates_raise_at_the_first_convolution(emulated, monkeypatch):
+    _emulated_builder(monkeypatch, emulated)
+    dup = np.array([[0, 1, 2, 3], [1, 1, 2, 3], [0, 1, 2, 3], [0, 5, 5, 5]], np.int32)
+    v = sv.Voxels(dup, np.ones((4, 2)), check=False)
+    kmap = sv.kernel_map(v, 3)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"unique.*\[0, 1, 2, 3\]"):
+            sv.conv_forward(v.feats, np.ones((27, 2, 2)), kmap)
+    assert not kmap.ready
+
+
 def test_emulated_table_of_other_coordinates_is_refused(emulated, rng):
     coords = random_voxels(rng, 100, extent=7, batches=1)
     table, _, _ = gpu_kernel_map.hash_table(emulated, coords[:10])
@@ -558,11 +616,16 @@ def test_gpu_edges_and_empty(cupy, case):
 @pytest.mark.gpu
 def test_gpu_errors(cupy):
     dup = cupy.asarray(np.array([[0, 1, 2, 3], [1, 1, 2, 3], [0, 1, 2, 3], [0, 5, 5, 5]], np.int32))
-    with pytest.raises(ValueError, match=r"unique.*\[0, 1, 2, 3\]"):
-        gpu_kernel_map.build_kernel_map(dup, None, 3, 1, 1, False, False)
+    assert_raises_on_every_use(gpu_kernel_map.build_kernel_map(dup, None, 3, 1, 1, False, False),
+                               r"unique.*\[0, 1, 2, 3\]")
     ones = cupy.asarray(np.array([[BATCH_MAX, COORD_MAX, COORD_MAX, COORD_MAX]] * 2, np.int32))
-    with pytest.raises(ValueError, match=r"unique.*\[1023, 131071, 131071, 131071\]"):
-        gpu_kernel_map.build_kernel_map(ones, None, 3, 1, 1, False, False)
+    assert_raises_on_every_use(gpu_kernel_map.build_kernel_map(ones, None, 3, 1, 1, False, False),
+                               r"unique.*\[1023, 131071, 131071, 131071\]")
+    # through the public API: unchecked Voxels build their map, its first convolution raises
+    unchecked = sv.Voxels(dup, cupy.ones((4, 2), cupy.float32), check=False)
+    kmap = sv.kernel_map(unchecked, 3)
+    with pytest.raises(ValueError, match=r"unique.*\[0, 1, 2, 3\]"):
+        sv.conv_forward(unchecked.feats, cupy.ones((27, 2, 2), cupy.float32), kmap)
     far = cupy.asarray(np.array([[0, COORD_MAX // 2 + 1, 0, 0]], np.int32))
     with pytest.raises(ValueError, match="generated output coordinates"):
         gpu_kernel_map.build_kernel_map(far, None, 2, 2, 1, True, True)
@@ -673,6 +736,34 @@ def test_gpu_map_follows_the_current_stream(cupy, rng):
         got = gpu_kernel_map.build_kernel_map(cupy.asarray(coords), None, 3, 1, 1, False, False)
     s.synchronize()
     assert_same_map(got, reference_map(coords, 3, 1, 1, False, False), "side stream")
+
+
+@pytest.mark.gpu
+def test_gpu_pending_map_used_on_another_stream(cupy, rng):
+    """Built on one stream, which then sleeps (~10 ms), first used on another: the exact pairs are
+    copied on the build's stream (behind the sleep, where the buffers were written and go back to the
+    pool) and the user's stream waits for that copy. Read on the second stream without synchronising,
+    the pairs must be the full map (without the wait they would be read before the copy)."""
+    coords = random_voxels(rng, 20_000, extent=40, batches=2)
+    a, b = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+    c = cupy.asarray(coords)
+    cupy.cuda.Device().synchronize()
+    with a:
+        got = gpu_kernel_map.build_kernel_map(c, None, 3, 1, 1, False, False)
+        assert not got.ready
+        _sleep(cupy, 20_000_000)
+    with b:
+        pairs = cupy.stack([got.in_maps, got.out_maps]).get()  # queued on b, after b waits for a
+    want = reference_map(coords, 3, 1, 1, False, False)
+    np.testing.assert_array_equal(pairs, np.stack([want.in_maps, want.out_maps]))
+    assert_same_map(got, want, "used on another stream")
+
+
+def _sleep(cupy, cycles: int):
+    """Hold the current stream for about ``cycles`` clock cycles."""
+    k = cupy.RawKernel(r"""extern "C" __global__ void svx_sleep(long long n) {
+        long long t0 = clock64(); while (clock64() - t0 < n) {} }""", "svx_sleep")
+    k((1,), (1,), (np.int64(cycles),))
 
 
 @pytest.mark.gpu
