@@ -17,8 +17,26 @@ BATCH_BITS = 10
 BATCH_MAX = (1 << BATCH_BITS) - 1  # 1023
 
 
+_TRIPLES: dict = {}  # (type, value, minimum) -> the normalised tuple of a valid value seen before
+
+
 def triple(value, name: str, minimum: int = 1) -> tuple[int, int, int]:
     """Normalise an int or a 3-sequence of ints to a tuple, checking each is ``>= minimum``."""
+    # Layers pass the same few values on every call (each map build normalises six): remember them.
+    key = (value.__class__, value, minimum)
+    try:
+        hit = _TRIPLES.get(key)
+    except TypeError:  # unhashable (a list): normalised every time
+        hit = key = None
+    if hit is not None:
+        return hit
+    vals = _triple(value, name, minimum)
+    if key is not None and len(_TRIPLES) < 1024:
+        _TRIPLES[key] = vals
+    return vals
+
+
+def _triple(value, name: str, minimum: int) -> tuple[int, int, int]:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         vals = (int(value),) * 3
     else:

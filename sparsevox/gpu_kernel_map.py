@@ -64,7 +64,7 @@ import os
 
 import numpy as np
 
-from . import geometry
+from . import driver, geometry
 from ._arrays import on_device
 from .kernel_map import BUILDERS, KernelMap
 from .kernel_map import build_kernel_map as _generic_builder
@@ -104,13 +104,17 @@ class CupyDevice:
         self._fns: dict = {}
 
     def launch(self, name: str, grid: int, block: int, args: tuple) -> None:
-        dev = self.xp.cuda.runtime.getDevice()
-        fn = self._fns.get((dev, name, block))
-        if fn is None:
+        """Launch kernel ``name`` on the current device and stream, through the driver with argument
+        boxes kept per kernel (:class:`sparsevox.driver.Args`: each kernel is launched from one place,
+        with the same argument kinds every time)."""
+        cupy = self.xp
+        dev = cupy.cuda.runtime.getDevice()
+        packed = self._fns.get((dev, name, block))
+        if packed is None:
             from .cuda_loader import get_function
             fn = get_function("kernel_map", kernel_name(name, block, self.tile_items), NAME_EXPRESSIONS)
-            self._fns[(dev, name, block)] = fn
-        fn((grid,), (block,), args)
+            packed = self._fns[(dev, name, block)] = driver.Args(int(fn.kernel.ptr), args)
+        packed.launch(grid, block, cupy.cuda.get_current_stream().ptr, args)
 
     def fill_ones(self, a, start: int = 0, count: int | None = None) -> None:
         """Set every byte of ``a[start:start + count]`` (1-D; default: to the end) to 0xFF on the current
@@ -134,39 +138,44 @@ class CupyDevice:
     def to_host(self, a) -> np.ndarray:
         return a.get()
 
-    def read_async(self, a) -> "_HostRead":
-        """Start copying small 1-D ``a`` into pinned host memory on the current stream; ``.wait()`` on
-        the handle gives it as a NumPy array. The copy runs behind the kernels already queued, so the
-        host goes on until something needs the values."""
+    def read_async(self, a, start: int, count: int, dtype) -> "_HostRead":
+        """Start copying ``count`` elements of ``dtype`` from element ``start`` of 1-D ``a`` (in ``a``'s
+        elements) into pinned host memory on the current stream; ``.wait()`` on the handle gives them as
+        a NumPy array. The copy runs behind the kernels already queued, so the host goes on until
+        something needs the values."""
         cupy = self.xp
+        if _in_flight:
+            _release_finished()
+        rt = cupy.cuda.runtime
         stream = cupy.cuda.get_current_stream()
-        mem = cupy.cuda.alloc_pinned_memory(a.nbytes)
-        cupy.cuda.runtime.memcpyAsync(mem.ptr, a.data.ptr, a.nbytes, cupy.cuda.runtime.memcpyDeviceToHost,
-                                      stream.ptr)
+        nbytes = count * np.dtype(dtype).itemsize
+        mem = cupy.cuda.alloc_pinned_memory(nbytes)
+        rt.memcpyAsync(mem.ptr, self.ptr(a, start), nbytes, rt.memcpyDeviceToHost, stream.ptr)
         event = cupy.cuda.Event(block=False, disable_timing=True)
         event.record(stream)
-        return _HostRead(mem, event, stream, a.device.id, a.size, a.dtype)
+        return _HostRead(mem, event, stream, rt.getDevice(), count, dtype)
 
-    def copy_pairs(self, src, stride: int, n: int, read: "_HostRead | None" = None):
-        """``(src[:n], src[stride:stride + n])`` as new exact-size arrays: one allocation (the second
-        starting 256-byte aligned, as a separate allocation would), one 2-D device-to-device copy (two
-        1-D copies where ``stride`` exceeds the largest pitch cudaMemcpy2D takes).
+    def copy_pairs(self, src, start: int, stride: int, n: int, read: "_HostRead | None" = None):
+        """``(src[start:start + n], src[start + stride:start + stride + n])`` (1-D ``src``) as new exact-size
+        arrays: one allocation (the second starting 256-byte aligned, as a separate allocation would), one
+        2-D device-to-device copy (two 1-D copies where ``stride`` exceeds the largest pitch cudaMemcpy2D
+        takes).
 
         With ``read`` (the map's :meth:`read_async` handle) the copy runs on ``read``'s stream and device,
         where ``src`` was written and will go back to the pool, and the caller's current stream waits for
         it; without, on the current stream."""
         if read is None:
-            return self._copy_pairs(src, stride, n)
+            return self._copy_pairs(src, start, stride, n)
         cupy = self.xp
         with on_device(read.device):
             caller = cupy.cuda.get_current_stream()
             with read.stream:
-                got = self._copy_pairs(src, stride, n)
+                got = self._copy_pairs(src, start, stride, n)
             if caller.ptr != read.stream.ptr and n:
                 caller.wait_event(read.stream.record())
         return got
 
-    def _copy_pairs(self, src, stride: int, n: int):
+    def _copy_pairs(self, src, start: int, stride: int, n: int):
         cupy = self.xp
         rt = cupy.cuda.runtime
         w = src.itemsize
@@ -175,10 +184,10 @@ class CupyDevice:
         if n:
             stream = cupy.cuda.get_current_stream().ptr
             if stride * w <= _MAX_PITCH:
-                rt.memcpy2DAsync(out.data.ptr, pad * w, src.data.ptr, stride * w, n * w, 2,
+                rt.memcpy2DAsync(out.data.ptr, pad * w, self.ptr(src, start), stride * w, n * w, 2,
                                  rt.memcpyDeviceToDevice, stream)
             else:
-                for dst, at in ((0, 0), (pad, stride)):
+                for dst, at in ((0, start), (pad, start + stride)):
                     rt.memcpyAsync(self.ptr(out, dst), self.ptr(src, at), n * w, rt.memcpyDeviceToDevice, stream)
         return self.view(out, 0, (n,), src.dtype), self.view(out, pad, (n,), src.dtype)
 
@@ -196,9 +205,18 @@ class _HostRead:
         return np.frombuffer(self.mem, self.dtype, self.size).copy()
 
     def __del__(self):
-        # CuPy's pinned pool hands a freed buffer out again at once: never while the copy still writes it
+        # CuPy's pinned pool hands a freed buffer out again at once, so a buffer whose copy may still be
+        # writing it waits in _in_flight (a map dropped unused must not make the host wait for its kernels)
         if self.event is not None and not self.event.done:
-            self.event.synchronize()
+            _in_flight.append((self.mem, self.event))
+
+
+_in_flight: list = []  # (pinned buffer, event after its copy) of dropped reads, freed once the event is done
+
+
+def _release_finished() -> None:
+    while _in_flight and _in_flight[0][1].done:
+        _in_flight.pop(0)
 
 
 _device = None
@@ -220,8 +238,9 @@ def _geometry_args(st, ks, dl) -> tuple:
 
 
 def _as_int32_rows(xp, a):
-    """``a`` as a C-contiguous int32 array (itself when it already is one: the common case)."""
-    if a.dtype == xp.int32 and a.flags.c_contiguous:
+    """``a`` as a C-contiguous int32 array whose rows the kernels may read as 16-byte vectors (itself when
+    it already is one: the common case)."""
+    if a.dtype == xp.int32 and a.flags.c_contiguous and (xp is np or a.data.ptr % 16 == 0):
         return a
     return xp.ascontiguousarray(a, dtype=xp.int32)
 
@@ -275,14 +294,13 @@ def _capacity(n: int) -> int:
     return 1 << max(6, (2 * n - 1).bit_length())  # power of two >= 2n: load factor <= 1/2
 
 
-def _insert(dev, coords, extra: int = 0):
-    """Hash table of ``coords`` (value = row): ``(table, mask)``. ``table`` holds ``2 * cap + 4`` words
-    (slots, the all-ones key's slot, the two status words) and ``extra`` words of the caller after them,
-    all set to all ones by the one memset."""
+def _insert(dev, coords):
+    """Hash table of ``coords`` (value = row) by the insert kernel alone: ``(table, mask)``. ``table`` holds
+    ``2 * cap + 4`` words (slots, the all-ones key's slot, the two status words), all ones before."""
     xp = dev.xp
     n = coords.shape[0]
     cap = _capacity(n)
-    table = xp.empty(2 * cap + 4 + extra, dtype=xp.uint64)
+    table = xp.empty(2 * cap + 4, dtype=xp.uint64)
     dev.fill_ones(table)
     dev.launch("insert", _blocks(n), BLOCK, (coords, np.int32(n), table, np.uint64(cap - 1)))
     return table, cap - 1
@@ -334,61 +352,59 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
     _check_int32(km, "offsets x output sites")
     nbm = _blocks(m, BLOCK * dev.tile_items)  # tiles per offset (a tile never spans two offsets)
     tiles = num_k * nbm
-    # The scan state of query_compact: the ticket, one word per tile, and (symmetric) one scatter
-    # counter per offset before the centre; all ones on entry.
+    # The scan state of query_compact: the ticket, one word per tile, (symmetric) one scatter counter per
+    # offset before the centre, and the insert tiles' counter; all ones on entry.
     half = num_k // 2 if symmetric else 0  # the mirrored offsets K - half .. K - 1 of cand
-    words = 1 + tiles + half
-    if table is not None:
+    words = 1 + tiles + half + 1
+    n_in = coords.shape[0]
+    info_words = num_k + 3
+    if table is None:
+        # Insert tiles first in the same launch. Temporary, one allocation and one memset of its head:
+        # scratch = [table (2 cap + 4 words) | state | info (int64) | in_buf (K m) | out_buf (K m)];
+        # kept: keep = [cand (K x m) | offsets (K + 1)]. The insert tiles also set cand's mirrored rows.
+        mask = _capacity(n_in) - 1
+        ins_tiles = _blocks(n_in, BLOCK * dev.tile_items)
+        head = 2 * (2 * (mask + 1) + 4 + words)  # int32 elements of table and state
+        scratch = xp.empty(head + 2 * info_words + 2 * km, dtype=xp.int32)
+        dev.fill_ones(scratch, 0, head)
+        keep = xp.empty(km + num_k + 1, dtype=xp.int32)
+        table, state, at = dev.ptr(scratch), dev.ptr(scratch, head - 2 * words), head
+    else:
+        # A prebuilt table is shared by every map of these voxels: a state of this map's own, after cand
+        # and offsets (8-byte aligned), reset by one memset together with cand's mirrored rows.
         table, mask = table
-        if mask + 1 != _capacity(coords.shape[0]) or table.shape[0] < 2 * (mask + 1) + 4:
+        if mask + 1 != _capacity(n_in) or table.shape[0] < 2 * (mask + 1) + 4:
             raise ValueError(f"the prebuilt hash table (capacity {mask + 1}) was not built for these "
-                             f"{coords.shape[0]} coordinates")
-    # Kept with the map: cand (the dense neighbour table) and offsets, one allocation. Temporary: the
-    # upper-bound pair buffers and the info row (int64, 8-byte aligned after 2 * km int32), another.
-    if symmetric:
-        # cand's mirrored rows must start at -1 (only hits are scattered into them), so the state goes
-        # after offsets in the same allocation (8-byte aligned) and one memset covers rows, offsets
-        # (rewritten by the kernel) and state; the state's few words stay with the map.
+                             f"{n_in} coordinates")
+        ins_tiles = 0
         head = km + num_k + 1 + (km + num_k + 1) % 2
         keep = xp.empty(head + 2 * words, dtype=xp.int32)
-        state = dev.ptr(keep, head)
-        dev.fill_ones(keep, (num_k - half) * m)
-        if table is None:
-            table, mask = _insert(dev, coords)
-    elif table is None:  # in the tail of the new table: its one memset resets them
-        keep = xp.empty(km + num_k + 1, dtype=xp.int32)
-        table, mask = _insert(dev, coords, words)
-        state = dev.ptr(table, _status_at(mask) + 2)
-    else:  # a prebuilt table is shared by every map of these voxels: a fresh state of this map's own
-        keep = xp.empty(km + num_k + 1, dtype=xp.int32)
-        # Held by name until the launch: the kernel gets only its address, and a dropped array's memory
-        # goes back to the pool at once (the next allocation could take it).
-        state_words = xp.empty(words, dtype=xp.uint64)
-        dev.fill_ones(state_words)
-        state = dev.ptr(state_words)
-    # keep = [cand (K x m) | offsets (K + 1) | ...]; scratch = [in_buf (K m) | out_buf (K m) | info]
-    scratch = xp.empty(2 * km + 2 * (num_k + 3), dtype=xp.int32)
-    dev.launch("query_compact", tiles, BLOCK,
-               (out_coords, np.int32(m), np.int32(nbm), np.int32(num_k), np.int32(transposed), np.int32(symmetric),
-                *_geometry_args(st, ks, dl), table, np.uint64(mask), dev.ptr(table, _status_at(mask)),
-                state, dev.ptr(keep), dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km),
-                dev.ptr(scratch, 2 * km)))
+        dev.fill_ones(keep, (num_k - half) * m if symmetric else head)
+        scratch = xp.empty(2 * info_words + 2 * km, dtype=xp.int32)
+        table, state, at = dev.ptr(table), dev.ptr(keep, head), 0
+    # at: info's start in scratch, then in_buf and out_buf
+    dev.launch("query_compact", ins_tiles + tiles, BLOCK,
+               (coords, np.int32(n_in), np.int32(ins_tiles), out_coords, np.int32(m), np.int32(nbm), np.int32(num_k),
+                np.int32(transposed), np.int32(symmetric), *_geometry_args(st, ks, dl), table, np.uint64(mask),
+                state, dev.ptr(keep), dev.ptr(scratch, at + 2 * info_words),
+                dev.ptr(scratch, at + 2 * info_words + km), dev.ptr(keep, km), dev.ptr(scratch, at)))
     # No synchronisation here: the sizes and status words start towards the host behind the kernels,
     # and the map takes its exact-size pairs when first used (KernelMap.wait).
-    read = dev.read_async(dev.view(scratch, 2 * km, (num_k + 3,), np.int64))
+    read = dev.read_async(scratch, at, info_words, np.int64)
     offsets, dense_nbr = dev.view(keep, km, (num_k + 1,), np.int32), dev.view(keep, 0, (num_k, m), np.int32)
-    return _PendingPairs(dev, coords, scratch, km, num_k, read), offsets, dense_nbr
+    return _PendingPairs(dev, coords, scratch, at + 2 * info_words, km, num_k, read), offsets, dense_nbr
 
 
 class _PendingPairs:
     """``KernelMap``'s ``pending``: waits for the info row, raises the insert's status (duplicate or
     out-of-range voxel), copies the first ``offsets[K]`` pairs of the upper-bound buffers into one
     exact-size allocation (and lets the buffers go). Returns ``(in_maps, out_maps, offsets_host)``."""
-    __slots__ = ("dev", "coords", "scratch", "km", "num_k", "read", "host")
+    __slots__ = ("dev", "coords", "scratch", "at", "km", "num_k", "read", "host")
 
-    def __init__(self, dev, coords, scratch, km: int, num_k: int, read):
-        self.dev, self.coords, self.scratch, self.km, self.num_k, self.read = dev, coords, scratch, km, num_k, read
-        self.host = None
+    def __init__(self, dev, coords, scratch, at: int, km: int, num_k: int, read):
+        """``scratch[at:]`` holds the two upper-bound pair buffers of ``km`` int32 each."""
+        self.dev, self.coords, self.scratch, self.at, self.km, self.num_k = dev, coords, scratch, at, km, num_k
+        self.read, self.host = read, None
 
     def __call__(self):
         if self.host is None:
@@ -396,7 +412,7 @@ class _PendingPairs:
         host, num_k = self.host, self.num_k
         _raise_table_status(self.dev, self.coords, int(host[num_k + 1]), int(host[num_k + 2]))
         offsets_host = host[:num_k + 1].astype(np.int64)
-        in_maps, out_maps = self.dev.copy_pairs(self.scratch, self.km, int(offsets_host[-1]), self.read)
+        in_maps, out_maps = self.dev.copy_pairs(self.scratch, self.at, self.km, int(offsets_host[-1]), self.read)
         self.scratch = self.coords = None
         return in_maps, out_maps, offsets_host
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import math
 import threading
 
 import numpy as np
 
+from . import driver
 from .cuda_loader import get_function
 
 log = logging.getLogger("sparsevox.implicit_gemm")
@@ -305,25 +305,6 @@ class Launch:
 # knows its arguments in advance, so they are packed once into ctypes storage, and a call writes the
 # three addresses into their boxes and hands the same parameter array to cuLaunchKernel.
 
-# Each argument's C type, as CuPy passes it (cupy/cuda/function.pyx ``_pointer``: a Python int goes as
-# an int64, a float as a double, a NumPy scalar by its own type). Addresses (Python ints, and the holes)
-# are void* boxes: the same 8 bytes as CuPy's int64.
-_CTYPES = {float: ctypes.c_double, np.int8: ctypes.c_int8, np.uint8: ctypes.c_uint8, np.int16: ctypes.c_int16,
-           np.uint16: ctypes.c_uint16, np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32,
-           np.int64: ctypes.c_int64, np.uint64: ctypes.c_uint64, np.float32: ctypes.c_float,
-           np.float64: ctypes.c_double, np.bool_: ctypes.c_bool}
-
-
-def _box(value):
-    """A ctypes object holding one kernel argument with CuPy's layout for it."""
-    if value is None or type(value) is int:
-        return ctypes.c_void_p(value)
-    ct = _CTYPES.get(type(value))
-    if ct is None:
-        raise TypeError(f"prepared launch argument of unsupported type {type(value).__name__}: {value!r}")
-    return ct(value.item() if isinstance(value, np.generic) else value)
-
-
 class _Step:
     """One step through the driver: the function handle, the dimensions CuPy would pass (at least 1
     each), the argument boxes, the pointer array cuLaunchKernel reads, and the boxes of the holes."""
@@ -332,7 +313,7 @@ class _Step:
     def __init__(self, fn, grid, block, smem, args, holes):
         self.func = int(fn.kernel.ptr)  # the CUfunction CuPy loaded on the current device
         self.grid, self.block, self.smem = max(1, int(grid)), max(1, int(block)), int(smem)
-        self.boxes = [_box(v) for v in args]
+        self.boxes = [driver.box(v) for v in args]
         self.params = (ctypes.c_void_p * len(args))(*(ctypes.addressof(b) for b in self.boxes))
         self.params_addr = ctypes.addressof(self.params)
         self.holes = tuple(self.boxes[h] for h in holes)
@@ -352,28 +333,15 @@ class _Packed:
         self.lock = threading.Lock()
 
 
-_cuda_driver = None  # cupy_backends' driver module, imported on the first driver launch
-
-
 def _launch_driver(prep: Launch, a: int, b: int, out: int, stream: int) -> None:
-    global _cuda_driver
     packed = prep._packed
     if packed is None:
-        from cupy_backends.cuda.api import driver
-        _cuda_driver = driver
         packed = prep._packed = _Packed(prep)
-    driver = _cuda_driver
-    if not driver.ctxGetCurrent():
-        # A thread that has not called the CUDA runtime yet has no current context (CuPy establishes one
-        # before each launch): a runtime call makes the current device's primary context current.
-        import cupy
-        cupy.cuda.runtime.memGetInfo()
-    launch = driver.launchKernel
     with packed.lock:
         for st in packed.steps:
             ha, hb, hout = st.holes
             ha.value, hb.value, hout.value = a, b, out
-            launch(st.func, st.grid, 1, 1, st.block, 1, 1, st.smem, stream, st.params_addr, 0)
+            driver.launch(st.func, st.grid, st.block, st.smem, stream, st.params_addr)
 
 
 def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec, device_id,

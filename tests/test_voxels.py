@@ -155,3 +155,20 @@ def test_jax_roundtrip_types(rng):
     assert rel_err(np.asarray(out.feats), dense_conv(c, f, w, 3, 1, 1, False, c)) < 1e-5
     bf = sv.spatially_sparse_conv(sv.Voxels(jnp.asarray(c), jnp.asarray(f, jnp.bfloat16)), jnp.asarray(w, jnp.bfloat16))
     assert bf.feats.dtype == jnp.bfloat16
+
+
+def test_triple_remembers_valid_values_only():
+    """geometry.triple caches what it normalised: equal results from the cache, and values that compare
+    equal to a cached one but are invalid (a bool, a float) or unhashable still go through the checks."""
+    from sparsevox import geometry
+    assert geometry.triple(3, "kernel_size") == (3, 3, 3) == geometry.triple(3, "kernel_size")
+    assert geometry.triple((1, 2, 3), "stride") == (1, 2, 3) == geometry.triple([1, 2, 3], "stride")
+    assert geometry.triple(np.int64(2), "stride") == (2, 2, 2)
+    for bad in (True, 3.5, (1, 2), [0, 1, 1], 0):
+        with pytest.raises(ValueError, match="kernel_size"):
+            geometry.triple(bad, "kernel_size")
+    assert geometry.triple(1, "dilation") == (1, 1, 1)
+    with pytest.raises(ValueError, match="dilation"):
+        geometry.triple(True, "dilation")
+    with pytest.raises(ValueError, match=">= 2"):
+        geometry.triple(1, "x", minimum=2)

@@ -81,17 +81,19 @@ __device__ __forceinline__ bool insert(unsigned long long* table, unsigned long 
     }
 }
 
-// Row of `key`, or -1. Only valid in a kernel launched after the inserts finished.
-__device__ __forceinline__ int lookup(const unsigned long long* __restrict__ table, unsigned long long mask,
+// Row of `key`, or -1. Only valid once every insert is done and visible (a later kernel, or behind
+// kmap_query_compact's wait on its insert tiles).
+__device__ __forceinline__ int lookup(const unsigned long long* table, unsigned long long mask,
                                       unsigned long long key) {
     if (key == EMPTY_KEY) {
         const unsigned long long* special = table + 2 * (mask + 1);
-        return special[0] == EMPTY_KEY ? -1 : (int)special[1];
+        return __ldcg(special) == EMPTY_KEY ? -1 : (int)__ldcg(special + 1);
     }
     unsigned long long s = mix(key) & mask;
     while (true) {
-        // key and value share one 16-byte load (the table base is 256-byte aligned by CuPy's pool)
-        const ulonglong2 e = *reinterpret_cast<const ulonglong2*>(table + 2 * s);
+        // key and value share one 16-byte load (the table is 16-byte aligned); through L2, never the
+        // read-only path: the table may have been filled earlier in the same kernel (kmap_query_compact)
+        const ulonglong2 e = __ldcg(reinterpret_cast<const ulonglong2*>(table + 2 * s));
         if (e.x == key) return (int)e.y;
         if (e.x == EMPTY_KEY) return -1;
         s = (s + 1) & mask;
