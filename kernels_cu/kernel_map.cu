@@ -102,13 +102,18 @@ __device__ __forceinline__ int look_back(const unsigned long long* tiles, int t,
 // Wait (thread 0) until the counter `word`, all ones on entry, has counted `n` increments, then fence
 // so that the writes made before those increments (each behind a __threadfence) are seen. The volatile
 // load bypasses L1 and is re-read while spinning.
+// The sleep between reads doubles up to 1 µs: hundreds of blocks may wait on one word (every probing
+// tile on the insert tiles), and reading it every 64 ns would saturate its L2 slice, slowing the very
+// inserts they wait for.
 __device__ __forceinline__ void wait_count(const unsigned long long* word, int n) {
     const unsigned long long done = (unsigned long long)n - 1ull;  // all ones + n, wrapped
+    unsigned ns = 64;
     while (*reinterpret_cast<const volatile unsigned long long*>(word) != done) {
 #ifdef SVX_KMAP_SPIN_STUCK  // the CPU emulator: blocks run in ticket order, so a wait can never be needed
         SVX_KMAP_SPIN_STUCK();
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-        __nanosleep(64);
+        __nanosleep(ns);
+        ns = ns < 1024 ? 2 * ns : ns;
 #endif
     }
     __threadfence();

@@ -77,6 +77,10 @@ BLOCK = 256  # threads per block of the per-row kernels
 ITEMS = int(os.environ.get("SPARSEVOX_KMAP_ITEMS", "8"))
 if not 1 <= ITEMS <= 16:
     raise ValueError(f"SPARSEVOX_KMAP_ITEMS must be in [1, 16], got {ITEMS}")
+# Whether a map that has no prebuilt table inserts its voxels in query_compact's first tiles (one launch)
+# or with the insert kernel first (two launches, two memsets). SPARSEVOX_KMAP_FUSED=0/1 overrides the
+# default for benchmark comparisons (benchmarks/map_build_sweep.py).
+FUSED_INSERT = os.environ.get("SPARSEVOX_KMAP_FUSED", "1") != "0"
 _KERNELS = ("insert", "query_compact", "candidate_keys", "unique_heads", "unique_info", "unique_unpack")
 
 
@@ -358,6 +362,8 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
     words = 1 + tiles + half + 1
     n_in = coords.shape[0]
     info_words = num_k + 3
+    if table is None and not FUSED_INSERT:
+        table = _insert(dev, coords)
     if table is None:
         # Insert tiles first in the same launch. Temporary, one allocation and one memset of its head:
         # scratch = [table (2 cap + 4 words) | state | info (int64) | in_buf (K m) | out_buf (K m)];
