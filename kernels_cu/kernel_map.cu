@@ -105,6 +105,9 @@ __device__ __forceinline__ int look_back(const unsigned long long* tiles, int t,
 // The sleep between reads doubles up to 1 µs: hundreds of blocks may wait on one word (every probing
 // tile on the insert tiles), and reading it every 64 ns would saturate its L2 slice, slowing the very
 // inserts they wait for.
+#ifndef SVX_KMAP_MAX_SLEEP_NS
+#define SVX_KMAP_MAX_SLEEP_NS 1024
+#endif
 __device__ __forceinline__ void wait_count(const unsigned long long* word, int n) {
     const unsigned long long done = (unsigned long long)n - 1ull;  // all ones + n, wrapped
     unsigned ns = 64;
@@ -113,7 +116,7 @@ __device__ __forceinline__ void wait_count(const unsigned long long* word, int n
         SVX_KMAP_SPIN_STUCK();
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
         __nanosleep(ns);
-        ns = ns < 1024 ? 2 * ns : ns;
+        ns = ns < SVX_KMAP_MAX_SLEEP_NS ? 2 * ns : ns;
 #endif
     }
     __threadfence();
@@ -190,7 +193,7 @@ __device__ __forceinline__ void lookup_items(const unsigned long long* table,
         e[i].x = EMPTY_KEY;
         e[i].y = 0;
         if (valid[i] && keys[i] != EMPTY_KEY)  // key and value in one 16-byte load, through L2 (see lookup)
-            e[i] = __ldcg(reinterpret_cast<const ulonglong2*>(table + 2 * (mix(keys[i]) & mask)));
+            e[i] = SVX_TABLE_LOAD(reinterpret_cast<const ulonglong2*>(table + 2 * (mix(keys[i]) & mask)));
     }
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -206,7 +209,7 @@ __device__ __forceinline__ void lookup_items(const unsigned long long* table,
         } else {  // a collision: continue the linear probe after the first slot
             found[i] = -1;
             for (unsigned long long sl = (mix(key) + 1) & mask;; sl = (sl + 1) & mask) {
-                const ulonglong2 f = __ldcg(reinterpret_cast<const ulonglong2*>(table + 2 * sl));
+                const ulonglong2 f = SVX_TABLE_LOAD(reinterpret_cast<const ulonglong2*>(table + 2 * sl));
                 if (f.x == key) {
                     found[i] = (int)f.y;
                     break;

@@ -81,6 +81,9 @@ if not 1 <= ITEMS <= 16:
 # or with the insert kernel first (two launches, two memsets). SPARSEVOX_KMAP_FUSED=0/1 overrides the
 # default for benchmark comparisons (benchmarks/map_build_sweep.py).
 FUSED_INSERT = os.environ.get("SPARSEVOX_KMAP_FUSED", "1") != "0"
+# Compile-time overrides for benchmark comparisons only: SPARSEVOX_KMAP_DEFINES="NAME=VALUE,..."
+# (kernels_cu/kernel_map.cu and common/hash.cuh name the macros they read).
+_DEFINES = tuple(tuple(d.split("=", 1)) for d in os.environ.get("SPARSEVOX_KMAP_DEFINES", "").split(",") if d)
 _KERNELS = ("insert", "query_compact", "candidate_keys", "unique_heads", "unique_info", "unique_unpack")
 
 
@@ -116,7 +119,8 @@ class CupyDevice:
         packed = self._fns.get((dev, name, block))
         if packed is None:
             from .cuda_loader import get_function
-            fn = get_function("kernel_map", kernel_name(name, block, self.tile_items), NAME_EXPRESSIONS)
+            fn = get_function("kernel_map", kernel_name(name, block, self.tile_items), NAME_EXPRESSIONS,
+                              defines=_DEFINES)
             packed = self._fns[(dev, name, block)] = driver.Args(int(fn.kernel.ptr), args)
         packed.launch(grid, block, cupy.cuda.get_current_stream().ptr, args)
 

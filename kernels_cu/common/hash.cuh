@@ -17,6 +17,13 @@
 #ifndef SPARSEVOX_HASH_CUH
 #define SPARSEVOX_HASH_CUH
 
+// Loads of table entries: through L2 (__ldcg), never the read-only path, because kmap_query_compact may
+// fill the table earlier in the same kernel. SVX_TABLE_LOAD may be defined to another load (benchmark
+// comparisons: benchmarks/map_build_sweep.py).
+#ifndef SVX_TABLE_LOAD
+#define SVX_TABLE_LOAD __ldcg
+#endif
+
 namespace svx_hash {
 
 constexpr int COORD_BITS = 18;
@@ -87,13 +94,13 @@ __device__ __forceinline__ int lookup(const unsigned long long* table, unsigned 
                                       unsigned long long key) {
     if (key == EMPTY_KEY) {
         const unsigned long long* special = table + 2 * (mask + 1);
-        return __ldcg(special) == EMPTY_KEY ? -1 : (int)__ldcg(special + 1);
+        return SVX_TABLE_LOAD(special) == EMPTY_KEY ? -1 : (int)SVX_TABLE_LOAD(special + 1);
     }
     unsigned long long s = mix(key) & mask;
     while (true) {
         // key and value share one 16-byte load (the table is 16-byte aligned); through L2, never the
         // read-only path: the table may have been filled earlier in the same kernel (kmap_query_compact)
-        const ulonglong2 e = __ldcg(reinterpret_cast<const ulonglong2*>(table + 2 * s));
+        const ulonglong2 e = SVX_TABLE_LOAD(reinterpret_cast<const ulonglong2*>(table + 2 * s));
         if (e.x == key) return (int)e.y;
         if (e.x == EMPTY_KEY) return -1;
         s = (s + 1) & mask;
