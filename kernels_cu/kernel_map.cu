@@ -3,8 +3,7 @@
 // (by k, then by output row) with a single-pass scan, without sorting.
 //
 //   kmap_insert          coords [N, 4] -> hash table (value = row); flags duplicates / bad rows
-//   kmap_query_compact   (insert tiles first, unless the table exists) then one block per tile
-//                        (k, BLOCK * ITEMS output rows), tiles taken in canonical
+//   kmap_query_compact   one block per tile (k, BLOCK * ITEMS output rows), tiles taken in canonical
 //                        order by an atomic ticket: cand[k, m] = input row paired with output row m by
 //                        offset k, or -1; the tile's hit count is published at once, a decoupled
 //                        look-back over the earlier tiles' published words gives the tile's base, and
@@ -15,9 +14,9 @@
 //   kmap_candidate_keys  packed keys of floor(c / s) (strided outputs) or s * c + off_k (generated)
 //   kmap_unique_*        head flags, count and unpacking of a sorted key array (unique outputs)
 //
-// One memset (all ones) per map resets the scan state (ticket, tile words, counters) together with the
-// new hash table after which it sits, or, with a prebuilt table, together with cand's mirrored rows
-// before which it sits (sparsevox/gpu_kernel_map.py).
+// The scan state (ticket and tile words) sits after the status words in the table's allocation, so
+// the table's one memset (all ones) also resets it (see kmap_query_compact); a symmetric map keeps it
+// after cand instead, reset by the same memset as cand's mirrored rows (sparsevox/gpu_kernel_map.py).
 // Index arithmetic is 64-bit where a product can exceed 2^31 (K * M, s * c + off); the host checks
 // that K * M fits int32 (so do the pair count and every prefix; KernelMap stores int32 maps and offsets).
 // Every kernel is a template on its block size BLOCK (a multiple of 32, at most 1024);
@@ -102,88 +101,23 @@ __device__ __forceinline__ int look_back(const unsigned long long* tiles, int t,
 // Wait (thread 0) until the counter `word`, all ones on entry, has counted `n` increments, then fence
 // so that the writes made before those increments (each behind a __threadfence) are seen. The volatile
 // load bypasses L1 and is re-read while spinning.
-// The sleep between reads doubles up to 1 µs: hundreds of blocks may wait on one word (every probing
-// tile on the insert tiles), and reading it every 64 ns would saturate its L2 slice, slowing the very
-// inserts they wait for.
-#ifndef SVX_KMAP_MAX_SLEEP_NS
-#define SVX_KMAP_MAX_SLEEP_NS 1024
-#endif
 __device__ __forceinline__ void wait_count(const unsigned long long* word, int n) {
     const unsigned long long done = (unsigned long long)n - 1ull;  // all ones + n, wrapped
-    unsigned ns = 64;
     while (*reinterpret_cast<const volatile unsigned long long*>(word) != done) {
 #ifdef SVX_KMAP_SPIN_STUCK  // the CPU emulator: blocks run in ticket order, so a wait can never be needed
         SVX_KMAP_SPIN_STUCK();
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-        __nanosleep(ns);
-        ns = ns < SVX_KMAP_MAX_SLEEP_NS ? 2 * ns : ns;
+        __nanosleep(64);
 #endif
     }
     __threadfence();
-}
-
-// Insert rows row0 + i * BLOCK (i < ITEMS, those below n) of coords into the table, flagging the
-// smallest out-of-range row in status[1] and the smallest row whose key was already present in
-// status[0] (status = table + 2 * (mask + 1) + 2). The first probe of every item is one CAS, all
-// issued before any result is examined; the few collisions then walk their chains.
-template <int BLOCK, int ITEMS>
-__device__ __forceinline__ void insert_rows(const int* __restrict__ coords, int n, long long row0,
-                                            unsigned long long* table, unsigned long long mask) {
-    using namespace svx_hash;
-    unsigned long long* status = table + 2 * (mask + 1) + 2;
-    unsigned long long keys[ITEMS], prev[ITEMS];
-    bool valid[ITEMS];
-#pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-        const long long row = row0 + (long long)i * BLOCK;
-        valid[i] = false;
-        keys[i] = EMPTY_KEY;
-        if (row < n) {
-            const int4 c = *reinterpret_cast<const int4*>(coords + 4 * row);
-            if (in_range(c.x, c.y, c.z, c.w)) {
-                keys[i] = pack_key(c.x, c.y, c.z, c.w);
-                valid[i] = true;
-            } else {
-                flag_min(status + 1, row);
-            }
-        }
-        prev[i] = valid[i] && keys[i] != EMPTY_KEY ? atomicCAS(table + 2 * (mix(keys[i]) & mask), EMPTY_KEY, keys[i])
-                                                   : EMPTY_KEY;
-    }
-#pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-        if (!valid[i]) continue;
-        const long long row = row0 + (long long)i * BLOCK;
-        const unsigned long long key = keys[i];
-        bool fresh;
-        if (key == EMPTY_KEY) {  // the all-ones key has a slot of its own
-            fresh = insert(table, mask, key, (int)row);
-        } else if (prev[i] == EMPTY_KEY) {
-            table[2 * (mix(key) & mask) + 1] = (unsigned long long)(unsigned)row;
-            fresh = true;
-        } else if (prev[i] == key) {
-            fresh = false;
-        } else {  // a collision: continue the linear probe after the first slot
-            fresh = false;
-            for (unsigned long long sl = (mix(key) + 1) & mask;; sl = (sl + 1) & mask) {
-                const unsigned long long p = atomicCAS(table + 2 * sl, EMPTY_KEY, key);
-                if (p == EMPTY_KEY) {
-                    table[2 * sl + 1] = (unsigned long long)(unsigned)row;
-                    fresh = true;
-                    break;
-                }
-                if (p == key) break;
-            }
-        }
-        if (!fresh) flag_min(status, row);
-    }
 }
 
 // found[i] = row of keys[i] in the table (svx_hash::lookup), or -1 where !valid[i]. The first probe of
 // every item is loaded before any is examined (ITEMS independent loads in flight per thread); the few
 // keys not settled by it continue along their probe chain.
 template <int ITEMS>
-__device__ __forceinline__ void lookup_items(const unsigned long long* table,
+__device__ __forceinline__ void lookup_items(const unsigned long long* __restrict__ table,
                                              unsigned long long mask, const unsigned long long (&keys)[ITEMS],
                                              const bool (&valid)[ITEMS], int (&found)[ITEMS]) {
     using namespace svx_hash;
@@ -192,8 +126,8 @@ __device__ __forceinline__ void lookup_items(const unsigned long long* table,
     for (int i = 0; i < ITEMS; ++i) {
         e[i].x = EMPTY_KEY;
         e[i].y = 0;
-        if (valid[i] && keys[i] != EMPTY_KEY)  // key and value in one 16-byte load, through L2 (see lookup)
-            e[i] = SVX_TABLE_LOAD(reinterpret_cast<const ulonglong2*>(table + 2 * (mix(keys[i]) & mask)));
+        if (valid[i] && keys[i] != EMPTY_KEY)  // key and value in one 16-byte load (see lookup)
+            e[i] = *reinterpret_cast<const ulonglong2*>(table + 2 * (mix(keys[i]) & mask));
     }
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -209,7 +143,7 @@ __device__ __forceinline__ void lookup_items(const unsigned long long* table,
         } else {  // a collision: continue the linear probe after the first slot
             found[i] = -1;
             for (unsigned long long sl = (mix(key) + 1) & mask;; sl = (sl + 1) & mask) {
-                const ulonglong2 f = SVX_TABLE_LOAD(reinterpret_cast<const ulonglong2*>(table + 2 * sl));
+                const ulonglong2 f = *reinterpret_cast<const ulonglong2*>(table + 2 * sl);
                 if (f.x == key) {
                     found[i] = (int)f.y;
                     break;
@@ -229,23 +163,28 @@ template <int BLOCK>
 __global__ void __launch_bounds__(BLOCK) kmap_insert(const int* __restrict__ coords, int n,
                                                      unsigned long long* __restrict__ table,
                                                      unsigned long long mask) {
-    svx_kmap::insert_rows<BLOCK, 1>(coords, n, (long long)blockIdx.x * BLOCK + threadIdx.x, table, mask);
+    using namespace svx_hash;
+    const long long row = (long long)blockIdx.x * BLOCK + threadIdx.x;
+    if (row >= n) return;
+    unsigned long long* status = table + 2 * (mask + 1) + 2;
+    const int* c = coords + 4 * row;
+    const long long b = c[0], x = c[1], y = c[2], z = c[3];
+    if (!in_range(b, x, y, z)) {
+        svx_kmap::flag_min(status + 1, row);
+        return;
+    }
+    if (!insert(table, mask, pack_key(b, x, y, z), (int)row)) svx_kmap::flag_min(status, row);
 }
 
-// Grid: ins_tiles + T blocks, T = K * nbm (nbm = ceil(m / (BLOCK * ITEMS))). The first ins_tiles tickets
-// insert BLOCK * ITEMS rows of icoords [n_in, 4] each into the table (all ones on entry; ins_tiles = 0
-// when the table was built before, by Voxels validation), as kmap_insert does, and count themselves in
-// `inserted`; a tile that probes waits for all of them after computing its keys. One launch instead of
-// two, and no gap between the insert and the probes. Query tile t = ticket - ins_tiles (from the ticket,
+// Grid: T = K * nbm blocks (nbm = ceil(m / (BLOCK * ITEMS))), one per tile. Tile t (from the ticket,
 // not from blockIdx) handles offset k = t / nbm and output rows [row0, row0 + BLOCK * ITEMS) with
 // row0 = (t % nbm) * BLOCK * ITEMS (tiles never straddle two offsets), so tiles in ticket order are the
 // canonical (k, m) order. Striped layout: item i of thread x is row row0 + i * BLOCK + x, so the
 // qcoords reads and cand writes of a warp are contiguous, and (item, warp, lane) order is row order.
 //   qcoords [m, 4] int32 output sites
-//   table   the hash table; its two status words (table + 2 * (mask + 1) + 2) go into info
-//   state   [1 + T (+ K / 2 if symmetric) + 1] uint64, all ones on entry (a memset): state[0] the ticket
-//           counter, state[1 + t] the tile word of tile t (see svx_kmap::TILE_*), then done[] (below),
-//           then `inserted` (insert tiles done)
+//   status  the two insert status words (table + 2 * (mask + 1) + 2)
+//   state   [1 + T (+ K / 2 if symmetric)] uint64, all ones on entry (a memset): state[0] the ticket
+//           counter, state[1 + t] the tile word of tile t (see svx_kmap::TILE_*), then done[] (below)
 //   cand    [K, m] int32: input row paired with output row m by offset k, or -1 (the dense table)
 //   in_buf, out_buf [K * m] int32: pairs at their final positions; only the first offsets[K] are written
 //   offsets [K + 1] int32;  info [K + 3] int64 = offsets, then status[0], status[1] (EMPTY reads as -1)
@@ -262,15 +201,14 @@ __global__ void __launch_bounds__(BLOCK) kmap_insert(const int* __restrict__ coo
 //   k > kc   no probe: waits until done[K-1-k] has counted all nbm tiles of offset K-1-k, then reads
 //            cand[k, m]. Those tiles have earlier tickets (K-1-k < kc < k), so they are running or done:
 //            no deadlock, as for the look-back.
-// cand's rows kc+1..K-1 must be all ones (-1) before any scatter: the insert tiles write them (the
-// scatters wait for those tiles), or, with a prebuilt table, the host's memset; and state has K / 2 more
+// cand's rows kc+1..K-1 must be all ones (-1) on entry (the host's memset), and state has K / 2 more
 // words after the tile words, all ones: done[k] = state[1 + K * nbm + k]. Counts, look-back and
 // compaction are the same for every offset, so the map is exactly that of the probing path.
 template <int BLOCK, int ITEMS>
 __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
-        const int* __restrict__ icoords, int n_in, int ins_tiles, const int* __restrict__ qcoords, int m, int nbm,
-        int K, int transposed, int symmetric, int sx, int sy, int sz, int kx, int ky, int kz, int dx, int dy,
-        int dz, unsigned long long* table, unsigned long long mask, unsigned long long* state,
+        const int* __restrict__ qcoords, int m, int nbm, int K, int transposed, int symmetric, int sx, int sy,
+        int sz, int kx, int ky, int kz, int dx, int dy, int dz, const unsigned long long* __restrict__ table,
+        unsigned long long mask, const unsigned long long* __restrict__ status, unsigned long long* state,
         int* __restrict__ cand, int* __restrict__ in_buf, int* __restrict__ out_buf,
         int* __restrict__ offsets, long long* __restrict__ info) {
     using namespace svx_hash;
@@ -289,35 +227,7 @@ __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
     // hardware's block scheduling. The counter starts all ones; the first ticket wraps to 0.
     if (threadIdx.x == 0) s_tile = (int)(atomicAdd(state, 1ull) + 1ull);
     __syncthreads();
-    // 0. Insert tiles (the first ins_tiles tickets): BLOCK * ITEMS input rows each into the table, then
-    //    count the tile in `inserted` once its stores are fenced.
-    unsigned long long* inserted = state + 1 + (long long)K * nbm + (symmetric ? K / 2 : 0);
-    if (s_tile < ins_tiles) {
-        const long long r0 = (long long)s_tile * (BLOCK * ITEMS) + threadIdx.x;
-        // two rows at a time (one for odd ITEMS): their CASes overlap, and the registers stay below the
-        // probing path's (all ITEMS at once: 74 registers instead of 64 at ITEMS 8, one block less per SM)
-        constexpr int CHUNK = ITEMS % 2 == 0 ? 2 : 1;
-#pragma unroll 1
-        for (int i = 0; i < ITEMS; i += CHUNK)
-            svx_kmap::insert_rows<BLOCK, CHUNK>(icoords, n_in, r0 + (long long)i * BLOCK, table, mask);
-        if (symmetric) {  // cand's mirrored rows start at -1 (only hits are scattered into them); n_in = m
-            for (int kk = K / 2 + 1; kk < K; ++kk) {
-#pragma unroll
-                for (int i = 0; i < ITEMS; ++i) {
-                    const long long row = r0 + (long long)i * BLOCK;
-                    if (row < m) cand[(long long)kk * m + row] = -1;
-                }
-            }
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            __threadfence();
-            atomicAdd(inserted, 1ull);
-        }
-        return;
-    }
-    const unsigned long long* status = table + 2 * (mask + 1) + 2;
-    const int t = s_tile - ins_tiles;
+    const int t = s_tile;
     const int k = t / nbm;
     const int bm = t % nbm;
     const long long row0 = (long long)bm * (BLOCK * ITEMS) + threadIdx.x;  // this thread's item 0
@@ -375,10 +285,6 @@ __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
                     valid[i] = true;
                 }
             }
-        }
-        if (ins_tiles > 0) {  // the keys are ready; now the table must be complete (earlier tickets)
-            if (threadIdx.x == 0) svx_kmap::wait_count(inserted, ins_tiles);
-            __syncthreads();
         }
         svx_kmap::lookup_items<ITEMS>(table, mask, keys, valid, found);
 #pragma unroll
@@ -466,9 +372,8 @@ __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
         if (t == K * nbm - 1) {
             offsets[K] = excl + aggregate;
             info[K] = excl + aggregate;
-            if (ins_tiles > 0) svx_kmap::wait_count(inserted, ins_tiles);  // a mirrored tile never waited
-            info[K + 1] = (long long)__ldcg(status);
-            info[K + 2] = (long long)__ldcg(status + 1);
+            info[K + 1] = (long long)status[0];
+            info[K + 2] = (long long)status[1];
         }
     }
 }

@@ -77,13 +77,6 @@ BLOCK = 256  # threads per block of the per-row kernels
 ITEMS = int(os.environ.get("SPARSEVOX_KMAP_ITEMS", "8"))
 if not 1 <= ITEMS <= 16:
     raise ValueError(f"SPARSEVOX_KMAP_ITEMS must be in [1, 16], got {ITEMS}")
-# Whether a map that has no prebuilt table inserts its voxels in query_compact's first tiles (one launch)
-# or with the insert kernel first (two launches, two memsets). SPARSEVOX_KMAP_FUSED=0/1 overrides the
-# default for benchmark comparisons (benchmarks/map_build_sweep.py).
-FUSED_INSERT = os.environ.get("SPARSEVOX_KMAP_FUSED", "1") != "0"
-# Compile-time overrides for benchmark comparisons only: SPARSEVOX_KMAP_DEFINES="NAME=VALUE,..."
-# (kernels_cu/kernel_map.cu and common/hash.cuh name the macros they read).
-_DEFINES = tuple(tuple(d.split("=", 1)) for d in os.environ.get("SPARSEVOX_KMAP_DEFINES", "").split(",") if d)
 _KERNELS = ("insert", "query_compact", "candidate_keys", "unique_heads", "unique_info", "unique_unpack")
 
 
@@ -119,8 +112,7 @@ class CupyDevice:
         packed = self._fns.get((dev, name, block))
         if packed is None:
             from .cuda_loader import get_function
-            fn = get_function("kernel_map", kernel_name(name, block, self.tile_items), NAME_EXPRESSIONS,
-                              defines=_DEFINES)
+            fn = get_function("kernel_map", kernel_name(name, block, self.tile_items), NAME_EXPRESSIONS)
             packed = self._fns[(dev, name, block)] = driver.Args(int(fn.kernel.ptr), args)
         packed.launch(grid, block, cupy.cuda.get_current_stream().ptr, args)
 
@@ -246,9 +238,8 @@ def _geometry_args(st, ks, dl) -> tuple:
 
 
 def _as_int32_rows(xp, a):
-    """``a`` as a C-contiguous int32 array whose rows the kernels may read as 16-byte vectors (itself when
-    it already is one: the common case)."""
-    if a.dtype == xp.int32 and a.flags.c_contiguous and (xp is np or a.data.ptr % 16 == 0):
+    """``a`` as a C-contiguous int32 array (itself when it already is one: the common case)."""
+    if a.dtype == xp.int32 and a.flags.c_contiguous:
         return a
     return xp.ascontiguousarray(a, dtype=xp.int32)
 
@@ -302,13 +293,14 @@ def _capacity(n: int) -> int:
     return 1 << max(6, (2 * n - 1).bit_length())  # power of two >= 2n: load factor <= 1/2
 
 
-def _insert(dev, coords):
-    """Hash table of ``coords`` (value = row) by the insert kernel alone: ``(table, mask)``. ``table`` holds
-    ``2 * cap + 4`` words (slots, the all-ones key's slot, the two status words), all ones before."""
+def _insert(dev, coords, extra: int = 0):
+    """Hash table of ``coords`` (value = row): ``(table, mask)``. ``table`` holds ``2 * cap + 4`` words
+    (slots, the all-ones key's slot, the two status words) and ``extra`` words of the caller after them,
+    all set to all ones by the one memset."""
     xp = dev.xp
     n = coords.shape[0]
     cap = _capacity(n)
-    table = xp.empty(2 * cap + 4, dtype=xp.uint64)
+    table = xp.empty(2 * cap + 4 + extra, dtype=xp.uint64)
     dev.fill_ones(table)
     dev.launch("insert", _blocks(n), BLOCK, (coords, np.int32(n), table, np.uint64(cap - 1)))
     return table, cap - 1
@@ -360,49 +352,50 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
     _check_int32(km, "offsets x output sites")
     nbm = _blocks(m, BLOCK * dev.tile_items)  # tiles per offset (a tile never spans two offsets)
     tiles = num_k * nbm
-    # The scan state of query_compact: the ticket, one word per tile, (symmetric) one scatter counter per
-    # offset before the centre, and the insert tiles' counter; all ones on entry.
+    # The scan state of query_compact: the ticket, one word per tile, and (symmetric) one scatter
+    # counter per offset before the centre; all ones on entry.
     half = num_k // 2 if symmetric else 0  # the mirrored offsets K - half .. K - 1 of cand
-    words = 1 + tiles + half + 1
-    n_in = coords.shape[0]
-    info_words = num_k + 3
-    if table is None and not FUSED_INSERT:
-        table = _insert(dev, coords)
-    if table is None:
-        # Insert tiles first in the same launch. Temporary, one allocation and one memset of its head:
-        # scratch = [table (2 cap + 4 words) | state | info (int64) | in_buf (K m) | out_buf (K m)];
-        # kept: keep = [cand (K x m) | offsets (K + 1)]. The insert tiles also set cand's mirrored rows.
-        mask = _capacity(n_in) - 1
-        ins_tiles = _blocks(n_in, BLOCK * dev.tile_items)
-        head = 2 * (2 * (mask + 1) + 4 + words)  # int32 elements of table and state
-        scratch = xp.empty(head + 2 * info_words + 2 * km, dtype=xp.int32)
-        dev.fill_ones(scratch, 0, head)
-        keep = xp.empty(km + num_k + 1, dtype=xp.int32)
-        table, state, at = dev.ptr(scratch), dev.ptr(scratch, head - 2 * words), head
-    else:
-        # A prebuilt table is shared by every map of these voxels: a state of this map's own, after cand
-        # and offsets (8-byte aligned), reset by one memset together with cand's mirrored rows.
+    words = 1 + tiles + half
+    if table is not None:
         table, mask = table
-        if mask + 1 != _capacity(n_in) or table.shape[0] < 2 * (mask + 1) + 4:
+        if mask + 1 != _capacity(coords.shape[0]) or table.shape[0] < 2 * (mask + 1) + 4:
             raise ValueError(f"the prebuilt hash table (capacity {mask + 1}) was not built for these "
-                             f"{n_in} coordinates")
-        ins_tiles = 0
+                             f"{coords.shape[0]} coordinates")
+    # Kept with the map: cand (the dense neighbour table) and offsets, one allocation. Temporary: the
+    # upper-bound pair buffers and the info row (int64, 8-byte aligned after 2 * km int32), another.
+    if symmetric:
+        # cand's mirrored rows must start at -1 (only hits are scattered into them), so the state goes
+        # after offsets in the same allocation (8-byte aligned) and one memset covers rows, offsets
+        # (rewritten by the kernel) and state; the state's few words stay with the map.
         head = km + num_k + 1 + (km + num_k + 1) % 2
         keep = xp.empty(head + 2 * words, dtype=xp.int32)
-        dev.fill_ones(keep, (num_k - half) * m if symmetric else head)
-        scratch = xp.empty(2 * info_words + 2 * km, dtype=xp.int32)
-        table, state, at = dev.ptr(table), dev.ptr(keep, head), 0
-    # at: info's start in scratch, then in_buf and out_buf
-    dev.launch("query_compact", ins_tiles + tiles, BLOCK,
-               (coords, np.int32(n_in), np.int32(ins_tiles), out_coords, np.int32(m), np.int32(nbm), np.int32(num_k),
-                np.int32(transposed), np.int32(symmetric), *_geometry_args(st, ks, dl), table, np.uint64(mask),
-                state, dev.ptr(keep), dev.ptr(scratch, at + 2 * info_words),
-                dev.ptr(scratch, at + 2 * info_words + km), dev.ptr(keep, km), dev.ptr(scratch, at)))
+        state = dev.ptr(keep, head)
+        dev.fill_ones(keep, (num_k - half) * m)
+        if table is None:
+            table, mask = _insert(dev, coords)
+    elif table is None:  # in the tail of the new table: its one memset resets them
+        keep = xp.empty(km + num_k + 1, dtype=xp.int32)
+        table, mask = _insert(dev, coords, words)
+        state = dev.ptr(table, _status_at(mask) + 2)
+    else:  # a prebuilt table is shared by every map of these voxels: a fresh state of this map's own
+        keep = xp.empty(km + num_k + 1, dtype=xp.int32)
+        # Held by name until the launch: the kernel gets only its address, and a dropped array's memory
+        # goes back to the pool at once (the next allocation could take it).
+        state_words = xp.empty(words, dtype=xp.uint64)
+        dev.fill_ones(state_words)
+        state = dev.ptr(state_words)
+    # keep = [cand (K x m) | offsets (K + 1) | ...]; scratch = [in_buf (K m) | out_buf (K m) | info]
+    scratch = xp.empty(2 * km + 2 * (num_k + 3), dtype=xp.int32)
+    dev.launch("query_compact", tiles, BLOCK,
+               (out_coords, np.int32(m), np.int32(nbm), np.int32(num_k), np.int32(transposed), np.int32(symmetric),
+                *_geometry_args(st, ks, dl), table, np.uint64(mask), dev.ptr(table, _status_at(mask)),
+                state, dev.ptr(keep), dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km),
+                dev.ptr(scratch, 2 * km)))
     # No synchronisation here: the sizes and status words start towards the host behind the kernels,
     # and the map takes its exact-size pairs when first used (KernelMap.wait).
-    read = dev.read_async(scratch, at, info_words, np.int64)
+    read = dev.read_async(scratch, 2 * km, num_k + 3, np.int64)
     offsets, dense_nbr = dev.view(keep, km, (num_k + 1,), np.int32), dev.view(keep, 0, (num_k, m), np.int32)
-    return _PendingPairs(dev, coords, scratch, at + 2 * info_words, km, num_k, read), offsets, dense_nbr
+    return _PendingPairs(dev, coords, scratch, 0, km, num_k, read), offsets, dense_nbr
 
 
 class _PendingPairs:

@@ -43,7 +43,6 @@ PRELUDE = r"""
 #include <vector>
 struct dim3 { unsigned x = 0, y = 0, z = 0; };
 struct ulonglong2 { unsigned long long x, y; };
-struct int4 { int x, y, z, w; };
 static thread_local dim3 threadIdx, blockIdx;
 #define __global__
 #define __device__
@@ -125,12 +124,11 @@ template <class F> void emu_launch(int grid, int block, F f) {
 # (kernel, template block, C parameter list, argument names); query_compact's template also takes ITEMS
 WRAPPERS = [
     ("insert", 256, "const int* c, int n, unsigned long long* t, unsigned long long mask", "c, n, t, mask"),
-    ("query_compact", 256, "const int* c, int n, int ins, const int* q, int m, int nbm, int K, int tr, int sym, "
-                           "int sx, int sy, int sz, int kx, int ky, int kz, int dx, int dy, int dz, "
-                           "unsigned long long* t, unsigned long long mask, unsigned long long* state, "
+    ("query_compact", 256, "const int* q, int m, int nbm, int K, int tr, int sym, int sx, int sy, int sz, int kx, "
+                           "int ky, int kz, int dx, int dy, int dz, const unsigned long long* t, "
+                           "unsigned long long mask, const unsigned long long* status, unsigned long long* state, "
                            "int* cand, int* ib, int* ob, int* offsets, long long* info",
-     "c, n, ins, q, m, nbm, K, tr, sym, sx, sy, sz, kx, ky, kz, dx, dy, dz, t, mask, state, cand, ib, ob, offsets, "
-     "info"),
+     "q, m, nbm, K, tr, sym, sx, sy, sz, kx, ky, kz, dx, dy, dz, t, mask, status, state, cand, ib, ob, offsets, info"),
     ("candidate_keys", 256, "const int* c, int n, int count, int mode, int sx, int sy, int sz, int kx, int ky, "
                             "int kz, int dx, int dy, int dz, unsigned long long* keys, unsigned long long* status",
      "c, n, count, mode, sx, sy, sz, kx, ky, kz, dx, dy, dz, keys, status"),

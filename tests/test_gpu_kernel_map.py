@@ -235,13 +235,12 @@ def test_emulated_big_tiles_match_numpy_builder(emulated_with, rng, kind, ks, m,
         s, tr = 2, True
     else:
         coords, out, s, tr = rng_coords, None, 1, False
-    dev.clear_log()
+    dev.grids.clear()
+    dev.launches.clear()
     got = gpu_kernel_map.build(dev, coords, ks, s, 1, tr, False, out)
     num_k = int(np.prod(np.broadcast_to(ks, 3)))
     tile = gpu_kernel_map.BLOCK * items
-    ins = _qarg(dev, "ins_tiles")
-    assert ins == -(-coords.shape[0] // tile), "one insert tile per BLOCK * items input rows"
-    assert dev.grids[dev.launches.index("query_compact")] == ins + num_k * -(-m // tile)
+    assert dev.grids[dev.launches.index("query_compact")] == num_k * -(-m // tile)
     assert_same_map(got, reference_map(coords, ks, s, 1, tr, False, out=out), f"{kind} m={m} items={items}")
     assert_dense_nbr(got, f"{kind} m={m} items={items}")
     assert got.num_pairs >= m  # dense: every output row has a pair (SubM: itself; up k2 s2: its parent)
@@ -257,17 +256,16 @@ def test_emulated_no_pairs(emulated):
 
 
 def test_emulated_launch_sequence(emulated, rng):
-    """A SubM map is one kernel (insert tiles, then the fused query + single-pass scan + compaction) and
-    one memset: no separate insert, scan or compaction launch may come back."""
+    """A SubM map is two kernels (insert, fused query + single-pass scan + compaction): no separate
+    scan or compaction launch may come back."""
     coords = random_voxels(rng, 300, extent=8, batches=1)
-    emulated.clear_log()
+    emulated.launches.clear()
     gpu_kernel_map.build(emulated, coords, 3, 1, 1, False, False)
-    assert emulated.launches == ["query_compact"] and _qarg(emulated, "ins_tiles") > 0
-    assert len(emulated.fills) == 1
-    emulated.clear_log()
+    assert emulated.launches == ["insert", "query_compact"]
+    emulated.launches.clear()
     gpu_kernel_map.build(emulated, coords, 2, 2, 1, False, False)
-    assert emulated.launches == ["candidate_keys", "unique_heads", "unique_info", "unique_unpack", "query_compact"]
-    assert _qarg(emulated, "ins_tiles") > 0
+    assert emulated.launches == ["candidate_keys", "unique_heads", "unique_info", "unique_unpack", "insert",
+                                 "query_compact"]
 
 
 
@@ -278,19 +276,11 @@ def _symmetric(kind, ks):
     return kind == "submanifold" and all(v % 2 for v in np.broadcast_to(ks, 3))
 
 
-# query_compact's arguments, in order (kernels_cu/kernel_map.cu)
-QC_ARGS = ("icoords", "n_in", "ins_tiles", "qcoords", "m", "nbm", "K", "transposed", "symmetric", "sx", "sy", "sz",
-           "kx", "ky", "kz", "dx", "dy", "dz", "table", "mask", "state", "cand", "in_buf", "out_buf", "offsets", "info")
-_SYMMETRIC_ARG = QC_ARGS.index("symmetric")
+_SYMMETRIC_ARG = 5  # query_compact's arguments: out_coords, m, nbm, K, transposed, symmetric, ...
 
 
 def _query_args(dev):
     return dev.args[dev.launches.index("query_compact")]
-
-
-def _qarg(dev, name):
-    """The argument ``name`` of the emulated device's query_compact launch."""
-    return _query_args(dev)[QC_ARGS.index(name)]
 
 
 # (kernel size, dilation, batches, voxels, items, prefix_every): several tiles per offset (items 1 or 2:
@@ -311,16 +301,16 @@ def test_emulated_symmetric_subm_matches_numpy_builder(emulated_with, rng, ks, d
     got = gpu_kernel_map.build(dev, coords, ks, 1, dilation, False, False)
     args = _query_args(dev)
     assert args[_SYMMETRIC_ARG] == 1, "SubM of odd kernel sizes must take the symmetric path"
-    num_k, nbm, ins = _qarg(dev, "K"), _qarg(dev, "nbm"), _qarg(dev, "ins_tiles")
-    assert dev.grids[dev.launches.index("query_compact")] == ins + num_k * nbm and nbm >= 3 and ins == nbm
+    num_k = args[3]
+    assert dev.grids[dev.launches.index("query_compact")] == num_k * args[2] and args[2] >= 3
     what = f"symmetric k{ks} d{dilation} items={items}"
     assert_same_map(got, reference_map(coords, ks, 1, dilation, False, False), what)
     assert_dense_nbr(got, what)
-    # one memset (int32 words): the new table (2 capacity + 4 words) and the scan state (ticket, tile
-    # words, scatter counters, insert counter), 2 int32 per uint64 word; cand's mirrored rows are set by
-    # the insert tiles
-    cap = _qarg(dev, "mask") + 1
-    assert dev.fills == [2 * (2 * cap + 4) + 2 * (1 + num_k * nbm + num_k // 2 + 1)]
+    # besides the table's, one memset (int32 words): cand's mirrored rows, offsets (+ 1 to align) and the
+    # scan state (ticket, tile words, scatter counters: 2 words each)
+    head = num_k * m + num_k + 1
+    assert len(dev.fills) == 2
+    assert (num_k // 2) * m + num_k + 1 + head % 2 + 2 * (1 + num_k * args[2] + num_k // 2) in dev.fills
 
 
 SYMMETRIC_SMALL = [  # (coords, kernel size, dilation): no neighbours, one voxel, the all-ones key
@@ -400,9 +390,8 @@ def test_emulated_stuck_spin_wait_raises(emulated, rng, monkeypatch):
     real = emulated.launch
 
     def launch(name, grid, block, args):
-        if name == "query_compact":  # done[K/2 - 1] one ahead: all ones + 1
-            k, nbm = args[QC_ARGS.index("K")], args[QC_ARGS.index("nbm")]
-            args[QC_ARGS.index("state")].array().view(np.uint64)[1 + k * nbm + k // 2 - 1] = 0
+        if name == "query_compact":
+            args[18].array().view(np.uint64)[-1] = 0  # the state's last word: done[K/2 - 1], all ones + 1
         real(name, grid, block, args)
     monkeypatch.setattr(emulated, "launch", launch)
     with pytest.raises(RuntimeError, match="spin-wait did not end"):
@@ -492,15 +481,14 @@ def test_emulated_cached_table_is_reused_by_the_map(emulated_voxels, rng, kind, 
         got = gpu_kernel_map.build(dev, coords, ks, s, dilation, tr, gen, out, table=v._hash if use_table else None)
         if not use_table:
             want, fresh_launches, fresh_fills = got, list(dev.launches), len(dev.fills)
-            assert _qarg(dev, "ins_tiles") > 0
             continue
         assert_same_map(got, want, f"{kind} with the cached table")
         assert_dense_nbr(got, f"{kind} with the cached table")
-        assert "insert" not in dev.launches and _qarg(dev, "ins_tiles") == 0
-        assert dev.launches == fresh_launches
-        # the scan state's memset (with cand's mirrored rows for a symmetric SubM map) replaces the one of
-        # the new table and the state of a fresh build
-        assert len(dev.fills) == fresh_fills
+        assert "insert" not in dev.launches
+        assert dev.launches == [n for n in fresh_launches if n != "insert"]
+        # the scan state's memset replaces the table's, which also resets the state of a fresh build;
+        # a symmetric SubM map has its state reset with cand's mirrored rows, by a memset of its own
+        assert len(dev.fills) == fresh_fills - _symmetric(kind, ks)
     assert_same_map(want, reference_map(coords, ks, s, dilation, tr, gen, out=out), kind)
 
 
@@ -515,7 +503,7 @@ def test_emulated_cached_table_many_tiles(emulated_with, monkeypatch, rng):
     for ks, s, d in ((3, 1, 1), ((3, 1, 2), 1, 2), (2, 2, 1), (3, 1, 1)):
         dev.clear_log()
         got = gpu_kernel_map.build(dev, coords, ks, s, d, False, False, table=v._hash)
-        assert "insert" not in dev.launches and _qarg(dev, "ins_tiles") == 0
+        assert "insert" not in dev.launches
         assert_same_map(got, reference_map(coords, ks, s, d, False, False), f"k{ks} s{s} d{d}")
         assert_dense_nbr(got, f"k{ks} s{s} d{d}")
 
@@ -536,13 +524,11 @@ def test_emulated_kernel_map_passes_the_cached_table(emulated_voxels, monkeypatc
     emulated_voxels.clear_log()
     got = sv.kernel_map(v, 3)
     assert seen == [v._hash] and emulated_voxels.launches == ["query_compact"]
-    assert _qarg(emulated_voxels, "ins_tiles") == 0
     assert v._keys is None
     assert_same_map(got, reference_map(coords, 3, 1, 1, False, False), "kernel_map() with the cached table")
     unchecked = sv.Voxels(coords, None, check=False)
-    emulated_voxels.clear_log()
     sv.kernel_map(unchecked, 3)
-    assert seen[-1] is None and _qarg(emulated_voxels, "ins_tiles") > 0
+    assert seen[-1] is None and "insert" in emulated_voxels.launches
 
 
 def _emulated_builder(monkeypatch, dev):
@@ -798,20 +784,13 @@ def test_gpu_validation_keeps_the_table_for_the_maps(cupy, rng, monkeypatch):
     coords = random_voxels(rng, 20_000, extent=40, batches=2)
     v = sv.Voxels(cupy.asarray(coords), None)
     assert v._hash is not None and v._keys is None
-    inserts = []  # launches that insert: the insert kernel, or query_compact with insert tiles
-    dev = gpu_kernel_map._cupy_device()
-    real_launch = dev.launch
-
-    def launch(name, grid, block, args):
-        if name == "insert" or (name == "query_compact" and args[QC_ARGS.index("ins_tiles")] > 0):
-            inserts.append(name)
-        real_launch(name, grid, block, args)
-    monkeypatch.setattr(dev, "launch", launch)
+    inserts = []
+    real_insert = gpu_kernel_map._insert
+    monkeypatch.setattr(gpu_kernel_map, "_insert", lambda *a, **k: inserts.append(1) or real_insert(*a, **k))
     for args in ((3, 1, 1, False, False), (2, 2, 1, False, False), (3, 1, 2, False, False)):
         got = sv.kernel_map(v, *args[:3])
         assert not inserts, f"{args}: the map inserted the voxels again"
         fresh = gpu_kernel_map.build_kernel_map(cupy.asarray(coords), None, *args)
-        assert inserts == ["query_compact"], "a build without a table inserts in its one launch"
         assert_same_map(got, fresh, f"{args} cached vs fresh table")
         assert_same_map(got, reference_map(coords, *args), f"{args}")
         assert_dense_nbr(got, f"{args}")

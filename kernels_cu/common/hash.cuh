@@ -17,13 +17,6 @@
 #ifndef SPARSEVOX_HASH_CUH
 #define SPARSEVOX_HASH_CUH
 
-// Loads of table entries: through L2 (__ldcg), never the read-only path, because kmap_query_compact may
-// fill the table earlier in the same kernel. SVX_TABLE_LOAD may be defined to another load (benchmark
-// comparisons: benchmarks/map_build_sweep.py).
-#ifndef SVX_TABLE_LOAD
-#define SVX_TABLE_LOAD __ldcg
-#endif
-
 namespace svx_hash {
 
 constexpr int COORD_BITS = 18;
@@ -88,19 +81,17 @@ __device__ __forceinline__ bool insert(unsigned long long* table, unsigned long 
     }
 }
 
-// Row of `key`, or -1. Only valid once every insert is done and visible (a later kernel, or behind
-// kmap_query_compact's wait on its insert tiles).
-__device__ __forceinline__ int lookup(const unsigned long long* table, unsigned long long mask,
+// Row of `key`, or -1. Only valid in a kernel launched after the inserts finished.
+__device__ __forceinline__ int lookup(const unsigned long long* __restrict__ table, unsigned long long mask,
                                       unsigned long long key) {
     if (key == EMPTY_KEY) {
         const unsigned long long* special = table + 2 * (mask + 1);
-        return SVX_TABLE_LOAD(special) == EMPTY_KEY ? -1 : (int)SVX_TABLE_LOAD(special + 1);
+        return special[0] == EMPTY_KEY ? -1 : (int)special[1];
     }
     unsigned long long s = mix(key) & mask;
     while (true) {
-        // key and value share one 16-byte load (the table is 16-byte aligned); through L2, never the
-        // read-only path: the table may have been filled earlier in the same kernel (kmap_query_compact)
-        const ulonglong2 e = SVX_TABLE_LOAD(reinterpret_cast<const ulonglong2*>(table + 2 * s));
+        // key and value share one 16-byte load (the table base is 256-byte aligned by CuPy's pool)
+        const ulonglong2 e = *reinterpret_cast<const ulonglong2*>(table + 2 * s);
         if (e.x == key) return (int)e.y;
         if (e.x == EMPTY_KEY) return -1;
         s = (s + 1) & mask;
