@@ -127,11 +127,16 @@ def neighbour_table(kmap, reverse: bool = False):
 
     The forward table is the map's ``dense_nbr`` when its builder made one (the GPU hash builder's query
     table); otherwise, and for the reverse table, it is scattered from the CSR map once and cached."""
-    if not reverse and getattr(kmap, "dense_nbr", None) is not None:
-        return kmap.dense_nbr
+    dense = getattr(kmap, "dense_nbr", None)
+    if not reverse and dense is not None:
+        return dense
     import cupy
     key = "implicit_gemm.nbr_rev" if reverse else "implicit_gemm.nbr"
     t = kmap.derived.get(key)
+    if t is None and dense is not None and _mirrored(kmap):
+        # submanifold, odd kernel sizes: pair (k, out m, in j) <=> (K-1-k, out j, in m), so the reverse
+        # table is the forward one with its offsets reversed (one copy instead of a scatter of the CSR)
+        t = kmap.derived[key] = cupy.ascontiguousarray(dense[::-1])
     if t is None:
         k_count = kmap.num_offsets
         rows = kmap.num_in if reverse else kmap.num_out
@@ -143,6 +148,11 @@ def neighbour_table(kmap, reverse: bool = False):
             t[kidx, dst] = src
         kmap.derived[key] = t
     return t
+
+
+def _mirrored(kmap) -> bool:
+    """Whether offset K-1-k of the map is offset k reversed with in and out swapped (SubM, odd sizes)."""
+    return kmap.kind == "submanifold" and all(v % 2 == 1 for v in kmap.kernel_size)
 
 
 def _part(k_count: int, split: int, h: int) -> tuple[int, int]:
@@ -161,6 +171,8 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
     0.48, SemanticKITTI 0.46 -> 0.54, ScanNet 0.39 -> 0.40, against offset order (first offset most
     significant).
     ``part``: ``(k0, k1)``, sort by the bits of these offsets only (one pass of a mask split).
+    On the device: the keys (``kernels_cu/slot_table.cu``, 32-bit when at most 32 offsets carry a bit),
+    a stable sort, the gathered table: four launches on a fresh map's first call.
     """
     import cupy
     k0, k1 = part if part is not None else (0, kmap.num_offsets)
@@ -169,17 +181,40 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
     if t is None:
         nbr = neighbour_table(kmap, reverse)
         k_count, rows = nbr.shape
-        if sort_rows and rows > 1:
+        if sort_rows and rows > 1 and k_count:
             w = mask_key_weights(kmap, k0, k1)
-            used = np.flatnonzero(w)  # offsets with pairs (at most 63): the key's bits
-            keys = ((nbr[cupy.asarray(k0 + used)] >= 0).astype(cupy.int64) * cupy.asarray(w[used])[:, None]
-                    ).sum(axis=0)
-            order = cupy.argsort(keys).astype(cupy.int32)
-            t = (order, cupy.ascontiguousarray(nbr[:, order]))
+            bit_of = np.full(k_count, -1, dtype=np.int32)
+            has = np.flatnonzero(w)
+            bit_of[k0 + has] = np.log2(w[has]).astype(np.int32)  # w holds distinct powers of two
+            wide = bool(has.size) and int(bit_of.max()) >= 32
+            keys = cupy.empty(rows, dtype=cupy.uint64 if wide else cupy.uint32)
+            grid = (-(-rows // _SLOT_BLOCK),)
+            _slot_kernel("keys", wide)(grid, (_SLOT_BLOCK,), (nbr, np.int32(rows), np.int32(k_count),
+                                                              cupy.asarray(bit_of), keys))
+            order = cupy.argsort(keys)  # stable: ties keep row order
+            out = cupy.empty((k_count, rows), dtype=cupy.int32)
+            _slot_kernel("gather")(grid, (_SLOT_BLOCK,), (nbr, order, np.int32(rows), np.int32(k_count), out))
+            t = (order.astype(cupy.int32), out)
         else:
             t = (cupy.arange(rows, dtype=cupy.int32), nbr)
         kmap.derived[key] = t
     return t
+
+
+_SLOT_BLOCK = 256
+
+
+def _slot_kernel(name: str, wide: bool = False):
+    """A kernel of ``kernels_cu/slot_table.cu`` on the current device (``keys``: 64-bit keys if ``wide``)."""
+    from .cuda_loader import get_function
+    names = {"keys": f"slot_keys<{'unsigned long long' if wide else 'unsigned int'}, {_SLOT_BLOCK}>",
+             "gather": f"gather_slots<{_SLOT_BLOCK}>", "masks": f"tile_masks<{_MASK_BLOCK}>"}
+    return get_function("slot_table", names[name], _SLOT_NAMES)
+
+
+_MASK_BLOCK = 128
+_SLOT_NAMES = (f"slot_keys<unsigned int, {_SLOT_BLOCK}>", f"slot_keys<unsigned long long, {_SLOT_BLOCK}>",
+               f"gather_slots<{_SLOT_BLOCK}>", f"tile_masks<{_MASK_BLOCK}>")
 
 
 def mask_key_weights(kmap, k0: int, k1: int) -> np.ndarray:
@@ -195,7 +230,7 @@ def mask_key_weights(kmap, k0: int, k1: int) -> np.ndarray:
 
 def tile_masks(kmap, reverse: bool, bm: int, sort_rows: bool, part: tuple | None = None):
     """``[tiles, words]`` uint32: bit k set when some row of the ``bm``-slot tile has offset k (only
-    offsets in ``part = (k0, k1)`` when given)."""
+    offsets in ``part = (k0, k1)`` when given). One launch (``kernels_cu/slot_table.cu``)."""
     import cupy
     k0, k1 = part if part is not None else (0, kmap.num_offsets)
     key = f"implicit_gemm.mask{'_rev' if reverse else ''}.{bm}.{int(sort_rows)}.{k0}.{k1}"
@@ -205,12 +240,10 @@ def tile_masks(kmap, reverse: bool, bm: int, sort_rows: bool, part: tuple | None
         k_count, rows = nbr.shape
         tiles = max(1, -(-rows // bm))
         words = max(1, -(-k_count // 32))
-        valid = cupy.zeros((words * 32, tiles * bm), dtype=cupy.bool_)
-        valid[k0:k1, :rows] = nbr[k0:k1] >= 0
-        anyk = valid.reshape(words * 32, tiles, bm).any(axis=2).astype(cupy.uint32)  # [32W, tiles]
-        bits = cupy.left_shift(cupy.uint32(1), cupy.arange(32, dtype=cupy.uint32))
-        m = (anyk.reshape(words, 32, tiles) * bits[None, :, None]).sum(axis=1, dtype=cupy.uint32)
-        m = cupy.ascontiguousarray(m.T)
+        m = cupy.empty((tiles, words), dtype=cupy.uint32)
+        _slot_kernel("masks")((tiles,), (_MASK_BLOCK,), (nbr, np.int32(rows), np.int32(k_count), np.int32(k0),
+                                                         np.int32(k1), np.int32(bm), np.int32(words), m),
+                              shared_mem=4 * words)
         kmap.derived[key] = m
     return m
 

@@ -140,6 +140,49 @@ def test_mask_key_weights_put_the_rarest_offsets_first():
     assert len(set(w[w > 0].tolist())) == 63  # one bit each: keys stay exact in int64
 
 
+def _csr_table(kmap, reverse):
+    """``[K, rows]`` host neighbour table scattered from the CSR pairs (the reference)."""
+    ins, outs, o = host(kmap.in_maps), host(kmap.out_maps), np.asarray(kmap.offsets_host)
+    rows = kmap.num_in if reverse else kmap.num_out
+    t = np.full((kmap.num_offsets, rows), -1, np.int32)
+    for k in range(kmap.num_offsets):
+        dst, src = (ins, outs) if reverse else (outs, ins)
+        t[k, dst[o[k]:o[k + 1]]] = src[o[k]:o[k + 1]]
+    return t
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,ks", [("submanifold", 3), ("submanifold", 5), ("submanifold", 2), ("strided", 3),
+                                     ("transposed", 3), ("generative", 3)])
+def test_slot_tables_and_tile_masks_match_the_host(rng, kind, ks):
+    """The device-made slot tables (keys, stable sort, gather) and tile masks against NumPy, forward and
+    reverse, whole and split into parts (k5: 125 offsets, 64-bit keys, 4 mask words), several tile
+    heights; the reverse SubM table (the forward one mirrored) against a scatter of the CSR pairs."""
+    from sparsevox import implicit_gemm as ig
+    case = quantised_case(rng, kind, 4, 4, "float32", n=900, extent=9, ks=ks)
+    kmap = case["kmap"]
+    k_count = kmap.num_offsets
+    for reverse in (False, True):
+        nbr = ig.neighbour_table(kmap, reverse).get()
+        np.testing.assert_array_equal(nbr, _csr_table(kmap, reverse))
+        for part in (None, (0, k_count // 2), (k_count // 2, k_count)):
+            k0, k1 = part or (0, k_count)
+            slots, nbr_sorted = (a.get() for a in ig.slot_table(kmap, reverse, True, part))
+            w = ig.mask_key_weights(kmap, k0, k1)
+            keys = [int(sum(int(w[k - k0]) for k in range(k0, k1) if nbr[k, r] >= 0)) for r in range(nbr.shape[1])]
+            np.testing.assert_array_equal(slots, np.array(sorted(range(len(keys)), key=lambda r: keys[r])))
+            np.testing.assert_array_equal(nbr_sorted, nbr[:, slots])
+            for bm in (16, 64, 128):
+                got = ig.tile_masks(kmap, reverse, bm, True, part).get()
+                tiles = -(-nbr.shape[1] // bm)
+                want = np.zeros((tiles, -(-k_count // 32)), np.uint32)
+                for t in range(tiles):
+                    for k in range(k0, k1):
+                        if (nbr_sorted[k, t * bm:(t + 1) * bm] >= 0).any():
+                            want[t, k // 32] |= np.uint32(1 << (k % 32))
+                np.testing.assert_array_equal(got, want, err_msg=f"reverse={reverse} part={part} bm={bm}")
+
+
 @pytest.mark.gpu
 def test_slots_are_sorted_by_the_rarest_first_bitmask(rng):
     """The forward slot order: rows ascending by their neighbour bitmask read with the rarest offsets as
