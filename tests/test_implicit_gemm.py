@@ -142,7 +142,7 @@ def test_mask_key_weights_put_the_rarest_offsets_first():
 
 def _csr_table(kmap, reverse):
     """``[K, rows]`` host neighbour table scattered from the CSR pairs (the reference)."""
-    ins, outs, o = host(kmap.in_maps), host(kmap.out_maps), np.asarray(kmap.offsets_host)
+    ins, outs, o = kmap.in_maps.get(), kmap.out_maps.get(), np.asarray(kmap.offsets_host)
     rows = kmap.num_in if reverse else kmap.num_out
     t = np.full((kmap.num_offsets, rows), -1, np.int32)
     for k in range(kmap.num_offsets):
