@@ -6,8 +6,58 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
+import json
 import pstats
+import time
+
+# (module, attribute) of the functions whose inclusive wall time ``phases`` reports
+PHASES = [("sparsevox", "kernel_map"), ("sparsevox.adapters.torch", "kernel_map_tensors"),
+          ("sparsevox.kernel_map", "KernelMap.wait"), ("sparsevox.conv", "plan"),
+          ("sparsevox.conv", "remember_prepared"), ("sparsevox.implicit_gemm", "slot_table"),
+          ("sparsevox.implicit_gemm", "tile_masks"), ("sparsevox.implicit_gemm", "_prepare_gather_gemm"),
+          ("cupy", "empty"), ("cupy", "argsort"), ("torch", "from_dlpack")]
+
+
+def phases(fn, n: int) -> dict:
+    """Inclusive wall µs per call of ``fn`` spent in each of :data:`PHASES` (nested phases overlap),
+    the calls synchronised one by one."""
+    import importlib
+
+    import torch
+    spent: dict = {}
+    saved = []
+    for mod_name, attr in PHASES:
+        owner = importlib.import_module(mod_name)
+        parts = attr.split(".")
+        for p in parts[:-1]:
+            owner = getattr(owner, p)
+        real = getattr(owner, parts[-1])
+
+        def wrapper(*a, _real=real, _name=attr, **k):
+            t = time.perf_counter()
+            try:
+                return _real(*a, **k)
+            finally:
+                spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - t
+        saved.append((owner, parts[-1], real))
+        setattr(owner, parts[-1], wrapper)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        spent.clear()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+    finally:
+        for owner, name, real in saved:
+            setattr(owner, name, real)
+    out = {"call_synced": total / n * 1e6}
+    out.update({k: round(v / n * 1e6, 1) for k, v in spent.items()})
+    return out
 
 
 def main(argv=None) -> int:
@@ -24,6 +74,12 @@ def main(argv=None) -> int:
     lay = Layers(Geometry(scene.coords, "gpu", "torch"), 32, "float16")
     fn = lay.subm_fresh(args.algo)
     print(f"{scene.name} fresh first layer ({args.algo}): {wall_ms(fn, torch.cuda.synchronize) * 1e3:.1f} µs per call")
+    print("inclusive host µs per call:", json.dumps(phases(fn, args.n)))
+    gc.disable()
+    try:
+        print(f"with the cyclic GC off: {wall_ms(fn, torch.cuda.synchronize) * 1e3:.1f} µs per call")
+    finally:
+        gc.enable()
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.n):

@@ -15,8 +15,9 @@
 //   kmap_unique_*        head flags, count and unpacking of a sorted key array (unique outputs)
 //
 // The scan state (ticket and tile words) sits after the status words in the table's allocation, so
-// the table's one memset (all ones) also resets it (see kmap_query_compact); a symmetric map keeps it
-// after cand instead, reset by the same memset as cand's mirrored rows (sparsevox/gpu_kernel_map.py).
+// the table's one memset (all ones) also resets it (see kmap_query_compact), and kmap_insert sets a
+// symmetric map's mirrored rows of cand to -1; with a prebuilt table (Voxels validation) the state sits
+// after cand instead, reset by one memset together with those rows (sparsevox/gpu_kernel_map.py).
 // Index arithmetic is 64-bit where a product can exceed 2^31 (K * M, s * c + off); the host checks
 // that K * M fits int32 (so do the pair count and every prefix; KernelMap stores int32 maps and offsets).
 // Every kernel is a template on its block size BLOCK (a multiple of 32, at most 1024);
@@ -159,13 +160,18 @@ __device__ __forceinline__ void lookup_items(const unsigned long long* __restric
 // coords [n, 4] int32 (batch, x, y, z) -> table. status = table + 2 * (mask + 1) + 2:
 //   status[0] = smallest row whose key was already present (a duplicate voxel), EMPTY if none
 //   status[1] = smallest row outside the packable range, EMPTY if none (not inserted)
+// clear [clear_rows, n] int32 (clear_rows may be 0): set to -1, row by row (a symmetric SubM map's
+// mirrored rows of cand, which query_compact, launched after this kernel, scatters into; one memset
+// fewer for the host).
 template <int BLOCK>
 __global__ void __launch_bounds__(BLOCK) kmap_insert(const int* __restrict__ coords, int n,
                                                      unsigned long long* __restrict__ table,
-                                                     unsigned long long mask) {
+                                                     unsigned long long mask, int* __restrict__ clear,
+                                                     int clear_rows) {
     using namespace svx_hash;
     const long long row = (long long)blockIdx.x * BLOCK + threadIdx.x;
     if (row >= n) return;
+    for (int j = 0; j < clear_rows; ++j) clear[(long long)j * n + row] = -1;
     unsigned long long* status = table + 2 * (mask + 1) + 2;
     const int* c = coords + 4 * row;
     const long long b = c[0], x = c[1], y = c[2], z = c[3];
@@ -201,7 +207,7 @@ __global__ void __launch_bounds__(BLOCK) kmap_insert(const int* __restrict__ coo
 //   k > kc   no probe: waits until done[K-1-k] has counted all nbm tiles of offset K-1-k, then reads
 //            cand[k, m]. Those tiles have earlier tickets (K-1-k < kc < k), so they are running or done:
 //            no deadlock, as for the look-back.
-// cand's rows kc+1..K-1 must be all ones (-1) on entry (the host's memset), and state has K / 2 more
+// cand's rows kc+1..K-1 must be all ones (-1) on entry (kmap_insert or the host's memset), and state has K / 2 more
 // words after the tile words, all ones: done[k] = state[1 + K * nbm + k]. Counts, look-back and
 // compaction are the same for every offset, so the map is exactly that of the probing path.
 template <int BLOCK, int ITEMS>

@@ -59,6 +59,7 @@ Set ``SPARSEVOX_GPU_KERNEL_MAP=generic`` to keep the xp-generic builder on CuPy 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 
@@ -233,7 +234,9 @@ def _blocks(n: int, block: int = BLOCK) -> int:
     return (n + block - 1) // block
 
 
+@functools.lru_cache(maxsize=256)
 def _geometry_args(st, ks, dl) -> tuple:
+    """The nine int32 kernel arguments of a geometry (tuples; made once per geometry)."""
     return tuple(np.int32(v) for v in (*st, *ks, *dl))
 
 
@@ -293,17 +296,29 @@ def _capacity(n: int) -> int:
     return 1 << max(6, (2 * n - 1).bit_length())  # power of two >= 2n: load factor <= 1/2
 
 
-def _insert(dev, coords, extra: int = 0):
-    """Hash table of ``coords`` (value = row): ``(table, mask)``. ``table`` holds ``2 * cap + 4`` words
-    (slots, the all-ones key's slot, the two status words) and ``extra`` words of the caller after them,
-    all set to all ones by the one memset."""
-    xp = dev.xp
-    n = coords.shape[0]
+def _new_table(dev, n: int, extra: int = 0):
+    """An empty hash table for ``n`` voxels, ``(table, mask)``: ``2 * cap + 4 + extra`` words (slots, the
+    all-ones key's slot, the two status words, then ``extra`` words of the caller), all set to all ones
+    by one memset."""
     cap = _capacity(n)
-    table = xp.empty(2 * cap + 4 + extra, dtype=xp.uint64)
+    table = dev.xp.empty(2 * cap + 4 + extra, dtype=dev.xp.uint64)
     dev.fill_ones(table)
-    dev.launch("insert", _blocks(n), BLOCK, (coords, np.int32(n), table, np.uint64(cap - 1)))
     return table, cap - 1
+
+
+def _launch_insert(dev, coords, table, mask: int, clear=None, clear_rows: int = 0) -> None:
+    """Insert ``coords`` into ``table`` (value = row). ``clear`` (an address) and ``clear_rows``: the same
+    kernel sets ``clear_rows`` rows of N int32 there to -1."""
+    n = coords.shape[0]
+    dev.launch("insert", _blocks(n), BLOCK, (coords, np.int32(n), table, np.uint64(mask),
+                                             dev.ptr(table) if clear is None else clear, np.int32(clear_rows)))
+
+
+def _insert(dev, coords):
+    """Hash table of ``coords`` (value = row): ``(table, mask)``, see :func:`_new_table`."""
+    table, mask = _new_table(dev, coords.shape[0])
+    _launch_insert(dev, coords, table, mask)
+    return table, mask
 
 
 def _status_at(mask: int) -> int:
@@ -363,21 +378,23 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
                              f"{coords.shape[0]} coordinates")
     # Kept with the map: cand (the dense neighbour table) and offsets, one allocation. Temporary: the
     # upper-bound pair buffers and the info row (int64, 8-byte aligned after 2 * km int32), another.
-    if symmetric:
-        # cand's mirrored rows must start at -1 (only hits are scattered into them), so the state goes
-        # after offsets in the same allocation (8-byte aligned) and one memset covers rows, offsets
-        # (rewritten by the kernel) and state; the state's few words stay with the map.
+    if table is None:
+        # The state in the tail of the new table: its one memset resets it. cand's mirrored rows
+        # (symmetric) must start at -1 (only hits are scattered into them): the insert kernel sets them.
+        # (the table's memset first: the device starts while the host allocates the rest)
+        table, mask = _new_table(dev, coords.shape[0], words)
+        keep = xp.empty(km + num_k + 1, dtype=xp.int32)
+        _launch_insert(dev, coords, table, mask, dev.ptr(keep, (num_k - half) * m), half)
+        state = dev.ptr(table, _status_at(mask) + 2)
+    elif symmetric:
+        # A prebuilt table is shared by every map of these voxels: a state of this map's own, after
+        # offsets in the same allocation (8-byte aligned), reset by one memset together with cand's
+        # mirrored rows and offsets (rewritten by the kernel); the state's few words stay with the map.
         head = km + num_k + 1 + (km + num_k + 1) % 2
         keep = xp.empty(head + 2 * words, dtype=xp.int32)
         state = dev.ptr(keep, head)
         dev.fill_ones(keep, (num_k - half) * m)
-        if table is None:
-            table, mask = _insert(dev, coords)
-    elif table is None:  # in the tail of the new table: its one memset resets them
-        keep = xp.empty(km + num_k + 1, dtype=xp.int32)
-        table, mask = _insert(dev, coords, words)
-        state = dev.ptr(table, _status_at(mask) + 2)
-    else:  # a prebuilt table is shared by every map of these voxels: a fresh state of this map's own
+    else:  # a prebuilt table: a fresh state of this map's own
         keep = xp.empty(km + num_k + 1, dtype=xp.int32)
         # Held by name until the launch: the kernel gets only its address, and a dropped array's memory
         # goes back to the pool at once (the next allocation could take it).

@@ -123,7 +123,8 @@ template <class F> void emu_launch(int grid, int block, F f) {
 
 # (kernel, template block, C parameter list, argument names); query_compact's template also takes ITEMS
 WRAPPERS = [
-    ("insert", 256, "const int* c, int n, unsigned long long* t, unsigned long long mask", "c, n, t, mask"),
+    ("insert", 256, "const int* c, int n, unsigned long long* t, unsigned long long mask, int* clear, int rows",
+     "c, n, t, mask, clear, rows"),
     ("query_compact", 256, "const int* q, int m, int nbm, int K, int tr, int sym, int sx, int sy, int sz, int kx, "
                            "int ky, int kz, int dx, int dy, int dz, const unsigned long long* t, "
                            "unsigned long long mask, const unsigned long long* status, unsigned long long* state, "

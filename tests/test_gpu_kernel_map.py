@@ -306,11 +306,10 @@ def test_emulated_symmetric_subm_matches_numpy_builder(emulated_with, rng, ks, d
     what = f"symmetric k{ks} d{dilation} items={items}"
     assert_same_map(got, reference_map(coords, ks, 1, dilation, False, False), what)
     assert_dense_nbr(got, what)
-    # besides the table's, one memset (int32 words): cand's mirrored rows, offsets (+ 1 to align) and the
-    # scan state (ticket, tile words, scatter counters: 2 words each)
-    head = num_k * m + num_k + 1
-    assert len(dev.fills) == 2
-    assert (num_k // 2) * m + num_k + 1 + head % 2 + 2 * (1 + num_k * args[2] + num_k // 2) in dev.fills
+    # one memset (uint64 words): the table (2 capacity + 4) and the scan state after it (ticket, tile words,
+    # scatter counters); the insert kernel sets cand's mirrored rows to -1
+    assert dev.fills == [2 * (args[16] + 1) + 4 + 1 + num_k * args[2] + num_k // 2]
+    assert dev.args[dev.launches.index("insert")][-1] == num_k // 2
 
 
 SYMMETRIC_SMALL = [  # (coords, kernel size, dilation): no neighbours, one voxel, the all-ones key
@@ -486,9 +485,9 @@ def test_emulated_cached_table_is_reused_by_the_map(emulated_voxels, rng, kind, 
         assert_dense_nbr(got, f"{kind} with the cached table")
         assert "insert" not in dev.launches
         assert dev.launches == [n for n in fresh_launches if n != "insert"]
-        # the scan state's memset replaces the table's, which also resets the state of a fresh build;
-        # a symmetric SubM map has its state reset with cand's mirrored rows, by a memset of its own
-        assert len(dev.fills) == fresh_fills - _symmetric(kind, ks)
+        # the scan state's memset (with cand's mirrored rows for a symmetric SubM map) replaces the
+        # table's, which also resets the state of a fresh build (whose insert sets the mirrored rows)
+        assert len(dev.fills) == fresh_fills
     assert_same_map(want, reference_map(coords, ks, s, dilation, tr, gen, out=out), kind)
 
 
@@ -785,12 +784,13 @@ def test_gpu_validation_keeps_the_table_for_the_maps(cupy, rng, monkeypatch):
     v = sv.Voxels(cupy.asarray(coords), None)
     assert v._hash is not None and v._keys is None
     inserts = []
-    real_insert = gpu_kernel_map._insert
-    monkeypatch.setattr(gpu_kernel_map, "_insert", lambda *a, **k: inserts.append(1) or real_insert(*a, **k))
+    real_insert = gpu_kernel_map._launch_insert  # every insert launch goes through it
+    monkeypatch.setattr(gpu_kernel_map, "_launch_insert", lambda *a, **k: inserts.append(1) or real_insert(*a, **k))
     for args in ((3, 1, 1, False, False), (2, 2, 1, False, False), (3, 1, 2, False, False)):
         got = sv.kernel_map(v, *args[:3])
         assert not inserts, f"{args}: the map inserted the voxels again"
         fresh = gpu_kernel_map.build_kernel_map(cupy.asarray(coords), None, *args)
+        assert inserts == [1], "a build without a table inserts (once)"
         assert_same_map(got, fresh, f"{args} cached vs fresh table")
         assert_same_map(got, reference_map(coords, *args), f"{args}")
         assert_dense_nbr(got, f"{args}")
