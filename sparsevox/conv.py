@@ -77,7 +77,6 @@ def select(problem: Problem, algo_input, run):
     return autotune.choose(problem, algos, run)
 
 
-_plans: dict = {}
 last_plans: dict = {}  # (op, direction) -> (algorithm name, params) of the latest call, for benchmarks and logs
 
 
@@ -86,29 +85,28 @@ def plan(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input, ru
 
     A layer called again with the same shapes, dtype, device, map and algorithm input skips validation,
     problem construction and registry filtering (that is every training step after the first), which
-    keeps the per-call host cost of a cached choice to a dictionary lookup. ``memo_only``: return None
+    keeps the per-call host cost of a cached choice to a dictionary lookup. The memo lives on the map
+    (``kmap.derived``), so it goes with it: a global memo holding maps kept every fresh scan's map and
+    its tables alive (device memory growing by tens of MB per training step). ``memo_only``: return None
     instead of planning when this signature has no memoised choice.
     """
     algo_key = tuple(algo_input) if isinstance(algo_input, list) else algo_input
     env = resolve_algos(algo_input, op, "fwd" if direction == "fwd" else "bwd") if algo_input is None else None
     dev = getattr(feats, "device", None)
-    key = (op, direction, type(feats), feats.dtype, feats.shape, type(weight), weight.dtype, weight.shape,
-           id(kmap), kmap.num_in, kmap.num_out, getattr(dev, "id", None), algo_key, env, config.allow_tf32())
+    key = ("plan", op, direction, type(feats), feats.dtype, feats.shape, type(weight), weight.dtype, weight.shape,
+           getattr(dev, "id", None), algo_key, env, config.allow_tf32())
+    memo = kmap.derived
     try:
-        hit = _plans.get(key)
+        choice = memo.get(key)
     except TypeError:  # an unhashable algorithm input: plan without the memo
-        hit, key = None, None
-    if hit is not None and hit[0] is kmap:
-        choice = hit[1]
-    elif memo_only:
-        return None
-    else:
+        choice, key = None, None
+    if choice is None:
+        if memo_only:
+            return None
         check_conv_args(feats, weight, kmap, op)
         choice = select(problem_of(op, direction, feats, weight, kmap), algo_input, run)
         if key is not None:
-            if len(_plans) > 4096:
-                _plans.clear()
-            _plans[key] = (kmap, choice)
+            memo[key] = choice
     last_plans[(op, direction)] = (choice[0].name, choice[1])
     return choice
 

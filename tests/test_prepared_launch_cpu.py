@@ -278,3 +278,31 @@ def test_driver_args_write_each_call_into_the_same_boxes(fake_driver):
     for bad in ("3", None, np.float16(1)):
         with pytest.raises(TypeError, match="unsupported type"):
             driver.Args(0xD0, (bad,))
+
+
+def test_used_maps_are_freed_with_their_voxels(rng):
+    """Nothing global keeps a map alive once its Voxels are gone (a global plan memo holding maps kept
+    every fresh scan's map and tables: device memory grew each training step): core and torch calls."""
+    import gc
+    import weakref
+
+    import torch
+
+    from sparsevox.adapters import torch as svt
+    coords = random_voxels(rng, 300, extent=8, batches=1)
+    feats = rng.standard_normal((len(coords), 3))
+    w = rng.standard_normal((27, 3, 2))
+    refs = []
+    for _ in range(3):
+        v = sv.Voxels(coords, feats)
+        kmap = sv.kernel_map(v, 3)
+        sv.conv_forward(feats, w, kmap)
+        sv.conv_backward(rng.standard_normal((len(coords), 2)), feats, w, kmap)
+        refs.append(weakref.ref(kmap))
+        tv = sv.Voxels(torch.from_numpy(coords), torch.from_numpy(feats).requires_grad_(True))
+        out = svt.spatially_sparse_conv(tv, torch.from_numpy(w), 3)
+        out.feats.sum().backward()
+        refs.append(weakref.ref(sv.kernel_map(tv, 3)))
+        del v, kmap, tv, out
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
