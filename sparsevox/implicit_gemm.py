@@ -189,8 +189,9 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
             wide = bool(has.size) and int(bit_of.max()) >= 32
             keys = cupy.empty(rows, dtype=cupy.uint64 if wide else cupy.uint32)
             grid = (-(-rows // _SLOT_BLOCK),)
-            _slot_kernel("keys", wide)(grid, (_SLOT_BLOCK,), (nbr, np.int32(rows), np.int32(k_count),
-                                                              cupy.asarray(bit_of), keys))
+            bits, staging = _upload(bit_of)
+            kmap.derived[key + ".staging"] = staging  # the copy reads it when the stream gets there
+            _slot_kernel("keys", wide)(grid, (_SLOT_BLOCK,), (nbr, np.int32(rows), np.int32(k_count), bits, keys))
             order = cupy.argsort(keys)  # stable: ties keep row order
             out = cupy.empty((k_count, rows), dtype=cupy.int32)
             _slot_kernel("gather")(grid, (_SLOT_BLOCK,), (nbr, order, np.int32(rows), np.int32(k_count), out))
@@ -202,6 +203,19 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
 
 
 _SLOT_BLOCK = 256
+
+
+def _upload(host: np.ndarray):
+    """``(device copy of small host, pinned staging buffer)``: the copy is queued on the current stream
+    from pinned memory, so the host does not wait for the work queued before it (``cupy.asarray`` of
+    pageable memory does); the caller holds the buffer until the copy has run."""
+    import cupy
+    rt = cupy.cuda.runtime
+    mem = cupy.cuda.alloc_pinned_memory(max(1, host.nbytes))
+    np.frombuffer(mem, host.dtype, host.size)[:] = host.ravel()
+    out = cupy.empty(host.shape, dtype=host.dtype)
+    rt.memcpyAsync(out.data.ptr, mem.ptr, host.nbytes, rt.memcpyHostToDevice, cupy.cuda.get_current_stream().ptr)
+    return out, mem
 
 
 def _slot_kernel(name: str, wide: bool = False):

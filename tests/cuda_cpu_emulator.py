@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -171,7 +172,7 @@ def _library(prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS):
     if not out.exists():
         cpp = out.with_suffix(".cpp")
         cpp.write_text(src)
-        tmp = out.with_suffix(".tmp.so")
+        tmp = out.with_suffix(f".{os.getpid()}.tmp.so")  # pytest-xdist workers may compile it at once
         subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", str(cpp), "-o", str(tmp)],
                        check=True, capture_output=True, text=True)
         tmp.replace(out)

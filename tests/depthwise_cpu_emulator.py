@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -131,7 +132,7 @@ def library():
     if not out.exists():
         cpp = out.with_suffix(".cpp")
         cpp.write_text(src)
-        tmp = out.with_suffix(f".{id(src)}.so")
+        tmp = out.with_suffix(f".{os.getpid()}.{id(src)}.so")  # pytest-xdist workers may compile it at once
         subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-fno-strict-aliasing", "-shared", "-fPIC",
                         str(cpp), "-o", str(tmp)], check=True, capture_output=True, text=True)
         tmp.replace(out)
