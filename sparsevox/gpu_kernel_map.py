@@ -62,6 +62,7 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 
 import numpy as np
 
@@ -418,23 +419,27 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
 class _PendingPairs:
     """``KernelMap``'s ``pending``: waits for the info row, raises the insert's status (duplicate or
     out-of-range voxel), copies the first ``offsets[K]`` pairs of the upper-bound buffers into one
-    exact-size allocation (and lets the buffers go). Returns ``(in_maps, out_maps, offsets_host)``."""
-    __slots__ = ("dev", "coords", "scratch", "at", "km", "num_k", "read", "host")
+    exact-size allocation (and lets the buffers go). Returns ``(in_maps, out_maps, offsets_host)``, the
+    same arrays to every caller (a lock: two threads may use a new map at once)."""
+    __slots__ = ("dev", "coords", "scratch", "at", "km", "num_k", "read", "host", "result", "lock")
 
     def __init__(self, dev, coords, scratch, at: int, km: int, num_k: int, read):
         """``scratch[at:]`` holds the two upper-bound pair buffers of ``km`` int32 each."""
         self.dev, self.coords, self.scratch, self.at, self.km, self.num_k = dev, coords, scratch, at, km, num_k
-        self.read, self.host = read, None
+        self.read, self.host, self.result, self.lock = read, None, None, threading.Lock()
 
     def __call__(self):
-        if self.host is None:
-            self.host = self.read.wait()
-        host, num_k = self.host, self.num_k
-        _raise_table_status(self.dev, self.coords, int(host[num_k + 1]), int(host[num_k + 2]))
-        offsets_host = host[:num_k + 1].astype(np.int64)
-        in_maps, out_maps = self.dev.copy_pairs(self.scratch, self.at, self.km, int(offsets_host[-1]), self.read)
-        self.scratch = self.coords = None
-        return in_maps, out_maps, offsets_host
+        with self.lock:
+            if self.result is None:
+                if self.host is None:
+                    self.host = self.read.wait()
+                host, num_k = self.host, self.num_k
+                _raise_table_status(self.dev, self.coords, int(host[num_k + 1]), int(host[num_k + 2]))
+                offsets_host = host[:num_k + 1].astype(np.int64)
+                pairs = self.dev.copy_pairs(self.scratch, self.at, self.km, int(offsets_host[-1]), self.read)
+                self.result = (*pairs, offsets_host)
+                self.scratch = self.coords = None
+            return self.result
 
 
 def build(dev, coords, kernel_size, stride, dilation, transposed, generative, out_coords=None,

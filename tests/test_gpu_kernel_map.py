@@ -800,3 +800,22 @@ def test_gpu_validation_keeps_the_table_for_the_maps(cupy, rng, monkeypatch):
     up = sv.kernel_map(coarse, 2, 2, transposed=True, generative=True)
     assert not inserts
     assert_same_map(up, reference_map(_host(coarse.coords), 2, 2, 1, True, True), "generative from the cached table")
+
+
+def test_emulated_pending_map_used_by_two_threads(emulated, rng):
+    """Two threads taking a new map's pairs at once get the same arrays (one copy, one wait)."""
+    import threading
+    coords = random_voxels(rng, 400, extent=8, batches=1)
+    kmap = gpu_kernel_map.build(emulated, coords, 3, 1, 1, False, False)
+    got, start = [], threading.Barrier(2)
+
+    def use():
+        start.wait()
+        got.append((kmap.in_maps, kmap.out_maps))
+    threads = [threading.Thread(target=use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0][0] is got[1][0] and got[0][1] is got[1][1]
+    assert_same_map(kmap, reference_map(coords, 3, 1, 1, False, False), "two threads")
