@@ -107,6 +107,8 @@ def torch_part(scene_names) -> dict:
         mb, _ = geo.map_build()
         out[f"{scene.name}_map_build"] = decompose(mb, device=False)
         _line(f"{scene.name} map build", out[f"{scene.name}_map_build"])
+        out[f"{scene.name}_map_build_ready"] = decompose(geo.map_build(ready=True)[0], device=False)
+        _line(f"{scene.name} map build, pairs taken", out[f"{scene.name}_map_build_ready"])
         out[f"{scene.name}_map_build_host_phases"] = map_build_phases(geo.coords)
         _line(f"{scene.name} map build host phases", out[f"{scene.name}_map_build_host_phases"])
         if sp is not None:

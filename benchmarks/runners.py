@@ -50,13 +50,16 @@ class Geometry:
         else:
             self.coords = coords
 
-    def map_build(self):
-        """``fn`` building the SubM k3 map of a fresh ``Voxels`` (sorting the keys included), and its pairs."""
+    def map_build(self, ready: bool = False):
+        """``fn`` building the SubM k3 map of a fresh ``Voxels``, and its pairs. A GPU map is returned once
+        its kernels are queued; ``ready`` also waits for its pairs (``KernelMap.wait``: the pair count
+        read back and the exact-size copy), as spconv's map build returns finished pairs."""
         from sparsevox import Voxels, kernel_map
         coords = self.coords
 
         def fn():
-            return kernel_map(Voxels(coords, None, check=False), 3)
+            kmap = kernel_map(Voxels(coords, None, check=False), 3)
+            return kmap.wait() if ready else kmap
         return fn, fn().num_pairs
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -315,3 +316,38 @@ def on_device(dev: int):
 
 
 _SAME_DEVICE = contextlib.nullcontext()
+
+
+# Objects that queued device work still uses (a pinned buffer a copy writes or reads, a table a kernel
+# reads) but whose owner was dropped: kept until the event recorded after that work is done. CuPy's pools
+# hand freed memory out again at once (pinned memory to anyone, device memory to other streams).
+_held: list = []  # (event, objects)
+_held_lock = threading.Lock()
+
+
+def hold_until_done(event, objects) -> None:
+    """Keep ``objects`` alive until ``event`` (a CuPy event) has completed; also lets go of earlier
+    held objects whose events are done. Safe from any thread (and from ``__del__``)."""
+    with _held_lock:
+        if not event.done:
+            _held.append((event, objects))
+        _held[:] = [h for h in _held if not h[0].done]
+
+
+def release_held() -> None:
+    """Let go of held objects whose events are done (called on the hot paths that allocate)."""
+    if _held:
+        with _held_lock:
+            _held[:] = [h for h in _held if not h[0].done]
+
+
+class Hold:
+    """``objects`` that work queued before ``event`` uses; when this is dropped they are kept until the
+    event is done (:func:`hold_until_done`)."""
+    __slots__ = ("event", "objects")
+
+    def __init__(self, event, objects):
+        self.event, self.objects = event, objects
+
+    def __del__(self):
+        hold_until_done(self.event, self.objects)

@@ -29,21 +29,24 @@ How (kernels in ``kernels_cu/kernel_map.cu``, table in ``kernels_cu/common/hash.
    ``(K-1-k, out j, in m)`` does. A tile of ``k < K // 2`` also scatters ``cand[K-1-k, j] = m`` for its
    hits and then counts itself done; the centre tiles write ``cand[k, m] = m``; a tile of ``k > K // 2``
    waits until every tile of offset ``K-1-k`` (earlier tickets) is done and reads its hits from
-   ``cand``. 13 probes per row instead of 27 for k3, and the same map. Their scan state (with a done
-   counter per probed offset) sits after ``offsets`` in the kept allocation, reset by the one memset
-   of cand's mirrored rows (which must start at -1).
+   ``cand``. 13 probes per row instead of 27 for k3, and the same map. cand's mirrored rows must start
+   at -1: the insert kernel sets them (with a prebuilt table, the memset of the map's own scan state
+   covers them).
 4. No synchronisation: the info row (sizes and status words) is copied into pinned host memory behind
    the kernels, and the map is returned pending (:attr:`KernelMap.ready` False). Its first use
    (:meth:`KernelMap.wait`, which every read of the CSR arrays calls) waits for that copy, raises the
    insert's status (duplicate or out-of-range voxel of unvalidated coordinates), and moves the first
    ``offsets[K]`` pairs of both buffers into one exact-size allocation (``in_maps`` then ``out_maps``)
    with one 2-D device-to-device copy on the build's stream; the upper-bound buffers then go back to
-   CuPy's pool. ``offsets`` and ``dense_nbr`` are device views, usable at once. So a map build costs
-   its launches on the host, and the device time of its kernels, which overlaps the host's next work.
+   CuPy's pool. ``offsets`` and ``dense_nbr`` are device views (consumers call ``wait`` before using
+   them, so bad coordinates raise). So a map build costs its launches on the host, and the device time
+   of its kernels, which overlaps the host's next work. Until then a map holds its upper-bound buffers
+   (8 K M bytes); the table and coordinates its kernels read are held until they are done even when
+   the map is dropped first (:func:`sparsevox._arrays.hold_until_done`).
    Parts of the allocations are passed to the kernels as raw addresses (a CuPy slice costs µs of host
    time; a map used about ten).
 
-Per map: one memset (symmetric SubM: two), two kernels (insert, query_compact), one asynchronous
+Per map: one memset, two kernels (insert, query_compact), one asynchronous
 device→host copy (the K + 3 int64 info row); at first use one 2-D device-to-device copy; strided and
 generative layers add one synchronous device→host copy for the number of output sites. Work runs on
 CuPy's current device and stream (see :func:`sparsevox._arrays.on_caller_stream`).
@@ -67,7 +70,7 @@ import threading
 import numpy as np
 
 from . import driver, geometry
-from ._arrays import on_device
+from ._arrays import hold_until_done, on_device, release_held
 from .kernel_map import BUILDERS, KernelMap
 from .kernel_map import build_kernel_map as _generic_builder
 
@@ -146,8 +149,7 @@ class CupyDevice:
         a NumPy array. The copy runs behind the kernels already queued, so the host goes on until
         something needs the values."""
         cupy = self.xp
-        if _in_flight:
-            _release_finished()
+        release_held()
         rt = cupy.cuda.runtime
         stream = cupy.cuda.get_current_stream()
         nbytes = count * np.dtype(dtype).itemsize
@@ -157,27 +159,26 @@ class CupyDevice:
         event.record(stream)
         return _HostRead(mem, event, stream, rt.getDevice(), count, dtype)
 
-    def copy_pairs(self, src, start: int, stride: int, n: int, read: "_HostRead | None" = None):
-        """``(src[start:start + n], src[start + stride:start + stride + n])`` (1-D ``src``) as new exact-size
-        arrays: one allocation (the second starting 256-byte aligned, as a separate allocation would), one
-        2-D device-to-device copy (two 1-D copies where ``stride`` exceeds the largest pitch cudaMemcpy2D
-        takes).
+    def copy_pairs(self, src, stride: int, n: int, read: "_HostRead | None" = None):
+        """``(src[:n], src[stride:stride + n])`` (1-D ``src``) as new exact-size arrays: one allocation
+        (the second starting 256-byte aligned, as a separate allocation would), one 2-D device-to-device
+        copy (two 1-D copies where ``stride`` exceeds the largest pitch cudaMemcpy2D takes).
 
         With ``read`` (the map's :meth:`read_async` handle) the copy runs on ``read``'s stream and device,
         where ``src`` was written and will go back to the pool, and the caller's current stream waits for
         it; without, on the current stream."""
         if read is None:
-            return self._copy_pairs(src, start, stride, n)
+            return self._copy_pairs(src, stride, n)
         cupy = self.xp
         with on_device(read.device):
             caller = cupy.cuda.get_current_stream()
             with read.stream:
-                got = self._copy_pairs(src, start, stride, n)
+                got = self._copy_pairs(src, stride, n)
             if caller.ptr != read.stream.ptr and n:
                 caller.wait_event(read.stream.record())
         return got
 
-    def _copy_pairs(self, src, start: int, stride: int, n: int):
+    def _copy_pairs(self, src, stride: int, n: int):
         cupy = self.xp
         rt = cupy.cuda.runtime
         w = src.itemsize
@@ -186,39 +187,32 @@ class CupyDevice:
         if n:
             stream = cupy.cuda.get_current_stream().ptr
             if stride * w <= _MAX_PITCH:
-                rt.memcpy2DAsync(out.data.ptr, pad * w, self.ptr(src, start), stride * w, n * w, 2,
+                rt.memcpy2DAsync(out.data.ptr, pad * w, src.data.ptr, stride * w, n * w, 2,
                                  rt.memcpyDeviceToDevice, stream)
             else:
-                for dst, at in ((0, start), (pad, start + stride)):
+                for dst, at in ((0, 0), (pad, stride)):
                     rt.memcpyAsync(self.ptr(out, dst), self.ptr(src, at), n * w, rt.memcpyDeviceToDevice, stream)
         return self.view(out, 0, (n,), src.dtype), self.view(out, pad, (n,), src.dtype)
 
 
 class _HostRead:
     """A device-to-host copy in flight (:meth:`CupyDevice.read_async`): the pinned buffer, the event
-    after the copy, and the stream and device it was queued on."""
-    __slots__ = ("mem", "event", "stream", "device", "size", "dtype")
+    after the copy, the stream and device it was queued on, and ``keep``: objects the kernels queued
+    before the copy still use (a shared hash table, the coordinates), held with the buffer until the
+    event is done when the read is dropped first (a map dropped unused must not make the host wait)."""
+    __slots__ = ("mem", "event", "stream", "device", "size", "dtype", "keep")
 
     def __init__(self, mem, event, stream, device: int, size: int, dtype):
         self.mem, self.event, self.stream, self.device, self.size, self.dtype = mem, event, stream, device, size, dtype
+        self.keep = ()
 
     def wait(self) -> np.ndarray:
         self.event.synchronize()
         return np.frombuffer(self.mem, self.dtype, self.size).copy()
 
     def __del__(self):
-        # CuPy's pinned pool hands a freed buffer out again at once, so a buffer whose copy may still be
-        # writing it waits in _in_flight (a map dropped unused must not make the host wait for its kernels)
-        if self.event is not None and not self.event.done:
-            _in_flight.append((self.mem, self.event))
-
-
-_in_flight: list = []  # (pinned buffer, event after its copy) of dropped reads, freed once the event is done
-
-
-def _release_finished() -> None:
-    while _in_flight and _in_flight[0][1].done:
-        _in_flight.pop(0)
+        if self.event is not None:
+            hold_until_done(self.event, (self.mem, self.keep))
 
 
 _device = None
@@ -412,8 +406,9 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
     # No synchronisation here: the sizes and status words start towards the host behind the kernels,
     # and the map takes its exact-size pairs when first used (KernelMap.wait).
     read = dev.read_async(scratch, 2 * km, num_k + 3, np.int64)
+    read.keep = (table, coords, out_coords)  # used by the queued kernels, whoever drops them first
     offsets, dense_nbr = dev.view(keep, km, (num_k + 1,), np.int32), dev.view(keep, 0, (num_k, m), np.int32)
-    return _PendingPairs(dev, coords, scratch, 0, km, num_k, read), offsets, dense_nbr
+    return _PendingPairs(dev, coords, scratch, km, num_k, read), offsets, dense_nbr
 
 
 class _PendingPairs:
@@ -421,11 +416,11 @@ class _PendingPairs:
     out-of-range voxel), copies the first ``offsets[K]`` pairs of the upper-bound buffers into one
     exact-size allocation (and lets the buffers go). Returns ``(in_maps, out_maps, offsets_host)``, the
     same arrays to every caller (a lock: two threads may use a new map at once)."""
-    __slots__ = ("dev", "coords", "scratch", "at", "km", "num_k", "read", "host", "result", "lock")
+    __slots__ = ("dev", "coords", "scratch", "km", "num_k", "read", "host", "result", "lock")
 
-    def __init__(self, dev, coords, scratch, at: int, km: int, num_k: int, read):
-        """``scratch[at:]`` holds the two upper-bound pair buffers of ``km`` int32 each."""
-        self.dev, self.coords, self.scratch, self.at, self.km, self.num_k = dev, coords, scratch, at, km, num_k
+    def __init__(self, dev, coords, scratch, km: int, num_k: int, read):
+        """``scratch`` starts with the two upper-bound pair buffers of ``km`` int32 each."""
+        self.dev, self.coords, self.scratch, self.km, self.num_k = dev, coords, scratch, km, num_k
         self.read, self.host, self.result, self.lock = read, None, None, threading.Lock()
 
     def __call__(self):
@@ -433,10 +428,13 @@ class _PendingPairs:
             if self.result is None:
                 if self.host is None:
                     self.host = self.read.wait()
+                    self.read.keep = ()  # the kernels are done with the table and coordinates
                 host, num_k = self.host, self.num_k
+                if host[num_k + 1] != _EMPTY or host[num_k + 2] != _EMPTY:
+                    self.scratch = None  # a map that can only raise keeps no upper-bound buffers
                 _raise_table_status(self.dev, self.coords, int(host[num_k + 1]), int(host[num_k + 2]))
                 offsets_host = host[:num_k + 1].astype(np.int64)
-                pairs = self.dev.copy_pairs(self.scratch, self.at, self.km, int(offsets_host[-1]), self.read)
+                pairs = self.dev.copy_pairs(self.scratch, self.km, int(offsets_host[-1]), self.read)
                 self.result = (*pairs, offsets_host)
                 self.scratch = self.coords = None
             return self.result

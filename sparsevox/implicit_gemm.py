@@ -127,6 +127,9 @@ def neighbour_table(kmap, reverse: bool = False):
 
     The forward table is the map's ``dense_nbr`` when its builder made one (the GPU hash builder's query
     table); otherwise, and for the reverse table, it is scattered from the CSR map once and cached."""
+    # A pending GPU map's dense_nbr exists before its pairs: wait, so that unvalidated bad coordinates
+    # raise here too (paths that never read the CSR arrays would otherwise use a wrong table).
+    kmap.wait()
     dense = getattr(kmap, "dense_nbr", None)
     if not reverse and dense is not None:
         return dense
@@ -190,7 +193,7 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
             keys = cupy.empty(rows, dtype=cupy.uint64 if wide else cupy.uint32)
             grid = (-(-rows // _SLOT_BLOCK),)
             bits, staging = _upload(bit_of)
-            kmap.derived[key + ".staging"] = staging  # the copy reads it when the stream gets there
+            kmap.derived[key + ".staging"] = staging
             _slot_kernel("keys", wide)(grid, (_SLOT_BLOCK,), (nbr, np.int32(rows), np.int32(k_count), bits, keys))
             order = cupy.argsort(keys)  # stable: ties keep row order
             out = cupy.empty((k_count, rows), dtype=cupy.int32)
@@ -206,16 +209,22 @@ _SLOT_BLOCK = 256
 
 
 def _upload(host: np.ndarray):
-    """``(device copy of small host, pinned staging buffer)``: the copy is queued on the current stream
-    from pinned memory, so the host does not wait for the work queued before it (``cupy.asarray`` of
-    pageable memory does); the caller holds the buffer until the copy has run."""
+    """``(device copy of small host, guard)``: the copy is queued on the current stream from pinned
+    memory, so the host does not wait for the work queued before it (``cupy.asarray`` of pageable memory
+    does); the guard (:class:`sparsevox._arrays.Hold`) keeps the pinned buffer until the copy has run,
+    whenever it is dropped."""
     import cupy
+
+    from ._arrays import Hold
     rt = cupy.cuda.runtime
+    stream = cupy.cuda.get_current_stream()
     mem = cupy.cuda.alloc_pinned_memory(max(1, host.nbytes))
     np.frombuffer(mem, host.dtype, host.size)[:] = host.ravel()
     out = cupy.empty(host.shape, dtype=host.dtype)
-    rt.memcpyAsync(out.data.ptr, mem.ptr, host.nbytes, rt.memcpyHostToDevice, cupy.cuda.get_current_stream().ptr)
-    return out, mem
+    rt.memcpyAsync(out.data.ptr, mem.ptr, host.nbytes, rt.memcpyHostToDevice, stream.ptr)
+    event = cupy.cuda.Event(block=False, disable_timing=True)
+    event.record(stream)
+    return out, Hold(event, mem)
 
 
 def _slot_kernel(name: str, wide: bool = False):

@@ -261,15 +261,15 @@ class EmulatedDevice:
         self.reads += 1
         return _Read(self.view(a, start, (count,), dtype))
 
-    def copy_pairs(self, src, start, stride, n, read=None):
-        return np.array(src[start:start + n], copy=True), np.array(src[start + stride:start + stride + n], copy=True)
+    def copy_pairs(self, src, stride, n, read=None):
+        return np.array(src[:n], copy=True), np.array(src[stride:stride + n], copy=True)
 
 
 class _Read:
-    __slots__ = ("a",)
+    __slots__ = ("a", "keep")
 
     def __init__(self, a):
-        self.a = a
+        self.a, self.keep = a, ()
 
     def wait(self):
         return np.array(self.a, copy=True)

@@ -571,6 +571,11 @@ def test_emulated_unchecked_duplicates_raise_at_the_first_convolution(emulated, 
     for _ in range(2):
         with pytest.raises(ValueError, match=r"unique.*\[0, 1, 2, 3\]"):
             sv.conv_forward(v.feats, np.ones((27, 2, 2)), kmap)
+    # the implicit GEMM's tables come from dense_nbr, which exists before the pairs: it waits too
+    from sparsevox import implicit_gemm
+    for reverse in (False, True):
+        with pytest.raises(ValueError, match=r"unique.*\[0, 1, 2, 3\]"):
+            implicit_gemm.neighbour_table(kmap, reverse)
     assert not kmap.ready
 
 

@@ -306,3 +306,35 @@ def test_used_maps_are_freed_with_their_voxels(rng):
         del v, kmap, tv, out
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs)
+
+
+def test_hold_until_done_keeps_objects_until_their_event():
+    """Objects that queued work still uses (pinned buffers, a table) outlive their owner until the event
+    after that work is done, and are let go afterwards, also through Hold's __del__."""
+    import gc
+    import weakref
+
+    from sparsevox import _arrays
+
+    class Event:
+        done = False
+
+    class Obj:
+        pass
+    ev, a, b = Event(), Obj(), Obj()
+    ra, rb = weakref.ref(a), weakref.ref(b)
+    _arrays.hold_until_done(ev, (a,))
+    h = _arrays.Hold(ev, (b,))
+    del a, b, h
+    gc.collect()
+    assert ra() is not None and rb() is not None
+    ev.done = True
+    _arrays.release_held()
+    gc.collect()
+    assert ra() is None and rb() is None
+    done, c = Event(), Obj()
+    done.done = True
+    rc = weakref.ref(c)
+    _arrays.hold_until_done(done, (c,))
+    del c
+    assert rc() is None  # nothing to wait for: not held
