@@ -26,24 +26,16 @@ def phases(fn, n: int) -> dict:
     import importlib
 
     import torch
-    spent: dict = {}
-    saved = []
+
+    from benchmarks.timing import timed_attrs
+    targets = []
     for mod_name, attr in PHASES:
         owner = importlib.import_module(mod_name)
-        parts = attr.split(".")
-        for p in parts[:-1]:
+        *path, name = attr.split(".")
+        for p in path:
             owner = getattr(owner, p)
-        real = getattr(owner, parts[-1])
-
-        def wrapper(*a, _real=real, _name=attr, **k):
-            t = time.perf_counter()
-            try:
-                return _real(*a, **k)
-            finally:
-                spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - t
-        saved.append((owner, parts[-1], real))
-        setattr(owner, parts[-1], wrapper)
-    try:
+        targets.append((owner, name, attr))
+    with timed_attrs(targets) as spent:
         fn()
         torch.cuda.synchronize()
         spent.clear()
@@ -52,9 +44,6 @@ def phases(fn, n: int) -> dict:
             fn()
             torch.cuda.synchronize()
         total = time.perf_counter() - t0
-    finally:
-        for owner, name, real in saved:
-            setattr(owner, name, real)
     out = {"call_synced": total / n * 1e6}
     out.update({k: round(v / n * 1e6, 1) for k, v in spent.items()})
     return out

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.timing import wall_ms
+from benchmarks.timing import timed_attrs, wall_ms
 
 SLEEP_CYCLES = 20_000_000  # ~10 ms at H100 clocks: longer than the host needs to queue the calls
 
@@ -137,20 +137,8 @@ def map_build_phases(coords, n: int = 50) -> dict:
 
     from sparsevox import Voxels, gpu_kernel_map as gkm, kernel_map
     dev = gkm._cupy_device()
-    spent: dict = {}
-    originals = {name: getattr(dev, name) for name in ("launch", "fill_ones", "read_async", "copy_pairs", "view")}
-
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
-        return wrapper
-    for name, fn in originals.items():
-        setattr(dev, name, timed(name, fn))
-    try:
+    names = ("launch", "fill_ones", "read_async", "copy_pairs", "view")
+    with timed_attrs([(dev, name, name) for name in names]) as spent:
         kernel_map(Voxels(coords, None, check=False), 3)
         torch.cuda.synchronize()
         spent.clear()
@@ -163,9 +151,6 @@ def map_build_phases(coords, n: int = 50) -> dict:
             t2 = time.perf_counter()
             vox += t1 - t0
             total += t2 - t0
-    finally:
-        for name in originals:  # the wrappers shadow the class's methods on this instance only
-            delattr(dev, name)
     rec = {"total_us": total / n * 1e6, "voxels_us": vox / n * 1e6}
     rec.update({f"{k}_us": v / n * 1e6 for k, v in spent.items()})
     rec["python_glue_us"] = rec["total_us"] - sum(v for k, v in rec.items() if k != "total_us")

@@ -9,6 +9,7 @@ stream, so the events cover it too.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -150,3 +151,35 @@ class DenseReference:
             b = rng.standard_normal((c_in, c_out), dtype=np.float32)
             t = time_call(lambda: a @ b, "cpu", 1, max(1, min(self.repeats, 5)))
         return tflops(rows, c_in, c_out, t.ms)
+
+
+@contextlib.contextmanager
+def timed_attrs(targets):
+    """While inside, wrap each ``(owner, name, label)`` attribute (a function of a module, a method of a
+    class or of one instance) with a timer; yields ``{label: seconds}``, the inclusive wall time spent in
+    each (nested ones overlap). The attributes are put back as they were on exit."""
+    spent: dict = {}
+    saved = []
+    for owner, name, label in targets:
+        real = getattr(owner, name)
+
+        def wrapper(*a, _real=real, _label=label, **k):
+            t = time.perf_counter()
+            try:
+                return _real(*a, **k)
+            finally:
+                spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - t
+        own = vars(owner).get(name, _MISSING)  # an instance's wrapper shadows its class's method
+        saved.append((owner, name, own))
+        setattr(owner, name, wrapper)
+    try:
+        yield spent
+    finally:
+        for owner, name, own in reversed(saved):
+            if own is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+
+
+_MISSING = object()

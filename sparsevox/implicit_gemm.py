@@ -192,8 +192,7 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
             wide = bool(has.size) and int(bit_of.max()) >= 32
             keys = cupy.empty(rows, dtype=cupy.uint64 if wide else cupy.uint32)
             grid = (-(-rows // _SLOT_BLOCK),)
-            bits, staging = _upload(bit_of)
-            kmap.derived[key + ".staging"] = staging
+            bits, _staging = _upload(bit_of)  # dropped at return: held until the copy has run
             _slot_kernel("keys", wide)(grid, (_SLOT_BLOCK,), (nbr, np.int32(rows), np.int32(k_count), bits, keys))
             order = cupy.argsort(keys)  # stable: ties keep row order
             out = cupy.empty((k_count, rows), dtype=cupy.int32)

@@ -113,3 +113,19 @@ def test_loop_us_calls_n_times_and_synchronises_between_chunks():
     events.clear()
     loop_us(lambda: events.append("call"), 3)
     assert events == ["call"] * 4  # one warm-up call, no synchronisation without sync
+
+
+def test_timed_attrs_times_and_restores_module_class_and_instance_attributes():
+    import types
+
+    from benchmarks.timing import timed_attrs
+
+    class K:
+        def m(self):
+            return 2
+    mod = types.SimpleNamespace(f=lambda x: x + 1)
+    mod_f, obj = mod.f, K()
+    with timed_attrs([(mod, "f", "f"), (K, "m", "K.m"), (obj, "m", "obj.m")]) as spent:
+        assert mod.f(1) == 2 and K().m() == 2 and obj.m() == 2
+    assert set(spent) == {"f", "K.m", "obj.m"} and all(v >= 0 for v in spent.values())
+    assert mod.f is mod_f and "m" not in vars(obj) and K.__dict__["m"].__name__ == "m"
