@@ -1,4 +1,4 @@
-"""GPU map build on SemanticKITTI (else the built-in scan), SubM k3, for the query_compact tile size this
+"""GPU map build on SemanticKITTI (else the built-in scan), SubM k3, for the probe and compact tile size this
 process was started with (``SPARSEVOX_KMAP_ITEMS``): builder wall µs per call (back to back), the GPU time
 of each kernel, the whole build's device time with the host hidden (the stream held by a sleeping kernel
 while the build queues), and the event time of one build (host and device, as the layer benchmark

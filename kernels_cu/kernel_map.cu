@@ -1,27 +1,32 @@
-// Kernel maps on the GPU (sparsevox/gpu_kernel_map.py): a hash table of the input voxels, then one
-// kernel that queries every (offset k, output row m) and compacts the hits in the canonical CSR order
-// (by k, then by output row) with a single-pass scan, without sorting.
+// Kernel maps on the GPU (sparsevox/gpu_kernel_map.py): a hash table of the input voxels, one kernel
+// that queries every (offset k, output row m) into a dense table, and one that compacts its hits in the
+// canonical CSR order (by k, then by output row) with a single-pass scan, without sorting.
 //
 //   kmap_insert          coords [N, 4] -> hash table (value = row); flags duplicates / bad rows
-//   kmap_query_compact   one block per tile (k, BLOCK * ITEMS output rows), tiles taken in canonical
-//                        order by an atomic ticket: cand[k, m] = input row paired with output row m by
-//                        offset k, or -1; the tile's hit count is published at once, a decoupled
-//                        look-back over the earlier tiles' published words gives the tile's base, and
-//                        the pairs land at base + rank (rank in (k, row) order) in upper-bound buffers;
-//                        offsets[K + 1] and the host-bound info row (offsets, then the two insert
-//                        status words) come out of the same kernel; for a submanifold map of odd
-//                        kernel sizes (symmetric = 1) only the offsets before the centre probe: see below
+//   kmap_probe           cand[k, m] = input row paired with output row m by offset k, or -1; for a
+//                        submanifold map of odd kernel sizes (symmetric = 1) only the offsets before
+//                        the centre probe, and scatter their mirror pairs (see there)
+//   kmap_compact         one block per tile (k, BLOCK * ITEMS output rows), tiles taken in canonical
+//                        order by an atomic ticket: the tile's hit count is published at once (its tile
+//                        word and its offset's total), the base of its pairs is the totals of the
+//                        earlier offsets plus a decoupled look-back over the earlier tiles of its own
+//                        offset, and the pairs land at base + rank (rank in (k, row) order) in
+//                        upper-bound buffers; offsets[K + 1] and the host-bound info row (offsets, then
+//                        the two insert status words) come out of the same kernel
 //   kmap_candidate_keys  packed keys of floor(c / s) (strided outputs) or s * c + off_k (generated)
 //   kmap_unique_*        head flags, count and unpacking of a sorted key array (unique outputs)
 //
-// The scan state (ticket and tile words) sits after the status words in the table's allocation, so
-// the table's one memset (all ones) also resets it (see kmap_query_compact), and kmap_insert sets a
-// symmetric map's mirrored rows of cand to -1; with a prebuilt table (Voxels validation) the state sits
-// after cand instead, reset by one memset together with those rows (sparsevox/gpu_kernel_map.py).
+// Probe and compaction were one kernel whose tiles of offsets after the centre spin-waited for the
+// mirror scatters and whose warps waited at barriers behind warp 0's look-back: 52-54 µs for
+// SemanticKITTI, where a probe of every offset alone takes about spconv's 13 µs.
+// The scan state (ticket, tile words, offset totals) sits after the status words in the table's
+// allocation, so the table's one memset (all ones) also resets it, and kmap_insert sets a symmetric
+// map's mirrored rows of cand to -1; with a prebuilt table (Voxels validation) the state sits after
+// cand instead, reset by one memset together with those rows (sparsevox/gpu_kernel_map.py).
 // Index arithmetic is 64-bit where a product can exceed 2^31 (K * M, s * c + off); the host checks
 // that K * M fits int32 (so do the pair count and every prefix; KernelMap stores int32 maps and offsets).
-// Every kernel is a template on its block size BLOCK (a multiple of 32, at most 1024);
-// kmap_query_compact also on ITEMS, the output rows per thread of a tile.
+// Every kernel is a template on its block size BLOCK (a multiple of 32, at most 1024); kmap_probe and
+// kmap_compact also on ITEMS, the output rows per thread of a tile.
 #include "common/hash.cuh"
 
 namespace svx_kmap {
@@ -64,15 +69,16 @@ __device__ __forceinline__ void publish(unsigned long long* tiles, int t, unsign
     atomicExch(tiles + t, (flag << 62) | (unsigned long long)(unsigned)value);
 }
 
-// Exclusive prefix of tile t > 0, by the 32 lanes of one warp. Each round reads the words of the 32
-// tiles before `top` (lane i: tile top - i; volatile loads bypass L1 and are re-read while spinning)
-// and finds the nearest one carrying an inclusive prefix; it waits only until every tile from top down
-// to that one (down to the window's end if there is none) is published, never on tiles beyond it, then
-// adds those values and stops at the prefix or moves to the next window. Tile 0 always publishes a
-// prefix, so the walk ends. Values fit int: the host checks K * m <= 2^31 - 1. No fence is needed: a
-// tile word carries its value itself, and the pairs, cand, offsets and info are read only by later
+// Exclusive prefix of tile t > first within the run of tiles [first, ...) (one offset's tiles), by the
+// 32 lanes of one warp. Each round reads the words of the 32 tiles before `top` (lane i: tile top - i;
+// volatile loads bypass L1 and are re-read while spinning) and finds the nearest one carrying an
+// inclusive prefix; it waits only until every tile from top down to that one (down to the window's end
+// if there is none) is published, never on tiles beyond it, then adds those values and stops at the
+// prefix or moves to the next window. Tile `first` always publishes a prefix (and tiles before it read
+// as prefix 0), so the walk ends. Values fit int: the host checks K * m <= 2^31 - 1. No fence is needed:
+// a tile word carries its value itself, and the pairs, cand, offsets and info are read only by later
 // kernels or the host.
-__device__ __forceinline__ int look_back(const unsigned long long* tiles, int t, int lane) {
+__device__ __forceinline__ int look_back(const unsigned long long* tiles, int t, int first, int lane) {
     int excl = 0;
     for (int top = t - 1;; top -= 32) {
         const int idx = top - lane;
@@ -80,14 +86,16 @@ __device__ __forceinline__ int look_back(const unsigned long long* tiles, int t,
         unsigned prefixes;
         int stop;
         while (true) {
-            w = idx >= 0 ? *reinterpret_cast<const volatile unsigned long long*>(tiles + idx)
-                         : TILE_PREFIX << 62;  // before tile 0: prefix 0
+            w = idx >= first ? *reinterpret_cast<const volatile unsigned long long*>(tiles + idx)
+                             : TILE_PREFIX << 62;  // before the run: prefix 0
             const unsigned waiting = __ballot_sync(0xffffffffu, (w >> 62) == TILE_NOT_READY);
             prefixes = __ballot_sync(0xffffffffu, (w >> 62) == TILE_PREFIX);
             stop = prefixes ? __ffs(prefixes) - 1 : 31;  // lane of the nearest tile with a prefix
             const unsigned needed = stop == 31 ? 0xffffffffu : (2u << stop) - 1u;  // lanes 0..stop
             if ((waiting & needed) == 0u) break;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+#ifdef SVX_KMAP_SPIN_STUCK  // the CPU emulator: blocks run in ticket order, so a wait can never be needed
+            SVX_KMAP_SPIN_STUCK();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
             __nanosleep(32);
 #endif
         }
@@ -99,58 +107,101 @@ __device__ __forceinline__ int look_back(const unsigned long long* tiles, int t,
     }
 }
 
-// Wait (thread 0) until the counter `word`, all ones on entry, has counted `n` increments, then fence
-// so that the writes made before those increments (each behind a __threadfence) are seen. The volatile
-// load bypasses L1 and is re-read while spinning.
-__device__ __forceinline__ void wait_count(const unsigned long long* word, int n) {
-    const unsigned long long done = (unsigned long long)n - 1ull;  // all ones + n, wrapped
-    while (*reinterpret_cast<const volatile unsigned long long*>(word) != done) {
-#ifdef SVX_KMAP_SPIN_STUCK  // the CPU emulator: blocks run in ticket order, so a wait can never be needed
-        SVX_KMAP_SPIN_STUCK();
+// Per-offset totals: every tile of offset k adds TOTAL_TILE + its hit count to totals[k] (all ones on
+// entry, i.e. -1), so totals[k] + 1 = (tiles counted << TOTAL_SHIFT) | hits so far. Hits of one offset
+// are at most m < 2^31, tiles at most nbm < 2^23.
+constexpr int TOTAL_SHIFT = 40;
+constexpr unsigned long long TOTAL_TILE = 1ull << TOTAL_SHIFT;
+constexpr unsigned long long TOTAL_VALUE_MASK = TOTAL_TILE - 1;
+
+// Hits of every offset before k (the base of offset k's pairs), by the 32 lanes of one warp: lane i
+// reads totals[i], totals[i + 32], ... and waits until all nbm tiles of that offset have counted
+// themselves. Those tiles have earlier tickets and count themselves right after their lookups, before
+// any wait of their own, so the wait ends (see kmap_compact).
+__device__ __forceinline__ int offset_base(const unsigned long long* totals, int k, int nbm, int lane) {
+    int sum = 0;
+    for (int j = lane; j < k; j += 32) {
+        unsigned long long w;
+        while (true) {
+            w = *reinterpret_cast<const volatile unsigned long long*>(totals + j) + 1ull;
+            if ((long long)(w >> TOTAL_SHIFT) == nbm) break;
+#ifdef SVX_KMAP_SPIN_STUCK
+            SVX_KMAP_SPIN_STUCK();
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-        __nanosleep(64);
+            __nanosleep(32);
 #endif
+        }
+        sum += (int)(w & TOTAL_VALUE_MASK);
     }
-    __threadfence();
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    return sum;
 }
 
-// found[i] = row of keys[i] in the table (svx_hash::lookup), or -1 where !valid[i]. The first probe of
-// every item is loaded before any is examined (ITEMS independent loads in flight per thread); the few
-// keys not settled by it continue along their probe chain.
+// Slots read per probe step: the aligned window of WINDOW slots (WINDOW * 16 bytes: one 32-byte sector
+// for 2) holding the probe position, loaded at once; the probe goes on from the next window only when
+// no slot from its position to the window's end holds the key or is free. Most lookups miss (a LiDAR
+// voxel has few of its 26 neighbours), and a miss walks to the next free slot. SemanticKITTI, table
+// load 0.175 (sparsevox/gpu_kernel_map.py _capacity): the slowest lane of a warp takes 3.6 dependent
+// steps on average one slot at a time, 2.1 with windows of 2, 1.2 with 4 (simulated); the build's
+// device time was 49.4, 49.5 and 55.8 µs (H200: windows of 4 load twice the sectors).
+#ifndef SVX_HASH_WINDOW
+#define SVX_HASH_WINDOW 2
+#endif
+constexpr int WINDOW = SVX_HASH_WINDOW;
+static_assert(WINDOW >= 1 && (WINDOW & (WINDOW - 1)) == 0, "WINDOW must be a power of two");
+
+// found[i] = row of keys[i] in the table (svx_hash::lookup), or -1 where !valid[i]. The first window of
+// every item is loaded before any is examined (ITEMS * WINDOW independent loads in flight per thread);
+// the few keys not settled by it continue along their probe chain, window by window.
 template <int ITEMS>
 __device__ __forceinline__ void lookup_items(const unsigned long long* __restrict__ table,
                                              unsigned long long mask, const unsigned long long (&keys)[ITEMS],
                                              const bool (&valid)[ITEMS], int (&found)[ITEMS]) {
     using namespace svx_hash;
-    ulonglong2 e[ITEMS];
+    ulonglong2 e[ITEMS][WINDOW];
+    unsigned long long pos[ITEMS];
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-        e[i].x = EMPTY_KEY;
-        e[i].y = 0;
-        if (valid[i] && keys[i] != EMPTY_KEY)  // key and value in one 16-byte load (see lookup)
-            e[i] = *reinterpret_cast<const ulonglong2*>(table + 2 * (mix(keys[i]) & mask));
+        pos[i] = mix(keys[i]) & mask;
+        const unsigned long long* w = table + 2 * (pos[i] & ~(unsigned long long)(WINDOW - 1));
+#pragma unroll
+        for (int j = 0; j < WINDOW; ++j) {
+            e[i][j].x = EMPTY_KEY;
+            e[i][j].y = 0;
+            if (valid[i] && keys[i] != EMPTY_KEY)  // key and value in one 16-byte load (see lookup)
+                e[i][j] = *reinterpret_cast<const ulonglong2*>(w + 2 * j);
+        }
     }
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
         const unsigned long long key = keys[i];
-        if (!valid[i]) {
-            found[i] = -1;
-        } else if (key == EMPTY_KEY) {  // the all-ones key has a slot of its own
+        found[i] = -1;
+        if (!valid[i]) continue;
+        if (key == EMPTY_KEY) {  // the all-ones key has a slot of its own
             found[i] = lookup(table, mask, key);
-        } else if (e[i].x == key) {
-            found[i] = (int)e[i].y;
-        } else if (e[i].x == EMPTY_KEY) {
-            found[i] = -1;
-        } else {  // a collision: continue the linear probe after the first slot
-            found[i] = -1;
-            for (unsigned long long sl = (mix(key) + 1) & mask;; sl = (sl + 1) & mask) {
-                const ulonglong2 f = *reinterpret_cast<const ulonglong2*>(table + 2 * sl);
-                if (f.x == key) {
-                    found[i] = (int)f.y;
-                    break;
+            continue;
+        }
+        unsigned long long s = pos[i];
+        bool open = true;
+        while (true) {
+            const int first = (int)(s & (WINDOW - 1));
+#pragma unroll
+            for (int j = 0; j < WINDOW; ++j) {
+                if (open && j >= first) {
+                    if (e[i][j].x == key) {
+                        found[i] = (int)e[i][j].y;
+                        open = false;
+                    } else if (e[i][j].x == EMPTY_KEY) {
+                        open = false;
+                    }
                 }
-                if (f.x == EMPTY_KEY) break;
             }
+            if (!open) break;
+            s = ((s | (WINDOW - 1)) + 1) & mask;  // the next window (capacity is a multiple of WINDOW)
+            const unsigned long long* w = table + 2 * s;
+#pragma unroll
+            for (int j = 0; j < WINDOW; ++j) e[i][j] = *reinterpret_cast<const ulonglong2*>(w + 2 * j);
         }
     }
 }
@@ -161,7 +212,7 @@ __device__ __forceinline__ void lookup_items(const unsigned long long* __restric
 //   status[0] = smallest row whose key was already present (a duplicate voxel), EMPTY if none
 //   status[1] = smallest row outside the packable range, EMPTY if none (not inserted)
 // clear [clear_rows, n] int32 (clear_rows may be 0): set to -1, row by row (a symmetric SubM map's
-// mirrored rows of cand, which query_compact, launched after this kernel, scatters into; one memset
+// mirrored rows of cand, which kmap_probe, launched after this kernel, scatters into; one memset
 // fewer for the host).
 template <int BLOCK>
 __global__ void __launch_bounds__(BLOCK) kmap_insert(const int* __restrict__ coords, int n,
@@ -182,42 +233,104 @@ __global__ void __launch_bounds__(BLOCK) kmap_insert(const int* __restrict__ coo
     if (!insert(table, mask, pack_key(b, x, y, z), (int)row)) svx_kmap::flag_min(status, row);
 }
 
-// Grid: T = K * nbm blocks (nbm = ceil(m / (BLOCK * ITEMS))), one per tile. Tile t (from the ticket,
-// not from blockIdx) handles offset k = t / nbm and output rows [row0, row0 + BLOCK * ITEMS) with
-// row0 = (t % nbm) * BLOCK * ITEMS (tiles never straddle two offsets), so tiles in ticket order are the
-// canonical (k, m) order. Striped layout: item i of thread x is row row0 + i * BLOCK + x, so the
-// qcoords reads and cand writes of a warp are contiguous, and (item, warp, lane) order is row order.
-//   qcoords [m, 4] int32 output sites
-//   status  the two insert status words (table + 2 * (mask + 1) + 2)
-//   state   [1 + T (+ K / 2 if symmetric)] uint64, all ones on entry (a memset): state[0] the ticket
-//           counter, state[1 + t] the tile word of tile t (see svx_kmap::TILE_*), then done[] (below)
-//   cand    [K, m] int32: input row paired with output row m by offset k, or -1 (the dense table)
-//   in_buf, out_buf [K * m] int32: pairs at their final positions; only the first offsets[K] are written
-//   offsets [K + 1] int32;  info [K + 3] int64 = offsets, then status[0], status[1] (EMPTY reads as -1)
+// The map's pairs come from two kernels over tiles of (offset k, BLOCK * ITEMS output rows; a tile never
+// straddles two offsets), nbm = ceil(m / (BLOCK * ITEMS)) tiles per offset. Striped layout: item i of
+// thread x is row row0 + i * BLOCK + x, so the reads and writes of a warp are contiguous, and
+// (item, warp, lane) order is row order.
+//
+// kmap_probe: cand[k, m] = the input row paired with output row m by offset k, or -1 (the dense table).
+// Grid: Kp * nbm blocks, block b = tile (b / nbm, b % nbm), Kp = K, or kc + 1 for a symmetric map.
+//   qcoords [m, 4] int32 output sites;  cand [K, m] int32
 // Non-transposed: in = s * out + off_k; transposed: out = s * in + off_k, i.e. in = (out - off_k) / s
 // where every axis divides exactly.
-//
 // symmetric = 1 (the host sets it only for a submanifold map: out = in = qcoords, stride 1, not
 // transposed, every kernel-size axis odd): offsets are symmetric, off_{K-1-k} = -off_k, and the centre
-// kc = K / 2 is 0, so pair (k, out m, in j) exists iff pair (K-1-k, out j, in m) does. Then
-//   k < kc   probes as above, and also scatters cand[K-1-k, j] = m for every hit j of row m; once the
-//            whole block's scatters are written (the barrier before step 2), thread 0 fences and counts
-//            the tile in done[k];
-//   k == kc  no probe: cand[kc, m] = m (every voxel is its own centre neighbour);
-//   k > kc   no probe: waits until done[K-1-k] has counted all nbm tiles of offset K-1-k, then reads
-//            cand[k, m]. Those tiles have earlier tickets (K-1-k < kc < k), so they are running or done:
-//            no deadlock, as for the look-back.
-// cand's rows kc+1..K-1 must be all ones (-1) on entry (kmap_insert or the host's memset), and state has K / 2 more
-// words after the tile words, all ones: done[k] = state[1 + K * nbm + k]. Counts, look-back and
-// compaction are the same for every offset, so the map is exactly that of the probing path.
+// kc = K / 2 is 0, so pair (k, out m, in j) exists iff pair (K-1-k, out j, in m) does. So only the
+// offsets k < kc probe, and scatter cand[K-1-k, j] = m for every hit j of row m; the centre tiles write
+// cand[kc, m] = m; cand's rows kc+1..K-1 must be all ones (-1) on entry (kmap_insert or the host's
+// memset). 13 probes per row instead of 27 for k3, and the same map.
 template <int BLOCK, int ITEMS>
-__global__ void __launch_bounds__(BLOCK) kmap_query_compact(
+__global__ void __launch_bounds__(BLOCK) kmap_probe(
         const int* __restrict__ qcoords, int m, int nbm, int K, int transposed, int symmetric, int sx, int sy,
         int sz, int kx, int ky, int kz, int dx, int dy, int dz, const unsigned long long* __restrict__ table,
-        unsigned long long mask, const unsigned long long* __restrict__ status, unsigned long long* state,
-        int* __restrict__ cand, int* __restrict__ in_buf, int* __restrict__ out_buf,
-        int* __restrict__ offsets, long long* __restrict__ info) {
+        unsigned long long mask, int* __restrict__ cand) {
     using namespace svx_hash;
+    const int k = blockIdx.x / nbm;
+    const long long row0 = (long long)(blockIdx.x % nbm) * (BLOCK * ITEMS) + threadIdx.x;  // item 0
+    int* cand_k = cand + (long long)k * m;
+    if (symmetric && k == K / 2) {
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const long long row = row0 + (long long)i * BLOCK;
+            if (row < m) cand_k[row] = (int)row;
+        }
+        return;
+    }
+    long long o[3];
+    svx_kmap::offset_of(k, kx, ky, kz, dx, dy, dz, o);
+    const long long s[3] = {sx, sy, sz};
+    unsigned long long keys[ITEMS];
+    bool valid[ITEMS];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        const long long row = row0 + (long long)i * BLOCK;
+        keys[i] = 0;
+        valid[i] = false;
+        if (row < m) {
+            const int* c = qcoords + 4 * row;
+            long long q[3];
+            bool ok = true;
+#pragma unroll
+            for (int a = 0; a < 3; ++a) {
+                if (transposed) {  // out = s * in + off  <=>  in = (out - off) / s, exactly
+                    const long long d = (long long)c[a + 1] - o[a];
+                    ok = ok && (d % s[a] == 0);
+                    q[a] = d / s[a];
+                } else {
+                    q[a] = s[a] * (long long)c[a + 1] + o[a];
+                }
+            }
+            const long long b = c[0];
+            if (ok && in_range(b, q[0], q[1], q[2])) {
+                keys[i] = pack_key(b, q[0], q[1], q[2]);
+                valid[i] = true;
+            }
+        }
+    }
+    int found[ITEMS];
+    svx_kmap::lookup_items<ITEMS>(table, mask, keys, valid, found);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        const long long row = row0 + (long long)i * BLOCK;
+        if (row < m) cand_k[row] = found[i];
+    }
+    if (symmetric) {  // pair (K-1-k, out found, in row)
+        int* mirror = cand + (long long)(K - 1 - k) * m;
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i)
+            if (found[i] >= 0) mirror[found[i]] = (int)(row0 + (long long)i * BLOCK);
+    }
+}
+
+// kmap_compact: the hits of cand in canonical (k, row) order, compacted with a single-pass scan.
+// Grid: T = K * nbm blocks, one per tile; tile t comes from an atomic ticket (not from blockIdx), so
+// tiles start in canonical order.
+//   state   [1 + T + K] uint64, all ones on entry (a memset): state[0] the ticket counter, state[1 + t]
+//           the tile word of tile t (see svx_kmap::TILE_*), then totals[K] (see svx_kmap::offset_base)
+//   cand    [K, m] int32 (kmap_probe);  status  the two insert status words (table + 2 * (mask + 1) + 2)
+//   in_buf, out_buf [K * m] int32: pairs at their final positions; only the first offsets[K] are written
+//   offsets [K + 1] int32;  info [K + 3] int64 = offsets, then status[0], status[1] (EMPTY reads as -1)
+// The base of a tile's pairs: every tile counts its hits into its offset's total and publishes them in
+// its tile word at once; it then looks back over the earlier tiles of its own offset only (an offset's
+// first tile publishes an inclusive prefix at once) and adds the totals of the earlier offsets (each
+// complete once all its tiles have counted). Every wait is on tiles with earlier tickets, which are
+// running or done and wait only on earlier tiles themselves: no deadlock whatever the hardware's block
+// scheduling.
+template <int BLOCK, int ITEMS>
+__global__ void __launch_bounds__(BLOCK) kmap_compact(
+        int m, int nbm, int K, const int* __restrict__ cand, const unsigned long long* __restrict__ status,
+        unsigned long long* state, int* __restrict__ in_buf, int* __restrict__ out_buf,
+        int* __restrict__ offsets, long long* __restrict__ info) {
     static_assert(BLOCK % 32 == 0 && BLOCK <= 1024, "BLOCK must be a multiple of 32, at most 1024");
     static_assert(ITEMS >= 1, "ITEMS must be positive");
     constexpr int WARPS = BLOCK / 32;
@@ -228,82 +341,23 @@ __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
     __shared__ int s_excl;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    // The ticket: tiles start in ticket order, so every tile this block waits on below belongs to a
-    // block that is already running (and waits only on earlier tiles): no deadlock whatever the
-    // hardware's block scheduling. The counter starts all ones; the first ticket wraps to 0.
+    // The counter starts all ones; the first ticket wraps to 0.
     if (threadIdx.x == 0) s_tile = (int)(atomicAdd(state, 1ull) + 1ull);
     __syncthreads();
     const int t = s_tile;
     const int k = t / nbm;
     const int bm = t % nbm;
     const long long row0 = (long long)bm * (BLOCK * ITEMS) + threadIdx.x;  // this thread's item 0
+    unsigned long long* tiles = state + 1;
+    unsigned long long* totals = tiles + (long long)K * nbm;
 
-    // 1. Lookups: every item's query key, then the table probes (independent loads in flight); for a
-    //    symmetric map only before the centre offset (see above).
-    const int kc = K / 2;
-    unsigned long long* done = state + 1 + (long long)K * nbm;  // symmetric only: K / 2 counters
-    const bool scatter = symmetric && k < kc;
-    int* cand_k = cand + (long long)k * m;
+    // 1. This tile's hits, counted per (item, warp) group.
+    const int* cand_k = cand + (long long)k * m;
     int found[ITEMS];
-    if (symmetric && k == kc) {
 #pragma unroll
-        for (int i = 0; i < ITEMS; ++i) {
-            const long long row = row0 + (long long)i * BLOCK;
-            found[i] = row < m ? (int)row : -1;
-            if (row < m) cand_k[row] = found[i];
-        }
-    } else if (symmetric && k > kc) {
-        if (threadIdx.x == 0) svx_kmap::wait_count(done + (K - 1 - k), nbm);
-        __syncthreads();
-#pragma unroll
-        for (int i = 0; i < ITEMS; ++i) {  // L2 reads: the scatters came from other blocks
-            const long long row = row0 + (long long)i * BLOCK;
-            found[i] = row < m ? __ldcg(cand_k + row) : -1;
-        }
-    } else {
-        long long o[3];
-        svx_kmap::offset_of(k, kx, ky, kz, dx, dy, dz, o);
-        const long long s[3] = {sx, sy, sz};
-        unsigned long long keys[ITEMS];
-        bool valid[ITEMS];
-#pragma unroll
-        for (int i = 0; i < ITEMS; ++i) {
-            const long long row = row0 + (long long)i * BLOCK;
-            keys[i] = 0;
-            valid[i] = false;
-            if (row < m) {
-                const int* c = qcoords + 4 * row;
-                long long q[3];
-                bool ok = true;
-#pragma unroll
-                for (int a = 0; a < 3; ++a) {
-                    if (transposed) {  // out = s * in + off  <=>  in = (out - off) / s, exactly
-                        const long long d = (long long)c[a + 1] - o[a];
-                        ok = ok && (d % s[a] == 0);
-                        q[a] = d / s[a];
-                    } else {
-                        q[a] = s[a] * (long long)c[a + 1] + o[a];
-                    }
-                }
-                const long long b = c[0];
-                if (ok && in_range(b, q[0], q[1], q[2])) {
-                    keys[i] = pack_key(b, q[0], q[1], q[2]);
-                    valid[i] = true;
-                }
-            }
-        }
-        svx_kmap::lookup_items<ITEMS>(table, mask, keys, valid, found);
-#pragma unroll
-        for (int i = 0; i < ITEMS; ++i) {
-            const long long row = row0 + (long long)i * BLOCK;
-            if (row < m) cand_k[row] = found[i];
-        }
-        if (scatter) {  // pair (K-1-k, out found, in row); a loop of its own: 63 registers, not 79 (ITEMS 8)
-            int* mirror = cand + (long long)(K - 1 - k) * m;
-#pragma unroll
-            for (int i = 0; i < ITEMS; ++i)
-                if (found[i] >= 0) mirror[found[i]] = (int)(row0 + (long long)i * BLOCK);
-        }
+    for (int i = 0; i < ITEMS; ++i) {
+        const long long row = row0 + (long long)i * BLOCK;
+        found[i] = row < m ? cand_k[row] : -1;
     }
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -311,13 +365,10 @@ __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
         if (lane == 0) s_group[i * WARPS + warp] = __popc(hits);
     }
     __syncthreads();
-    if (scatter && threadIdx.x == 0) {  // every thread's scatters precede the barrier above
-        __threadfence();
-        atomicAdd(done + k, 1ull);
-    }
 
-    // 2. Warp 0: scan the group counts (-> the tile's aggregate), publish the aggregate at once, look
-    //    back for the tile's base, publish the inclusive prefix.
+    // 2. Warp 0: scan the group counts (-> the tile's aggregate), publish the aggregate at once (tile
+    //    word and offset total), look back over the offset's earlier tiles and publish the inclusive
+    //    prefix within the offset, add the totals of the earlier offsets: the tile's base.
     int aggregate = 0;
     if (warp == 0) {
         int v[PER_LANE];
@@ -335,9 +386,10 @@ __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
             if (lane >= d) incl += u;
         }
         aggregate = __shfl_sync(0xffffffffu, incl, 31);
-        unsigned long long* tiles = state + 1;
-        if (lane == 0)
-            svx_kmap::publish(tiles, t, t == 0 ? svx_kmap::TILE_PREFIX : svx_kmap::TILE_AGGREGATE, aggregate);
+        if (lane == 0) {
+            svx_kmap::publish(tiles, t, bm == 0 ? svx_kmap::TILE_PREFIX : svx_kmap::TILE_AGGREGATE, aggregate);
+            atomicAdd(totals + k, svx_kmap::TOTAL_TILE + (unsigned long long)aggregate);
+        }
         int run = incl - sum;  // exclusive prefix of this lane's first group
 #pragma unroll
         for (int j = 0; j < PER_LANE; ++j) {
@@ -345,15 +397,16 @@ __global__ void __launch_bounds__(BLOCK) kmap_query_compact(
             if (g < GROUPS) s_group[g] = run;
             run += v[j];
         }
-        int excl = 0;
-        if (t > 0) {
-            excl = svx_kmap::look_back(tiles, t, lane);
+        int excl = 0;  // hits of the earlier tiles of offset k
+        if (bm > 0) {
+            excl = svx_kmap::look_back(tiles, t, t - bm, lane);
 #ifdef SVX_KMAP_PREFIX_EVERY  // tests only: most tiles keep just their aggregate (longer look-backs)
             if (t % SVX_KMAP_PREFIX_EVERY == 0)
 #endif
             if (lane == 0) svx_kmap::publish(tiles, t, svx_kmap::TILE_PREFIX, excl + aggregate);
         }
-        if (lane == 0) s_excl = excl;
+        const int base = svx_kmap::offset_base(totals, k, nbm, lane);
+        if (lane == 0) s_excl = base + excl;
     }
     __syncthreads();
 

@@ -52,13 +52,19 @@ def library_of(x) -> str:
         f"expected a NumPy, CuPy, PyTorch or JAX array, got {type(x).__module__}.{type(x).__name__}")
 
 
+_cupy = None  # the module once imported (an import statement costs ~1 µs, and this runs per call)
+
+
 def import_cupy():
-    try:
-        import cupy
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise MissingDependencyError(
-            "GPU arrays need CuPy: pip install 'sparsevox[cuda12]' or 'sparsevox[cuda13]'") from e
-    return cupy
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy
+        except ImportError as e:  # pragma: no cover - depends on the machine
+            raise MissingDependencyError(
+                "GPU arrays need CuPy: pip install 'sparsevox[cuda12]' or 'sparsevox[cuda13]'") from e
+        _cupy = cupy
+    return _cupy
 
 
 def to_core(x):
@@ -70,7 +76,8 @@ def to_core(x):
         return x, Origin("cupy", int(x.device.id))
     if lib == "torch":
         import torch
-        x = x.detach()
+        if x.requires_grad:  # DLPack and .numpy() refuse such tensors; a view by address does not care
+            x = x.detach()
         if x.device.type == "cuda":
             cupy = import_cupy()
             fast = _wrap_torch_cuda(x, cupy, torch)
@@ -289,7 +296,7 @@ def data_ptr(a) -> int:
 
 def array_module(a):
     """``numpy`` or ``cupy``, whichever owns the core array ``a``."""
-    if type(a).__module__.split(".")[0] == "cupy":
+    if type(a).__module__.startswith("cupy"):
         return import_cupy()
     return np
 

@@ -11,28 +11,27 @@ How (kernels in ``kernels_cu/kernel_map.cu``, table in ``kernels_cu/common/hash.
    ``floor(c / s)``; generated outputs the sorted unique keys of ``s * c + off_k`` (GPU sort).
 2. The input voxels go into an open-addressing table (packed 64-bit keys, value = row). A key seen
    twice is a duplicate voxel: ``ValueError`` naming it.
-3. One kernel, ``kmap_query_compact``, does the rest in a single pass over tiles of (k, 2048 output
-   rows: 256 threads x ``ITEMS`` = 8 rows each; a tile never straddles two offsets), taken in canonical
-   order by an atomic ticket: it looks up every (k, output row m) and writes
-   ``cand[k, m]`` = the input row or -1 (kept as :attr:`KernelMap.dense_nbr`, the forward neighbour
-   table of the implicit GEMM). Non-transposed: ``in = s * out + off_k``; transposed:
-   ``out = s * in + off_k``, so ``in = (out - off_k) / s`` where every axis divides exactly — a gather
-   from the output side, hence the canonical order for free. Each tile publishes its hit count as
-   soon as its lookups are done, finds its base by a decoupled look-back over the earlier tiles'
-   published counts, and writes its pairs at their final positions (ranked in row order) in
-   upper-bound buffers (``K * M`` each), plus ``offsets`` and the host-bound info row. Big tiles keep
-   the look-back chain short (its latency grows with the number of tiles). The ticket and tile words
-   share the table's allocation, so the table's memset resets them; with a prebuilt table (below) they
-   get a small allocation of their own, memset per map.
-   Submanifold maps of odd kernel sizes (every axis) probe only the offsets before the centre: offsets
-   are symmetric (``off_{K-1-k} = -off_k``, the centre is 0), so pair ``(k, out m, in j)`` exists iff
-   ``(K-1-k, out j, in m)`` does. A tile of ``k < K // 2`` also scatters ``cand[K-1-k, j] = m`` for its
-   hits and then counts itself done; the centre tiles write ``cand[k, m] = m``; a tile of ``k > K // 2``
-   waits until every tile of offset ``K-1-k`` (earlier tickets) is done and reads its hits from
-   ``cand``. 13 probes per row instead of 27 for k3, and the same map. cand's mirrored rows must start
-   at -1: the insert kernel sets them (with a prebuilt table, the memset of the map's own scan state
-   covers them).
-4. No synchronisation: the info row (sizes and status words) is copied into pinned host memory behind
+3. ``kmap_probe`` looks up every (k, output row m) and writes ``cand[k, m]`` = the input row or -1
+   (kept as :attr:`KernelMap.dense_nbr`, the forward neighbour table of the implicit GEMM).
+   Non-transposed: ``in = s * out + off_k``; transposed: ``out = s * in + off_k``, so
+   ``in = (out - off_k) / s`` where every axis divides exactly — a gather from the output side, hence
+   the canonical order for free. Submanifold maps of odd kernel sizes (every axis) probe only the
+   offsets before the centre: offsets are symmetric (``off_{K-1-k} = -off_k``, the centre is 0), so
+   pair ``(k, out m, in j)`` exists iff ``(K-1-k, out j, in m)`` does; a probe of ``k < K // 2`` also
+   scatters ``cand[K-1-k, j] = m`` for its hits, and the centre row is ``cand[k, m] = m``: 13 probes
+   per row instead of 27 for k3, and the same map. cand's mirrored rows must start at -1: the insert
+   kernel sets them (with a prebuilt table, the memset of the map's own scan state covers them).
+4. ``kmap_compact`` makes the CSR pairs in one pass over tiles of (k, 4096 output rows: 256 threads x
+   ``ITEMS`` = 16 rows each; a tile never straddles two offsets), taken in canonical order by an atomic
+   ticket. Each tile publishes its hit count at once (its tile word, and added to its offset's total),
+   finds its base as the totals of the earlier offsets plus a decoupled look-back over the earlier
+   tiles of its own offset, and writes its pairs at their final positions (ranked in row order) in
+   upper-bound buffers (``K * M`` each), plus ``offsets`` and the host-bound info row. The ticket,
+   tile words and totals share the table's allocation, so the table's memset resets them; with a
+   prebuilt table (below) they get a small allocation of their own, memset per map. (Probe and
+   compaction in one kernel took 52-54 µs for SemanticKITTI: tiles after the centre spin-waited for
+   the mirror scatters, and every tile's warps waited behind its look-back.)
+5. No synchronisation: the info row (sizes and status words) is copied into pinned host memory behind
    the kernels, and the map is returned pending (:attr:`KernelMap.ready` False). Its first use
    (:meth:`KernelMap.wait`, which every read of the CSR arrays calls) waits for that copy, raises the
    insert's status (duplicate or out-of-range voxel of unvalidated coordinates), and moves the first
@@ -46,7 +45,7 @@ How (kernels in ``kernels_cu/kernel_map.cu``, table in ``kernels_cu/common/hash.
    Parts of the allocations are passed to the kernels as raw addresses (a CuPy slice costs µs of host
    time; a map used about ten).
 
-Per map: one memset, two kernels (insert, query_compact), one asynchronous
+Per map: one memset, three kernels (insert, probe, compact), one asynchronous
 device→host copy (the K + 3 int64 info row); at first use one 2-D device-to-device copy; strided and
 generative layers add one synchronous device→host copy for the number of output sites. Work runs on
 CuPy's current device and stream (see :func:`sparsevox._arrays.on_caller_stream`).
@@ -54,7 +53,7 @@ CuPy's current device and stream (see :func:`sparsevox._arrays.on_caller_stream`
 Validation of CuPy ``Voxels`` (:func:`hash_table`) is step 2 alone: one memset, the insert kernel and
 one 16-byte device→host read of its two status words (duplicate row, out-of-range row). The table is
 kept on the ``Voxels`` and handed back here as ``table=(table, mask)``, so a map of those voxels skips
-its own insert: one memset (the scan state; symmetric SubM: with cand's mirrored rows), query_compact,
+its own insert: one memset (the scan state; symmetric SubM: with cand's mirrored rows), probe, compact,
 then as above.
 
 Set ``SPARSEVOX_GPU_KERNEL_MAP=generic`` to keep the xp-generic builder on CuPy instead (debugging).
@@ -77,21 +76,33 @@ from .kernel_map import build_kernel_map as _generic_builder
 log = logging.getLogger("sparsevox.gpu_kernel_map")
 
 BLOCK = 256  # threads per block of the per-row kernels
-# Output rows per thread of a kmap_query_compact tile (BLOCK * ITEMS rows per tile). Read once at import;
-# SPARSEVOX_KMAP_ITEMS (1-16) overrides it for benchmark sweeps (benchmarks/map_build_sweep.py).
-ITEMS = int(os.environ.get("SPARSEVOX_KMAP_ITEMS", "8"))
-if not 1 <= ITEMS <= 16:
-    raise ValueError(f"SPARSEVOX_KMAP_ITEMS must be in [1, 16], got {ITEMS}")
-_KERNELS = ("insert", "query_compact", "candidate_keys", "unique_heads", "unique_info", "unique_unpack")
+
+
+def _items(var: str, default: int) -> int:
+    value = int(os.environ.get(var, default))
+    if not 1 <= value <= 16:
+        raise ValueError(f"{var} must be in [1, 16], got {value}")
+    return value
+
+
+# Output rows per thread of a kmap_compact tile (BLOCK * ITEMS rows per tile) and of a kmap_probe block
+# (BLOCK * PROBE_ITEMS rows). Read once at import; SPARSEVOX_KMAP_ITEMS and SPARSEVOX_KMAP_PROBE_ITEMS
+# (1-16) override them for benchmark sweeps (benchmarks/map_build_sweep.py).
+# Measured (SemanticKITTI, H200, map_build_sweep): compact 8.9 µs with 16 items, 10.5 with 8; probe 1-2
+# items about equal, 4 and 8 slower (fewer lookups in flight per SM).
+ITEMS = _items("SPARSEVOX_KMAP_ITEMS", 16)
+PROBE_ITEMS = _items("SPARSEVOX_KMAP_PROBE_ITEMS", 2)
+_KERNELS = ("insert", "probe", "compact", "candidate_keys", "unique_heads", "unique_info", "unique_unpack")
+_TILED = ("probe", "compact")  # templates also on ITEMS
 
 
 def kernel_name(name: str, block: int, items: int = ITEMS) -> str:
-    """The template instantiation of kernel ``name``: ``kmap_<name><block>``, and for query_compact
-    ``kmap_query_compact<block, items>``."""
-    return f"kmap_{name}<{block}, {items}>" if name == "query_compact" else f"kmap_{name}<{block}>"
+    """The template instantiation of kernel ``name``: ``kmap_<name><block>``, and for probe and compact
+    ``kmap_<name><block, items>``."""
+    return f"kmap_{name}<{block}, {items}>" if name in _TILED else f"kmap_{name}<{block}>"
 
 
-NAME_EXPRESSIONS = tuple(kernel_name(k, BLOCK) for k in _KERNELS)
+NAME_EXPRESSIONS = tuple(kernel_name(k, BLOCK, PROBE_ITEMS if k == "probe" else ITEMS) for k in _KERNELS)
 _INT32_MAX = 2 ** 31 - 1
 _EMPTY = -1  # an all-ones status word read as int64
 _MAX_PITCH = 2 ** 31 - 1  # cudaDeviceProp.memPitch: the largest pitch cudaMemcpy2D accepts
@@ -101,7 +112,8 @@ class CupyDevice:
     """The few device operations the builder needs, on CuPy (tests drive the same builder through a
     NumPy twin that runs the CUDA source on the CPU)."""
 
-    tile_items = ITEMS  # rows per thread of a query_compact tile (the builder sizes the grid by it)
+    tile_items = ITEMS  # rows per thread of a compact tile (the builder sizes its grid by it)
+    probe_items = PROBE_ITEMS  # rows per thread of a probe block
 
     def __init__(self):
         import cupy
@@ -117,7 +129,8 @@ class CupyDevice:
         packed = self._fns.get((dev, name, block))
         if packed is None:
             from .cuda_loader import get_function
-            fn = get_function("kernel_map", kernel_name(name, block, self.tile_items), NAME_EXPRESSIONS)
+            items = self.probe_items if name == "probe" else self.tile_items
+            fn = get_function("kernel_map", kernel_name(name, block, items), NAME_EXPRESSIONS)
             packed = self._fns[(dev, name, block)] = driver.Args(int(fn.kernel.ptr), args)
         packed.launch(grid, block, cupy.cuda.get_current_stream().ptr, args)
 
@@ -288,7 +301,12 @@ def _raise_generated_range(dev, coords, st, ks, dl):
 
 
 def _capacity(n: int) -> int:
-    return 1 << max(6, (2 * n - 1).bit_length())  # power of two >= 2n: load factor <= 1/2
+    """Slots of the hash table of ``n`` voxels: a power of two >= 4n (load factor <= 1/4). Most lookups
+    miss and walk to the next free slot; >= 2n (SemanticKITTI: load 0.35) made the slowest lane of a
+    warp take 3.6 probe steps on average (2-slot windows, simulated) instead of 2.1, and the whole build
+    55-63 µs of device time instead of 48-50 (H200). Costs 64-128 bytes per voxel while the table lives
+    (a validated ``Voxels`` keeps it)."""
+    return 1 << max(6, (4 * n - 1).bit_length())
 
 
 def _new_table(dev, n: int, extra: int = 0):
@@ -362,10 +380,9 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
     _check_int32(km, "offsets x output sites")
     nbm = _blocks(m, BLOCK * dev.tile_items)  # tiles per offset (a tile never spans two offsets)
     tiles = num_k * nbm
-    # The scan state of query_compact: the ticket, one word per tile, and (symmetric) one scatter
-    # counter per offset before the centre; all ones on entry.
+    # The scan state of compact: the ticket, one word per tile, one total per offset; all ones on entry.
+    words = 1 + tiles + num_k
     half = num_k // 2 if symmetric else 0  # the mirrored offsets K - half .. K - 1 of cand
-    words = 1 + tiles + half
     if table is not None:
         table, mask = table
         if mask + 1 != _capacity(coords.shape[0]) or table.shape[0] < 2 * (mask + 1) + 4:
@@ -396,13 +413,16 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
         state_words = xp.empty(words, dtype=xp.uint64)
         dev.fill_ones(state_words)
         state = dev.ptr(state_words)
+    probed = num_k // 2 + 1 if symmetric else num_k  # offsets kmap_probe writes (symmetric: to the centre)
+    nbp = _blocks(m, BLOCK * dev.probe_items)  # probe blocks per offset
+    dev.launch("probe", probed * nbp, BLOCK,
+               (out_coords, np.int32(m), np.int32(nbp), np.int32(num_k), np.int32(transposed), np.int32(symmetric),
+                *_geometry_args(st, ks, dl), table, np.uint64(mask), dev.ptr(keep)))
     # keep = [cand (K x m) | offsets (K + 1) | ...]; scratch = [in_buf (K m) | out_buf (K m) | info]
     scratch = xp.empty(2 * km + 2 * (num_k + 3), dtype=xp.int32)
-    dev.launch("query_compact", tiles, BLOCK,
-               (out_coords, np.int32(m), np.int32(nbm), np.int32(num_k), np.int32(transposed), np.int32(symmetric),
-                *_geometry_args(st, ks, dl), table, np.uint64(mask), dev.ptr(table, _status_at(mask)),
-                state, dev.ptr(keep), dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km),
-                dev.ptr(scratch, 2 * km)))
+    dev.launch("compact", tiles, BLOCK,
+               (np.int32(m), np.int32(nbm), np.int32(num_k), dev.ptr(keep), dev.ptr(table, _status_at(mask)),
+                state, dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km), dev.ptr(scratch, 2 * km)))
     # No synchronisation here: the sizes and status words start towards the host behind the kernels,
     # and the map takes its exact-size pairs when first used (KernelMap.wait).
     read = dev.read_async(scratch, 2 * km, num_k + 3, np.int64)

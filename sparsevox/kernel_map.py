@@ -293,13 +293,13 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
             cached = raw = None
         if cached is not None:
             return cached[0]
-    from .voxels import Voxels
     ks = geometry.triple(kernel_size, "kernel_size")
     st = geometry.triple(stride, "stride")
     dl = geometry.triple(dilation, "dilation")
     check_kind(transposed, generative, output_voxels is not None)
     out_v = None
     if output_voxels is not None:
+        from .voxels import Voxels  # (an import statement costs ~1.5 µs per call: only where needed)
         out_v = output_voxels if isinstance(output_voxels, Voxels) else Voxels(output_voxels, None)
     key = (ks, st, dl, bool(transposed), bool(generative), None if out_v is None else id(out_v))
     cached = voxels._kmaps.get(key)

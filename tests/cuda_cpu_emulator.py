@@ -3,15 +3,16 @@ CUDA thread (blocks run one after another, so ``__shared__`` becomes ``static``)
 ``__syncthreads``, a per-warp exchange for ``__shfl_up_sync`` / ``__shfl_xor_sync`` / ``__ballot_sync``
 and ``std::atomic_ref`` for the atomics.
 
-Blocks run in blockIdx order, so ``kmap_query_compact``'s tickets follow blockIdx and its look-back
-always finds the previous tile's inclusive prefix at once; ``EmulatedDevice(prefix_every=n)`` builds
-the kernels with ``SVX_KMAP_PREFIX_EVERY=n`` (only tiles ``t % n == 0`` publish a prefix) so the
-look-back also sums aggregates across several 32-tile windows. For the same reason the mirrored tiles of a
-symmetric (SubM) map find their offset's scatters all done when they start: a wait that does not end at
-once waits on a later ticket or for a wrong count, a bug that can hang the GPU, so the kernels are built
+Blocks run in blockIdx order, so ``kmap_compact``'s tickets follow blockIdx and its look-back always
+finds the previous tile's inclusive prefix at once; ``EmulatedDevice(prefix_every=n)`` builds the
+kernels with ``SVX_KMAP_PREFIX_EVERY=n`` (only tiles ``t % n == 0`` and the first tile of each offset
+publish a prefix) so the look-back also sums aggregates across several 32-tile windows. For the same
+reason every offset total a tile waits for is complete when it starts: a wait that does not end at once
+waits on a later ticket or for a wrong count, a bug that can hang the GPU, so the kernels are built
 with ``SVX_KMAP_SPIN_STUCK`` and that launch raises ``RuntimeError`` instead of spinning forever.
-``EmulatedDevice(items=i)`` instantiates ``kmap_query_compact<256, i>`` (rows per thread of a tile;
-default that of the GPU builder), so small inputs can still span many tiles.
+``EmulatedDevice(items=i, probe_items=j)`` instantiates ``kmap_compact<256, i>`` and
+``kmap_probe<256, j>`` (rows per thread of a tile; defaults: the GPU builder's), so small inputs can
+still span many tiles.
 
 It exists so that the GPU kernel-map builder (:mod:`sparsevox.gpu_kernel_map`, the same Python code
 and the same kernels) can be checked against the NumPy builder on machines without a GPU. It is slow
@@ -122,15 +123,17 @@ template <class F> void emu_launch(int grid, int block, F f) {
 }
 """
 
-# (kernel, template block, C parameter list, argument names); query_compact's template also takes ITEMS
+# (kernel, template block, C parameter list, argument names); probe's and compact's templates also take ITEMS
 WRAPPERS = [
     ("insert", 256, "const int* c, int n, unsigned long long* t, unsigned long long mask, int* clear, int rows",
      "c, n, t, mask, clear, rows"),
-    ("query_compact", 256, "const int* q, int m, int nbm, int K, int tr, int sym, int sx, int sy, int sz, int kx, "
-                           "int ky, int kz, int dx, int dy, int dz, const unsigned long long* t, "
-                           "unsigned long long mask, const unsigned long long* status, unsigned long long* state, "
-                           "int* cand, int* ib, int* ob, int* offsets, long long* info",
-     "q, m, nbm, K, tr, sym, sx, sy, sz, kx, ky, kz, dx, dy, dz, t, mask, status, state, cand, ib, ob, offsets, info"),
+    ("probe", 256, "const int* q, int m, int nbm, int K, int tr, int sym, int sx, int sy, int sz, int kx, "
+                   "int ky, int kz, int dx, int dy, int dz, const unsigned long long* t, unsigned long long mask, "
+                   "int* cand",
+     "q, m, nbm, K, tr, sym, sx, sy, sz, kx, ky, kz, dx, dy, dz, t, mask, cand"),
+    ("compact", 256, "int m, int nbm, int K, const int* cand, const unsigned long long* status, "
+                     "unsigned long long* state, int* ib, int* ob, int* offsets, long long* info",
+     "m, nbm, K, cand, status, state, ib, ob, offsets, info"),
     ("candidate_keys", 256, "const int* c, int n, int count, int mode, int sx, int sy, int sz, int kx, int ky, "
                             "int kz, int dx, int dy, int dz, unsigned long long* keys, unsigned long long* status",
      "c, n, count, mode, sx, sy, sz, kx, ky, kz, dx, dy, dz, keys, status"),
@@ -142,13 +145,13 @@ WRAPPERS = [
 ]
 
 
-def _source(prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS) -> str:
+def _source(prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS, probe_items: int = gpu_kernel_map.PROBE_ITEMS) -> str:
     kcu = ROOT / "kernels_cu"
     body = (kcu / "kernel_map.cu").read_text().replace('#include "common/hash.cuh"', "")
     defines = [f"#define SVX_KMAP_PREFIX_EVERY {prefix_every}"] if prefix_every else []
     parts = [*defines, PRELUDE, (kcu / "common" / "hash.cuh").read_text(), body]
     for name, block, params, args in WRAPPERS:
-        kernel = gpu_kernel_map.kernel_name(name, block, items)
+        kernel = gpu_kernel_map.kernel_name(name, block, probe_items if name == "probe" else items)
         parts.append(f'extern "C" void emu_kmap_{name}(int grid, int block, {params}) {{\n'
                      f'    emu_launch(grid, block, [=] {{ {kernel}({args}); }});\n}}')
     return "\n".join(parts)
@@ -165,8 +168,8 @@ def available() -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _library(prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS):
-    src = _source(prefix_every, items)
+def _library(prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS, probe_items: int = gpu_kernel_map.PROBE_ITEMS):
+    src = _source(prefix_every, items, probe_items)
     digest = hashlib.sha1(src.encode()).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / f"sparsevox_kmap_emu_{digest}.so"
     if not out.exists():
@@ -213,9 +216,10 @@ class EmulatedDevice:
     """Drop-in for :class:`sparsevox.gpu_kernel_map.CupyDevice`: NumPy arrays, kernels on the CPU."""
     xp = np
 
-    def __init__(self, prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS):
-        self.lib = _library(prefix_every, items)
-        self.tile_items = items  # the builder sizes query_compact's grid by it
+    def __init__(self, prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS,
+                 probe_items: int = gpu_kernel_map.PROBE_ITEMS):
+        self.lib = _library(prefix_every, items, probe_items)
+        self.tile_items, self.probe_items = items, probe_items  # the builder sizes the grids by them
         self.launches: list[str] = []
         self.grids: list[int] = []  # grid size of each launch, in launch order
         self.args: list[tuple] = []  # the scalar arguments of each launch (arrays as None), in order

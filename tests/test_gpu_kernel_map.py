@@ -180,7 +180,7 @@ def emulated_with():
     """``emulated_with(prefix_every=0, items=ITEMS)``: an emulated device whose kernels are built with
     ``SVX_KMAP_PREFIX_EVERY=prefix_every`` (only every n-th tile publishes an inclusive prefix, so
     look-backs sum aggregates across more than one 32-tile window; on the CPU the previous tile is
-    otherwise always complete) and ``kmap_query_compact<256, items>`` (tiles of 256 * items rows)."""
+    otherwise always complete) and ``kmap_probe`` and ``kmap_compact<256, items>`` (tiles of 256 * items rows)."""
     import cuda_cpu_emulator as emu
     ok, reason = emu.available()
     if not ok:
@@ -189,7 +189,8 @@ def emulated_with():
 
     def get(prefix_every=0, items=gpu_kernel_map.ITEMS):
         if (prefix_every, items) not in devices:
-            devices[prefix_every, items] = emu.EmulatedDevice(prefix_every=prefix_every, items=items)
+            devices[prefix_every, items] = emu.EmulatedDevice(prefix_every=prefix_every, items=items,
+                                                              probe_items=items)
         return devices[prefix_every, items]
     return get
 
@@ -214,9 +215,23 @@ def test_emulated_many_tiles_match_numpy_builder(emulated_with, rng, sparse_pref
     assert_dense_nbr(got, f"{kind} many tiles")
 
 
+def test_emulated_look_back_across_windows_within_an_offset(emulated_with, rng):
+    """A tile looks back over the earlier tiles of its own offset only (the earlier offsets come from
+    their totals): 36 tiles of 256 rows per offset, and no tile but an offset's first publishing a
+    prefix, so the last tiles sum aggregates across two 32-tile windows down to their offset's start."""
+    dev = emulated_with(prefix_every=1000, items=1)
+    coords = random_voxels(rng, 9000, extent=24, batches=2)
+    dev.grids.clear()
+    dev.launches.clear()
+    got = gpu_kernel_map.build(dev, coords, (1, 1, 2), 1, 1, False, False)
+    assert dev.grids[dev.launches.index("compact")] == 2 * 36
+    assert_same_map(got, reference_map(coords, (1, 1, 2), 1, 1, False, False), "two offsets of 36 tiles")
+    assert_dense_nbr(got, "two offsets of 36 tiles")
+
+
 # (kind, kernel size, output rows m, prefix_every, items): the production tile of BLOCK * ITEMS = 2048
 # rows with m below one tile, exactly one tile, and several tiles with a partial last one (with and
-# without look-backs across windows: k3 x 3 tiles = 81 tiles, a prefix every 40); items = 3 and 5 make
+# without sparse prefixes); items = 3 and 5 make
 # the per-tile (item, warp) group count no multiple of 32.
 BIG_TILE_CASES = [("submanifold", 3, 700, 0, 8), ("submanifold", 3, 2048, 0, 8), ("submanifold", 3, 4500, 0, 8),
                   ("submanifold", 3, 4500, 40, 8), ("transposed", 2, 4500, 0, 8), ("transposed", 3, 4500, 5, 8),
@@ -240,7 +255,7 @@ def test_emulated_big_tiles_match_numpy_builder(emulated_with, rng, kind, ks, m,
     got = gpu_kernel_map.build(dev, coords, ks, s, 1, tr, False, out)
     num_k = int(np.prod(np.broadcast_to(ks, 3)))
     tile = gpu_kernel_map.BLOCK * items
-    assert dev.grids[dev.launches.index("query_compact")] == num_k * -(-m // tile)
+    assert dev.grids[dev.launches.index("compact")] == num_k * -(-m // tile)
     assert_same_map(got, reference_map(coords, ks, s, 1, tr, False, out=out), f"{kind} m={m} items={items}")
     assert_dense_nbr(got, f"{kind} m={m} items={items}")
     assert got.num_pairs >= m  # dense: every output row has a pair (SubM: itself; up k2 s2: its parent)
@@ -256,35 +271,35 @@ def test_emulated_no_pairs(emulated):
 
 
 def test_emulated_launch_sequence(emulated, rng):
-    """A SubM map is two kernels (insert, fused query + single-pass scan + compaction): no separate
-    scan or compaction launch may come back."""
+    """A SubM map is three kernels (insert, probe, single-pass scan + compaction): no separate scan
+    launch may come back."""
     coords = random_voxels(rng, 300, extent=8, batches=1)
     emulated.launches.clear()
     gpu_kernel_map.build(emulated, coords, 3, 1, 1, False, False)
-    assert emulated.launches == ["insert", "query_compact"]
+    assert emulated.launches == ["insert", "probe", "compact"]
     emulated.launches.clear()
     gpu_kernel_map.build(emulated, coords, 2, 2, 1, False, False)
     assert emulated.launches == ["candidate_keys", "unique_heads", "unique_info", "unique_unpack", "insert",
-                                 "query_compact"]
+                                 "probe", "compact"]
 
 
 
 # --- SubM symmetry: offsets before the centre probe, the centre is the identity, the rest mirror -----
 
 def _symmetric(kind, ks):
-    """Whether the builder takes query_compact's symmetric path (SubM, every kernel-size axis odd)."""
+    """Whether the builder takes the probe's symmetric path (SubM, every kernel-size axis odd)."""
     return kind == "submanifold" and all(v % 2 for v in np.broadcast_to(ks, 3))
 
 
-_SYMMETRIC_ARG = 5  # query_compact's arguments: out_coords, m, nbm, K, transposed, symmetric, ...
+_SYMMETRIC_ARG = 5  # probe's arguments: out_coords, m, nbm, K, transposed, symmetric, ...
 
 
-def _query_args(dev):
-    return dev.args[dev.launches.index("query_compact")]
+def _probe_args(dev):
+    return dev.args[dev.launches.index("probe")]
 
 
 # (kernel size, dilation, batches, voxels, items, prefix_every): several tiles per offset (items 1 or 2:
-# 256- or 512-row tiles), so mirrored tiles read rows scattered by every tile of their mirror offset
+# 256- or 512-row tiles), so the mirrored rows of cand get scatters from every probe tile of their mirror
 SYMMETRIC_CASES = [(3, 1, 2, 1800, 1, 0), (3, 1, 1, 1500, 1, 7), (3, 2, 3, 1200, 2, 0), ((3, 1, 5), 1, 2, 1000, 1, 0),
                    ((3, 1, 5), (2, 1, 3), 2, 1000, 1, 5), ((1, 3, 1), 1, 2, 900, 1, 0), (5, 1, 1, 700, 1, 0),
                    (1, 1, 2, 900, 1, 0), ((1, 1, 3), 3, 1, 600, 1, 0)]
@@ -299,16 +314,18 @@ def test_emulated_symmetric_subm_matches_numpy_builder(emulated_with, rng, ks, d
     assert m > 2 * gpu_kernel_map.BLOCK * items  # at least 3 tiles per offset
     dev.clear_log()
     got = gpu_kernel_map.build(dev, coords, ks, 1, dilation, False, False)
-    args = _query_args(dev)
+    args = _probe_args(dev)
     assert args[_SYMMETRIC_ARG] == 1, "SubM of odd kernel sizes must take the symmetric path"
     num_k = args[3]
-    assert dev.grids[dev.launches.index("query_compact")] == num_k * args[2] and args[2] >= 3
+    nbm = dev.args[dev.launches.index("compact")][1]
+    assert dev.grids[dev.launches.index("compact")] == num_k * nbm and nbm >= 3
+    assert dev.grids[dev.launches.index("probe")] == (num_k // 2 + 1) * args[2]  # up to the centre
     what = f"symmetric k{ks} d{dilation} items={items}"
     assert_same_map(got, reference_map(coords, ks, 1, dilation, False, False), what)
     assert_dense_nbr(got, what)
     # one memset (uint64 words): the table (2 capacity + 4) and the scan state after it (ticket, tile words,
-    # scatter counters); the insert kernel sets cand's mirrored rows to -1
-    assert dev.fills == [2 * (args[16] + 1) + 4 + 1 + num_k * args[2] + num_k // 2]
+    # offset totals); the insert kernel sets cand's mirrored rows to -1
+    assert dev.fills == [2 * (args[16] + 1) + 4 + 1 + num_k * nbm + num_k]
     assert dev.args[dev.launches.index("insert")][-1] == num_k // 2
 
 
@@ -325,7 +342,7 @@ def test_emulated_symmetric_isolated_voxels(emulated, case):
     coords, ks, d = SYMMETRIC_SMALL[case]
     emulated.clear_log()
     got = gpu_kernel_map.build(emulated, coords, ks, 1, d, False, False)
-    assert _query_args(emulated)[_SYMMETRIC_ARG] == 1
+    assert _probe_args(emulated)[_SYMMETRIC_ARG] == 1
     assert_same_map(got, reference_map(coords, ks, 1, d, False, False), f"isolated case {case}")
     assert_dense_nbr(got, f"isolated case {case}")
     if case < 4:  # no neighbours: the centre pairs only
@@ -340,12 +357,12 @@ def test_emulated_other_kinds_keep_probing(emulated, rng, kind, ks, stride):
     coords, out = make_coords(rng, kind, s, 2, n=40, extent=6)
     emulated.clear_log()
     got = gpu_kernel_map.build(emulated, coords, ks, s, 1, tr, gen, out)
-    assert _query_args(emulated)[_SYMMETRIC_ARG] == 0
+    assert _probe_args(emulated)[_SYMMETRIC_ARG] == 0
     assert_same_map(got, reference_map(coords, ks, s, 1, tr, gen, out=out), kind)
     # stride 1 with the outputs given explicitly (even the inputs themselves) is no SubM map: it probes
     emulated.clear_log()
     gpu_kernel_map.build(emulated, coords, 3, 1, 1, False, False, coords.copy())
-    assert _query_args(emulated)[_SYMMETRIC_ARG] == 0
+    assert _probe_args(emulated)[_SYMMETRIC_ARG] == 0
 
 
 def _delete_voxel(table, mask, want):
@@ -378,19 +395,19 @@ def test_emulated_symmetric_path_skips_the_probes(emulated_with, rng):
     _, expect = _delete_voxel(table, mask, csr_table(reference_map(coords, 3, 1, 1, False, False)))
     dev.clear_log()
     got = _host(gpu_kernel_map.build(dev, coords, 3, 1, 1, False, False, table=(table, mask)).dense_nbr)
-    assert _query_args(dev)[_SYMMETRIC_ARG] == 1
+    assert _probe_args(dev)[_SYMMETRIC_ARG] == 1
     np.testing.assert_array_equal(got, expect)
 
 
 def test_emulated_stuck_spin_wait_raises(emulated, rng, monkeypatch):
-    """The emulator turns a spin-wait that would not end (here: a scatter counter one ahead) into an
+    """The emulator turns a spin-wait that would not end (here: an offset total one tile ahead) into an
     error instead of a hang."""
     coords = random_voxels(rng, 100, extent=6, batches=1)
     real = emulated.launch
 
     def launch(name, grid, block, args):
-        if name == "query_compact":
-            args[18].array().view(np.uint64)[-1] = 0  # the state's last word: done[K/2 - 1], all ones + 1
+        if name == "compact":  # the state ends with the K offset totals: totals[0] = (1 tile, 0 hits) - 1
+            args[5].array().view(np.uint64)[-args[2]] = (1 << 40) - 1
         real(name, grid, block, args)
     monkeypatch.setattr(emulated, "launch", launch)
     with pytest.raises(RuntimeError, match="spin-wait did not end"):
@@ -522,7 +539,7 @@ def test_emulated_kernel_map_passes_the_cached_table(emulated_voxels, monkeypatc
     v = sv.Voxels(coords, None)
     emulated_voxels.clear_log()
     got = sv.kernel_map(v, 3)
-    assert seen == [v._hash] and emulated_voxels.launches == ["query_compact"]
+    assert seen == [v._hash] and emulated_voxels.launches == ["probe", "compact"]
     assert v._keys is None
     assert_same_map(got, reference_map(coords, 3, 1, 1, False, False), "kernel_map() with the cached table")
     unchecked = sv.Voxels(coords, None, check=False)
@@ -683,9 +700,9 @@ def test_gpu_symmetric_path_skips_the_probes(cupy, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("ks", [3, 5, (3, 1, 5)])
 def test_gpu_symmetric_subm_repeated_builds(cupy, rng, ks):
-    """The mirrored tiles of a SubM map spin-wait for the scatters of other blocks: 150k voxels
-    (74 tiles per offset, thousands of blocks in flight), ten builds each with and without a prebuilt
-    table, every one exact."""
+    """SubM maps of 150k voxels (74 tiles per offset, thousands of blocks in flight: mirror scatters
+    from other blocks, offset totals and look-backs waited for), ten builds each with and without a
+    prebuilt table, every one exact."""
     coords = random_voxels(rng, 150_000, extent=70, batches=2)
     want = reference_map(coords, ks, 1, 1, False, False)
     c = cupy.asarray(coords)

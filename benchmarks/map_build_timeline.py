@@ -1,0 +1,121 @@
+"""Where the time of one SubM k3 map build goes, host and device on one clock (torch.profiler / CUPTI).
+
+The layer benchmark times ``kernel_map(Voxels(coords, None, check=False), 3)`` between two CUDA events
+(``benchmarks.runners.Geometry.map_build``). This profiles the same call ``--repeats`` times and prints,
+per host API call of the build (runtime and driver: memset, launches, copy, event records), the median
+µs from the start event's record to the call, and for the device work it queued the median start and
+end, on the same origin. So the critical path reads off directly: host until the last launch, then the
+device. CUPTI's callbacks add about a µs per API call to the host figures.
+
+``python -m benchmarks.map_build_timeline [--scene semantickitti] [--repeats 30] [--peer] [--out DIR --stem STEM]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+
+
+def _trace_events(prof) -> list:
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            doc = json.load(f)
+    finally:
+        os.unlink(path)
+    return doc["traceEvents"] if isinstance(doc, dict) else doc
+
+
+_HOST = ("cuda_runtime", "cuda_driver")
+_DEVICE = ("kernel", "gpu_memset", "gpu_memcpy")
+
+
+def timeline(fn, repeats: int) -> dict:
+    """Median host-call and device offsets (µs from the start event's record) of ``fn()`` timed the
+    way the layer benchmark times it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    event_ms = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(repeats):
+            with record_function(f"svx_build_{i}"):
+                start.record()
+                fn()
+                end.record()
+            end.synchronize()
+            event_ms.append(start.elapsed_time(end))
+    events = _trace_events(prof)
+    ranges = sorted((e for e in events if str(e.get("name", "")).startswith("svx_build_")
+                     and e.get("ph") == "X"), key=lambda e: e["ts"])
+    host = sorted((e for e in events if e.get("cat") in _HOST and e.get("ph") == "X"), key=lambda e: e["ts"])
+    device = {e["args"].get("correlation"): e for e in events
+              if e.get("cat") in _DEVICE and e.get("ph") == "X" and "args" in e}
+    rows: dict = {}
+    for r in ranges:
+        lo, hi = r["ts"], r["ts"] + r["dur"]
+        calls = [e for e in host if lo <= e["ts"] <= hi]
+        t0 = next((e["ts"] for e in calls if "EventRecord" in e["name"]), lo)
+        seen: dict = {}
+        for e in calls:  # keyed by name and occurrence: the calls between launches vary (event queries)
+            seen[e["name"]] = seen.get(e["name"], -1) + 1
+            name = f"{e['name']}#{seen[e['name']]}"
+            d = device.get(e.get("args", {}).get("correlation"))
+            row = rows.setdefault(name, {"call": [], "call_dur": [], "dev_start": [], "dev_end": [], "dev": ""})
+            row["call"].append(e["ts"] - t0)
+            row["call_dur"].append(e["dur"])
+            if d is not None:
+                row["dev_start"].append(d["ts"] - t0)
+                row["dev_end"].append(d["ts"] + d["dur"] - t0)
+                row["dev"] = d["name"][:60]
+        rows.setdefault("zz python range", {"call": [], "call_dur": [], "dev_start": [], "dev_end": [],
+                                            "dev": ""})["call_dur"].append(r["dur"])
+    med = lambda v: round(statistics.median(v), 1) if v else None
+    out = {"event_us_profiled": round(statistics.median(event_ms) * 1e3, 1), "calls": {}}
+    for name, row in sorted(rows.items(), key=lambda kv: med(kv[1]["call"]) or 0.0):
+        out["calls"][name] = {"at_us": med(row["call"]), "dur_us": med(row["call_dur"]),
+                              "device": row["dev"], "dev_start_us": med(row["dev_start"]),
+                              "dev_end_us": med(row["dev_end"]), "n": len(row["call_dur"])}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scene", default="semantickitti")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--peer", action="store_true", help="profile spconv's map build instead (importable)")
+    p.add_argument("--out")
+    p.add_argument("--stem")
+    a = p.parse_args(argv)
+    from benchmarks import runners, scenes
+    sc = (scenes.load_scenes([a.scene]) or scenes.load_scenes(["lidar_synth"]))[0]
+    if a.peer:
+        from benchmarks import peers
+        sp, why = peers.import_peer("spconv")
+        if sp is None:
+            raise SystemExit(f"spconv is not importable: {why}")
+        fn, pairs = peers.PeerGeometry(sp, sc.coords).map_build(), None
+    else:
+        fn, pairs = runners.Geometry(sc.coords, "gpu", "torch").map_build()
+    res = {"scene": sc.name, "n": sc.n_voxels, "pairs": pairs, **timeline(fn, a.repeats)}
+    print(f"{sc.name}: N={sc.n_voxels} pairs={pairs} event (profiled) {res['event_us_profiled']} µs")
+    print(f"{'call':42s} {'at':>7s} {'dur':>6s}  {'dev start':>9s} {'dev end':>8s}  device op")
+    for name, r in res["calls"].items():
+        print(f"{name:42.42s} {r['at_us']!s:>7s} {r['dur_us']!s:>6s}  {r['dev_start_us']!s:>9s} "
+              f"{r['dev_end_us']!s:>8s}  {r['device']}")
+    if a.out:
+        with open(os.path.join(a.out, f"{a.stem}-map_build_timeline.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
