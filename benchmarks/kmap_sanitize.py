@@ -1,7 +1,7 @@
 """Small GPU kernel-map run for compute-sanitizer (memcheck, racecheck): the symmetric SubM path (k3,
 k5, (3, 1, 5)) with and without a prebuilt table, the probing path (k2 s2 strided, even SubM k2, k2 s2
-generative), on 6,000 voxels; run it with ``SPARSEVOX_KMAP_ITEMS=1`` (256-row query tiles) so that each
-offset spans several tiles.
+generative), on 6,000 voxels; run it with ``SPARSEVOX_KMAP_ITEMS=1 SPARSEVOX_KMAP_PROBE_ITEMS=1``
+(256-row tiles) so that each offset spans several tiles.
 Every map is compared with the NumPy builder. ``compute-sanitizer --tool memcheck python3 -m
 benchmarks.kmap_sanitize``; prints one line per map and ``kmap_sanitize: N maps OK``."""
 import numpy as np
