@@ -5,7 +5,9 @@ The layer benchmark times ``kernel_map(Voxels(coords, None, check=False), 3)`` b
 per host API call of the build (runtime and driver: memset, launches, copy, event records), the median
 µs from the start event's record to the call, and for the device work it queued the median start and
 end, on the same origin. So the critical path reads off directly: host until the last launch, then the
-device. CUPTI's callbacks add about a µs per API call to the host figures.
+device. CUPTI's callbacks add about a µs per API call to the host figures, so ``host_stamps`` also
+times, without the profiler, when the host enters each device operation of the builder and the
+inclusive cost of the Python steps before them.
 
 ``python -m benchmarks.map_build_timeline [--scene semantickitti] [--repeats 30] [--peer] [--out DIR --stem STEM]``
 """
@@ -16,6 +18,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 
 
 def _trace_events(prof) -> list:
@@ -87,6 +90,59 @@ def timeline(fn, repeats: int) -> dict:
     return out
 
 
+def host_stamps(fn, repeats: int) -> dict:
+    """Without the profiler: median host µs from the start of ``fn()`` (a sparsevox map build) to the
+    entry of each device operation of the GPU builder (memset, each launch, the info row's copy), and
+    the inclusive µs per call of the Python steps before them."""
+    import cupy
+    import torch
+
+    from benchmarks.timing import timed_attrs
+    from sparsevox import gpu_kernel_map as gkm
+    from sparsevox import voxels
+    dev = gkm._cupy_device()
+    cur: dict = {}  # this call's "op#i" -> µs from its start
+    t0 = [0.0]
+
+    def stamp(name, label_of):
+        real = getattr(dev, name)
+
+        def wrapper(*a, **k):
+            label = label_of(a)
+            i = sum(1 for key in cur if key.startswith(label + "#"))
+            cur[f"{label}#{i}"] = (time.perf_counter() - t0[0]) * 1e6
+            return real(*a, **k)
+        setattr(dev, name, wrapper)  # an instance attribute shadows the method
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    steps = [(voxels, "to_core", "to_core"), (voxels.Voxels, "__init__", "Voxels()"), (gkm, "build", "build"),
+             (gkm, "_pairs", "_pairs"), (cupy, "empty", "cupy.empty")]
+    entries: dict = {}
+    totals = []
+    with timed_attrs(steps) as spent:
+        stamp("fill_ones", lambda a: "memset")
+        stamp("launch", lambda a: f"launch {a[0]}")
+        stamp("read_async", lambda a: "read_async")
+        try:
+            for _ in range(repeats):
+                cur.clear()
+                t0[0] = time.perf_counter()
+                fn()
+                totals.append((time.perf_counter() - t0[0]) * 1e6)
+                for k, v in cur.items():
+                    entries.setdefault(k, []).append(v)
+                torch.cuda.synchronize()
+        finally:
+            for name in ("fill_ones", "launch", "read_async"):
+                vars(dev).pop(name, None)
+    med = {k: statistics.median(v) for k, v in entries.items()}
+    return {"call_us": round(statistics.median(totals), 1),
+            "inclusive_us_per_call": {k: round(v / repeats * 1e6, 1) for k, v in spent.items()},
+            "op_entry_us": {k: round(v, 1) for k, v in sorted(med.items(), key=lambda kv: kv[1])}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scene", default="semantickitti")
@@ -106,6 +162,9 @@ def main(argv=None) -> int:
     else:
         fn, pairs = runners.Geometry(sc.coords, "gpu", "torch").map_build()
     res = {"scene": sc.name, "n": sc.n_voxels, "pairs": pairs, **timeline(fn, a.repeats)}
+    if not a.peer:
+        res["host"] = host_stamps(fn, a.repeats)
+        print("host (no profiler):", json.dumps(res["host"]))
     print(f"{sc.name}: N={sc.n_voxels} pairs={pairs} event (profiled) {res['event_us_profiled']} µs")
     print(f"{'call':42s} {'at':>7s} {'dur':>6s}  {'dev start':>9s} {'dev end':>8s}  device op")
     for name, r in res["calls"].items():

@@ -156,20 +156,25 @@ class CupyDevice:
     def to_host(self, a) -> np.ndarray:
         return a.get()
 
-    def read_async(self, a, start: int, count: int, dtype) -> "_HostRead":
+    def host_buffer(self, nbytes: int):
+        """Pinned host memory of ``nbytes`` for :meth:`read_async`."""
+        return self.xp.cuda.alloc_pinned_memory(nbytes)
+
+    def read_async(self, a, start: int, count: int, dtype, mem=None) -> "_HostRead":
         """Start copying ``count`` elements of ``dtype`` from element ``start`` of 1-D ``a`` (in ``a``'s
-        elements) into pinned host memory on the current stream; ``.wait()`` on the handle gives them as
-        a NumPy array. The copy runs behind the kernels already queued, so the host goes on until
-        something needs the values."""
+        elements) into pinned host memory (``mem`` of :meth:`host_buffer`, or a new one) on the current
+        stream; ``.wait()`` on the handle gives them as a NumPy array. The copy runs behind the kernels
+        already queued, so the host goes on until something needs the values."""
         cupy = self.xp
-        release_held()
         rt = cupy.cuda.runtime
         stream = cupy.cuda.get_current_stream()
         nbytes = count * np.dtype(dtype).itemsize
-        mem = cupy.cuda.alloc_pinned_memory(nbytes)
+        if mem is None:
+            mem = cupy.cuda.alloc_pinned_memory(nbytes)
         rt.memcpyAsync(mem.ptr, self.ptr(a, start), nbytes, rt.memcpyDeviceToHost, stream.ptr)
         event = cupy.cuda.Event(block=False, disable_timing=True)
         event.record(stream)
+        release_held()  # (after the copy is queued: nothing the device waits for)
         return _HostRead(mem, event, stream, rt.getDevice(), count, dtype)
 
     def copy_pairs(self, src, stride: int, n: int, read: "_HostRead | None" = None):
@@ -309,13 +314,14 @@ def _capacity(n: int) -> int:
     return 1 << max(6, (4 * n - 1).bit_length())
 
 
-def _new_table(dev, n: int, extra: int = 0):
+def _new_table(dev, n: int, extra: int = 0, fill: bool = True):
     """An empty hash table for ``n`` voxels, ``(table, mask)``: ``2 * cap + 4 + extra`` words (slots, the
     all-ones key's slot, the two status words, then ``extra`` words of the caller), all set to all ones
-    by one memset."""
+    by one memset (``fill=False``: the caller queues that memset, before any kernel uses the table)."""
     cap = _capacity(n)
     table = dev.xp.empty(2 * cap + 4 + extra, dtype=dev.xp.uint64)
-    dev.fill_ones(table)
+    if fill:
+        dev.fill_ones(table)
     return table, cap - 1
 
 
@@ -388,16 +394,20 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
         if mask + 1 != _capacity(coords.shape[0]) or table.shape[0] < 2 * (mask + 1) + 4:
             raise ValueError(f"the prebuilt hash table (capacity {mask + 1}) was not built for these "
                              f"{coords.shape[0]} coordinates")
-    # Kept with the map: cand (the dense neighbour table) and offsets, one allocation. Temporary: the
-    # upper-bound pair buffers and the info row (int64, 8-byte aligned after 2 * km int32), another.
-    if table is None:
+    # Everything is allocated and every argument made first, then the device work is queued in one run:
+    # the device waits for the host between two operations, and with the allocations between them it
+    # idled ~20 µs per build (map_build_timeline). Kept with the map: cand (the dense neighbour table)
+    # and offsets, one allocation. Temporary: the upper-bound pair buffers and the info row (int64,
+    # 8-byte aligned after 2 * km int32), another; the pinned buffer the info row goes to.
+    n = coords.shape[0]
+    insert = table is None
+    if insert:
         # The state in the tail of the new table: its one memset resets it. cand's mirrored rows
         # (symmetric) must start at -1 (only hits are scattered into them): the insert kernel sets them.
-        # (the table's memset first: the device starts while the host allocates the rest)
-        table, mask = _new_table(dev, coords.shape[0], words)
+        table, mask = _new_table(dev, n, words, fill=False)
         keep = xp.empty(km + num_k + 1, dtype=xp.int32)
-        _launch_insert(dev, coords, table, mask, dev.ptr(keep, (num_k - half) * m), half)
         state = dev.ptr(table, _status_at(mask) + 2)
+        reset = (table, 0)
     elif symmetric:
         # A prebuilt table is shared by every map of these voxels: a state of this map's own, after
         # offsets in the same allocation (8-byte aligned), reset by one memset together with cand's
@@ -405,27 +415,32 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
         head = km + num_k + 1 + (km + num_k + 1) % 2
         keep = xp.empty(head + 2 * words, dtype=xp.int32)
         state = dev.ptr(keep, head)
-        dev.fill_ones(keep, (num_k - half) * m)
+        reset = (keep, (num_k - half) * m)
     else:  # a prebuilt table: a fresh state of this map's own
         keep = xp.empty(km + num_k + 1, dtype=xp.int32)
         # Held by name until the launch: the kernel gets only its address, and a dropped array's memory
         # goes back to the pool at once (the next allocation could take it).
         state_words = xp.empty(words, dtype=xp.uint64)
-        dev.fill_ones(state_words)
         state = dev.ptr(state_words)
-    probed = num_k // 2 + 1 if symmetric else num_k  # offsets kmap_probe writes (symmetric: to the centre)
-    nbp = _blocks(m, BLOCK * dev.probe_items)  # probe blocks per offset
-    dev.launch("probe", probed * nbp, BLOCK,
-               (out_coords, np.int32(m), np.int32(nbp), np.int32(num_k), np.int32(transposed), np.int32(symmetric),
-                *_geometry_args(st, ks, dl), table, np.uint64(mask), dev.ptr(keep)))
+        reset = (state_words, 0)
     # keep = [cand (K x m) | offsets (K + 1) | ...]; scratch = [in_buf (K m) | out_buf (K m) | info]
     scratch = xp.empty(2 * km + 2 * (num_k + 3), dtype=xp.int32)
-    dev.launch("compact", tiles, BLOCK,
-               (np.int32(m), np.int32(nbm), np.int32(num_k), dev.ptr(keep), dev.ptr(table, _status_at(mask)),
-                state, dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km), dev.ptr(scratch, 2 * km)))
+    host = dev.host_buffer((num_k + 3) * 8)
+    probed = num_k // 2 + 1 if symmetric else num_k  # offsets kmap_probe writes (symmetric: to the centre)
+    nbp = _blocks(m, BLOCK * dev.probe_items)  # probe blocks per offset
+    cand = dev.ptr(keep)
+    probe_args = (out_coords, np.int32(m), np.int32(nbp), np.int32(num_k), np.int32(transposed),
+                  np.int32(symmetric), *_geometry_args(st, ks, dl), table, np.uint64(mask), cand)
+    compact_args = (np.int32(m), np.int32(nbm), np.int32(num_k), cand, dev.ptr(table, _status_at(mask)), state,
+                    dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km), dev.ptr(scratch, 2 * km))
+    dev.fill_ones(*reset)
+    if insert:
+        _launch_insert(dev, coords, table, mask, dev.ptr(keep, (num_k - half) * m), half)
+    dev.launch("probe", probed * nbp, BLOCK, probe_args)
+    dev.launch("compact", tiles, BLOCK, compact_args)
     # No synchronisation here: the sizes and status words start towards the host behind the kernels,
     # and the map takes its exact-size pairs when first used (KernelMap.wait).
-    read = dev.read_async(scratch, 2 * km, num_k + 3, np.int64)
+    read = dev.read_async(scratch, 2 * km, num_k + 3, np.int64, host)
     read.keep = (table, coords, out_coords)  # used by the queued kernels, whoever drops them first
     offsets, dense_nbr = dev.view(keep, km, (num_k + 1,), np.int32), dev.view(keep, 0, (num_k, m), np.int32)
     return _PendingPairs(dev, coords, scratch, km, num_k, read), offsets, dense_nbr

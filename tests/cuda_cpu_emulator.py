@@ -259,7 +259,11 @@ class EmulatedDevice:
     def to_host(self, a):
         return np.array(a, copy=True)
 
-    def read_async(self, a, start, count, dtype):
+    @staticmethod
+    def host_buffer(nbytes):
+        return None  # (the values are read from the device array itself at wait)
+
+    def read_async(self, a, start, count, dtype, mem=None):
         """The GPU device's pending read; here the values are copied when the builder asks for them
         (``wait``), as a GPU read would give whatever the kernels left there."""
         self.reads += 1
