@@ -20,6 +20,8 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
+
 
 def _trace_events(prof) -> list:
     fd, path = tempfile.mkstemp(suffix=".json")
@@ -58,7 +60,7 @@ def timeline(fn, repeats: int) -> dict:
             event_ms.append(start.elapsed_time(end))
     events = _trace_events(prof)
     ranges = sorted((e for e in events if str(e.get("name", "")).startswith("svx_build_")
-                     and e.get("ph") == "X"), key=lambda e: e["ts"])
+                     and e.get("ph") == "X" and e.get("cat") == "user_annotation"), key=lambda e: e["ts"])
     host = sorted((e for e in events if e.get("cat") in _HOST and e.get("ph") == "X"), key=lambda e: e["ts"])
     device = {e["args"].get("correlation"): e for e in events
               if e.get("cat") in _DEVICE and e.get("ph") == "X" and "args" in e}
@@ -143,6 +145,41 @@ def host_stamps(fn, repeats: int) -> dict:
             "op_entry_us": {k: round(v, 1) for k, v in sorted(med.items(), key=lambda kv: kv[1])}}
 
 
+def launch_costs(n: int = 2000) -> dict:
+    """Host µs per call of the pieces of one builder launch (a one-block kernel, back to back): the
+    whole ``CupyDevice.launch``, the argument boxes and driver call (``Args.launch``), the driver call
+    alone, and the lookups around them; and one ``fill_ones`` (memset) of 64 bytes."""
+    import cupy
+
+    from benchmarks.timing import loop_us
+    from sparsevox import driver
+    from sparsevox import gpu_kernel_map as gkm
+    dev = gkm._cupy_device()
+    pos, status, info = cupy.zeros(4, cupy.int32), cupy.zeros(2, cupy.uint64), cupy.zeros(2, cupy.int64)
+    args = (pos, np.int32(4), status, info)
+    sync = cupy.cuda.Device().synchronize
+    dev.launch("unique_info", 1, gkm.BLOCK, args)
+    packed = dev._fns[(cupy.cuda.runtime.getDevice(), "unique_info", gkm.BLOCK)]
+    stream = cupy.cuda.get_current_stream().ptr
+    from cupy_backends.cuda.api import driver as cdriver
+    out = {
+        "CupyDevice.launch": loop_us(lambda: dev.launch("unique_info", 1, gkm.BLOCK, args), n, sync, 256),
+        "Args.launch": loop_us(lambda: packed.launch(1, gkm.BLOCK, stream, args), n, sync, 256),
+        "driver.launch": loop_us(lambda: driver.launch(packed.func, 1, gkm.BLOCK, 0, stream, packed.params_addr),
+                                 n, sync, 256),
+        "cuLaunchKernel": loop_us(lambda: cdriver.launchKernel(packed.func, 1, 1, 1, gkm.BLOCK, 1, 1, 0, stream,
+                                                               packed.params_addr, 0), n, sync, 256),
+        "ctxGetCurrent": loop_us(cdriver.ctxGetCurrent, n),
+        "getDevice": loop_us(cupy.cuda.runtime.getDevice, n),
+        "get_current_stream": loop_us(cupy.cuda.get_current_stream, n),
+        "fill_ones(64 B)": loop_us(lambda: dev.fill_ones(info), n, sync, 256),
+        "cupy.empty(4 MB)": loop_us(lambda: cupy.empty(1 << 20, cupy.int32), n),
+        "host_buffer(240 B)": loop_us(lambda: dev.host_buffer(240), n),
+        "Event()+record": loop_us(lambda: cupy.cuda.Event(block=False, disable_timing=True).record(), n, sync, 256),
+    }
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scene", default="semantickitti")
@@ -165,6 +202,8 @@ def main(argv=None) -> int:
     if not a.peer:
         res["host"] = host_stamps(fn, a.repeats)
         print("host (no profiler):", json.dumps(res["host"]))
+        res["launch_costs_us"] = launch_costs()
+        print("launch pieces, host µs per call:", json.dumps(res["launch_costs_us"]))
     print(f"{sc.name}: N={sc.n_voxels} pairs={pairs} event (profiled) {res['event_us_profiled']} µs")
     print(f"{'call':42s} {'at':>7s} {'dur':>6s}  {'dev start':>9s} {'dev end':>8s}  device op")
     for name, r in res["calls"].items():

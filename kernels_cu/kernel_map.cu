@@ -11,8 +11,8 @@
 //                        word and its offset's total), the base of its pairs is the totals of the
 //                        earlier offsets plus a decoupled look-back over the earlier tiles of its own
 //                        offset, and the pairs land at base + rank (rank in (k, row) order) in
-//                        upper-bound buffers; offsets[K + 1] and the host-bound info row (offsets, then
-//                        the two insert status words) come out of the same kernel
+//                        upper-bound buffers; offsets[K + 1] and the info row (offsets, then the two
+//                        insert status words, stored into pinned host memory) come out of the same kernel
 //   kmap_candidate_keys  packed keys of floor(c / s) (strided outputs) or s * c + off_k (generated)
 //   kmap_unique_*        head flags, count and unpacking of a sorted key array (unique outputs)
 //
@@ -319,7 +319,8 @@ __global__ void __launch_bounds__(BLOCK) kmap_probe(
 //           the tile word of tile t (see svx_kmap::TILE_*), then totals[K] (see svx_kmap::offset_base)
 //   cand    [K, m] int32 (kmap_probe);  status  the two insert status words (table + 2 * (mask + 1) + 2)
 //   in_buf, out_buf [K * m] int32: pairs at their final positions; only the first offsets[K] are written
-//   offsets [K + 1] int32;  info [K + 3] int64 = offsets, then status[0], status[1] (EMPTY reads as -1)
+//   offsets [K + 1] int32;  info [K + 3] int64 = offsets, then status[0], status[1] (EMPTY reads as -1),
+//           in pinned host memory (mapped: the host reads it once an event after this kernel is done)
 // The base of a tile's pairs: every tile counts its hits into its offset's total and publishes them in
 // its tile word at once; it then looks back over the earlier tiles of its own offset only (an offset's
 // first tile publishes an inclusive prefix at once) and adds the totals of the earlier offsets (each

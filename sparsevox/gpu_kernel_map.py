@@ -26,14 +26,15 @@ How (kernels in ``kernels_cu/kernel_map.cu``, table in ``kernels_cu/common/hash.
    ticket. Each tile publishes its hit count at once (its tile word, and added to its offset's total),
    finds its base as the totals of the earlier offsets plus a decoupled look-back over the earlier
    tiles of its own offset, and writes its pairs at their final positions (ranked in row order) in
-   upper-bound buffers (``K * M`` each), plus ``offsets`` and the host-bound info row. The ticket,
+   upper-bound buffers (``K * M`` each), plus ``offsets`` and the info row (sizes and status words),
+   which it stores straight into pinned host memory (mapped into the device's address space). The ticket,
    tile words and totals share the table's allocation, so the table's memset resets them; with a
    prebuilt table (below) they get a small allocation of their own, memset per map. (Probe and
    compaction in one kernel took 52-54 µs for SemanticKITTI: tiles after the centre spin-waited for
    the mirror scatters, and every tile's warps waited behind its look-back.)
-5. No synchronisation: the info row (sizes and status words) is copied into pinned host memory behind
-   the kernels, and the map is returned pending (:attr:`KernelMap.ready` False). Its first use
-   (:meth:`KernelMap.wait`, which every read of the CSR arrays calls) waits for that copy, raises the
+5. No synchronisation: the map is returned pending (:attr:`KernelMap.ready` False), with an event after
+   its kernels. Its first use (:meth:`KernelMap.wait`, which every read of the CSR arrays calls) waits
+   for that event, reads the info row from the pinned buffer, raises the
    insert's status (duplicate or out-of-range voxel of unvalidated coordinates), and moves the first
    ``offsets[K]`` pairs of both buffers into one exact-size allocation (``in_maps`` then ``out_maps``)
    with one 2-D device-to-device copy on the build's stream; the upper-bound buffers then go back to
@@ -45,8 +46,8 @@ How (kernels in ``kernels_cu/kernel_map.cu``, table in ``kernels_cu/common/hash.
    Parts of the allocations are passed to the kernels as raw addresses (a CuPy slice costs µs of host
    time; a map used about ten).
 
-Per map: one memset, three kernels (insert, probe, compact), one asynchronous
-device→host copy (the K + 3 int64 info row); at first use one 2-D device-to-device copy; strided and
+Per map: one memset, three kernels (insert, probe, compact) and no copy (the K + 3 int64 info row is
+written by compact into pinned host memory); at first use one 2-D device-to-device copy; strided and
 generative layers add one synchronous device→host copy for the number of output sites. Work runs on
 CuPy's current device and stream (see :func:`sparsevox._arrays.on_caller_stream`).
 
@@ -157,32 +158,33 @@ class CupyDevice:
         return a.get()
 
     def host_buffer(self, nbytes: int):
-        """Pinned host memory of ``nbytes`` for :meth:`read_async`."""
+        """Pinned host memory of ``nbytes`` that kernels write directly (``host_ptr``): with unified
+        addressing, memory from cudaHostAlloc is mapped into every device's address space at the same
+        address. A kernel storing its few result words there spares a device-to-host copy, whose host
+        call cost as much as a launch."""
         return self.xp.cuda.alloc_pinned_memory(nbytes)
 
-    def read_async(self, a, start: int, count: int, dtype, mem=None) -> "_HostRead":
-        """Start copying ``count`` elements of ``dtype`` from element ``start`` of 1-D ``a`` (in ``a``'s
-        elements) into pinned host memory (``mem`` of :meth:`host_buffer`, or a new one) on the current
-        stream; ``.wait()`` on the handle gives them as a NumPy array. The copy runs behind the kernels
-        already queued, so the host goes on until something needs the values."""
+    @staticmethod
+    def host_ptr(mem) -> int:
+        return mem.ptr
+
+    def host_result(self, mem, count: int, dtype) -> "_HostRead":
+        """Handle on ``count`` values of ``dtype`` that the kernels queued so far on the current stream
+        write into ``mem`` (:meth:`host_buffer`): an event recorded now; ``.wait()`` gives them as a
+        NumPy array once it is done."""
         cupy = self.xp
-        rt = cupy.cuda.runtime
         stream = cupy.cuda.get_current_stream()
-        nbytes = count * np.dtype(dtype).itemsize
-        if mem is None:
-            mem = cupy.cuda.alloc_pinned_memory(nbytes)
-        rt.memcpyAsync(mem.ptr, self.ptr(a, start), nbytes, rt.memcpyDeviceToHost, stream.ptr)
         event = cupy.cuda.Event(block=False, disable_timing=True)
         event.record(stream)
-        release_held()  # (after the copy is queued: nothing the device waits for)
-        return _HostRead(mem, event, stream, rt.getDevice(), count, dtype)
+        release_held()  # (after the event: nothing the device waits for)
+        return _HostRead(mem, event, stream, cupy.cuda.runtime.getDevice(), count, dtype)
 
     def copy_pairs(self, src, stride: int, n: int, read: "_HostRead | None" = None):
         """``(src[:n], src[stride:stride + n])`` (1-D ``src``) as new exact-size arrays: one allocation
         (the second starting 256-byte aligned, as a separate allocation would), one 2-D device-to-device
         copy (two 1-D copies where ``stride`` exceeds the largest pitch cudaMemcpy2D takes).
 
-        With ``read`` (the map's :meth:`read_async` handle) the copy runs on ``read``'s stream and device,
+        With ``read`` (the map's :meth:`host_result` handle) the copy runs on ``read``'s stream and device,
         where ``src`` was written and will go back to the pool, and the caller's current stream waits for
         it; without, on the current stream."""
         if read is None:
@@ -214,10 +216,11 @@ class CupyDevice:
 
 
 class _HostRead:
-    """A device-to-host copy in flight (:meth:`CupyDevice.read_async`): the pinned buffer, the event
-    after the copy, the stream and device it was queued on, and ``keep``: objects the kernels queued
-    before the copy still use (a shared hash table, the coordinates), held with the buffer until the
-    event is done when the read is dropped first (a map dropped unused must not make the host wait)."""
+    """Values kernels in flight write into pinned host memory (:meth:`CupyDevice.host_result`): the
+    buffer, the event after those kernels, the stream and device they were queued on, and ``keep``:
+    objects the queued kernels still use (a shared hash table, the coordinates), held with the buffer
+    until the event is done when the read is dropped first (a map dropped unused must not make the host
+    wait)."""
     __slots__ = ("mem", "event", "stream", "device", "size", "dtype", "keep")
 
     def __init__(self, mem, event, stream, device: int, size: int, dtype):
@@ -397,8 +400,8 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
     # Everything is allocated and every argument made first, then the device work is queued in one run:
     # the device waits for the host between two operations, and with the allocations between them it
     # idled ~20 µs per build (map_build_timeline). Kept with the map: cand (the dense neighbour table)
-    # and offsets, one allocation. Temporary: the upper-bound pair buffers and the info row (int64,
-    # 8-byte aligned after 2 * km int32), another; the pinned buffer the info row goes to.
+    # and offsets, one allocation. Temporary: the upper-bound pair buffers, another; the pinned buffer
+    # the info row goes to.
     n = coords.shape[0]
     insert = table is None
     if insert:
@@ -423,24 +426,24 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
         state_words = xp.empty(words, dtype=xp.uint64)
         state = dev.ptr(state_words)
         reset = (state_words, 0)
-    # keep = [cand (K x m) | offsets (K + 1) | ...]; scratch = [in_buf (K m) | out_buf (K m) | info]
-    scratch = xp.empty(2 * km + 2 * (num_k + 3), dtype=xp.int32)
-    host = dev.host_buffer((num_k + 3) * 8)
+    # keep = [cand (K x m) | offsets (K + 1) | ...]; scratch = [in_buf (K m) | out_buf (K m)]
+    scratch = xp.empty(2 * km, dtype=xp.int32)
+    host = dev.host_buffer((num_k + 3) * 8)  # the info row: compact writes it there directly
     probed = num_k // 2 + 1 if symmetric else num_k  # offsets kmap_probe writes (symmetric: to the centre)
     nbp = _blocks(m, BLOCK * dev.probe_items)  # probe blocks per offset
     cand = dev.ptr(keep)
     probe_args = (out_coords, np.int32(m), np.int32(nbp), np.int32(num_k), np.int32(transposed),
                   np.int32(symmetric), *_geometry_args(st, ks, dl), table, np.uint64(mask), cand)
     compact_args = (np.int32(m), np.int32(nbm), np.int32(num_k), cand, dev.ptr(table, _status_at(mask)), state,
-                    dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km), dev.ptr(scratch, 2 * km))
+                    dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km), dev.host_ptr(host))
     dev.fill_ones(*reset)
     if insert:
         _launch_insert(dev, coords, table, mask, dev.ptr(keep, (num_k - half) * m), half)
     dev.launch("probe", probed * nbp, BLOCK, probe_args)
     dev.launch("compact", tiles, BLOCK, compact_args)
-    # No synchronisation here: the sizes and status words start towards the host behind the kernels,
-    # and the map takes its exact-size pairs when first used (KernelMap.wait).
-    read = dev.read_async(scratch, 2 * km, num_k + 3, np.int64, host)
+    # No synchronisation here: the map takes the sizes and status words, and its exact-size pairs, when
+    # first used (KernelMap.wait).
+    read = dev.host_result(host, num_k + 3, np.int64)
     read.keep = (table, coords, out_coords)  # used by the queued kernels, whoever drops them first
     offsets, dense_nbr = dev.view(keep, km, (num_k + 1,), np.int32), dev.view(keep, 0, (num_k, m), np.int32)
     return _PendingPairs(dev, coords, scratch, km, num_k, read), offsets, dense_nbr

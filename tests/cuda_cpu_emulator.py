@@ -224,7 +224,7 @@ class EmulatedDevice:
         self.grids: list[int] = []  # grid size of each launch, in launch order
         self.args: list[tuple] = []  # the scalar arguments of each launch (arrays as None), in order
         self.fills: list[int] = []  # element count of each fill_ones (one memsetAsync on the GPU), in order
-        self.reads = 0  # read_async calls (the map build's asynchronous device-to-host copy)
+        self.reads = 0  # host_result calls (the map build's pending result)
 
     def launch(self, name, grid, block, args):
         self.launches.append(name)
@@ -261,13 +261,17 @@ class EmulatedDevice:
 
     @staticmethod
     def host_buffer(nbytes):
-        return None  # (the values are read from the device array itself at wait)
+        return np.full(nbytes, 0xAB, np.uint8)  # poisoned: a value the kernel does not write shows
 
-    def read_async(self, a, start, count, dtype, mem=None):
-        """The GPU device's pending read; here the values are copied when the builder asks for them
+    @staticmethod
+    def host_ptr(mem):
+        return _Addr(mem, 0)
+
+    def host_result(self, mem, count, dtype):
+        """The GPU device's pending result; here the values are copied when the builder asks for them
         (``wait``), as a GPU read would give whatever the kernels left there."""
         self.reads += 1
-        return _Read(self.view(a, start, (count,), dtype))
+        return _Read(mem.view(dtype)[:count])
 
     def copy_pairs(self, src, stride, n, read=None):
         return np.array(src[:n], copy=True), np.array(src[stride:stride + n], copy=True)
