@@ -131,13 +131,13 @@ def torch_part(scene_names) -> dict:
 def map_build_phases(coords, n: int = 50) -> dict:
     """Host µs per SubM k3 map build (``kernel_map(Voxels(coords, None, check=False), 3)``, torch coords)
     spent in each device operation of the GPU builder (wrapped with timers), in making the ``Voxels``,
-    and the rest (Python glue). The build does not wait for its kernels (``read_async`` queues the copy
+    and the rest (Python glue). The build does not wait for its kernels (``host_result`` records the event
     of the sizes); ``copy_pairs`` runs at a map's first use, so it is absent here."""
     import torch
 
     from sparsevox import Voxels, gpu_kernel_map as gkm, kernel_map
     dev = gkm._cupy_device()
-    names = ("launch", "fill_ones", "read_async", "copy_pairs", "view")
+    names = ("launch", "fill_ones", "host_buffer", "host_result", "copy_pairs", "view")
     with timed_attrs([(dev, name, name) for name in names]) as spent:
         kernel_map(Voxels(coords, None, check=False), 3)
         torch.cuda.synchronize()

@@ -126,7 +126,7 @@ def host_stamps(fn, repeats: int) -> dict:
     with timed_attrs(steps) as spent:
         stamp("fill_ones", lambda a: "memset")
         stamp("launch", lambda a: f"launch {a[0]}")
-        stamp("read_async", lambda a: "read_async")
+        stamp("host_result", lambda a: "host_result")
         try:
             for _ in range(repeats):
                 cur.clear()
@@ -137,7 +137,7 @@ def host_stamps(fn, repeats: int) -> dict:
                     entries.setdefault(k, []).append(v)
                 torch.cuda.synchronize()
         finally:
-            for name in ("fill_ones", "launch", "read_async"):
+            for name in ("fill_ones", "launch", "host_result"):
                 vars(dev).pop(name, None)
     med = {k: statistics.median(v) for k, v in entries.items()}
     return {"call_us": round(statistics.median(totals), 1),
