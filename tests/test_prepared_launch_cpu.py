@@ -252,34 +252,6 @@ def test_driver_launch_of_the_implicit_gemm_launches(fake_driver, monkeypatch, d
     assert fake_driver.devices == [2]
 
 
-class ndarray:  # noqa: N801  (a CuPy array as sparsevox.driver.kind recognises one: its class's name and module)
-    __module__ = "cupy._core.core"
-
-    def __init__(self, ptr):
-        self.data = types.SimpleNamespace(ptr=ptr)
-
-
-def test_driver_args_write_each_call_into_the_same_boxes(fake_driver):
-    """sparsevox.driver.Args (the kernel-map builder's launches): arrays go as their address, ints as
-    addresses, NumPy scalars by their type; every call rewrites the values of the one parameter array."""
-    from sparsevox import driver
-    calls = [(ndarray(0x1000), np.int32(-5), 0x7F00_0000_0010, np.uint64((1 << 63) + 1), ndarray(0x2000)),
-             (ndarray(0x3000), np.int32(7), 0x7F00_0000_0020, np.uint64(3), ndarray(0x4000))]
-    fake_driver.kernel(0xD0, 5)
-    args = driver.Args(0xD0, calls[0])
-    for grid, stream, values in ((9, 0x51, calls[0]), (0, 0x52, calls[1])):
-        fake_driver.launches.clear()
-        args.launch(grid, 128, stream, values)
-        (got,) = fake_driver.launches
-        assert (got["func"], got["grid"], got["block"], got["stream"]) == (0xD0, (max(grid, 1), 1, 1), (128, 1, 1), stream)
-        want = [v.data.ptr if isinstance(v, ndarray) else v for v in values]
-        _assert_args(got, want, (), None, None, None)
-    assert args.params_addr == ctypes.addressof(args.params)
-    for bad in ("3", None, np.float16(1)):
-        with pytest.raises(TypeError, match="unsupported type"):
-            driver.Args(0xD0, (bad,))
-
-
 def test_used_maps_are_freed_with_their_voxels(rng):
     """Nothing global keeps a map alive once its Voxels are gone (a global plan memo holding maps kept
     every fresh scan's map and tables: device memory grew each training step): core and torch calls."""
