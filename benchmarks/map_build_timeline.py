@@ -165,10 +165,10 @@ def launch_costs(n: int = 2000) -> dict:
     out = {
         "CupyDevice.launch": loop_us(lambda: dev.launch("unique_info", 1, gkm.BLOCK, args), n, sync, 256),
         "Args.launch": loop_us(lambda: packed.launch(1, gkm.BLOCK, stream, args), n, sync, 256),
-        "driver.launch": loop_us(lambda: driver.launch(packed.func, 1, gkm.BLOCK, 0, stream, packed.params_addr),
+        "driver.launch": loop_us(lambda: driver.launch(packed.func, 1, gkm.BLOCK, 0, stream, 0, packed.extra_addr),
                                  n, sync, 256),
         "cuLaunchKernel": loop_us(lambda: cdriver.launchKernel(packed.func, 1, 1, 1, gkm.BLOCK, 1, 1, 0, stream,
-                                                               packed.params_addr, 0), n, sync, 256),
+                                                               0, packed.extra_addr), n, sync, 256),
         "ctxGetCurrent": loop_us(cdriver.ctxGetCurrent, n),
         "getDevice": loop_us(cupy.cuda.runtime.getDevice, n),
         "get_current_stream": loop_us(cupy.cuda.get_current_stream, n),
