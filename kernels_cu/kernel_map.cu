@@ -21,8 +21,9 @@
 // SemanticKITTI, where a probe of every offset alone takes about spconv's 13 µs.
 // The scan state (ticket, tile words, offset totals) sits after the status words in the table's
 // allocation, so the table's one memset (all ones) also resets it, and kmap_insert sets a symmetric
-// map's mirrored rows of cand to -1; with a prebuilt table (Voxels validation) the state sits after
-// cand instead, reset by one memset together with those rows (sparsevox/gpu_kernel_map.py).
+// map's mirrored rows of cand to -1; with a prebuilt table (Voxels validation) the state follows
+// offsets in the map's own allocation, reset by one memset together with those rows (symmetric SubM),
+// or has an allocation of its own (sparsevox/gpu_kernel_map.py).
 // Index arithmetic is 64-bit where a product can exceed 2^31 (K * M, s * c + off); the host checks
 // that K * M fits int32 (so do the pair count and every prefix; KernelMap stores int32 maps and offsets).
 // Every kernel is a template on its block size BLOCK (a multiple of 32, at most 1024); kmap_probe and
@@ -109,15 +110,15 @@ __device__ __forceinline__ int look_back(const unsigned long long* tiles, int t,
 
 // Per-offset totals: every tile of offset k adds TOTAL_TILE + its hit count to totals[k] (all ones on
 // entry, i.e. -1), so totals[k] + 1 = (tiles counted << TOTAL_SHIFT) | hits so far. Hits of one offset
-// are at most m < 2^31, tiles at most nbm < 2^23.
+// are at most m < 2^31, tiles at most nbm <= 2^23.
 constexpr int TOTAL_SHIFT = 40;
 constexpr unsigned long long TOTAL_TILE = 1ull << TOTAL_SHIFT;
 constexpr unsigned long long TOTAL_VALUE_MASK = TOTAL_TILE - 1;
 
 // Hits of every offset before k (the base of offset k's pairs), by the 32 lanes of one warp: lane i
 // reads totals[i], totals[i + 32], ... and waits until all nbm tiles of that offset have counted
-// themselves. Those tiles have earlier tickets and count themselves right after their lookups, before
-// any wait of their own, so the wait ends (see kmap_compact).
+// themselves. Those tiles have earlier tickets and count themselves right after reading their rows of
+// cand, before any wait of their own, so the wait ends (see kmap_compact).
 __device__ __forceinline__ int offset_base(const unsigned long long* totals, int k, int nbm, int lane) {
     int sum = 0;
     for (int j = lane; j < k; j += 32) {

@@ -12,6 +12,7 @@ because producer and consumer stream are the same.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import threading
@@ -325,27 +326,36 @@ def on_device(dev: int):
 _SAME_DEVICE = contextlib.nullcontext()
 
 
-# Objects that queued device work still uses (a pinned buffer a copy writes or reads, a table a kernel
-# reads) but whose owner was dropped: kept until the event recorded after that work is done. CuPy's pools
-# hand freed memory out again at once (pinned memory to anyone, device memory to other streams).
+# Objects that queued device work still uses (a pinned buffer a kernel writes, a table a kernel reads)
+# but whose owner was dropped: kept until the event recorded after that work is done. CuPy's pools hand
+# freed memory out again at once (pinned memory to anyone, device memory to other streams).
+# hold_until_done only appends to a deque (atomic, no lock): it runs from __del__, which the cyclic GC may
+# call on a thread that is inside the locked section below (a list built there can start a collection),
+# where taking the lock again would hang. The list is pruned by whoever gets the lock without waiting.
+_incoming: collections.deque = collections.deque()  # (event, objects) not yet in _held
 _held: list = []  # (event, objects)
 _held_lock = threading.Lock()
 
 
 def hold_until_done(event, objects) -> None:
     """Keep ``objects`` alive until ``event`` (a CuPy event) has completed; also lets go of earlier
-    held objects whose events are done. Safe from any thread (and from ``__del__``)."""
-    with _held_lock:
-        if not event.done:
-            _held.append((event, objects))
-        _held[:] = [h for h in _held if not h[0].done]
+    held objects whose events are done. Safe from any thread and from ``__del__``."""
+    if not event.done:
+        _incoming.append((event, objects))
+    release_held()
 
 
 def release_held() -> None:
-    """Let go of held objects whose events are done (called on the hot paths that allocate)."""
-    if _held:
-        with _held_lock:
-            _held[:] = [h for h in _held if not h[0].done]
+    """Let go of held objects whose events are done (called on the hot paths that allocate). Skips the
+    pruning when another caller (or this thread, re-entered from a ``__del__``) is doing it."""
+    if not (_held or _incoming) or not _held_lock.acquire(blocking=False):
+        return
+    try:
+        while _incoming:
+            _held.append(_incoming.popleft())
+        _held[:] = [h for h in _held if not h[0].done]
+    finally:
+        _held_lock.release()
 
 
 class Hold:

@@ -29,7 +29,8 @@ How (kernels in ``kernels_cu/kernel_map.cu``, table in ``kernels_cu/common/hash.
    upper-bound buffers (``K * M`` each), plus ``offsets`` and the info row (sizes and status words),
    which it stores straight into pinned host memory (mapped into the device's address space). The ticket,
    tile words and totals share the table's allocation, so the table's memset resets them; with a
-   prebuilt table (below) they get a small allocation of their own, memset per map. (Probe and
+   prebuilt table (below) they follow ``offsets`` in the map's own allocation (symmetric SubM, reset by
+   the memset of cand's mirrored rows) or get a small allocation of their own, memset per map. (Probe and
    compaction in one kernel took 52-54 µs for SemanticKITTI: tiles after the centre spin-waited for
    the mirror scatters, and every tile's warps waited behind its look-back.)
 5. No synchronisation: the map is returned pending (:attr:`KernelMap.ready` False), with an event after
@@ -120,10 +121,11 @@ class CupyDevice:
         import cupy
         self.xp = cupy
         self._fns: dict = {}
+        self._mapped: dict = {}  # device id -> whether kernels can write pinned host memory directly
 
     def launch(self, name: str, grid: int, block: int, args: tuple) -> None:
-        """Launch kernel ``name`` on the current device and stream, through the driver with argument
-        boxes kept per kernel (:class:`sparsevox.driver.Args`: each kernel is launched from one place,
+        """Launch kernel ``name`` on the current device and stream, through the driver with a parameter
+        buffer kept per kernel (:class:`sparsevox.driver.Args`: each kernel is launched from one place,
         with the same argument kinds every time)."""
         cupy = self.xp
         dev = cupy.cuda.runtime.getDevice()
@@ -158,26 +160,43 @@ class CupyDevice:
         return a.get()
 
     def host_buffer(self, nbytes: int):
-        """Pinned host memory of ``nbytes`` that kernels write directly (``host_ptr``): with unified
-        addressing, memory from cudaHostAlloc is mapped into every device's address space at the same
-        address. A kernel storing its few result words there spares a device-to-host copy, whose host
-        call cost as much as a launch."""
-        return self.xp.cuda.alloc_pinned_memory(nbytes)
-
-    @staticmethod
-    def host_ptr(mem) -> int:
-        return mem.ptr
-
-    def host_result(self, mem, count: int, dtype) -> "_HostRead":
-        """Handle on ``count`` values of ``dtype`` that the kernels queued so far on the current stream
-        write into ``mem`` (:meth:`host_buffer`): an event recorded now; ``.wait()`` gives them as a
-        NumPy array once it is done."""
+        """``(address, handle)``: where kernels write ``nbytes`` of results for the host, and the handle
+        :meth:`host_result` takes. Pinned host memory, written directly: with unified addressing,
+        memory from cudaHostAlloc is mapped into every device's address space at the same address, and
+        a kernel storing its few result words there spares a device-to-host copy (whose host call cost
+        as much as a launch). A device that cannot map host memory gets a device buffer instead, copied
+        into the pinned one by :meth:`host_result`."""
         cupy = self.xp
+        mem = cupy.cuda.alloc_pinned_memory(nbytes)
+        if self._maps_host():
+            return mem.ptr, (mem, None)
+        buf = cupy.empty(nbytes, dtype=cupy.uint8)
+        return buf.data.ptr, (mem, buf)
+
+    def _maps_host(self) -> bool:
+        rt = self.xp.cuda.runtime
+        dev = rt.getDevice()
+        got = self._mapped.get(dev)
+        if got is None:
+            got = self._mapped[dev] = bool(rt.deviceGetAttribute(rt.cudaDevAttrUnifiedAddressing, dev)
+                                           and rt.deviceGetAttribute(rt.cudaDevAttrCanMapHostMemory, dev))
+        return got
+
+    def host_result(self, handle, count: int, dtype) -> "_HostRead":
+        """Handle on ``count`` values of ``dtype`` that the kernels queued so far on the current stream
+        write at :meth:`host_buffer`'s address (copied to the host first where that is a device buffer):
+        an event recorded now; ``.wait()`` gives them as a NumPy array once it is done."""
+        cupy = self.xp
+        rt = cupy.cuda.runtime
+        mem, buf = handle
         stream = cupy.cuda.get_current_stream()
+        if buf is not None:
+            rt.memcpyAsync(mem.ptr, buf.data.ptr, count * np.dtype(dtype).itemsize, rt.memcpyDeviceToHost,
+                           stream.ptr)
         event = cupy.cuda.Event(block=False, disable_timing=True)
         event.record(stream)
         release_held()  # (after the event: nothing the device waits for)
-        return _HostRead(mem, event, stream, cupy.cuda.runtime.getDevice(), count, dtype)
+        return _HostRead((mem, buf), event, stream, rt.getDevice(), count, dtype)
 
     def copy_pairs(self, src, stride: int, n: int, read: "_HostRead | None" = None):
         """``(src[:n], src[stride:stride + n])`` (1-D ``src``) as new exact-size arrays: one allocation
@@ -217,7 +236,7 @@ class CupyDevice:
 
 class _HostRead:
     """Values kernels in flight write into pinned host memory (:meth:`CupyDevice.host_result`): the
-    buffer, the event after those kernels, the stream and device they were queued on, and ``keep``:
+    buffers (pinned, and the device one where the device cannot map it), the event after those kernels, the stream and device they were queued on, and ``keep``:
     objects the queued kernels still use (a shared hash table, the coordinates), held with the buffer
     until the event is done when the read is dropped first (a map dropped unused must not make the host
     wait)."""
@@ -229,7 +248,7 @@ class _HostRead:
 
     def wait(self) -> np.ndarray:
         self.event.synchronize()
-        return np.frombuffer(self.mem, self.dtype, self.size).copy()
+        return np.frombuffer(self.mem[0], self.dtype, self.size).copy()
 
     def __del__(self):
         if self.event is not None:
@@ -359,7 +378,7 @@ def hash_table(dev, coords):
     table may be used on any stream afterwards). The table is only valid when both rows are -1.
     CuPy: on the device of ``coords`` and CuPy's current stream."""
     xp = dev.xp
-    with (xp.cuda.Device(coords.device.id) if xp is not np else contextlib.nullcontext()):
+    with (xp.cuda.Device(coords.device.id) if hasattr(xp, "cuda") else contextlib.nullcontext()):
         coords = _as_int32_rows(xp, coords)
         table, mask = _insert(dev, coords)
         status = dev.view(table, _status_at(mask), (2,), np.int64)
@@ -428,14 +447,14 @@ def _pairs(dev, coords, out_coords, st, ks, dl, transposed: bool, table=None, sy
         reset = (state_words, 0)
     # keep = [cand (K x m) | offsets (K + 1) | ...]; scratch = [in_buf (K m) | out_buf (K m)]
     scratch = xp.empty(2 * km, dtype=xp.int32)
-    host = dev.host_buffer((num_k + 3) * 8)  # the info row: compact writes it there directly
+    info, host = dev.host_buffer((num_k + 3) * 8)  # the info row: compact writes it there directly
     probed = num_k // 2 + 1 if symmetric else num_k  # offsets kmap_probe writes (symmetric: to the centre)
     nbp = _blocks(m, BLOCK * dev.probe_items)  # probe blocks per offset
     cand = dev.ptr(keep)
     probe_args = (out_coords, np.int32(m), np.int32(nbp), np.int32(num_k), np.int32(transposed),
                   np.int32(symmetric), *_geometry_args(st, ks, dl), table, np.uint64(mask), cand)
     compact_args = (np.int32(m), np.int32(nbm), np.int32(num_k), cand, dev.ptr(table, _status_at(mask)), state,
-                    dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km), dev.host_ptr(host))
+                    dev.ptr(scratch), dev.ptr(scratch, km), dev.ptr(keep, km), info)
     dev.fill_ones(*reset)
     if insert:
         _launch_insert(dev, coords, table, mask, dev.ptr(keep, (num_k - half) * m), half)

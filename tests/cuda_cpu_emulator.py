@@ -12,7 +12,7 @@ waits on a later ticket or for a wrong count, a bug that can hang the GPU, so th
 with ``SVX_KMAP_SPIN_STUCK`` and that launch raises ``RuntimeError`` instead of spinning forever.
 ``EmulatedDevice(items=i, probe_items=j)`` instantiates ``kmap_compact<256, i>`` and
 ``kmap_probe<256, j>`` (rows per thread of a tile; defaults: the GPU builder's), so small inputs can
-still span many tiles.
+still span many tiles; ``window=w`` builds the hash lookups with ``SVX_HASH_WINDOW=w`` (0: the source's).
 
 It exists so that the GPU kernel-map builder (:mod:`sparsevox.gpu_kernel_map`, the same Python code
 and the same kernels) can be checked against the NumPy builder on machines without a GPU. It is slow
@@ -56,7 +56,7 @@ static std::barrier<>* g_block;
 static std::vector<std::unique_ptr<std::barrier<>>> g_warps;
 static int g_lanes[32][32];
 static std::atomic<int> g_spin_stuck{0};
-#define SVX_KMAP_SPIN_STUCK() { g_spin_stuck = 1; break; }  // see kernel_map.cu wait_count
+#define SVX_KMAP_SPIN_STUCK() { g_spin_stuck = 1; break; }  // see kernel_map.cu look_back, offset_base
 extern "C" int emu_spin_stuck() { return g_spin_stuck.exchange(0); }
 template <class T> inline T __ldcg(const T* p) { return *p; }
 inline void __syncthreads() { g_block->arrive_and_wait(); }
@@ -145,10 +145,12 @@ WRAPPERS = [
 ]
 
 
-def _source(prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS, probe_items: int = gpu_kernel_map.PROBE_ITEMS) -> str:
+def _source(prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS, probe_items: int = gpu_kernel_map.PROBE_ITEMS,
+            window: int = 0) -> str:
     kcu = ROOT / "kernels_cu"
     body = (kcu / "kernel_map.cu").read_text().replace('#include "common/hash.cuh"', "")
     defines = [f"#define SVX_KMAP_PREFIX_EVERY {prefix_every}"] if prefix_every else []
+    defines += [f"#define SVX_HASH_WINDOW {window}"] if window else []
     parts = [*defines, PRELUDE, (kcu / "common" / "hash.cuh").read_text(), body]
     for name, block, params, args in WRAPPERS:
         kernel = gpu_kernel_map.kernel_name(name, block, probe_items if name == "probe" else items)
@@ -168,8 +170,9 @@ def available() -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _library(prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS, probe_items: int = gpu_kernel_map.PROBE_ITEMS):
-    src = _source(prefix_every, items, probe_items)
+def _library(prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS, probe_items: int = gpu_kernel_map.PROBE_ITEMS,
+             window: int = 0):
+    src = _source(prefix_every, items, probe_items, window)
     digest = hashlib.sha1(src.encode()).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / f"sparsevox_kmap_emu_{digest}.so"
     if not out.exists():
@@ -212,13 +215,28 @@ def _c_arg(a):
     raise TypeError(f"unsupported kernel argument {type(a)}")
 
 
+class _PoisonedNumpy:
+    """NumPy whose ``empty`` fills the new array with 0xAB bytes: a kernel or memset that misses part of
+    an allocation leaves values no real result has (recycled memory could hold the right ones)."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float):
+        a = np.empty(shape, dtype)
+        a.reshape(-1).view(np.uint8).fill(0xAB)
+        return a
+
+
 class EmulatedDevice:
-    """Drop-in for :class:`sparsevox.gpu_kernel_map.CupyDevice`: NumPy arrays, kernels on the CPU."""
-    xp = np
+    """Drop-in for :class:`sparsevox.gpu_kernel_map.CupyDevice`: NumPy arrays (allocations poisoned),
+    kernels on the CPU."""
+    xp = _PoisonedNumpy()
 
     def __init__(self, prefix_every: int = 0, items: int = gpu_kernel_map.ITEMS,
-                 probe_items: int = gpu_kernel_map.PROBE_ITEMS):
-        self.lib = _library(prefix_every, items, probe_items)
+                 probe_items: int = gpu_kernel_map.PROBE_ITEMS, window: int = 0):
+        self.lib = _library(prefix_every, items, probe_items, window)
         self.tile_items, self.probe_items = items, probe_items  # the builder sizes the grids by them
         self.launches: list[str] = []
         self.grids: list[int] = []  # grid size of each launch, in launch order
@@ -261,11 +279,8 @@ class EmulatedDevice:
 
     @staticmethod
     def host_buffer(nbytes):
-        return np.full(nbytes, 0xAB, np.uint8)  # poisoned: a value the kernel does not write shows
-
-    @staticmethod
-    def host_ptr(mem):
-        return _Addr(mem, 0)
+        mem = np.full(nbytes, 0xAB, np.uint8)  # poisoned: a value the kernel does not write shows
+        return _Addr(mem, 0), mem
 
     def host_result(self, mem, count, dtype):
         """The GPU device's pending result; here the values are copied when the builder asks for them

@@ -177,7 +177,8 @@ def test_emulated_dense_nbr_matches_csr(emulated, rng, kind, ks, stride, dilatio
 
 @pytest.fixture(scope="module")
 def emulated_with():
-    """``emulated_with(prefix_every=0, items=ITEMS)``: an emulated device whose kernels are built with
+    """``emulated_with(prefix_every=0, items=ITEMS, probe_items=items, window=0)``: an emulated device
+    (``window``: hash lookups with SVX_HASH_WINDOW=window, 0 the source's) whose kernels are built with
     ``SVX_KMAP_PREFIX_EVERY=prefix_every`` (only every n-th tile publishes an inclusive prefix, so
     look-backs sum aggregates across more than one 32-tile window; on the CPU the previous tile is
     otherwise always complete) and ``kmap_probe`` and ``kmap_compact<256, items>`` (tiles of 256 * items rows)."""
@@ -187,11 +188,13 @@ def emulated_with():
         pytest.skip(f"CUDA CPU emulator unavailable: {reason}")
     devices = {}
 
-    def get(prefix_every=0, items=gpu_kernel_map.ITEMS):
-        if (prefix_every, items) not in devices:
-            devices[prefix_every, items] = emu.EmulatedDevice(prefix_every=prefix_every, items=items,
-                                                              probe_items=items)
-        return devices[prefix_every, items]
+    def get(prefix_every=0, items=gpu_kernel_map.ITEMS, probe_items=None, window=0):
+        key = (prefix_every, items, probe_items, window)
+        if key not in devices:
+            devices[key] = emu.EmulatedDevice(prefix_every=prefix_every, items=items,
+                                              probe_items=items if probe_items is None else probe_items,
+                                              window=window)
+        return devices[key]
     return get
 
 
@@ -215,6 +218,43 @@ def test_emulated_many_tiles_match_numpy_builder(emulated_with, rng, sparse_pref
     assert_dense_nbr(got, f"{kind} many tiles")
 
 
+def _slots(coords, capacity):
+    """The table slot each voxel's key hashes to (kernels_cu/common/hash.cuh: pack_key, then mix)."""
+    from sparsevox.geometry import pack_keys
+    k = pack_keys(coords)
+    with np.errstate(over="ignore"):
+        k ^= k >> np.uint64(30)
+        k *= np.uint64(0xBF58476D1CE4E5B9)
+        k ^= k >> np.uint64(27)
+        k *= np.uint64(0x94D049BB133111EB)
+        k ^= k >> np.uint64(31)
+    return (k & np.uint64(capacity - 1)).astype(np.int64)
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_emulated_probe_chains_cross_windows_and_wrap(emulated_with, window):
+    """16 voxels (a 64-slot table): 7 pairs of z-neighbours, each with one voxel hashing to the last
+    slots, so insert and lookup chains cross window boundaries and wrap past the last slot; and the
+    all-ones key (batch 1023, x = y = z = 131071, its own slot) with its -x neighbour, which looks it up."""
+    dev = emulated_with(window=window)
+    box = np.stack(np.meshgrid(np.arange(12), np.arange(12), np.arange(12), indexing="ij"), -1).reshape(-1, 3)
+    cand = np.concatenate([np.zeros((len(box), 1), int), box], 1).astype(np.int32)
+    last = cand[_slots(cand, 64) >= 60]
+    last = last[last[:, 3] < 11][:7]
+    top = (1023, 131071, 131071, 131071)
+    coords = np.concatenate([last, last + np.array([0, 0, 0, 1], np.int32),
+                             np.array([top, (1023, 131070, 131071, 131071)], np.int32)])
+    assert len(np.unique(coords, axis=0)) == 16 == len(coords)
+    (table, mask), dup, bad = gpu_kernel_map.hash_table(dev, coords)
+    assert (dup, bad, mask + 1) == (-1, -1, 64)
+    occupied = table[:128:2] != np.uint64(2 ** 64 - 1)
+    assert occupied[63] and occupied[0], "no chain wrapped past the last slot"
+    for ks in (3, (3, 3, 2)):
+        got = gpu_kernel_map.build(dev, coords, ks, 1, 1, False, False)
+        assert_same_map(got, reference_map(coords, ks, 1, 1, False, False), f"k{ks} window {window}")
+        assert_dense_nbr(got, f"k{ks} window {window}")
+
+
 def test_emulated_look_back_across_windows_within_an_offset(emulated_with, rng):
     """A tile looks back over the earlier tiles of its own offset only (the earlier offsets come from
     their totals): 36 tiles of 256 rows per offset, and no tile but an offset's first publishing a
@@ -229,21 +269,24 @@ def test_emulated_look_back_across_windows_within_an_offset(emulated_with, rng):
     assert_dense_nbr(got, "two offsets of 36 tiles")
 
 
-# (kind, kernel size, output rows m, prefix_every, items): the production tile of BLOCK * ITEMS = 2048
-# rows with m below one tile, exactly one tile, and several tiles with a partial last one (with and
-# without sparse prefixes); items = 3 and 5 make
-# the per-tile (item, warp) group count no multiple of 32.
-BIG_TILE_CASES = [("submanifold", 3, 700, 0, 8), ("submanifold", 3, 2048, 0, 8), ("submanifold", 3, 4500, 0, 8),
-                  ("submanifold", 3, 4500, 40, 8), ("transposed", 2, 4500, 0, 8), ("transposed", 3, 4500, 5, 8),
-                  ("submanifold", 3, 1700, 7, 3), ("submanifold", (3, 1, 2), 1300, 0, 5)]
+# (kind, kernel size, output rows m, prefix_every, items, probe items): 2048-row tiles (items 8) with m
+# below one tile, exactly one tile, and several tiles with a partial last one (with and without sparse
+# prefixes); items = 3 and 5 make the per-tile (item, warp) group count no multiple of 32; the
+# production pairing (compact tiles of 4096 rows, probe blocks of 512) over three compact tiles.
+BIG_TILE_CASES = [("submanifold", 3, 700, 0, 8, 8), ("submanifold", 3, 2048, 0, 8, 8),
+                  ("submanifold", 3, 4500, 0, 8, 8), ("submanifold", 3, 4500, 40, 8, 8),
+                  ("transposed", 2, 4500, 0, 8, 8), ("transposed", 3, 4500, 5, 8, 8), ("submanifold", 3, 1700, 7, 3, 3),
+                  ("submanifold", (3, 1, 2), 1300, 0, 5, 5),
+                  ("submanifold", 3, 9000, 0, gpu_kernel_map.ITEMS, gpu_kernel_map.PROBE_ITEMS),
+                  ("transposed", 2, 9000, 0, gpu_kernel_map.ITEMS, gpu_kernel_map.PROBE_ITEMS)]
 
 
-@pytest.mark.parametrize("kind,ks,m,prefix_every,items", BIG_TILE_CASES)
-def test_emulated_big_tiles_match_numpy_builder(emulated_with, rng, kind, ks, m, prefix_every, items):
+@pytest.mark.parametrize("kind,ks,m,prefix_every,items,probe_items", BIG_TILE_CASES)
+def test_emulated_big_tiles_match_numpy_builder(emulated_with, rng, kind, ks, m, prefix_every, items, probe_items):
     """Tiles of BLOCK * items output rows of one offset: K * ceil(m / (BLOCK * items)) tiles, pairs in
     row order across the items of a thread and the warps of a block; dense inputs (most rows hit)."""
-    dev = emulated_with(prefix_every=prefix_every, items=items)
-    rng_coords = random_voxels(rng, m, extent=14, batches=2)
+    dev = emulated_with(prefix_every=prefix_every, items=items, probe_items=probe_items)
+    rng_coords = random_voxels(rng, m, extent=14 if m < 5000 else 20, batches=2)
     assert rng_coords.shape[0] == m
     if kind == "transposed":  # outputs: the m fine voxels; inputs: their coarse level
         coords, out = expected_out_coords(rng_coords, 2, 2, 1, False, False), rng_coords
@@ -256,6 +299,8 @@ def test_emulated_big_tiles_match_numpy_builder(emulated_with, rng, kind, ks, m,
     num_k = int(np.prod(np.broadcast_to(ks, 3)))
     tile = gpu_kernel_map.BLOCK * items
     assert dev.grids[dev.launches.index("compact")] == num_k * -(-m // tile)
+    probed = num_k // 2 + 1 if kind == "submanifold" and all(v % 2 for v in np.broadcast_to(ks, 3)) else num_k
+    assert dev.grids[dev.launches.index("probe")] == probed * -(-m // (gpu_kernel_map.BLOCK * probe_items))
     assert_same_map(got, reference_map(coords, ks, s, 1, tr, False, out=out), f"{kind} m={m} items={items}")
     assert_dense_nbr(got, f"{kind} m={m} items={items}")
     assert got.num_pairs >= m  # dense: every output row has a pair (SubM: itself; up k2 s2: its parent)
@@ -412,6 +457,33 @@ def test_emulated_stuck_spin_wait_raises(emulated, rng, monkeypatch):
     monkeypatch.setattr(emulated, "launch", launch)
     with pytest.raises(RuntimeError, match="spin-wait did not end"):
         gpu_kernel_map.build(emulated, coords, 3, 1, 1, False, False)
+
+
+def test_dropped_pending_result_holds_its_buffers_until_its_event():
+    """A map dropped before its first use: the pinned buffer its compact kernel still writes (and the
+    device buffer where the device cannot map host memory), the table and the coordinates are held
+    until the event after its kernels is done, not handed back to the pools at once."""
+    import gc
+    import weakref
+
+    from sparsevox import _arrays
+
+    class Event:
+        done = False
+
+    class Obj:
+        pass
+    ev, pinned, device_buf, table = Event(), Obj(), Obj(), Obj()
+    refs = [weakref.ref(o) for o in (pinned, device_buf, table)]
+    read = gpu_kernel_map._HostRead((pinned, device_buf), ev, None, 0, 3, np.int64)
+    read.keep = (table,)
+    del read, pinned, device_buf, table
+    gc.collect()
+    assert all(r() is not None for r in refs)
+    ev.done = True
+    _arrays.release_held()
+    gc.collect()
+    assert all(r() is None for r in refs)
 
 
 # --- Voxels validation through the hash insert, and its table reused by the maps ---------------------
@@ -611,6 +683,20 @@ GPU_CASES = [c for c in itertools.product(KINDS, KERNEL_SIZES + [(2, 3, 1)], STR
 @pytest.fixture
 def cupy():
     return pytest.importorskip("cupy")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,ks,stride", [("submanifold", 3, 1), ("strided", 2, 2), ("transposed", 2, 2)])
+def test_gpu_builder_without_mapped_host_memory(cupy, rng, monkeypatch, kind, ks, stride):
+    """A device that cannot map pinned host memory: compact writes the info row to a device buffer and
+    the map's result copies it to the host; the maps stay exact (forced on this GPU)."""
+    dev = gpu_kernel_map._cupy_device()
+    monkeypatch.setitem(dev._mapped, cupy.cuda.runtime.getDevice(), False)
+    s, tr, gen = kind_args(kind, stride)
+    coords, out = make_coords(rng, kind, s, 2)
+    got = gpu_kernel_map.build_kernel_map(cupy.asarray(coords), None, ks, s, 1, tr, gen,
+                                          None if out is None else cupy.asarray(out))
+    assert_same_map(got, reference_map(coords, ks, s, 1, tr, gen, out=out), f"{kind} unmapped")
 
 
 @pytest.mark.gpu

@@ -252,6 +252,48 @@ def test_driver_launch_of_the_implicit_gemm_launches(fake_driver, monkeypatch, d
     assert fake_driver.devices == [2]
 
 
+def test_hold_from_a_del_inside_the_pruning_neither_hangs_nor_lets_go():
+    """A Hold dropped while release_held prunes (the cyclic GC can run a __del__ there, on the thread that
+    holds the lock) must not wait for that lock (a hang), and its objects must stay held until their
+    event is done."""
+    import gc
+    import threading
+    import weakref
+
+    from sparsevox import _arrays
+
+    class Event:
+        done = False
+
+    class Obj:
+        pass
+    inner_ev, inner = Event(), Obj()
+    r_inner = weakref.ref(inner)
+    box = [_arrays.Hold(inner_ev, (inner,))]
+    del inner
+
+    class DropsTheHold:  # not done when held; while being pruned (lock held) it drops the Hold
+        calls = 0
+
+        @property
+        def done(self):
+            self.calls += 1
+            if self.calls == 1:
+                return False
+            box.clear()
+            return True
+    t = threading.Thread(target=_arrays.hold_until_done, args=(DropsTheHold(), ()), daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive(), "hold_until_done re-entered from a __del__ hung on its lock"
+    gc.collect()
+    assert r_inner() is not None  # still held: its event is not done
+    inner_ev.done = True
+    _arrays.release_held()
+    gc.collect()
+    assert r_inner() is None
+
+
 def test_used_maps_are_freed_with_their_voxels(rng):
     """Nothing global keeps a map alive once its Voxels are gone (a global plan memo holding maps kept
     every fresh scan's map and tables: device memory grew each training step): core and torch calls."""

@@ -9,7 +9,7 @@
 //   [2cap], [2cap+1]       the slot of the all-ones key itself: (flag, value), flag EMPTY = absent
 //   [2cap+2], [2cap+3]     status words written by the insert kernel (see kernel_map.cu)
 //   [2cap+4, ...)          optional words of the caller, reset by the same memset (kernel_map.cu:
-//                          the ticket and tile words of kmap_query_compact's single-pass scan)
+//                          the ticket, tile words and offset totals of kmap_compact's scan)
 // The all-ones key needs its own slot because it is a valid voxel: batch 1023 with
 // x = y = z = 131071 packs to 0xFFFF'FFFF'FFFF'FFFF, the same bits as a free slot.
 //
