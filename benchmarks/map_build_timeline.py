@@ -9,7 +9,9 @@ device. CUPTI's callbacks add about a µs per API call to the host figures, so `
 times, without the profiler, when the host enters each device operation of the builder and the
 inclusive cost of the Python steps before them.
 
-``python -m benchmarks.map_build_timeline [--scene semantickitti] [--repeats 30] [--peer] [--out DIR --stem STEM]``
+``python -m benchmarks.map_build_timeline [--scene semantickitti] [--repeats 30] [--out DIR --stem STEM]``
+(also spconv's build when it is importable); ``bash benchmarks/gpu_suite.sh benchmarks.map_build_timeline``
+runs it with the suite.
 """
 from __future__ import annotations
 
@@ -180,35 +182,39 @@ def launch_costs(n: int = 2000) -> dict:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scene", default="semantickitti")
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--peer", action="store_true", help="profile spconv's map build instead (importable)")
-    p.add_argument("--out")
-    p.add_argument("--stem")
-    a = p.parse_args(argv)
-    from benchmarks import runners, scenes
-    sc = (scenes.load_scenes([a.scene]) or scenes.load_scenes(["lidar_synth"]))[0]
-    if a.peer:
-        from benchmarks import peers
-        sp, why = peers.import_peer("spconv")
-        if sp is None:
-            raise SystemExit(f"spconv is not importable: {why}")
-        fn, pairs = peers.PeerGeometry(sp, sc.coords).map_build(), None
-    else:
-        fn, pairs = runners.Geometry(sc.coords, "gpu", "torch").map_build()
-    res = {"scene": sc.name, "n": sc.n_voxels, "pairs": pairs, **timeline(fn, a.repeats)}
-    if not a.peer:
-        res["host"] = host_stamps(fn, a.repeats)
-        print("host (no profiler):", json.dumps(res["host"]))
-        res["launch_costs_us"] = launch_costs()
-        print("launch pieces, host µs per call:", json.dumps(res["launch_costs_us"]))
-    print(f"{sc.name}: N={sc.n_voxels} pairs={pairs} event (profiled) {res['event_us_profiled']} µs")
+def _print_calls(label: str, res: dict) -> None:
+    print(f"{label}: event (profiled) {res['event_us_profiled']} µs")
     print(f"{'call':42s} {'at':>7s} {'dur':>6s}  {'dev start':>9s} {'dev end':>8s}  device op")
     for name, r in res["calls"].items():
         print(f"{name:42.42s} {r['at_us']!s:>7s} {r['dur_us']!s:>6s}  {r['dev_start_us']!s:>9s} "
               f"{r['dev_end_us']!s:>8s}  {r['device']}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scene", default="semantickitti")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out")
+    p.add_argument("--stem", default="map_build")
+    p.add_argument("--quick", action="store_true", help="10 repeats (benchmarks/gpu_suite.sh passes it)")
+    p.add_argument("--budget-s", type=float, default=None, help="accepted for gpu_suite.sh; the run takes ~20 s")
+    a = p.parse_args(argv)
+    repeats = 10 if a.quick else a.repeats
+    from benchmarks import peers, runners, scenes
+    sc = (scenes.load_scenes([a.scene]) or scenes.load_scenes(["lidar_synth"]))[0]
+    fn, pairs = runners.Geometry(sc.coords, "gpu", "torch").map_build()
+    res = {"scene": sc.name, "n": sc.n_voxels, "pairs": pairs, "sparsevox": timeline(fn, repeats)}
+    res["host"] = host_stamps(fn, repeats)
+    print("host (no profiler):", json.dumps(res["host"]))
+    res["launch_costs_us"] = launch_costs()
+    print("launch pieces, host µs per call:", json.dumps(res["launch_costs_us"]))
+    _print_calls(f"{sc.name} N={sc.n_voxels} pairs={pairs}, sparsevox", res["sparsevox"])
+    sp, why = peers.import_peer("spconv")
+    if sp is not None:  # the peer's build on the same scan, the same way (its kernels and host calls)
+        res["spconv"] = timeline(peers.PeerGeometry(sp, sc.coords).map_build(), repeats)
+        _print_calls(f"{sc.name}, spconv", res["spconv"])
+    else:
+        res["spconv"] = f"not importable: {why}"
     if a.out:
         with open(os.path.join(a.out, f"{a.stem}-map_build_timeline.json"), "w") as f:
             json.dump(res, f, indent=1)

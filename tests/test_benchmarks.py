@@ -82,7 +82,7 @@ def test_report_table_and_plot_with_a_peer(dry_run, tmp_path):
     assert "2.00×" in text and "map_build" in text
 
 
-@pytest.mark.parametrize("module", ["small_layer_profile", "tile_sweep", "train_step_profile"])
+@pytest.mark.parametrize("module", ["small_layer_profile", "tile_sweep", "train_step_profile", "map_build_timeline"])
 def test_gpu_diagnostics_parse_their_arguments_without_a_gpu(module, capsys):
     """The GPU-only diagnostic programs import and answer --help on a machine without a GPU (their GPU
     imports come after argument parsing)."""
