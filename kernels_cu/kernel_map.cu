@@ -152,7 +152,7 @@ __device__ __forceinline__ int offset_base(const unsigned long long* totals, int
 constexpr int WINDOW = SVX_HASH_WINDOW;
 static_assert(WINDOW >= 1 && (WINDOW & (WINDOW - 1)) == 0, "WINDOW must be a power of two");
 
-// found[i] = row of keys[i] in the table (svx_hash::lookup), or -1 where !valid[i]. The first window of
+// found[i] = row of keys[i] in the table, or -1 where !valid[i]. The first window of
 // every item is loaded before any is examined (ITEMS * WINDOW independent loads in flight per thread);
 // the few keys not settled by it continue along their probe chain, window by window.
 template <int ITEMS>
@@ -170,7 +170,8 @@ __device__ __forceinline__ void lookup_items(const unsigned long long* __restric
         for (int j = 0; j < WINDOW; ++j) {
             e[i][j].x = EMPTY_KEY;
             e[i][j].y = 0;
-            if (valid[i] && keys[i] != EMPTY_KEY)  // key and value in one 16-byte load (see lookup)
+            if (valid[i] && keys[i] != EMPTY_KEY)  // key and value in one 16-byte load (the table base is
+                                                   // 256-byte aligned by CuPy's pool)
                 e[i][j] = *reinterpret_cast<const ulonglong2*>(w + 2 * j);
         }
     }
@@ -180,7 +181,7 @@ __device__ __forceinline__ void lookup_items(const unsigned long long* __restric
         found[i] = -1;
         if (!valid[i]) continue;
         if (key == EMPTY_KEY) {  // the all-ones key has a slot of its own
-            found[i] = lookup(table, mask, key);
+            found[i] = all_ones_row(table, mask);
             continue;
         }
         unsigned long long s = pos[i];

@@ -55,10 +55,11 @@ def launch(func: int, grid: int, block: int, smem: int, stream: int, params_addr
 
 
 ARRAY, ADDRESS = "array", "address"  # argument kinds besides the NumPy scalar types
-# struct codes of the scalar kinds, with native alignment ("@"): the layout cuLaunchKernel expects in a
-# packed parameter buffer (each parameter at an offset aligned to its size, as in a C struct)
-_CODES = {float: "d", np.int8: "b", np.uint8: "B", np.int16: "h", np.uint16: "H", np.int32: "i", np.uint32: "I",
-          np.int64: "q", np.uint64: "Q", np.float32: "f", np.float64: "d", np.bool_: "?", ARRAY: "Q", ADDRESS: "Q"}
+# struct codes of every kind (the ctypes types' own), packed with native alignment ("@"): the layout
+# cuLaunchKernel expects in a parameter buffer (each parameter at an offset aligned to its size, as in a
+# C struct)
+_CODES = {**{t: ct._type_ for t, ct in CTYPES.items()}, ARRAY: ctypes.c_void_p._type_,
+          ADDRESS: ctypes.c_void_p._type_}
 _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0  # CU_LAUNCH_PARAM_* of cuda.h
 
 
@@ -83,19 +84,20 @@ class Args:
         self.extra_addr = ctypes.addressof(self.extra)
         self.lock = threading.Lock()
 
+    def values(self, args: tuple):
+        """``args`` with each device array replaced by its address."""
+        if self.arrays:
+            args = list(args)
+            for i in self.arrays:
+                args[i] = args[i].data.ptr
+        return args
+
     def pack(self, args: tuple) -> bytes:
         """The parameter buffer's bytes for ``args`` (what :meth:`launch` hands the driver)."""
-        if self.arrays:
-            args = list(args)
-            for i in self.arrays:
-                args[i] = args[i].data.ptr
-        return self.fmt.pack(*args)
+        return self.fmt.pack(*self.values(args))
 
     def launch(self, grid: int, block: int, stream: int, args: tuple) -> None:
-        if self.arrays:
-            args = list(args)
-            for i in self.arrays:
-                args[i] = args[i].data.ptr
+        args = self.values(args)
         with self.lock:
             self.fmt.pack_into(self.buf, 0, *args)
             launch(self.func, max(1, grid), max(1, block), 0, stream, 0, self.extra_addr)

@@ -235,11 +235,11 @@ class CupyDevice:
 
 
 class _HostRead:
-    """Values kernels in flight write into pinned host memory (:meth:`CupyDevice.host_result`): the
-    buffers (pinned, and the device one where the device cannot map it), the event after those kernels, the stream and device they were queued on, and ``keep``:
-    objects the queued kernels still use (a shared hash table, the coordinates), held with the buffer
-    until the event is done when the read is dropped first (a map dropped unused must not make the host
-    wait)."""
+    """Values kernels in flight write into pinned host memory (:meth:`CupyDevice.host_result`): ``mem``
+    (the pinned buffer, and the device one where the device cannot map it), the event after those
+    kernels, the stream and device they were queued on, and ``keep``: objects the queued kernels still
+    use (a shared hash table, the coordinates), held with the buffers until the event is done when the
+    read is dropped first (a map dropped unused must not make the host wait)."""
     __slots__ = ("mem", "event", "stream", "device", "size", "dtype", "keep")
 
     def __init__(self, mem, event, stream, device: int, size: int, dtype):

@@ -82,21 +82,11 @@ __device__ __forceinline__ bool insert(unsigned long long* table, unsigned long 
     }
 }
 
-// Row of `key`, or -1. Only valid in a kernel launched after the inserts finished.
-__device__ __forceinline__ int lookup(const unsigned long long* __restrict__ table, unsigned long long mask,
-                                      unsigned long long key) {
-    if (key == EMPTY_KEY) {
-        const unsigned long long* special = table + 2 * (mask + 1);
-        return special[0] == EMPTY_KEY ? -1 : (int)special[1];
-    }
-    unsigned long long s = mix(key) & mask;
-    while (true) {
-        // key and value share one 16-byte load (the table base is 256-byte aligned by CuPy's pool)
-        const ulonglong2 e = *reinterpret_cast<const ulonglong2*>(table + 2 * s);
-        if (e.x == key) return (int)e.y;
-        if (e.x == EMPTY_KEY) return -1;
-        s = (s + 1) & mask;
-    }
+// Row of the all-ones key (its own slot), or -1. Other keys are looked up by kernel_map.cu's
+// lookup_items (the probe, window by window). Only valid in a kernel launched after the inserts finished.
+__device__ __forceinline__ int all_ones_row(const unsigned long long* __restrict__ table, unsigned long long mask) {
+    const unsigned long long* special = table + 2 * (mask + 1);
+    return special[0] == EMPTY_KEY ? -1 : (int)special[1];
 }
 
 }  // namespace svx_hash
