@@ -63,8 +63,30 @@ def problem_of(op, direction, feats, weight, kmap) -> Problem:
                    config.allow_tf32() and feats.dtype.name == "float32")
 
 
-def select(problem: Problem, algo_input, run):
-    """Resolve the algorithm input, drop what cannot run here, and let the autotuner choose."""
+def oracle_of(op: str, direction: str, a, b, kmap: KernelMap):
+    """The :class:`~sparsevox.check.Oracle` of one call: EXPLICIT_GEMM's function of this direction on the
+    call's operands (``a``, ``b`` as that function takes them), evaluated in a wider dtype."""
+    from . import explicit_gemm as ex
+    from .check import Oracle
+    k = kmap.num_offsets
+    prefix = "" if op == "conv" else "depthwise_"
+    fn = getattr(ex, prefix + {"fwd": "forward"}.get(direction, direction))
+    if direction == "wgrad":
+        o = kmap.offsets_host
+        depth = max((int(o[j + 1]) - int(o[j]) for j in range(len(o) - 1)), default=1)
+        extra = (kmap, k)
+    else:
+        depth = k * int(a.shape[1]) if op == "conv" else k
+        extra = (kmap,)
+    return Oracle(fn, a, b, *extra, dtype=a.dtype.name, depth=depth,
+                  tf32=config.allow_tf32() and a.dtype.name == "float32")
+
+
+def select(problem: Problem, algo_input, run, oracle=None):
+    """Resolve the algorithm input, drop what cannot run here, and let the autotuner choose.
+
+    ``oracle``: a zero-argument function returning the call's :class:`~sparsevox.check.Oracle` (built only
+    when candidates are checked)."""
     names, explicit = resolve_algos(algo_input, problem.op, "fwd" if problem.direction == "fwd" else "bwd")
     algos, why = availability(problem.op, names, problem)
     if not algos:
@@ -74,13 +96,14 @@ def select(problem: Problem, algo_input, run):
             f"({reasons})" + ("; on CPU arrays only explicit_gemm/explicit runs" if problem.device == "cpu" else ""))
     for n, r in why.items():
         (log.info if explicit else log.debug)("%s %s left out: %s", problem.op, n, r)
-    return autotune.choose(problem, algos, run)
+    return autotune.choose(problem, algos, run, oracle=oracle, named=explicit)
 
 
 last_plans: dict = {}  # (op, direction) -> (algorithm name, params) of the latest call, for benchmarks and logs
 
 
-def plan(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input, run, memo_only: bool = False):
+def plan(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input, run, memo_only: bool = False,
+         operands=None):
     """``(algorithm, params)`` for one call: validated and chosen once per distinct call signature.
 
     A layer called again with the same shapes, dtype, device, map and algorithm input skips validation,
@@ -88,7 +111,8 @@ def plan(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input, ru
     keeps the per-call host cost of a cached choice to a dictionary lookup. The memo lives on the map
     (``kmap.derived``), so it goes with it: a global memo holding maps kept every fresh scan's map and
     its tables alive (device memory growing by tens of MB per training step). ``memo_only``: return None
-    instead of planning when this signature has no memoised choice.
+    instead of planning when this signature has no memoised choice. ``operands``: ``(a, b)`` as this
+    direction's EXPLICIT_GEMM function takes them, for the autotuner's accuracy check.
     """
     algo_key = tuple(algo_input) if isinstance(algo_input, list) else algo_input
     env = resolve_algos(algo_input, op, "fwd" if direction == "fwd" else "bwd") if algo_input is None else None
@@ -104,7 +128,8 @@ def plan(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input, ru
         if memo_only:
             return None
         check_conv_args(feats, weight, kmap, op)
-        choice = select(problem_of(op, direction, feats, weight, kmap), algo_input, run)
+        oracle = None if operands is None else (lambda: oracle_of(op, direction, *operands, kmap))
+        choice = select(problem_of(op, direction, feats, weight, kmap), algo_input, run, oracle)
         if key is not None:
             memo[key] = choice
     last_plans[(op, direction)] = (choice[0].name, choice[1])
@@ -123,7 +148,8 @@ def conv_forward(feats, weight, kmap: KernelMap, fwd_algo=None):
     Returns ``[N_out, C_out]`` in the input dtype:
     ``out[o] = sum_k sum_{(i, o) in pairs_k} feats[i] @ weight[k]``.
     """
-    algo, params = plan("conv", "fwd", feats, weight, kmap, fwd_algo, lambda a, p: a.forward(feats, weight, kmap, **p))
+    algo, params = plan("conv", "fwd", feats, weight, kmap, fwd_algo, lambda a, p: a.forward(feats, weight, kmap, **p),
+                        operands=(feats, weight))
     return algo.forward(feats, weight, kmap, **params)
 
 
@@ -135,12 +161,12 @@ def conv_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, feats
     gf = gw = None
     if feats_grad:
         algo, p = plan("conv", "dgrad", feats, weight, kmap, bwd_algo,
-                       lambda a, p: a.dgrad(grad_out, weight, kmap, **p))
+                       lambda a, p: a.dgrad(grad_out, weight, kmap, **p), operands=(grad_out, weight))
         gf = algo.dgrad(grad_out, weight, kmap, **p)
     if weight_grad:
         k = kmap.num_offsets
         algo, p = plan("conv", "wgrad", feats, weight, kmap, bwd_algo,
-                       lambda a, p: a.wgrad(feats, grad_out, kmap, k, **p))
+                       lambda a, p: a.wgrad(feats, grad_out, kmap, k, **p), operands=(feats, grad_out))
         gw = algo.wgrad(feats, grad_out, kmap, k, **p)
     return gf, gw
 

@@ -20,7 +20,8 @@ def _as_kmap(kernel_map, num_in: int, num_out: int) -> KernelMap:
 
 def depthwise_forward(feats, weight, kmap: KernelMap, fwd_algo=None):
     """Core forward on NumPy/CuPy arrays: feats ``[N_in, C]``, weight ``[K, C]`` → ``[N_out, C]``."""
-    algo, p = plan("depthwise", "fwd", feats, weight, kmap, fwd_algo, lambda a, p: a.forward(feats, weight, kmap, **p))
+    algo, p = plan("depthwise", "fwd", feats, weight, kmap, fwd_algo, lambda a, p: a.forward(feats, weight, kmap, **p),
+                   operands=(feats, weight))
     return algo.forward(feats, weight, kmap, **p)
 
 
@@ -32,12 +33,12 @@ def depthwise_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, 
     gf = gw = None
     if feats_grad:
         algo, p = plan("depthwise", "dgrad", feats, weight, kmap, bwd_algo,
-                       lambda a, p: a.dgrad(grad_out, weight, kmap, **p))
+                       lambda a, p: a.dgrad(grad_out, weight, kmap, **p), operands=(grad_out, weight))
         gf = algo.dgrad(grad_out, weight, kmap, **p)
     if weight_grad:
         k = kmap.num_offsets
         algo, p = plan("depthwise", "wgrad", feats, weight, kmap, bwd_algo,
-                       lambda a, p: a.wgrad(feats, grad_out, kmap, k, **p))
+                       lambda a, p: a.wgrad(feats, grad_out, kmap, k, **p), operands=(feats, grad_out))
         gw = algo.wgrad(feats, grad_out, kmap, k, **p)
     return gf, gw
 

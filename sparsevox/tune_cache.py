@@ -3,9 +3,11 @@
 Where: ``$SPARSEVOX_CACHE_DIR`` or ``~/.cache/sparsevox/``, file ``autotune.json``::
 
     {"format": 1, "library": "sparsevox",
-     "entries": {"<Problem.key()>|sparsevox <version>": {
+     "entries": {"<Problem.key()>|sparsevox <version>|check <n>": {
          "times_ms": {"implicit_gemm {\\"fwd_block_size\\": 16}": 0.123, ...},   # median per candidate
-         "dropped": {"<candidate>": "<why>", ...}}}}                            # failed or raised
+         "dropped": {"<candidate>": "<why>", ...},                              # raised: never usable
+         "failed": {"<candidate>": "<measured error>", ...}}}}                  # failed the accuracy
+                                                                                # check: only if named
 
 Rules (as CuPy's kernel cache does it): the file is read lazily once per process; writes happen in a
 background thread, under an exclusive ``fcntl.flock`` on ``autotune.lock``, by re-reading the file,
@@ -130,7 +132,8 @@ def _ensure_loaded() -> None:
 
 
 def get(key: str) -> dict | None:
-    """The entry for ``key`` (``{"times_ms": {...}, "dropped": {...}}``) or None; loads the file once."""
+    """The entry for ``key`` (``{"times_ms": {...}, "dropped": {...}, "failed": {...}}``) or None; loads the
+    file once."""
     _ensure_loaded()
     return _entries.get(key)
 
@@ -160,13 +163,20 @@ def merge_entry(old: dict | None, new: dict) -> dict:
     """Candidate-by-candidate union of two entries; ``new`` wins where both measured a candidate."""
     times = dict((old or {}).get("times_ms", {}))
     dropped = dict((old or {}).get("dropped", {}))
+    failed = dict((old or {}).get("failed", {}))
     for cand, ms in new.get("times_ms", {}).items():
         times[cand] = ms
+        dropped.pop(cand, None)
+        if cand not in new.get("failed", {}):
+            failed.pop(cand, None)
+    for cand, why in new.get("failed", {}).items():
+        failed[cand] = why
         dropped.pop(cand, None)
     for cand, why in new.get("dropped", {}).items():
         dropped[cand] = why
         times.pop(cand, None)
-    return {"times_ms": times, "dropped": dropped}
+        failed.pop(cand, None)
+    return {"times_ms": times, "dropped": dropped, "failed": failed}
 
 
 def _save_loop() -> None:
@@ -280,11 +290,13 @@ _USAGE = "usage: python -m sparsevox cache {show | clear | path}"
 
 
 def _best(entry: dict) -> str:
-    times = entry.get("times_ms", {})
+    failed = entry.get("failed", {})
+    times = {c: ms for c, ms in entry.get("times_ms", {}).items() if c not in failed}
     if not times:
         return "(every candidate dropped)"
     cand = min(times, key=times.get)
-    return f"{cand}  {times[cand]:.4f} ms  ({len(times)} timed, {len(entry.get('dropped', {}))} dropped)"
+    return (f"{cand}  {times[cand]:.4f} ms  ({len(times)} timed, {len(entry.get('dropped', {}))} dropped, "
+            f"{len(failed)} failed the check)")
 
 
 def cli(argv) -> int:
