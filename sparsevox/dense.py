@@ -7,7 +7,7 @@ dtype takes the same path on the CPU and the GPU. The core functions' adjoints a
 """
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
 
 from . import geometry
 from ._arrays import array_module, from_core, on_caller_stream, to_core
@@ -120,12 +120,12 @@ def to_dense(voxels, spatial_shape, batch_size: int | None = None):
         raise ValueError(f"voxels must be a sparsevox.Voxels, got {type(voxels).__name__}")
     shp = _shape3(spatial_shape)
     from .pooling import _adapter
-    fn = _adapter(voxels.origin.lib, "to_dense")
+    fn = _adapter(voxels.origin.lib, "to_dense", voxels.feats)
     if fn is not None:
         return fn(voxels, shp, batch_size)
     bsz = voxels.batch_size if batch_size is None else int(batch_size)
-    c, origin = voxels.core_coords()
-    feats, _ = to_core(voxels.feats)
+    c, _ = voxels.core_coords()
+    feats, origin = to_core(voxels.feats)  # the feats' origin: it remembers a dtype computed in another
     with on_caller_stream(origin):
         out = to_dense_forward(feats, c, shp, bsz)
     return from_core(out, origin)
@@ -143,11 +143,12 @@ def from_dense(dense, mask=None) -> Voxels:
         raise ValueError(f"dense: at most {geometry.BATCH_MAX + 1} batch items and {geometry.COORD_MAX + 1} "
                          f"sites per axis, got shape {tuple(d.shape)}")
     from .pooling import _adapter
-    fn = _adapter(origin.lib, "from_dense")
+    fn = _adapter(origin.lib, "from_dense", dense)
     if fn is not None:
         return fn(dense, mask)
     with on_caller_stream(origin):
         m = None if mask is None else to_core(mask)[0]
         coords = active_sites(d, m)
         feats = from_dense_forward(d, coords)
-    return Voxels.from_core_coords(coords, from_core(feats, origin), origin)
+    c_origin = dataclasses.replace(origin, dtype=None)  # coords stay int32 (origin.dtype is the feats')
+    return Voxels.from_core_coords(coords, from_core(feats, origin), c_origin)

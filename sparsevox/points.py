@@ -126,7 +126,7 @@ def devoxelize(voxels, points, voxel_size, batch=None):
     """
     if not isinstance(voxels, Voxels):
         raise ValueError(f"voxels must be a sparsevox.Voxels, got {type(voxels).__name__}")
-    fn = _adapter(voxels.origin.lib, "devoxelize")
+    fn = _adapter(voxels.origin.lib, "devoxelize", voxels.feats)
     if fn is not None:
         return fn(voxels, points, voxel_size, batch)
     feats, origin = to_core(voxels.feats)

@@ -12,8 +12,6 @@ device and stream); the framework adapters wrap exactly these. The public functi
 """
 from __future__ import annotations
 
-import numpy as np
-
 from . import geometry
 from ._arrays import array_module, from_core, on_caller_stream, to_core, to_host
 from .kernel_map import KernelMap, kernel_map
@@ -145,16 +143,22 @@ def unpool_backward(grad_out, parent, num_coarse: int):
 
 # --- public ops -------------------------------------------------------------------------------------
 
-def _adapter(lib: str, name: str):
-    """The framework adapter's differentiable version of ``name``, when the adapter has one."""
+def _adapter(lib: str, name: str, feats=None):
+    """The framework adapter's differentiable version of ``name``, when the adapter has one (else None:
+    the core computes the values in the caller's library). A torch tensor that requires grad and has no
+    adapter function to carry it is a ``NotImplementedError``, never a silently detached result."""
     if lib not in ("torch", "jax"):
         return None
     import importlib
     try:
         mod = importlib.import_module(f"sparsevox.adapters.{lib}")
     except ImportError:
-        return None
-    return getattr(mod, name, None)
+        mod = None
+    fn = getattr(mod, name, None)
+    if fn is None and getattr(feats, "requires_grad", False):
+        raise NotImplementedError(f"sparsevox.adapters.{lib} has no differentiable {name} yet; "
+                                  f"call it on detached features, or wrap {name}_forward/_backward")
+    return fn
 
 
 def _pool_geometry(kernel_size, stride):
@@ -167,7 +171,7 @@ def _pool(voxels, kernel_size, stride, op: str):
     if not isinstance(voxels, Voxels):
         raise ValueError(f"voxels must be a sparsevox.Voxels, got {type(voxels).__name__}")
     ks, st = _pool_geometry(kernel_size, stride)
-    fn = _adapter(voxels.origin.lib, op)
+    fn = _adapter(voxels.origin.lib, op, voxels.feats)
     if fn is not None:
         return fn(voxels, kernel_size, stride)
     kmap = kernel_map(voxels, ks, st)
@@ -237,11 +241,11 @@ def global_pool(voxels, mode: str = "avg"):
     if not isinstance(voxels, Voxels):
         raise ValueError(f"voxels must be a sparsevox.Voxels, got {type(voxels).__name__}")
     _check_mode(mode)
-    fn = _adapter(voxels.origin.lib, "global_pool")
+    fn = _adapter(voxels.origin.lib, "global_pool", voxels.feats)
     if fn is not None:
         return fn(voxels, mode)
-    c, origin = voxels.core_coords()
-    feats, _ = to_core(voxels.feats)
+    c, _ = voxels.core_coords()
+    feats, origin = to_core(voxels.feats)
     with on_caller_stream(origin):
         out, _ = global_pool_forward(feats, c[:, 0], voxels.batch_size, mode)
     return from_core(out, origin)
@@ -299,7 +303,7 @@ def unpool(coarse, fine, stride=2) -> Voxels:
     if not isinstance(coarse, Voxels) or not isinstance(fine, Voxels):
         raise ValueError("coarse and fine must be sparsevox.Voxels")
     geometry.triple(stride, "stride")
-    fn = _adapter(coarse.origin.lib, "unpool")
+    fn = _adapter(coarse.origin.lib, "unpool", coarse.feats)
     if fn is not None:
         return fn(coarse, fine, stride)
     feats, origin = to_core(coarse.feats)

@@ -424,3 +424,26 @@ def test_gpu_pool_on_torch_tensors_returns_torch(cupy, rng):
     np.testing.assert_array_equal(out.feats.double().cpu().numpy(), mx)
     g = sv.global_pool(v, "avg")
     assert isinstance(g, torch.Tensor) and g.shape == (int(coords[:, 0].max()) + 1, 4)
+
+
+def test_torch_and_jax_cpu_get_their_own_arrays_back(rng):
+    """Until the adapters wrap these ops, the core computes them in the caller's library; a torch tensor
+    that requires grad is refused rather than silently detached."""
+    torch = pytest.importorskip("torch")
+    coords, feats = make_voxels(rng, n=80, c=3, dtype="bfloat16")
+    v = sv.Voxels(torch.as_tensor(coords), torch.as_tensor(feats, dtype=torch.float32).bfloat16())
+    _, mx, _, _, _ = ref_pool(coords, feats, 2, 2)
+    out = sv.max_pool(v, 2)
+    assert out.feats.dtype == torch.bfloat16 and out.coords.dtype == torch.int32
+    np.testing.assert_array_equal(out.feats.double().numpy(), mx)
+    assert sv.global_pool(v, "sum").dtype == torch.bfloat16
+    assert sv.unpool(out, v).feats.dtype == torch.bfloat16
+    import sparsevox.adapters.torch as ta
+    if not hasattr(ta, "max_pool"):
+        with pytest.raises(NotImplementedError, match="no differentiable max_pool"):
+            sv.max_pool(sv.Voxels(v.coords, v.feats.float().requires_grad_()), 2)
+    jnp = pytest.importorskip("jax.numpy")
+    vj = sv.Voxels(jnp.asarray(coords), jnp.asarray(feats, dtype=jnp.float32))
+    oj = sv.avg_pool(vj, 2)
+    assert type(oj.feats).__module__.startswith("jax")
+    assert sv.global_pool(vj, "max").shape == (int(coords[:, 0].max()) + 1, 3)
