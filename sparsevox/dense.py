@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from . import geometry
 from ._arrays import array_module, from_core, on_caller_stream, to_core
 from .segments import FLOAT_DTYPES, check_feats
@@ -55,10 +57,17 @@ def to_dense_forward(feats, coords, spatial_shape, batch_size: int):
     xp = array_module(feats)
     x, y, z = _shape3(spatial_shape)
     b, site = _sites(coords, (x, y, z), batch_size)
-    out = xp.zeros((batch_size, feats.shape[1], x * y * z), dtype=_bits(feats, xp).dtype)
-    if feats.shape[0]:
-        out[b, :, site] = _bits(xp.ascontiguousarray(feats), xp)
-    return out.view(feats.dtype).reshape(batch_size, feats.shape[1], x, y, z)
+    c = int(feats.shape[1])
+    out = xp.zeros(batch_size * c * x * y * z, dtype=_bits(feats, xp).dtype)
+    if feats.shape[0] and c:
+        out[_flat(b, site, c, x * y * z, xp)] = _bits(xp.ascontiguousarray(feats), xp)
+    return out.view(feats.dtype).reshape(batch_size, c, x, y, z)
+
+
+def _flat(b, site, c: int, v: int, xp):
+    """int64 ``[N, C]``: the flat index of ``dense[b, ch, site]`` in a C-contiguous ``[B, C, V]`` array
+    (1-D gathers and scatters: the one form of advanced indexing every array library runs alike)."""
+    return (b[:, None] * c + xp.arange(c, dtype=xp.int64)[None, :]) * v + site[:, None]
 
 
 def to_dense_backward(grad_dense, coords):
@@ -75,8 +84,9 @@ def from_dense_forward(dense, coords):
         raise ValueError(f"dense dtype must be one of {FLOAT_DTYPES}, got {dense.dtype.name}")
     bsz, c = int(dense.shape[0]), int(dense.shape[1])
     b, site = _sites(coords, dense.shape[2:], bsz)
-    flat = _bits(xp.ascontiguousarray(dense), xp).reshape(bsz, c, -1)
-    return xp.ascontiguousarray(flat[b, :, site]).view(dense.dtype).reshape(int(coords.shape[0]), c)
+    flat = _bits(xp.ascontiguousarray(dense), xp).reshape(-1)
+    v = int(np.prod(dense.shape[2:]))
+    return xp.ascontiguousarray(flat[_flat(b, site, c, v, xp)]).view(dense.dtype).reshape(int(coords.shape[0]), c)
 
 
 def from_dense_backward(grad_feats, coords, dense_shape):
