@@ -229,8 +229,8 @@ def test_global_pool_long_segments_take_two_passes(monkeypatch, rng, mode, dtype
     """GPU path (emulated): segments longer than CHUNK reduce in chunks, then over the chunks' partials."""
     dev = use_emulator(monkeypatch)
     monkeypatch.setattr(segments, "CHUNK", 7)
-    coords, feats = make_voxels(rng, n=90, batches=3, c=3, dtype=dtype)
-    feats[rng.random(feats.shape) < 0.3] = 0.5  # ties across chunks: the lowest row still wins
+    coords, _ = make_voxels(rng, n=90, batches=3, c=3, dtype=dtype)
+    feats = rng.integers(-2, 3, (len(coords), 3)).astype(np.float64)  # ties across chunks: lowest row wins
     nb = int(coords[:, 0].max()) + 1
     want, arg = ref_global(coords[:, 0], feats, nb, mode)
     out, am = pooling.global_pool_forward(feats.astype(np_dtype(dtype)), coords[:, 0], nb, mode)
@@ -243,12 +243,13 @@ def test_global_pool_long_segments_take_two_passes(monkeypatch, rng, mode, dtype
     assert any(e.endswith(f", {acc}>") for e in names), names  # the partials pass ran
 
 
+@pytest.mark.parametrize("c", [1, 6, 37])  # 37: two channel blocks of the launch grid
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_emulated_kernels_every_dtype(monkeypatch, rng, dtype):
+def test_emulated_kernels_every_dtype(monkeypatch, rng, dtype, c):
     """The GPU path for every dtype: inputs quantised to the dtype, float64 brute force as the truth."""
     use_emulator(monkeypatch)
     dt = np_dtype(dtype)
-    coords, feats = make_voxels(rng, n=120, c=6, dtype=dtype)
+    coords, feats = make_voxels(rng, n=120, c=c, dtype=dtype)
     v = sv.Voxels(coords, feats.astype(dt))
     oc, mx, arg, mean, members = ref_pool(coords, feats, 3, 2)
     pmap = pooling.pool_map(sv.kernel_map(v, 3, 2))
