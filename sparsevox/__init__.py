@@ -10,6 +10,9 @@ from .depthwise import depthwise_backward, depthwise_forward, spatially_sparse_d
 from .errors import AlgorithmUnavailableError, MissingDependencyError
 from .kernel_map import KernelMap, kernel_map
 from .voxels import Voxels
+from .dense import from_dense, to_dense
+from .points import devoxelize
+from .pooling import avg_pool, global_pool, max_pool, unpool
 
 __version__ = "0.1.0"
 
@@ -18,4 +21,5 @@ __all__ = [
     "conv_forward", "conv_backward", "depthwise_forward", "depthwise_backward", "allow_tf32",
     "SPARSE_CONV_FWD_ALGO_MODE", "SPARSE_CONV_BWD_ALGO_MODE", "SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE",
     "SPARSE_DEPTHWISE_CONV_BWD_ALGO_MODE", "AlgorithmUnavailableError", "MissingDependencyError",
+    "max_pool", "avg_pool", "global_pool", "unpool", "devoxelize", "to_dense", "from_dense",
 ]

@@ -159,6 +159,86 @@ class Voxels:
         out._rows_sorted = sorted_rows  # sorted_keys() then skips the argsort (and runs only if asked:
         return out                      # the GPU builder never asks, and packing costs ~14 launches)
 
+    # -- batches, and combining features of one geometry --------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """Largest batch index + 1 (0 when there are no voxels): the B of ``global_pool``/``to_dense``."""
+        c, _ = self.core_coords()
+        return int(c[:, 0].max()) + 1 if c.shape[0] else 0
+
+    def batch_index(self):
+        """int32 ``[N]``: the batch index of each row, in the caller's array library."""
+        c, origin = self.core_coords()
+        return from_core(array_module(c).ascontiguousarray(c[:, 0]), origin)
+
+    def batch_offsets(self):
+        """int64 ``[B + 1]`` in the caller's library: the rows of batch item ``b`` are
+        ``offsets[b]:offsets[b + 1]`` (empty for an item with no voxels). Needs rows sorted by batch
+        index (true of every ``Voxels`` sparsevox makes: ``from_points``, strided layers, pooling);
+        ``ValueError`` otherwise (use :meth:`batch_index` then)."""
+        c, origin = self.core_coords()
+        xp = array_module(c)
+        b = c[:, 0].astype(xp.int64)
+        if b.shape[0] > 1 and bool((b[1:] < b[:-1]).any()):
+            raise ValueError("batch_offsets needs rows sorted by batch index; these are not "
+                             "(use batch_index() for unsorted rows)")
+        n_b = self.batch_size
+        off = xp.searchsorted(b, xp.arange(n_b + 1, dtype=xp.int64), side="left").astype(xp.int64)
+        return from_core(off, origin)
+
+    def same_geometry(self, other: "Voxels", what: str = "voxels") -> None:
+        """``ValueError`` naming the difference unless ``other`` has the same coords, row for row (the
+        same coords object, or equal values)."""
+        if not isinstance(other, Voxels):
+            raise ValueError(f"{what}: expected sparsevox.Voxels, got {type(other).__name__}")
+        if other.coords is self.coords or (self._core is not None and other._core is self._core):
+            return
+        a, oa = self.core_coords()
+        b, ob = other.core_coords()
+        if oa.on_gpu != ob.on_gpu or oa.lib != ob.lib:
+            raise ValueError(f"{what}: one geometry needs one library and device, got {oa.lib} "
+                             f"({'GPU' if oa.on_gpu else 'CPU'}) and {ob.lib} ({'GPU' if ob.on_gpu else 'CPU'})")
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"{what}: different geometry: {a.shape[0]} voxels vs {b.shape[0]}")
+        xp = array_module(a)
+        diff = (a != b).any(axis=1)
+        if bool(diff.any()):
+            i = int(to_host(xp.nonzero(diff)[0][:1])[0])
+            raise ValueError(f"{what}: different geometry: row {i} is {to_host(a[i]).tolist()} vs "
+                             f"{to_host(b[i]).tolist()} ({int(diff.sum())} rows differ; the rows must "
+                             f"match one to one, in the same order)")
+
+    @staticmethod
+    def cat(*voxels: "Voxels") -> "Voxels":
+        """Concatenate features along channels: ``Voxels`` with feats ``[N, C_1 + ... + C_k]`` on the
+        first one's geometry. All must share one geometry (same coords row for row) and one feats dtype,
+        else ``ValueError``. Uses the caller's library (differentiable in torch and JAX)."""
+        if len(voxels) == 1 and isinstance(voxels[0], (list, tuple)):
+            voxels = tuple(voxels[0])
+        if not voxels:
+            raise ValueError("Voxels.cat needs at least one Voxels")
+        first = voxels[0]
+        for i, v in enumerate(voxels[1:], 1):
+            first.same_geometry(v, f"Voxels.cat argument {i}")
+        feats = [v.feats for v in voxels]
+        dts = {_dtype_name(f) for f in feats}
+        if len(dts) > 1:
+            raise ValueError(f"Voxels.cat: feats dtypes differ ({sorted(dts)}); cast them to one first")
+        return first.replace(_concat_channels(feats, first.origin.lib))
+
+    def __add__(self, other):
+        """Element-wise sum of the features of two ``Voxels`` of one geometry (a residual connection)."""
+        if not isinstance(other, Voxels):
+            return NotImplemented
+        self.same_geometry(other, "Voxels + Voxels")
+        if tuple(self.feats.shape) != tuple(other.feats.shape):
+            raise ValueError(f"Voxels + Voxels: feats shapes differ: {tuple(self.feats.shape)} vs "
+                             f"{tuple(other.feats.shape)}")
+        if _dtype_name(self.feats) != _dtype_name(other.feats):
+            raise ValueError(f"Voxels + Voxels: feats dtypes differ: {_dtype_name(self.feats)} vs "
+                             f"{_dtype_name(other.feats)}")
+        return self.replace(self.feats + other.feats)
+
     def __repr__(self) -> str:
         f = self.feats
         return (f"Voxels(num_voxels={self.num_voxels}, channels={None if f is None else f.shape[1]}, "
@@ -221,6 +301,23 @@ class Voxels:
         out = out.astype(feats.dtype) if feats.dtype.kind == "f" else out
         ucoords = geometry.unpack_keys(ukeys, xp)
         return cls(from_core(ucoords, origin), from_core(out, origin), check=False)
+
+
+def _concat_channels(feats, lib: str):
+    """``feats`` (arrays of one library) joined along axis 1 by that library (so autograd sees it)."""
+    if lib == "torch":
+        import torch
+        return torch.cat(feats, dim=1)
+    if lib == "jax":
+        import jax.numpy as jnp
+        return jnp.concatenate(feats, axis=1)
+    if lib == "cupy":
+        from ._arrays import import_cupy
+        cp = import_cupy()
+        if feats[0].dtype.itemsize == 2:  # move 16-bit floats as bits: not every CuPy copies bfloat16
+            return cp.concatenate([f.view(cp.uint16) for f in feats], axis=1).view(feats[0].dtype)
+        return cp.concatenate(feats, axis=1)
+    return np.concatenate(feats, axis=1)
 
 
 def _scatter_ops(xp):
