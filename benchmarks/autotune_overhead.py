@@ -61,7 +61,8 @@ def _host_us(fn, n: int, sync) -> float:
 
 
 def _measure_layer(xp, sync, c, dtype, scene, voxel_size, n):
-    from sparsevox import autotune, conv, tune_cache
+    from sparsevox import conv
+    from sparsevox.tuning import autotune, tune_cache
     feats, weight, kmap, n_vox = _layer_inputs(xp, c, dtype, voxel_size)
     grad = xp.asarray(np.random.default_rng(1).standard_normal((kmap.num_out, c)).astype(dtype))
     base = {"scene": scene, "n_voxels": n_vox, "pairs": kmap.num_pairs, "c_in": c, "c_out": c, "dtype": dtype}
@@ -112,9 +113,9 @@ def run(device: str = "gpu", channels=(32, 64, 128, 256), dtypes=("float16", "fl
     overhead round. The autotune cache is a temporary directory, so the user's own cache is neither
     read nor changed.
     """
-    from sparsevox import tune_cache
+    from sparsevox.tuning import tune_cache
     if device == "gpu":
-        from sparsevox.gpu_info import device_name, gpu_available
+        from sparsevox.cuda.gpu_info import device_name, gpu_available
         ok, why = gpu_available()
         if not ok:
             print(f"autotune_overhead: skipped: {why}", file=sys.stderr)

@@ -119,10 +119,10 @@ def bench_scene(name, voxel_size, coords_np, source, c, dtype, repeats, timer, c
     import cupy
 
     import sparsevox as sv
-    from sparsevox.backends import depthwise_implicit as dwi
-    from sparsevox.explicit_gemm import depthwise_dgrad as ex_dgrad
-    from sparsevox.explicit_gemm import depthwise_forward as ex_forward
-    from sparsevox.explicit_gemm import depthwise_wgrad as ex_wgrad
+    from sparsevox.algorithms import depthwise_implicit as dwi
+    from sparsevox.algorithms.explicit_gemm import depthwise_dgrad as ex_dgrad
+    from sparsevox.algorithms.explicit_gemm import depthwise_forward as ex_forward
+    from sparsevox.algorithms.explicit_gemm import depthwise_wgrad as ex_wgrad
 
     dt = np.dtype(dtype) if dtype != "bfloat16" else __import__("ml_dtypes").bfloat16
     v = sv.Voxels(cupy.asarray(coords_np), None)
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
-    from sparsevox.gpu_info import device_name, gpu_available
+    from sparsevox.cuda.gpu_info import device_name, gpu_available
     ok, why = gpu_available()
     if not ok:
         print(f"[depthwise] no GPU ({why}); nothing measured, nothing written")

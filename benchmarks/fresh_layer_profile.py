@@ -15,8 +15,8 @@ import time
 # (module, attribute) of the functions whose inclusive wall time ``phases`` reports
 PHASES = [("sparsevox", "kernel_map"), ("sparsevox.adapters.torch", "kernel_map_tensors"),
           ("sparsevox.kernel_map", "KernelMap.wait"), ("sparsevox.conv", "plan"),
-          ("sparsevox.conv", "remember_prepared"), ("sparsevox.implicit_gemm", "slot_table"),
-          ("sparsevox.implicit_gemm", "tile_masks"), ("sparsevox.implicit_gemm", "_prepare_gather_gemm"),
+          ("sparsevox.conv", "remember_prepared"), ("sparsevox.algorithms.implicit_gemm", "slot_table"),
+          ("sparsevox.algorithms.implicit_gemm", "tile_masks"), ("sparsevox.algorithms.implicit_gemm", "_prepare_gather_gemm"),
           ("cupy", "empty"), ("cupy", "argsort"), ("torch", "from_dlpack")]
 
 

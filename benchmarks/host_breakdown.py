@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     import torch
 
     import sparsevox as sv
-    from sparsevox import _arrays, gpu_kernel_map
+    from sparsevox import _arrays
+    from sparsevox.cuda import gpu_kernel_map
     from sparsevox.adapters import torch as svt
     from benchmarks import scenes
 

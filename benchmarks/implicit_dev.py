@@ -81,8 +81,8 @@ def main():
     import cupy
 
     import sparsevox as sv
-    from sparsevox import explicit_gemm as eg
-    from sparsevox import implicit_gemm as ig
+    from sparsevox.algorithms import explicit_gemm as eg
+    from sparsevox.algorithms import implicit_gemm as ig
     from sparsevox.synthetic import lidar_like_points
 
     ap = argparse.ArgumentParser()
@@ -195,8 +195,8 @@ def sweep(kmap, records):
     """Forward float16 variants outside the search space: each checked against EXPLICIT_GEMM first."""
     import cupy
 
-    from sparsevox import explicit_gemm as eg
-    from sparsevox import implicit_gemm as ig
+    from sparsevox.algorithms import explicit_gemm as eg
+    from sparsevox.algorithms import implicit_gemm as ig
     n, pairs = kmap.num_out, kmap.num_pairs
     for c, variants in SWEEP.items():
         rng = cupy.random.default_rng(c)

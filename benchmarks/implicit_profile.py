@@ -4,7 +4,7 @@ import cupy
 import numpy as np
 
 import sparsevox as sv
-from sparsevox import implicit_gemm as ig
+from sparsevox.algorithms import implicit_gemm as ig
 from sparsevox.synthetic import lidar_like_points
 
 v = sv.Voxels.from_points(cupy.asarray(lidar_like_points(seed=0)[:, :3]), 0.05)

@@ -8,8 +8,8 @@ def main():
     import cupy
 
     import sparsevox as sv
-    from sparsevox import explicit_gemm as eg
-    from sparsevox import implicit_gemm as ig
+    from sparsevox.algorithms import explicit_gemm as eg
+    from sparsevox.algorithms import implicit_gemm as ig
     import argparse
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="submanifold only, four cases")

@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     # (AlgorithmUnavailableError on one device, which then never reaches the psum: a hang). Reported as
     # a core bug (sparsevox/registry.py _load_backends is not thread-safe); tests/test_multigpu.py has
     # the reproducer.
-    from sparsevox import registry
+    from sparsevox.tuning import registry
     registry.algorithms("conv")
 
     params0 = jax.device_put(init_params(0, args.channels, np_dtype), NamedSharding(mesh, P()))

@@ -17,7 +17,7 @@ def kernel_times(build, n: int) -> dict:
     (CUDA events around every launch of the builder's device object)."""
     import cupy
 
-    from sparsevox import gpu_kernel_map as gkm
+    from sparsevox.cuda import gpu_kernel_map as gkm
     dev = gkm._cupy_device()
     plain, pending = dev.launch, []
 
@@ -62,7 +62,7 @@ def main() -> int:
     import cupy
 
     from benchmarks import scenes
-    from sparsevox import gpu_kernel_map as gkm
+    from sparsevox.cuda import gpu_kernel_map as gkm
     scene = (scenes.load_scenes(["semantickitti"]) or scenes.load_scenes(["lidar_synth"]))[0]
     coords = cupy.asarray(np.asarray(scene.coords))
     build = lambda: gkm.build_kernel_map(coords, None, 3, 1, 1, False, False)  # noqa: E731

@@ -55,7 +55,7 @@ def main(argv=None):
     import sparsevox as sv
     from benchmarks import scenes
     from benchmarks.implicit_dev import gpu_ms
-    from sparsevox import implicit_gemm as ig
+    from sparsevox.algorithms import implicit_gemm as ig
 
     rows = []
     t0 = time.time()

@@ -2,8 +2,8 @@
 
 ``import sparsevox`` needs only NumPy; CuPy, torch and jax are imported when their arrays are used.
 """
-from .algos import (SPARSE_CONV_BWD_ALGO_MODE, SPARSE_CONV_FWD_ALGO_MODE, SPARSE_DEPTHWISE_CONV_BWD_ALGO_MODE,
-                    SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE)
+from .tuning.algo_inputs import (SPARSE_CONV_BWD_ALGO_MODE, SPARSE_CONV_FWD_ALGO_MODE,
+                                 SPARSE_DEPTHWISE_CONV_BWD_ALGO_MODE, SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE)
 from .config import allow_tf32
 from .conv import conv_backward, conv_forward, spatially_sparse_conv
 from .depthwise import depthwise_backward, depthwise_forward, spatially_sparse_depthwise_conv

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 
-from . import autotune, config
+from . import config
+from .tuning import autotune
 from ._arrays import array_module, from_core, to_core
-from .algos import resolve_algos
+from .tuning.algo_inputs import resolve_algos
 from .errors import AlgorithmUnavailableError
 from .kernel_map import KernelMap, kernel_map
-from .problem import Problem
-from .registry import availability
+from .tuning.problem import Problem
+from .tuning.registry import availability
 from .voxels import Voxels
 
 log = logging.getLogger("sparsevox")
@@ -28,7 +29,7 @@ def _device(a) -> str:
 def _gpu_name(a) -> str:
     if _device(a) == "cpu":
         return ""
-    from .gpu_info import device_name
+    from .cuda.gpu_info import device_name
     return device_name(a.device.id)
 
 

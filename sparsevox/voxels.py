@@ -19,7 +19,7 @@ def _hash_device(c):
     (host checks on sorted keys). Tests return an emulated device here to run that path on the CPU."""
     if array_module(c) is np:
         return None
-    from . import gpu_kernel_map
+    from .cuda import gpu_kernel_map
     return gpu_kernel_map._cupy_device()
 
 
@@ -91,7 +91,7 @@ class Voxels:
         if dev is not None:
             # GPU: the kernel-map builder's hash insert checks range and uniqueness in one kernel and
             # one 16-byte read; its table is kept for the maps of these voxels (kernel_map()).
-            from . import gpu_kernel_map
+            from .cuda import gpu_kernel_map
             table, dup_row, bad_row = gpu_kernel_map.hash_table(dev, c)
             if dup_row == -1 and bad_row == -1:
                 self._hash = table

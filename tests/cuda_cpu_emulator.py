@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsevox import gpu_kernel_map
+from sparsevox.cuda import gpu_kernel_map
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -111,7 +111,7 @@ def symbol(expr: str) -> str:
 
 
 def _source() -> str:
-    from sparsevox.backends.depthwise_implicit import _name_expressions
+    from sparsevox.algorithms.depthwise_implicit import _name_expressions
     body = (ROOT / "kernels_cu" / "depthwise.cu").read_text()
     body = re.sub(r"#include <cuda_(fp16|bf16)\.h>", "", body)
     body = body.replace("extern __shared__ unsigned char smem_raw[];", "unsigned char* smem_raw = g_smem.data();")

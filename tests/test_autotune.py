@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 import sparsevox
-from sparsevox import autotune, registry, tune_cache
-from sparsevox.algos import (SPARSE_CONV_BWD_ALGO_MODE, SPARSE_CONV_FWD_ALGO_MODE,
-                             SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE, resolve_algos)
+from sparsevox.tuning import autotune, registry, tune_cache
+from sparsevox.tuning.algo_inputs import (SPARSE_CONV_BWD_ALGO_MODE, SPARSE_CONV_FWD_ALGO_MODE,
+                                         SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE, resolve_algos)
 from sparsevox.conv import select
 from sparsevox.errors import AlgorithmUnavailableError
-from sparsevox.problem import Problem
-from sparsevox.registry import Algorithm
+from sparsevox.tuning.problem import Problem
+from sparsevox.tuning.registry import Algorithm
 
 TESTS = Path(__file__).parent
 ENV_VARS = [p + s for p in ("SPARSEVOX_", "WARPCONVNET_") for s in (

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from sparsevox import driver
+from sparsevox.cuda import driver
 
 # every kind, with scalars after narrower ones so that padding is needed
 ARGS = (np.int8(-3), 0x1234_5678_9ABC, np.int32(-7), np.uint64(2 ** 64 - 1), np.int16(300), np.float64(2.5),

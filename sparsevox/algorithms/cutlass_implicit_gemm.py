@@ -14,8 +14,8 @@ Parameters searched: ``mma_tile`` 0-3 (CTA tiles 128x128, 128x64, 64x128, 64x64,
 """
 from __future__ import annotations
 
-from .. import cutlass_lib
-from ..registry import Algorithm, register
+from ..cuda import cutlass_lib
+from ..tuning.registry import Algorithm, register
 
 TILE_SHAPES = {0: (128, 128), 1: (128, 64), 2: (64, 128), 3: (64, 64)}  # mma_tile -> CTA (M, N)
 SPLIT_K = (1, 2, 4, 8)
@@ -128,7 +128,7 @@ def _available(problem):
     try:
         import cupy
 
-        from ..gpu_info import compute_capability
+        from ..cuda.gpu_info import compute_capability
         cc = compute_capability(cupy.cuda.Device().id)
     except Exception as e:  # no usable device: say so rather than fail the search
         return False, f"no usable CUDA device ({type(e).__name__}: {e})"

@@ -28,8 +28,8 @@ import logging
 
 import numpy as np
 
-from ._arrays import array_module
-from .config import allow_tf32
+from .._arrays import array_module
+from ..config import allow_tf32
 
 log = logging.getLogger("sparsevox.explicit_gemm")
 

@@ -58,7 +58,7 @@ def _load_backends() -> None:
         return
     with _load_lock:
         if not _loaded:
-            from . import backends  # noqa: F401  (registers every algorithm)
+            from .. import algorithms  # noqa: F401  (registers every algorithm)
             _loaded = True
 
 
@@ -83,7 +83,7 @@ def gpu_unavailable(problem, name: str) -> str | None:
     """Why a GPU-only algorithm ``name`` cannot run for ``problem`` (CPU arrays, no usable GPU), or None."""
     if problem.device != "gpu":
         return f"{name} runs on CUDA GPUs only (CPU arrays use the explicit algorithm)"
-    from .gpu_info import gpu_available
+    from ..cuda.gpu_info import gpu_available
     ok, reason = gpu_available()
     return None if ok else reason
 

@@ -53,12 +53,12 @@ def source_file() -> Path:
     try:  # the installed package data
         return Path(str(resources.files("sparsevox.kernels_cu").joinpath("cutlass", "sparse_gemm.cu")))
     except ModuleNotFoundError:  # a source checkout that is not installed
-        return Path(__file__).resolve().parent.parent / "kernels_cu" / "cutlass" / "sparse_gemm.cu"
+        return Path(__file__).resolve().parents[2] / "kernels_cu" / "cutlass" / "sparse_gemm.cu"
 
 
 def cache_root() -> Path:
     """``<checkout>/build`` when running from a source checkout, else the user cache directory."""
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     if (checkout / "kernels_cu").is_dir() and os.access(checkout, os.W_OK):
         return checkout / "build"
     return Path(os.environ.get("SPARSEVOX_CACHE_DIR") or "~/.cache/sparsevox").expanduser()

@@ -70,10 +70,11 @@ import threading
 
 import numpy as np
 
-from . import driver, geometry
-from ._arrays import hold_until_done, on_device, release_held
-from .kernel_map import BUILDERS, KernelMap
-from .kernel_map import build_kernel_map as _generic_builder
+from .. import geometry
+from . import driver
+from .._arrays import hold_until_done, on_device, release_held
+from ..kernel_map import BUILDERS, KernelMap
+from ..kernel_map import build_kernel_map as _generic_builder
 
 log = logging.getLogger("sparsevox.gpu_kernel_map")
 

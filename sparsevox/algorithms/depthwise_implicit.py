@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..registry import Algorithm, gpu_unavailable, register
+from ..tuning.registry import Algorithm, gpu_unavailable, register
 
 STEM = "depthwise"
 _CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
@@ -52,7 +52,7 @@ def _function(kernel: str, ctype: str):
     key = (cupy.cuda.Device().id, kernel)
     fn = _functions.get(key)
     if fn is None:
-        from ..cuda_loader import get_function
+        from ..cuda.cuda_loader import get_function
         fn = get_function(STEM, kernel, _name_expressions(ctype))
         _functions[key] = fn
     return fn

@@ -45,7 +45,7 @@ def library_path() -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent / "_lib" / LIB_NAME
+    return Path(__file__).resolve().parents[1] / "_lib" / LIB_NAME  # sparsevox/_lib/
 
 
 @functools.cache

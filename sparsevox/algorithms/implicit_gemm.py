@@ -19,8 +19,8 @@ import threading
 
 import numpy as np
 
-from . import driver
-from .cuda_loader import get_function
+from ..cuda import driver
+from ..cuda.cuda_loader import get_function
 
 log = logging.getLogger("sparsevox.implicit_gemm")
 
@@ -214,7 +214,7 @@ def _upload(host: np.ndarray):
     whenever it is dropped."""
     import cupy
 
-    from ._arrays import Hold
+    from .._arrays import Hold
     rt = cupy.cuda.runtime
     stream = cupy.cuda.get_current_stream()
     mem = cupy.cuda.alloc_pinned_memory(max(1, host.nbytes))
@@ -228,7 +228,7 @@ def _upload(host: np.ndarray):
 
 def _slot_kernel(name: str, wide: bool = False):
     """A kernel of ``kernels_cu/slot_table.cu`` on the current device (``keys``: 64-bit keys if ``wide``)."""
-    from .cuda_loader import get_function
+    from ..cuda.cuda_loader import get_function
     names = {"keys": f"slot_keys<{'unsigned long long' if wide else 'unsigned int'}, {_SLOT_BLOCK}>",
              "gather": f"gather_slots<{_SLOT_BLOCK}>", "masks": f"tile_masks<{_MASK_BLOCK}>"}
     return get_function("slot_table", names[name], _SLOT_NAMES)

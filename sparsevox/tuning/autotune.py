@@ -30,8 +30,8 @@ import sys
 import time
 
 from . import tune_cache
-from ._arrays import array_module
-from .errors import AlgorithmUnavailableError
+from .._arrays import array_module
+from ..errors import AlgorithmUnavailableError
 
 log = logging.getLogger("sparsevox.autotune")
 
@@ -79,7 +79,7 @@ def cache_key(problem) -> str:
     """``Problem.key()`` plus the library version: a new sparsevox tunes afresh."""
     global _version_key
     if _version_key is None:
-        from . import __version__
+        from .. import __version__
         _version_key = f"sparsevox {__version__}"
     return f"{problem.key()}|{_version_key}"
 

@@ -1,6 +1,6 @@
 """Registers EXPLICIT_GEMM (conv) and EXPLICIT (depthwise); they run on NumPy and CuPy alike."""
-from .. import explicit_gemm as eg
-from ..registry import Algorithm, register
+from . import explicit_gemm as eg
+from ..tuning.registry import Algorithm, register
 
 
 def _params(direction, problem):

@@ -6,8 +6,8 @@ x ``gemm_block_size`` (output channels per CTA), x ``mask_split`` in {1, 2} for 
 ``split_k_factor`` (CTAs per multiprocessor the pairs are split into). At most 16 forward/dgrad and 8
 wgrad combinations.
 """
-from .. import implicit_gemm as ig
-from ..registry import Algorithm, gpu_unavailable, register
+from . import implicit_gemm as ig
+from ..tuning.registry import Algorithm, gpu_unavailable, register
 
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -26,7 +26,7 @@ def _available(problem):
     why = gpu_unavailable(problem, "implicit_gemm")
     if why:
         return False, why
-    from ..gpu_info import compute_capability
+    from ..cuda.gpu_info import compute_capability
     if problem.dtype not in _DTYPES:
         return False, f"implicit_gemm supports {_DTYPES}, not {problem.dtype}"
     import cupy
