@@ -16,7 +16,8 @@ import time
 PHASES = [("sparsevox", "kernel_map"), ("sparsevox.adapters.torch", "kernel_map_tensors"),
           ("sparsevox.kernel_map", "KernelMap.wait"), ("sparsevox.conv", "plan"),
           ("sparsevox.conv", "remember_prepared"), ("sparsevox.algorithms.implicit_gemm", "slot_table"),
-          ("sparsevox.algorithms.implicit_gemm", "tile_masks"), ("sparsevox.algorithms.implicit_gemm", "_prepare_gather_gemm"),
+          ("sparsevox.algorithms.implicit_gemm", "tile_masks"),
+          ("sparsevox.algorithms.implicit_gemm", "_prepare_gather_gemm"),
           ("cupy", "empty"), ("cupy", "argsort"), ("torch", "from_dlpack")]
 
 

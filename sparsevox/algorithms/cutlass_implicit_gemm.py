@@ -1,4 +1,4 @@
-"""Registers CUTLASS_IMPLICIT_GEMM (conv): CUTLASS gather/scatter GEMMs from ``libsparsevox_cutlass.so``.
+"""CUTLASS_IMPLICIT_GEMM (conv), registered here: CUTLASS gather/scatter GEMMs from ``libsparsevox_cutlass.so``.
 
 One CUTLASS 2.x ``GemmUniversal`` launch per kernel offset, on the caller's CuPy stream:
 forward gathers input rows and scatters output rows, dgrad the same with the map reversed and

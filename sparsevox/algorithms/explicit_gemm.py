@@ -30,6 +30,7 @@ import numpy as np
 
 from .._arrays import array_module
 from ..config import allow_tf32
+from ..tuning.registry import Algorithm, register
 
 log = logging.getLogger("sparsevox.explicit_gemm")
 
@@ -166,3 +167,17 @@ def depthwise_wgrad(feats, grad_out, kmap, num_offsets: int):
     for k, i, o in _segments(kmap):
         gw[k] = (x[i] * g[o]).sum(axis=0)
     return gw.astype(feats.dtype, copy=False)
+
+
+# ---- registration: EXPLICIT_GEMM (conv) and EXPLICIT (depthwise), NumPy and CuPy alike ----------------
+def _params(direction, problem):
+    return [{}]
+
+
+def _available(problem):
+    return True, ""
+
+
+register("conv", Algorithm("explicit_gemm", forward, dgrad, wgrad, _params, _available))
+register("depthwise", Algorithm("explicit", depthwise_forward, depthwise_dgrad, depthwise_wgrad,
+                                _params, _available))

@@ -9,6 +9,12 @@ wgrad: ``dW[k] = X[in_k]^T @ dY[out_k]`` over chunks of pairs (split-K), float32
 float16/bfloat16 run on tensor cores (mma.sync m16n8k16, float32 accumulation); float32 and float64
 run an exact SIMT path in their own precision. Derived tables are cached in ``kmap.derived`` under
 ``implicit_gemm.*`` keys; compiled kernels are cached per (dtype, tile, vector) instantiation.
+
+Registered as IMPLICIT_GEMM (conv), GPU only. Search space (the reference guide's names): forward and
+dgrad over ``fwd_block_size`` (rows per CTA) x ``gemm_block_size`` (output channels per CTA), x
+``mask_split`` in {1, 2} for kernels of 16+ offsets (also 3 for float32/float64 from 128 channels);
+wgrad over ``gemm_block_size`` (square weight tile) x ``split_k_factor`` (CTAs per multiprocessor the
+pairs are split into). At most 16 forward/dgrad and 8 wgrad combinations.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import numpy as np
 
 from ..cuda import driver
 from ..cuda.cuda_loader import get_function
+from ..tuning.registry import Algorithm, gpu_unavailable, register
 
 log = logging.getLogger("sparsevox.implicit_gemm")
 
@@ -601,3 +608,33 @@ def wgrad_params(dtype_name: str, c_in: int, c_out: int) -> list[dict]:
     cap = max(32, _pow2ceil(max(c_in, c_out)))
     sizes = [t for t in WGRAD_TILES if t <= cap and (is_tc(dtype_name) or t <= 64)][-2:]
     return [{"gemm_block_size": t, "split_k_factor": s} for t in sizes for s in SPLIT_FACTORS]
+
+
+# ---- registration -------------------------------------------------------------------------------------
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _params(direction, problem):
+    if direction == "fwd":
+        return fwd_params(problem.dtype, problem.c_out, problem.num_offsets)
+    if direction == "dgrad":
+        return fwd_params(problem.dtype, problem.c_in, problem.num_offsets)
+    if direction == "wgrad":
+        return wgrad_params(problem.dtype, problem.c_in, problem.c_out)
+    raise ValueError(f"direction must be 'fwd', 'dgrad' or 'wgrad', got {direction!r}")
+
+
+def _available(problem):
+    why = gpu_unavailable(problem, "implicit_gemm")
+    if why:
+        return False, why
+    from ..cuda.gpu_info import compute_capability
+    if problem.dtype not in _DTYPES:
+        return False, f"implicit_gemm supports {_DTYPES}, not {problem.dtype}"
+    import cupy
+    if compute_capability(cupy.cuda.Device().id) < (8, 0):
+        return False, "implicit_gemm needs compute capability 8.0 or newer (mma.sync, cp.async)"
+    return True, ""
+
+
+register("conv", Algorithm("implicit_gemm", forward, dgrad, wgrad, _params, _available, prepare))
