@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     # Load sparsevox's algorithm registry here, on one thread. The devices' callbacks run on parallel
     # threads, and a first use of the registry from two threads at once can see it half-loaded
     # (AlgorithmUnavailableError on one device, which then never reaches the psum: a hang). Reported as
-    # a core bug (sparsevox/registry.py _load_backends is not thread-safe); tests/test_multigpu.py has
+    # a core bug (sparsevox/tuning/registry.py _load_backends is not thread-safe); tests/test_multigpu.py has
     # the reproducer.
     from sparsevox.tuning import registry
     registry.algorithms("conv")

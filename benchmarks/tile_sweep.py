@@ -3,7 +3,7 @@ forward per CTA tile, warp tile and pipeline depth, each checked against the def
 
 ``python -m benchmarks.tile_sweep [--scenes lidar_synth semantickitti] [--c 32 64] [--out DIR --stem S]``.
 Device time is a CUDA graph of one forward replayed (``benchmarks.implicit_dev.gpu_ms``), so the host is
-not in it. Variants are ``(BM, BN, WM, WN, STAGES[, BK])``; the tables in ``sparsevox.implicit_gemm`` are not
+not in it. Variants are ``(BM, BN, WM, WN, STAGES[, BK])``; the tables in ``sparsevox.algorithms.implicit_gemm`` are not
 changed by this script.
 """
 from __future__ import annotations

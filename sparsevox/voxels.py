@@ -15,7 +15,7 @@ def _dtype_name(a) -> str:
 
 def _hash_device(c):
     """The device operations with which validation checks core coords ``c`` through the GPU kernel-map
-    builder's hash insert (:func:`sparsevox.gpu_kernel_map.hash_table`), or None for NumPy coords
+    builder's hash insert (:func:`sparsevox.cuda.gpu_kernel_map.hash_table`), or None for NumPy coords
     (host checks on sorted keys). Tests return an emulated device here to run that path on the CPU."""
     if array_module(c) is np:
         return None

@@ -1,4 +1,4 @@
-"""sparsevox.driver.Args (the kernel-map builder's launches): the packed parameter buffer has the C
+"""sparsevox.cuda.driver.Args (the kernel-map builder's launches): the packed parameter buffer has the C
 layout cuLaunchKernel expects (each parameter at an offset aligned to its size), and a launch hands it
 to the driver through ``extra`` (CU_LAUNCH_PARAM_BUFFER_POINTER / _SIZE / _END). No GPU needed."""
 import ctypes

@@ -1,6 +1,6 @@
 """The GPU kernel-map builder (hash table, kernels_cu/kernel_map.cu) equals the NumPy builder exactly.
 
-Two drivers of the same Python builder (:func:`sparsevox.gpu_kernel_map.build`) and the same CUDA source:
+Two drivers of the same Python builder (:func:`sparsevox.cuda.gpu_kernel_map.build`) and the same CUDA source:
 - on the GPU (``@pytest.mark.gpu``): every kind, kernel size, stride, dilation and batch count on random
   inputs, limits, N = 0, duplicates, and the real scans of ``pointcloud_dir()``;
 - on the CPU through ``tests/cuda_cpu_emulator.py`` (the kernels compiled as C++, one thread per CUDA

@@ -126,7 +126,7 @@ class CupyDevice:
 
     def launch(self, name: str, grid: int, block: int, args: tuple) -> None:
         """Launch kernel ``name`` on the current device and stream, through the driver with a parameter
-        buffer kept per kernel (:class:`sparsevox.driver.Args`: each kernel is launched from one place,
+        buffer kept per kernel (:class:`sparsevox.cuda.driver.Args`: each kernel is launched from one place,
         with the same argument kinds every time)."""
         cupy = self.xp
         dev = cupy.cuda.runtime.getDevice()

@@ -1,7 +1,8 @@
 """The one algorithm registry: canonical name → Algorithm, for each op (``conv`` and ``depthwise``).
 
-Backends register here at import; GPU modules import CuPy only when first called, so registering
-them costs nothing on a machine without a GPU.
+Each module of :mod:`sparsevox.algorithms` registers its algorithms here when imported; the first
+:func:`algorithms` call imports that package. GPU modules import CuPy only when first called, so
+registering them costs nothing on a machine without a GPU.
 """
 from __future__ import annotations
 
