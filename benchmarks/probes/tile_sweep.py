@@ -1,8 +1,8 @@
 """Forward tile sweep for small channel counts (issue 4, the smallest layer): device time of the SubM k3
 forward per CTA tile, warp tile and pipeline depth, each checked against the default tile's output.
 
-``python -m benchmarks.tile_sweep [--scenes lidar_synth semantickitti] [--c 32 64] [--out DIR --stem S]``.
-Device time is a CUDA graph of one forward replayed (``benchmarks.implicit_dev.gpu_ms``), so the host is
+``python -m benchmarks.probes.tile_sweep [--scenes lidar_synth semantickitti] [--c 32 64] [--out DIR --stem S]``.
+Device time is a CUDA graph of one forward replayed (``benchmarks.probes.implicit_dev.gpu_ms``), so the host is
 not in it. Variants are ``(BM, BN, WM, WN, STAGES[, BK])``; the tables in ``sparsevox.algorithms.implicit_gemm`` are not
 changed by this script.
 """
@@ -54,7 +54,7 @@ def main(argv=None):
 
     import sparsevox as sv
     from benchmarks import scenes
-    from benchmarks.implicit_dev import gpu_ms
+    from benchmarks.probes.implicit_dev import gpu_ms
     from sparsevox.algorithms import implicit_gemm as ig
 
     rows = []

@@ -1,6 +1,6 @@
 """Small IMPLICIT_GEMM run for compute-sanitizer (memcheck, racecheck): every direction, vector and scalar
 loads, tensor-core and SIMT paths, sorted and unsorted slots. ``compute-sanitizer --tool racecheck python3
-benchmarks/implicit_sanitize.py``; prints the relative errors against EXPLICIT_GEMM (float32/float64)."""
+benchmarks/probes/implicit_sanitize.py``; prints the relative errors against EXPLICIT_GEMM (float32/float64)."""
 import numpy as np
 
 

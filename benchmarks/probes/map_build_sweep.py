@@ -2,7 +2,7 @@
 process was started with (``SPARSEVOX_KMAP_ITEMS``): builder wall µs per call (back to back), the GPU time
 of each kernel, the whole build's device time with the host hidden (the stream held by a sleeping kernel
 while the build queues), and the event time of one build (host and device, as the layer benchmark
-times it). ``for i in 1 2 4 8; do SPARSEVOX_KMAP_ITEMS=$i python -m benchmarks.map_build_sweep; done``
+times it). ``for i in 1 2 4 8; do SPARSEVOX_KMAP_ITEMS=$i python -m benchmarks.probes.map_build_sweep; done``
 prints one JSON line each."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Where a fresh scan's first SubM layer spends its host time (SemanticKITTI, else the built-in scan):
 C=32 float16 forward through the torch adapter on new unvalidated ``Voxels`` each call, so the map is
 built and first used inside the call. Prints the wall µs per call, then cProfile's top functions by
-cumulative and by own time. ``python -m benchmarks.fresh_layer_profile [--algo implicit_gemm] [-n 30]``."""
+cumulative and by own time. ``python -m benchmarks.probes.fresh_layer_profile [--algo implicit_gemm] [-n 30]``."""
 from __future__ import annotations
 
 import argparse

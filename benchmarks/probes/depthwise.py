@@ -17,7 +17,7 @@ Per scene and algorithm one ``depthwise_fwd`` record:
 
 ``--backward`` adds ``depthwise_dgrad`` and ``depthwise_wgrad`` records.
 
-Usage on the GPU machine: ``python -m benchmarks.depthwise [--out DIR_OR_FILE.json] [--quick]``.
+Usage on the GPU machine: ``python -m benchmarks.probes.depthwise [--out DIR_OR_FILE.json] [--quick]``.
 ``--out`` ending in ``.json`` is the result file; otherwise a folder that gets ``<stem>-depthwise.json``.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 log = logging.getLogger("sparsevox.benchmarks.depthwise")
 
 COPY_TBPS = 3.0  # H100 device-to-device copy, bytes read + written (MEASUREMENTS.md)
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def scene_coords(names):

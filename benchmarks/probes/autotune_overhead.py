@@ -12,7 +12,7 @@ For each SubM k3 layer of the built-in LiDAR-like scan (5 cm) × C × dtype, in 
   call of ``conv_forward`` against calling the chosen algorithm's ``forward`` directly with its
   parameters (``n`` calls back to back, one synchronisation), whose difference is ``overhead_us``.
 
-Usage on the GPU machine: ``python -m benchmarks.autotune_overhead`` (writes
+Usage on the GPU machine: ``python -m benchmarks.probes.autotune_overhead`` (writes
 ``benchmarks/results/<stem>-autotune.json``); ``--cpu`` is a plumbing dry run on NumPy. Without a GPU
 the GPU run prints why and writes nothing.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGET_US = 10.0
 
 

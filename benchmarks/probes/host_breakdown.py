@@ -1,6 +1,6 @@
 """Where host time goes, primitive by primitive, on the GPU machine (diagnostics for the host-cost work).
 
-``python -m benchmarks.host_breakdown --out DIR [--stem STEM]``: the per-call host cost of the CuPy and
+``python -m benchmarks.probes.host_breakdown --out DIR [--stem STEM]``: the per-call host cost of the CuPy and
 torch primitives a layer call is made of (kernel launch by argument count, allocation, memset, a small
 device->host read, stream lookups, DLPack hand-overs, an empty ``autograd.Function``), then cProfile
 listings of the kernel-map build and of the torch-adapter SubM / down / up calls on SemanticKITTI (else
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     rec["voxels_check_us"] = _us(lambda: sv.Voxels(coords, None), 200)  # validation (hash insert + one read)
     rec["voxels_check_and_map_us"] = _us(lambda: sv.kernel_map(sv.Voxels(coords, None), 3), 200)
     texts.append(("map build (builder), by own time", _profile(build, 200, sync)))
-    from benchmarks.map_build_sweep import kernel_times
+    from benchmarks.probes.map_build_sweep import kernel_times
     rec["map_build_kernel_us"] = kernel_times(build, 50)
 
     texts.append(("map build (public), cumulative", _profile(public, 200, sync, "cumulative", 40)))

@@ -1,7 +1,7 @@
 """Where the smallest layer's time goes (issue 4): host µs of each stage of one torch SubM call, and the
 forward kernel alone, for ``ncu``.
 
-``python -m benchmarks.small_layer_profile [--scene lidar_synth] [--c 32] [--dtype float16] [--out DIR --stem S]``
+``python -m benchmarks.probes.small_layer_profile [--scene lidar_synth] [--c 32] [--dtype float16] [--out DIR --stem S]``
 prints host µs per stage of ``spatially_sparse_conv(vox, w, 3)`` (map cached, no grad): the whole call,
 the cached map lookup, ``conv_features``, the adapter's forward implementation, ``torch.empty`` of the
 output, the prepared launch, the output ``Voxels``; and a cProfile of the whole call sorted by own time.

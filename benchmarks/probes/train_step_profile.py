@@ -1,6 +1,6 @@
 """Where a small layer's forward+backward time goes through torch autograd (host µs per call).
 
-``python -m benchmarks.train_step_profile [--scene semantickitti] [--c 32]``: host µs per call over a
+``python -m benchmarks.probes.train_step_profile [--scene semantickitti] [--c 32]``: host µs per call over a
 loop of calls with one synchronise at the end (throughput, ``timing.loop_us``) and the median of calls
 each followed by a synchronise (``timing.wall_ms``), for: an empty ``autograd.Function`` round trip on
 CUDA tensors of the layer's shapes, the layer's forward with grad enabled, its backward implementation alone (main thread), and the whole

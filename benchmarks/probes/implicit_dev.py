@@ -1,6 +1,6 @@
 """IMPLICIT_GEMM development benchmark: checks then times every tile of every direction on the LiDAR-like scan.
 
-Run on the GPU machine (one call): ``python3 benchmarks/implicit_dev.py [--dtypes float16,float32] [--out DIR]``.
+Run on the GPU machine (one call): ``python3 benchmarks/probes/implicit_dev.py [--dtypes float16,float32] [--out DIR]``.
 For each C in {32, 64, 128, 256}: forward / dgrad / wgrad of each parameter set (checked against
 EXPLICIT_GEMM in float32 first: a failing kernel is reported FAIL and not timed), EXPLICIT_GEMM, and
 a dense cupy matmul of the same ``[pairs x C] @ [C x C]`` shape. Prints a table; writes JSON.

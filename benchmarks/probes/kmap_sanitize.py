@@ -3,7 +3,7 @@ k5, (3, 1, 5)) with and without a prebuilt table, the probing path (k2 s2 stride
 generative), on 6,000 voxels; run it with ``SPARSEVOX_KMAP_ITEMS=1 SPARSEVOX_KMAP_PROBE_ITEMS=1``
 (256-row tiles) so that each offset spans several tiles.
 Every map is compared with the NumPy builder. ``compute-sanitizer --tool memcheck python3 -m
-benchmarks.kmap_sanitize``; prints one line per map and ``kmap_sanitize: N maps OK``."""
+benchmarks.probes.kmap_sanitize``; prints one line per map and ``kmap_sanitize: N maps OK``."""
 import numpy as np
 
 

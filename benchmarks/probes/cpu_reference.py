@@ -1,6 +1,6 @@
 """The CPU reference figure: NumPy-backend SubM k3 forward, C = 32, ~100k voxels, on this machine.
 
-    python -m benchmarks.cpu_reference [--out DIR] [--stem STEM] [--repeats N]
+    python -m benchmarks.probes.cpu_reference [--out DIR] [--stem STEM] [--repeats N]
 
 Scene: :func:`sparsevox.synthetic.lidar_like_points` (seed 0, 120,000 points) at 5 cm, about 105k voxels.
 Times the kernel-map build of a fresh ``Voxels`` and the float32 forward with the map cached (median of
@@ -16,8 +16,8 @@ import sys
 
 import numpy as np
 
-from . import provenance, report
-from .timing import time_call, tflops
+from .. import provenance, report
+from ..timing import time_call, tflops
 
 TARGET_S = 2.0
 
@@ -34,7 +34,7 @@ def cpu_name() -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.cpu_reference", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.probes.cpu_reference", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(provenance.REPO / "benchmarks" / "results"))
     ap.add_argument("--stem", default=None)
