@@ -90,7 +90,7 @@ def _items(var: str, default: int) -> int:
 
 # Output rows per thread of a kmap_compact tile (BLOCK * ITEMS rows per tile) and of a kmap_probe block
 # (BLOCK * PROBE_ITEMS rows). Read once at import; SPARSEVOX_KMAP_ITEMS and SPARSEVOX_KMAP_PROBE_ITEMS
-# (1-16) override them for benchmark sweeps (benchmarks/map_build_sweep.py).
+# (1-16) override them for benchmark sweeps (benchmarks/probes/map_build_sweep.py).
 # Measured (SemanticKITTI, H200, map_build_sweep): compact 8.9 µs with 16 items, 10.5 with 8; probe 1-2
 # items about equal, 4 and 8 slower (fewer lookups in flight per SM).
 ITEMS = _items("SPARSEVOX_KMAP_ITEMS", 16)
