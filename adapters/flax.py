@@ -20,7 +20,7 @@ from flax import nnx
 
 import sparsevox as sv
 from sparsevox.adapters import jax as svj
-from sparsevox.algos import resolve_algos
+from sparsevox.tuning.algo_inputs import resolve_algos
 from sparsevox.conv import output_voxels_of
 from sparsevox.geometry import triple
 from sparsevox.kernel_map import KernelMap

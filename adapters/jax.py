@@ -21,7 +21,7 @@ Under ``vmap`` it runs once per batch element.
 
 Speed: jit the whole step (all layers, loss, gradient), not single layers. On an H100 host a jitted call
 costs ~80 µs of XLA dispatch before any work, about what a whole small layer costs through torch, and
-each layer's callback ~35 µs of our own host work plus XLA's share (``benchmarks/NOTES.md``, session 3).
+each layer's callback ~35 µs of our own host work plus XLA's share (``docs/performance.md``).
 
 GPU memory: XLA preallocates most of the GPU; the kernels' scratch memory comes from CuPy's pool, so
 leave room for it, e.g. ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.5`` or ``XLA_PYTHON_CLIENT_PREALLOCATE=false``.

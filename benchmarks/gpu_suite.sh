@@ -3,12 +3,13 @@
 # benchmarks/results/ with the stem <yyyy-mm-dd>-<gpu>-<short commit>, bundled into $OUT.
 #
 #   bash benchmarks/gpu_suite.sh [--quick] [--no-tests] [--tests-only] [--cpu] [benchmarks.MODULE ...]
+#   (a module is benchmarks.NAME or benchmarks.probes.NAME)
 #
 # Run from anywhere (it changes to the repository root). It expects, at the repository root:
 #   .peers/*.tar.xz           the peers packed by ../shared/tools/pack-peers (optional: no peers, no ratios)
 #   .gpudata/pointclouds/     semantickitti_000000.bin, scannet_scene0000_00.bin (optional: scenes skipped)
 # Steps: pip install -e . (no index, no deps); unpack the peers into /tmp/peers (PYTHONPATH); pytest tests
-# (log: <stem>-tests.log); python -m benchmarks.layers; benchmarks.autotune_overhead when it exists; the
+# (log: <stem>-tests.log); python -m benchmarks.layers; benchmarks.probes.autotune_overhead; the
 # modules named as arguments (each gets --out --stem [--quick] --budget-s). The whole run keeps to
 # SUITE_BUDGET_S seconds (default 470; --quick 300): tests get at most TESTS_TIMEOUT_S (default 240; quick
 # 150), the benchmarks the time left (they stop starting measurements at their budget and write what
@@ -30,7 +31,7 @@ for a in "$@"; do
     --cpu) cpu=(--cpu) ;;  # plumbing check without a GPU: the layers dry run (tiny scenes, NumPy backend)
     --no-tests) run_tests=0 ;;
     --tests-only) run_bench=0 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     -*) echo "gpu_suite.sh: unknown option $a" >&2; exit 2 ;;
     *) mods+=("${a#python3 -m }") ;;
   esac
@@ -100,7 +101,7 @@ run_bench_module() {  # module, then its extra arguments
   local b=$(( $(left) - 25 ))
   if [ "$b" -lt 20 ]; then echo "== $m skipped: suite budget spent"; return 0; fi
   echo "== $m (budget ${b}s)"
-  python3 -m "$m" --out "$RES" --stem "$stem" $quick --budget-s "$b" "$@" 2>&1 | tee "$RES/$stem-${m#benchmarks.}.log"
+  python3 -m "$m" --out "$RES" --stem "$stem" $quick --budget-s "$b" "$@" 2>&1 | tee "$RES/$stem-${m##*.}.log"
   local rc=$?
   [ "$rc" = 0 ] || { echo "$m exited with $rc"; bench_rc=$rc; }
   pack
@@ -108,7 +109,7 @@ run_bench_module() {  # module, then its extra arguments
 if [ "$run_bench" = 1 ]; then
   # shellcheck disable=SC2086  # LAYERS_ARGS is split on purpose, e.g. "--peers spconv spconv_triton"
   [ -z "${SKIP_LAYERS:-}" ] && run_bench_module benchmarks.layers "${cpu[@]}" ${LAYERS_ARGS:-}
-  [ -z "${SKIP_AUTOTUNE_OVERHEAD:-}" ] && [ -f benchmarks/autotune_overhead.py ] && run_bench_module benchmarks.autotune_overhead
+  [ -z "${SKIP_AUTOTUNE_OVERHEAD:-}" ] && [ -f benchmarks/probes/autotune_overhead.py ] && run_bench_module benchmarks.probes.autotune_overhead
   for m in "${mods[@]}"; do
     # shellcheck disable=SC2086
     if [ "$m" = benchmarks.layers ]; then run_bench_module "$m" "${cpu[@]}" ${LAYERS_ARGS:-}; else run_bench_module "$m"; fi

@@ -265,9 +265,9 @@ def main(argv=None) -> int:
     # Load sparsevox's algorithm registry here, on one thread. The devices' callbacks run on parallel
     # threads, and a first use of the registry from two threads at once can see it half-loaded
     # (AlgorithmUnavailableError on one device, which then never reaches the psum: a hang). Reported as
-    # a core bug (sparsevox/registry.py _load_backends is not thread-safe); tests/test_multigpu.py has
+    # a core bug (sparsevox/tuning/registry.py _load_backends is not thread-safe); tests/test_multigpu.py has
     # the reproducer.
-    from sparsevox import registry
+    from sparsevox.tuning import registry
     registry.algorithms("conv")
 
     params0 = jax.device_put(init_params(0, args.channels, np_dtype), NamedSharding(mesh, P()))

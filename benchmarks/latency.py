@@ -135,7 +135,8 @@ def map_build_phases(coords, n: int = 50) -> dict:
     of the sizes); ``copy_pairs`` runs at a map's first use, so it is absent here."""
     import torch
 
-    from sparsevox import Voxels, gpu_kernel_map as gkm, kernel_map
+    from sparsevox import Voxels, kernel_map
+    from sparsevox.cuda import gpu_kernel_map as gkm
     dev = gkm._cupy_device()
     names = ("launch", "fill_ones", "host_buffer", "host_result", "copy_pairs", "view")
     with timed_attrs([(dev, name, name) for name in names]) as spent:

@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     if not args.cpu:
-        from sparsevox.gpu_info import gpu_available
+        from sparsevox.cuda.gpu_info import gpu_available
         ok, why = gpu_available()
         if not ok:
             print(f"benchmarks.layers: no GPU ({why}); use --cpu for a dry run", file=sys.stderr)

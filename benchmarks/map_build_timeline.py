@@ -102,7 +102,7 @@ def host_stamps(fn, repeats: int) -> dict:
     import torch
 
     from benchmarks.timing import timed_attrs
-    from sparsevox import gpu_kernel_map as gkm
+    from sparsevox.cuda import gpu_kernel_map as gkm
     from sparsevox import voxels
     dev = gkm._cupy_device()
     cur: dict = {}  # this call's "op#i" -> µs from its start
@@ -154,8 +154,8 @@ def launch_costs(n: int = 2000) -> dict:
     import cupy
 
     from benchmarks.timing import loop_us
-    from sparsevox import driver
-    from sparsevox import gpu_kernel_map as gkm
+    from sparsevox.cuda import driver
+    from sparsevox.cuda import gpu_kernel_map as gkm
     dev = gkm._cupy_device()
     pos, status, info = cupy.zeros(4, cupy.int32), cupy.zeros(2, cupy.uint64), cupy.zeros(2, cupy.int64)
     args = (pos, np.int32(4), status, info)

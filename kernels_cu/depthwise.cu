@@ -1,4 +1,4 @@
-// Depthwise sparse convolution, IMPLICIT algorithm (sparsevox/backends/depthwise_implicit.py).
+// Depthwise sparse convolution, IMPLICIT algorithm (sparsevox/algorithms/depthwise_implicit.py).
 //
 //   forward: out[o, c]  = sum_k x[nbr[k][o], c] * w[k, c]        (nbr[k][o] = input row or -1)
 //   dgrad:   gin[i, c]  = sum_k g[rev[k][i], c] * w[k, c]        (rev[k][i] = output row or -1)

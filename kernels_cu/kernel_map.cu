@@ -1,4 +1,4 @@
-// Kernel maps on the GPU (sparsevox/gpu_kernel_map.py): a hash table of the input voxels, one kernel
+// Kernel maps on the GPU (sparsevox/cuda/gpu_kernel_map.py): a hash table of the input voxels, one kernel
 // that queries every (offset k, output row m) into a dense table, and one that compacts its hits in the
 // canonical CSR order (by k, then by output row) with a single-pass scan, without sorting.
 //
@@ -23,7 +23,7 @@
 // allocation, so the table's one memset (all ones) also resets it, and kmap_insert sets a symmetric
 // map's mirrored rows of cand to -1; with a prebuilt table (Voxels validation) the state follows
 // offsets in the map's own allocation, reset by one memset together with those rows (symmetric SubM),
-// or has an allocation of its own (sparsevox/gpu_kernel_map.py).
+// or has an allocation of its own (sparsevox/cuda/gpu_kernel_map.py).
 // Index arithmetic is 64-bit where a product can exceed 2^31 (K * M, s * c + off); the host checks
 // that K * M fits int32 (so do the pair count and every prefix; KernelMap stores int32 maps and offsets).
 // Every kernel is a template on its block size BLOCK (a multiple of 32, at most 1024); kmap_probe and
@@ -143,7 +143,7 @@ __device__ __forceinline__ int offset_base(const unsigned long long* totals, int
 // for 2) holding the probe position, loaded at once; the probe goes on from the next window only when
 // no slot from its position to the window's end holds the key or is free. Most lookups miss (a LiDAR
 // voxel has few of its 26 neighbours), and a miss walks to the next free slot. SemanticKITTI, table
-// load 0.175 (sparsevox/gpu_kernel_map.py _capacity): the slowest lane of a warp takes 3.6 dependent
+// load 0.175 (sparsevox/cuda/gpu_kernel_map.py _capacity): the slowest lane of a warp takes 3.6 dependent
 // steps on average one slot at a time, 2.1 with windows of 2, 1.2 with 4 (simulated); the build's
 // device time was 49.4, 49.5 and 55.8 µs (H200: windows of 4 load twice the sectors).
 #ifndef SVX_HASH_WINDOW

@@ -1,4 +1,4 @@
-// The IMPLICIT_GEMM slot tables of a kernel map (sparsevox/implicit_gemm.py: slot_table, tile_masks),
+// The IMPLICIT_GEMM slot tables of a kernel map (sparsevox/algorithms/implicit_gemm.py: slot_table, tile_masks),
 // made on the device in three kernels and one sort instead of a chain of CuPy array expressions
 // (~20 launches and temporaries of K x rows int64 on the host path of a fresh map's first layer).
 //

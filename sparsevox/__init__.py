@@ -1,9 +1,15 @@
 """sparsevox: spatially sparse convolutions on voxel grids for NumPy, CuPy, PyTorch and JAX.
 
 ``import sparsevox`` needs only NumPy; CuPy, torch and jax are imported when their arrays are used.
+
+Layout: the top-level modules are the core (``Voxels``, geometry, kernel maps, the public ops, array
+interop); ``algorithms/`` implements and registers each algorithm, ``tuning/`` chooses among them,
+``cuda/`` is the CUDA plumbing, and ``sparsevox.adapters`` (the ``adapters/`` folder) wraps the core for
+torch, JAX and Flax. The core may import ``tuning`` at import time, but no framework and nothing of
+``cuda``, ``algorithms`` or ``adapters`` (only inside functions); ``tests/test_layout.py`` checks it.
 """
-from .algos import (SPARSE_CONV_BWD_ALGO_MODE, SPARSE_CONV_FWD_ALGO_MODE, SPARSE_DEPTHWISE_CONV_BWD_ALGO_MODE,
-                    SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE)
+from .tuning.algo_inputs import (SPARSE_CONV_BWD_ALGO_MODE, SPARSE_CONV_FWD_ALGO_MODE,
+                                 SPARSE_DEPTHWISE_CONV_BWD_ALGO_MODE, SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE)
 from .config import allow_tf32
 from .conv import conv_backward, conv_forward, spatially_sparse_conv
 from .depthwise import depthwise_backward, depthwise_forward, spatially_sparse_depthwise_conv

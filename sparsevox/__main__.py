@@ -22,10 +22,10 @@ def main(argv=None) -> int:
         from .demo import main as demo
         return demo(rest)
     if cmd == "cache":
-        from .tune_cache import cli
+        from .tuning.tune_cache import cli
         return cli(rest)
     if cmd == "build-cutlass":
-        from .cutlass_build import cli
+        from .cuda.cutlass_build import cli
         return cli(rest)
     print(f"unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 
-from . import autotune, config
+from . import config
+from .tuning import autotune
 from ._arrays import array_module, from_core, to_core
-from .algos import resolve_algos
+from .tuning.algo_inputs import resolve_algos
 from .errors import AlgorithmUnavailableError
 from .kernel_map import KernelMap, kernel_map
-from .problem import Problem
-from .registry import availability
+from .tuning.problem import Problem
+from .tuning.registry import availability
 from .voxels import Voxels
 
 log = logging.getLogger("sparsevox")
@@ -28,7 +29,7 @@ def _device(a) -> str:
 def _gpu_name(a) -> str:
     if _device(a) == "cpu":
         return ""
-    from .gpu_info import device_name
+    from .cuda.gpu_info import device_name
     return device_name(a.device.id)
 
 
@@ -64,10 +65,10 @@ def problem_of(op, direction, feats, weight, kmap) -> Problem:
 
 
 def oracle_of(op: str, direction: str, a, b, kmap: KernelMap):
-    """The :class:`~sparsevox.check.Oracle` of one call: EXPLICIT_GEMM's function of this direction on the
+    """The :class:`~sparsevox.tuning.check.Oracle` of one call: EXPLICIT_GEMM's function of this direction on the
     call's operands (``a``, ``b`` as that function takes them), evaluated in a wider dtype."""
-    from . import explicit_gemm as ex
-    from .check import Oracle
+    from .algorithms import explicit_gemm as ex
+    from .tuning.check import Oracle
     k = kmap.num_offsets
     prefix = "" if op == "conv" else "depthwise_"
     fn = getattr(ex, prefix + {"fwd": "forward"}.get(direction, direction))
@@ -85,7 +86,7 @@ def oracle_of(op: str, direction: str, a, b, kmap: KernelMap):
 def select(problem: Problem, algo_input, run, oracle=None):
     """Resolve the algorithm input, drop what cannot run here, and let the autotuner choose.
 
-    ``oracle``: a zero-argument function returning the call's :class:`~sparsevox.check.Oracle` (built only
+    ``oracle``: a zero-argument function returning the call's :class:`~sparsevox.tuning.check.Oracle` (built only
     when candidates are checked)."""
     names, explicit = resolve_algos(algo_input, problem.op, "fwd" if problem.direction == "fwd" else "bwd")
     algos, why = availability(problem.op, names, problem)
@@ -173,7 +174,7 @@ def conv_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, feats
 
 def prepared(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input):
     """The launch object (``launch(a, b, out)`` on raw device addresses, see
-    :class:`sparsevox.implicit_gemm.Launch`) of the algorithm this call signature runs, or None when
+    :class:`sparsevox.algorithms.implicit_gemm.Launch`) of the algorithm this call signature runs, or None when
     that algorithm has none. Call it after one ordinary call with the same arguments (which plans and, for
     AUTO, tunes): framework adapters then launch later calls from tensor addresses directly."""
     choice = plan(op, direction, feats, weight, kmap, algo_input, None, memo_only=True) if op == "conv" else None

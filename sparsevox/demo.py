@@ -14,7 +14,7 @@ import numpy as np
 
 import sparsevox as sv
 from sparsevox import conv
-from sparsevox.gpu_info import gpu_available
+from sparsevox.cuda.gpu_info import gpu_available
 from sparsevox.synthetic import lidar_like_points
 
 # (name, C_in, C_out, kernel_size, stride, transposed)
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     use_gpu = ok and not args.cpu
     if use_gpu:
         import cupy as xp
-        backend = f"GPU ({sv.gpu_info.device_name(xp.cuda.Device().id)}, CuPy)"
+        backend = f"GPU ({sv.cuda.gpu_info.device_name(xp.cuda.Device().id)}, CuPy)"
     else:
         xp = np
         backend = "CPU (NumPy reference)" + ("" if args.cpu else f" — {reason}")

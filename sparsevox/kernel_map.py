@@ -315,7 +315,7 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
             raise ValueError("output_voxels must be on the same device as voxels")
     xp = array_module(coords)
     if xp is not np and "cupy" not in BUILDERS:
-        from . import gpu_kernel_map  # noqa: F401  (registers the hash-table builder as BUILDERS["cupy"])
+        from .cuda import gpu_kernel_map  # noqa: F401  (registers the hash-table builder as BUILDERS["cupy"])
     builder = BUILDERS.get("cupy" if xp is not np else "numpy", build_kernel_map)
     # a builder that does not read the sorted keys (the GPU hash table) spares their argsort
     sorted_in = voxels.sorted_keys() if getattr(builder, "needs_sorted_keys", True) else None

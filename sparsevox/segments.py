@@ -268,7 +268,7 @@ class CupyDevice:
         key = (self.xp.cuda.Device().id, expr)
         fn = self._fns.get(key)
         if fn is None:
-            from .cuda_loader import get_function
+            from .cuda.cuda_loader import get_function
             fn = self._fns[key] = get_function(STEM, expr, _name_expressions(ctype))
         return fn
 

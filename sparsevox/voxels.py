@@ -15,11 +15,11 @@ def _dtype_name(a) -> str:
 
 def _hash_device(c):
     """The device operations with which validation checks core coords ``c`` through the GPU kernel-map
-    builder's hash insert (:func:`sparsevox.gpu_kernel_map.hash_table`), or None for NumPy coords
+    builder's hash insert (:func:`sparsevox.cuda.gpu_kernel_map.hash_table`), or None for NumPy coords
     (host checks on sorted keys). Tests return an emulated device here to run that path on the CPU."""
     if array_module(c) is np:
         return None
-    from . import gpu_kernel_map
+    from .cuda import gpu_kernel_map
     return gpu_kernel_map._cupy_device()
 
 
@@ -91,7 +91,7 @@ class Voxels:
         if dev is not None:
             # GPU: the kernel-map builder's hash insert checks range and uniqueness in one kernel and
             # one 16-byte read; its table is kept for the maps of these voxels (kernel_map()).
-            from . import gpu_kernel_map
+            from .cuda import gpu_kernel_map
             table, dup_row, bad_row = gpu_kernel_map.hash_table(dev, c)
             if dup_row == -1 and bad_row == -1:
                 self._hash = table

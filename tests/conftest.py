@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py importable as `reference`
 
-from sparsevox.gpu_info import gpu_available  # noqa: E402
+from sparsevox.cuda.gpu_info import gpu_available  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,7 +14,7 @@ with ``SVX_KMAP_SPIN_STUCK`` and that launch raises ``RuntimeError`` instead of 
 ``kmap_probe<256, j>`` (rows per thread of a tile; defaults: the GPU builder's), so small inputs can
 still span many tiles; ``window=w`` builds the hash lookups with ``SVX_HASH_WINDOW=w`` (0: the source's).
 
-It exists so that the GPU kernel-map builder (:mod:`sparsevox.gpu_kernel_map`, the same Python code
+It exists so that the GPU kernel-map builder (:mod:`sparsevox.cuda.gpu_kernel_map`, the same Python code
 and the same kernels) can be checked against the NumPy builder on machines without a GPU. It is slow
 (thousands of threads per launch): keep inputs small. Needs g++ with C++20 (``<barrier>``).
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsevox import gpu_kernel_map
+from sparsevox.cuda import gpu_kernel_map
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,7 +230,7 @@ class _PoisonedNumpy:
 
 
 class EmulatedDevice:
-    """Drop-in for :class:`sparsevox.gpu_kernel_map.CupyDevice`: NumPy arrays (allocations poisoned),
+    """Drop-in for :class:`sparsevox.cuda.gpu_kernel_map.CupyDevice`: NumPy arrays (allocations poisoned),
     kernels on the CPU."""
     xp = _PoisonedNumpy()
 

@@ -4,7 +4,7 @@ The CUDA source is compiled as C++20 with a prelude: one OS thread per CUDA thre
 run one after another), a ``std::barrier`` for ``__syncthreads``, ``std::atomic_ref`` for
 ``atomicAdd``, dynamic shared memory as one buffer per block, ``_Float16`` for ``__half`` and
 round-to-nearest-even bit arithmetic for ``__nv_bfloat16``. Every template instantiation the backend
-can ask for (:func:`sparsevox.backends.depthwise_implicit._name_expressions`) gets an ``extern "C"``
+can ask for (:func:`sparsevox.algorithms.depthwise_implicit._name_expressions`) gets an ``extern "C"``
 entry point taking the launch geometry. Slow (thousands of threads per launch): keep inputs small.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def symbol(expr: str) -> str:
 
 
 def _source() -> str:
-    from sparsevox.backends.depthwise_implicit import _name_expressions
+    from sparsevox.algorithms.depthwise_implicit import _name_expressions
     body = (ROOT / "kernels_cu" / "depthwise.cu").read_text()
     body = re.sub(r"#include <cuda_(fp16|bf16)\.h>", "", body)
     body = body.replace("extern __shared__ unsigned char smem_raw[];", "unsigned char* smem_raw = g_smem.data();")

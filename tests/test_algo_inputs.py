@@ -6,7 +6,7 @@ from reference import random_voxels
 import sparsevox as sv
 from sparsevox import (SPARSE_CONV_BWD_ALGO_MODE, SPARSE_CONV_FWD_ALGO_MODE, SPARSE_DEPTHWISE_CONV_BWD_ALGO_MODE,
                        SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE)
-from sparsevox.algos import resolve_algos
+from sparsevox.tuning.algo_inputs import resolve_algos
 
 ALL_CONV = ("explicit_gemm", "implicit_gemm", "cutlass_implicit_gemm")
 ENV_VARS = [f"{p}_{s}" for p in ("SPARSEVOX", "WARPCONVNET")

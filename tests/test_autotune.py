@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 import sparsevox
-from sparsevox import autotune, check, registry, tune_cache
-from sparsevox.algos import (SPARSE_CONV_BWD_ALGO_MODE, SPARSE_CONV_FWD_ALGO_MODE,
-                             SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE, resolve_algos)
+from sparsevox.tuning import autotune, check, registry, tune_cache
+from sparsevox.tuning.algo_inputs import (SPARSE_CONV_BWD_ALGO_MODE, SPARSE_CONV_FWD_ALGO_MODE,
+                                         SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE, resolve_algos)
 from sparsevox.conv import select
 from sparsevox.errors import AlgorithmUnavailableError
-from sparsevox.problem import Problem
-from sparsevox.registry import Algorithm
+from sparsevox.tuning.problem import Problem
+from sparsevox.tuning.registry import Algorithm
 
 TESTS = Path(__file__).parent
 ENV_VARS = [p + s for p in ("SPARSEVOX_", "WARPCONVNET_") for s in (
@@ -95,7 +95,7 @@ def cache_file_entries(d):
     return data["entries"]
 
 
-# ---- algorithm inputs: every form, environment precedence (sparsevox.algos.resolve_algos) --------
+# ---- algorithm inputs: every form, environment precedence (sparsevox.tuning.algo_inputs.resolve_algos) --------
 
 ALL_CONV = ("explicit_gemm", "implicit_gemm", "cutlass_implicit_gemm")
 

@@ -82,19 +82,22 @@ def test_report_table_and_plot_with_a_peer(dry_run, tmp_path):
     assert "2.00×" in text and "map_build" in text
 
 
-@pytest.mark.parametrize("module", ["small_layer_profile", "tile_sweep", "train_step_profile", "map_build_timeline"])
+PROBES = ("small_layer_profile", "tile_sweep", "train_step_profile")  # benchmarks/probes/
+
+
+@pytest.mark.parametrize("module", [*PROBES, "map_build_timeline"])
 def test_gpu_diagnostics_parse_their_arguments_without_a_gpu(module, capsys):
     """The GPU-only diagnostic programs import and answer --help on a machine without a GPU (their GPU
     imports come after argument parsing)."""
     import importlib
-    mod = importlib.import_module(f"benchmarks.{module}")
+    mod = importlib.import_module(f"benchmarks.probes.{module}" if module in PROBES else f"benchmarks.{module}")
     with pytest.raises(SystemExit) as e:
         mod.main(["--help"])
     assert e.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
 def test_tile_sweep_variants_tile_their_blocks():
-    from benchmarks.tile_sweep import _variants
+    from benchmarks.probes.tile_sweep import _variants
     for c in (32, 64, 128, 256):
         vs = _variants(c)
         assert vs, c

@@ -11,9 +11,11 @@ import pytest
 from check_cases import DATA, MAPS, busiest_offset, candidate, geometry, operands
 from gpu_cases import np_dtype
 
-from sparsevox import autotune, check, conv, explicit_gemm, tune_cache
+from sparsevox import conv
+from sparsevox.algorithms import explicit_gemm
+from sparsevox.tuning import autotune, check, tune_cache
 from sparsevox.errors import AlgorithmUnavailableError
-from sparsevox.registry import Algorithm
+from sparsevox.tuning.registry import Algorithm
 
 DIRECTIONS = ["fwd", "dgrad", "wgrad"]
 

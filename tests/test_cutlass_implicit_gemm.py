@@ -14,10 +14,10 @@ from gpu_cases import host, np_dtype, quantised_case, to_gpu
 from reference import TOL, dense_conv, dense_conv_grads, random_voxels, rel_err
 
 import sparsevox as sv
-from sparsevox import cutlass_lib
-from sparsevox.backends import cutlass_implicit_gemm as cig
+from sparsevox.cuda import cutlass_lib
+from sparsevox.algorithms import cutlass_implicit_gemm as cig
 from sparsevox.errors import AlgorithmUnavailableError
-from sparsevox.problem import Problem
+from sparsevox.tuning.problem import Problem
 from sparsevox.testing import KINDS
 
 NO_LIBRARY = "no CUTLASS library (run `python -m sparsevox build-cutlass`)"

@@ -184,7 +184,7 @@ def test_implicit_alone_on_cpu_is_a_clear_error(rng):
 
 
 def test_implicit_params_space_is_small():
-    from sparsevox.backends import depthwise_implicit as dwi
+    from sparsevox.algorithms import depthwise_implicit as dwi
     for direction in ("fwd", "dgrad", "wgrad"):
         params = dwi._params(direction, None)
         assert 1 <= len(params) <= 6 and len({tuple(sorted(p.items())) for p in params}) == len(params)
@@ -249,7 +249,7 @@ def poisoned(shape, dtype):
 
 
 def param_sets(direction):
-    from sparsevox.backends import depthwise_implicit as dwi
+    from sparsevox.algorithms import depthwise_implicit as dwi
     return dwi._params(direction, None)
 
 
@@ -259,7 +259,7 @@ def param_sets(direction):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_implicit_matches_oracle(dtype, c, direction):
     import cupy
-    from sparsevox.backends import depthwise_implicit as dwi
+    from sparsevox.algorithms import depthwise_implicit as dwi
     kmap, x, w, g, (ref, rgf, rgw), seed = gpu_inputs("submanifold", c, dtype)
     print(f"seed={seed}")
     for p in param_sets(direction):
@@ -298,7 +298,7 @@ def test_implicit_every_kind_through_public_api(kind, dtype):
 @pytest.mark.gpu
 def test_neighbour_tables_and_lists_match_csr():
     import cupy
-    from sparsevox.backends import depthwise_implicit as dwi
+    from sparsevox.algorithms import depthwise_implicit as dwi
     kmap = gpu_kmap("strided", 17)
     nbr = cupy.asnumpy(dwi.neighbour_table(kmap))
     rev = cupy.asnumpy(dwi.neighbour_table(kmap, reverse=True))
@@ -323,7 +323,7 @@ def test_neighbour_tables_and_lists_match_csr():
 def test_implicit_empty_and_unaligned_inputs():
     """No pairs at all (outputs are zeros, not garbage), and a feature view whose rows are misaligned."""
     import cupy
-    from sparsevox.backends import depthwise_implicit as dwi
+    from sparsevox.algorithms import depthwise_implicit as dwi
     kmap, x, w, _, (ref, _, _), _ = gpu_inputs("submanifold", 64, "float16")
     # A non-contiguous column view (made contiguous by the backend).
     wide = cupy.zeros((kmap.num_in, 65), dtype=x.dtype)
@@ -350,7 +350,7 @@ def emulated(kind, c, dtype, params_fwd, params_wgrad, shift=0):
     own launch geometry; destinations poisoned with NaN. Returns ``[(name, got, want)]``."""
     import depthwise_cpu_emulator as emu
 
-    from sparsevox.backends import depthwise_implicit as dwi
+    from sparsevox.algorithms import depthwise_implicit as dwi
     case, x, w, g, _ = gpu_case(kind, c, n=60, extent=6)  # small: one OS thread per CUDA thread
     kmap = case["kmap"]
     dt = np_dtype(dtype)

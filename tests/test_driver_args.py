@@ -1,4 +1,4 @@
-"""sparsevox.driver.Args (the kernel-map builder's launches): the packed parameter buffer has the C
+"""sparsevox.cuda.driver.Args (the kernel-map builder's launches): the packed parameter buffer has the C
 layout cuLaunchKernel expects (each parameter at an offset aligned to its size), and a launch hands it
 to the driver through ``extra`` (CU_LAUNCH_PARAM_BUFFER_POINTER / _SIZE / _END). No GPU needed."""
 import ctypes
@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from sparsevox import driver
+from sparsevox.cuda import driver
 
 # every kind, with scalars after narrower ones so that padding is needed
 ARGS = (np.int8(-3), 0x1234_5678_9ABC, np.int32(-7), np.uint64(2 ** 64 - 1), np.int16(300), np.float64(2.5),

@@ -90,7 +90,7 @@ def test_second_device(rng, monkeypatch):
     """Data on cuda:1 while cuda:0 is current: the first call plans, the later ones take the prepared
     launches through the driver (which must make cuda:1 current), forward and backward; every call
     matches the oracle."""
-    from sparsevox import implicit_gemm as ig
+    from sparsevox.algorithms import implicit_gemm as ig
     v, w = _layer(rng, device="cuda:1")
     assert torch.cuda.current_device() == 0
     c = v.coords.cpu().numpy()

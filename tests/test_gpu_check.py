@@ -8,8 +8,9 @@ import pytest
 from check_cases import DATA, MAPS, busiest_offset, geometry, operands
 
 import sparsevox as sv
-from sparsevox import autotune, conv, tune_cache
-from sparsevox.registry import Algorithm, algorithms
+from sparsevox import conv
+from sparsevox.tuning import autotune, tune_cache
+from sparsevox.tuning.registry import Algorithm, algorithms
 
 pytestmark = pytest.mark.gpu
 

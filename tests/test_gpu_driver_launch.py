@@ -10,7 +10,7 @@ from reference import random_voxels
 
 import sparsevox as sv
 from sparsevox import _arrays
-from sparsevox import implicit_gemm as ig
+from sparsevox.algorithms import implicit_gemm as ig
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch", reason="torch not installed")

@@ -1,6 +1,6 @@
 """The GPU kernel-map builder (hash table, kernels_cu/kernel_map.cu) equals the NumPy builder exactly.
 
-Two drivers of the same Python builder (:func:`sparsevox.gpu_kernel_map.build`) and the same CUDA source:
+Two drivers of the same Python builder (:func:`sparsevox.cuda.gpu_kernel_map.build`) and the same CUDA source:
 - on the GPU (``@pytest.mark.gpu``): every kind, kernel size, stride, dilation and batch count on random
   inputs, limits, N = 0, duplicates, and the real scans of ``pointcloud_dir()``;
 - on the CPU through ``tests/cuda_cpu_emulator.py`` (the kernels compiled as C++, one thread per CUDA
@@ -21,7 +21,7 @@ from conftest import pointcloud_dir
 from reference import expected_out_coords, random_voxels
 
 import sparsevox as sv
-from sparsevox import gpu_kernel_map
+from sparsevox.cuda import gpu_kernel_map
 from sparsevox.geometry import BATCH_MAX, COORD_MAX, COORD_MIN
 from sparsevox.kernel_map import build_kernel_map as numpy_builder
 from sparsevox.testing import BATCHES, DILATIONS, KERNEL_SIZES, KINDS, STRIDES, kind_args
@@ -159,7 +159,7 @@ def csr_table(kmap):
 
 
 def assert_dense_nbr(kmap, what=""):
-    from sparsevox.implicit_gemm import neighbour_table
+    from sparsevox.algorithms.implicit_gemm import neighbour_table
     nbr = kmap.dense_nbr
     assert nbr is not None, f"{what}: the GPU builder must keep its query table"
     h = _host(nbr)
@@ -661,7 +661,7 @@ def test_emulated_unchecked_duplicates_raise_at_the_first_convolution(emulated, 
         with pytest.raises(ValueError, match=r"unique.*\[0, 1, 2, 3\]"):
             sv.conv_forward(v.feats, np.ones((27, 2, 2)), kmap)
     # the implicit GEMM's tables come from dense_nbr, which exists before the pairs: it waits too
-    from sparsevox import implicit_gemm
+    from sparsevox.algorithms import implicit_gemm
     for reverse in (False, True):
         with pytest.raises(ValueError, match=r"unique.*\[0, 1, 2, 3\]"):
             implicit_gemm.neighbour_table(kmap, reverse)

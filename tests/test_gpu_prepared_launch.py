@@ -8,7 +8,7 @@ from reference import TOL, dense_conv, dense_conv_grads, random_voxels, rel_err
 
 import sparsevox as sv
 from sparsevox import conv as sv_conv
-from sparsevox import implicit_gemm as ig
+from sparsevox.algorithms import implicit_gemm as ig
 from sparsevox._arrays import to_host
 
 pytestmark = pytest.mark.gpu

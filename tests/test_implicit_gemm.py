@@ -20,7 +20,7 @@ def _poisoned(shape, dtype):
 
 
 def _check_all_directions(rng, case, dtype, fwd_p=None, wgrad_p=None):
-    from sparsevox import implicit_gemm as ig
+    from sparsevox.algorithms import implicit_gemm as ig
     kmap, c = case["kmap"], case
     c_in, c_out = c["weight"].shape[1:]
     out = _poisoned((kmap.num_out, c_out), dtype)
@@ -57,7 +57,7 @@ def test_every_kind_dtype_direction_matches_oracle(rng, kind, dtype, c_in):
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_every_tile_and_split_matches_oracle(rng, dtype):
     """All parameter combinations the autotuner may pick, on a scene with many tiles and chunks."""
-    from sparsevox import implicit_gemm as ig
+    from sparsevox.algorithms import implicit_gemm as ig
     case = quantised_case(rng, "submanifold", 128, 128, dtype, n=3000, extent=18)
     fwd = ig.fwd_params(dtype, 128)
     wg = ig.wgrad_params(dtype, 128, 128)
@@ -80,7 +80,7 @@ def test_mask_split_matches_oracle(rng, kind, dtype, split):
 def test_mask_split_argument_range():
     from types import SimpleNamespace
 
-    from sparsevox import implicit_gemm as ig
+    from sparsevox.algorithms import implicit_gemm as ig
     with pytest.raises(ValueError, match="mask_split must be in"):
         ig._check_split(0, SimpleNamespace(num_offsets=27))
     with pytest.raises(ValueError, match="mask_split must be in"):
@@ -116,8 +116,8 @@ def test_public_api_autotunes_implicit_gemm(rng):
 
 
 def test_unavailable_on_cpu_problem():
-    from sparsevox.problem import Problem
-    from sparsevox.registry import algorithms
+    from sparsevox.tuning.problem import Problem
+    from sparsevox.tuning.registry import algorithms
     algo = algorithms("conv")["implicit_gemm"]
     ok, why = algo.available(Problem("conv", "fwd", "cpu", "float32", 10, 10, 4, 4, 27, (1, 1, 1), "submanifold"))
     assert not ok and "GPU" in why
@@ -126,7 +126,7 @@ def test_unavailable_on_cpu_problem():
 def test_mask_key_weights_put_the_rarest_offsets_first():
     from types import SimpleNamespace
 
-    from sparsevox import implicit_gemm as ig
+    from sparsevox.algorithms import implicit_gemm as ig
     km = SimpleNamespace(offsets_host=np.cumsum([0, 5, 1, 4, 0, 20]))  # pair counts 5, 1, 4, 0, 20
     assert ig.mask_key_weights(km, 0, 5).tolist() == [2, 8, 4, 0, 1]  # no pairs: no bit
     assert ig.mask_key_weights(km, 1, 4).tolist() == [2, 1, 0]  # a part ranks its own offsets
@@ -158,7 +158,7 @@ def test_slot_tables_and_tile_masks_match_the_host(rng, kind, ks):
     """The device-made slot tables (keys, stable sort, gather) and tile masks against NumPy, forward and
     reverse, whole and split into parts (k5: 125 offsets, 64-bit keys, 4 mask words), several tile
     heights; the reverse SubM table (the forward one mirrored) against a scatter of the CSR pairs."""
-    from sparsevox import implicit_gemm as ig
+    from sparsevox.algorithms import implicit_gemm as ig
     case = quantised_case(rng, kind, 4, 4, "float32", n=900, extent=9, ks=ks)
     kmap = case["kmap"]
     k_count = kmap.num_offsets
@@ -188,7 +188,7 @@ def test_slots_are_sorted_by_the_rarest_first_bitmask(rng):
     """The forward slot order: rows ascending by their neighbour bitmask read with the rarest offsets as
     the most significant bits, ties in row order, a permutation of the rows (and the slot-ordered
     neighbour table its columns)."""
-    from sparsevox import implicit_gemm as ig
+    from sparsevox.algorithms import implicit_gemm as ig
     case = quantised_case(rng, "submanifold", 16, 16, "float16", n=3000, extent=18)
     kmap = case["kmap"]
     slots, nbr_sorted = (a.get() for a in ig.slot_table(kmap, False, True))  # int32, as stored

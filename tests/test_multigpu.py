@@ -180,7 +180,7 @@ def test_ddp_one_rank_nccl(tmp_path, dtype):
 def test_ddp_two_ranks_sharing_one_gpu_gloo(tmp_path):
     """Two processes on one GPU (gloo: NCCL refuses): separate contexts, caches and kernel maps. Only GPU 0
     is made visible, so the ranks share it on a host with several GPUs too (there, with one rank per GPU
-    and gloo, rank 1 was seen holding a context on GPU 0 as well: see benchmarks/NOTES.md)."""
+    and gloo, rank 1 was seen holding a context on GPU 0 as well: see docs/performance.md)."""
     rec = _run(_torchrun(2, "--device", "cuda", "--backend", "gloo", "--share-gpu", "--dtype", "float32"),
                tmp_path / "ddp.json", GPU_TIMEOUT, env={"CUDA_VISIBLE_DEVICES": "0"})
     _check_ddp(rec, 2, "float32")

@@ -11,7 +11,7 @@ from reference import random_voxels
 
 import sparsevox as sv
 from sparsevox import conv
-from sparsevox.implicit_gemm import Launch
+from sparsevox.algorithms.implicit_gemm import Launch
 from sparsevox.kernel_map import live_map, recall, recall_stats
 
 
@@ -77,11 +77,11 @@ def test_live_map_by_address_and_empty_maps(rng):
 
 def test_kmap_items_override_is_range_checked():
     env = dict(os.environ, SPARSEVOX_KMAP_ITEMS="0")
-    p = subprocess.run([sys.executable, "-c", "import sparsevox.gpu_kernel_map"], env=env, capture_output=True,
+    p = subprocess.run([sys.executable, "-c", "import sparsevox.cuda.gpu_kernel_map"], env=env, capture_output=True,
                        text=True)
     assert p.returncode != 0 and "SPARSEVOX_KMAP_ITEMS must be in [1, 16], got 0" in p.stderr
     env["SPARSEVOX_KMAP_ITEMS"] = "4"
-    p = subprocess.run([sys.executable, "-c", "import sparsevox.gpu_kernel_map as g; print(g.ITEMS)"], env=env,
+    p = subprocess.run([sys.executable, "-c", "import sparsevox.cuda.gpu_kernel_map as g; print(g.ITEMS)"], env=env,
                        capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.strip() == "4"
 
@@ -226,7 +226,7 @@ class _Dev:
 def test_driver_launch_of_the_implicit_gemm_launches(fake_driver, monkeypatch, direction, params):
     """The argument tuples implicit_gemm builds (forward/dgrad, mask splits, weight gradient) pack and
     read back as CuPy would pass them."""
-    from sparsevox import implicit_gemm as ig
+    from sparsevox.algorithms import implicit_gemm as ig
     made = []
 
     def kernel(kind, dt, bm, bn, vec, device_id, variant=None):

@@ -13,7 +13,7 @@
 // The all-ones key needs its own slot because it is a valid voxel: batch 1023 with
 // x = y = z = 131071 packs to 0xFFFF'FFFF'FFFF'FFFF, the same bits as a free slot.
 //
-// Linear probing; capacity is a power of two >= 4 * N (sparsevox/gpu_kernel_map.py _capacity), so a
+// Linear probing; capacity is a power of two >= 4 * N (sparsevox/cuda/gpu_kernel_map.py _capacity), so a
 // probe always ends at a free slot.
 #ifndef SPARSEVOX_HASH_CUH
 #define SPARSEVOX_HASH_CUH

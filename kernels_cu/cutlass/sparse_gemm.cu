@@ -1,6 +1,6 @@
 // CUTLASS_IMPLICIT_GEMM: sparse convolution as one gather/scatter GEMM per kernel offset, built ahead of
-// time into libsparsevox_cutlass.so (see sparsevox/cutlass_build.py) and called through ctypes
-// (sparsevox/cutlass_lib.py).
+// time into libsparsevox_cutlass.so (see sparsevox/cuda/cutlass_build.py) and called through ctypes
+// (sparsevox/cuda/cutlass_lib.py).
 //
 // Pairs (CSR by offset k): rows in_maps[j] of the input feed rows out_maps[j] of the output for
 // offsets[k] <= j < offsets[k+1]. Within one offset every input row and every output row occurs at most

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 import sparsevox as sv
-from sparsevox.gpu_info import gpu_available
+from sparsevox.cuda.gpu_info import gpu_available
 from sparsevox.synthetic import lidar_like_points
 
 

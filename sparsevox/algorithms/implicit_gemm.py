@@ -1,0 +1,640 @@
+"""IMPLICIT_GEMM on CuPy: fused gather-GEMM-scatter kernels from ``kernels_cu/implicit_gemm.cu``.
+
+forward: output-stationary; a CTA owns ``fwd_block_size`` output rows x ``gemm_block_size`` output
+channels, reads input rows through a dense neighbour table ``nbr[k, out] = in`` (-1 absent), skips the
+offsets no row of its tile has (a per-tile bitmask) and writes each output once (no atomics).
+dgrad: the same kernel on the reverse table ``nbr_rev[k, in] = out`` with ``W[k]^T``.
+wgrad: ``dW[k] = X[in_k]^T @ dY[out_k]`` over chunks of pairs (split-K), float32 (float64) atomics.
+
+float16/bfloat16 run on tensor cores (mma.sync m16n8k16, float32 accumulation); float32 and float64
+run an exact SIMT path in their own precision. Derived tables are cached in ``kmap.derived`` under
+``implicit_gemm.*`` keys; compiled kernels are cached per (dtype, tile, vector) instantiation.
+
+Registered as IMPLICIT_GEMM (conv), GPU only. Search space (the reference guide's names): forward and
+dgrad over ``fwd_block_size`` (rows per CTA) x ``gemm_block_size`` (output channels per CTA), x
+``mask_split`` in {1, 2} for kernels of 16+ offsets (also 3 for float32/float64 from 128 channels);
+wgrad over ``gemm_block_size`` (square weight tile) x ``split_k_factor`` (CTAs per multiprocessor the
+pairs are split into). At most 16 forward/dgrad and 8 wgrad combinations.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import threading
+
+import numpy as np
+
+from ..cuda import driver
+from ..cuda.cuda_loader import get_function
+from ..tuning.registry import Algorithm, gpu_unavailable, register
+
+log = logging.getLogger("sparsevox.implicit_gemm")
+
+_CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+_SMEM_SMALL = 64 * 1024  # up to here a tile gets 4 stages (deep prefetch of the gathered rows)
+_SMEM_LIMIT = 160 * 1024  # pipeline shared memory per block we allow (the H100 gives 227 KB)
+_DYN_SET: dict = {}  # id(kernel) -> dynamic shared memory limit already set
+_NBR_SMEM = 64 * 1024  # at most this much for the staged neighbour rows of a tile (K * BM int32)
+
+# (BM, BN) -> (WM, WN) warp tiles, or (WM, WN, STAGES) where a pipeline depth other than _stages()'s
+# measured faster. Tensor-core tiles need WM % 16 == 0, WN % 16 == 0; SIMT tiles need WM % 4 == 0,
+# WN % 8 == 0. Large tiles (64 x 64 warp tiles, 8 warps) cut the L2 -> shared traffic of W[k], which
+# every (row tile, offset) reloads: flops per byte = BM*BN/(BM+BN). (128, 32) was added for C = 32 (the
+# autotuner tries it for every tensor-core layer, dgrad included): C=32 iterations are issue-bound (~200 instructions per warp per offset around 4 MMAs), and 128 rows share
+# one iteration's overhead (H100 sweep 2026-11-25: LiDAR-like C=32 49.1 -> 45.5 us, 3 stages).
+TC_TILES = {(32, 32): (16, 16), (64, 32): (32, 16), (128, 32): (32, 32, 3), (64, 64): (32, 32),
+            (128, 64): (64, 32), (64, 128): (32, 64), (128, 128): (64, 32), (256, 128): (64, 64),
+            (128, 256): (64, 64)}
+SIMT_TILES = {(32, 32): (16, 16), (64, 32): (32, 16), (64, 64): (32, 32), (128, 64): (64, 32),
+              (64, 128): (32, 64)}
+WGRAD_TILES = (32, 64, 128)  # square C_in x C_out tiles of the weight gradient
+SPLIT_FACTORS = (1, 2, 4, 8)  # wgrad CTAs per multiprocessor (split-K over pairs)
+
+
+def is_tc(dtype_name: str) -> bool:
+    return dtype_name in ("float16", "bfloat16")
+
+
+def tiles_for(dtype_name: str) -> dict:
+    return TC_TILES if is_tc(dtype_name) else SIMT_TILES
+
+
+def _bk(dtype_name: str) -> int:
+    """Reduction step per pipeline stage: 64 bytes of a row for half types, less for wide dtypes."""
+    return {"float64": 8, "float32": 16}.get(dtype_name, 32)
+
+
+def _smem_per_stage(dtype_name, bm, bn, bk, a_kmajor) -> int:
+    pad = 16 // _SIZE[dtype_name]
+    per = ((bk * (bm + pad)) if a_kmajor else (bm * (bk + pad))) + bk * (bn + pad)
+    return per * _SIZE[dtype_name]
+
+
+def _stages(dtype_name, bm, bn, bk, a_kmajor) -> int:
+    per = _smem_per_stage(dtype_name, bm, bn, bk, a_kmajor)
+    if 4 * per <= _SMEM_SMALL:
+        return 4
+    for s in (3, 2):
+        if s * per <= _SMEM_LIMIT:
+            return s
+    raise ValueError(f"tile {bm}x{bn} does not fit in shared memory for {dtype_name}")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: int, variant=None):
+    """The compiled instantiation (cached; ``device_id`` keys the per-device module).
+
+    ``variant``: ``(WM, WN, STAGES)`` or ``(WM, WN, STAGES, BK)`` overriding the tables (benchmark sweeps
+    only; not searched).
+    """
+    bk = _bk(dtype_name)
+    if variant is not None:
+        wm, wn, stages = (int(v) for v in variant[:3])
+        bk = int(variant[3]) if len(variant) > 3 else bk
+        step = 16 if is_tc(dtype_name) else 4
+        if bm % wm or bn % wn or wm % step or wn % (16 if is_tc(dtype_name) else 8) or \
+                not 1 <= (bm // wm) * (bn // wn) <= 16 or stages < 2 or bk % (16 if is_tc(dtype_name) else 4):
+            raise ValueError(f"variant (WM, WN, STAGES[, BK]) = {variant} does not tile {bm}x{bn} for {dtype_name}")
+    else:
+        spec = tiles_for(dtype_name)[(bm, bn)] if kind == "fwd" else \
+            (16, 16) if bm == 32 else (32, 32) if bm == 64 else (64, 32)
+        wm, wn = spec[:2]
+        stages = spec[2] if len(spec) > 2 else _stages(dtype_name, bm, bn, bk, kind == "wgrad")
+    tc = is_tc(dtype_name)
+    name = (f"svx_igemm::igemm_{kind}<{_CTYPE[dtype_name]},{bm},{bn},{bk},{wm},{wn},{stages},"
+            f"{'true' if vec else 'false'},{'true' if tc else 'false'}>")
+    fn = get_function("implicit_gemm", name, name_expressions=(name,))
+    threads = (bm // wm) * (bn // wn) * 32
+    smem = stages * _smem_per_stage(dtype_name, bm, bn, bk, kind == "wgrad")
+    if smem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = smem
+        _DYN_SET[id(fn)] = smem
+    return fn, threads, smem
+
+
+def _dtype_name(a) -> str:
+    return a.dtype.name
+
+
+def _aligned(*arrays) -> bool:
+    return all(a.data.ptr % 16 == 0 for a in arrays)
+
+
+def _vec_ok(dtype_name, c_a, c_b, *arrays) -> bool:
+    e = 16 // _SIZE[dtype_name]
+    return c_a % e == 0 and c_b % e == 0 and _aligned(*arrays)
+
+
+# ---- derived maps (cached on the kernel map) ------------------------------------------------------
+
+def neighbour_table(kmap, reverse: bool = False):
+    """``[K, rows]`` int32: ``nbr[k, out] = in`` (forward) or ``nbr[k, in] = out`` (reverse), -1 absent.
+
+    The forward table is the map's ``dense_nbr`` when its builder made one (the GPU hash builder's query
+    table); otherwise, and for the reverse table, it is scattered from the CSR map once and cached."""
+    # A pending GPU map's dense_nbr exists before its pairs: wait, so that unvalidated bad coordinates
+    # raise here too (paths that never read the CSR arrays would otherwise use a wrong table).
+    kmap.wait()
+    dense = getattr(kmap, "dense_nbr", None)
+    if not reverse and dense is not None:
+        return dense
+    import cupy
+    key = "implicit_gemm.nbr_rev" if reverse else "implicit_gemm.nbr"
+    t = kmap.derived.get(key)
+    if t is None and dense is not None and _mirrored(kmap):
+        # submanifold, odd kernel sizes: pair (k, out m, in j) <=> (K-1-k, out j, in m), so the reverse
+        # table is the forward one with its offsets reversed (one copy instead of a scatter of the CSR)
+        t = kmap.derived[key] = cupy.ascontiguousarray(dense[::-1])
+    if t is None:
+        k_count = kmap.num_offsets
+        rows = kmap.num_in if reverse else kmap.num_out
+        t = cupy.full((k_count, rows), -1, dtype=cupy.int32)
+        if kmap.num_pairs:
+            counts = np.diff(kmap.offsets_host).tolist()
+            kidx = cupy.repeat(cupy.arange(k_count, dtype=cupy.int32), counts)
+            dst, src = (kmap.in_maps, kmap.out_maps) if reverse else (kmap.out_maps, kmap.in_maps)
+            t[kidx, dst] = src
+        kmap.derived[key] = t
+    return t
+
+
+def _mirrored(kmap) -> bool:
+    """Whether offset K-1-k of the map is offset k reversed with in and out swapped (SubM, odd sizes)."""
+    return kmap.kind == "submanifold" and all(v % 2 == 1 for v in kmap.kernel_size)
+
+
+def _part(k_count: int, split: int, h: int) -> tuple[int, int]:
+    """Offsets ``[k0, k1)`` of part ``h`` when the K offsets are split into ``split`` contiguous parts."""
+    return h * k_count // split, (h + 1) * k_count // split
+
+
+def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
+    """``(row_of_slot int32 [rows], nbr in slot order [K, rows])``.
+
+    ``sort_rows``: slots ordered by each row's neighbour bitmask (stable), so a tile's rows share
+    offsets and the tile skips more of them (spconv's MaskImplicitGemm idea); else identity order.
+    The bitmask is read with the rarest offsets (fewest pairs) most significant: each of them then
+    forms one run of slots, and the frequent ones, split into many runs, are active in most tiles anyway.
+    Measured on the scans (rows per active tile offset that have it, 128-row tiles): LiDAR-like 0.42 ->
+    0.48, SemanticKITTI 0.46 -> 0.54, ScanNet 0.39 -> 0.40, against offset order (first offset most
+    significant).
+    ``part``: ``(k0, k1)``, sort by the bits of these offsets only (one pass of a mask split).
+    On the device: the keys (``kernels_cu/slot_table.cu``, 32-bit when at most 32 offsets carry a bit),
+    a stable sort, the gathered table: four launches on a fresh map's first call.
+    """
+    import cupy
+    k0, k1 = part if part is not None else (0, kmap.num_offsets)
+    key = f"implicit_gemm.slots{'_rev' if reverse else ''}.{int(sort_rows)}.{k0}.{k1}"
+    t = kmap.derived.get(key)
+    if t is None:
+        nbr = neighbour_table(kmap, reverse)
+        k_count, rows = nbr.shape
+        if sort_rows and rows > 1 and k_count:
+            w = mask_key_weights(kmap, k0, k1)
+            bit_of = np.full(k_count, -1, dtype=np.int32)
+            has = np.flatnonzero(w)
+            bit_of[k0 + has] = np.log2(w[has]).astype(np.int32)  # w holds distinct powers of two
+            wide = bool(has.size) and int(bit_of.max()) >= 32
+            keys = cupy.empty(rows, dtype=cupy.uint64 if wide else cupy.uint32)
+            grid = (-(-rows // _SLOT_BLOCK),)
+            bits, _staging = _upload(bit_of)  # dropped at return: held until the copy has run
+            _slot_kernel("keys", wide)(grid, (_SLOT_BLOCK,), (nbr, np.int32(rows), np.int32(k_count), bits, keys))
+            order = cupy.argsort(keys)  # stable: ties keep row order
+            out = cupy.empty((k_count, rows), dtype=cupy.int32)
+            _slot_kernel("gather")(grid, (_SLOT_BLOCK,), (nbr, order, np.int32(rows), np.int32(k_count), out))
+            t = (order.astype(cupy.int32), out)
+        else:
+            t = (cupy.arange(rows, dtype=cupy.int32), nbr)
+        kmap.derived[key] = t
+    return t
+
+
+_SLOT_BLOCK = 256
+
+
+def _upload(host: np.ndarray):
+    """``(device copy of small host, guard)``: the copy is queued on the current stream from pinned
+    memory, so the host does not wait for the work queued before it (``cupy.asarray`` of pageable memory
+    does); the guard (:class:`sparsevox._arrays.Hold`) keeps the pinned buffer until the copy has run,
+    whenever it is dropped."""
+    import cupy
+
+    from .._arrays import Hold
+    rt = cupy.cuda.runtime
+    stream = cupy.cuda.get_current_stream()
+    mem = cupy.cuda.alloc_pinned_memory(max(1, host.nbytes))
+    np.frombuffer(mem, host.dtype, host.size)[:] = host.ravel()
+    out = cupy.empty(host.shape, dtype=host.dtype)
+    rt.memcpyAsync(out.data.ptr, mem.ptr, host.nbytes, rt.memcpyHostToDevice, stream.ptr)
+    event = cupy.cuda.Event(block=False, disable_timing=True)
+    event.record(stream)
+    return out, Hold(event, mem)
+
+
+def _slot_kernel(name: str, wide: bool = False):
+    """A kernel of ``kernels_cu/slot_table.cu`` on the current device (``keys``: 64-bit keys if ``wide``)."""
+    from ..cuda.cuda_loader import get_function
+    names = {"keys": f"slot_keys<{'unsigned long long' if wide else 'unsigned int'}, {_SLOT_BLOCK}>",
+             "gather": f"gather_slots<{_SLOT_BLOCK}>", "masks": f"tile_masks<{_MASK_BLOCK}>"}
+    return get_function("slot_table", names[name], _SLOT_NAMES)
+
+
+_MASK_BLOCK = 128
+_SLOT_NAMES = (f"slot_keys<unsigned int, {_SLOT_BLOCK}>", f"slot_keys<unsigned long long, {_SLOT_BLOCK}>",
+               f"gather_slots<{_SLOT_BLOCK}>", f"tile_masks<{_MASK_BLOCK}>")
+
+
+def mask_key_weights(kmap, k0: int, k1: int) -> np.ndarray:
+    """int64 ``[k1 - k0]``: the weight of each offset's bit in the slot sort key: powers of two by rank
+    of pair count, rarest highest (ties by offset); zero for offsets without pairs (their bit is never
+    set) and past the 63 rarest of the others."""
+    counts = np.diff(np.asarray(kmap.offsets_host, dtype=np.int64))[k0:k1]
+    rank = [k for k in np.argsort(counts, kind="stable") if counts[k] > 0][:63]
+    w = np.zeros(k1 - k0, dtype=np.int64)
+    w[rank] = np.left_shift(np.int64(1), np.arange(len(rank) - 1, -1, -1, dtype=np.int64))
+    return w
+
+
+def tile_masks(kmap, reverse: bool, bm: int, sort_rows: bool, part: tuple | None = None):
+    """``[tiles, words]`` uint32: bit k set when some row of the ``bm``-slot tile has offset k (only
+    offsets in ``part = (k0, k1)`` when given). One launch (``kernels_cu/slot_table.cu``)."""
+    import cupy
+    k0, k1 = part if part is not None else (0, kmap.num_offsets)
+    key = f"implicit_gemm.mask{'_rev' if reverse else ''}.{bm}.{int(sort_rows)}.{k0}.{k1}"
+    m = kmap.derived.get(key)
+    if m is None:
+        _, nbr = slot_table(kmap, reverse, sort_rows, part)
+        k_count, rows = nbr.shape
+        tiles = max(1, -(-rows // bm))
+        words = max(1, -(-k_count // 32))
+        m = cupy.empty((tiles, words), dtype=cupy.uint32)
+        _slot_kernel("masks")((tiles,), (_MASK_BLOCK,), (nbr, np.int32(rows), np.int32(k_count), np.int32(k0),
+                                                         np.int32(k1), np.int32(bm), np.int32(words), m),
+                              shared_mem=4 * words)
+        kmap.derived[key] = m
+    return m
+
+
+def wgrad_chunks(kmap, chunk: int):
+    """``([n_chunks, 3] int32 (k, lo, hi) on the device, n_chunks)``: pair ranges of one offset each."""
+    import cupy
+    key = f"implicit_gemm.chunks.{chunk}"
+    c = kmap.derived.get(key)
+    if c is None:
+        rows = []
+        o = kmap.offsets_host
+        for k in range(len(o) - 1):
+            for lo in range(int(o[k]), int(o[k + 1]), chunk):
+                rows.append((k, lo, min(lo + chunk, int(o[k + 1]))))
+        arr = np.asarray(rows, dtype=np.int32).reshape(-1, 3)
+        c = (cupy.asarray(arr), arr.shape[0])
+        kmap.derived[key] = c
+    return c
+
+
+# ---- default parameters -----------------------------------------------------------------------------
+
+def _pow2ceil(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def default_fwd_tile(dtype_name: str, c_out: int) -> tuple[int, int]:
+    bn = min(128 if is_tc(dtype_name) else 64, max(32, _pow2ceil(c_out)))
+    return (64, bn)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id: int) -> int:
+    import cupy
+    return int(cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
+
+
+# ---- the three directions ---------------------------------------------------------------------------
+
+class Launch:
+    """IMPLICIT_GEMM kernel launches with every argument fixed except the two input addresses, the
+    output address and the stream.
+
+    The CuPy functions below run through it; framework adapters keep one per call signature
+    (:func:`sparsevox.conv.prepared`) and launch from raw tensor addresses on later calls, which skips
+    wrapping each tensor as a CuPy array and the per-call planning (~10 µs per array, measured).
+
+    What the caller provides: ``a``, ``b`` C-contiguous inputs of the call's dtype (fwd: feats
+    ``[N_in, C_in]`` and weight ``[K, C_in, C_out]``; dgrad: grad_out ``[N_out, C_out]`` and the weight
+    with its last two axes swapped, ``[K, C_out, C_in]`` (``transpose_b``); wgrad: feats and grad_out),
+    and ``out`` of ``out_shape``: the data dtype, or for wgrad the zero-filled ``acc_dtype`` accumulator
+    (float32; float64 for float64 data) that the caller casts back.
+
+    ``steps``: ``(kernel, grid, block, shared bytes, args)`` run in order (a mask split is two passes,
+    the second adding into the first's output); ``holes``: where ``a``, ``b``, ``out`` go in ``args``.
+    ``device_id``: the device the kernels are loaded on (the driver path launches their handles there;
+    None: the current device at the first such launch).
+    """
+    __slots__ = ("steps", "holes", "vec", "out_shape", "acc_dtype", "transpose_b", "keep", "device_id", "_packed")
+
+    def __init__(self, steps, holes, vec, out_shape, acc_dtype=None, transpose_b=False, keep=(), device_id=None):
+        self.steps = [(fn, grid, block, smem, tuple(args)) for fn, grid, block, smem, args in steps]
+        self.holes, self.vec, self.out_shape = holes, vec, tuple(out_shape)
+        self.acc_dtype, self.transpose_b, self.keep = acc_dtype, transpose_b, keep
+        self.device_id = device_id
+        self._packed = None  # the driver path's argument blocks, built on its first launch
+
+    def launch(self, a: int, b: int, out: int, stream: int | None = None) -> bool:
+        """Launch with device addresses ``a``, ``b``, ``out``. Returns False, launching nothing, when the
+        kernel uses 16-byte vector loads and ``a`` or ``b`` is not 16-byte aligned.
+
+        ``stream``: a raw ``cudaStream_t`` to launch on through the CUDA driver, with the arguments packed
+        once (:class:`_Packed`); the current device must be ``device_id``. None: through CuPy, on CuPy's
+        current stream."""
+        if self.vec and (a | b) & 15:
+            return False
+        if stream is not None:
+            _launch_driver(self, a, b, out, stream)
+            return True
+        i, j, k = self.holes
+        for fn, grid, block, smem, template in self.steps:
+            args = list(template)
+            args[i], args[j], args[k] = a, b, out
+            fn((grid,), (block,), tuple(args), shared_mem=smem)
+        return True
+
+
+# --- the driver path of Launch.launch -----------------------------------------------------------
+# CuPy's RawKernel call costs 5-8 µs of host time (measured on the H100 host): it converts every
+# argument to a fresh C box, looks the stream up and checks the context on each call. A prepared launch
+# knows its arguments in advance, so they are packed once into ctypes storage, and a call writes the
+# three addresses into their boxes and hands the same parameter array to cuLaunchKernel.
+
+class _Step:
+    """One step through the driver: the function handle, the dimensions CuPy would pass (at least 1
+    each), the argument boxes, the pointer array cuLaunchKernel reads, and the boxes of the holes."""
+    __slots__ = ("func", "grid", "block", "smem", "boxes", "params", "params_addr", "holes")
+
+    def __init__(self, fn, grid, block, smem, args, holes):
+        self.func = int(fn.kernel.ptr)  # the CUfunction CuPy loaded on the current device
+        self.grid, self.block, self.smem = max(1, int(grid)), max(1, int(block)), int(smem)
+        self.boxes = [driver.box(v) for v in args]
+        self.params = (ctypes.c_void_p * len(args))(*(ctypes.addressof(b) for b in self.boxes))
+        self.params_addr = ctypes.addressof(self.params)
+        self.holes = tuple(self.boxes[h] for h in holes)
+
+
+class _Packed:
+    """A Launch's steps packed for the driver. The boxes are shared by every call, so a lock keeps two
+    threads launching the same Launch from writing each other's addresses (cuLaunchKernel copies the
+    values before it returns, so holding it across the launches is enough)."""
+    __slots__ = ("steps", "lock")
+
+    def __init__(self, prep: Launch):
+        import cupy
+        dev = prep.device_id if prep.device_id is not None else cupy.cuda.runtime.getDevice()
+        with cupy.cuda.Device(dev):  # RawKernel.kernel loads the function for the current device
+            self.steps = [_Step(fn, grid, block, smem, args, prep.holes) for fn, grid, block, smem, args in prep.steps]
+        self.lock = threading.Lock()
+
+
+def _launch_driver(prep: Launch, a: int, b: int, out: int, stream: int) -> None:
+    packed = prep._packed
+    if packed is None:
+        packed = prep._packed = _Packed(prep)
+    with packed.lock:
+        for st in packed.steps:
+            ha, hb, hout = st.holes
+            ha.value, hb.value, hout.value = a, b, out
+            driver.launch(st.func, st.grid, st.block, st.smem, stream, st.params_addr)
+
+
+def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec, device_id,
+                         variant=None, mask_split=1) -> Launch:
+    """The :class:`Launch` of ``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]`` (cached on the map).
+
+    ``mask_split``: run the offsets in that many contiguous parts, each with slots sorted by its own
+    offsets' bitmask (fewer tile rows without a neighbour at an active offset), the later parts adding
+    into the output (spconv's split mask)."""
+    key = ("implicit_gemm.launch", dt, c_a, c_b, reverse, n_rows, bm, bn, bool(sort_rows), bool(stage_nbr), vec,
+           device_id, variant, mask_split)
+    prep = kmap.derived.get(key)
+    if prep is not None:
+        return prep
+    fn, threads, smem0 = _kernel("fwd", dt, bm, bn, vec, device_id, variant)
+    k_count = kmap.num_offsets
+    # Stage the tile's neighbour rows (K x BM int32) in shared memory when they fit.
+    k_cap = k_count if stage_nbr and k_count * (bm + 1) * 4 <= _NBR_SMEM else 0
+    smem = smem0 + k_cap * (bm + 1) * 4
+    if smem > 48 * 1024 and _DYN_SET.get(id(fn), 0) < smem:  # raise the opt-in limit once per size
+        fn.max_dynamic_shared_size_bytes = smem
+        _DYN_SET[id(fn)] = smem
+    grid = (-(-n_rows // bm)) * (-(-c_b // bn))
+    steps, keep = [], []
+    for h in range(mask_split):
+        part = _part(k_count, mask_split, h) if mask_split > 1 else None
+        slots, nbr = slot_table(kmap, reverse, sort_rows, part)
+        masks = tile_masks(kmap, reverse, bm, sort_rows, part)
+        steps.append((fn, grid, threads, smem,
+                      (None, None, nbr.data.ptr, masks.data.ptr, slots.data.ptr, None, np.int32(n_rows),
+                       np.int32(c_a), np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap), np.int32(h > 0))))
+        keep += [nbr, masks, slots]
+    prep = Launch(steps, (0, 1, 5), vec, (n_rows, c_b), transpose_b=reverse, keep=tuple(keep),
+                  device_id=device_id)
+    kmap.derived[key] = prep
+    return prep
+
+
+def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr=False, out=None,
+                 variant=None, mask_split=1):
+    """``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]``; weight ``[K, C_a, C_b]`` contiguous.
+
+    ``out`` (optional, ``[n_rows, C_b]`` contiguous, src dtype) is fully overwritten.
+    """
+    import cupy
+    dt = _dtype_name(src)
+    c_a, c_b = int(weight_kcn.shape[1]), int(weight_kcn.shape[2])
+    if out is None:
+        out = cupy.empty((n_rows, c_b), dtype=src.dtype)
+    elif tuple(out.shape) != (n_rows, c_b) or out.dtype != src.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {src.dtype} array of shape {(n_rows, c_b)}")
+    if n_rows == 0 or c_b == 0:
+        return out
+    if c_a == 0:
+        out.fill(0)
+        return out
+    vec = _vec_ok(dt, c_a, c_b, src, weight_kcn)
+    prep = _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec,
+                                src.device.id, variant, _check_split(mask_split, kmap))
+    prep.launch(src.data.ptr, weight_kcn.data.ptr, out.data.ptr)
+    return out
+
+
+def _check_split(mask_split, kmap) -> int:
+    m = int(mask_split)
+    if not 1 <= m <= max(1, kmap.num_offsets):
+        raise ValueError(f"mask_split must be in [1, K={kmap.num_offsets}], got {mask_split}")
+    return m
+
+
+def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, stage_nbr=False,
+            out=None, variant=None, mask_split=1):
+    """``out [num_out, C_out] = sum_k gather(feats, in_k) @ weight[k]`` scattered to ``out_k``.
+
+    ``sort_rows``: process output rows grouped by neighbour bitmask (fewer skipped-offset misses).
+    ``stage_nbr``: stage the tile's neighbour rows in shared memory once and let warps skip offsets
+    their slice lacks (measured v3: no gain on the H100, the extra shared memory costs occupancy; off).
+    ``out``: optional preallocated result (every element is written; tests pass it poisoned).
+    ``variant``: ``(WM, WN, STAGES[, BK])`` override for benchmark sweeps.
+    ``mask_split``: 1 or 2 (searched): the offsets in that many passes, each sorted by its own bitmask.
+    """
+    import cupy
+    feats = cupy.ascontiguousarray(feats)
+    weight = cupy.ascontiguousarray(weight)
+    bm, bn = _tile(_dtype_name(feats), int(weight.shape[2]), fwd_block_size, gemm_block_size, variant)
+    return _gather_gemm(feats, weight, kmap, False, kmap.num_out, bm, bn, sort_rows, stage_nbr, out, variant,
+                        mask_split)
+
+
+def dgrad(grad_out, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, stage_nbr=False,
+          out=None, mask_split=1):
+    """``grad_feats [num_in, C_in]``: the forward kernel on the reverse map with ``weight[k]^T``."""
+    import cupy
+    grad_out = cupy.ascontiguousarray(grad_out)
+    wt = cupy.ascontiguousarray(weight.transpose(0, 2, 1))
+    bm, bn = _tile(_dtype_name(grad_out), int(weight.shape[1]), fwd_block_size, gemm_block_size)
+    return _gather_gemm(grad_out, wt, kmap, True, kmap.num_in, bm, bn, sort_rows, stage_nbr, out,
+                        mask_split=mask_split)
+
+
+def _tile(dt, c_out, bm, bn, variant=None):
+    dbm, dbn = default_fwd_tile(dt, c_out)
+    bm, bn = int(bm or dbm), int(bn or dbn)
+    if variant is None and (bm, bn) not in tiles_for(dt):
+        raise ValueError(f"(fwd_block_size, gemm_block_size) must be one of {sorted(tiles_for(dt))} "
+                         f"for {dt}, got {(bm, bn)}")
+    return bm, bn
+
+
+def _wgrad_setup(dt, c_in, c_out, num_pairs, device_id, gemm_block_size, split_k_factor):
+    """``(tile, chunk)`` of the weight-gradient kernel, validating its parameters."""
+    t = int(gemm_block_size or min(128 if is_tc(dt) else 64, max(32, _pow2ceil(max(c_in, c_out)))))
+    if t not in WGRAD_TILES or (not is_tc(dt) and t > 64):
+        raise ValueError(f"gemm_block_size for wgrad must be one of {WGRAD_TILES} (SIMT: <= 64), got {t}")
+    split = int(split_k_factor or 2)
+    if split < 1:
+        raise ValueError(f"split_k_factor must be >= 1, got {split}")
+    bk = _bk(dt)
+    tiles = (-(-c_in // t)) * (-(-c_out // t))
+    want = split * _sm_count(device_id)  # CTAs wanted in flight
+    chunk = max(bk, -(-num_pairs * tiles // want))
+    return t, -(-chunk // bk) * bk
+
+
+def _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, device_id) -> Launch:
+    key = ("implicit_gemm.wgrad_launch", dt, c_in, c_out, num_offsets, t, chunk, vec, device_id)
+    prep = kmap.derived.get(key)
+    if prep is not None:
+        return prep
+    chunks, n_chunks = wgrad_chunks(kmap, chunk)
+    fn, threads, smem = _kernel("wgrad", dt, t, t, vec, device_id)
+    tiles = (-(-c_in // t)) * (-(-c_out // t))
+    args = (None, None, kmap.in_maps.data.ptr, kmap.out_maps.data.ptr, chunks.data.ptr, None, np.int32(c_in),
+            np.int32(c_out))
+    prep = Launch([(fn, n_chunks * tiles, threads, smem, args)], (0, 1, 5), vec, (num_offsets, c_in, c_out),
+                  acc_dtype="float64" if dt == "float64" else "float32", keep=(chunks, kmap.in_maps, kmap.out_maps),
+                  device_id=device_id)
+    kmap.derived[key] = prep
+    return prep
+
+
+def wgrad(feats, grad_out, kmap, num_offsets, gemm_block_size=None, split_k_factor=None):
+    """``grad_weight [K, C_in, C_out]``, ``grad_weight[k] = feats[in_k]^T @ grad_out[out_k]``."""
+    import cupy
+    feats = cupy.ascontiguousarray(feats)
+    grad_out = cupy.ascontiguousarray(grad_out)
+    dt = _dtype_name(feats)
+    c_in, c_out = int(feats.shape[1]), int(grad_out.shape[1])
+    acc_dt = cupy.float64 if dt == "float64" else cupy.float32
+    acc = cupy.zeros((num_offsets, c_in, c_out), dtype=acc_dt)
+    if kmap.num_pairs == 0 or c_in == 0 or c_out == 0:
+        return acc.astype(feats.dtype, copy=False)
+    t, chunk = _wgrad_setup(dt, c_in, c_out, kmap.num_pairs, feats.device.id, gemm_block_size, split_k_factor)
+    vec = _vec_ok(dt, c_in, c_out, feats, grad_out)
+    _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, feats.device.id).launch(
+        feats.data.ptr, grad_out.data.ptr, acc.data.ptr)
+    return acc if acc.dtype == feats.dtype else acc.astype(feats.dtype)
+
+
+def prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params) -> Launch | None:
+    """The :class:`Launch` that ``forward``/``dgrad``/``wgrad`` run for a layer of this dtype and
+    channel counts with 16-byte aligned inputs (vector loads when the channel counts allow them), or
+    None for an empty problem (the CuPy functions handle those). ``params`` as chosen by the plan."""
+    if not (c_in and c_out and kmap.num_in and kmap.num_out and kmap.num_pairs):
+        return None
+    e = 16 // _SIZE[dtype_name]
+    vec = c_in % e == 0 and c_out % e == 0
+    if direction == "wgrad":
+        t, chunk = _wgrad_setup(dtype_name, c_in, c_out, kmap.num_pairs, device_id,
+                                params.get("gemm_block_size"), params.get("split_k_factor"))
+        return _prepare_wgrad(dtype_name, c_in, c_out, kmap, kmap.num_offsets, t, chunk, vec, device_id)
+    sort_rows, stage_nbr = params.get("sort_rows", True), params.get("stage_nbr", False)
+    split = _check_split(params.get("mask_split", 1), kmap)
+    if direction == "fwd":
+        bm, bn = _tile(dtype_name, c_out, params.get("fwd_block_size"), params.get("gemm_block_size"))
+        return _prepare_gather_gemm(dtype_name, c_in, c_out, kmap, False, kmap.num_out, bm, bn, sort_rows,
+                                    stage_nbr, vec, device_id, None, split)
+    if direction == "dgrad":
+        bm, bn = _tile(dtype_name, c_in, params.get("fwd_block_size"), params.get("gemm_block_size"))
+        return _prepare_gather_gemm(dtype_name, c_out, c_in, kmap, True, kmap.num_in, bm, bn, sort_rows,
+                                    stage_nbr, vec, device_id, None, split)
+    raise ValueError(f"direction must be 'fwd', 'dgrad' or 'wgrad', got {direction!r}")
+
+
+MASK_SPLIT_MIN_K = 16  # kernels with at least this many offsets also try the two-pass mask split
+# ... and the exact SIMT kernels (float32/float64) from this many output channels a three-pass one:
+# it pays where the FMAs it saves dominate (H100 run 59d516e: float32 C=256 fwd 2.41 -> 2.28 ms), never
+# on tensor cores, which are not MMA-bound (float16 C=256: 0.62 vs 0.55 ms; never picked).
+MASK_SPLIT_3_MIN_C = 128
+
+
+def fwd_params(dtype_name: str, c_out: int, num_offsets: int = 27) -> list[dict]:
+    cap = max(32, _pow2ceil(c_out))
+    tiles = [{"fwd_block_size": bm, "gemm_block_size": bn} for (bm, bn) in sorted(tiles_for(dtype_name)) if bn <= cap]
+    if num_offsets < MASK_SPLIT_MIN_K:
+        return tiles
+    splits = (2, 3) if c_out >= MASK_SPLIT_3_MIN_C and not is_tc(dtype_name) else (2,)
+    return tiles + [dict(t, mask_split=s) for s in splits for t in tiles]
+
+
+def wgrad_params(dtype_name: str, c_in: int, c_out: int) -> list[dict]:
+    cap = max(32, _pow2ceil(max(c_in, c_out)))
+    sizes = [t for t in WGRAD_TILES if t <= cap and (is_tc(dtype_name) or t <= 64)][-2:]
+    return [{"gemm_block_size": t, "split_k_factor": s} for t in sizes for s in SPLIT_FACTORS]
+
+
+# ---- registration -------------------------------------------------------------------------------------
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _params(direction, problem):
+    if direction == "fwd":
+        return fwd_params(problem.dtype, problem.c_out, problem.num_offsets)
+    if direction == "dgrad":
+        return fwd_params(problem.dtype, problem.c_in, problem.num_offsets)
+    if direction == "wgrad":
+        return wgrad_params(problem.dtype, problem.c_in, problem.c_out)
+    raise ValueError(f"direction must be 'fwd', 'dgrad' or 'wgrad', got {direction!r}")
+
+
+def _available(problem):
+    why = gpu_unavailable(problem, "implicit_gemm")
+    if why:
+        return False, why
+    from ..cuda.gpu_info import compute_capability
+    if problem.dtype not in _DTYPES:
+        return False, f"implicit_gemm supports {_DTYPES}, not {problem.dtype}"
+    import cupy
+    if compute_capability(cupy.cuda.Device().id) < (8, 0):
+        return False, "implicit_gemm needs compute capability 8.0 or newer (mma.sync, cp.async)"
+    return True, ""
+
+
+register("conv", Algorithm("implicit_gemm", forward, dgrad, wgrad, _params, _available, prepare))

@@ -1,5 +1,0 @@
-"""Algorithm registrations. Each module registers its algorithms with :mod:`sparsevox.registry`."""
-from . import explicit  # noqa: F401
-from . import depthwise_implicit  # noqa: F401
-from . import implicit_gemm  # noqa: F401
-from . import cutlass_implicit_gemm  # noqa: F401
