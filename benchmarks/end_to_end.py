@@ -212,7 +212,9 @@ class Libraries:
         if lib == "sparsevox":
             return copy.deepcopy(model).half()
         new = self.build_spconv().to(next(model.parameters()).device)
-        new.load_state_dict(model.state_dict())
+        tensors = dict(model.named_parameters())
+        tensors.update(model.named_buffers())
+        spm.copy_into(new, {k: v.detach() for k, v in tensors.items()})
         return new.half()  # on the device of ``model``
 
 

@@ -156,13 +156,31 @@ def convert_weight(w, target_shape):
     return w.reshape(t[1], t[2], t[3], c_in, c_out).permute(4, 0, 1, 2, 3).contiguous()
 
 
+def copy_into(model, tensors: dict) -> None:
+    """Copy ``{name: tensor}`` into ``model``'s parameters and buffers of those names (all of them must be
+    given), bypassing ``load_state_dict``: spconv's convolutions have a load pre-hook that permutes the
+    weight when ``SPCONV_SAVED_WEIGHT_LAYOUT`` is set in the environment."""
+    import torch
+    own = dict(model.named_parameters())
+    own.update(model.named_buffers())
+    if set(own) != set(tensors):
+        raise ValueError(f"names differ: missing {sorted(set(own) - set(tensors))[:5]}, unexpected "
+                         f"{sorted(set(tensors) - set(own))[:5]}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if tuple(own[name].shape) != tuple(t.shape):
+                raise ValueError(f"{name}: shape {tuple(t.shape)} does not fit {tuple(own[name].shape)}")
+            own[name].copy_(t)
+
+
 def load_from_sparsevox(spconv_model, sv_model) -> None:
     """Copy every parameter and buffer of a sparsevox :class:`MinkUNet` into :func:`build`'s model of the
     same widths and blocks (convolution weights converted by :func:`convert_weight`, BatchNorm and the
     classifier copied as they are). Raises ``ValueError`` naming any key or shape that does not match."""
-    import torch
-    src = sv_model.state_dict()
-    dst = spconv_model.state_dict()
+    src = dict(sv_model.named_parameters())
+    src.update(sv_model.named_buffers())
+    dst = dict(spconv_model.named_parameters())
+    dst.update(spconv_model.named_buffers())
     if set(src) != set(dst):
         raise ValueError(f"the models differ: only in sparsevox {sorted(set(src) - set(dst))[:5]}, only in "
                          f"spconv {sorted(set(dst) - set(src))[:5]}")
@@ -176,5 +194,4 @@ def load_from_sparsevox(spconv_model, sv_model) -> None:
         else:
             raise ValueError(f"{name}: sparsevox shape {tuple(t.shape)} vs spconv {tuple(target.shape)}")
         out[name] = v.to(device=target.device, dtype=target.dtype)
-    with torch.no_grad():
-        spconv_model.load_state_dict(out)
+    copy_into(spconv_model, out)

@@ -86,3 +86,24 @@ def test_comparison_path_with_emulated_spconv(monkeypatch):
     assert run.records[0]["logits_rel_err"] == par["logits"]["fp32_eval"]
     md = end_to_end.markdown(end_to_end.document(run))
     assert "| tiny |" in md and "×" in md and "SubM k3" in md
+
+
+def test_half_copies_keep_the_weights():
+    import spconv_emulation
+
+    from benchmarks import spconv_minkunet as spm
+    from sparsevox.adapters.torch import MinkUNet
+    widths = tuple(int(w) for w in SMALL)
+    xyz = np.random.default_rng(0).uniform(0, 4, (200, 3)).astype(np.float32)
+    vox = end_to_end.Voxeliser(xyz, xyz, np.zeros(200, np.int64), 0.5, "cpu")
+    libs = end_to_end.Libraries(spconv_emulation, vox, widths)
+    net = MinkUNet(3, end_to_end.NUM_CLASSES, widths=widths)
+    sp_net = libs.build_spconv()
+    spm.load_from_sparsevox(sp_net, net)
+    for lib, model in (("sparsevox", net), ("spconv", sp_net)):
+        half = libs.half_copy(lib, model)
+        assert half is not model
+        ref = dict(model.named_parameters())
+        for name, p in half.named_parameters():
+            assert p.dtype == torch.float16 and torch.equal(p, ref[name].half()), name
+        assert next(model.parameters()).dtype == torch.float32
