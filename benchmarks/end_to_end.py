@@ -20,8 +20,9 @@ Every step starts from the points: voxelisation (the same torch code for both li
 Modes: ``fp16_infer`` (``torch.autocast`` float16, eval, ``no_grad``), ``fp16_train`` (autocast +
 ``torch.amp.GradScaler``, cross-entropy on fixed random labels, backward, SGD step), ``fp32_infer``,
 ``fp32_train``. A cell is the median of ``--steps`` CUDA-synchronised wall times per step after
-``--warmup`` steps (the first warm-up also autotunes); its peak memory is ``max_memory_allocated``
-after ``reset_peak_memory_stats`` with only that library's model on the GPU.
+``--warmup`` steps (the first warm-up also autotunes); its peak memory is ``max_memory_allocated`` over
+the timed steps (``reset_peak_memory_stats`` after the warm-up; ``warmup_peak_mib`` covers the warm-up),
+with only that library's model (and optimizer state) on the GPU.
 
 spconv's inference path ignores autocast (its eval-mode convolutions run in the weights' dtype), so its
 ``fp16_infer`` figure runs a float16 copy of the model on float16 features (under autocast), and
@@ -346,11 +347,15 @@ def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, h
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     samples = []
-    tuned = None
+    tuned = warm_peak = None
     try:
         for i in range(warmup + steps):
-            if i == warmup and tunes is not None:
-                tuned = tunes.tunings
+            if i == warmup:
+                tuned = tunes.tunings if tunes is not None else None
+                if on_gpu:  # the timed steps' peak: without autotuning's buffers of the first warm-up
+                    torch.cuda.synchronize()
+                    warm_peak = torch.cuda.max_memory_allocated() / 2 ** 20
+                    torch.cuda.reset_peak_memory_stats()
             sync()
             t = time.perf_counter()
             step()
@@ -368,6 +373,7 @@ def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, h
             torch.cuda.empty_cache()
     return {"ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples), "steps": steps,
             "peak_mib": None if peak is None else round(peak, 1),
+            "warmup_peak_mib": None if warm_peak is None else round(warm_peak, 1),
             "tuned_in_timed_steps": None if tuned is None else tunes.tunings - tuned}
 
 
@@ -576,7 +582,7 @@ def markdown(doc) -> str:
            f"{doc.get('commit')})", "",
            f"SparseResUNet42 shape (widths {s.get('widths')}), {s.get('num_classes')} classes; every step: "
            f"{s.get('step')}. Median of {s.get('steps')} steps after {s.get('warmup')} warm-up steps, "
-           f"CUDA-synchronised wall ms; peak = max_memory_allocated in the cell. Ratio = spconv ms / sparsevox "
+           f"CUDA-synchronised wall ms; peak = max_memory_allocated over the timed steps. Ratio = spconv ms / sparsevox "
            f"ms (> 1: sparsevox faster). fp16_infer: {s.get('fp16_infer')}. Peers: {doc.get('peers')}.", "",
            "| scene | voxels | mode | sparsevox ms | spconv ms | ratio | sparsevox peak MiB | spconv peak MiB |",
            "|---|---:|---|---:|---:|---:|---:|---:|"]
