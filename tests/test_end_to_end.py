@@ -84,7 +84,8 @@ def test_comparison_path_with_emulated_spconv(monkeypatch):
     for r in run.records:
         assert r["ms"] > 0 and r["peer"]["spconv"] > 0 and r["ratio"] > 0, r
     assert run.records[0]["logits_rel_err"] == par["logits"]["fp32_eval"]
-    md = end_to_end.markdown(end_to_end.document(run))
+    from benchmarks import end_to_end_report
+    md = end_to_end_report.markdown(end_to_end.document(run))
     assert "| tiny |" in md and "×" in md and "SubM k3" in md
 
 
