@@ -1,0 +1,52 @@
+"""PyTorch adapter: differentiable sparse convolutions (:mod:`.functional`), network modules that take
+and return ``Voxels`` (:mod:`.layers`) and models (:mod:`.models`).
+
+Everything :mod:`sparsevox.adapters.torch` exported when it was one module is still importable from
+here. Module-level settings of :mod:`.functional` (such as ``SPARE_OUTPUT_MAX_BYTES``) may be set
+through this package too: assigning one here assigns it in :mod:`.functional`, where the code reads it
+(so ``monkeypatch.setattr(sparsevox.adapters.torch, ...)`` keeps working).
+
+Example:
+    >>> import torch, sparsevox as sv
+    >>> from sparsevox.adapters.torch import MinkUNet
+    >>> coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 1]], dtype=torch.int32)
+    >>> logits = MinkUNet(4, 20)(sv.Voxels(coords, torch.randn(3, 4)))
+    >>> logits.shape
+    torch.Size([3, 20])
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+from . import functional
+from .functional import (SPARE_OUTPUT_MAX_BYTES, SparseConv3d, SpatiallySparseConv,  # noqa: F401
+                         SpatiallySparseDepthwiseConv, conv_features, conv_tensors, kernel_map_tensors,
+                         spatially_sparse_conv, spatially_sparse_depthwise_conv)
+from .layers import BatchNorm, InstanceNorm, ResidualBlock, SparseSequential, cat_voxels
+from .models import MinkUNet
+
+__all__ = list(functional.__all__) + ["SparseSequential", "BatchNorm", "InstanceNorm", "ResidualBlock",
+                                      "cat_voxels", "MinkUNet"]
+
+
+def __getattr__(name):
+    """The rest of :mod:`.functional` (its private helpers, used by diagnostics and tests)."""
+    try:
+        return getattr(functional, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+class _Package(types.ModuleType):
+    """Assignments of :mod:`.functional`'s own names go to :mod:`.functional` as well."""
+
+    def __setattr__(self, name, value):
+        own = vars(functional).get(name, _MISSING)
+        if own is not _MISSING and not isinstance(own, types.ModuleType):
+            setattr(functional, name, value)
+        super().__setattr__(name, value)
+
+
+_MISSING = object()
+sys.modules[__name__].__class__ = _Package

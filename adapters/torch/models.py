@@ -1,0 +1,110 @@
+"""Models built from :mod:`.layers`: the MinkUNet (SparseResUNet42 of TorchSparse/SPVNAS)."""
+from __future__ import annotations
+
+from torch import nn
+
+from .functional import SparseConv3d
+from .layers import BatchNorm, ResidualBlock, SparseSequential, cat_voxels
+
+__all__ = ["MinkUNet", "DownStage", "UpStage"]
+
+# SparseResUNet42 (SPVNAS MinkUNet, cr = 1): stem, four encoder stages, four decoder stages
+DEFAULT_WIDTHS = (32, 32, 64, 128, 256, 256, 128, 96, 96)
+
+
+def _conv_bn_relu(c_in, c_out, kernel_size, stride=1, **algos):
+    return SparseSequential(SparseConv3d(c_in, c_out, kernel_size, stride=stride, bias=False, **algos),
+                            BatchNorm(c_out), nn.ReLU(inplace=True))
+
+
+class DownStage(nn.Module):
+    """Encoder stage: k2 s2 convolution (``c_in → c_in``) + BN + ReLU, then residual blocks to ``c_out``."""
+
+    takes_voxels = True
+
+    def __init__(self, c_in: int, c_out: int, blocks: int = 2, **algos):
+        super().__init__()
+        self.down = _conv_bn_relu(c_in, c_in, 2, 2, **algos)
+        self.blocks = SparseSequential(*[ResidualBlock(c_in if i == 0 else c_out, c_out, **algos)
+                                         for i in range(blocks)])
+
+    def forward(self, voxels):
+        return self.blocks(self.down(voxels))
+
+
+class UpStage(nn.Module):
+    """Decoder stage: k2 s2 transposed convolution (``c_in → c_out``) onto the finer level's sites + BN
+    + ReLU, concatenation with the finer level's encoder output (``c_skip`` channels), then residual
+    blocks (``c_out + c_skip → c_out``). ``forward(coarse, fine)``."""
+
+    takes_voxels = True
+
+    def __init__(self, c_in: int, c_out: int, c_skip: int, blocks: int = 2, **algos):
+        super().__init__()
+        self.up = SparseConv3d(c_in, c_out, 2, stride=2, transposed=True, bias=False, **algos)
+        self.norm = SparseSequential(BatchNorm(c_out), nn.ReLU(inplace=True))
+        self.blocks = SparseSequential(*[ResidualBlock(c_out + c_skip if i == 0 else c_out, c_out, **algos)
+                                         for i in range(blocks)])
+
+    def forward(self, coarse, fine):
+        up = self.norm(self.up(coarse, output_voxels=fine))
+        return self.blocks(cat_voxels(up, fine))
+
+
+class MinkUNet(nn.Module):
+    """A sparse residual UNet for per-voxel classification (semantic segmentation), by default the
+    SparseResUNet42 shape of TorchSparse/SPVNAS ("MinkUNet"):
+
+    - stem: two SubM k3 convolutions ``in_channels → w0 → w0``, each + BN + ReLU;
+    - encoder stage i = 1..4: k2 s2 convolution ``w[i-1] → w[i-1]`` + BN + ReLU, then ``blocks``
+      residual blocks ``→ w[i]`` (32, 64, 128, 256);
+    - decoder stage i = 5..8: k2 s2 transposed convolution ``w[i-1] → w[i]`` back onto the sites of the
+      matching encoder level + BN + ReLU, concatenation with that level's encoder output, then ``blocks``
+      residual blocks ``→ w[i]`` (256, 128, 96, 96);
+    - classifier: ``nn.Linear(w8, num_classes)``.
+
+    Convolutions have no bias (BatchNorm follows each). ``forward(voxels)`` takes ``Voxels`` with torch
+    features ``[N, in_channels]`` (CPU tensors run on the NumPy backend, CUDA tensors on the GPU) and
+    returns the logits ``[N, num_classes]`` as a tensor, row ``i`` for ``voxels.coords[i]``.
+
+    Args:
+        in_channels, num_classes: input channels and classes.
+        widths: 9 channel counts ``(w0, ..., w8)``: stem, encoder stages 1-4, decoder stages 1-4.
+        blocks: residual blocks per stage (>= 1): an int for all eight stages, or 8 ints (encoder 1-4,
+            decoder 1-4).
+        fwd_algo, bwd_algo: algorithm inputs passed to every convolution.
+
+    Example:
+        >>> net = MinkUNet(4, 20)
+        >>> logits = net(sv.Voxels(coords, feats))        # [N, 20]
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, widths=DEFAULT_WIDTHS, blocks=2, fwd_algo=None,
+                 bwd_algo=None):
+        super().__init__()
+        w = tuple(int(c) for c in widths)
+        if len(w) != 9 or min(w) < 1:
+            raise ValueError(f"widths must be 9 positive channel counts (stem, 4 encoder, 4 decoder stages), "
+                             f"got {widths!r}")
+        b = (int(blocks),) * 8 if isinstance(blocks, int) else tuple(int(n) for n in blocks)
+        if len(b) != 8 or min(b) < 1:
+            raise ValueError(f"blocks must be an int >= 1 or 8 of them (encoder 1-4, decoder 1-4), got {blocks!r}")
+        algos = dict(fwd_algo=fwd_algo, bwd_algo=bwd_algo)
+        self.in_channels, self.num_classes, self.widths, self.blocks = int(in_channels), int(num_classes), w, b
+        self.stem = SparseSequential(_conv_bn_relu(in_channels, w[0], 3, **algos),
+                                     _conv_bn_relu(w[0], w[0], 3, **algos))
+        self.encoder = nn.ModuleList(DownStage(w[i - 1], w[i], b[i - 1], **algos) for i in range(1, 5))
+        # decoder stage j: up from w[4 + j - 1], concatenated with encoder level 3 - j (level 0 = stem)
+        self.decoder = nn.ModuleList(UpStage(w[4 + j], w[5 + j], w[3 - j], b[4 + j], **algos) for j in range(4))
+        self.classifier = nn.Linear(w[8], num_classes)
+
+    def forward(self, voxels):
+        x = self.stem(voxels)
+        levels = [x]
+        for stage in self.encoder:
+            x = stage(x)
+            levels.append(x)
+        levels.pop()  # the coarsest level is x itself
+        for stage in self.decoder:
+            x = stage(x, levels.pop())
+        return self.classifier(x.feats)

@@ -1,0 +1,133 @@
+"""Markdown tables and a PNG plot of a ``<stem>-end_to_end.json`` (written by :mod:`benchmarks.end_to_end`).
+
+    python -m benchmarks.end_to_end_report benchmarks/results/<stem>-end_to_end.json   # rewrite .md and .png
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import report
+
+log = logging.getLogger("sparsevox.benchmarks")
+
+
+def _ms(x):
+    return "—" if not isinstance(x, (int, float)) else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _ratio(x):
+    return "—" if not x else f"{x:.2f}×"
+
+
+def _err(x):
+    return x if isinstance(x, str) else "—" if x is None else f"{x:.1e}"
+
+
+def markdown(doc) -> str:
+    s = doc.get("settings", {})
+    out = [f"# MinkUNet end to end: sparsevox vs spconv ({doc.get('device')}, {doc.get('date')}, "
+           f"{doc.get('commit')})", "",
+           f"SparseResUNet42 shape (widths {s.get('widths')}), {s.get('num_classes')} classes; every step: "
+           f"{s.get('step')}. Median of {s.get('steps')} steps after {s.get('warmup')} warm-up steps, "
+           f"CUDA-synchronised wall ms; peak = max_memory_allocated over the timed steps. Ratio = spconv ms / sparsevox "
+           f"ms (> 1: sparsevox faster). fp16_infer: {s.get('fp16_infer')}. Peers: {doc.get('peers')}.", "",
+           "| scene | voxels | mode | sparsevox ms | spconv ms | ratio | sparsevox peak MiB | spconv peak MiB |",
+           "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in doc["records"]:
+        out.append(f"| {r['scene']} | {r['n_voxels']:,} | {r['op'].replace('minkunet_', '')} | "
+                   f"{_ms(r.get('ms')) if r.get('ms') else r.get('error', '—')} | {_ms(r['peer'].get('spconv'))} | "
+                   f"{_ratio(r.get('ratio'))} | "
+                   f"{_ms(r.get('peak_mib'))} | {_ms(r['peer_peak_mib'].get('spconv'))} |")
+    variants = [r for r in doc["records"] if r.get("variants")]
+    if variants:
+        out += ["", "float16 inference variants (ms): sparsevox on a float16 copy of the model; spconv's float32 "
+                    "model under autocast alone", "", "| scene | sparsevox_half_model | spconv_autocast |",
+                "|---|---:|---:|"]
+        out += [f"| {r['scene']} | {_ms(r['variants'].get('sparsevox_half_model'))} | "
+                f"{_ms(r['variants'].get('spconv_autocast'))} |" for r in variants]
+    if doc.get("parity"):
+        out += ["", "Same weights in both models: relative error of spconv's output against sparsevox's "
+                    "(logits: eval = BatchNorm running statistics; layers: float32, C 16 → 24)", "",
+                "| scene | logits fp32 eval | fp32 train | fp16 eval | SubM k3 | SubM k1 | down k2 s2 | up (inverse) |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for scene, p in doc["parity"].items():
+            lg, ly = p.get("logits", {}), p.get("layers", {})
+            if "error" in p:
+                out.append(f"| {scene} | {p['error']} | | | | | | |")
+                continue
+            out.append(f"| {scene} | {_err(lg.get('fp32_eval'))} | {_err(lg.get('fp32_train'))} | "
+                       f"{_err(lg.get('fp16_eval'))} | {_err(ly.get('subm3'))} | {_err(ly.get('subm1'))} | "
+                       f"{_err(ly.get('down'))} | {_err(ly.get('up'))} |")
+    at = doc.get("autotune", {})
+    out += ["", f"Autotune: {at.get('warnings')} warnings, {at.get('tunings')} tunings. "
+                f"{'Truncated by the time budget. ' if doc.get('truncated') else ''}Elapsed {doc.get('elapsed_s')} s."]
+    return "\n".join(out)
+
+
+def plot(doc, path) -> bool:
+    """Step ms per library, one panel per scene, modes along x; False without matplotlib or data."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot (pip install 'sparsevox[bench]')")
+        return False
+    recs = [r for r in doc["records"] if r.get("ms")]
+    scenes = list(dict.fromkeys(r["scene"] for r in recs))
+    if not scenes:
+        return False
+    fig, axes = plt.subplots(1, len(scenes), figsize=(4.2 * len(scenes), 3.6), squeeze=False)
+    for ax, scene in zip(axes[0], scenes):
+        rs = [r for r in recs if r["scene"] == scene]
+        xs = np.arange(len(rs))
+        ours = [r["ms"] for r in rs]
+        theirs = [r["peer"].get("spconv") or 0 for r in rs]
+        ax.bar(xs - 0.2, ours, 0.4, label="sparsevox")
+        if any(theirs):
+            ax.bar(xs + 0.2, theirs, 0.4, label="spconv")
+        for x, r in zip(xs, rs):
+            if r.get("ratio"):
+                ax.text(x, max(r["ms"], r["peer"]["spconv"]) * 1.02, f"{r['ratio']:.2f}×", ha="center", fontsize=7)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([r["op"].replace("minkunet_", "") for r in rs], fontsize=8)
+        ax.set_ylabel("ms per step", fontsize=8)
+        ax.set_title(f"{scene} ({rs[0]['n_voxels']:,} voxels)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"MinkUNet step time (ratio: spconv / sparsevox): {doc.get('device')}, {doc.get('date')}, "
+                 f"{doc.get('commit')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_all(doc, out_dir, stem) -> dict:
+    """Write ``<stem>-end_to_end.json``, ``.md`` and ``.png`` (when matplotlib is there) under ``out_dir``."""
+    base = Path(out_dir) / f"{stem}-end_to_end"
+    paths = {"json": base.with_suffix(".json"), "md": base.with_suffix(".md"), "png": base.with_suffix(".png")}
+    report.write_json(doc, paths["json"])
+    paths["md"].write_text(markdown(doc) + "\n")
+    if not plot(doc, paths["png"]):
+        paths.pop("png")
+    return paths
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print(__doc__)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    p = Path(args[0])
+    paths = write_all(report.load(p), p.parent, p.name[:-len("-end_to_end.json")])
+    print("\n".join(str(v) for v in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""benchmarks.end_to_end on the CPU: the smoke run writes its files; voxelisation; the whole comparison
+path (parity checks, cells, records) with the dense spconv emulation standing in for spconv."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch not installed")
+pytest.importorskip("sparsevox.adapters.torch")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
+from benchmarks import end_to_end  # noqa: E402
+
+SMALL = ["8", "8", "8", "16", "16", "16", "8", "8", "8"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_cpu_quick_smoke_run_writes_design_records(tmp_path):
+    rc = end_to_end.main(["--cpu", "--quick", "--out", str(tmp_path), "--stem", "2000-01-01-cpu-test"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "2000-01-01-cpu-test-end_to_end.json").read_text())
+    for key in ("device", "date", "commit", "records", "autotune", "settings"):
+        assert key in doc
+    assert [r["op"] for r in doc["records"]] == ["minkunet_fp32_infer", "minkunet_fp32_train"]
+    for r in doc["records"]:
+        assert {"op", "scene", "n_voxels", "library", "ms", "peak_mib", "peer", "ratio"} <= set(r)
+        assert r["library"] == "sparsevox" and r["scene"] == "tiny" and r["ms"] > 0 and r["n_voxels"] > 1000
+    assert doc["settings"]["steps"] == 2 and doc["settings"]["warmup"] == 1
+    md = (tmp_path / "2000-01-01-cpu-test-end_to_end.md").read_text()
+    assert md.startswith("# MinkUNet end to end") and "| tiny |" in md
+
+
+def test_help_answers_without_a_gpu(capsys):
+    with pytest.raises(SystemExit) as e:
+        end_to_end.main(["--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_voxeliser_means_sorted_rows_and_spconv_frame():
+    rng = np.random.default_rng(3)
+    pts = np.concatenate([rng.uniform(-2, 3, (3000, 3)), rng.uniform(0, 255, (3000, 3))], 1).astype(np.float32)
+    xyz, feats, index = end_to_end.batch_points(pts, 2)
+    assert xyz.shape == (6000, 3) and feats.shape == (6000, 6) and feats[:, 3:].max() <= 1.0
+    np.testing.assert_array_equal(xyz[3000:, 0], xyz[:3000, 1])  # item 1: x and y swapped
+    vox = end_to_end.Voxeliser(xyz, feats, index, 0.5, "cpu")
+    coords, vf = vox()
+    c = coords.numpy().astype(np.int64)
+    assert (c[:, 1:] >= 0).all() and (c[:, 1:] + 2 <= np.array(vox.spatial_shape)).all()
+    assert all(s % 16 == 0 for s in vox.spatial_shape) and (vox.shift.numpy() % 16 == 0).all()
+    keys = ((c[:, 0] * 10_000 + c[:, 1]) * 10_000 + c[:, 2]) * 10_000 + c[:, 3]
+    assert (np.diff(keys) > 0).all()  # unique, sorted by (batch, x, y, z)
+    ijk = np.floor(xyz / np.float32(0.5)).astype(np.int64) - vox.shift.numpy()
+    row = {tuple(r): i for i, r in enumerate(c.tolist())}
+    which = np.array([row[(b, *p)] for b, p in zip(index.tolist(), ijk.tolist())])
+    ref = np.zeros((len(c), 6))
+    np.add.at(ref, which, feats)
+    ref /= np.bincount(which, minlength=len(c))[:, None]
+    np.testing.assert_allclose(vf.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_comparison_path_with_emulated_spconv(monkeypatch):
+    """run_scene with the dense spconv emulation as the peer: parity of logits and layers (the emulated
+    strided layer returns its sites shuffled), both libraries' cells, ratio, Markdown."""
+    import spconv_emulation
+    monkeypatch.setitem(end_to_end.SCENES, "tiny", end_to_end.Plan("tiny", 0.6, 2))  # a small dense grid
+    run = end_to_end.Run(end_to_end.parse_args(["--cpu", "--widths", *SMALL, "--steps", "1", "--warmup", "0"]))
+    run.sp, run.peer_info = spconv_emulation, {"spconv": "dense emulation (tests/spconv_emulation.py)"}
+    end_to_end.run_scene(run, "tiny")
+    par = run.parity["tiny"]
+    assert "error" not in par, par
+    assert par["logits"]["fp32_eval"] < 1e-5 and par["logits"]["fp32_train"] < 1e-5
+    assert set(par["layers"]) == {"subm3", "subm1", "down", "up"}
+    assert all(isinstance(v, float) and v < 1e-5 for v in par["layers"].values()), par["layers"]
+    assert [r["op"] for r in run.records] == ["minkunet_fp32_infer", "minkunet_fp32_train"]
+    for r in run.records:
+        assert r["ms"] > 0 and r["peer"]["spconv"] > 0 and r["ratio"] > 0, r
+    assert run.records[0]["logits_rel_err"] == par["logits"]["fp32_eval"]
+    from benchmarks import end_to_end_report
+    md = end_to_end_report.markdown(end_to_end.document(run))
+    assert "| tiny |" in md and "×" in md and "SubM k3" in md
+
+
+def test_half_copies_keep_the_weights():
+    import spconv_emulation
+
+    from benchmarks import spconv_minkunet as spm
+    from sparsevox.adapters.torch import MinkUNet
+    widths = tuple(int(w) for w in SMALL)
+    xyz = np.random.default_rng(0).uniform(0, 4, (200, 3)).astype(np.float32)
+    vox = end_to_end.Voxeliser(xyz, xyz, np.zeros(200, np.int64), 0.5, "cpu")
+    libs = end_to_end.Libraries(spconv_emulation, vox, widths)
+    net = MinkUNet(3, end_to_end.NUM_CLASSES, widths=widths)
+    sp_net = libs.build_spconv()
+    spm.load_from_sparsevox(sp_net, net)
+    for lib, model in (("sparsevox", net), ("spconv", sp_net)):
+        half = libs.half_copy(lib, model)
+        assert half is not model
+        ref = dict(model.named_parameters())
+        for name, p in half.named_parameters():
+            assert p.dtype == torch.float16 and torch.equal(p, ref[name].half()), name
+        assert next(model.parameters()).dtype == torch.float32

@@ -1,0 +1,254 @@
+"""MinkUNet (SparseResUNet42 shape): structure, forward/backward and training on CPU tensors; the spconv
+version and its weight loader against a dense emulation of spconv's layers; the GPU against the CPU."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from reference import random_voxels, rel_err
+
+import sparsevox as sv
+
+torch = pytest.importorskip("torch", reason="torch not installed")
+svt = pytest.importorskip("sparsevox.adapters.torch")
+nn = torch.nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
+from benchmarks import spconv_minkunet as spm  # noqa: E402
+
+SMALL = (8, 8, 8, 16, 16, 16, 8, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """torch's intra-op threads oversubscribe a shared 2-core machine (tiny batch norms take 70 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _scene(rng, n=500, extent=12, batches=2, c=4, dtype=torch.float64, device="cpu", shift=0):
+    coords = random_voxels(rng, n, extent=extent, batches=batches)
+    coords[:, 1:] += shift
+    return sv.Voxels(torch.from_numpy(coords).to(device), torch.randn(len(coords), c, dtype=dtype, device=device))
+
+
+def _levels(coords, n):
+    """Voxel counts of levels 0..n: unique floor(c / 2^l) per batch."""
+    c = np.asarray(coords, np.int64)
+    out = []
+    for lvl in range(n + 1):
+        out.append(len(np.unique(np.concatenate([c[:, :1], c[:, 1:] >> lvl], 1), axis=0)))
+    return out
+
+
+def test_default_shape_levels_and_forward(rng):
+    v = _scene(rng, dtype=torch.float32)
+    net = svt.MinkUNet(4, 20)
+    assert net.widths == (32, 32, 64, 128, 256, 256, 128, 96, 96) and net.blocks == (2,) * 8
+    assert 21.5e6 < sum(p.numel() for p in net.parameters()) < 22e6  # SPVNAS MinkUNet (cr 1): 21.7M
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, k=k: seen.__setitem__(k, out))
+             for k, m in [("stem", net.stem)] + [(f"enc{i}", m) for i, m in enumerate(net.encoder)]
+             + [(f"dec{j}", m) for j, m in enumerate(net.decoder)]]
+    logits = net(v)
+    for h in hooks:
+        h.remove()
+    assert isinstance(logits, torch.Tensor) and logits.shape == (v.num_voxels, 20)
+    counts = _levels(v.coords.numpy(), 4)
+    assert [seen["stem"].num_voxels] + [seen[f"enc{i}"].num_voxels for i in range(4)] == counts
+    assert [seen[f"enc{i}"].num_channels for i in range(4)] == [32, 64, 128, 256]
+    assert [seen[f"dec{j}"].num_voxels for j in range(4)] == counts[3::-1]
+    assert [seen[f"dec{j}"].num_channels for j in range(4)] == [256, 128, 96, 96]
+    assert seen["dec3"].coords is v.coords  # back on the input's sites, in its order
+    # the finest decoder level's SubM k3 map is the stem's (cached on the input geometry)
+    assert sv.kernel_map(seen["dec3"], 3) is sv.kernel_map(v, 3)
+
+
+def test_backward_reaches_every_parameter(rng):
+    v = _scene(rng, n=300, extent=10, dtype=torch.float32)
+    net = svt.MinkUNet(4, 7)
+    loss = nn.functional.cross_entropy(net(v), torch.randint(0, 7, (v.num_voxels,)))
+    loss.backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert all(float(p.grad.abs().sum()) > 0 for p in net.parameters())
+
+
+def test_a_few_sgd_steps_reduce_the_loss(rng):
+    torch.manual_seed(0)
+    coords = random_voxels(np.random.default_rng(7), 400, extent=10, batches=2)
+    feats = torch.from_numpy(np.concatenate([coords[:, 1:] / 5.0, np.ones((len(coords), 1))], 1))
+    labels = torch.from_numpy(((coords[:, 1] > 0).astype(np.int64) + (coords[:, 3] > 1)))  # 3 classes
+    net = svt.MinkUNet(4, 3, widths=SMALL, blocks=1).double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        x = sv.Voxels(torch.from_numpy(coords), feats)  # fresh Voxels (fresh kernel maps) every step
+        loss = nn.functional.cross_entropy(net(x), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_eval_logits_follow_row_order_and_shifts_by_16(rng):
+    v = _scene(rng, n=400, extent=10)
+    net = svt.MinkUNet(4, 5, widths=SMALL, blocks=1).double().eval()
+    with torch.no_grad():
+        ref = net(v)
+        perm = torch.randperm(v.num_voxels)
+        out = net(sv.Voxels(v.coords[perm], v.feats[perm]))
+        assert rel_err(out.numpy(), ref[perm].numpy()) < 1e-12
+        shifted = v.coords.clone()
+        shifted[:, 1:] += torch.tensor([16, -32, 48], dtype=shifted.dtype)  # every level's parents shift whole
+        assert rel_err(net(sv.Voxels(shifted, v.feats)).numpy(), ref.numpy()) < 1e-12
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="9 positive"):
+        svt.MinkUNet(4, 5, widths=(8, 8))
+    with pytest.raises(ValueError, match="blocks"):
+        svt.MinkUNet(4, 5, blocks=0)
+    net = svt.MinkUNet(3, 2, widths=SMALL, blocks=(1, 2, 1, 1, 1, 1, 2, 1))
+    assert len(net.encoder[1].blocks) == 2 and len(net.decoder[2].blocks) == 2
+
+
+# --- the spconv version, against a dense emulation of spconv's layers --------------------------------
+
+def _emulation():
+    import spconv_emulation
+    return spconv_emulation
+
+
+def _calibrate_bn(net, x):
+    """Running statistics = the statistics of one train-mode forward (so eval mode normalises)."""
+    moms = {}
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            moms[m] = m.momentum
+            m.momentum = None
+            m.reset_running_stats()
+    net.train()
+    with torch.no_grad():
+        net(x)
+    for m, mom in moms.items():
+        m.momentum = mom
+
+
+def _spconv_input(sp, v):
+    shift, shape = spm.spatial_frame(v.coords.numpy())
+    c = v.coords.numpy().astype(np.int64)
+    c[:, 1:] -= shift
+    return sp.SparseConvTensor(v.feats, torch.from_numpy(c.astype(np.int32)), shape, int(c[:, 0].max()) + 1)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_spconv_model_with_loaded_weights_gives_the_same_logits(rng, blocks):
+    sp = _emulation()
+    v = _scene(rng, n=400, extent=12, shift=-3)  # negative coordinates: spconv's input is shifted by 16s
+    net = svt.MinkUNet(4, 5, widths=SMALL, blocks=blocks).double()
+    _calibrate_bn(net, v)
+    spnet = spm.build(sp, 4, 5, widths=SMALL, blocks=blocks).double()
+    spm.load_from_sparsevox(spnet, net)
+    x = _spconv_input(sp, v)
+    for train in (False, True):
+        net.train(train)
+        spnet.train(train)
+        with torch.no_grad():
+            assert rel_err(spnet(x).numpy(), net(v).numpy()) < 1e-12
+
+
+def test_weight_conversion_layouts_matter(rng):
+    """The emulated layers tell the conversions apart: a 1x1 SubM layer reads [C_in, C_out] memory (a
+    transpose is wrong), and the inverse layer takes the weight unflipped (a flip is wrong)."""
+    sp = _emulation()
+    v = _scene(rng, n=200, extent=8, c=3)
+    x = _spconv_input(sp, v)
+    one = svt.SparseConv3d(3, 5, 1, bias=False).double()
+    sp_one = sp.SubMConv3d(3, 5, 1, bias=False).double()
+    ref = one(v).feats.detach().numpy()
+    with torch.no_grad():
+        sp_one.weight.copy_(spm.convert_weight(one.weight, sp_one.weight.shape))
+        assert rel_err(sp_one(x).features.numpy(), ref) < 1e-12
+        sp_one.weight.copy_(one.weight[0].t().reshape(5, 1, 1, 1, 3))  # the "obvious" layout
+        assert rel_err(sp_one(x).features.numpy(), ref) > 1e-3
+    down = svt.SparseConv3d(3, 4, 2, stride=2, bias=False).double()
+    up = svt.SparseConv3d(4, 3, 2, stride=2, transposed=True, bias=False).double()
+    sp_down = sp.SparseConv3d(3, 4, 2, 2, bias=False, indice_key="d").double()
+    sp_up = sp.SparseInverseConv3d(4, 3, 2, indice_key="d", bias=False).double()
+    with torch.no_grad():
+        sp_down.weight.copy_(spm.convert_weight(down.weight, sp_down.weight.shape))
+        ref = up(down(v), output_voxels=v).feats.numpy()
+        sp_up.weight.copy_(spm.convert_weight(up.weight, sp_up.weight.shape))
+        assert rel_err(sp_up(sp_down(x)).features.numpy(), ref) < 1e-12
+        sp_up.weight.copy_(spm.convert_weight(up.weight.flip(0), sp_up.weight.shape))
+        assert rel_err(sp_up(sp_down(x)).features.numpy(), ref) > 1e-3
+
+
+def test_spatial_frame_and_loader_errors():
+    c = np.array([[0, -17, 0, 5], [1, 30, 3, -1]], np.int32)
+    shift, shape = spm.spatial_frame(c)
+    assert list(shift) == [-32, 0, -16] and all(s % 16 == 0 for s in shape)
+    assert all((c[:, 1:] - shift).max(axis=0) + 2 <= shape) and (c[:, 1:] - shift).min() >= 0
+    sp = _emulation()
+    with pytest.raises(ValueError, match="differ"):
+        spm.load_from_sparsevox(spm.build(sp, 4, 5, widths=SMALL, blocks=1), svt.MinkUNet(4, 5, widths=SMALL))
+    with pytest.raises(ValueError, match="does not fit"):
+        spm.convert_weight(torch.zeros(8, 3, 4), (4, 3, 3, 3, 3))
+
+
+# --- GPU ----------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_gpu_equals_cpu_with_the_same_weights(rng, dtype, tol):
+    v = _scene(rng, n=3000, extent=24, dtype=dtype)
+    torch.manual_seed(0)
+    net = svt.MinkUNet(4, 6).to(dtype)
+    _calibrate_bn(net, v)
+    gpu = svt.MinkUNet(4, 6).to(dtype)
+    gpu.load_state_dict(net.state_dict())
+    gpu.cuda()
+    vg = sv.Voxels(v.coords.cuda(), v.feats.cuda())
+    for train in (False, True):
+        net.train(train)
+        gpu.train(train)
+        cpu_out = net(v)
+        gpu_out = gpu(vg)
+        assert gpu_out.is_cuda and gpu_out.dtype == dtype
+        assert rel_err(gpu_out.detach().cpu().numpy(), cpu_out.detach().numpy()) < tol, train
+    # gradients of the train-mode loss agree too
+    labels = torch.randint(0, 6, (v.num_voxels,))
+    nn.functional.cross_entropy(cpu_out, labels).backward()
+    nn.functional.cross_entropy(gpu_out, labels.cuda()).backward()
+    for (name, p), q in zip(net.named_parameters(), gpu.parameters()):
+        assert rel_err(q.grad.cpu().numpy(), p.grad.numpy()) < 10 * tol, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True])
+def test_gpu_training_with_fresh_voxels_does_not_grow_memory(rng, amp):
+    coords = torch.from_numpy(random_voxels(rng, 20000, extent=40, batches=2)).cuda()
+    feats = torch.randn(len(coords), 4, device="cuda")
+    labels = torch.randint(0, 10, (len(coords),), device="cuda")
+    net = svt.MinkUNet(4, 10).cuda().train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    allocated = []
+    for _ in range(20):
+        x = sv.Voxels(coords.clone(), feats)  # new coords object: fresh kernel maps every step
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            loss = nn.functional.cross_entropy(net(x).float(), labels)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        del x, loss
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+    warm = allocated[4]
+    growth = max(allocated[5:]) - warm
+    assert growth <= 0.01 * warm + (1 << 20), [a >> 20 for a in allocated]
