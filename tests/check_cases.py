@@ -53,11 +53,13 @@ def operands(rng, data, n_in, n_out, c_in, c_out, k, dtype):
     return _q(x, dtype), _q(w, dtype), _q(g, dtype)
 
 
-def candidate(direction, x, w, g, kmap, dtype, skip=None, wrong_row=None, tf32=False):
+def candidate(direction, x, w, g, kmap, dtype, skip=None, wrong_row=None, tf32=False, passes=1):
     """What a kernel of ``dtype`` computes (host NumPy): operands as given, float32 sums (float64 for
     float64) over the offsets in reverse order, the result rounded once to ``dtype``; ``tf32`` rounds
     float32 operands to 10 mantissa bits first. Sabotage for the check's tests: ``skip`` leaves that
-    offset out; ``wrong_row`` copies the next row of the result into that row."""
+    offset out; ``wrong_row`` copies the next row of the result into that row. ``passes`` > 1 runs the
+    offsets in that many contiguous parts, rounding the output to ``dtype`` after each (IMPLICIT_GEMM's
+    mask split)."""
     acc = np.float64 if dtype == "float64" else np.float32
 
     def op(a):
@@ -71,7 +73,10 @@ def candidate(direction, x, w, g, kmap, dtype, skip=None, wrong_row=None, tf32=F
     k = len(o) - 1
     shape = {"fwd": (kmap.num_out, w.shape[2]), "dgrad": (kmap.num_in, w.shape[1]), "wgrad": w.shape}[direction]
     out = np.zeros(shape, dtype=acc)
+    ends = {k * (h + 1) // passes for h in range(passes - 1)}
     for j in reversed(range(k)):
+        if j in ends:  # a pass ends: its sum is stored in (rounded to) the output dtype
+            out = out.astype(np_dtype(dtype)).astype(acc)
         if j == skip:
             continue
         i, r = in_maps[o[j]:o[j + 1]], out_maps[o[j]:o[j + 1]]

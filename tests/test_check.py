@@ -91,6 +91,31 @@ def test_tf32_candidate_needs_the_tf32_bound(rng, direction):
     assert oracle(direction, kmap, x, w, g, "float32", tf32=True).judge(out).ok
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("direction", ["fwd", "dgrad"])
+def test_mask_split_is_judged_with_its_roundings(rng, direction, dtype):
+    """Two passes, each rounded to the output dtype (IMPLICIT_GEMM's mask split): the bound of two
+    roundings admits it; a skipped offset still fails under that bound; and under heavy cancellation
+    the one-rounding bound is exceeded (the partial sum is large, its rounding error too)."""
+    kmap, x, w, g = case(rng, "submanifold", "cancellation", 64, 64, dtype)
+    o = oracle(direction, kmap, x, w, g, dtype)
+    two = candidate(direction, x, w, g, kmap, dtype, passes=2).astype(np.float64)
+    assert o.judge(two, roundings=2).ok
+    assert not o.judge(two, roundings=1).ok
+    skipped = candidate(direction, x, w, g, kmap, dtype, passes=2, skip=busiest_offset(kmap)).astype(np.float64)
+    assert not o.judge(skipped, roundings=2).ok
+
+
+def test_autotuner_asks_the_algorithm_for_its_roundings(rng):
+    kmap, x, w, g = case(rng, "submanifold", "cancellation", 32, 32, "float16")
+    k = Kernels("fwd", kmap, x, w, g, "float16", passes={"implicit_gemm": 2})
+    name, _, problem = k.choose(names={"implicit_gemm", "explicit_gemm"})
+    assert name == "implicit_gemm" and not tune_cache.get(autotune.cache_key(problem))["failed"]
+    from sparsevox.tuning.registry import algorithms
+    r = algorithms("conv")["implicit_gemm"].roundings
+    assert r("fwd", {"mask_split": 2}) == 2 and r("dgrad", {}) == 1 and r("wgrad", {"split_k_factor": 4}) == 1
+
+
 def test_explicit_gemm_rounds_once(rng):
     """EXPLICIT_GEMM's own float16 output is within the bound (it no longer rounds per offset)."""
     kmap, x, w, g = case(rng, "submanifold", "tiny_grad_1e-6", 96, 96, "float16")
@@ -132,12 +157,17 @@ class Kernels:
 
     COST = {"explicit_gemm": 5e-3, "implicit_gemm": 1e-3, "cutlass_implicit_gemm": 0.5e-3}
 
-    def __init__(self, direction, kmap, x, w, g, dtype, wrong=()):
+    def __init__(self, direction, kmap, x, w, g, dtype, wrong=(), passes=None):
         self.direction, self.kmap, self.dtype, self.wrong = direction, kmap, dtype, set(wrong)
+        self.passes = passes or {}
         self.x, self.w, self.g = typed(x, dtype), typed(w, dtype), typed(g, dtype)
         self.host = (x, w, g)
-        self.algos = [Algorithm(n, None, None, None, self._params(n), lambda p: (True, "")) for n in self.COST]
+        self.algos = [Algorithm(n, None, None, None, self._params(n), lambda p: (True, ""), None,
+                                self._roundings(n)) for n in self.COST]
         self.last = None
+
+    def _roundings(self, name):
+        return lambda direction, params: self.passes.get(name, 1)
 
     @staticmethod
     def _params(name):
@@ -150,7 +180,7 @@ class Kernels:
             return {"fwd": lambda: explicit_gemm.forward(x, w, kmap), "dgrad": lambda: explicit_gemm.dgrad(g, w, kmap),
                     "wgrad": lambda: explicit_gemm.wgrad(x, g, kmap, kmap.num_offsets)}[d]()
         skip = busiest_offset(kmap) if algo.name in self.wrong else None
-        return candidate(d, *self.host, kmap, self.dtype, skip=skip)
+        return candidate(d, *self.host, kmap, self.dtype, skip=skip, passes=self.passes.get(algo.name, 1))
 
     def timer(self, fn):  # the candidate's warm-up call just ran (self.last); timing it again adds nothing
         return self.COST[self.last] * (1.1 if self.last == "implicit_gemm" else 1.0)

@@ -624,6 +624,12 @@ def _params(direction, problem):
     raise ValueError(f"direction must be 'fwd', 'dgrad' or 'wgrad', got {direction!r}")
 
 
+def _roundings(direction, params) -> int:
+    """A mask split's later passes add into the output its earlier passes rounded to the output dtype:
+    ``mask_split`` roundings per element in forward and dgrad (wgrad accumulates in float32 atomics)."""
+    return 1 if direction == "wgrad" else int(params.get("mask_split", 1))
+
+
 def _available(problem):
     why = gpu_unavailable(problem, "implicit_gemm")
     if why:
@@ -637,4 +643,4 @@ def _available(problem):
     return True, ""
 
 
-register("conv", Algorithm("implicit_gemm", forward, dgrad, wgrad, _params, _available, prepare))
+register("conv", Algorithm("implicit_gemm", forward, dgrad, wgrad, _params, _available, prepare, _roundings))

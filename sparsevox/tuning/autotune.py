@@ -225,7 +225,8 @@ def _tune(problem, key, todo, run, timer, oracle, named, best_ms):
     for n, ((algo, params), cid) in enumerate(todo):
         try:
             call = functools.partial(run, algo, params)
-            failure = check(call())  # the warm-up call; its output is checked
+            roundings = algo.roundings(problem.direction, params) if algo.roundings else 1
+            failure = check(call(), roundings)  # the warm-up call; its output is checked
             samples = None
             if failure:
                 failed[cid] = failure
@@ -268,8 +269,8 @@ def _samples(call, timer, budget_s, best_ms) -> list[float]:
 class _Checker:
     """Judges candidates' outputs with the oracle, built when first needed.
 
-    ``checker(out)`` returns None when ``out`` passes (or there is nothing to check against), else the
-    reason, with the measured error.
+    ``checker(out, roundings)`` returns None when ``out`` passes (or there is nothing to check against),
+    else the reason, with the measured error.
     """
 
     def __init__(self, key, oracle_factory):
@@ -286,12 +287,12 @@ class _Checker:
                             self.key, self.unusable)
         return self.oracle
 
-    def __call__(self, out):
+    def __call__(self, out, roundings=1):
         oracle = self._oracle()
         if oracle is None:
             return None
         try:
-            verdict = oracle.judge(out)
+            verdict = oracle.judge(out, roundings)
         except Exception as e:  # the oracle itself failed (out of memory, say): not the candidate's fault
             self.unusable, self.oracle, self.factory = f"{type(e).__name__}: {e}", None, None
             log.warning("autotune %s: the oracle raised (%s); candidates are not checked", self.key, self.unusable)

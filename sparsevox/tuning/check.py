@@ -9,7 +9,8 @@ of a sum of products.
 
 A candidate passes when, element by element,
 
-    |out - ref| <= SAFETY * (u_out * |ref| + tiny_out + (2 * u_tf32 if TF32) * mag + 2 * gamma * mag)
+    |out - ref| <= SAFETY * (u_out * |ref| + r * tiny_out + (r - 1) * u_out * mag
+                             + (2 * u_tf32 if TF32) * mag + 2 * gamma * mag)
 
 - ``u_out``: the unit roundoff of the output dtype (one rounding of the result);
 - ``tiny_out``: half the smallest subnormal of the output dtype (a result near zero, such as an
@@ -18,7 +19,10 @@ A candidate passes when, element by element,
   accumulator dtype (float32, float64 for float64), in the probabilistic form of Higham & Mary (2019),
   which rounding-to-nearest sums meet with overwhelming probability; counted twice (candidate and
   oracle, which accumulate in the same dtype for 16-bit inputs);
-- under TF32, both operands rounded to 10 mantissa bits.
+- under TF32, both operands rounded to 10 mantissa bits;
+- ``r``: how often the candidate rounds an element to the output dtype (1 for a kernel that sums in
+  its accumulator and writes once; IMPLICIT_GEMM's mask split of ``m`` passes adds each pass into the
+  output the previous one rounded, ``r = m``, and the partial sums it rounds are bounded by ``mag``).
 
 The elementwise form catches a kernel that writes one wrong row, and one that skips an offset (whose
 missing term is about ``mag / K``, far above ``gamma * mag`` for any real depth), while a correct kernel
@@ -97,14 +101,16 @@ class Oracle:
             self._mag = self.fn(xp.abs(a), xp.abs(b), *self.extra)
         return self._ref, self._mag
 
-    def bound(self, ref, mag):
-        """The elementwise error allowance (same shape as ``ref``)."""
+    def bound(self, ref, mag, roundings: int = 1):
+        """The elementwise error allowance (same shape as ``ref``) of a candidate that rounds each
+        element ``roundings`` times to the output dtype."""
         xp = array_module(ref)
-        acc = 2.0 * gamma(self.depth, self.dtype) + (2.0 * TF32_ROUNDOFF if self.tf32 else 0.0)
-        return SAFETY * (UNIT_ROUNDOFF[self.dtype] * xp.abs(ref) + HALF_SUBNORMAL[self.dtype] + acc * mag)
+        u, r = UNIT_ROUNDOFF[self.dtype], max(int(roundings), 1)
+        acc = 2.0 * gamma(self.depth, self.dtype) + (2.0 * TF32_ROUNDOFF if self.tf32 else 0.0) + (r - 1) * u
+        return SAFETY * (u * xp.abs(ref) + r * HALF_SUBNORMAL[self.dtype] + acc * mag)
 
-    def judge(self, out) -> Verdict:
-        """Compare a candidate's output with the oracle."""
+    def judge(self, out, roundings: int = 1) -> Verdict:
+        """Compare a candidate's output (rounded ``roundings`` times to the output dtype) with the oracle."""
         if out is None:
             return Verdict(False, math.inf, math.inf, "returned no output to check")
         ref, mag = self.values()
@@ -113,7 +119,7 @@ class Oracle:
                            f"wrong shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
         xp = array_module(ref)
         diff = xp.abs(out.astype(ref.dtype) - ref)
-        bound = self.bound(ref, mag)
+        bound = self.bound(ref, mag, roundings)
         if not bool(xp.isfinite(diff).all()):
             return Verdict(False, math.inf, math.inf, "non-finite values")
         over = diff / xp.where(bound > 0, bound, np.finfo(np.float64).tiny)

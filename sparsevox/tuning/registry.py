@@ -25,6 +25,9 @@ class Algorithm:
     prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params) -> a launch object with
         ``launch(a, b, out)`` on raw device addresses, or None (optional: GPU kernels that adapters may
         call without wrapping tensors; see :func:`sparsevox.conv.prepared`)
+    roundings(direction, params) -> how many times a result element is rounded to the output dtype
+        (optional, default 1): the accuracy check allows each rounding after the first one unit of
+        roundoff of the summed magnitudes (:mod:`sparsevox.tuning.check`)
     """
     name: str
     forward: Callable
@@ -33,6 +36,7 @@ class Algorithm:
     params: Callable
     available: Callable
     prepare: Callable | None = None
+    roundings: Callable | None = None
 
 
 _REGISTRY: dict[str, dict[str, Algorithm]] = {"conv": {}, "depthwise": {}}
