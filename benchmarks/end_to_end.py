@@ -18,7 +18,8 @@ Every step starts from the points: voxelisation (the same torch code for both li
 ``torch.unique``, mean of the points' features: x y z and the scan's own columns), then a **fresh**
 ``sparsevox.Voxels`` / ``spconv.SparseConvTensor``, so every kernel map is built inside the step.
 Modes: ``fp16_infer`` (``torch.autocast`` float16, eval, ``no_grad``), ``fp16_train`` (autocast +
-``torch.amp.GradScaler``, cross-entropy on fixed random labels, backward, SGD step), ``fp32_infer``,
+``torch.amp.GradScaler``, cross-entropy on fixed random labels, backward, SGD step; on request
+``fp16_train_noscaler``: the same without the scaler), ``fp32_infer``,
 ``fp32_train``. A cell is the median of ``--steps`` CUDA-synchronised wall times per step after
 ``--warmup`` steps (the first warm-up also autotunes); its peak memory is ``max_memory_allocated`` over
 the timed steps (``reset_peak_memory_stats`` after the warm-up; ``warmup_peak_mib`` covers the warm-up),
@@ -69,6 +70,7 @@ from . import spconv_minkunet as spm
 log = logging.getLogger("sparsevox.benchmarks")
 
 MODES = ("fp16_infer", "fp16_train", "fp32_infer", "fp32_train")
+EXTRA_MODES = ("fp16_train_noscaler",)  # autocast without GradScaler: un-scaled float16 gradients (~1e-6)
 NUM_CLASSES = 20
 
 
@@ -89,7 +91,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.end_to_end", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", nargs="+", default=None, choices=list(SCENES))
-    ap.add_argument("--modes", nargs="+", default=None, choices=list(MODES))
+    ap.add_argument("--modes", nargs="+", default=None, choices=list(MODES + EXTRA_MODES))
     ap.add_argument("--steps", type=int, default=None, help="timed steps per cell (default 20; --quick 10; CPU 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; CPU 1)")
     ap.add_argument("--quick", action="store_true", help="10 timed steps, no float16-inference variants")
@@ -308,13 +310,13 @@ def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, h
     """Median wall ms per step of ``warmup + steps`` steps (the first ``warmup`` untimed), peak MiB, and
     the autotuner's tunings during the timed steps (``tuned_in_timed_steps``, when ``tunes`` is given)."""
     import torch
-    train, amp = mode.endswith("train"), mode.startswith("fp16")
+    train, amp = "train" in mode, mode.startswith("fp16")
     on_gpu = device == "cuda"
     orig = model  # kept on the CPU between cells
     model = libs.half_copy(lib, orig) if half_model else orig
     model.to(device).train(train)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp) if train and on_gpu else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp) if train and on_gpu and "noscaler" not in mode else None
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def autocast():

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite on one GPU in N concurrent pytest processes (test files dealt out by size, largest
+# first), so a lease's minutes go further: the serial suite takes ~10 minutes on an H200, mostly host
+# time. Tests assert no timings, so sharing the GPU changes no verdict.
+#
+#   bash benchmarks/gpu_tests_sharded.sh [N=4] [LOG=benchmarks/results/tests.log]
+#
+# Each shard has its own autotune cache. The shards' logs are concatenated into LOG, with a last line
+# "shards: <passed> passed, <failed> failed, <skipped> skipped". Exit status non-zero when any failed.
+set -o pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+n=${1:-4}
+log=${2:-benchmarks/results/tests.log}
+tmp=$(mktemp -d)
+mapfile -t files < <(ls -S tests/test_*.py)
+pids=()
+for ((i = 0; i < n; i++)); do
+  shard=()
+  for ((j = i; j < ${#files[@]}; j += n)); do shard+=("${files[j]}"); done
+  SPARSEVOX_CACHE_DIR=$tmp/cache-$i PYTHONUNBUFFERED=1 python3 -m pytest "${shard[@]}" -q -rfs --tb=short \
+    -p no:cacheprovider >"$tmp/shard-$i.log" 2>&1 &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+: >"$log"
+for ((i = 0; i < n; i++)); do echo "==== shard $i" >>"$log"; cat "$tmp/shard-$i.log" >>"$log"; done
+sum() { grep -hoE "[0-9]+ $1" "$tmp"/shard-*.log | awk '{s += $1} END {print s + 0}'; }
+echo "shards: $(sum passed) passed, $(sum failed) failed, $(sum skipped) skipped" | tee -a "$log"
+grep -h "^FAILED\|^ERROR" "$tmp"/shard-*.log | head -40
+exit $rc
