@@ -202,30 +202,50 @@ def test_spatial_frame_and_loader_errors():
 
 # --- GPU ----------------------------------------------------------------------------------------------
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_gpu_equals_cpu_with_the_same_weights(rng, dtype, tol):
-    v = _scene(rng, n=3000, extent=24, dtype=dtype)
-    torch.manual_seed(0)
-    net = svt.MinkUNet(4, 6).to(dtype)
-    _calibrate_bn(net, v)
-    gpu = svt.MinkUNet(4, 6).to(dtype)
-    gpu.load_state_dict(net.state_dict())
-    gpu.cuda()
-    vg = sv.Voxels(v.coords.cuda(), v.feats.cuda())
+def _outputs_and_grads(net, v, labels_seed=0):
+    """Logits in eval and train mode and the train-mode loss gradients, as float64 NumPy."""
+    outs = []
     for train in (False, True):
         net.train(train)
-        gpu.train(train)
-        cpu_out = net(v)
-        gpu_out = gpu(vg)
-        assert gpu_out.is_cuda and gpu_out.dtype == dtype
-        assert rel_err(gpu_out.detach().cpu().numpy(), cpu_out.detach().numpy()) < tol, train
-    # gradients of the train-mode loss agree too
-    labels = torch.randint(0, 6, (v.num_voxels,))
-    nn.functional.cross_entropy(cpu_out, labels).backward()
-    nn.functional.cross_entropy(gpu_out, labels.cuda()).backward()
-    for (name, p), q in zip(net.named_parameters(), gpu.parameters()):
-        assert rel_err(q.grad.cpu().numpy(), p.grad.numpy()) < 10 * tol, name
+        outs.append(net(v))
+    labels = torch.randint(0, 6, (v.num_voxels,), generator=torch.Generator().manual_seed(labels_seed))
+    nn.functional.cross_entropy(outs[-1], labels.to(outs[-1].device)).backward()
+    as64 = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
+    return [as64(o) for o in outs], {n: as64(p.grad) for n, p in net.named_parameters()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gpu_matches_the_float64_reference(rng, dtype):
+    """The GPU network against the same network in float64 on the CPU (NumPy backend). float64 must agree
+    to 1e-10; float32 is judged by what float32 arithmetic allows on this very network: the CPU's own
+    float32 error against float64, times 10 (BatchNorm in train mode and the loss's cancellation make
+    that error vary from parameter to parameter, so no flat tolerance is honest)."""
+    v64 = _scene(rng, n=3000, extent=24, dtype=torch.float64)
+    torch.manual_seed(0)
+    ref = svt.MinkUNet(4, 6).double()
+    _calibrate_bn(ref, v64)
+    state = ref.state_dict()
+
+    def copy(dt, device):
+        net = svt.MinkUNet(4, 6).to(dt)
+        net.load_state_dict(state)
+        v = sv.Voxels(v64.coords.to(device), v64.feats.to(dt).to(device))
+        return net.to(device), v
+    ref_outs, ref_grads = _outputs_and_grads(ref, v64)
+    gpu_outs, gpu_grads = _outputs_and_grads(*copy(dtype, "cuda"))
+    if dtype == torch.float64:
+        allow_outs = [1e-10] * 2
+        allow_grads = {n: 1e-9 for n in ref_grads}
+    else:
+        cpu_outs, cpu_grads = _outputs_and_grads(*copy(dtype, "cpu"))
+        allow_outs = [10 * max(rel_err(c, r), 1e-7) for c, r in zip(cpu_outs, ref_outs)]
+        allow_grads = {n: 10 * max(rel_err(cpu_grads[n], ref_grads[n]), 1e-6) for n in ref_grads}
+    for mode, g, r, allow in zip(("eval", "train"), gpu_outs, ref_outs, allow_outs):
+        assert rel_err(g, r) <= allow, f"{mode} logits: {rel_err(g, r):.3g} > {allow:.3g}"
+    for n in ref_grads:
+        e = rel_err(gpu_grads[n], ref_grads[n])
+        assert e <= allow_grads[n], f"grad of {n}: {e:.3g} > {allow_grads[n]:.3g}"
 
 
 @pytest.mark.gpu
