@@ -16,6 +16,7 @@ import torch
 import sparsevox as sv
 from sparsevox import _arrays
 from sparsevox.conv import output_voxels_of
+from sparsevox.tuning.algo_inputs import resolve_algos
 from sparsevox.kernel_map import KernelMap, live_map, recall
 
 __all__ = ["spatially_sparse_conv", "spatially_sparse_depthwise_conv", "SpatiallySparseConv", "SparseConv3d",
@@ -328,9 +329,30 @@ def conv_tensors(feats, weight, in_maps, out_maps, offsets, num_out: int, fwd_al
                   num_out, fwd_algo, bwd_algo)
 
 
+def _is_pointwise(kernel_size, stride, transposed, generative, feats, fwd_algo, bwd_algo) -> bool:
+    """A 1x1x1 stride-1 submanifold convolution left to ``auto`` is a matrix product of the features with
+    ``W[0]``: no kernel map, no gather (spconv does the same). Not taken where it would change the
+    arithmetic: float32 while torch allows TF32 matmuls and sparsevox does not, or 16-bit CPU tensors."""
+    if transposed or generative or kernel_size not in (1, (1, 1, 1)) or stride not in (1, (1, 1, 1)):
+        return False
+    if resolve_algos(fwd_algo, "conv", "fwd")[1] or resolve_algos(bwd_algo, "conv", "bwd")[1]:
+        return False  # an algorithm the user named runs
+    if feats.dtype == torch.float32 and feats.is_cuda:
+        return torch.backends.cuda.matmul.allow_tf32 <= sv.config.allow_tf32()
+    return feats.is_cuda or feats.dtype in (torch.float32, torch.float64)
+
+
 def spatially_sparse_conv(voxels, weight, kernel_size=3, stride=1, dilation=1, transposed=False,
                           generative=False, output_voxels=None, fwd_algo=None, bwd_algo=None):
     """Differentiable :func:`sparsevox.spatially_sparse_conv` for torch ``Voxels`` (same arguments)."""
+    feats = voxels.feats
+    if weight.shape[0] == 1 and _is_pointwise(kernel_size, stride, transposed, generative, feats, fwd_algo, bwd_algo):
+        if weight.ndim != 3 or weight.shape[1] != feats.shape[1]:
+            raise ValueError(f"weight must have shape [K=1, C_in={feats.shape[1]}, C_out], got {tuple(weight.shape)}")
+        feats, w = _autocast(feats, weight)
+        if w.dtype != feats.dtype:
+            raise ValueError(f"weight dtype ({w.dtype}) must equal the features dtype ({feats.dtype})")
+        return voxels.replace(feats @ w[0])
     kmap = sv.kernel_map(voxels, kernel_size, stride, dilation, transposed, generative, output_voxels)
     out = conv_features(voxels.feats, weight, kmap, fwd_algo, bwd_algo)
     return output_voxels_of(voxels, kmap, out, output_voxels)
