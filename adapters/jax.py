@@ -739,6 +739,8 @@ def _devoxelize_bwd(res, grad):
         _store(outs[0], _points.devoxelize_backward(g, i, wv, feats.shape[0]), on_gpu)
     gf = _call(run, _shape(feats.shape, grad.dtype), grad, idx, w)
     # d out[p] / d w[p, j] = feats[idx[p, j]] (0 where idx is -1): cheap in JAX, dropped by XLA when unused
+    if feats.shape[0] == 0:  # no voxels: every idx is -1 (and there is nothing to gather from)
+        return gf, _no_grad(idx), jnp.zeros_like(w)
     acc = jnp.promote_types(w.dtype, jnp.float32)
     corner = feats[jnp.maximum(idx, 0)].astype(acc)  # [P, 8, C]
     gw = jnp.where(idx >= 0, jnp.sum(corner * grad.astype(acc)[:, None, :], axis=-1), 0).astype(w.dtype)

@@ -5,7 +5,7 @@ under the adapter, the modules inside SparseSequential, skip connections; GPU va
 tensors (float32, float16, bfloat16; poisoned kernel outputs) with the CPU in float64."""
 import numpy as np
 import pytest
-from reference import random_voxels
+from ops_cases import OPS, VS, Scene, run_numpy
 from segment_backends import TOL, poison_gpu, quantise, rel_err, use_emulator
 
 import sparsevox as sv
@@ -14,8 +14,6 @@ from sparsevox import pooling
 torch = pytest.importorskip("torch", reason="torch not installed")
 svt = pytest.importorskip("sparsevox.adapters.torch")
 nn = torch.nn
-
-VS = 0.5  # voxel size of the devoxelisation cases
 
 
 @pytest.fixture(autouse=True)
@@ -27,45 +25,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-class Scene:
-    """Random fine voxels with x, y, z in ``[0, extent)`` (so ``to_dense`` fits), their stride-2 parents,
-    and points (with batch indices) inside the grid for ``devoxelize``."""
-
-    def __init__(self, rng, n=60, extent=5, batches=2, c=3, points=40):
-        self.coords = random_voxels(rng, n, extent=extent, batches=batches)
-        self.coords[:, 1:] += extent // 2
-        self.coarse = np.unique(np.concatenate([self.coords[:, :1], self.coords[:, 1:] // 2], 1), axis=0)
-        self.coarse = self.coarse.astype(np.int32)
-        self.points = rng.uniform(0, extent * VS, (points, 3))
-        self.pbatch = rng.integers(0, batches, points)
-        self.shape = (extent,) * 3
-        self.batches, self.c = batches, c
-
-    def feats(self, level: str, distinct: bool = True):
-        """float64 feats of a level; ``distinct``: a permutation of multiples of 0.125 (no ties, exact
-        in float16, so max pooling has one winner far from any finite-difference step)."""
-        n = len(self.coords if level == "fine" else self.coarse)
-        if not distinct:
-            return np.random.default_rng(n).standard_normal((n, self.c))
-        return (np.random.default_rng(n).permutation(n * self.c).reshape(n, self.c) - n * self.c / 2) * 0.125
-
-
-POOLS = [(2, None), (3, 2), (3, 1), ((2, 1, 3), (2, 1, 1)), (1, 2)]  # (1, 2): outputs with empty windows
-
-# name -> (input level, fn(scene, voxels, as_lib) -> the op's array output); as_lib converts NumPy
-# geometry (coords, points, batch) into the voxels' library
-OPS = {}
-for _ks, _st in POOLS:
-    OPS[f"max_pool{_ks},{_st}"] = ("fine", lambda s, v, L, ks=_ks, st=_st: sv.max_pool(v, ks, st).feats)
-    OPS[f"avg_pool{_ks},{_st}"] = ("fine", lambda s, v, L, ks=_ks, st=_st: sv.avg_pool(v, ks, st).feats)
-for _mode in ("avg", "max", "sum"):
-    OPS[f"global_pool_{_mode}"] = ("fine", lambda s, v, L, m=_mode: sv.global_pool(v, m))
-OPS["unpool"] = ("coarse", lambda s, v, L: sv.unpool(v, sv.Voxels(L(s.coords), None), 2).feats)
-OPS["devoxelize"] = ("fine", lambda s, v, L: sv.devoxelize(v, L(s.points), VS, L(s.pbatch)))
-OPS["to_dense"] = ("fine", lambda s, v, L: sv.to_dense(v, s.shape))
-OPS["to_dense_batch_size"] = ("fine", lambda s, v, L: sv.to_dense(v, s.shape, s.batches + 1))
-
-
 def T(a):
     return torch.from_numpy(np.asarray(a))
 
@@ -73,14 +32,9 @@ def T(a):
 def run_torch(s, name, feats, dtype=torch.float64, device="cpu"):
     """``(output, input feats leaf)`` of op ``name`` on torch tensors (the leaf requires grad)."""
     level, fn = OPS[name]
-    coords = s.coords if level == "fine" else s.coarse
+    coords = s.level(level)
     f = torch.as_tensor(feats, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_(True)
     return fn(s, sv.Voxels(T(coords).to(device), f), lambda a: T(a).to(device)), f
-
-
-def run_numpy(s, name, feats):
-    level, fn = OPS[name]
-    return fn(s, sv.Voxels(s.coords if level == "fine" else s.coarse, feats), np.asarray)
 
 
 # --- forward: the core's NumPy result; backward: gradcheck ------------------------------------------
@@ -100,7 +54,7 @@ def test_forward_equals_core_numpy(rng, name):
 def test_gradcheck(rng, name):
     s = Scene(rng, n=30, extent=4, c=2, points=12)
     level, fn = OPS[name]
-    coords = T(s.coords if level == "fine" else s.coarse)
+    coords = T(s.level(level))
     f = torch.from_numpy(s.feats(level)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: fn(s, sv.Voxels(coords, x), T), (f,))
 
@@ -305,16 +259,9 @@ def test_exports_are_what_the_core_looks_up():
 
 # --- from_dense ----------------------------------------------------------------------------------------
 
-def _dense_input(rng, s):
-    d = np.zeros((s.batches, s.c) + s.shape)
-    b, x, y, z = s.coords.T
-    d[b, :, x, y, z] = s.feats("fine")
-    return d
-
-
 def test_from_dense_forward_and_gradients(rng):
     s = Scene(rng)
-    d = _dense_input(rng, s)
+    d = s.dense()
     dt = T(d).requires_grad_(True)
     got = sv.from_dense(dt)
     want = sv.from_dense(d)
@@ -385,7 +332,7 @@ def test_gpu_ops_match_the_cpu(monkeypatch, cupy, rng, name, dtype):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_gpu_from_dense(cupy, rng, dtype):
     s = Scene(rng, n=400, extent=10, batches=3, c=7)
-    d = quantise(_dense_input(rng, s), _name(dtype))
+    d = quantise(s.dense(), _name(dtype))
     dt = torch.from_numpy(d).to("cuda", dtype).requires_grad_(True)
     got = sv.from_dense(dt)
     want = sv.from_dense(d)
