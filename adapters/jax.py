@@ -443,7 +443,10 @@ class SpatiallySparseDepthwiseConv(SpatiallySparseConv):
 # --- network ops: pooling, unpooling, devoxelisation, dense grids --------------------------------------
 # Each op: a callback running the core's *_forward (and one running its *_backward) on XLA's buffers, a
 # custom_vjp over the features, and a Voxels form. Geometry arrays (kernel maps, batch indices, parent
-# rows, corner rows, coordinates) are inputs of the callbacks with zero (float0) cotangents.
+# rows, corner rows, coordinates) are inputs of the callbacks with zero (float0) cotangents. On the GPU
+# some of the core's steps read sizes back to the host (CuPy's bincount, the batch-range checks); that
+# is allowed because buffer_callback is not captured into XLA command buffers (command_buffer_compatible
+# stays False), and the work runs on XLA's stream as for the convolutions.
 
 def _store(buf, value, on_gpu: bool) -> None:
     """Write a core array into an XLA output buffer, as raw bits (not every CuPy copies bfloat16)."""
@@ -658,9 +661,7 @@ def global_pool(voxels, mode: str = "avg"):
     if not _is_jax_voxels(voxels):
         return pooling.global_pool(voxels, mode)
     pooling._check_mode(mode)
-    c, _ = voxels.core_coords()
-    batch = _to_jax(array_module(c).ascontiguousarray(c[:, 0]))
-    return global_pool_features(voxels.feats, batch, voxels.batch_size, mode)
+    return global_pool_features(voxels.feats, voxels.coords[:, 0], voxels.batch_size, mode)
 
 
 # -- unpooling --
@@ -851,21 +852,25 @@ def to_dense(voxels, spatial_shape, batch_size: int | None = None):
         return _dense.to_dense(voxels, spatial_shape, batch_size)
     shp = _dense._shape3(spatial_shape)
     bsz = voxels.batch_size if batch_size is None else int(batch_size)
-    c, _ = voxels.core_coords()
-    _dense._sites(c, shp, bsz)
-    return to_dense_features(voxels.feats, _to_jax(c), shp, bsz)
+    _dense._sites(voxels.core_coords()[0], shp, bsz)
+    return to_dense_features(voxels.feats, voxels.coords, shp, bsz)
 
 
 def active_sites(dense, mask=None):
     """int32 ``[N, 4]`` JAX array of the sites ``(b, x, y, z)`` of ``dense`` ``[B, C, X, Y, Z]`` nonzero in
     any channel (or of ``mask`` ``[B, X, Y, Z]``), sorted: :func:`sparsevox.dense.active_sites`. They
     depend on the values, so this runs outside ``jit`` and ``grad``."""
+    return _to_jax(_active_sites(dense, mask))
+
+
+def _active_sites(dense, mask):
+    """:func:`active_sites` as a core array."""
     hint = "the active sites depend on the values; find them outside jit/grad (active_sites) and gather " \
            "inside with from_dense_features"
     _concrete(dense, "dense", hint)
     _concrete(mask, "mask", hint)
     d, _ = to_core(dense)
-    return _to_jax(_dense.active_sites(d, None if mask is None else to_core(mask)[0]))
+    return _dense.active_sites(d, None if mask is None else to_core(mask)[0])
 
 
 def from_dense_features(dense, coords):
@@ -891,9 +896,9 @@ def from_dense(dense, mask=None) -> Voxels:
     if bsz > geometry.BATCH_MAX + 1 or max(x, y, z) > geometry.COORD_MAX + 1:
         raise ValueError(f"dense: at most {geometry.BATCH_MAX + 1} batch items and {geometry.COORD_MAX + 1} "
                          f"sites per axis, got shape {tuple(dense.shape)}")
-    coords = active_sites(dense, mask)
-    c, origin = to_core(coords)
-    return Voxels.from_core_coords(c, from_dense_features(dense, coords), origin)
+    coords = _active_sites(dense, mask)
+    origin = dataclasses.replace(to_core(dense)[1], dtype=None)
+    return Voxels.from_core_coords(coords, from_dense_features(dense, _to_jax(coords)), origin)
 
 
 def _voxels_flatten(v: Voxels):
