@@ -361,5 +361,5 @@ def test_gpu_network_on_a_side_stream_matches_the_cpu(monkeypatch, cupy, rng):
         out = net_gpu(sv.Voxels(T(s.coords).cuda(), feats.cuda()))
         out.sum().backward()
     stream.synchronize()
-    torch.testing.assert_close(out.cpu(), ref.detach())
+    torch.testing.assert_close(out.detach().cpu(), ref.detach())
     torch.testing.assert_close(net_gpu[0].weight.grad.cpu(), want)
