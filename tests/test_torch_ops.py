@@ -340,7 +340,8 @@ def test_gpu_from_dense(cupy, rng, dtype):
     np.testing.assert_array_equal(got.coords.cpu().numpy(), want.coords)
     np.testing.assert_array_equal(got.feats.detach().double().cpu().numpy(), want.feats)
     got.feats.float().sum().backward()
-    np.testing.assert_array_equal(dt.grad.double().cpu().numpy(), (np.abs(d).sum(1, keepdims=True) > 0) * np.ones_like(d))
+    active = np.abs(d).sum(1, keepdims=True) > 0
+    np.testing.assert_array_equal(dt.grad.double().cpu().numpy(), active * np.ones_like(d))
 
 
 @pytest.mark.gpu
