@@ -23,6 +23,34 @@ Speed: jit the whole step (all layers, loss, gradient), not single layers. On an
 costs ~80 µs of XLA dispatch before any work, about what a whole small layer costs through torch, and
 each layer's callback ~35 µs of our own host work plus XLA's share (``docs/performance.md``).
 
+Network ops (pooling, unpooling, devoxelisation, dense grids) follow the same rule: their geometry is
+computed outside ``jit`` from concrete coordinates and passed in as arrays that are traced but never
+differentiated; the ``custom_vjp`` functions differentiate the features::
+
+    pmap = sparsevox.adapters.jax.pool_kernel_map(voxels, 2)             # outside jit
+    parent = sparsevox.adapters.jax.unpool_parents(coarse, voxels, 2)   # coarse: the pooled voxels
+    @jax.jit
+    def f(feats):
+        return unpool_features(max_pool_features(feats, pmap), parent)  # [N, C] -> [N_out, C] -> [N, C]
+
+- pooling: :func:`max_pool_features` / :func:`avg_pool_features` take the :class:`JaxKernelMap` of the
+  pooling geometry (:func:`pool_kernel_map`: the strided convolution's map, so the output sites are the
+  convolution's); the callback finds the core map again and derives the pool map from it
+  (:func:`sparsevox.pooling.pool_map`, cached on that map). Max pooling's argmax is a residual.
+- :func:`global_pool_features` takes the batch index of each row and the number of items (static).
+- :func:`unpool_features` takes the parent row of each fine voxel (:func:`unpool_parents`).
+- :func:`devoxelize_features` takes the 8 corner rows and weights of each point
+  (:func:`devoxelize_weights`; the weights in JAX's default float: float32 unless ``jax_enable_x64``);
+  it is differentiable in the weights too, but nothing differentiates the weights back to the points.
+- :func:`to_dense_features` takes int32 coordinates; :func:`from_dense_features` gathers at the sites
+  of :func:`active_sites` (which depend on the values: outside ``jit`` and ``grad``).
+
+The ``Voxels`` forms (:func:`max_pool`, :func:`avg_pool`, :func:`global_pool`, :func:`unpool`,
+:func:`devoxelize`, :func:`to_dense`, :func:`from_dense`; ``sparsevox.max_pool`` etc. route JAX
+``Voxels`` here) build the geometry themselves from the coordinates, which must be concrete: they run
+under ``jax.grad``, and under ``jit`` when the coordinates are closed over (constants) and only the
+features are traced.
+
 GPU memory: XLA preallocates most of the GPU; the kernels' scratch memory comes from CuPy's pool, so
 leave room for it, e.g. ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.5`` or ``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
 """
@@ -38,14 +66,22 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
 import sparsevox as sv
+from sparsevox import dense as _dense, geometry, pooling, points as _points
 from sparsevox.conv import output_voxels_of
-from sparsevox._arrays import array_module, cuda_interface_view, data_ptr, external_stream, on_device, to_host
+from sparsevox._arrays import (array_module, cuda_interface_view, data_ptr, external_stream, on_device, to_core,
+                               to_host)
 from sparsevox.kernel_map import KernelMap, live_map, recall
+from sparsevox.segments import FLOAT_DTYPES
 from sparsevox.voxels import Voxels
 
 __all__ = ["JaxKernelMap", "kernel_map", "conv_features", "depthwise_features", "spatially_sparse_conv",
            "spatially_sparse_depthwise_conv", "init_conv", "apply_conv", "SpatiallySparseConv",
-           "SpatiallySparseDepthwiseConv"]
+           "SpatiallySparseDepthwiseConv",
+           # network ops: on Voxels, and on features with the geometry built outside jit
+           "max_pool", "avg_pool", "global_pool", "unpool", "devoxelize", "to_dense", "from_dense",
+           "pool_kernel_map", "max_pool_features", "avg_pool_features", "global_pool_features", "unpool_parents",
+           "unpool_features", "devoxelize_weights", "devoxelize_features", "to_dense_features", "active_sites",
+           "from_dense_features"]
 
 
 @jax.tree_util.register_dataclass
@@ -402,6 +438,467 @@ class SpatiallySparseDepthwiseConv(SpatiallySparseConv):
     def apply(self, params, feats, kmap: JaxKernelMap):
         out = depthwise_features(feats, params["weight"], kmap, self.fwd_algo, self.bwd_algo)
         return out + params["bias"] if "bias" in params else out
+
+
+# --- network ops: pooling, unpooling, devoxelisation, dense grids --------------------------------------
+# Each op: a callback running the core's *_forward (and one running its *_backward) on XLA's buffers, a
+# custom_vjp over the features, and a Voxels form. Geometry arrays (kernel maps, batch indices, parent
+# rows, corner rows, coordinates) are inputs of the callbacks with zero (float0) cotangents. On the GPU
+# some of the core's steps read sizes back to the host (CuPy's bincount, the batch-range checks); that
+# is allowed because buffer_callback is not captured into XLA command buffers (command_buffer_compatible
+# stays False), and the work runs on XLA's stream as for the convolutions.
+
+def _store(buf, value, on_gpu: bool) -> None:
+    """Write a core array into an XLA output buffer, as raw bits (not every CuPy copies bfloat16)."""
+    dst = _view(buf, on_gpu)
+    if dst.size:
+        bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dst.dtype.itemsize]
+        dst.view(bits)[...] = value.reshape(dst.shape).view(bits)
+
+
+def _no_grad(tree):
+    """Zero cotangents (float0) for the geometry inputs of a custom_vjp."""
+    return jax.tree_util.tree_map(lambda a: np.zeros(a.shape, jax.dtypes.float0), tree)
+
+
+def _concrete(x, what: str, hint: str) -> None:
+    if isinstance(x, jax.core.Tracer):
+        raise ValueError(f"{what} must be a concrete array, got a traced one: {hint}")
+
+
+def _check_feats(feats, rows=None, what: str = "feats") -> None:
+    if feats.ndim != 2 or (rows is not None and feats.shape[0] != rows):
+        raise ValueError(f"{what} must have shape [{'N' if rows is None else rows}, C], got {tuple(feats.shape)}")
+    if jnp.dtype(feats.dtype).name not in FLOAT_DTYPES:
+        raise ValueError(f"{what} dtype must be one of {FLOAT_DTYPES}, got {jnp.dtype(feats.dtype).name}")
+
+
+def _as_index(a, what: str, shape: tuple):
+    """An int32 JAX array (traced ones pass through) of ``shape`` (None: any size on that axis)."""
+    if not isinstance(a, jax.Array):
+        a, _ = to_core(a)
+        xp = array_module(a)
+        a = _to_jax(xp.ascontiguousarray(a, dtype=xp.int32))
+    if a.ndim != len(shape) or any(s is not None and a.shape[i] != s for i, s in enumerate(shape)):
+        want = ", ".join("_" if s is None else str(s) for s in shape)
+        raise ValueError(f"{what} must have shape [{want}], got {tuple(a.shape)}")
+    if not jnp.issubdtype(a.dtype, jnp.integer):
+        raise ValueError(f"{what} must be an integer array, got {a.dtype}")
+    return a if a.dtype == jnp.int32 else a.astype(jnp.int32)
+
+
+def _is_jax_voxels(voxels, name: str = "voxels") -> bool:
+    """Whether ``voxels`` holds JAX arrays (else the core computes); ``ValueError`` for a non-Voxels."""
+    if not isinstance(voxels, Voxels):
+        raise ValueError(f"{name} must be a sparsevox.Voxels, got {type(voxels).__name__}")
+    return voxels.origin.lib == "jax"
+
+
+def _shape(shape, dtype):
+    return jax.ShapeDtypeStruct(tuple(int(v) for v in shape), dtype)
+
+
+# -- local pooling --
+
+def _pool_call(kind: str, feats, kmap: JaxKernelMap):
+    """Forward callback: ``out`` (avg) or ``(out, argmax)`` (max)."""
+    def run(outs, ins, on_gpu):
+        f, i, o = ins
+        pmap = pooling.pool_map(_map_of(i, o, kmap, on_gpu))
+        if kind == "max":
+            out, arg = pooling.max_pool_forward(_view(f, on_gpu), pmap)
+            _store(outs[1], arg, on_gpu)
+        else:
+            out = pooling.avg_pool_forward(_view(f, on_gpu), pmap)
+        _store(outs[0], out, on_gpu)
+    out = _shape((kmap.num_out, feats.shape[1]), feats.dtype)
+    shapes = (out, _shape(out.shape, jnp.int32)) if kind == "max" else out
+    return _call(run, shapes, feats, kmap.in_maps, kmap.out_maps)
+
+
+def _pool_grad_call(grad, argmax, kmap: JaxKernelMap):
+    """Backward callback: ``grad_in [num_in, C]`` (max when ``argmax`` is given, else avg)."""
+    def run(outs, ins, on_gpu):
+        g, i, o = ins[0], ins[-2], ins[-1]
+        pmap = pooling.pool_map(_map_of(i, o, kmap, on_gpu))
+        gv = _view(g, on_gpu)
+        gi = pooling.avg_pool_backward(gv, pmap) if argmax is None else \
+            pooling.max_pool_backward(gv, _view(ins[1], on_gpu), pmap)
+        _store(outs[0], gi, on_gpu)
+    extra = () if argmax is None else (argmax,)
+    return _call(run, _shape((kmap.num_in, grad.shape[1]), grad.dtype), grad, *extra, kmap.in_maps, kmap.out_maps)
+
+
+@jax.custom_vjp
+def _max_pool(feats, kmap):
+    return _pool_call("max", feats, kmap)[0]
+
+
+def _max_pool_fwd(feats, kmap):
+    out, arg = _pool_call("max", feats, kmap)
+    return out, (arg, kmap)
+
+
+def _max_pool_bwd(res, grad):
+    arg, kmap = res
+    return _pool_grad_call(grad, arg, kmap), _no_grad(kmap)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+@jax.custom_vjp
+def _avg_pool(feats, kmap):
+    return _pool_call("avg", feats, kmap)
+
+
+def _avg_pool_fwd(feats, kmap):
+    return _pool_call("avg", feats, kmap), kmap
+
+
+def _avg_pool_bwd(kmap, grad):
+    return _pool_grad_call(grad, None, kmap), _no_grad(kmap)
+
+
+_avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
+
+
+def pool_kernel_map(voxels, kernel_size=2, stride=None) -> JaxKernelMap:
+    """The :class:`JaxKernelMap` of a pooling geometry (``stride`` default ``kernel_size``), for
+    :func:`max_pool_features` / :func:`avg_pool_features`; call outside ``jit``. It is the strided
+    convolution's map (``kernel_map(voxels, kernel_size, stride)``), so a convolution of the same
+    geometry shares it and its output sites."""
+    ks, st = pooling._pool_geometry(kernel_size, stride)
+    return kernel_map(voxels, ks, st)
+
+
+def max_pool_features(feats, kmap: JaxKernelMap):
+    """Differentiable max pooling of feats ``[num_in, C]`` over the map of :func:`pool_kernel_map`:
+    ``[num_out, C]``, the channel-wise maximum over each output's active inputs (0 for none). Gradient:
+    to the winning input (ties: the lowest row). Runs under ``jit``, ``grad`` and ``vmap``."""
+    _check_feats(feats, kmap.num_in)
+    return _max_pool(feats, kmap)
+
+
+def avg_pool_features(feats, kmap: JaxKernelMap):
+    """Differentiable average pooling (the mean over each output's active inputs); see
+    :func:`max_pool_features`."""
+    _check_feats(feats, kmap.num_in)
+    return _avg_pool(feats, kmap)
+
+
+def _pool(voxels, kernel_size, stride, features, core_op):
+    if not _is_jax_voxels(voxels):
+        return core_op(voxels, kernel_size, stride)
+    ks, st = pooling._pool_geometry(kernel_size, stride)
+    core_map = sv.kernel_map(voxels, ks, st)
+    out = features(voxels.feats, JaxKernelMap.from_core(core_map))
+    return output_voxels_of(voxels, core_map, out)
+
+
+def max_pool(voxels, kernel_size=2, stride=None) -> Voxels:
+    """:func:`sparsevox.max_pool` for JAX ``Voxels``, differentiable in the features (concrete coords)."""
+    return _pool(voxels, kernel_size, stride, max_pool_features, pooling.max_pool)
+
+
+def avg_pool(voxels, kernel_size=2, stride=None) -> Voxels:
+    """:func:`sparsevox.avg_pool` for JAX ``Voxels``, differentiable in the features (concrete coords)."""
+    return _pool(voxels, kernel_size, stride, avg_pool_features, pooling.avg_pool)
+
+
+# -- global pooling --
+
+def _global_call(feats, batch, num_batches: int, mode: str):
+    """Forward callback: ``(out [B, C], argmax [B, C] or None)``."""
+    def run(outs, ins, on_gpu):
+        out, arg = pooling.global_pool_forward(_view(ins[0], on_gpu), _view(ins[1], on_gpu), num_batches, mode)
+        _store(outs[0], out, on_gpu)
+        if arg is not None:
+            _store(outs[1], arg, on_gpu)
+    out = _shape((num_batches, feats.shape[1]), feats.dtype)
+    if mode == "max":
+        return _call(run, (out, _shape(out.shape, jnp.int32)), feats, batch)
+    return _call(run, out, feats, batch), None
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _global_pool(feats, batch, num_batches, mode):
+    return _global_call(feats, batch, num_batches, mode)[0]
+
+
+def _global_pool_fwd(feats, batch, num_batches, mode):
+    out, arg = _global_call(feats, batch, num_batches, mode)
+    return out, (batch, arg)
+
+
+def _global_pool_bwd(num_batches, mode, res, grad):
+    batch, arg = res
+
+    def run(outs, ins, on_gpu):
+        a = _view(ins[2], on_gpu) if arg is not None else None
+        _store(outs[0], pooling.global_pool_backward(_view(ins[0], on_gpu), _view(ins[1], on_gpu), mode, a), on_gpu)
+    extra = () if arg is None else (arg,)
+    gf = _call(run, _shape((batch.shape[0], grad.shape[1]), grad.dtype), grad, batch, *extra)
+    return gf, _no_grad(batch)
+
+
+_global_pool.defvjp(_global_pool_fwd, _global_pool_bwd)
+
+
+def global_pool_features(feats, batch, num_batches: int, mode: str = "avg"):
+    """Differentiable global pooling: ``[num_batches, C]``, per item the mean / max / sum of its rows of
+    feats ``[N, C]`` (an item with no rows gives zeros). ``batch``: int ``[N]`` in ``[0, num_batches)``
+    (e.g. ``voxels.batch_index()``, may be traced); ``num_batches`` static."""
+    pooling._check_mode(mode)
+    _check_feats(feats)
+    batch = _as_index(batch, "batch", (feats.shape[0],))
+    return _global_pool(feats, batch, int(num_batches), mode)
+
+
+def global_pool(voxels, mode: str = "avg"):
+    """:func:`sparsevox.global_pool` for JAX ``Voxels`` (``[B, C]``, B = largest batch index + 1),
+    differentiable in the features (concrete coords)."""
+    if not _is_jax_voxels(voxels):
+        return pooling.global_pool(voxels, mode)
+    pooling._check_mode(mode)
+    return global_pool_features(voxels.feats, voxels.coords[:, 0], voxels.batch_size, mode)
+
+
+# -- unpooling --
+
+def _unpool_call(feats, parent):
+    def run(outs, ins, on_gpu):
+        _store(outs[0], pooling.unpool_forward(_view(ins[0], on_gpu), _view(ins[1], on_gpu)), on_gpu)
+    return _call(run, _shape((parent.shape[0], feats.shape[1]), feats.dtype), feats, parent)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _unpool(feats, parent, num_coarse):
+    return _unpool_call(feats, parent)
+
+
+def _unpool_fwd(feats, parent, num_coarse):
+    return _unpool_call(feats, parent), parent
+
+
+def _unpool_bwd(num_coarse, parent, grad):
+    def run(outs, ins, on_gpu):
+        g = pooling.unpool_backward(_view(ins[0], on_gpu), _view(ins[1], on_gpu), num_coarse)
+        _store(outs[0], g, on_gpu)
+    return _call(run, _shape((num_coarse, grad.shape[1]), grad.dtype), grad, parent), _no_grad(parent)
+
+
+_unpool.defvjp(_unpool_fwd, _unpool_bwd)
+
+
+def unpool_parents(coarse, fine, stride=2):
+    """int32 ``[N_fine]`` JAX array: the row in ``coarse`` of each fine voxel's parent ``floor(c / stride)``
+    (outside ``jit``; ``ValueError`` naming a fine voxel whose parent is missing)."""
+    return _to_jax(pooling.parent_rows(coarse, fine, stride))
+
+
+def unpool_features(feats, parent):
+    """Differentiable unpooling: ``out[i] = feats[parent[i]]`` (``[N_fine, C]``) from coarse feats
+    ``[M, C]`` and ``parent`` (:func:`unpool_parents`). Gradient: each coarse row gets the sum over its
+    children."""
+    _check_feats(feats)
+    return _unpool(feats, _as_index(parent, "parent", (None,)), int(feats.shape[0]))
+
+
+def unpool(coarse, fine, stride=2) -> Voxels:
+    """:func:`sparsevox.unpool` for JAX ``Voxels``: ``fine``'s sites and rows with their parents'
+    features, differentiable in ``coarse.feats`` (concrete coords)."""
+    if not isinstance(fine, Voxels) or not _is_jax_voxels(coarse, "coarse"):
+        return pooling.unpool(coarse, fine, stride)
+    geometry.triple(stride, "stride")
+    return fine.replace(unpool_features(coarse.feats, unpool_parents(coarse, fine, stride)))
+
+
+# -- devoxelisation --
+
+def _devoxelize_call(feats, idx, w):
+    def run(outs, ins, on_gpu):
+        f, i, wv = (_view(b, on_gpu) for b in ins)
+        _store(outs[0], _points.devoxelize_forward(f, i, wv), on_gpu)
+    return _call(run, _shape((idx.shape[0], feats.shape[1]), feats.dtype), feats, idx, w)
+
+
+@jax.custom_vjp
+def _devoxelize(feats, idx, w):
+    return _devoxelize_call(feats, idx, w)
+
+
+def _devoxelize_fwd(feats, idx, w):
+    return _devoxelize_call(feats, idx, w), (feats, idx, w)
+
+
+def _devoxelize_bwd(res, grad):
+    feats, idx, w = res
+
+    def run(outs, ins, on_gpu):
+        g, i, wv = (_view(b, on_gpu) for b in ins)
+        _store(outs[0], _points.devoxelize_backward(g, i, wv, feats.shape[0]), on_gpu)
+    gf = _call(run, _shape(feats.shape, grad.dtype), grad, idx, w)
+    # d out[p] / d w[p, j] = feats[idx[p, j]] (0 where idx is -1): cheap in JAX, dropped by XLA when unused
+    if feats.shape[0] == 0:  # no voxels: every idx is -1 (and there is nothing to gather from)
+        return gf, _no_grad(idx), jnp.zeros_like(w)
+    acc = jnp.promote_types(w.dtype, jnp.float32)
+    corner = feats[jnp.maximum(idx, 0)].astype(acc)  # [P, 8, C]
+    gw = jnp.where(idx >= 0, jnp.sum(corner * grad.astype(acc)[:, None, :], axis=-1), 0).astype(w.dtype)
+    return gf, _no_grad(idx), gw
+
+
+_devoxelize.defvjp(_devoxelize_fwd, _devoxelize_bwd)
+
+
+def devoxelize_weights(voxels, points, voxel_size, batch=None):
+    """``(idx int32 [P, 8], w [P, 8])`` JAX arrays: the rows of the 8 voxels around each point (-1 where
+    absent) and their renormalised trilinear weights (JAX's default float: float64 under
+    ``jax_enable_x64``, else float32), by :func:`sparsevox.points.devoxelize_weights`. Outside ``jit``
+    and ``grad``: points and batch must be concrete."""
+    hint = "the interpolation weights are geometry, computed outside jit/grad (devoxelize_weights)"
+    _concrete(points, "points", hint)
+    _concrete(batch, "batch", hint)
+    idx, w = _points.devoxelize_weights(voxels, points, voxel_size, batch)
+    return _to_jax(idx), _to_jax(w.astype(jax.dtypes.canonicalize_dtype(np.float64)))
+
+
+def devoxelize_features(feats, idx, w):
+    """Differentiable devoxelisation: ``out[p] = sum_j w[p, j] * feats[idx[p, j]]`` over ``idx >= 0``
+    (``[P, C]``), with ``idx``/``w`` from :func:`devoxelize_weights`. Gradients: to feats, and to ``w``
+    (``feats[idx[p, j]] . grad[p]``; ``idx`` is not differentiated)."""
+    _check_feats(feats)
+    idx = _as_index(idx, "idx", (None, 8))
+    w = jnp.asarray(w)
+    if w.shape != idx.shape or not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"w must be a float array of shape {tuple(idx.shape)}, got {w.dtype} {tuple(w.shape)}")
+    return _devoxelize(feats, idx, w)
+
+
+def devoxelize(voxels, points, voxel_size, batch=None):
+    """:func:`sparsevox.devoxelize` for JAX ``Voxels``: ``[P, C]``, differentiable in the features
+    (concrete coords and points)."""
+    if not _is_jax_voxels(voxels):
+        return _points.devoxelize(voxels, points, voxel_size, batch)
+    idx, w = devoxelize_weights(voxels, points, voxel_size, batch)
+    return devoxelize_features(voxels.feats, idx, w)
+
+
+# -- dense grids --
+
+def _to_dense_call(feats, coords, spatial_shape, batch_size):
+    def run(outs, ins, on_gpu):
+        d = _dense.to_dense_forward(_view(ins[0], on_gpu), _view(ins[1], on_gpu), spatial_shape, batch_size)
+        _store(outs[0], d, on_gpu)
+    shape = (batch_size, feats.shape[1]) + tuple(spatial_shape)
+    return _call(run, _shape(shape, feats.dtype), feats, coords)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _to_dense(feats, coords, spatial_shape, batch_size):
+    return _to_dense_call(feats, coords, spatial_shape, batch_size)
+
+
+def _to_dense_fwd(feats, coords, spatial_shape, batch_size):
+    return _to_dense_call(feats, coords, spatial_shape, batch_size), coords
+
+
+def _gather_call(dense, coords):
+    """``dense[b, :, x, y, z]`` for each row of coords: ``[N, C]``."""
+    def run(outs, ins, on_gpu):
+        _store(outs[0], _dense.from_dense_forward(_view(ins[0], on_gpu), _view(ins[1], on_gpu)), on_gpu)
+    return _call(run, _shape((coords.shape[0], dense.shape[1]), dense.dtype), dense, coords)
+
+
+def _to_dense_bwd(spatial_shape, batch_size, coords, grad):
+    return _gather_call(grad, coords), _no_grad(coords)
+
+
+_to_dense.defvjp(_to_dense_fwd, _to_dense_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _from_dense(dense, coords, dense_shape):
+    return _gather_call(dense, coords)
+
+
+def _from_dense_fwd(dense, coords, dense_shape):
+    return _gather_call(dense, coords), coords
+
+
+def _from_dense_bwd(dense_shape, coords, grad):
+    def run(outs, ins, on_gpu):
+        g = _dense.from_dense_backward(_view(ins[0], on_gpu), _view(ins[1], on_gpu), dense_shape)
+        _store(outs[0], g, on_gpu)
+    return _call(run, _shape(dense_shape, grad.dtype), grad, coords), _no_grad(coords)
+
+
+_from_dense.defvjp(_from_dense_fwd, _from_dense_bwd)
+
+
+def to_dense_features(feats, coords, spatial_shape, batch_size: int):
+    """Differentiable scatter of feats ``[N, C]`` at int ``coords`` ``[N, 4]`` ``(b, x, y, z)`` into zeros
+    ``[batch_size, C, X, Y, Z]``. Coordinates outside the grid are a ``ValueError`` of the core raised
+    inside the callback (an XLA runtime error carrying it); :func:`to_dense` checks them before."""
+    _check_feats(feats)
+    coords = _as_index(coords, "coords", (feats.shape[0], 4))
+    return _to_dense(feats, coords, _dense._shape3(spatial_shape), int(batch_size))
+
+
+def to_dense(voxels, spatial_shape, batch_size: int | None = None):
+    """:func:`sparsevox.to_dense` for JAX ``Voxels``: ``[B, C, X, Y, Z]``, differentiable in the features
+    (concrete coords; checked against the grid here, outside any callback)."""
+    if not _is_jax_voxels(voxels):
+        return _dense.to_dense(voxels, spatial_shape, batch_size)
+    shp = _dense._shape3(spatial_shape)
+    bsz = voxels.batch_size if batch_size is None else int(batch_size)
+    _dense._sites(voxels.core_coords()[0], shp, bsz)
+    return to_dense_features(voxels.feats, voxels.coords, shp, bsz)
+
+
+def active_sites(dense, mask=None):
+    """int32 ``[N, 4]`` JAX array of the sites ``(b, x, y, z)`` of ``dense`` ``[B, C, X, Y, Z]`` nonzero in
+    any channel (or of ``mask`` ``[B, X, Y, Z]``), sorted: :func:`sparsevox.dense.active_sites`. They
+    depend on the values, so this runs outside ``jit`` and ``grad``."""
+    return _to_jax(_active_sites(dense, mask))
+
+
+def _active_sites(dense, mask):
+    """:func:`active_sites` as a core array."""
+    hint = "the active sites depend on the values; find them outside jit/grad (active_sites) and gather " \
+           "inside with from_dense_features"
+    _concrete(dense, "dense", hint)
+    _concrete(mask, "mask", hint)
+    d, _ = to_core(dense)
+    return _dense.active_sites(d, None if mask is None else to_core(mask)[0])
+
+
+def from_dense_features(dense, coords):
+    """Differentiable gather: ``dense[b, :, x, y, z]`` for each row of int ``coords`` ``[N, 4]`` →
+    ``[N, C]``. Gradient: scattered back into zeros of dense's shape."""
+    if dense.ndim != 5:
+        raise ValueError(f"dense must have shape [B, C, X, Y, Z], got {tuple(dense.shape)}")
+    if jnp.dtype(dense.dtype).name not in FLOAT_DTYPES:
+        raise ValueError(f"dense dtype must be one of {FLOAT_DTYPES}, got {jnp.dtype(dense.dtype).name}")
+    coords = _as_index(coords, "coords", (None, 4))
+    return _from_dense(dense, coords, tuple(int(v) for v in dense.shape))
+
+
+def from_dense(dense, mask=None) -> Voxels:
+    """:func:`sparsevox.from_dense` for JAX arrays: ``Voxels`` of the nonzero (or masked) sites,
+    differentiable in ``dense`` through :func:`from_dense_features` (``dense`` concrete: the sites depend
+    on its values)."""
+    if not isinstance(dense, jax.Array):
+        return _dense.from_dense(dense, mask)
+    if dense.ndim != 5:
+        raise ValueError(f"dense must have shape [B, C, X, Y, Z], got {tuple(dense.shape)}")
+    bsz, _, x, y, z = (int(v) for v in dense.shape)
+    if bsz > geometry.BATCH_MAX + 1 or max(x, y, z) > geometry.COORD_MAX + 1:
+        raise ValueError(f"dense: at most {geometry.BATCH_MAX + 1} batch items and {geometry.COORD_MAX + 1} "
+                         f"sites per axis, got shape {tuple(dense.shape)}")
+    coords = _active_sites(dense, mask)
+    origin = dataclasses.replace(to_core(dense)[1], dtype=None)
+    return Voxels.from_core_coords(coords, from_dense_features(dense, _to_jax(coords)), origin)
 
 
 def _voxels_flatten(v: Voxels):

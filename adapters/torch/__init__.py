@@ -1,5 +1,7 @@
-"""PyTorch adapter: differentiable sparse convolutions (:mod:`.functional`), network modules that take
-and return ``Voxels`` (:mod:`.layers`) and models (:mod:`.models`).
+"""PyTorch adapter: differentiable sparse convolutions (:mod:`.functional`), differentiable network ops
+(:mod:`.ops`: pooling, unpooling, devoxelisation, dense grids; ``sparsevox.max_pool`` etc. route torch
+``Voxels`` there), network modules that take and return ``Voxels`` (:mod:`.layers`) and models
+(:mod:`.models`).
 
 Everything :mod:`sparsevox.adapters.torch` exported when it was one module is still importable from
 here. Module-level settings of :mod:`.functional` (such as ``SPARE_OUTPUT_MAX_BYTES``) may be set
@@ -23,11 +25,15 @@ from . import functional
 from .functional import (SPARE_OUTPUT_MAX_BYTES, SparseConv3d, SpatiallySparseConv,  # noqa: F401
                          SpatiallySparseDepthwiseConv, conv_features, conv_tensors, kernel_map_tensors,
                          spatially_sparse_conv, spatially_sparse_depthwise_conv)
-from .layers import BatchNorm, InstanceNorm, ResidualBlock, SparseSequential, cat_voxels
+from . import ops
+from .layers import (AvgPool3d, BatchNorm, GlobalPool, InstanceNorm, MaxPool3d, ResidualBlock, SparseSequential,
+                     Unpool, cat_voxels)
 from .models import MinkUNet
+from .ops import avg_pool, devoxelize, from_dense, global_pool, max_pool, to_dense, unpool
 
-__all__ = list(functional.__all__) + ["SparseSequential", "BatchNorm", "InstanceNorm", "ResidualBlock",
-                                      "cat_voxels", "MinkUNet"]
+__all__ = list(functional.__all__) + list(ops.__all__) + [
+    "SparseSequential", "BatchNorm", "InstanceNorm", "ResidualBlock", "cat_voxels", "MaxPool3d", "AvgPool3d",
+    "GlobalPool", "Unpool", "MinkUNet"]
 
 
 def __getattr__(name):

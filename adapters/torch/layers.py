@@ -1,10 +1,13 @@
 """Network modules that take and return ``Voxels`` with torch features: a sequential container,
-normalisations, channel concatenation and the residual block of sparse ResNets/UNets.
+normalisations, channel concatenation, pooling and unpooling, and the residual block of sparse
+ResNets/UNets.
 
 A module "takes Voxels" when it is a sparsevox convolution or has the class attribute
 ``takes_voxels = True`` (every module here has it); :class:`SparseSequential` hands any other module the
 features ``[N, C]`` alone and keeps the geometry, so plain feature-wise torch modules (``nn.ReLU``,
-``nn.Dropout``, ``nn.Linear``, ``nn.BatchNorm1d``, ...) can sit between convolutions.
+``nn.Dropout``, ``nn.Linear``, ``nn.BatchNorm1d``, ...) can sit between convolutions. Once a module
+has returned a plain tensor (:class:`GlobalPool`'s ``[B, C]``), the modules after it get that tensor,
+so a classification head can follow in the same container.
 """
 from __future__ import annotations
 
@@ -12,11 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsevox.geometry import BATCH_MAX
+from sparsevox.geometry import BATCH_MAX, triple
+from sparsevox.pooling import GLOBAL_MODES
+from sparsevox.voxels import Voxels
 
+from . import ops
 from .functional import SparseConv3d, SpatiallySparseConv, SpatiallySparseDepthwiseConv
 
-__all__ = ["SparseSequential", "BatchNorm", "InstanceNorm", "ResidualBlock", "cat_voxels", "takes_voxels"]
+__all__ = ["SparseSequential", "BatchNorm", "InstanceNorm", "ResidualBlock", "cat_voxels", "takes_voxels",
+           "MaxPool3d", "AvgPool3d", "GlobalPool", "Unpool"]
 
 _VOXELS_MODULES = (SpatiallySparseConv, SpatiallySparseDepthwiseConv)
 
@@ -63,7 +70,8 @@ def cat_voxels(*voxels):
 class SparseSequential(nn.Sequential):
     """``nn.Sequential`` over ``Voxels``: modules that take ``Voxels`` (:func:`takes_voxels`) get the
     ``Voxels``; any other module gets the features and its output replaces them (same sites, same
-    cached kernel maps).
+    cached kernel maps). After a module that returns a plain tensor (:class:`GlobalPool`), every later
+    module gets that tensor.
 
     Example:
         >>> net = SparseSequential(SparseConv3d(4, 32, 3, bias=False), nn.BatchNorm1d(32), nn.ReLU(True),
@@ -75,7 +83,7 @@ class SparseSequential(nn.Sequential):
 
     def forward(self, voxels):
         for module in self:
-            if takes_voxels(module):
+            if takes_voxels(module) or not isinstance(voxels, Voxels):
                 voxels = module(voxels)
             else:
                 voxels = voxels.replace(module(voxels.feats))
@@ -174,3 +182,88 @@ class ResidualBlock(nn.Module):
         main = self.main(voxels)
         skip = voxels.feats if isinstance(self.skip, nn.Identity) else self.skip(voxels).feats
         return voxels.replace(self.relu(main.feats + skip))
+
+
+# --- pooling and unpooling ----------------------------------------------------------------------------
+
+class _Pool3d(nn.Module):
+    takes_voxels = True
+    _op = None
+
+    def __init__(self, kernel_size=2, stride=None):
+        super().__init__()
+        self.kernel_size = triple(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else triple(stride, "stride")
+
+    def forward(self, voxels):
+        return type(self)._op(voxels, self.kernel_size, self.stride)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class MaxPool3d(_Pool3d):
+    """Sparse max pooling, ``Voxels [N, C] -> Voxels [N_out, C]`` (:func:`sparsevox.max_pool`): each
+    output takes the channel-wise maximum over the active inputs of its window. The output sites and rows
+    are those of a strided convolution with the same ``kernel_size`` and ``stride`` (default
+    ``kernel_size``, as ``torch.nn.MaxPool3d``), so skip connections line up. Gradient: to the winning
+    input (ties: the lowest row).
+
+    Example:
+        >>> net = SparseSequential(SparseConv3d(4, 16), nn.ReLU(), MaxPool3d(2), SparseConv3d(16, 32))
+    """
+    _op = staticmethod(ops.max_pool)
+
+
+class AvgPool3d(_Pool3d):
+    """Sparse average pooling (:func:`sparsevox.avg_pool`): the mean over the *active* inputs of each
+    window (not over its volume). Same arguments, sites and rows as :class:`MaxPool3d`."""
+    _op = staticmethod(ops.avg_pool)
+
+
+class GlobalPool(nn.Module):
+    """Pool each batch item to one vector: ``Voxels [N, C] -> [B, C]`` (a tensor; B = largest batch
+    index + 1, an item with no voxels gives zeros). ``mode``: ``"avg"``, ``"max"`` or ``"sum"``.
+
+    Example:
+        >>> classifier = SparseSequential(SparseConv3d(4, 32), nn.ReLU(), MaxPool3d(2), GlobalPool("max"),
+        ...                               nn.Linear(32, 10))   # Voxels -> [B, 10]
+    """
+
+    takes_voxels = True
+
+    def __init__(self, mode: str = "avg"):
+        super().__init__()
+        if mode not in GLOBAL_MODES:
+            raise ValueError(f"mode must be one of {GLOBAL_MODES}, got {mode!r}")
+        self.mode = mode
+
+    def forward(self, voxels):
+        return ops.global_pool(voxels, self.mode)
+
+    def extra_repr(self):
+        return f"mode={self.mode!r}"
+
+
+class Unpool(nn.Module):
+    """Nearest-neighbour unpooling: ``forward(coarse, fine)`` gives ``Voxels`` on ``fine``'s sites and
+    rows, each fine voxel taking its parent's (``floor(c / stride)`` in ``coarse``) features
+    (:func:`sparsevox.unpool`; a missing parent is a ``ValueError``). Pass the ``stride`` of the layer
+    that made ``coarse``; it is not inferred. It needs the finer level as a second argument, so it is
+    called directly (a UNet decoder), not as a step of :class:`SparseSequential`.
+
+    Example:
+        >>> up = Unpool(2)(MaxPool3d(2)(fine), fine)   # fine's sites, each with its window's maximum
+    """
+
+    takes_voxels = True
+
+    def __init__(self, stride=2):
+        super().__init__()
+        self.stride = triple(stride, "stride")
+
+    def forward(self, coarse, fine):
+        return ops.unpool(coarse, fine, self.stride)
+
+    def extra_repr(self):
+        return f"stride={self.stride}"
