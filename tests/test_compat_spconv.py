@@ -377,6 +377,25 @@ def test_empty_and_one_site_inputs(rng):
                  (f, idx, [4, 5, 6], 2), grads=n > 0)
 
 
+def test_gradcheck(rng):
+    """Gradients of the compat layers by finite differences (float64), independently of the emulation:
+    with respect to the input features (every element) and to all parameters at once (fast mode)."""
+    f, idx, shape, b = scene(rng, (5, 4, 5), 25, c=2)
+    torch.manual_seed(0)
+    net = Stack(CMP.SparseConv3d(2, 3, 3, 2, 1, indice_key="d"), CMP.SparseConvTranspose3d(3, 2, 2, 2, 1),
+                CMP.SparseMaxPool3d(2, 1, 0, 1, indice_key="p"), CMP.SparseAvgPool3d(3, 1, 1),
+                CMP.SparseInverseConv3d(2, 2, 2, indice_key="p"), CMP.SubMConv3d(2, 2, 3)).double()
+    names = [n for n, _ in net.named_parameters()]
+
+    def fn(feats, *ws):
+        x = CMP.SparseConvTensor(feats, idx, shape, b)
+        return tuple(o.features for o in torch.func.functional_call(net, dict(zip(names, ws)), (x,)))
+
+    ws = [p.detach().clone() for p in net.parameters()]
+    assert torch.autograd.gradcheck(lambda x: fn(x, *ws), (f.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda *w: fn(f, *w), tuple(w.requires_grad_() for w in ws), fast_mode=True)
+
+
 # --- indice_key rules and kernel-map sharing ---------------------------------------------------------------
 
 def _x(rng, shape=(6, 7, 8), n=80, c=3, sp=CMP):
@@ -411,6 +430,11 @@ def test_indice_key_records_and_reuse(rng):
     assert CMP.maps.inverse_map(rec.kmap) is inv
     assert CMP.SubMConv3d(2, 2, 3, indice_key="s").double()(yu).indices is x.indices  # reused at the fine level
     assert CMP.maps.geometry(yu) is CMP.maps.geometry(x)  # the decoder level shares the encoder's maps
+    from sparsevox.kernel_map import recall_stats
+    misses = recall_stats["misses"]
+    x.features.requires_grad_()
+    up(down(b(a(x)))).features.sum().backward()
+    assert recall_stats["misses"] == misses  # every map (the inverse one too) found again by the torch ops
 
 
 @pytest.mark.parametrize("sp", [EMU, CMP], ids=["emulation", "compat"])

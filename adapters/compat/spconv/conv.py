@@ -157,7 +157,7 @@ class SparseConvolution(SparseModule):
         if self.conv1x1:
             out = torch.mm(features, self.weight.reshape(self.in_channels, self.out_channels))
             if self.bias is not None:
-                out = out + self.bias
+                out = out + self.bias.to(out.dtype)
             out_tensor = input.shadow_copy().replace_feature(out)
             out_tensor.spatial_shape = out_shape  # padding may change the spatial shape of a 1x1 layer
             return out_tensor
@@ -189,12 +189,11 @@ class SparseConvolution(SparseModule):
                 indice_dict[self.indice_key] = IndiceData(
                     outids, input.indices, kmap, shape, out_shape, self.subm, self.algo, self.kernel_size,
                     self.stride, self.dilation, self.padding, in_geom=geom, out_geom=out_geom)
-        out_features = conv_features(features, self.sparsevox_weight(), kmap)
+        out_features = conv_features(features, self.sparsevox_weight(), kmap)  # autocast: in its dtype
         if self.bias is not None:
-            out_features = out_features + self.bias
+            out_features = out_features + self.bias.to(out_features.dtype)
         if not self.subm and not self.inverse and self.record_voxel_count:
-            buf = getattr(self, _MAX_NUM_VOXELS_DURING_TRAINING)
-            buf.fill_(max(int(buf.item()), int(outids.shape[0])))
+            getattr(self, _MAX_NUM_VOXELS_DURING_TRAINING).clamp_(min=int(outids.shape[0]))
         out_tensor = input.shadow_copy().replace_feature(out_features)
         out_tensor.indices, out_tensor.indice_dict, out_tensor.spatial_shape = outids, indice_dict, out_shape
         out_tensor._sv_geom = (outids, out_geom) if out_geom is not None else None

@@ -124,10 +124,12 @@ class _LocalPool(SparseModule):
             indice_dict[self.indice_key] = IndiceData(outids, input.indices, kmap, shape, out_shape, self.subm,
                                                       self.algo, self.kernel_size, self.stride, self.dilation,
                                                       self.padding, in_geom=geom, out_geom=out_geom)
-        out_features = (_MaxPool if self.is_max else _AvgPool).apply(input.features, kmap)
+        features = input.features
+        if features.is_cuda and torch.is_autocast_enabled("cuda"):  # as the convolutions (spconv: float16)
+            features = features.to(torch.get_autocast_dtype("cuda"))
+        out_features = (_MaxPool if self.is_max else _AvgPool).apply(features, kmap)
         if not self.subm and self.record_voxel_count:
-            buf = getattr(self, _MAX_NUM_VOXELS_DURING_TRAINING)
-            buf.fill_(max(int(buf.item()), int(outids.shape[0])))
+            getattr(self, _MAX_NUM_VOXELS_DURING_TRAINING).clamp_(min=int(outids.shape[0]))
         out_tensor = input.shadow_copy().replace_feature(out_features)
         out_tensor.indices, out_tensor.indice_dict, out_tensor.spatial_shape = outids, indice_dict, out_shape
         out_tensor._sv_geom = (outids, out_geom)
