@@ -141,7 +141,8 @@ class SparseConvTensor:
     def _copy(self, features, indice_dict):
         out = SparseConvTensor(features, self.indices, self.spatial_shape, self.batch_size, self.grid, self.voxel_num,
                                indice_dict)
-        out.benchmark_record, out.thrust_allocator, out._timer = self.benchmark_record, self.thrust_allocator, self._timer
+        out.benchmark_record, out.thrust_allocator = self.benchmark_record, self.thrust_allocator
+        out._timer = self._timer
         out.force_algo, out.int8_scale, out._sv_geom = self.force_algo, self.int8_scale, self._sv_geom
         return out
 
