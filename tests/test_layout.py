@@ -178,8 +178,9 @@ def test_imports_follow_the_dependency_direction(name):
 
 def test_the_rules_catch_what_they_are_for(monkeypatch, tmp_path):
     """The checker itself: a core module importing cupy, a cuda module importing an algorithm, the
-    torch adapter importing the jax adapter, compat importing the jax adapter and the torch adapter or
-    the core importing compat are all reported; flax on jax and compat on torch are not."""
+    torch adapter importing the jax adapter, compat importing the jax adapter, the torch adapter importing
+    compat, and the core or tuning/ importing compat are all reported; flax on jax and compat on torch
+    are not."""
     cases = {
         "sparsevox.fake_core": ("import cupy\nfrom .cuda import driver\n", 2),
         "sparsevox.cuda.fake": ("def f():\n    from ..algorithms import implicit_gemm\n", 1),
