@@ -12,8 +12,9 @@ Layers (``sparsevox/``; see each subpackage's docstring):
 - ``algorithms/``: never an adapter, torch or jax; CuPy only inside functions.
 - ``cuda/``: never an adapter, an algorithm or the tuning machinery, torch or jax; CuPy only inside
   functions.
-- ``adapters/`` (installed as ``sparsevox.adapters``): use the core and never each other, with the one
-  exception in :data:`ADAPTER_BUILDS_ON`.
+- ``adapters/`` (installed as ``sparsevox.adapters``) and ``adapters/compat/`` (installed as
+  ``sparsevox.compat``, the spconv-compatible API, adapter name ``compat``): use the core and never each
+  other, with the exceptions in :data:`ADAPTER_BUILDS_ON`.
 - Programs (``__main__``, ``demo``, ``examples/``) sit on top and may import anything; ``__main__`` and
   ``demo`` still import no framework at import time.
 """
@@ -31,21 +32,29 @@ FRAMEWORKS = ("torch", "jax", "jaxlib", "flax", "cupy", "cupyx", "cupy_backends"
 ML_FRAMEWORKS = ("torch", "jax", "jaxlib", "flax")  # never outside the adapters, not even lazily
 PROGRAMS = ("sparsevox.__main__", "sparsevox.demo")
 
-# The one exception to "adapters never import each other": the Flax NNX layers are built on the JAX
-# adapter's functional layer (its custom_vjp functions and kernel-map pytree). That layer is JAX code,
-# so it cannot move into the framework-free core; Flax is a layer library on top of JAX, as flax is on jax.
-ADAPTER_BUILDS_ON = {"flax": {"jax"}}
+# The exceptions to "adapters never import each other":
+# - flax -> jax: the Flax NNX layers are built on the JAX adapter's functional layer (its custom_vjp
+#   functions and kernel-map pytree). That layer is JAX code, so it cannot move into the framework-free
+#   core; Flax is a layer library on top of JAX, as flax is on jax.
+# - compat -> torch: sparsevox.compat.spconv is spconv's torch API; its convolutions are the torch
+#   adapter's differentiable ops (autograd functions over the core's kernel maps), which are torch code and
+#   cannot move into the core either. Nothing imports compat.
+ADAPTER_BUILDS_ON = {"flax": {"jax"}, "compat": {"torch"}}
+ADAPTER_PACKAGES = ("sparsevox.adapters", "sparsevox.compat")
 
 
 def _module_files():
-    """``{module name: path}`` for sparsevox/ (without the adapters/kernels_cu links of a source
-    checkout) and adapters/ (as ``sparsevox.adapters``, module or package form)."""
+    """``{module name: path}`` for sparsevox/ (without the adapters/compat/kernels_cu links of a source
+    checkout), adapters/ (as ``sparsevox.adapters``, module or package form) and adapters/compat/ (as
+    ``sparsevox.compat``, setup.cfg's ``package_dir``)."""
     mods = {}
-    roots = [(REPO / "sparsevox", "sparsevox"), (REPO / "adapters", "sparsevox.adapters")]
+    compat = REPO / "adapters" / "compat"
+    roots = [(REPO / "sparsevox", "sparsevox"), (REPO / "adapters", "sparsevox.adapters"), (compat, "sparsevox.compat")]
     for root, prefix in roots:
         for dirpath, dirnames, filenames in os.walk(root):
             d = Path(dirpath)
-            dirnames[:] = sorted(n for n in dirnames if not (d / n).is_symlink() and n != "__pycache__")
+            dirnames[:] = sorted(n for n in dirnames if not (d / n).is_symlink() and n != "__pycache__"
+                                 and (d / n != compat or root == compat))
             for f in filenames:
                 if not f.endswith(".py"):
                     continue
@@ -100,6 +109,8 @@ def _layer(name: str) -> str:
     parts = name.split(".")
     if name in PROGRAMS:
         return "program"
+    if len(parts) > 1 and parts[1] == "compat":
+        return "adapters"
     if len(parts) > 1 and parts[1] in ("adapters", "algorithms", "tuning", "cuda", "examples"):
         return parts[1]
     return "core"
@@ -110,8 +121,11 @@ def _under(target: str, *prefixes: str) -> bool:
 
 
 def _adapter(name: str) -> str | None:
-    """The adapter a module belongs to (``torch`` for sparsevox.adapters.torch and its submodules)."""
+    """The adapter a module belongs to (``torch`` for sparsevox.adapters.torch and its submodules,
+    ``compat`` for sparsevox.compat and its submodules)."""
     parts = name.split(".")
+    if len(parts) > 1 and parts[:2] == ["sparsevox", "compat"]:
+        return "compat"
     return parts[2] if len(parts) > 2 and parts[:2] == ["sparsevox", "adapters"] else None
 
 
@@ -124,10 +138,10 @@ def violations(name: str) -> list[str]:
         if layer in ("core", "program") and now and _under(target, *FRAMEWORKS):
             rule = "imports a framework at import time (import it where it is used)"
         elif layer == "core" and now and _under(target, "sparsevox.cuda", "sparsevox.algorithms",
-                                                  "sparsevox.adapters"):
+                                                  *ADAPTER_PACKAGES):
             rule = "the core imports no CUDA plumbing, algorithm or adapter at import time"
         elif layer in ("tuning", "algorithms", "cuda"):
-            if _under(target, "sparsevox.adapters", *ML_FRAMEWORKS):
+            if _under(target, *ADAPTER_PACKAGES, *ML_FRAMEWORKS):
                 rule = f"{layer}/ never imports an adapter, torch or jax"
             elif now and _under(target, *FRAMEWORKS):
                 rule = f"{layer}/ imports CuPy only inside functions"
@@ -152,7 +166,9 @@ def test_the_layout_is_what_the_rules_name():
         assert layers.get(layer), f"no modules found in the {layer} layer: the walk of {REPO} is broken"
     assert "sparsevox.backends" not in MODULES  # algorithms register themselves in algorithms/
     assert {"sparsevox.conv", "sparsevox.tuning.registry", "sparsevox.algorithms.implicit_gemm",
-            "sparsevox.cuda.gpu_kernel_map", "sparsevox.adapters.torch"} <= set(MODULES)
+            "sparsevox.cuda.gpu_kernel_map", "sparsevox.adapters.torch", "sparsevox.compat.spconv",
+            "sparsevox.compat.spconv.conv"} <= set(MODULES)
+    assert not any(n.startswith("sparsevox.adapters.compat") for n in MODULES)  # installed as sparsevox.compat
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if _layer(n) != "examples"))
@@ -161,14 +177,22 @@ def test_imports_follow_the_dependency_direction(name):
 
 
 def test_the_rules_catch_what_they_are_for(monkeypatch, tmp_path):
-    """The checker itself: a core module importing cupy, a cuda module importing an algorithm and the
-    torch adapter importing the jax adapter are all reported; flax on jax is not."""
+    """The checker itself: a core module importing cupy, a cuda module importing an algorithm, the
+    torch adapter importing the jax adapter, compat importing the jax adapter, the torch adapter importing
+    compat, and the core or tuning/ importing compat are all reported; flax on jax and compat on torch
+    are not."""
     cases = {
         "sparsevox.fake_core": ("import cupy\nfrom .cuda import driver\n", 2),
         "sparsevox.cuda.fake": ("def f():\n    from ..algorithms import implicit_gemm\n", 1),
         "sparsevox.tuning.fake": ("from .. import algorithms\ndef f():\n    import torch\n", 2),
         "sparsevox.adapters.torch.fake": ("from sparsevox.adapters import jax\n", 1),
         "sparsevox.adapters.flax.fake": ("from sparsevox.adapters import jax\n", 0),
+        "sparsevox.compat.spconv.fake": ("from sparsevox.adapters.torch import functional\nimport torch\n"
+                                         "from . import conv\nfrom sparsevox import kernel_map\n", 0),
+        "sparsevox.compat.fake": ("from sparsevox.adapters import jax\n", 1),
+        "sparsevox.adapters.torch.fake2": ("def f():\n    from sparsevox.compat import spconv\n", 1),
+        "sparsevox.fake_core2": ("from .compat import spconv\n", 1),
+        "sparsevox.tuning.fake2": ("def f():\n    import sparsevox.compat.spconv\n", 1),
         "sparsevox.fake_lazy": ("def f():\n    import cupy\n    from .cuda import gpu_info\n", 0),
     }
     files = dict(MODULES)
@@ -190,7 +214,8 @@ def test_import_sparsevox_loads_no_framework_and_no_cuda_plumbing():
     out = _run("import sys, sparsevox\n"
                "print(sparsevox.__file__)\n"
                "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-               f"{FRAMEWORKS!r} or m.startswith(('sparsevox.cuda', 'sparsevox.algorithms', 'sparsevox.adapters'))))")
+               f"{FRAMEWORKS!r} or m.startswith(('sparsevox.cuda', 'sparsevox.algorithms', 'sparsevox.adapters', "
+               "'sparsevox.compat'))))")
     path, loaded = out.splitlines()
     assert Path(path).resolve().is_relative_to(REPO), path  # this checkout, not another installed copy
     assert loaded == "[]"

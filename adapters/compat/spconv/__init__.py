@@ -1,0 +1,55 @@
+"""spconv 2.x's PyTorch API on sparsevox: change ``import spconv.pytorch as spconv`` to
+
+    import sparsevox.compat.spconv as spconv
+
+and existing models and checkpoints run unchanged (spconv 2.3.8's names, arguments, ``indice_key`` rules,
+output sites and spatial shapes, weight layout ``[C_out, *kernel_size, C_in]`` and state-dict keys). The
+convolutions are sparsevox's (its kernel maps and algorithms, CPU tensors on the NumPy backend, CUDA
+tensors on the GPU); torch only.
+
+Provided: ``SparseConvTensor``; ``SubMConv{1,2,3}d``, ``SparseConv{1,2,3}d``, ``SparseConvTranspose{1,2,3}d``,
+``SparseInverseConv{1,2,3}d``, ``SparseConvolution``; ``SparseMaxPool{1,2,3}d``, ``SparseAvgPool{1,2,3}d``,
+``SparseGlobalMaxPool``, ``SparseGlobalAvgPool``; ``SparseModule``, ``SparseSequential``, ``SparseBatchNorm``,
+``SparseSyncBatchNorm``, ``SparseReLU``, ``SparseIdentity``, ``ToDense``, ``RemoveGrid``, ``Identity``,
+``JoinTable``, ``AddTable``, ``ConcatTable``, ``ConvAlgo``, ``assign_name_for_sparse_modules``. 1D and 2D
+layers run as 3D with unit axes. Not supported (``NotImplementedError`` naming the feature): 4D layers,
+``spconv.pytorch.functional`` / ``ops`` / ``utils`` (``PointToVoxel``), ``AddTableMisaligned``,
+quantization (int8), fused activations, ``benchmark``/``enable_timer``, ``SPCONV_SAVED_WEIGHT_LAYOUT``
+other than KRSC. Deliberate differences and spconv quirks that are reproduced: see the project README
+("Coming from spconv").
+
+Example:
+    >>> import sparsevox.compat.spconv as spconv
+    >>> net = spconv.SparseSequential(spconv.SubMConv3d(4, 16, 3, indice_key="subm1"), torch.nn.ReLU(),
+    ...                               spconv.SparseConv3d(16, 32, 3, 2, padding=1), spconv.ToDense())
+    >>> x = spconv.SparseConvTensor(features, indices, [41, 400, 352], batch_size=2)
+    >>> net.load_state_dict(torch.load("spconv_checkpoint.pth"))
+    >>> dense = net(x)                                   # [2, 32, 21, 200, 176]
+"""
+from __future__ import annotations
+
+from . import conv, core, modules, pool  # noqa: F401
+from .conv import *  # noqa: F401,F403
+from .conv import DEFAULT_SPARSE_CONV_TYPES, SparseConvolution  # noqa: F401
+from .core import ConvAlgo, IndiceData, ImplicitGemmIndiceData, SparseConvTensor, expand_nd  # noqa: F401
+from .modules import *  # noqa: F401,F403
+from .pool import *  # noqa: F401,F403
+
+__all__ = (["SparseConvTensor", "ConvAlgo", "IndiceData", "ImplicitGemmIndiceData", "expand_nd"] + conv.__all__
+           + modules.__all__ + pool.__all__)
+
+_UNSUPPORTED = {
+    "functional": "spconv.pytorch.functional (the autograd functions on pair tensors)",
+    "ops": "spconv.pytorch.ops (pair generation and GEMM on spconv's own pair tensors)",
+    "utils": "spconv.pytorch.utils (PointToVoxel and other voxelisers; sparsevox.Voxels.from_points voxelises)",
+    "PointToVoxel": "spconv.pytorch.utils.PointToVoxel (sparsevox.Voxels.from_points voxelises)",
+    "quantization": "spconv.pytorch.quantization (int8)",
+    "hash": "spconv.pytorch.hash (HashTable)",
+    "constants": "spconv.pytorch.constants",
+}
+
+
+def __getattr__(name):
+    if name in _UNSUPPORTED:
+        raise NotImplementedError(f"{_UNSUPPORTED[name]} is not supported by sparsevox.compat.spconv")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,204 @@
+"""spconv's ``SparseConvTensor`` (``spconv/pytorch/core.py`` of spconv 2.3.8) and the pair records its
+``indice_dict`` holds, on sparsevox geometry.
+
+A ``SparseConvTensor`` carries, besides spconv's fields, a private handle on its sparsevox geometry
+(a coordinates-only :class:`sparsevox.Voxels` of its indices, where the kernel maps of its SubM layers
+are cached); ``replace_feature`` and ``shadow_copy`` hand it on, and it is dropped when ``indices`` is
+replaced (it is checked against the indices object on every use).
+"""
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import torch
+
+__all__ = ["SparseConvTensor", "IndiceData", "ImplicitGemmIndiceData", "ConvAlgo", "expand_nd", "scatter_nd"]
+
+
+class ConvAlgo(enum.Enum):
+    """spconv's algorithm names (``spconv.core.ConvAlgo``). Accepted by the layers and recorded, not
+    acted on: sparsevox picks its own algorithm (``SPARSEVOX_FWD_ALGO_MODE``, the autotuner)."""
+    Native = 0
+    MaskImplicitGemm = 1
+    MaskSplitImplicitGemm = 2
+
+
+def expand_nd(ndim: int, val) -> list[int]:
+    """An int or a sequence of ``ndim`` ints as a list of ``ndim`` ints (spconv's ``expand_nd``)."""
+    res = [val] * ndim if isinstance(val, (int, np.integer)) else list(val)
+    if len(res) != ndim:
+        raise ValueError(f"expected an int or {ndim} ints, got {val!r}")
+    return [int(v) for v in res]
+
+
+class IndiceData:
+    """What a layer stores under its ``indice_key`` (spconv's ``IndiceData`` / ``ImplicitGemmIndiceData``):
+    ``indices`` / ``spatial_shape`` of its input, ``out_indices`` / ``out_spatial_shape`` of its output,
+    ``is_subm``, ``ksize``, ``stride``, ``padding``, ``dilation`` and ``algo`` as spconv names them.
+    Instead of spconv's pair tensors it holds the sparsevox kernel map (``kmap``, a
+    :class:`sparsevox.KernelMap`, rows of ``indices`` → rows of ``out_indices``) and the geometry of both
+    sides (``in_geom``, ``out_geom``)."""
+
+    def __init__(self, out_indices, indices, kmap, spatial_shape, out_spatial_shape, is_subm, algo, ksize, stride,
+                 dilation, padding, in_geom=None, out_geom=None):
+        self.out_indices, self.indices, self.kmap = out_indices, indices, kmap
+        self.spatial_shape, self.out_spatial_shape, self.is_subm = spatial_shape, out_spatial_shape, is_subm
+        self.algo, self.ksize, self.stride, self.dilation, self.padding = algo, ksize, stride, dilation, padding
+        self.in_geom, self.out_geom = in_geom, out_geom
+        self.voxel_num = None
+
+    def __repr__(self):
+        return (f"IndiceData(is_subm={self.is_subm}, ksize={self.ksize}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, {len(self.indices)} -> "
+                f"{len(self.out_indices)} sites)")
+
+
+ImplicitGemmIndiceData = IndiceData
+
+
+def scatter_nd(indices, updates, shape):
+    """``zeros(shape)`` with ``updates`` written at ``indices`` (spconv's ``scatter_nd``; no repeats)."""
+    ret = torch.zeros(*shape, dtype=updates.dtype, device=updates.device)
+    ndim = indices.shape[-1]
+    output_shape = list(indices.shape[:-1]) + list(shape[ndim:])
+    flat = indices.view(-1, ndim)
+    ret[tuple(flat[:, i] for i in range(ndim))] = updates.view(*output_shape)
+    return ret
+
+
+class SparseConvTensor:
+    """A batch of sparse grids in spconv's form.
+
+    Args:
+        features: ``[N, C]`` float tensor.
+        indices: int32 ``[N, ndim + 1]``, column 0 the batch index, then the spatial coordinates in
+            ``[0, spatial_shape)`` (ndim 1, 2 or 3), unique.
+        spatial_shape: ``ndim`` ints.
+        batch_size: B > 0.
+        grid, voxel_num, permanent_thrust_allocator, force_algo: accepted and kept (spconv's performance
+            hints and TensorRT fields; nothing here uses them).
+        indice_dict: the pair records of earlier layers (``{indice_key: IndiceData}``).
+        benchmark, enable_timer: spconv's profiling, not supported (``NotImplementedError``).
+
+    ``features`` cannot be assigned (``x = x.replace_feature(f)``, as in spconv).
+    """
+
+    def __init__(self, features, indices, spatial_shape, batch_size, grid=None, voxel_num=None, indice_dict=None,
+                 benchmark=False, permanent_thrust_allocator=False, enable_timer=False, force_algo=None):
+        if features.ndim != 2 or indices.ndim != 2:
+            raise ValueError(f"features must be [N, C] and indices [N, ndim + 1], got {tuple(features.shape)} and "
+                             f"{tuple(indices.shape)}")
+        ndim = indices.shape[1] - 1
+        if len(spatial_shape) != ndim:
+            raise ValueError(f"spatial shape must equal to ndim: {list(spatial_shape)} for indices with {ndim} "
+                             f"spatial columns")
+        if indices.dtype != torch.int32:
+            raise ValueError(f"indices must be int32 (spconv only supports int32), got {indices.dtype}")
+        if int(batch_size) <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if benchmark:
+            raise NotImplementedError("SparseConvTensor(benchmark=True): spconv's per-layer benchmark records are "
+                                      "not supported by sparsevox.compat.spconv")
+        if enable_timer:
+            raise NotImplementedError("SparseConvTensor(enable_timer=True): spconv's CUDA kernel timer is not "
+                                      "supported by sparsevox.compat.spconv")
+        self._features = features
+        self.indices = indices
+        self.spatial_shape = [int(v) for v in spatial_shape]
+        self.batch_size = batch_size
+        self.indice_dict = {} if indice_dict is None else indice_dict
+        self.grid, self.voxel_num = grid, voxel_num
+        self.benchmark, self.benchmark_record = False, {}
+        self.thrust_allocator = None
+        self._timer = None
+        self.force_algo = force_algo
+        self.int8_scale = None
+        self._sv_geom = None  # (indices object, sparsevox Voxels of it)
+
+    def __repr__(self):
+        return f"SparseConvTensor[shape={self._features.shape}]"
+
+    @property
+    def features(self):
+        return self._features
+
+    @features.setter
+    def features(self, val):
+        raise ValueError("you can't set feature directly, use 'x = x.replace_feature(your_new_feature)' to generate "
+                         "new SparseConvTensor instead.")
+
+    @property
+    def is_quantized(self):
+        return self.features.dtype == torch.qint8
+
+    def q_scale(self):
+        raise NotImplementedError("quantized (int8) SparseConvTensor: not supported by sparsevox.compat.spconv")
+
+    def dequantize(self):
+        raise NotImplementedError("quantized (int8) SparseConvTensor: not supported by sparsevox.compat.spconv")
+
+    def _copy(self, features, indice_dict):
+        out = SparseConvTensor(features, self.indices, self.spatial_shape, self.batch_size, self.grid, self.voxel_num,
+                               indice_dict)
+        out.benchmark_record, out.thrust_allocator = self.benchmark_record, self.thrust_allocator
+        out._timer = self._timer
+        out.force_algo, out.int8_scale, out._sv_geom = self.force_algo, self.int8_scale, self._sv_geom
+        return out
+
+    def replace_feature(self, feature):
+        """A tensor with the same indices, spatial shape and ``indice_dict`` (the same dict object, as in
+        spconv) and new features."""
+        return self._copy(feature, self.indice_dict)
+
+    def shadow_copy(self) -> "SparseConvTensor":
+        """A new tensor with every member unchanged."""
+        return self._copy(self.features, self.indice_dict)
+
+    def select_by_index(self, valid_indices):
+        """The rows ``valid_indices``; the pair records are cleared (they describe other indices)."""
+        out = self._copy(self.features[valid_indices], {})
+        out.indices = self.indices[valid_indices]
+        return out
+
+    def minus(self):
+        return self.replace_feature(-self.features)
+
+    @classmethod
+    def from_dense(cls, x: torch.Tensor):
+        """A tensor of the sites of a channels-last dense tensor ``[B, *spatial, C]`` that are nonzero in
+        any channel (``x.to_sparse(x.ndim - 1)``, sorted)."""
+        x_sp = x.to_sparse(x.ndim - 1)
+        indices = x_sp.indices().permute(1, 0).contiguous().int()
+        return cls(x_sp.values(), indices, x_sp.shape[1:-1], x_sp.shape[0])
+
+    @property
+    def spatial_size(self):
+        return np.prod(self.spatial_shape)
+
+    def find_indice_pair(self, key):
+        if key is None:
+            return None
+        return self.indice_dict.get(key)
+
+    def dense(self, channels_first: bool = True):
+        """``[B, C, *spatial_shape]`` (``channels_first``) or ``[B, *spatial_shape, C]``, zeros where no
+        site is active. Differentiable."""
+        shape = [self.batch_size] + list(self.spatial_shape) + [self.features.shape[1]]
+        res = scatter_nd(self.indices.to(self.features.device).long(), self.features, shape)
+        if not channels_first:
+            return res
+        ndim = len(self.spatial_shape)
+        perm = list(range(ndim + 1))
+        perm.insert(1, ndim + 1)
+        return res.permute(*perm).contiguous()
+
+    def __add__(self, other):
+        return self.replace_feature(self.features + (other if isinstance(other, torch.Tensor) else other.features))
+
+    def __radd__(self, other):
+        return self.replace_feature(self.features + (other if isinstance(other, torch.Tensor) else other.features))
+
+    def __iadd__(self, other):
+        self._features += other if isinstance(other, torch.Tensor) else other.features
+        return self

@@ -1,0 +1,157 @@
+"""spconv's layer geometry as sparsevox kernel maps.
+
+spconv 2.3.8 pairs input site ``i`` with output site ``o`` through kernel offset ``r`` (per axis,
+``0 <= r < k``; the flattened offset index is lexicographic, last axis fastest, as sparsevox's)
+(``ConvOutLocIter`` in ``spconv/csrc/sparse/indices.py``):
+
+- regular convolution and pooling: ``i = o * s - p + r * d`` with ``0 <= o < out_shape``,
+  ``out_shape = (in + 2p - d(k-1) - 1) // s + 1``; the output sites are every ``o`` so reached;
+- transposed convolution: ``o = i * s - p + r * d`` with ``0 <= o < out_shape``,
+  ``out_shape = (in - 1) * s - 2p + k + output_padding``;
+- SubM (odd ``k`` only): ``i = o - (k // 2) * d + r * d`` on the input sites (stride and padding ignored).
+
+sparsevox's maps pair ``i = s * o + off_r`` (strided) and ``o = s * i + off_r`` (transposed), with
+``off_r = (r - c) * d``, ``c = (k - 1) // 2`` for odd and ``0`` for even ``k``, and the same offset index
+``r``. So SubM is sparsevox's submanifold map as it is, and with the per-axis shift ``t = p - c * d``
+spconv's regular pairs are sparsevox's strided pairs on the input coordinates moved by ``t``, and its
+transposed pairs sparsevox's transposed pairs onto the output coordinates moved by ``t``. The output sites
+(spconv's rule, inside the output spatial shape) are computed here with torch on the indices' device; the
+pairs come from the core builder (the GPU hash-table builder for CUDA tensors), handed the output sites.
+
+1D and 2D tensors are embedded in 3D: coordinates get trailing zero columns, and the kernel, stride,
+padding and dilation of the missing axes are 1, 1, 0 and 1.
+"""
+from __future__ import annotations
+
+import torch
+
+import sparsevox as sv
+from sparsevox.kernel_map import KernelMap, _remember
+
+__all__ = ["rows4", "user_rows", "lift", "geometry", "conv_output_size", "deconv_output_size", "out_rows",
+           "subm_map", "strided_map", "transposed_map", "inverse_map"]
+
+
+def rows4(indices: torch.Tensor) -> torch.Tensor:
+    """int32 ``[N, 4]`` (batch, x, y, z): the indices of a 1D/2D/3D tensor with zero columns appended."""
+    nd = indices.shape[1] - 1
+    if nd == 3:
+        return indices.contiguous()
+    if nd in (1, 2):
+        return torch.cat([indices, indices.new_zeros(indices.shape[0], 3 - nd)], 1)
+    raise NotImplementedError(f"{nd}D sparse tensors: sparsevox.compat.spconv supports 1D, 2D and 3D (sparsevox is a "
+                              f"3D library)")
+
+
+def user_rows(rows: torch.Tensor, nd: int) -> torch.Tensor:
+    """The ``[N, nd + 1]`` indices of ``[N, 4]`` rows."""
+    return rows if nd == 3 else rows[:, :nd + 1].contiguous()
+
+
+def lift(vals, fill: int) -> tuple[int, int, int]:
+    """``nd`` per-axis values as three (the missing axes get ``fill``)."""
+    return tuple(int(v) for v in vals) + (fill,) * (3 - len(vals))
+
+
+def geometry(x) -> sv.Voxels:
+    """The coordinates-only :class:`sparsevox.Voxels` of a ``SparseConvTensor``'s indices, kept on the tensor
+    (and handed on by ``replace_feature``/``shadow_copy``), so layers on the same indices share kernel maps.
+    Made and validated (unique sites, coordinate range) on first use for an indices object."""
+    g = x._sv_geom
+    if g is not None and g[0] is x.indices:
+        return g[1]
+    v = sv.Voxels(rows4(x.indices), None)
+    x._sv_geom = (x.indices, v)
+    return v
+
+
+def conv_output_size(shape, ksize, stride, padding, dilation) -> list[int]:
+    """spconv's ``get_conv_output_size``: ``(in + 2p - d(k-1) - 1) // s + 1`` per axis."""
+    return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip(shape, ksize, stride, padding, dilation)]
+
+
+def deconv_output_size(shape, ksize, stride, padding, output_padding) -> list[int]:
+    """spconv's ``get_deconv_output_size``: ``(in - 1) * s - 2p + k + output_padding`` (no dilation)."""
+    return [(n - 1) * s - 2 * p + k + o for n, k, s, p, o in zip(shape, ksize, stride, padding, output_padding)]
+
+
+def check_output_size(out_shape, in_shape) -> None:
+    if any(v <= 0 for v in out_shape):
+        raise ValueError(f"your out spatial shape {list(out_shape)} reach zero!!! input shape: {list(in_shape)} "
+                         f"(spconv's message: the kernel, stride, padding and dilation leave no output site)")
+
+
+def out_rows(rows, ksize, stride, padding, dilation, out_shape, transposed: bool) -> torch.Tensor:
+    """int32 ``[M, 4]`` output sites of spconv's regular (``transposed=False``) or transposed
+    convolution of the ``[N, 4]`` input sites ``rows``, sorted by (batch, x, y, z); all arguments 3-tuples."""
+    b = rows[:, 0].long()
+    per_axis = []
+    for a in range(3):
+        x = rows[:, a + 1].long()[None, :]
+        r = torch.arange(ksize[a], device=rows.device)[:, None]
+        s, p, d, n = stride[a], padding[a], dilation[a], out_shape[a]
+        if transposed:
+            o = x * s - p + r * d
+            ok = (o >= 0) & (o < n)
+        else:
+            num = x + p - r * d
+            o = torch.div(num, s, rounding_mode="floor")
+            ok = (num >= 0) & (num - o * s == 0) & (o < n)
+        per_axis.append((o, ok))
+    (ox, okx), (oy, oky), (oz, okz) = per_axis
+    nx, ny, nz = (int(v) for v in out_shape)
+    key = ((b * nx + ox[:, None, None, :]) * ny + oy[None, :, None, :]) * nz + oz[None, None, :, :]
+    ok = okx[:, None, None, :] & oky[None, :, None, :] & okz[None, None, :, :]
+    keys = torch.unique(key[ok])
+    z = keys % nz
+    keys = keys // nz
+    y = keys % ny
+    keys = keys // ny
+    return torch.stack([keys // nx, keys % nx, y, z], 1).int()
+
+
+def _shift(ksize, padding, dilation) -> tuple[int, int, int]:
+    """``t = p - c * d`` per axis (``c`` the centre index of sparsevox's offsets: ``(k - 1) // 2`` for odd k)."""
+    return tuple(p - ((k - 1) // 2 if k % 2 else 0) * d for k, p, d in zip(ksize, padding, dilation))
+
+
+def _moved(rows, t):
+    return rows + torch.tensor((0,) + tuple(t), dtype=rows.dtype, device=rows.device)
+
+
+def subm_map(geom: sv.Voxels, ksize, dilation) -> KernelMap:
+    """The SubM map (cached on ``geom``): rows of ``geom`` to themselves."""
+    if any(k % 2 == 0 for k in ksize):
+        raise ValueError(f"subm only support odd ksize (spconv's rule), got kernel_size {list(ksize)}")
+    return sv.kernel_map(geom, ksize, 1, dilation)
+
+
+def strided_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape):
+    """``(kmap, out_rows [M, 4], out_geom)`` of spconv's regular convolution (or pooling) of ``geom``."""
+    rows = geom.coords
+    outs = out_rows(rows, ksize, stride, padding, dilation, out_shape, False)
+    out_geom = sv.Voxels(outs, None, check=False)  # unique by construction
+    t = _shift(ksize, padding, dilation)
+    src = geom if t == (0, 0, 0) else sv.Voxels(_moved(rows, t), None, check=False)
+    return sv.kernel_map(src, ksize, stride, dilation, output_voxels=out_geom), outs, out_geom
+
+
+def transposed_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape):
+    """``(kmap, out_rows [M, 4], out_geom)`` of spconv's transposed convolution of ``geom``."""
+    outs = out_rows(geom.coords, ksize, stride, padding, dilation, out_shape, True)
+    out_geom = sv.Voxels(outs, None, check=False)
+    t = _shift(ksize, padding, dilation)
+    dst = out_geom if t == (0, 0, 0) else sv.Voxels(_moved(outs, t), None, check=False)
+    return sv.kernel_map(geom, ksize, stride, dilation, transposed=True, output_voxels=dst), outs, out_geom
+
+
+def inverse_map(kmap: KernelMap) -> KernelMap:
+    """The map of an inverse convolution: ``kmap``'s pairs with input and output swapped (same offset
+    index: spconv's ``pair_fwd = datas.pair_bwd``), cached on ``kmap``. The arrays are ``kmap``'s own."""
+    inv = kmap.derived.get("compat.spconv.inverse")
+    if inv is None:
+        inv = KernelMap(kmap.out_maps, kmap.in_maps, kmap.offsets, kmap.offsets_host, kmap.num_out, kmap.num_in,
+                        None, kmap.kernel_size, kmap.stride, kmap.dilation, "transposed")
+        _remember(inv)  # found again by the torch adapter from its arrays' addresses (with its derived tables)
+        kmap.derived["compat.spconv.inverse"] = inv
+    return inv
