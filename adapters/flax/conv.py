@@ -10,7 +10,7 @@ decide output shapes, so build them outside ``jit`` and pass them in (a :class:`
     def step(conv, feats, kmap):
         return conv(feats, kmap)                       # feats [N, 16] -> [N, 32]
 
-This module imports flax; nothing else in sparsevox does (install with ``pip install sparsevox[flax]``).
+Re-exported by :mod:`sparsevox.adapters.flax`.
 """
 from __future__ import annotations
 
