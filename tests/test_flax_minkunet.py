@@ -227,3 +227,17 @@ def test_arguments_are_checked(rng):
         net(v.feats[:, :2], maps)
     with pytest.raises(ValueError, match="outside jit"):
         nnx.jit(lambda m, x: m(x))(net, v)  # Voxels are traced under jit: their maps cannot be built there
+
+
+def test_the_package_docstring_example_runs(rng):
+    """The usage pattern in ``sparsevox.adapters.flax``'s docstring, run as written (default MinkUNet)."""
+    pytest.importorskip("optax", reason="optax not installed")
+    doc = svf.__doc__
+    block = doc[doc.index("::\n\n") + 4:doc.index("\n\n``python -m")]
+    code = "\n".join(line[4:] for line in block.splitlines())
+    coords = jnp.asarray(random_voxels(rng, 300, extent=10, batches=2))
+    scope = dict(coords=coords, feats=jnp.asarray(rng.standard_normal((len(coords), 4)), jnp.float32),
+                 labels=jnp.asarray(rng.integers(0, 20, len(coords)), jnp.int32))
+    exec(compile(code, "sparsevox.adapters.flax docstring", "exec"), scope)
+    assert np.isfinite(float(scope["loss"])) and scope["logits"].shape == (len(coords), 20)
+    assert scope["model"].stem.layers[0].layers[1].use_running_average  # model.eval() reached the norms
