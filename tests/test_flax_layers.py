@@ -70,7 +70,8 @@ def test_level_maps_hold_every_geometry_once_and_the_batch_column(rng):
     v, _ = _pair(rng)
     rngs = nnx.Rngs(0)
     net = svf.SparseSequential(svf.SparseConv(4, 8, rngs=rngs), svf.SparseDepthwiseConv(8, rngs=rngs),
-                               svf.SparseConv(8, 8, 1, rngs=rngs), svf.SparseConv(8, 4, (3, 1, 3), dilation=2, rngs=rngs),
+                               svf.SparseConv(8, 8, 1, rngs=rngs),
+                               svf.SparseConv(8, 4, (3, 1, 3), dilation=2, rngs=rngs),
                                svf.SparseConv(4, 4, 2, stride=2, rngs=rngs))
     maps = net.kernel_maps(v)
     assert sorted(maps.maps) == ["k1", "k2_s2", "k3", "k3x1x3_d2"]
@@ -121,7 +122,8 @@ def test_sequential_refuses_maps_after_the_sites_change(rng):
     maps = ok.kernel_maps(v)
     out = ok(v.feats.astype(jnp.float32), maps)
     assert out.shape == (maps.maps["k2_s2"].num_out, 4)
-    bad = svf.SparseSequential(svf.SparseConv(4, 4, 2, stride=2, rngs=rngs), jax.nn.relu, svf.SparseConv(4, 4, rngs=rngs))
+    bad = svf.SparseSequential(svf.SparseConv(4, 4, 2, stride=2, rngs=rngs), jax.nn.relu,
+                               svf.SparseConv(4, 4, rngs=rngs))
     with pytest.raises(ValueError, match="layer 2 .*takes kernel maps, but layer 0 changed the sites"):
         bad(v.feats.astype(jnp.float32), bad.kernel_maps(v))
 
@@ -146,7 +148,8 @@ def test_batchnorm_matches_torch_in_both_modes_with_its_running_statistics(rng, 
     assert bn.use_running_average
     ref = tbn.eval()(torch.from_numpy(x)).detach().numpy()
     assert rel_err(step(bn, jnp.asarray(x)), ref) < 1e-12
-    assert rel_err(bn(jnp.asarray(x), use_running_average=False), tbn.train()(torch.from_numpy(x)).detach().numpy()) < 1e-12
+    ref = tbn.train()(torch.from_numpy(x)).detach().numpy()
+    assert rel_err(bn(jnp.asarray(x), use_running_average=False), ref) < 1e-12
 
 
 def test_batchnorm_dtypes_gradients_and_errors(rng):
@@ -244,7 +247,8 @@ def test_residual_block_and_instancenorm_pass_finite_differences(rng):
     differences, independent of the torch twins."""
     from jax.test_util import check_grads
     v, _ = _pair(rng, n=60, c=3, extent=5)
-    net = svf.SparseSequential(svf.ResidualBlock(3, 4, **F64, rngs=nnx.Rngs(0)), svf.InstanceNorm(4, affine=True, **F64))
+    net = svf.SparseSequential(svf.ResidualBlock(3, 4, **F64, rngs=nnx.Rngs(0)),
+                               svf.InstanceNorm(4, affine=True, **F64))
     maps = net.kernel_maps(v)
     # eps 1e-6, not 1e-4: a random step of 1e-4 in ~500 parameters moves some of the 240 ReLU inputs
     # across 0, and the difference quotient then misses by ~2% (both modes); 1e-6 steps over no kink
@@ -272,7 +276,8 @@ def test_torch_weights_round_trip_and_errors(rng):
     svf.load_torch_state_dict(block, tblock.state_dict())
     assert block.main.layers[0].weight.dtype == jnp.float32
     back = svt.ResidualBlock(3, 5).double()
-    back.load_state_dict({k: torch.from_numpy(np.asarray(a, np.float64)) for k, a in svf.torch_state_dict(block).items()})
+    exported = svf.torch_state_dict(block)
+    back.load_state_dict({k: torch.from_numpy(np.asarray(a, np.float64)) for k, a in exported.items()})
     for k, t in tblock.state_dict().items():
         if not k.endswith("num_batches_tracked"):
             np.testing.assert_allclose(back.state_dict()[k].numpy(), t.numpy(), rtol=1e-6, err_msg=k)
@@ -294,7 +299,8 @@ def test_torch_weights_round_trip_and_errors(rng):
     with pytest.raises(ValueError, match="without a torch key \\['skip.0.weight'"):
         svf.load_torch_state_dict(svf.ResidualBlock(3, 5, rngs=nnx.Rngs(0)), svt.ResidualBlock(5, 5).state_dict())
     with pytest.raises(ValueError, match="main.0.weight: the torch value has shape"):
-        svf.load_torch_state_dict(svf.ResidualBlock(3, 5, rngs=nnx.Rngs(0)), svt.ResidualBlock(3, 5, kernel_size=2).state_dict())
+        svf.load_torch_state_dict(svf.ResidualBlock(3, 5, rngs=nnx.Rngs(0)),
+                                  svt.ResidualBlock(3, 5, kernel_size=2).state_dict())
     partial = svf.ResidualBlock(3, 5, rngs=nnx.Rngs(0))
     svf.load_torch_state_dict(partial, {"main.1.running_var": torch.full((5,), 3.0)}, strict=False)
     np.testing.assert_array_equal(partial.main.layers[1].var[...], 3.0)

@@ -75,7 +75,8 @@ def test_kernel_maps_per_level_and_forward_shapes(rng):
     for lvl, m in enumerate(maps):
         for key, k in m.maps.items():
             assert k.num_in == counts[lvl], (lvl, key)
-            assert k.num_out == {"k2_s2": counts[min(lvl + 1, 4)], "k2_s2_transposed": counts[lvl - 1]}.get(key, counts[lvl])
+            out = {"k2_s2": counts[min(lvl + 1, 4)], "k2_s2_transposed": counts[lvl - 1]}.get(key, counts[lvl])
+            assert k.num_out == out, (lvl, key)
     np.testing.assert_array_equal(maps[0].batch, np.asarray(v.coords)[:, 0])
     assert maps[0].maps["k3"] is svj.kernel_map(v, 3)  # cached on the input Voxels
     assert net.kernel_maps(v)[2].maps["k3"] is maps[2].maps["k3"]  # levels too: nothing is rebuilt
@@ -128,7 +129,8 @@ def test_same_logits_statistics_and_gradients_as_torch(rng, blocks):
     torch.nn.functional.cross_entropy(tlogits, torch.from_numpy(labels)).backward()
     loss_grad = nnx.jit(nnx.value_and_grad(lambda m, f, maps: _cross_entropy(m(f, maps), jnp.asarray(labels))))
     loss, grads = loss_grad(net, v.feats, maps)
-    assert abs(float(loss) - float(torch.nn.functional.cross_entropy(tlogits.detach(), torch.from_numpy(labels)))) < 1e-12
+    tloss = torch.nn.functional.cross_entropy(tlogits.detach(), torch.from_numpy(labels))
+    assert abs(float(loss) - float(tloss)) < 1e-12
     fstate, tstate = svf.torch_state_dict(net), tnet.state_dict()
     for k in fstate:  # the running statistics moved as torch's did (one train step, unbiased variance)
         assert rel_err(fstate[k], tstate[k].numpy()) < 1e-12, k

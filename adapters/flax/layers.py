@@ -96,8 +96,8 @@ class BatchNorm(nnx.BatchNorm):
     ``scale``/``bias`` params (torch's ``weight``/``bias``), ``mean``/``var`` batch stats (torch's
     ``running_mean``/``running_var``). ``momentum`` has torch's meaning (the weight of the new batch
     statistic, default 0.1); the attribute ``self.momentum`` holds nnx's decay, ``1 - momentum``.
-    Statistics are computed and kept in float32 at least (float64 params: float64); the result is in ``dtype``, else the promoted dtype of
-    the input and ``param_dtype``.
+    Statistics are computed and kept in float32 at least (float64 params: float64); the result is in
+    ``dtype``, else the promoted dtype of the input and ``param_dtype``.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True, *,
