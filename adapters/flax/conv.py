@@ -10,7 +10,7 @@ decide output shapes, so build them outside ``jit`` and pass them in (a :class:`
     def step(conv, feats, kmap):
         return conv(feats, kmap)                       # feats [N, 16] -> [N, 32]
 
-This module imports flax; nothing else in sparsevox does (install with ``pip install sparsevox[flax]``).
+Re-exported by :mod:`sparsevox.adapters.flax`.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from sparsevox.conv import output_voxels_of
 from sparsevox.geometry import triple
 from sparsevox.kernel_map import KernelMap
 from sparsevox.voxels import Voxels
+
+from .maps import LevelMaps, map_key
 
 __all__ = ["SparseConv", "SparseDepthwiseConv"]
 
@@ -76,6 +78,11 @@ class _SparseLayer(nnx.Module):
         self.weight = nnx.Param(params["weight"])
         self.bias = nnx.Param(params["bias"]) if "bias" in params else nnx.data(None)
 
+    @property
+    def map_key(self) -> str:
+        """This layer's geometry as a key of :attr:`LevelMaps.maps` (``"k3"``, ``"k2_s2"``, ...)."""
+        return map_key(self.kernel_size, self.stride, self.dilation, self.transposed, self.generative)
+
     def kernel_map(self, voxels, output_voxels=None) -> svj.JaxKernelMap:
         """This layer's kernel map for ``voxels`` (call outside ``jit``; pass the result to ``__call__``)."""
         return svj.kernel_map(voxels, self.kernel_size, self.stride, self.dilation, self.transposed,
@@ -86,13 +93,16 @@ class _SparseLayer(nnx.Module):
 
         Args:
             x: features ``[N_in, C_in]`` (float16, bfloat16, float32, float64) or :class:`~sparsevox.Voxels`.
-            kmap: a :class:`JaxKernelMap` from :meth:`kernel_map` (required for feature arrays and under
-                ``jit``). ``None`` with concrete ``Voxels`` builds the map here (outside ``jit`` only).
+            kmap: a :class:`JaxKernelMap` from :meth:`kernel_map`, or a :class:`LevelMaps` holding one
+                under this layer's :attr:`map_key` (required for feature arrays and under ``jit``).
+                ``None`` with concrete ``Voxels`` builds the map here (outside ``jit`` only).
             output_voxels: the output sites of a non-generative transposed layer (the finer ``Voxels``).
 
         Returns features ``[N_out, C_out]`` for an array input, ``Voxels`` for a ``Voxels`` input. The
         computation runs in ``dtype``, else in the promoted dtype of the input and ``param_dtype``.
         """
+        if isinstance(kmap, LevelMaps):
+            kmap = kmap[self.map_key]
         if isinstance(x, Voxels):
             core = None
             if kmap is None:

@@ -1,0 +1,245 @@
+"""The Flax NNX MinkUNet on the CPU: its levels and maps, the same shapes as the torch MinkUNet, the same
+logits, running statistics and gradients as torch's with copied weights (float64), nnx.jit equal to
+eager, and training steps (the example) that reduce the loss."""
+import numpy as np
+import pytest
+from reference import random_voxels, rel_err
+
+import sparsevox as sv
+
+pytest.importorskip("flax", reason="flax not installed")
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+svf = pytest.importorskip("sparsevox.adapters.flax")
+from sparsevox.adapters import jax as svj  # noqa: E402
+
+SMALL = (8, 8, 8, 16, 16, 16, 8, 8, 8)
+
+
+def _torch():
+    torch = pytest.importorskip("torch", reason="torch not installed (the twin the model is judged against)")
+    torch.set_num_threads(1)  # a shared 2-core machine
+    return torch, pytest.importorskip("sparsevox.adapters.torch")
+
+
+def _voxels(rng, n=400, extent=10, batches=2, c=4, shift=0, dtype=jnp.float64):
+    coords = random_voxels(rng, n, extent=extent, batches=batches)
+    coords[:, 1:] += shift
+    return sv.Voxels(jnp.asarray(coords), jnp.asarray(rng.standard_normal((len(coords), c)), dtype))
+
+
+def _levels(coords, n):
+    """Voxel counts of levels 0..n: unique floor(c / 2^l) per batch."""
+    c = np.asarray(coords, np.int64)
+    return [len(np.unique(np.concatenate([c[:, :1], c[:, 1:] >> lvl], 1), axis=0)) for lvl in range(n + 1)]
+
+
+def _cross_entropy(logits, labels):
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1).mean()
+
+
+def _param_grads_by_torch_name(model, grads):
+    """Gradients (an nnx State of the Params) under torch's parameter names."""
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    merged = svf.torch_state_dict(nnx.merge(graphdef, grads, rest))
+    return {k: v for k, v in merged.items() if not k.endswith(("running_mean", "running_var"))}
+
+
+# --- shapes and levels ---------------------------------------------------------------------------------
+
+def test_default_shape_is_the_torch_shape(rng):
+    torch, svt = _torch()
+    net = svf.MinkUNet(4, 20, rngs=nnx.Rngs(0))
+    assert net.widths == (32, 32, 64, 128, 256, 256, 128, 96, 96) and net.blocks == (2,) * 8
+    tstate = {k: tuple(t.shape) for k, t in svt.MinkUNet(4, 20).state_dict().items()
+              if not k.endswith("num_batches_tracked")}
+    fstate = {k: a.shape for k, a in svf.torch_state_dict(net).items()}
+    assert fstate == tstate  # every parameter and statistic, by torch name, in torch's layout
+    n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(nnx.state(net, nnx.Param)))
+    assert 21.5e6 < n_params < 22e6  # SPVNAS MinkUNet (cr 1): 21.7M
+    assert float(jnp.abs(net.classifier.kernel[...]).max()) <= 1 / np.sqrt(96)  # torch's Linear init
+
+
+def test_kernel_maps_per_level_and_forward_shapes(rng):
+    v = _voxels(rng, n=500, extent=12, dtype=jnp.float32)
+    net = svf.MinkUNet(4, 20, widths=SMALL, rngs=nnx.Rngs(0))
+    maps = net.kernel_maps(v)
+    counts = _levels(np.asarray(v.coords), 4)
+    assert isinstance(maps, tuple) and [m.num_sites for m in maps] == counts
+    # 1x1 maps only where a block changes channels: every decoder level (the concatenation), and the
+    # encoder's 8 -> 16 at level 2; level 4's blocks keep 16 channels
+    assert [sorted(m.maps) for m in maps] == [["k1", "k2_s2", "k3"]] + [["k1", "k2_s2", "k2_s2_transposed", "k3"]] * 3 \
+        + [["k2_s2_transposed", "k3"]]
+    for lvl, m in enumerate(maps):
+        for key, k in m.maps.items():
+            assert k.num_in == counts[lvl], (lvl, key)
+            out = {"k2_s2": counts[min(lvl + 1, 4)], "k2_s2_transposed": counts[lvl - 1]}.get(key, counts[lvl])
+            assert k.num_out == out, (lvl, key)
+    np.testing.assert_array_equal(maps[0].batch, np.asarray(v.coords)[:, 0])
+    assert maps[0].maps["k3"] is svj.kernel_map(v, 3)  # cached on the input Voxels
+    assert net.kernel_maps(v)[2].maps["k3"] is maps[2].maps["k3"]  # levels too: nothing is rebuilt
+    logits = net(v.feats, maps)
+    assert logits.shape == (v.num_voxels, 20) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(net(v), logits, rtol=1e-6, atol=1e-6)  # Voxels in, maps built there
+
+
+# --- the torch twin ------------------------------------------------------------------------------------
+
+def _calibrate_bn(torch, net, x):
+    """Running statistics = the statistics of one train-mode forward (so eval mode normalises)."""
+    moms = {}
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            moms[m] = m.momentum
+            m.momentum = None
+            m.reset_running_stats()
+    net.train()
+    with torch.no_grad():
+        net(x)
+    for m, mom in moms.items():
+        m.momentum = mom
+
+
+@pytest.mark.usefixtures("jax_x64")
+@pytest.mark.parametrize("blocks", [1, (2, 1, 1, 2, 1, 2, 1, 2)])
+def test_same_logits_statistics_and_gradients_as_torch(rng, blocks):
+    torch, svt = _torch()
+    v = _voxels(rng, n=400, extent=12, shift=-3)
+    tv = sv.Voxels(torch.from_numpy(np.array(v.coords)), torch.from_numpy(np.array(v.feats)))
+    torch.manual_seed(int(rng.integers(1 << 31)))
+    tnet = svt.MinkUNet(4, 5, widths=SMALL, blocks=blocks).double()
+    _calibrate_bn(torch, tnet, tv)
+    net = svf.MinkUNet(4, 5, widths=SMALL, blocks=blocks, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    svf.load_torch_state_dict(net, tnet.state_dict())
+    maps = net.kernel_maps(v)
+    forward = nnx.jit(lambda m, f, maps: m(f, maps))
+
+    tnet.eval()
+    net.eval()
+    with torch.no_grad():
+        ref = tnet(tv).numpy()
+    assert rel_err(forward(net, v.feats, maps), ref) < 1e-12  # the architecture is torch's
+
+    labels = rng.integers(0, 5, v.num_voxels)
+    tnet.train()
+    net.train()
+    tlogits = tnet(tv)
+    torch.nn.functional.cross_entropy(tlogits, torch.from_numpy(labels)).backward()
+    loss_grad = nnx.jit(nnx.value_and_grad(lambda m, f, maps: _cross_entropy(m(f, maps), jnp.asarray(labels))))
+    loss, grads = loss_grad(net, v.feats, maps)
+    tloss = torch.nn.functional.cross_entropy(tlogits.detach(), torch.from_numpy(labels))
+    assert abs(float(loss) - float(tloss)) < 1e-12
+    fstate, tstate = svf.torch_state_dict(net), tnet.state_dict()
+    for k in fstate:  # the running statistics moved as torch's did (one train step, unbiased variance)
+        assert rel_err(fstate[k], tstate[k].numpy()) < 1e-12, k
+    fgrads = _param_grads_by_torch_name(net, grads)
+    tgrads = {k: p.grad.numpy() for k, p in tnet.named_parameters()}
+    assert fgrads.keys() == tgrads.keys()
+    for k in tgrads:
+        assert rel_err(fgrads[k], tgrads[k]) < 1e-10, k
+
+
+# --- jit, gradients, training ------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("jax_x64")
+def test_jit_gives_the_eager_result(rng):
+    v = _voxels(rng, n=300, extent=10)
+    net = svf.MinkUNet(4, 3, widths=SMALL, blocks=1, param_dtype=jnp.float64, rngs=nnx.Rngs(1))
+    maps = net.kernel_maps(v)
+    labels = jnp.asarray(rng.integers(0, 3, v.num_voxels))
+    twin = nnx.clone(net)
+    eager = net(v.feats, maps)  # train mode: batch statistics; both update their running statistics
+    jitted = nnx.jit(lambda m, f, maps: m(f, maps))(twin, v.feats, maps)
+    assert rel_err(jitted, eager) < 1e-12
+    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(net, nnx.BatchStat)),
+                              nnx.to_flat_state(nnx.state(twin, nnx.BatchStat))):
+        assert rel_err(b[...], a[...]) < 1e-12, p
+    loss = lambda m, f, maps: _cross_entropy(m(f, maps), labels)  # noqa: E731
+    g_eager = nnx.grad(loss)(net, v.feats, maps)
+    g_jit = nnx.jit(nnx.grad(loss))(twin, v.feats, maps)
+    for (p, a), (_, b) in zip(nnx.to_flat_state(g_eager), nnx.to_flat_state(g_jit)):
+        assert rel_err(b[...], a[...]) < 1e-10, p
+    net.eval()
+    twin.eval()
+    assert rel_err(nnx.jit(lambda m, f, maps: m(f, maps))(twin, v.feats, maps), net(v.feats, maps)) < 1e-12
+
+
+def test_gradients_reach_every_parameter(rng):
+    v = _voxels(rng, n=300, extent=10, dtype=jnp.float32)
+    net = svf.MinkUNet(4, 7, widths=SMALL, blocks=(1, 1, 1, 2, 1, 1, 1, 2), rngs=nnx.Rngs(2))
+    labels = jnp.asarray(rng.integers(0, 7, v.num_voxels))
+    grads = nnx.jit(nnx.grad(lambda m, f, maps: _cross_entropy(m(f, maps), labels)))(net, v.feats, net.kernel_maps(v))
+    flat = nnx.to_flat_state(grads)
+    n_params = len(jax.tree_util.tree_leaves(nnx.state(net, nnx.Param)))
+    assert len(flat) == n_params
+    missing = [p for p, g in flat if not bool(jnp.isfinite(g[...]).all()) or float(jnp.abs(g[...]).sum()) == 0]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("sgd", [False, True])
+def test_training_example_reduces_the_loss(sgd):
+    if not sgd:
+        pytest.importorskip("optax", reason="optax not installed (the SGD case runs without it)")
+    from sparsevox.examples import flax_train
+    ratio = flax_train.main(["--steps", "6", "--crop", "2"] + (["--sgd"] if sgd else []))
+    assert ratio < 0.7
+
+
+@pytest.mark.usefixtures("jax_x64")
+def test_row_order_follows_the_input(rng):
+    """Logits are per row: permuting the input's rows permutes the logits (eval mode, eager)."""
+    v = _voxels(rng, n=300, extent=10)
+    net = svf.MinkUNet(4, 5, widths=SMALL, blocks=1, param_dtype=jnp.float64, rngs=nnx.Rngs(3))
+    net.eval()
+    ref = net(v)
+    perm = rng.permutation(v.num_voxels)
+    out = net(sv.Voxels(v.coords[perm], v.feats[perm]))
+    assert rel_err(out, ref[perm]) < 1e-12
+
+
+def test_bfloat16_computation_runs_and_stays_near_float32(rng):
+    """A smoke check of ``dtype=bfloat16`` (float32 params): bfloat16 logits within a few percent of
+    float32's (bfloat16 keeps ~3 digits; about 30 layers round in it)."""
+    v = _voxels(rng, n=300, extent=10, dtype=jnp.float32)
+    kw = dict(widths=SMALL, blocks=1, rngs=nnx.Rngs(4))
+    half = svf.MinkUNet(4, 5, dtype=jnp.bfloat16, **kw)
+    full = svf.MinkUNet(4, 5, widths=SMALL, blocks=1, rngs=nnx.Rngs(4))
+    maps = full.kernel_maps(v)
+    out = nnx.jit(lambda m, f, maps: m(f, maps))(half, v.feats.astype(jnp.bfloat16), maps)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out.astype(jnp.float32), full(v.feats, maps)) < 0.05
+
+
+def test_arguments_are_checked(rng):
+    with pytest.raises(ValueError, match="9 positive"):
+        svf.MinkUNet(4, 5, widths=(8, 8), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="blocks"):
+        svf.MinkUNet(4, 5, blocks=0, rngs=nnx.Rngs(0))
+    net = svf.MinkUNet(3, 2, widths=SMALL, blocks=(1, 2, 1, 1, 1, 1, 2, 1), rngs=nnx.Rngs(0))
+    assert len(net.encoder[1].blocks.layers) == 2 and len(net.decoder[2].blocks.layers) == 2
+    v = _voxels(rng, n=100, extent=6, c=3, dtype=jnp.float32)
+    maps = net.kernel_maps(v)
+    with pytest.raises(ValueError, match="5 LevelMaps"):
+        net(v.feats, maps[:4])
+    with pytest.raises(ValueError, match="5 LevelMaps"):
+        net(v.feats)
+    with pytest.raises(ValueError, match=r"shape \[N=\d+, in_channels=3\]"):
+        net(v.feats[:, :2], maps)
+    with pytest.raises(ValueError, match="outside jit"):
+        nnx.jit(lambda m, x: m(x))(net, v)  # Voxels are traced under jit: their maps cannot be built there
+
+
+def test_the_package_docstring_example_runs(rng):
+    """The usage pattern in ``sparsevox.adapters.flax``'s docstring, run as written (default MinkUNet)."""
+    pytest.importorskip("optax", reason="optax not installed")
+    doc = svf.__doc__
+    block = doc[doc.index("::\n\n") + 4:doc.index("\n\n``python -m")]
+    code = "\n".join(line[4:] for line in block.splitlines())
+    coords = jnp.asarray(random_voxels(rng, 300, extent=10, batches=2))
+    scope = dict(coords=coords, feats=jnp.asarray(rng.standard_normal((len(coords), 4)), jnp.float32),
+                 labels=jnp.asarray(rng.integers(0, 20, len(coords)), jnp.int32))
+    exec(compile(code, "sparsevox.adapters.flax docstring", "exec"), scope)
+    assert np.isfinite(float(scope["loss"])) and scope["logits"].shape == (len(coords), 20)
+    assert scope["model"].stem.layers[0].layers[1].use_running_average  # model.eval() reached the norms
