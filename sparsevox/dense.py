@@ -57,6 +57,11 @@ def to_dense_forward(feats, coords, spatial_shape, batch_size: int):
     xp = array_module(feats)
     x, y, z = _shape3(spatial_shape)
     b, site = _sites(coords, (x, y, z), batch_size)
+    if int(xp.unique(b.astype(xp.int64) * (x * y * z) + site).size) != int(coords.shape[0]):
+        # a scatter by assignment keeps one of the repeated rows (which one is undefined on the GPU):
+        # refuse rather than drop values (also guards from_dense's gradient, which scatters the same way)
+        raise ValueError("coords: a site (b, x, y, z) occurs more than once; to_dense and the gradient of "
+                         "from_dense need unique sites (as Voxels have)")
     c = int(feats.shape[1])
     out = xp.zeros(batch_size * c * x * y * z, dtype=_bits(feats, xp).dtype)
     if feats.shape[0] and c:
