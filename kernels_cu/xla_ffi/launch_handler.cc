@@ -48,7 +48,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 struct Step {
   CUfunction func = nullptr;
@@ -282,6 +282,7 @@ struct sparsevox_ffi_step {
   uint32_t params_size;
   uint32_t n_params;
   const uint32_t* param_offsets;    // [n_params]
+  const uint32_t* param_sizes;      // [n_params]
   uint32_t n_slots;
   const uint32_t* slot_param;       // [n_slots]: parameter index (an 8-byte parameter) ...
   const int32_t* slot_buffer;       // [n_slots]: ... receiving this buffer's address (args, then rets)
@@ -321,13 +322,15 @@ SV_EXPORT int sparsevox_ffi_register_launch(int64_t id, int32_t n_args, int32_t 
     const uint8_t* p = static_cast<const uint8_t*>(in.params);
     s.params.assign(p, p + in.params_size);
     s.offsets.assign(in.param_offsets, in.param_offsets + in.n_params);
-    for (uint32_t off : s.offsets) {
-      if (off >= in.params_size) return fail("a parameter offset lies outside the parameter bytes");
+    for (uint32_t p = 0; p < in.n_params; ++p) {
+      if (uint64_t(s.offsets[p]) + in.param_sizes[p] > in.params_size || in.param_sizes[p] == 0) {
+        return fail("parameter " + std::to_string(p) + " lies outside the parameter bytes");
+      }
     }
     for (uint32_t j = 0; j < in.n_slots; ++j) {
       uint32_t par = in.slot_param[j];
       int32_t buf = in.slot_buffer[j];
-      if (par >= in.n_params || s.offsets[par] + 8 > in.params_size) {
+      if (par >= in.n_params || in.param_sizes[par] != 8) {
         return fail("slot " + std::to_string(j) + " names parameter " + std::to_string(par) +
                     ", which is not an 8-byte parameter of the step");
       }

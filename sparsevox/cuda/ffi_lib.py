@@ -26,7 +26,7 @@ from . import driver
 
 log = logging.getLogger("sparsevox.ffi_lib")
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIB_NAME = "libsparsevox_xla_ffi.so"
 ENV_VAR = "SPARSEVOX_XLA_FFI_LIB"
 BUILD_HINT = "build it with `python -m sparsevox build-ffi` (needs g++ or nvcc and jax; no GPU needed)"
@@ -39,6 +39,7 @@ class _Step(ctypes.Structure):
     _fields_ = [("func", ctypes.c_void_p), ("grid", ctypes.c_uint32 * 3), ("block", ctypes.c_uint32 * 3),
                 ("smem", ctypes.c_uint32), ("params", ctypes.c_void_p), ("params_size", ctypes.c_uint32),
                 ("n_params", ctypes.c_uint32), ("param_offsets", ctypes.POINTER(ctypes.c_uint32)),
+                ("param_sizes", ctypes.POINTER(ctypes.c_uint32)),
                 ("n_slots", ctypes.c_uint32), ("slot_param", ctypes.POINTER(ctypes.c_uint32)),
                 ("slot_buffer", ctypes.POINTER(ctypes.c_int32))]
 
@@ -116,16 +117,18 @@ def handler_address(name: str = TARGET) -> int:
     return ctypes.cast(getattr(_lib(), name), ctypes.c_void_p).value
 
 
-def layout(args) -> tuple[bytes, list[int]]:
-    """The packed bytes of a kernel's arguments and each one's offset (native alignment, as a C struct)."""
-    blob, offsets = bytearray(), []
+def layout(args) -> tuple[bytes, list[int], list[int]]:
+    """The packed bytes of a kernel's arguments, each one's offset (native alignment, as in a C struct)
+    and size."""
+    blob, offsets, sizes = bytearray(), [], []
     for v in args:
         b = driver.box(v)
         size = ctypes.sizeof(b)
         blob += bytes(-len(blob) % size)
         offsets.append(len(blob))
+        sizes.append(size)
         blob += bytes(b)
-    return bytes(blob), offsets
+    return bytes(blob), offsets, sizes
 
 
 _ids = itertools.count(1)
@@ -142,15 +145,16 @@ def register(steps, n_args: int, n_rets: int, buffer_bytes=None, device: int = -
     n_buf = n_args + n_rets
     keep, structs = [], []
     for func, grid, block, smem, args, slots in steps:
-        blob, offsets = layout(args)
+        blob, offsets, psizes = layout(args)
         params = ctypes.create_string_buffer(blob, max(1, len(blob)))
         offs = (ctypes.c_uint32 * max(1, len(offsets)))(*offsets)
+        psz = (ctypes.c_uint32 * max(1, len(psizes)))(*psizes)
         sp = (ctypes.c_uint32 * max(1, len(slots)))(*slots.keys())
         sb = (ctypes.c_int32 * max(1, len(slots)))(*slots.values())
-        keep += [params, offs, sp, sb]
+        keep += [params, offs, psz, sp, sb]
         dims = [tuple(int(v) for v in (d if isinstance(d, (tuple, list)) else (d, 1, 1))) for d in (grid, block)]
         structs.append(_Step(int(func), (ctypes.c_uint32 * 3)(*dims[0]), (ctypes.c_uint32 * 3)(*dims[1]), int(smem),
-                             ctypes.cast(params, ctypes.c_void_p), len(blob), len(offsets), offs, len(slots), sp, sb))
+                             ctypes.cast(params, ctypes.c_void_p), len(blob), len(offsets), offs, psz, len(slots), sp, sb))
     arr = (_Step * len(structs))(*structs)
     sizes = (ctypes.c_uint64 * max(1, n_buf))(*(int(b or 0) for b in (buffer_bytes or [0] * n_buf)))
     msg = ctypes.create_string_buffer(_MSG)
