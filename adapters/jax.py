@@ -19,6 +19,12 @@ the GPU work on XLA's stream (``ctx.stream``). After the first call of a signatu
 prepared launch of the chosen kernels (:func:`sparsevox.conv.prepared`), writing into XLA's output buffers.
 Under ``vmap`` it runs once per batch element.
 
+XLA FFI (issue 20, NOT YET GPU-VERIFIED): with ``libsparsevox_xla_ffi.so`` built (``python -m sparsevox
+build-ffi``), a GPU backend, and ``SPARSEVOX_JAX_FFI`` not ``0``, a convolution forward whose plan is
+IMPLICIT_GEMM is instead one ``sparsevox_launch`` custom call: its prepared launch is registered in the
+library's table at trace time and XLA launches it on its stream with no Python (:func:`_ffi_forward`).
+The backward and every other op still use ``buffer_callback``. :func:`jax_call_path` says which is used.
+
 Speed: jit the whole step (all layers, loss, gradient), not single layers. On an H100 host a jitted call
 costs ~80 µs of XLA dispatch before any work, about what a whole small layer costs through torch, and
 each layer's callback ~35 µs of our own host work plus XLA's share (``docs/performance.md``).
