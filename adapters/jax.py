@@ -19,6 +19,12 @@ the GPU work on XLA's stream (``ctx.stream``). After the first call of a signatu
 prepared launch of the chosen kernels (:func:`sparsevox.conv.prepared`), writing into XLA's output buffers.
 Under ``vmap`` it runs once per batch element.
 
+XLA FFI (issue 20, NOT YET GPU-VERIFIED): with ``libsparsevox_xla_ffi.so`` built (``python -m sparsevox
+build-ffi``), a GPU backend, and ``SPARSEVOX_JAX_FFI`` not ``0``, a convolution forward whose plan is
+IMPLICIT_GEMM is instead one ``sparsevox_launch`` custom call: its prepared launch is registered in the
+library's table at trace time and XLA launches it on its stream with no Python (:func:`_ffi_forward`).
+The backward and every other op still use ``buffer_callback``. :func:`jax_call_path` says which is used.
+
 Speed: jit the whole step (all layers, loss, gradient), not single layers. On an H100 host a jitted call
 costs ~80 µs of XLA dispatch before any work, about what a whole small layer costs through torch, and
 each layer's callback ~35 µs of our own host work plus XLA's share (``docs/performance.md``).
@@ -57,6 +63,9 @@ leave room for it, e.g. ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.5`` or ``XLA_PYTHON_C
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+import os
 import weakref
 from functools import partial
 
@@ -73,6 +82,8 @@ from sparsevox._arrays import (array_module, cuda_interface_view, data_ptr, exte
 from sparsevox.kernel_map import KernelMap, live_map, recall
 from sparsevox.segments import FLOAT_DTYPES
 from sparsevox.voxels import Voxels
+
+log = logging.getLogger("sparsevox.adapters.jax")
 
 __all__ = ["JaxKernelMap", "kernel_map", "conv_features", "depthwise_features", "spatially_sparse_conv",
            "spatially_sparse_depthwise_conv", "init_conv", "apply_conv", "SpatiallySparseConv",
@@ -227,7 +238,91 @@ def _map_of(i, o, kmap: JaxKernelMap, on_gpu: bool) -> KernelMap:
 # outputs in place (no CuPy views, no planning, no copy of the result into XLA's buffer). Kept on the
 # core map; False marks a signature without one.
 
+# --- the XLA FFI forward (issue 20): the prepared launch as a custom call -----------------------------
+# NOT YET GPU-VERIFIED: written and checked on a CPU-only machine (the handler's checks and packing are
+# tested there through the CPU twin, tests/test_xla_ffi.py); the GPU tests in that file are the proof.
+
+@functools.cache
+def _ffi_path(setting: str) -> tuple[bool, str]:
+    """``(True, "")`` when conv forwards go through the ``sparsevox_launch`` custom call, else ``(False,
+    why)``; registers the handler with XLA (CUDA) the first time, and logs the choice once."""
+    from sparsevox.cuda import ffi_lib
+    if setting == "0":
+        ok, why = False, "SPARSEVOX_JAX_FFI=0"
+    elif not any(d.platform == "gpu" for d in jax.devices()):
+        ok, why = False, f"no GPU backend (jax runs on {jax.default_backend()})"
+    else:
+        ok, why = ffi_lib.available()
+    if ok:
+        try:
+            jax.ffi.register_ffi_target(ffi_lib.TARGET, jax.ffi.pycapsule(ffi_lib.handler_address()), platform="CUDA")
+        except Exception as e:  # an XLA without typed FFI, or a registration clash
+            ok, why = False, f"registering {ffi_lib.TARGET} with XLA failed: {e}"
+    log.info("sparsevox JAX convolutions: %s", "forward through the XLA FFI custom call sparsevox_launch" if ok
+             else f"buffer_callback (the XLA FFI path is off: {why})")
+    return ok, why
+
+
+def jax_call_path() -> tuple[str, str]:
+    """``("ffi", "")`` or ``("buffer_callback", why)``: how this process runs convolution forwards."""
+    ok, why = _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "1"))
+    return ("ffi", "") if ok else ("buffer_callback", why)
+
+
+def _ffi_launch_id(core: KernelMap, dtype: str, f_shape, w_shape, fwd_algo) -> int | None:
+    """The launch id of this forward's prepared IMPLICIT_GEMM launch, registered once per map and signature
+    (None: the plan picked another algorithm, or the problem is empty). Plans, and for AUTO tunes, at
+    trace time with one ordinary call on zeros of the call's shapes; forgotten when the map is freed."""
+    key = ("jax.ffi.fwd", dtype, tuple(f_shape), tuple(w_shape), fwd_algo, sv.allow_tf32())
+    hit = core.derived.get(key)
+    if hit is None:
+        import cupy
+        from sparsevox.cuda import ffi_lib
+        hit, prep = False, None
+        try:
+            with cupy.cuda.Device(core.in_maps.device.id):
+                fv, wv = cupy.zeros(f_shape, jnp.dtype(dtype)), cupy.zeros(w_shape, jnp.dtype(dtype))
+                sv.conv_forward(fv, wv, core, fwd_algo)
+                prep = sv.conv.prepared("conv", "fwd", fv, wv, core, fwd_algo)
+        except Exception as e:  # e.g. a CuPy without this dtype: buffer_callback handles it
+            log.warning("sparsevox: no XLA FFI launch for a %s forward %s -> buffer_callback (%s: %s)", dtype,
+                        tuple(f_shape), type(e).__name__, e)
+        if prep is not None and hasattr(prep, "raw_steps"):
+            i, j, k = prep.holes
+            steps = [(*s, {i: 0, j: 1, k: 2}) for s in prep.raw_steps()]
+            sizes = [fv.nbytes, wv.nbytes, int(np.prod(prep.out_shape)) * fv.itemsize]
+            launch_id = ffi_lib.register(steps, 2, 1, sizes, int(prep.device_id), 16 if prep.vec else 1)
+            weakref.finalize(core, ffi_lib.forget, launch_id)
+            hit = (launch_id, prep)  # the Launch keeps the tables its parameters point to
+        core.derived[key] = hit
+    return hit[0] if hit else None
+
+
+def _ffi_forward(feats, weight, kmap: JaxKernelMap, fwd_algo):
+    """The convolution forward as one ``sparsevox_launch`` custom call, or None to use buffer_callback.
+
+    NOT YET GPU-VERIFIED. Used only when the FFI library is built, jax has a GPU backend and
+    ``SPARSEVOX_JAX_FFI`` is not ``0``, for a map on the GPU whose planned algorithm is IMPLICIT_GEMM. XLA
+    launches the prepared kernels on its own stream with no Python in the step (command buffers: not
+    yet; the handler does not declare itself compatible)."""
+    if not _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "1"))[0]:
+        return None
+    core = kmap.source.ref() if kmap.source is not None else None
+    if core is None or array_module(core.in_maps) is np:
+        return None
+    launch_id = _ffi_launch_id(core, jnp.dtype(feats.dtype).name, feats.shape, weight.shape, fwd_algo)
+    if launch_id is None:
+        return None
+    from sparsevox.cuda import ffi_lib
+    out = jax.ShapeDtypeStruct((kmap.num_out, weight.shape[2]), feats.dtype)
+    return jax.ffi.ffi_call(ffi_lib.TARGET, out, vmap_method="sequential")(feats, weight, launch_id=np.int64(launch_id))
+
+
 def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
+    if op == "conv":
+        out = _ffi_forward(feats, weight, kmap, fwd_algo)
+        if out is not None:
+            return out
     c_out = weight.shape[2] if op == "conv" else weight.shape[1]
     core = sv.conv_forward if op == "conv" else sv.depthwise_forward
 

@@ -360,6 +360,16 @@ class Launch:
             fn((grid,), (block,), tuple(args), shared_mem=smem)
         return True
 
+    def raw_steps(self) -> list[tuple]:
+        """``(CUfunction address, grid, block, shared bytes, args)`` of each step, the functions loaded
+        on ``device_id``, ``args`` with None at the holes: for launchers outside CuPy (the XLA FFI
+        table, :mod:`sparsevox.cuda.ffi_lib`). Valid while this Launch (and its map) lives."""
+        import cupy
+        dev = self.device_id if self.device_id is not None else cupy.cuda.runtime.getDevice()
+        with cupy.cuda.Device(dev):
+            return [(int(fn.kernel.ptr), max(1, int(grid)), max(1, int(block)), int(smem), args)
+                    for fn, grid, block, smem, args in self.steps]
+
 
 # --- the driver path of Launch.launch -----------------------------------------------------------
 # CuPy's RawKernel call costs 5-8 µs of host time (measured on the H100 host): it converts every
