@@ -20,7 +20,8 @@ prepared launch of the chosen kernels (:func:`sparsevox.conv.prepared`), writing
 Under ``vmap`` it runs once per batch element.
 
 XLA FFI (issue 20, NOT YET GPU-VERIFIED): with ``libsparsevox_xla_ffi.so`` built (``python -m sparsevox
-build-ffi``), a GPU backend, and ``SPARSEVOX_JAX_FFI`` not ``0``, a convolution forward whose plan is
+build-ffi``), a GPU backend, and the opt-in ``SPARSEVOX_JAX_FFI=1`` (off by default until the GPU tests
+of ``tests/test_xla_ffi.py`` have passed on a GPU), a convolution forward whose plan is
 IMPLICIT_GEMM is instead one ``sparsevox_launch`` custom call: its prepared launch is registered in the
 library's table at trace time and XLA launches it on its stream with no Python (:func:`_ffi_forward`).
 The backward and every other op still use ``buffer_callback``. :func:`jax_call_path` says which is used.
@@ -247,8 +248,8 @@ def _ffi_path(setting: str) -> tuple[bool, str]:
     """``(True, "")`` when conv forwards go through the ``sparsevox_launch`` custom call, else ``(False,
     why)``; registers the handler with XLA (CUDA) the first time, and logs the choice once."""
     from sparsevox.cuda import ffi_lib
-    if setting == "0":
-        ok, why = False, "SPARSEVOX_JAX_FFI=0"
+    if setting != "1":
+        ok, why = False, f"SPARSEVOX_JAX_FFI={setting} (opt-in: set it to 1)"
     elif not any(d.platform == "gpu" for d in jax.devices()):
         ok, why = False, f"no GPU backend (jax runs on {jax.default_backend()})"
     else:
@@ -265,7 +266,7 @@ def _ffi_path(setting: str) -> tuple[bool, str]:
 
 def jax_call_path() -> tuple[str, str]:
     """``("ffi", "")`` or ``("buffer_callback", why)``: how this process runs convolution forwards."""
-    ok, why = _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "1"))
+    ok, why = _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "0"))
     return ("ffi", "") if ok else ("buffer_callback", why)
 
 
@@ -302,10 +303,10 @@ def _ffi_forward(feats, weight, kmap: JaxKernelMap, fwd_algo):
     """The convolution forward as one ``sparsevox_launch`` custom call, or None to use buffer_callback.
 
     NOT YET GPU-VERIFIED. Used only when the FFI library is built, jax has a GPU backend and
-    ``SPARSEVOX_JAX_FFI`` is not ``0``, for a map on the GPU whose planned algorithm is IMPLICIT_GEMM. XLA
+    ``SPARSEVOX_JAX_FFI`` is ``1``, for a map on the GPU whose planned algorithm is IMPLICIT_GEMM. XLA
     launches the prepared kernels on its own stream with no Python in the step (command buffers: not
     yet; the handler does not declare itself compatible)."""
-    if not _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "1"))[0]:
+    if not _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "0"))[0]:
         return None
     core = kmap.source.ref() if kmap.source is not None else None
     if core is None or array_module(core.in_maps) is np:
