@@ -177,8 +177,9 @@ class Kernels:
         self.last = algo.name
         d, x, w, g, kmap = self.direction, self.x, self.w, self.g, self.kmap
         if algo.name == "explicit_gemm":
-            return {"fwd": lambda: explicit_gemm.forward(x, w, kmap), "dgrad": lambda: explicit_gemm.dgrad(g, w, kmap),
-                    "wgrad": lambda: explicit_gemm.wgrad(x, g, kmap, kmap.num_offsets)}[d]()
+            out = {"fwd": lambda: explicit_gemm.forward(x, w, kmap), "dgrad": lambda: explicit_gemm.dgrad(g, w, kmap),
+                   "wgrad": lambda: explicit_gemm.wgrad(x, g, kmap, kmap.num_offsets)}[d]()
+            return out * 2 if algo.name in self.wrong else out
         skip = busiest_offset(kmap) if algo.name in self.wrong else None
         return candidate(d, *self.host, kmap, self.dtype, skip=skip, passes=self.passes.get(algo.name, 1))
 
@@ -235,6 +236,35 @@ def test_auto_with_every_candidate_failing_falls_back_to_the_reference_or_raises
     k = Kernels("fwd", kmap, x, w, g, "float16", wrong={"implicit_gemm", "cutlass_implicit_gemm"})
     with pytest.raises(AlgorithmUnavailableError, match="every candidate"):
         k.choose(names={"implicit_gemm", "cutlass_implicit_gemm"})
+    k.wrong.add("explicit_gemm")
+    with pytest.warns(RuntimeWarning, match="every candidate failed the accuracy check"):
+        assert k.choose()[0] == "explicit_gemm"
+
+
+def test_named_list_prefers_its_candidates_that_pass(rng):
+    """fwd_algo=[implicit_gemm, explicit_gemm] with a wrong implicit: the correct explicit runs, silently."""
+    kmap, x, w, g = case(rng, "submanifold", "relu_bn", 32, 32, "float16")
+    k = Kernels("fwd", kmap, x, w, g, "float16", wrong={"implicit_gemm"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert k.choose(named=True, names={"implicit_gemm", "explicit_gemm"})[0] == "explicit_gemm"
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_non_finite_or_overflowing_elements_are_not_evidence(rng, direction):
+    """An early GradScaler step: an inf in the operands, or results beyond float16's range. Correct
+    candidates pass and nothing is recorded against them; a wrong one is still caught on the rest."""
+    kmap, x, w, g = case(rng, "submanifold", "relu_bn", 32, 32, "float16")
+    g[3, 5] = np.inf
+    x[7, 1] = np.inf
+    x[9, :] = 6e4  # with the row below: sums beyond float16's largest value
+    w[:, :, 2] = 0.5
+    k = Kernels(direction, kmap, x, w, g, "float16", wrong={"cutlass_implicit_gemm"})
+    with np.errstate(invalid="ignore", over="ignore"):
+        name, _, problem = k.choose()
+    assert name == "implicit_gemm"
+    entry = tune_cache.get(autotune.cache_key(problem))
+    assert all(c.startswith("cutlass") for c in entry["failed"]), entry["failed"]
 
 
 def test_verdicts_of_the_old_check_are_not_reused(rng):

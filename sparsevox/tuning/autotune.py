@@ -12,8 +12,9 @@ depthwise convolution alike, once per direction (``fwd``, ``dgrad``, ``wgrad`` a
    by :class:`sparsevox.tuning.check.Oracle` — the operation evaluated on the same inputs in a wider dtype,
    with an elementwise bound that follows the candidate's dtype (one rounding of the output plus the
    accumulation). A candidate that raises is dropped. One that fails the check is dropped when the
-   algorithm input was ``auto``; an algorithm the user named is never vetoed: its failure is a warning
-   with the measured error, and it is timed. Then timed calls (CUDA events on the GPU,
+   algorithm input was ``auto``; an algorithm the user named is never vetoed: it is timed, candidates of
+   the named algorithms that pass are preferred, and one that failed runs only when none passed, with
+   a warning giving the measured error. Then timed calls (CUDA events on the GPU,
    ``perf_counter`` on the CPU), as many as fit a share of :data:`TUNE_BUDGET_S` (at least
    :data:`MIN_REPEATS`), and the median is its time. A candidate whose first timing is
    :data:`PRUNE_FACTOR` times the best so far is not repeated.
@@ -181,13 +182,9 @@ def _choose_timed(problem, candidates, run, timer, oracle, named):
         entry = tune_cache.merge_entry(entry, new)
         tune_cache.put(key, entry)
         failed = entry.get("failed", {})
-    if named:
-        for i in ids:
-            if i in failed:
-                _warn_once(key, i, f"sparsevox: {i}, which you asked for, failed the accuracy check for {key} "
-                                   f"({failed[i]}); it is used because you named it")
-    usable = [(entry["times_ms"][i], n) for n, i in enumerate(ids)
-              if i in entry["times_ms"] and (named or i not in failed)]
+    usable = [(entry["times_ms"][i], n) for n, i in enumerate(ids) if i in entry["times_ms"] and i not in failed]
+    if named and not usable:  # the user's algorithms all failed the check: they run anyway (warned above)
+        usable = [(entry["times_ms"][i], n) for n, i in enumerate(ids) if i in entry["times_ms"]]
     reference = REFERENCE[problem.op]
     if not usable:
         reasons = "; ".join(f"{i}: {entry['dropped'].get(i) or failed.get(i, '?')}" for i in ids)
@@ -198,6 +195,10 @@ def _choose_timed(problem, candidates, run, timer, oracle, named):
                                f"reference algorithm {reference} ({reasons})")
         return candidates[fallback[0]]
     ms, n = min(usable)
+    if ids[n] in failed:  # only reachable for named algorithms
+        _warn_once(key, ids[n], f"sparsevox: {ids[n]}, which you asked for, failed the accuracy check for {key} "
+                                f"({failed[ids[n]]}); it is used because you named it and no candidate of "
+                                f"the algorithms you named passed")
     survivors = {candidates[m][0].name for _, m in usable}
     if not named and survivors == {reference} and len({a.name for a, _ in candidates}) > 1:
         reasons = "; ".join(f"{i}: {entry['dropped'].get(i) or failed.get(i)}" for i in ids
