@@ -41,7 +41,7 @@ scene and mode; without matplotlib no plot), both by :mod:`benchmarks.end_to_end
 
     {"op": "minkunet_<mode>", "scene", "n_voxels", "batch", "library": "sparsevox", "ms", "min_ms", "max_ms",
      "steps", "peak_mib", "peer": {"spconv": ms, ...}, "peer_peak_mib": {"spconv": MiB},
-     "ratio": spconv ms / sparsevox ms (> 1: sparsevox faster), "variants", "autotuned_during_timing",
+     "ratio": spconv ms / sparsevox ms (> 1: sparsevox faster), "variants", "autotuned_during_warmup_and_timing",
      "logits_rel_err" (fp32_infer), "error" (when a cell failed)}
 
 Progress lines go to stdout; at the end the number of autotune warnings (logger ``sparsevox.autotune``,
@@ -416,8 +416,8 @@ class Run:
         self.tunes = TuneCounter()
         tune_log = logging.getLogger("sparsevox.autotune")
         tune_log.addHandler(self.tunes)
-        if tune_log.getEffectiveLevel() > logging.INFO:
-            tune_log.setLevel(logging.INFO)  # so that "tuned" records reach the counter (and the log)
+        if tune_log.getEffectiveLevel() > logging.DEBUG:
+            tune_log.setLevel(logging.DEBUG)  # every "tuned" record (DEBUG when quick) reaches the counter
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -569,6 +569,8 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    for h in logging.getLogger().handlers:  # the counter lowers sparsevox.autotune to DEBUG: print INFO up
+        h.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.cpu:
         from sparsevox.cuda.gpu_info import gpu_available
         ok, why = gpu_available()

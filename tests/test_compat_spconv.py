@@ -757,7 +757,7 @@ def test_gpu_layers_against_spconv(rng, case):
     sp = _spconv()
     shape = (24, 20) if case == "2d" else (24, 20, 16)
     data = scene(rng, shape, 2000, c=3, dtype=torch.float32)
-    # spconv's avg-pool backward multiplies by the count (see sparsevox/compat/spconv/pool.py): forward only
+    # spconv's avg-pool backward multiplies by the count (see adapters/compat/spconv/pool.py): forward only
     run_both(GPU_CASES[case], data, torch.float32, ref=sp, device="cuda", tol=1e-5, grads=case != "avg pool",
              what=case)
 

@@ -61,3 +61,27 @@ def test_wrong_weight_shape_is_a_clear_error(rng):
     v = _voxels(rng)
     with pytest.raises(ValueError, match="C_in=5"):
         svt.spatially_sparse_conv(v, torch.zeros(1, 4, 3, dtype=torch.float64), kernel_size=1)
+
+
+def test_output_voxels_take_the_sparse_path(rng):
+    """k1 s1 onto other sites (output_voxels) is a strided map, not a row-wise product."""
+    v = _voxels(rng)
+    other = sv.Voxels(v.coords[::2].clone(), None)
+    layer = svt.SparseConv3d(5, 3, kernel_size=1).double()
+    ref = svt.SparseConv3d(5, 3, kernel_size=1, fwd_algo="explicit_gemm").double()
+    ref.load_state_dict(layer.state_dict())
+    out = layer(v, output_voxels=other)
+    assert out.feats.shape == (len(other.coords), 3)
+    assert rel_err(out.feats.detach().numpy(), ref(v, output_voxels=other).feats.detach().numpy()) < 1e-12
+
+
+def test_reduced_precision_reductions_are_off_during_the_product_and_restored():
+    m = torch.backends.cuda.matmul
+    saved = m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction
+    try:
+        m.allow_fp16_reduced_precision_reduction = m.allow_bf16_reduced_precision_reduction = True
+        with svt.functional._float32_accumulation():
+            assert not m.allow_fp16_reduced_precision_reduction and not m.allow_bf16_reduced_precision_reduction
+        assert m.allow_fp16_reduced_precision_reduction and m.allow_bf16_reduced_precision_reduction
+    finally:
+        m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved

@@ -342,17 +342,35 @@ def _is_pointwise(kernel_size, stride, transposed, generative, feats, fwd_algo, 
     return feats.is_cuda or feats.dtype in (torch.float32, torch.float64)
 
 
+@contextlib.contextmanager
+def _float32_accumulation():
+    """16-bit cuBLAS GEMMs with float32 reductions (DESIGN: accumulation is float32 or wider); torch lets
+    them reduce in 16 bits by default. The flags are process-wide: set for the call, then restored."""
+    m = torch.backends.cuda.matmul
+    saved = m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction
+    if not any(saved):
+        yield
+        return
+    m.allow_fp16_reduced_precision_reduction = m.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved
+
+
 def spatially_sparse_conv(voxels, weight, kernel_size=3, stride=1, dilation=1, transposed=False,
                           generative=False, output_voxels=None, fwd_algo=None, bwd_algo=None):
     """Differentiable :func:`sparsevox.spatially_sparse_conv` for torch ``Voxels`` (same arguments)."""
     feats = voxels.feats
-    if weight.shape[0] == 1 and _is_pointwise(kernel_size, stride, transposed, generative, feats, fwd_algo, bwd_algo):
+    if (output_voxels is None and weight.shape[0] == 1
+            and _is_pointwise(kernel_size, stride, transposed, generative, feats, fwd_algo, bwd_algo)):
         if weight.ndim != 3 or weight.shape[1] != feats.shape[1]:
             raise ValueError(f"weight must have shape [K=1, C_in={feats.shape[1]}, C_out], got {tuple(weight.shape)}")
         feats, w = _autocast(feats, weight)
         if w.dtype != feats.dtype:
             raise ValueError(f"weight dtype ({w.dtype}) must equal the features dtype ({feats.dtype})")
-        return voxels.replace(feats @ w[0])
+        with _float32_accumulation():
+            return voxels.replace(feats @ w[0])
     kmap = sv.kernel_map(voxels, kernel_size, stride, dilation, transposed, generative, output_voxels)
     out = conv_features(voxels.feats, weight, kmap, fwd_algo, bwd_algo)
     return output_voxels_of(voxels, kmap, out, output_voxels)

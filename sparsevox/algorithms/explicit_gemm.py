@@ -32,8 +32,6 @@ from .._arrays import array_module
 from ..config import allow_tf32
 from ..tuning.registry import Algorithm, register
 
-PARAMS = [{}]  # nothing to tune
-
 _SIXTEEN_BIT = ("float16", "bfloat16")
 
 
