@@ -172,10 +172,10 @@ def _fast_backward(dprep, wprep, grad_out, feats, weight):
 def _define(name: str, core_forward, core_backward, out_channels):
     """Register ``sparsevox::<name>_fwd``/``_bwd`` and return ``(eager autograd.Function, forward op)``."""
 
-    def fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, eager=True):
+    def fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, eager=True, kmap=None):
         # eager=False (the registered op, run by compiled graphs): no spare outputs, whose memory would
         # outlive the call outside the allocator state a compiled graph (cudagraph trees) manages.
-        kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
+        kmap = kmap if kmap is not None else _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
         key = _fwd_key(name, feats, weight, fwd_algo)
         prep = _prepared(kmap, key)
         if prep:
@@ -190,8 +190,9 @@ def _define(name: str, core_forward, core_backward, out_channels):
                 sv.conv.remember_prepared(kmap, key, name, "fwd", f, w, _algo_value(fwd_algo))
             return out
 
-    def bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad):
-        kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], grad_out.shape[0])
+    def bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad,
+                 kmap=None):
+        kmap = kmap if kmap is not None else _core_map(in_maps, out_maps, offsets, feats.shape[0], grad_out.shape[0])
         grad_out = grad_out.contiguous()
         base = (name, feats.device, feats.dtype, feats.shape, weight.shape, bwd_algo, sv.allow_tf32())
         dkey, wkey = ("torch.dgrad",) + base, ("torch.wgrad",) + base
@@ -248,12 +249,17 @@ def _define(name: str, core_forward, core_backward, out_channels):
         def forward(ctx, feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, bwd_algo):
             ctx.save_for_backward(feats, weight, in_maps, out_maps, offsets)
             ctx.bwd_algo = bwd_algo
-            return fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo)
+            # The map itself, not only its tensors: the coarse levels' Voxels (which own their maps) are
+            # gone by the backward pass, and a map recalled from bare tensors has none of the derived
+            # tables, plans or prepared launches: every backward call of a fresh scan rebuilt them.
+            ctx.kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
+            return fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, kmap=ctx.kmap)
 
         @staticmethod
         def backward(ctx, grad):
             need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            gf, gw = bwd_impl(grad, *ctx.saved_tensors, ctx.bwd_algo, need_f, need_w)
+            kmap, ctx.kmap = ctx.kmap, None  # released with this node even if the graph is retained
+            gf, gw = bwd_impl(grad, *ctx.saved_tensors, ctx.bwd_algo, need_f, need_w, kmap=kmap)
             return gf if need_f else None, gw if need_w else None, None, None, None, None, None, None
 
     Eager.__name__ = Eager.__qualname__ = f"{name}_function"
