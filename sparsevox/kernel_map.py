@@ -221,6 +221,31 @@ def build_kernel_map(coords, sorted_in, kernel_size, stride, dilation, transpose
                      ks, st, dl, kind)
 
 
+def _strided_twin(out_v, coords, ks, st, dl):
+    """The strided map from ``out_v``'s sites (cached on it) whose output sites are ``coords`` (the same
+    array: the coarse level that map made), or None. A transposed layer back onto ``out_v`` has exactly
+    its pairs, input and output swapped, at the same offsets: ``fine = s * coarse + offset_k`` both ways."""
+    if out_v is None:
+        return None
+    entry = out_v._kmaps.get((ks, st, dl, False, False, None))
+    if entry is None or entry[0].out_coords is not coords or entry[0].kind != "strided":
+        return None
+    return entry[0]
+
+
+def _swapped(twin: KernelMap, out_coords, ks, st, dl) -> KernelMap:
+    """The transposed map of a strided ``twin`` without a build: its arrays, input and output swapped
+    (pending while the twin is: the twin's first use waits, and raises what it raises). ``out_coords``:
+    the twin's input sites."""
+    pending = None if twin.ready else (lambda: (twin.out_maps, twin.in_maps, twin.offsets_host))
+    kmap = KernelMap(twin._out_maps, twin._in_maps, twin.offsets, twin._offsets_host, twin.num_out, twin.num_in,
+                     out_coords, ks, st, dl, "transposed", pending=pending)
+    kmap.swapped_from = twin  # algorithms share derived tables: this map's forward one is the twin's reverse
+    if kmap.ready:
+        _remember(kmap)
+    return kmap
+
+
 # Maps handed to a framework travel as bare arrays; this table finds the KernelMap object again (with
 # its algorithm-derived caches) from the arrays' addresses, as long as the map is alive.
 _live: "weakref.WeakValueDictionary[tuple, KernelMap]" = weakref.WeakValueDictionary()
@@ -308,6 +333,11 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
             voxels._kmaps[raw] = cached
         return cached[0]
     coords, origin = voxels.core_coords()
+    twin = _strided_twin(out_v, coords, ks, st, dl) if transposed and not generative else None
+    if twin is not None:
+        kmap = _swapped(twin, out_v.core_coords()[0], ks, st, dl)
+        voxels._kmaps[key] = (kmap, out_v)
+        return kmap
     out_coords = None
     if out_v is not None:
         out_coords, out_origin = out_v.core_coords()

@@ -137,6 +137,9 @@ def neighbour_table(kmap, reverse: bool = False):
     # A pending GPU map's dense_nbr exists before its pairs: wait, so that unvalidated bad coordinates
     # raise here too (paths that never read the CSR arrays would otherwise use a wrong table).
     kmap.wait()
+    twin = getattr(kmap, "swapped_from", None)
+    if twin is not None:  # a transposed map made from its strided twin: the tables swap roles too
+        return neighbour_table(twin, not reverse)
     dense = getattr(kmap, "dense_nbr", None)
     if not reverse and dense is not None:
         return dense
