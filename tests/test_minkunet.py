@@ -272,3 +272,48 @@ def test_gpu_training_with_fresh_voxels_does_not_grow_memory(rng, amp):
     warm = allocated[4]
     growth = max(allocated[5:]) - warm
     assert growth <= 0.01 * warm + (1 << 20), [a >> 20 for a in allocated]
+
+
+def _semantickitti_voxels(voxel=0.05):
+    """The SemanticKITTI scan voxelised at 5 cm: int32 coords [N, 4] (batch 0), feats [N, 4] (x y z
+    remission of the first point of each voxel) and labels [N] (its semantic class, renumbered 0..C-1)."""
+    from conftest import pointcloud_dir
+    d = pointcloud_dir()
+    if d is None or not (d / "semantickitti_000000.label").is_file():
+        pytest.skip("the SemanticKITTI scan is not here (../shared/data/pointclouds or .gpudata/pointclouds)")
+    pts = np.fromfile(d / "semantickitti_000000.bin", dtype=np.float32).reshape(-1, 4)
+    sem = np.fromfile(d / "semantickitti_000000.label", dtype=np.uint32) & 0xFFFF
+    grid = np.floor(pts[:, :3] / voxel).astype(np.int64)
+    _, first = np.unique(grid, axis=0, return_index=True)
+    coords = np.concatenate([np.zeros((len(first), 1), np.int64), grid[first]], 1).astype(np.int32)
+    _, labels = np.unique(sem[first], return_inverse=True)
+    return coords, pts[first], labels.astype(np.int64)
+
+
+@pytest.mark.gpu
+def test_gpu_training_on_the_real_scan_reduces_the_loss_without_growing_memory():
+    """Issue 18: 100 training steps on the SemanticKITTI scan (float16 autocast, GradScaler, a fresh
+    Voxels and fresh kernel maps every step) lower the cross-entropy and hold memory steady."""
+    coords, feats, labels = _semantickitti_voxels()
+    coords, feats = torch.from_numpy(coords).cuda(), torch.from_numpy(feats).cuda()
+    labels = torch.from_numpy(labels).cuda()
+    torch.manual_seed(0)
+    net = svt.MinkUNet(4, int(labels.max()) + 1).cuda().train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda")
+    losses, allocated = [], []
+    for _ in range(100):
+        x = sv.Voxels(coords.clone(), feats)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(net(x).float(), labels)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(float(loss))
+        del x, loss
+        allocated.append(torch.cuda.memory_allocated())
+    first, last = np.mean(losses[:5]), np.mean(losses[-10:])
+    assert np.isfinite(losses).all() and last < 0.7 * first, (first, last)
+    warm = allocated[9]
+    assert max(allocated[10:]) - warm <= 0.01 * warm + (1 << 20), [a >> 20 for a in allocated[::10]]
