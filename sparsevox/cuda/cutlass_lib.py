@@ -17,10 +17,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
+
+from . import prebuilt
 
 log = logging.getLogger("sparsevox.cutlass_lib")
 
@@ -42,29 +43,16 @@ _ENTRY_ARGTYPES = [
 
 
 def library_path() -> Path:
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1] / "_lib" / LIB_NAME  # sparsevox/_lib/
+    return prebuilt.library_path(ENV_VAR, LIB_NAME)
 
 
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     path = library_path()
-    if not path.is_file():
-        return None, f"the CUTLASS library {path} is not built; {BUILD_HINT}"
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        return None, f"the CUTLASS library {path} does not load ({e}); rebuild it: {BUILD_HINT}"
-    try:
-        lib.sparsevox_cutlass_abi_version.restype = ctypes.c_int
-        version = lib.sparsevox_cutlass_abi_version()
-    except AttributeError:
-        version = None
-    if version != ABI_VERSION:
-        return None, (f"the CUTLASS library {path} has ABI version {version}, this sparsevox needs "
-                      f"{ABI_VERSION}; rebuild it: {BUILD_HINT}")
+    lib, why = prebuilt.open_library(path, "CUTLASS library", "sparsevox_cutlass_abi_version", ABI_VERSION,
+                                     BUILD_HINT)
+    if lib is None:
+        return None, why
     lib.sparsevox_cutlass_last_error.restype = ctypes.c_char_p
     lib.sparsevox_cutlass_last_error.argtypes = []
     for direction in DIRECTIONS:

@@ -18,11 +18,10 @@ import ctypes
 import functools
 import itertools
 import logging
-import os
 import threading
 from pathlib import Path
 
-from . import driver
+from . import driver, prebuilt
 
 log = logging.getLogger("sparsevox.ffi_lib")
 
@@ -45,10 +44,7 @@ class _Step(ctypes.Structure):
 
 
 def library_path() -> Path:
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1] / "_lib" / LIB_NAME  # sparsevox/_lib/
+    return prebuilt.library_path(ENV_VAR, LIB_NAME)
 
 
 _SIGNATURES = {
@@ -71,20 +67,10 @@ _SIGNATURES = {
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     path = library_path()
-    if not path.is_file():
-        return None, f"the XLA FFI library {path} is not built; {BUILD_HINT}"
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        return None, f"the XLA FFI library {path} does not load ({e}); rebuild it: {BUILD_HINT}"
-    try:
-        lib.sparsevox_ffi_abi_version.restype = ctypes.c_int
-        version = lib.sparsevox_ffi_abi_version()
-    except AttributeError:
-        version = None
-    if version != ABI_VERSION:
-        return None, (f"the XLA FFI library {path} has ABI version {version}, this sparsevox needs "
-                      f"{ABI_VERSION}; rebuild it: {BUILD_HINT}")
+    lib, why = prebuilt.open_library(path, "XLA FFI library", "sparsevox_ffi_abi_version", ABI_VERSION,
+                                     BUILD_HINT)
+    if lib is None:
+        return None, why
     for name, (restype, argtypes) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes

@@ -1,0 +1,37 @@
+"""Finding and opening the libraries built ahead of time (CUTLASS, XLA FFI): one place for the path rule,
+the load and the ABI check, so both bindings refuse a missing, broken or stale library the same way."""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+
+def library_path(env_var: str, lib_name: str) -> Path:
+    """``$env_var`` when set, else ``sparsevox/_lib/<lib_name>`` (where ``python -m sparsevox build*`` puts it)."""
+    env = os.environ.get(env_var)
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[1] / "_lib" / lib_name
+
+
+def open_library(path: Path, what: str, abi_symbol: str, abi_version: int,
+                 build_hint: str) -> tuple[ctypes.CDLL | None, str]:
+    """``(library, "")``, or ``(None, reason)`` naming ``what`` and how to build it: not built, does not
+    load, or an ABI version (``int abi_symbol(void)``) other than ``abi_version``."""
+    if not path.is_file():
+        return None, f"the {what} {path} is not built; {build_hint}"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"the {what} {path} does not load ({e}); rebuild it: {build_hint}"
+    try:
+        fn = getattr(lib, abi_symbol)
+        fn.restype, fn.argtypes = ctypes.c_int, []
+        version = fn()
+    except AttributeError:
+        version = None
+    if version != abi_version:
+        return None, (f"the {what} {path} has ABI version {version}, this sparsevox needs {abi_version}; "
+                      f"rebuild it: {build_hint}")
+    return lib, ""
