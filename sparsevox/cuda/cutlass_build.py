@@ -35,6 +35,8 @@ import zipfile
 from importlib import resources
 from pathlib import Path
 
+from . import prebuilt
+
 log = logging.getLogger("sparsevox.cutlass_build")
 
 CUTLASS_VERSION = "4.2.0.0"
@@ -204,19 +206,8 @@ def cli(argv) -> int:
     p.add_argument("--nvcc", default=None, help="nvcc to use (default: $NVCC, PATH, $CUDA_HOME/bin)")
     p.add_argument("--arch", action="append", default=None, help="SM version, repeatable (default: 80 and 90)")
     a = p.parse_args(list(argv))
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("build-cutlass: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    try:
-        build(a.output, a.jobs, a.cutlass_include, a.cutlass_wheel, a.nvcc, tuple(a.arch or ARCHS))
-    except RuntimeError as e:
-        log.error("%s", e)
-        return 1
-    finally:
-        log.removeHandler(handler)
-    return 0
+    return prebuilt.run_build(log, "build-cutlass", lambda: build(a.output, a.jobs, a.cutlass_include,
+                                                                  a.cutlass_wheel, a.nvcc, tuple(a.arch or ARCHS)))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from . import prebuilt
+
 log = logging.getLogger("sparsevox.ffi_build")
 
 FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
@@ -125,19 +127,7 @@ def cli(argv) -> int:
     p.add_argument("--cuda-include", default=None, help="directory with cuda.h (default: the CUDA toolkit's)")
     p.add_argument("--cxx", default=None, help="C++ compiler (default: $CXX, g++, c++, nvcc)")
     a = p.parse_args(list(argv))
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("build-ffi: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    try:
-        build(a.output, a.xla_include, a.cuda_include, a.cxx)
-    except RuntimeError as e:
-        log.error("%s", e)
-        return 1
-    finally:
-        log.removeHandler(handler)
-    return 0
+    return prebuilt.run_build(log, "build-ffi", lambda: build(a.output, a.xla_include, a.cuda_include, a.cxx))
 
 
 if __name__ == "__main__":

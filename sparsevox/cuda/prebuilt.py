@@ -3,7 +3,9 @@ the load and the ABI check, so both bindings refuse a missing, broken or stale l
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import sys
 from pathlib import Path
 
 
@@ -35,3 +37,21 @@ def open_library(path: Path, what: str, abi_symbol: str, abi_version: int,
         return None, (f"the {what} {path} has ABI version {version}, this sparsevox needs {abi_version}; "
                       f"rebuild it: {build_hint}")
     return lib, ""
+
+
+def run_build(log: logging.Logger, prefix: str, build) -> int:
+    """Run ``build()`` for a ``python -m sparsevox build-*`` command: its log lines to stderr as
+    ``<prefix>: ...``, a ``RuntimeError`` reported there; returns the exit status."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        build()
+    except RuntimeError as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        log.removeHandler(handler)
+    return 0
