@@ -35,11 +35,9 @@ from ..tuning.registry import Algorithm, register
 _SIXTEEN_BIT = ("float16", "bfloat16")
 
 
-def _dtypes(a, xp):
-    """(compute dtype of the GEMMs, accumulation dtype): float64 for float64, float32 otherwise."""
-    if a.dtype == xp.float64:
-        return xp.float64, xp.float64
-    return xp.float32, xp.float32
+def _acc_dtype(a, xp):
+    """The dtype every product and sum runs in: float64 for float64, float32 otherwise."""
+    return xp.float64 if a.dtype == xp.float64 else xp.float32
 
 
 @contextlib.contextmanager
@@ -76,8 +74,8 @@ def _segments(kmap):
 def forward(feats, weight, kmap):
     """``out[num_out, C_out] = sum_k scatter(gather(feats, in_k) @ weight[k], out_k)``."""
     xp = array_module(feats)
-    cdt, adt = _dtypes(feats, xp)
-    x, w = feats.astype(cdt, copy=False), weight.astype(cdt, copy=False)
+    adt = _acc_dtype(feats, xp)
+    x, w = feats.astype(adt, copy=False), weight.astype(adt, copy=False)
     out = xp.zeros((kmap.num_out, weight.shape[2]), dtype=adt)
     with _gemm_mode(feats, xp):
         for k, i, o in _segments(kmap):
@@ -88,8 +86,8 @@ def forward(feats, weight, kmap):
 def dgrad(grad_out, weight, kmap):
     """Gradient of the features: ``grad_in[in_k] += grad_out[out_k] @ weight[k]^T``."""
     xp = array_module(grad_out)
-    cdt, adt = _dtypes(grad_out, xp)
-    g, w = grad_out.astype(cdt, copy=False), weight.astype(cdt, copy=False)
+    adt = _acc_dtype(grad_out, xp)
+    g, w = grad_out.astype(adt, copy=False), weight.astype(adt, copy=False)
     gin = xp.zeros((kmap.num_in, weight.shape[1]), dtype=adt)
     with _gemm_mode(grad_out, xp):
         for k, i, o in _segments(kmap):
@@ -100,8 +98,8 @@ def dgrad(grad_out, weight, kmap):
 def wgrad(feats, grad_out, kmap, num_offsets: int):
     """Gradient of the weight: ``grad_w[k] = feats[in_k]^T @ grad_out[out_k]``."""
     xp = array_module(feats)
-    cdt, adt = _dtypes(feats, xp)
-    x, g = feats.astype(cdt, copy=False), grad_out.astype(cdt, copy=False)
+    adt = _acc_dtype(feats, xp)
+    x, g = feats.astype(adt, copy=False), grad_out.astype(adt, copy=False)
     gw = xp.zeros((num_offsets, feats.shape[1], grad_out.shape[1]), dtype=adt)
     with _gemm_mode(feats, xp):
         for k, i, o in _segments(kmap):
@@ -113,7 +111,7 @@ def wgrad(feats, grad_out, kmap, num_offsets: int):
 
 def depthwise_forward(feats, weight, kmap):
     xp = array_module(feats)
-    adt = xp.float64 if feats.dtype == xp.float64 else xp.float32
+    adt = _acc_dtype(feats, xp)
     x, w = feats.astype(adt, copy=False), weight.astype(adt, copy=False)
     out = xp.zeros((kmap.num_out, feats.shape[1]), dtype=adt)
     for k, i, o in _segments(kmap):
@@ -123,7 +121,7 @@ def depthwise_forward(feats, weight, kmap):
 
 def depthwise_dgrad(grad_out, weight, kmap):
     xp = array_module(grad_out)
-    adt = xp.float64 if grad_out.dtype == xp.float64 else xp.float32
+    adt = _acc_dtype(grad_out, xp)
     g, w = grad_out.astype(adt, copy=False), weight.astype(adt, copy=False)
     gin = xp.zeros((kmap.num_in, grad_out.shape[1]), dtype=adt)
     for k, i, o in _segments(kmap):
@@ -133,7 +131,7 @@ def depthwise_dgrad(grad_out, weight, kmap):
 
 def depthwise_wgrad(feats, grad_out, kmap, num_offsets: int):
     xp = array_module(feats)
-    adt = xp.float64 if feats.dtype == xp.float64 else xp.float32
+    adt = _acc_dtype(feats, xp)
     x, g = feats.astype(adt, copy=False), grad_out.astype(adt, copy=False)
     gw = xp.zeros((num_offsets, feats.shape[1]), dtype=adt)
     for k, i, o in _segments(kmap):
