@@ -305,18 +305,19 @@ class TuneCounter(logging.Handler):
             self.tunings += 1
 
 
-def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, half_model=False,
-             tunes: TuneCounter | None = None) -> dict:
-    """Median wall ms per step of ``warmup + steps`` steps (the first ``warmup`` untimed), peak MiB, and
-    the autotuner's tunings during the timed steps (``tuned_in_timed_steps``, when ``tunes`` is given)."""
+def make_step(lib, model, mode, libs: Libraries, labels, device, half_model=False):
+    """``(step, model, cleanup)``: ``step()`` runs one step of ``mode`` from the points (a fresh input
+    every call) on ``model`` (``half_model``: a float16 copy of it) moved to ``device``; ``cleanup()``
+    drops the optimizer and moves the original model back to the CPU."""
     import torch
     train, amp = "train" in mode, mode.startswith("fp16")
     on_gpu = device == "cuda"
     orig = model  # kept on the CPU between cells
     model = libs.half_copy(lib, orig) if half_model else orig
     model.to(device).train(train)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp) if train and on_gpu and "noscaler" not in mode else None
+    state = {"opt": torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if train else None,
+             "scaler": (torch.amp.GradScaler("cuda", enabled=amp)
+                        if train and on_gpu and "noscaler" not in mode else None)}
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def autocast():
@@ -325,6 +326,7 @@ def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, h
         return torch.autocast("cuda", dtype=torch.float16, enabled=amp)
 
     def step():
+        opt, scaler = state["opt"], state["scaler"]
         coords, feats = libs.vox()
         if half_model:
             feats = feats.half()
@@ -344,6 +346,21 @@ def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, h
             with torch.no_grad(), autocast():
                 model(x)
 
+    def cleanup():
+        state.clear()
+        model.zero_grad(set_to_none=True)
+        orig.cpu()
+
+    return step, model, cleanup
+
+
+def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, half_model=False,
+             tunes: TuneCounter | None = None) -> dict:
+    """Median wall ms per step of ``warmup + steps`` steps (the first ``warmup`` untimed), peak MiB, and
+    the autotuner's tunings during the timed steps (``tuned_in_timed_steps``, when ``tunes`` is given)."""
+    import torch
+    on_gpu = device == "cuda"
+    step, model, cleanup = make_step(lib, model, mode, libs, labels, device, half_model)
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     gc.collect()
     if on_gpu:
@@ -367,10 +384,8 @@ def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, h
                 samples.append((time.perf_counter() - t) * 1e3)
         peak = torch.cuda.max_memory_allocated() / 2 ** 20 if on_gpu else None
     finally:
-        del opt, scaler
-        model.zero_grad(set_to_none=True)
-        orig.cpu()
-        del model
+        cleanup()
+        del model, step
         gc.collect()
         if on_gpu:
             torch.cuda.empty_cache()

@@ -1,0 +1,49 @@
+"""The step profiler's trace summary and layer classification (benchmarks/probes/step_profile.py), on the CPU."""
+import pytest
+
+from benchmarks.probes import step_profile
+
+torch = pytest.importorskip("torch")
+
+
+def _ev(cat, name, ts, dur):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
+def test_summarise_trace_counts_per_step_and_unions_device_time():
+    events = [
+        _ev("cuda_runtime", "cudaEventSynchronize", 0, 500), _ev("cuda_driver", "cuStreamSynchronize", 0, 100),
+        _ev("cuda_runtime", "cudaLaunchKernel", 0, 5), _ev("cuda_driver", "cuLaunchKernel", 0, 5),
+        _ev("cuda_driver", "cuLaunchKernel", 0, 5), _ev("cuda_runtime", "cudaMemcpy", 0, 40),
+        _ev("cuda_runtime", "cudaMalloc", 0, 40),
+        _ev("kernel", "k_a", 1000, 1000), _ev("kernel", "k_b", 1500, 1000),  # overlap: union 1.5 ms
+        _ev("gpu_memset", "Memset", 4000, 500), _ev("gpu_memcpy", "Memcpy DtoH", 10000, 1000),
+        {"ph": "i", "cat": "kernel", "name": "instant"},  # not a complete event: ignored
+    ]
+    s = step_profile.summarise_trace(events, steps=2, wall_ms=[3.0, 5.0, 4.0])
+    assert s["wall_ms"] == 4.0
+    assert s["device_ms"] == pytest.approx(3.0 / 2)
+    assert s["gpu_busy"] == pytest.approx(1.5 / 4.0, abs=1e-3)
+    assert s["syncs"] == 1.0 and s["sync_blocked_ms"] == pytest.approx(0.3)
+    assert s["sync_by_call"] == {"cudaEventSynchronize": 0.5, "cuStreamSynchronize": 0.5}
+    assert s["launch_calls"] == 1.5 and s["kernels"] == 1.0
+    assert s["memsets"] == 0.5 and s["memcpys"] == 0.5 and s["sync_copies"] == 0.5 and s["allocs"] == 0.5
+    assert [k["name"] for k in s["top_kernels"]] == ["k_a", "k_b"]
+
+
+def test_layer_kinds_of_the_minkunet():
+    from sparsevox.adapters.torch import MinkUNet
+    net = MinkUNet(4, 20, widths=(8, 8, 16, 16, 16, 16, 16, 8, 8), blocks=1)
+    kinds = {}
+    for m in net.modules():
+        k = step_profile.layer_kind(m)
+        if k is not None:
+            kinds[k] = kinds.get(k, 0) + 1
+    # stem 2 SubM; per stage 1 block of 2 SubM (+ k1 skip where widths change); 4 down; 4 up
+    assert kinds["down_k2s2"] == 4 and kinds["up_k2s2"] == 4 and kinds["linear"] == 1
+    assert kinds["subm_k3"] == 2 + 8 * 2
+    # 1x1 skips where a block's widths differ: encoder 8->16 (stage 2); decoder 16+16->16, 16+16->16,
+    # 16+8->8, 8+8->8 (the concatenation always widens)
+    assert kinds["k1"] == 1 + 4
+    assert kinds["batchnorm"] == kinds["subm_k3"] + kinds["k1"] + 8
+    assert step_profile.layer_kind(torch.nn.Sequential()) is None
