@@ -145,6 +145,23 @@ def per_kind_ms(model, step, sync) -> dict:
     return {k: {"ms": round(v[0], 3), "calls": v[1]} for k, v in sorted(totals.items())}
 
 
+def host_profile(step, sync, lines: int = 45) -> str:
+    """cProfile of one ``step()`` (after the warm-ups): the top functions by own and by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    sync()
+    prof.disable()
+    out = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=out).sort_stats(key).print_stats(lines)
+    return out.getvalue()
+
+
 def profile_cell(step, steps: int, trace_path: str | None) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -226,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--stem", default=None)
     ap.add_argument("--trace", action="store_true", help="write the sparsevox traces (gzip chrome JSON)")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="also one sparsevox step per mode under cProfile (<stem>-step_cprofile.txt)")
     a = ap.parse_args(argv)
     import torch
 
@@ -254,6 +273,7 @@ def main(argv=None) -> int:
         sv_model.cpu()
     stem = a.stem or provenance.stem()
     doc = {**provenance.header(torch.cuda.get_device_name()), "scene": a.scene, "n_voxels": int(len(coords0)), "steps": a.steps, "records": []}
+    cprof = []
     for mode in a.modes:
         for lib, model in models.items():
             half = lib == "spconv" and mode == "fp16_infer"
@@ -264,6 +284,8 @@ def main(argv=None) -> int:
                          if a.trace and a.out and lib == "sparsevox" else None)
                 rec["summary"] = profile_cell(step, a.steps, trace)
                 rec["kinds"] = per_kind_ms(m, step, torch.cuda.synchronize)
+                if a.cprofile and lib == "sparsevox":
+                    cprof.append(f"==== {mode} {lib}\n" + host_profile(step, torch.cuda.synchronize))
             except Exception as e:  # report and go on with the other cells
                 rec["error"] = f"{type(e).__name__}: {e}"[:300]
             finally:
@@ -280,6 +302,9 @@ def main(argv=None) -> int:
             json.dump(doc, f, indent=1)
         with open(os.path.join(a.out, f"{stem}-step_profile.md"), "w") as f:
             f.write(text)
+        if cprof:
+            with open(os.path.join(a.out, f"{stem}-step_cprofile.txt"), "w") as f:
+                f.write("\n".join(cprof))
     return 0
 
 
