@@ -361,7 +361,8 @@ def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
 
 def _fast_backward(dprep, wprep, outs, g, f, w) -> bool:
     import cupy
-    wt = cupy.ascontiguousarray(_view(w, True).transpose(0, 2, 1))
+    wv = _view(w, True)
+    wt = cupy.ascontiguousarray((wv[::-1] if dprep.flip_b else wv).transpose(0, 2, 1))
     if not dprep.launch(_addr(g), wt.data.ptr, _addr(outs[0])):
         return False
     gw = _view(outs[1], True)

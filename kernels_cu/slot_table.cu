@@ -5,6 +5,7 @@
 //   slot_keys     keys[r] = OR over offsets k with bit_of[k] >= 0 of (nbr[k, r] >= 0) << bit_of[k]
 //                 (the row's neighbour bitmask, rarest offsets most significant; the host picks the bits)
 //   gather_slots  out[k, s] = nbr[k, order[s]] (the table in slot order, order = stable argsort of keys)
+//   csr_slots     the table of a map whose rows have one pair each, in CSR order (no sort)
 //   tile_masks    masks[t, w] bit j = some slot of tile t (bm slots) has a neighbour at offset 32 w + j,
 //                 for offsets in [k0, k1) only
 //
@@ -53,4 +54,18 @@ __global__ void __launch_bounds__(BLOCK) tile_masks(const int* __restrict__ nbr,
     }
     __syncthreads();
     for (int w = threadIdx.x; w < words; w += BLOCK) masks[tile * words + w] = s_bits[w];
+}
+
+// The reverse slot table of a map whose input rows have exactly one pair each (a k2 s2 strided map):
+// slot s is pair s of the CSR (input row in_maps[s], the caller's row_of_slot), and its only neighbour
+// is out_maps[s] at the offset k with offsets[k] <= s < offsets[k + 1]: out[k', s] = that or -1.
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) csr_slots(const int* __restrict__ offsets, int k_count,
+                                                   const int* __restrict__ partner, int rows, int* __restrict__ out) {
+    const long long s = (long long)blockIdx.x * BLOCK + threadIdx.x;
+    if (s >= rows) return;
+    int k = 0;
+    while (k + 1 < k_count && offsets[k + 1] <= s) ++k;
+    const int p = partner[s];
+    for (int j = 0; j < k_count; ++j) out[(long long)j * rows + s] = j == k ? p : -1;
 }

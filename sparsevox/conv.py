@@ -14,7 +14,9 @@ from .tuning.algo_inputs import resolve_algos
 from .errors import AlgorithmUnavailableError
 from .kernel_map import KernelMap, kernel_map
 from .tuning.problem import Problem
+from .tuning import tune_cache
 from .tuning.registry import availability
+from .tuning.registry import token as registry_token
 from .voxels import Voxels
 
 log = logging.getLogger("sparsevox")
@@ -107,20 +109,22 @@ def plan(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input, ru
          operands=None):
     """``(algorithm, params)`` for one call: validated and chosen once per distinct call signature.
 
-    A layer called again with the same shapes, dtype, device, map and algorithm input skips validation,
-    problem construction and registry filtering (that is every training step after the first), which
-    keeps the per-call host cost of a cached choice to a dictionary lookup. The memo lives on the map
-    (``kmap.derived``), so it goes with it: a global memo holding maps kept every fresh scan's map and
-    its tables alive (device memory growing by tens of MB per training step). ``memo_only``: return None
-    instead of planning when this signature has no memoised choice. ``operands``: ``(a, b)`` as this
-    direction's EXPLICIT_GEMM function takes them, for the autotuner's accuracy check.
+    A layer called again with the same shapes, dtypes, devices, map sizes and kind, and algorithm input
+    skips validation, problem construction and registry filtering, also on a fresh kernel map (every
+    training step on a new scan makes new maps): the memo (``tune_cache.plans``, bounded, forgotten with
+    the autotuner's choices) is keyed by what the choice depends on, never by the map object, so it
+    holds no map (a memo of maps kept every fresh scan's tables alive). ``memo_only``: return None instead
+    of planning when this signature has no memoised choice. ``operands``: ``(a, b)`` as this direction's
+    EXPLICIT_GEMM function takes them, for the autotuner's accuracy check.
     """
     algo_key = tuple(algo_input) if isinstance(algo_input, list) else algo_input
     env = resolve_algos(algo_input, op, "fwd" if direction == "fwd" else "bwd") if algo_input is None else None
-    dev = getattr(feats, "device", None)
+    dev, wdev = getattr(feats, "device", None), getattr(weight, "device", None)
     key = ("plan", op, direction, type(feats), feats.dtype, feats.shape, type(weight), weight.dtype, weight.shape,
-           getattr(dev, "id", None), algo_key, env, config.allow_tf32())
-    memo = kmap.derived
+           getattr(dev, "id", None), getattr(wdev, "id", None), getattr(getattr(kmap.offsets, "device", None), "id", None),
+           kmap.num_in, kmap.num_out, kmap.num_offsets, kmap.kind, tuple(kmap.stride), algo_key, env,
+           config.allow_tf32(), registry_token(op))
+    memo = tune_cache.plans
     try:
         choice = memo.get(key)
     except TypeError:  # an unhashable algorithm input: plan without the memo
@@ -132,9 +136,14 @@ def plan(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input, ru
         oracle = None if operands is None else (lambda: oracle_of(op, direction, *operands, kmap))
         choice = select(problem_of(op, direction, feats, weight, kmap), algo_input, run, oracle)
         if key is not None:
+            if len(memo) >= PLAN_MEMO_LIMIT:
+                memo.clear()
             memo[key] = choice
     last_plans[(op, direction)] = (choice[0].name, choice[1])
     return choice
+
+
+PLAN_MEMO_LIMIT = 4096
 
 
 def conv_forward(feats, weight, kmap: KernelMap, fwd_algo=None):

@@ -5,7 +5,7 @@ Kernel-level calls get NaN-poisoned output buffers so an element the kernel forg
 import numpy as np
 import pytest
 from gpu_cases import host, np_dtype, quantised_case, to_gpu
-from reference import TOL, dense_conv, dense_conv_grads, rel_err
+from reference import TOL, dense_conv, dense_conv_grads, random_voxels, rel_err
 
 import sparsevox as sv
 from sparsevox.testing import DTYPES, KINDS
@@ -51,6 +51,36 @@ def _check_all_directions(rng, case, dtype, fwd_p=None, wgrad_p=None):
 def test_every_kind_dtype_direction_matches_oracle(rng, kind, dtype, c_in):
     case = quantised_case(rng, kind, c_in, CHANNELS[c_in], dtype)
     _check_all_directions(rng, case, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k2s2_maps_in_csr_order_match_oracle(rng, dtype):
+    """A k2 s2 map's input rows have one pair each, so its dgrad and its swapped transposed twin's forward
+    read the rows in CSR order (no sort): every direction of both against the oracle (NaN-poisoned
+    outputs), and the shared table: a permutation of the rows, one neighbour per row, offsets in order."""
+    import cupy
+    from sparsevox.algorithms import implicit_gemm as ig
+    fine_c = random_voxels(rng, 900, extent=12, batches=2)
+    fine = sv.Voxels(cupy.asarray(fine_c), None)
+    down = sv.kernel_map(fine, 2, 2)
+    coarse = sv.Voxels.from_core_coords(down.out_coords, None, fine.origin)
+    up = sv.kernel_map(coarse, 2, 2, transposed=True, output_voxels=fine)
+    assert up.swapped_from is down and ig._one_pair_rows(down, True)
+    q = np_dtype(dtype)
+    for kmap, coords, tr, c_in, c_out in ((down, fine_c, False, 17, 3), (up, cupy.asnumpy(down.out_coords), True, 3, 17)):
+        feats = rng.standard_normal((len(coords), c_in)).astype(q).astype(np.float64)
+        weight = (rng.standard_normal((8, c_in, c_out)) / np.sqrt(c_in * 4)).astype(q).astype(np.float64)
+        case = dict(coords=coords, feats=feats, weight=weight, kmap=kmap, s=2, tr=tr, ks=2,
+                    out_coords=cupy.asnumpy(kmap.out_coords), x=to_gpu(feats, dtype), w=to_gpu(weight, dtype))
+        _check_all_directions(rng, case, dtype)
+    slots, nbr_sorted = (a.get() for a in ig.slot_table(down, True, True))
+    assert ig.slot_table(up, False, True)[1] is ig.slot_table(down, True, True)[1]  # one table for both
+    nbr = _csr_table(down, True)
+    np.testing.assert_array_equal(np.sort(slots), np.arange(down.num_in))
+    np.testing.assert_array_equal(nbr_sorted, nbr[:, slots])
+    assert ((nbr_sorted >= 0).sum(axis=0) == 1).all()
+    assert (np.diff(np.argmax(nbr_sorted >= 0, axis=0)) >= 0).all()
 
 
 @pytest.mark.gpu

@@ -240,7 +240,8 @@ def test_driver_launch_of_the_implicit_gemm_launches(fake_driver, monkeypatch, d
     monkeypatch.setattr(ig, "tile_masks", lambda kmap, rev, bm, sort, part=None: _Dev(next(ptrs), (9, 1)))
     monkeypatch.setattr(ig, "wgrad_chunks", lambda kmap, chunk: (_Dev(next(ptrs)), 11))
     kmap = types.SimpleNamespace(num_in=500, num_out=400, num_pairs=3000, num_offsets=27, derived={},
-                                 in_maps=_Dev(0xAAA0), out_maps=_Dev(0xBBB0))
+                                 in_maps=_Dev(0xAAA0), out_maps=_Dev(0xBBB0), kind="strided",
+                                 kernel_size=(3, 3, 3), stride=(2, 2, 2), dilation=(1, 1, 1))
     prep = ig.prepare(direction, "float16", 32, 64, kmap, 2, **params)
     assert prep.device_id == 2
     assert prep.launch(0x1_0000, 0x2_0000, 0x3_0000, stream=0x77)

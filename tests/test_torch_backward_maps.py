@@ -36,7 +36,7 @@ def test_backward_finds_every_map_of_the_forward(rng):
 
 
 def test_retained_graph_backward_twice_gives_the_same_gradients(rng):
-    """The map is released from the node after its first backward; a second one looks it up again."""
+    """The node keeps its map object for every backward of a retained graph."""
     coords = torch.from_numpy(random_voxels(rng, 300, extent=10, batches=1))
     v = sv.Voxels(coords, torch.randn(len(coords), 3, dtype=torch.float64, requires_grad=True))
     layer = svt.SparseConv3d(3, 4, kernel_size=2, stride=2).double()

@@ -157,7 +157,7 @@ def _fast_backward(dprep, wprep, grad_out, feats, weight):
     stream = _arrays.torch_stream_handle(torch, dev)
     with _arrays.on_device(dev):
         if dprep is not None:
-            wt = weight.transpose(1, 2).contiguous()
+            wt = (weight.flip(0) if dprep.flip_b else weight).transpose(1, 2).contiguous()
             gf = torch.empty(dprep.out_shape, dtype=feats.dtype, device=feats.device)
             if not dprep.launch(grad_out.data_ptr(), wt.data_ptr(), gf.data_ptr(), stream):
                 return None
@@ -245,22 +245,24 @@ def _define(name: str, core_forward, core_backward, out_channels):
     fwd_op.register_autograd(backward, setup_context=setup_context)
 
     class Eager(torch.autograd.Function):
+        """``apply(feats, weight, kmap, fwd_algo, bwd_algo)``: the map object itself, not its tensors
+        (making those costs two DLPack hand-overs and a lookup by address per call on a fresh map), and
+        the node keeps it for backward: the coarse levels' Voxels (which own their maps) are gone by
+        then, and a map recalled from bare tensors has none of the derived tables, plans or prepared
+        launches (every backward call of a fresh scan rebuilt them)."""
+
         @staticmethod
-        def forward(ctx, feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, bwd_algo):
-            ctx.save_for_backward(feats, weight, in_maps, out_maps, offsets)
-            ctx.bwd_algo = bwd_algo
-            # The map itself, not only its tensors: the coarse levels' Voxels (which own their maps) are
-            # gone by the backward pass, and a map recalled from bare tensors has none of the derived
-            # tables, plans or prepared launches: every backward call of a fresh scan rebuilt them.
-            ctx.kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
-            return fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, kmap=ctx.kmap)
+        def forward(ctx, feats, weight, kmap, fwd_algo, bwd_algo):
+            ctx.save_for_backward(feats, weight)
+            ctx.bwd_algo, ctx.kmap = bwd_algo, kmap
+            return fwd_impl(feats, weight, None, None, None, kmap.num_out, fwd_algo, kmap=kmap)
 
         @staticmethod
         def backward(ctx, grad):
             need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            kmap, ctx.kmap = ctx.kmap, None  # released with this node even if the graph is retained
-            gf, gw = bwd_impl(grad, *ctx.saved_tensors, ctx.bwd_algo, need_f, need_w, kmap=kmap)
-            return gf if need_f else None, gw if need_w else None, None, None, None, None, None, None
+            feats, weight = ctx.saved_tensors
+            gf, gw = bwd_impl(grad, feats, weight, None, None, None, ctx.bwd_algo, need_f, need_w, kmap=ctx.kmap)
+            return gf if need_f else None, gw if need_w else None, None, None, None
 
     Eager.__name__ = Eager.__qualname__ = f"{name}_function"
     Eager.impls = (fwd_impl, bwd_impl)  # the bare implementations, for host-cost diagnostics
@@ -286,15 +288,17 @@ def _needs_function(feats, weight) -> bool:
             or torch.jit.is_tracing())
 
 
-def _apply(function, op, feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, bwd_algo):
+def _apply(function, op, feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, bwd_algo, kmap=None):
     """Eager: the autograd.Function (or the forward alone when nothing is differentiated); under
-    torch.compile: the registered custom op."""
+    torch.compile: the registered custom op. ``kmap``: the map object of the tensors when the caller has
+    it (eager calls only)."""
     if not torch.compiler.is_compiling():
+        if kmap is None:
+            kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
         if not _needs_function(feats, weight):
             fwd_impl = function.impls[0]
-            return fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, _algo_str(fwd_algo))
-        return function.apply(feats, weight, in_maps, out_maps, offsets, num_out, _algo_str(fwd_algo),
-                              _algo_str(bwd_algo))
+            return fwd_impl(feats, weight, None, None, None, num_out, _algo_str(fwd_algo), kmap=kmap)
+        return function.apply(feats, weight, kmap, _algo_str(fwd_algo), _algo_str(bwd_algo))
     if bwd_algo is None:  # nothing to pass on (keeps the traced call free of context-variable traffic)
         return op(feats, weight, in_maps, out_maps, offsets, num_out, _algo_str(fwd_algo))
     token = _BWD_ALGO.set(_algo_str(bwd_algo))
@@ -313,24 +317,34 @@ def _autocast(*tensors):
     return tensors
 
 
-def conv_features(feats, weight, kmap: KernelMap, fwd_algo=None, bwd_algo=None):
-    """Differentiable ``[N_out, C_out]`` features of a convolution with a prebuilt kernel map."""
-    out = _eager_forward(feats, weight, kmap, fwd_algo)
-    if out is not None:
-        return out
-    in_maps, out_maps, offsets = kernel_map_tensors(kmap)
-    return conv_tensors(feats, weight, in_maps, out_maps, offsets, kmap.num_out, fwd_algo, bwd_algo)
-
-
-def conv_tensors(feats, weight, in_maps, out_maps, offsets, num_out: int, fwd_algo=None, bwd_algo=None):
-    """:func:`conv_features` with the map as tensors (:func:`kernel_map_tensors`): the form to use inside
-    ``torch.compile(fullgraph=True)``, where kernel maps must come in from outside."""
+def _checked(feats, weight):
+    """``(feats, weight)`` in the autocast dtype, checked to share a dtype and a device."""
     feats, weight = _autocast(feats, weight)
     if weight.dtype != feats.dtype:
         raise ValueError(f"weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
     if weight.device != feats.device:
         raise ValueError(f"weight is on {weight.device} and the features on {feats.device}: both must be on "
                          f"one device")
+    return feats, weight
+
+
+def conv_features(feats, weight, kmap: KernelMap, fwd_algo=None, bwd_algo=None):
+    """Differentiable ``[N_out, C_out]`` features of a convolution with a prebuilt kernel map."""
+    out = _eager_forward(feats, weight, kmap, fwd_algo)
+    if out is not None:
+        return out
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # the op takes the map as tensors
+        in_maps, out_maps, offsets = kernel_map_tensors(kmap)
+        return conv_tensors(feats, weight, in_maps, out_maps, offsets, kmap.num_out, fwd_algo, bwd_algo)
+    feats, weight = _checked(feats, weight)
+    return _apply(_ConvFunction, _conv_fwd, feats, weight, None, None, None, kmap.num_out, fwd_algo, bwd_algo,
+                  kmap=kmap)
+
+
+def conv_tensors(feats, weight, in_maps, out_maps, offsets, num_out: int, fwd_algo=None, bwd_algo=None):
+    """:func:`conv_features` with the map as tensors (:func:`kernel_map_tensors`): the form to use inside
+    ``torch.compile(fullgraph=True)``, where kernel maps must come in from outside."""
+    feats, weight = _checked(feats, weight)
     return _apply(_ConvFunction, _conv_fwd, feats, weight, in_maps, out_maps, offsets,
                   num_out, fwd_algo, bwd_algo)
 

@@ -188,9 +188,15 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
     a stable sort, the gathered table: four launches on a fresh map's first call.
     """
     import cupy
+    twin = getattr(kmap, "swapped_from", None)
+    if twin is not None:  # a transposed map made from its strided twin: share the twin's tables
+        kmap.wait()
+        return slot_table(twin, not reverse, sort_rows, part)
     k0, k1 = part if part is not None else (0, kmap.num_offsets)
     key = f"implicit_gemm.slots{'_rev' if reverse else ''}.{int(sort_rows)}.{k0}.{k1}"
     t = kmap.derived.get(key)
+    if t is None and sort_rows and (k0, k1) == (0, kmap.num_offsets) and _one_pair_rows(kmap, reverse):
+        t = kmap.derived[key] = _csr_slots(kmap)
     if t is None:
         nbr = neighbour_table(kmap, reverse)
         k_count, rows = nbr.shape
@@ -217,6 +223,29 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
 _SLOT_BLOCK = 256
 
 
+def _one_pair_rows(kmap, reverse: bool) -> bool:
+    """Whether every row of the table (reverse: the input rows) has exactly one pair: the input rows of a
+    strided map whose windows do not overlap (kernel size = stride, no dilation: k2 s2), with every
+    input inside some output site. The CSR order then already groups the rows by their one offset,
+    which is what the bitmask sort would do."""
+    if not reverse or kmap.kind != "strided" or tuple(kmap.kernel_size) != tuple(kmap.stride):
+        return False
+    return all(d == 1 for d in kmap.dilation) and kmap.num_pairs == kmap.num_in
+
+
+def _csr_slots(kmap):
+    """The reverse slot table of a map with :func:`_one_pair_rows`: slot ``s`` is input row ``in_maps[s]``,
+    its only neighbour ``out_maps[s]`` at the offset whose pair range holds ``s``. One launch, no sort."""
+    import cupy
+    k_count, rows = kmap.num_offsets, kmap.num_in
+    out = cupy.empty((k_count, rows), dtype=cupy.int32)
+    if rows:
+        grid = (-(-rows // _SLOT_BLOCK),)
+        _slot_kernel("csr")(grid, (_SLOT_BLOCK,), (kmap.offsets, np.int32(k_count), kmap.out_maps, np.int32(rows),
+                                                   out))
+    return kmap.in_maps, out
+
+
 def _upload(host: np.ndarray):
     """``(device copy of small host, guard)``: the copy is queued on the current stream from pinned
     memory, so the host does not wait for the work queued before it (``cupy.asarray`` of pageable memory
@@ -240,13 +269,14 @@ def _slot_kernel(name: str, wide: bool = False):
     """A kernel of ``kernels_cu/slot_table.cu`` on the current device (``keys``: 64-bit keys if ``wide``)."""
     from ..cuda.cuda_loader import get_function
     names = {"keys": f"slot_keys<{'unsigned long long' if wide else 'unsigned int'}, {_SLOT_BLOCK}>",
-             "gather": f"gather_slots<{_SLOT_BLOCK}>", "masks": f"tile_masks<{_MASK_BLOCK}>"}
+             "gather": f"gather_slots<{_SLOT_BLOCK}>", "masks": f"tile_masks<{_MASK_BLOCK}>",
+             "csr": f"csr_slots<{_SLOT_BLOCK}>"}
     return get_function("slot_table", names[name], _SLOT_NAMES)
 
 
 _MASK_BLOCK = 128
 _SLOT_NAMES = (f"slot_keys<unsigned int, {_SLOT_BLOCK}>", f"slot_keys<unsigned long long, {_SLOT_BLOCK}>",
-               f"gather_slots<{_SLOT_BLOCK}>", f"tile_masks<{_MASK_BLOCK}>")
+               f"gather_slots<{_SLOT_BLOCK}>", f"tile_masks<{_MASK_BLOCK}>", f"csr_slots<{_SLOT_BLOCK}>")
 
 
 def mask_key_weights(kmap, k0: int, k1: int) -> np.ndarray:
@@ -264,6 +294,9 @@ def tile_masks(kmap, reverse: bool, bm: int, sort_rows: bool, part: tuple | None
     """``[tiles, words]`` uint32: bit k set when some row of the ``bm``-slot tile has offset k (only
     offsets in ``part = (k0, k1)`` when given). One launch (``kernels_cu/slot_table.cu``)."""
     import cupy
+    twin = getattr(kmap, "swapped_from", None)
+    if twin is not None:  # as slot_table
+        return tile_masks(twin, not reverse, bm, sort_rows, part)
     k0, k1 = part if part is not None else (0, kmap.num_offsets)
     key = f"implicit_gemm.mask{'_rev' if reverse else ''}.{bm}.{int(sort_rows)}.{k0}.{k1}"
     m = kmap.derived.get(key)
@@ -281,20 +314,31 @@ def tile_masks(kmap, reverse: bool, bm: int, sort_rows: bool, part: tuple | None
 
 
 def wgrad_chunks(kmap, chunk: int):
-    """``([n_chunks, 3] int32 (k, lo, hi) on the device, n_chunks)``: pair ranges of one offset each."""
-    import cupy
+    """``([n_chunks, 3] int32 (k, lo, hi) on the device, n_chunks)``: pair ranges of one offset each.
+    Computed with NumPy from the offsets (a Python loop over the chunks took ~0.3 ms per fresh map) and
+    uploaded from pinned memory without waiting for the device."""
     key = f"implicit_gemm.chunks.{chunk}"
     c = kmap.derived.get(key)
     if c is None:
-        rows = []
-        o = kmap.offsets_host
-        for k in range(len(o) - 1):
-            for lo in range(int(o[k]), int(o[k + 1]), chunk):
-                rows.append((k, lo, min(lo + chunk, int(o[k + 1]))))
-        arr = np.asarray(rows, dtype=np.int32).reshape(-1, 3)
-        c = (cupy.asarray(arr), arr.shape[0])
+        arr = chunk_ranges(kmap.offsets_host, chunk)
+        dev, _staging = _upload(arr)  # the guard keeps the pinned buffer until the copy has run
+        c = (dev, arr.shape[0])
         kmap.derived[key] = c
     return c
+
+
+def chunk_ranges(offsets, chunk: int) -> np.ndarray:
+    """int32 ``[n, 3]`` rows ``(k, lo, hi)``: each offset's pair range ``[offsets[k], offsets[k+1])`` cut
+    into pieces of at most ``chunk`` pairs, in offset order (empty offsets give no row)."""
+    o = np.asarray(offsets, dtype=np.int64)
+    counts = np.diff(o)
+    pieces = -(-counts // int(chunk))
+    total = int(pieces.sum())
+    ks = np.repeat(np.arange(len(counts), dtype=np.int64), pieces)
+    start = np.cumsum(pieces) - pieces  # first piece of each offset
+    lo = o[:-1][ks] + (np.arange(total, dtype=np.int64) - start[ks]) * int(chunk)
+    hi = np.minimum(lo + int(chunk), o[1:][ks])
+    return np.stack([ks, lo, hi], axis=1).astype(np.int32).reshape(-1, 3)
 
 
 # ---- default parameters -----------------------------------------------------------------------------
@@ -326,7 +370,9 @@ class Launch:
 
     What the caller provides: ``a``, ``b`` C-contiguous inputs of the call's dtype (fwd: feats
     ``[N_in, C_in]`` and weight ``[K, C_in, C_out]``; dgrad: grad_out ``[N_out, C_out]`` and the weight
-    with its last two axes swapped, ``[K, C_out, C_in]`` (``transpose_b``); wgrad: feats and grad_out),
+    with its last two axes swapped, ``[K, C_out, C_in]`` (``transpose_b``), and for a submanifold map
+    with odd kernel sizes (``flip_b``) also its offsets reversed, ``W[K-1-k]^T``, because that dgrad runs
+    on the forward tables; wgrad: feats and grad_out),
     and ``out`` of ``out_shape``: the data dtype, or for wgrad the zero-filled ``acc_dtype`` accumulator
     (float32; float64 for float64 data) that the caller casts back.
 
@@ -335,12 +381,14 @@ class Launch:
     ``device_id``: the device the kernels are loaded on (the driver path launches their handles there;
     None: the current device at the first such launch).
     """
-    __slots__ = ("steps", "holes", "vec", "out_shape", "acc_dtype", "transpose_b", "keep", "device_id", "_packed")
+    __slots__ = ("steps", "holes", "vec", "out_shape", "acc_dtype", "transpose_b", "flip_b", "keep", "device_id",
+                 "_packed")
 
-    def __init__(self, steps, holes, vec, out_shape, acc_dtype=None, transpose_b=False, keep=(), device_id=None):
+    def __init__(self, steps, holes, vec, out_shape, acc_dtype=None, transpose_b=False, keep=(), device_id=None,
+                 flip_b=False):
         self.steps = [(fn, grid, block, smem, tuple(args)) for fn, grid, block, smem, args in steps]
         self.holes, self.vec, self.out_shape = holes, vec, tuple(out_shape)
-        self.acc_dtype, self.transpose_b, self.keep = acc_dtype, transpose_b, keep
+        self.acc_dtype, self.transpose_b, self.flip_b, self.keep = acc_dtype, transpose_b, flip_b, keep
         self.device_id = device_id
         self._packed = None  # the driver path's argument blocks, built on its first launch
 
@@ -420,14 +468,15 @@ def _launch_driver(prep: Launch, a: int, b: int, out: int, stream: int) -> None:
 
 
 def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec, device_id,
-                         variant=None, mask_split=1) -> Launch:
+                         variant=None, mask_split=1, flip_b=False) -> Launch:
     """The :class:`Launch` of ``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]`` (cached on the map).
 
     ``mask_split``: run the offsets in that many contiguous parts, each with slots sorted by its own
     offsets' bitmask (fewer tile rows without a neighbour at an active offset), the later parts adding
-    into the output (spconv's split mask)."""
+    into the output (spconv's split mask). ``flip_b``: marks the Launch of a mirrored dgrad (see
+    :class:`Launch`); the launch itself is the forward one."""
     key = ("implicit_gemm.launch", dt, c_a, c_b, reverse, n_rows, bm, bn, bool(sort_rows), bool(stage_nbr), vec,
-           device_id, variant, mask_split)
+           device_id, variant, mask_split, flip_b)
     prep = kmap.derived.get(key)
     if prep is not None:
         return prep
@@ -449,14 +498,14 @@ def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows,
                       (None, None, nbr.data.ptr, masks.data.ptr, slots.data.ptr, None, np.int32(n_rows),
                        np.int32(c_a), np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap), np.int32(h > 0))))
         keep += [nbr, masks, slots]
-    prep = Launch(steps, (0, 1, 5), vec, (n_rows, c_b), transpose_b=reverse, keep=tuple(keep),
-                  device_id=device_id)
+    prep = Launch(steps, (0, 1, 5), vec, (n_rows, c_b), transpose_b=reverse or flip_b, keep=tuple(keep),
+                  device_id=device_id, flip_b=flip_b)
     kmap.derived[key] = prep
     return prep
 
 
 def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr=False, out=None,
-                 variant=None, mask_split=1):
+                 variant=None, mask_split=1, flip_b=False):
     """``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]``; weight ``[K, C_a, C_b]`` contiguous.
 
     ``out`` (optional, ``[n_rows, C_b]`` contiguous, src dtype) is fully overwritten.
@@ -475,7 +524,7 @@ def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, stag
         return out
     vec = _vec_ok(dt, c_a, c_b, src, weight_kcn)
     prep = _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec,
-                                src.device.id, variant, _check_split(mask_split, kmap))
+                                src.device.id, variant, _check_split(mask_split, kmap), flip_b)
     prep.launch(src.data.ptr, weight_kcn.data.ptr, out.data.ptr)
     return out
 
@@ -508,13 +557,18 @@ def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort
 
 def dgrad(grad_out, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, stage_nbr=False,
           out=None, mask_split=1):
-    """``grad_feats [num_in, C_in]``: the forward kernel on the reverse map with ``weight[k]^T``."""
+    """``grad_feats [num_in, C_in]``: the forward kernel on the reverse map with ``weight[k]^T``.
+
+    A submanifold map with odd kernel sizes is its own reverse with the offsets flipped (pair ``(k, out
+    m, in j)`` is pair ``(K-1-k, out j, in m)``), so its dgrad is the forward kernel on the forward
+    tables with ``weight[K-1-k]^T``: no reverse table, slot sort or tile masks of its own."""
     import cupy
     grad_out = cupy.ascontiguousarray(grad_out)
-    wt = cupy.ascontiguousarray(weight.transpose(0, 2, 1))
+    flip = _mirrored(kmap)
+    wt = cupy.ascontiguousarray((weight[::-1] if flip else weight).transpose(0, 2, 1))
     bm, bn = _tile(_dtype_name(grad_out), int(weight.shape[1]), fwd_block_size, gemm_block_size)
-    return _gather_gemm(grad_out, wt, kmap, True, kmap.num_in, bm, bn, sort_rows, stage_nbr, out,
-                        mask_split=mask_split)
+    return _gather_gemm(grad_out, wt, kmap, not flip, kmap.num_in, bm, bn, sort_rows, stage_nbr, out,
+                        mask_split=mask_split, flip_b=flip)
 
 
 def _tile(dt, c_out, bm, bn, variant=None):
@@ -596,8 +650,9 @@ def prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params) -> La
                                     stage_nbr, vec, device_id, None, split)
     if direction == "dgrad":
         bm, bn = _tile(dtype_name, c_in, params.get("fwd_block_size"), params.get("gemm_block_size"))
-        return _prepare_gather_gemm(dtype_name, c_out, c_in, kmap, True, kmap.num_in, bm, bn, sort_rows,
-                                    stage_nbr, vec, device_id, None, split)
+        flip = _mirrored(kmap)
+        return _prepare_gather_gemm(dtype_name, c_out, c_in, kmap, not flip, kmap.num_in, bm, bn, sort_rows,
+                                    stage_nbr, vec, device_id, None, split, flip)
     raise ValueError(f"direction must be 'fwd', 'dgrad' or 'wgrad', got {direction!r}")
 
 

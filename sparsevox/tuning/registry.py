@@ -46,6 +46,12 @@ def register(op: str, algo: Algorithm) -> None:
     _REGISTRY[op][algo.name] = algo
 
 
+def token(op: str) -> tuple:
+    """Changes when ``op``'s registry is replaced or grows: part of memo keys of choices made from it."""
+    d = _REGISTRY[op]
+    return id(d), len(d)
+
+
 def algorithms(op: str) -> dict[str, Algorithm]:
     _load_backends()
     return _REGISTRY[op]

@@ -50,6 +50,9 @@ _unwritable_warned = False
 # Final choices of this process, {(Problem or its key(), algorithm names): (Algorithm, params)}: the
 # autotuner's fast path. It lives here so that clear() and reset() forget it together with the entries.
 choices: dict = {}
+# The plans of sparsevox.conv.plan by call signature (shapes, dtypes, devices, the map's sizes and kind,
+# algorithm input): what a fresh kernel map of a known layer reuses. Forgotten with ``choices``.
+plans: dict = {}
 
 
 def cache_dir() -> Path:
@@ -261,6 +264,7 @@ def reset() -> None:
         _entries.clear()
         _dirty.clear()
         choices.clear()
+        plans.clear()
         _loaded = False
         _unwritable_warned = False
 
@@ -274,6 +278,7 @@ def clear() -> list[Path]:
         _entries.clear()
         _dirty.clear()
         choices.clear()
+        plans.clear()
         if directory.is_dir():
             for p in sorted(directory.glob(FILE_NAME + "*")):  # the file, temp files and *.bad-* copies
                 try:
