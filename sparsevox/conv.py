@@ -13,7 +13,7 @@ from ._arrays import array_module, from_core, to_core
 from .tuning.algo_inputs import resolve_algos
 from .errors import AlgorithmUnavailableError
 from .kernel_map import KernelMap, kernel_map
-from .tuning.problem import Problem
+from .tuning.problem import Problem, n_bucket
 from .tuning import tune_cache
 from .tuning.registry import availability
 from .tuning.registry import token as registry_token
@@ -120,15 +120,20 @@ def plan(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input, ru
     algo_key = tuple(algo_input) if isinstance(algo_input, list) else algo_input
     env = resolve_algos(algo_input, op, "fwd" if direction == "fwd" else "bwd") if algo_input is None else None
     dev, wdev = getattr(feats, "device", None), getattr(weight, "device", None)
-    key = ("plan", op, direction, type(feats), feats.dtype, feats.shape, type(weight), weight.dtype, weight.shape,
-           getattr(dev, "id", None), getattr(wdev, "id", None), getattr(getattr(kmap.offsets, "device", None), "id", None),
-           kmap.num_in, kmap.num_out, kmap.num_offsets, kmap.kind, tuple(kmap.stride), algo_key, env,
+    # Row counts enter bucketed, as in the autotuner's key (scans differ in size every step); the memo's
+    # validation is then exact except the rows of feats against the map, checked on every hit.
+    key = ("plan", op, direction, type(feats), feats.dtype, feats.ndim, feats.shape[1:], n_bucket(feats.shape[0]),
+           type(weight), weight.dtype, weight.shape, getattr(dev, "id", None), getattr(wdev, "id", None),
+           getattr(getattr(kmap.offsets, "device", None), "id", None), n_bucket(kmap.num_in),
+           n_bucket(kmap.num_out), kmap.num_offsets, kmap.kind, tuple(kmap.stride), algo_key, env,
            config.allow_tf32(), registry_token(op))
     memo = tune_cache.plans
     try:
         choice = memo.get(key)
     except TypeError:  # an unhashable algorithm input: plan without the memo
         choice, key = None, None
+    if choice is not None and feats.shape[0] != kmap.num_in:
+        check_conv_args(feats, weight, kmap, op)  # raises: the rows do not match the map
     if choice is None:
         if memo_only:
             return None
@@ -187,18 +192,30 @@ def prepared(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input
     that algorithm has none. Call it after one ordinary call with the same arguments (which plans and, for
     AUTO, tunes): framework adapters then launch later calls from tensor addresses directly."""
     choice = plan(op, direction, feats, weight, kmap, algo_input, None, memo_only=True) if op == "conv" else None
-    if choice is None or choice[0].prepare is None or _device(feats) != "gpu":
+    if choice is None or _device(feats) != "gpu":
         return None
+    return prepare_choice(choice, direction, feats.dtype.name, int(feats.shape[1]), int(weight.shape[2]), kmap,
+                          int(feats.device.id))
+
+
+def prepare_choice(choice, direction: str, dtype_name: str, c_in: int, c_out: int, kmap: KernelMap, device_id: int):
+    """The launch object of a planned ``(algorithm, params)`` on ``kmap`` (None when the algorithm has
+    none): how adapters prepare a fresh map's call from the choice an earlier map of the same layer got."""
     algo, params = choice
-    return algo.prepare(direction, feats.dtype.name, int(feats.shape[1]), int(weight.shape[2]), kmap,
-                        int(feats.device.id), **params)
+    if algo.prepare is None:
+        return None
+    return algo.prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params)
 
 
-def remember_prepared(kmap: KernelMap, key, op: str, direction: str, feats, weight, algo_input) -> None:
+def remember_prepared(kmap: KernelMap, key, op: str, direction: str, feats, weight, algo_input):
     """Keep :func:`prepared` for a call that just ran under ``kmap.derived[key]`` (False when there is
-    none, so callers do not ask again). Adapters key it by their own call signature."""
+    none, so callers do not ask again). Adapters key it by their own call signature. Returns the call's
+    ``(algorithm, params)`` when a launch object was made (else None)."""
     if key not in kmap.derived:
         kmap.derived[key] = prepared(op, direction, feats, weight, kmap, algo_input) or False
+    if not kmap.derived[key]:
+        return None
+    return plan(op, direction, feats, weight, kmap, algo_input, None, memo_only=True)
 
 
 def output_voxels_of(voxels, kmap: KernelMap, out_feats, output_voxels=None):

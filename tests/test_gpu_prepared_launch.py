@@ -109,6 +109,29 @@ def test_later_calls_skip_the_core(rng, monkeypatch):
     _check(v.coords.cpu().numpy(), out_coords, kmap, ks, s, f, w, g, out, gf, gw, "float16")
 
 
+@pytest.mark.parametrize("kind", ["submanifold", "strided"])
+def test_a_fresh_map_of_a_known_layer_skips_the_core(rng, monkeypatch, kind):
+    """Training makes new maps every step: a layer signature planned on one map launches on the next
+    map (another scan, row counts in the same bucket) without the core call or planning, and matches
+    the oracle, forward and both gradients."""
+    v, kmap, ks, s, out_coords = _scene(rng, kind)
+    f, w, g = _fresh(rng, kmap, 32, 32, torch.float16)
+    torch.autograd.grad(svt.conv_features(f, w, kmap, ALGO, ALGO), (f, w), g)
+
+    def boom(*a, **k):
+        raise AssertionError("a fresh map of a known layer went through the core call")
+    monkeypatch.setattr(sv_conv, "plan", boom)  # every core call plans first
+    v2, kmap2, ks, s, out_coords2 = _scene(rng, kind)  # a new scan: new coordinates, new map
+    assert kmap2 is not kmap
+    calls = _count_launches(monkeypatch)
+    f, w2, g = _fresh(rng, kmap2, 32, 32, torch.float16)
+    w2 = w.detach().clone().requires_grad_(True)
+    out = svt.conv_features(f, w2, kmap2, ALGO, ALGO)
+    gf, gw = torch.autograd.grad(out, (f, w2), g)
+    assert len(calls) == 3
+    _check(v2.coords.cpu().numpy(), out_coords2, kmap2, ks, s, f, w2, g, out, gf, gw, "float16")
+
+
 def test_misaligned_view_falls_back_correctly(rng):
     """A feature view starting 2 bytes into its storage cannot use the 16-byte loads the launch was
     prepared with: the call must take the ordinary path (which picks scalar loads) and stay exact."""

@@ -20,6 +20,18 @@ svj = pytest.importorskip("sparsevox.adapters.jax")
 pytestmark = pytest.mark.usefixtures("jax_x64")
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_gpu(request):
+    """The tests without the ``gpu`` mark check the adapter against the NumPy core on JAX's CPU backend,
+    to the bit (the same arithmetic); on a machine with a GPU, JAX would put their arrays there, where the
+    segment kernels sum in another order. The ``gpu`` tests below compare the GPU with the CPU."""
+    if request.node.get_closest_marker("gpu") is not None:
+        yield
+        return
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def features_form(s, name, device=None):
     """``(level, fn(feats))``: op ``name`` as the adapter's feature function, with its geometry built
     here, outside jit, from concrete coordinates (what a jitted training step closes over)."""

@@ -16,7 +16,10 @@ import torch
 import sparsevox as sv
 from sparsevox import _arrays
 from sparsevox.conv import output_voxels_of
+from sparsevox.tuning import tune_cache
 from sparsevox.tuning.algo_inputs import resolve_algos
+from sparsevox.tuning.problem import n_bucket
+from sparsevox.tuning.registry import token as registry_token
 from sparsevox.kernel_map import KernelMap, live_map, recall
 
 __all__ = ["spatially_sparse_conv", "spatially_sparse_depthwise_conv", "SpatiallySparseConv", "SparseConv3d",
@@ -86,6 +89,39 @@ _BWD_ALGO: contextvars.ContextVar[str] = contextvars.ContextVar("sparsevox_bwd_a
 
 def _prepared(kmap, key):
     return kmap.derived.get(key) if kmap.in_maps.__class__.__module__.startswith("cupy") else False
+
+
+def _signature(direction: str, name: str, feats, weight, kmap, algo: str):
+    """The key in ``tune_cache.plans`` of a call's ``(algorithm, params)`` without the map (row counts
+    bucketed as the autotuner buckets them): what the next fresh map of the same layer reuses to make its
+    launch object at once, skipping the core call of a first use (CuPy views, planning, the output's
+    hand-back). ``algo`` as :func:`_algo_str` makes it."""
+    env = resolve_algos(None, "conv", "fwd" if direction == "fwd" else "bwd") if algo == "" else None
+    return ("torch.signature", direction, name, feats.device, weight.device, feats.dtype, feats.shape[1:],
+            weight.shape, algo, env, sv.allow_tf32(), n_bucket(kmap.num_in), n_bucket(kmap.num_out),
+            kmap.num_offsets, kmap.kind, tuple(kmap.stride), registry_token("conv"))
+
+
+def _from_signature(kmap, key, sig, direction, feats, weight):
+    """The launch object of a fresh map (stored under ``kmap.derived[key]``) for a layer signature an
+    earlier map planned, or None when none did or the arguments do not fit the map (the core call then
+    runs and raises what it raises)."""
+    choice = tune_cache.plans.get(sig)
+    if choice is None or not feats.is_cuda or feats.shape[0] != kmap.num_in or weight.ndim != 3 \
+            or weight.shape[0] != kmap.num_offsets or feats.get_device() != kmap.offsets.device.id:
+        return None
+    dtype_name = str(feats.dtype).rpartition(".")[2]
+    prep = sv.conv.prepare_choice(choice, direction, dtype_name, int(weight.shape[1]), int(weight.shape[2]), kmap,
+                                  feats.get_device()) or False
+    kmap.derived[key] = prep
+    return prep
+
+
+def _remember(kmap, key, sig, name, direction, f, w, algo):
+    """After a core call: keep its launch object on the map and its plan under the layer's signature."""
+    choice = sv.conv.remember_prepared(kmap, key, name, direction, f, w, _algo_value(algo))
+    if choice is not None and sig is not None:
+        tune_cache.plans[sig] = choice
 
 
 def _fwd_key(name: str, feats, weight, fwd_algo: str):
@@ -178,6 +214,10 @@ def _define(name: str, core_forward, core_backward, out_channels):
         kmap = kmap if kmap is not None else _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
         key = _fwd_key(name, feats, weight, fwd_algo)
         prep = _prepared(kmap, key)
+        sig = None
+        if prep is None and name == "conv":
+            sig = _signature("fwd", name, feats, weight, kmap, fwd_algo)
+            prep = _from_signature(kmap, key, sig, "fwd", feats, weight)
         if prep:
             out = _fast_forward(prep, feats, weight, key if eager else None, kmap)
             if out is not None:
@@ -187,7 +227,7 @@ def _define(name: str, core_forward, core_backward, out_channels):
             w, _ = _arrays.to_core(weight)
             out = _arrays.from_core(core_forward(f, w, kmap, _algo_value(fwd_algo)), origin)
             if prep is None:
-                sv.conv.remember_prepared(kmap, key, name, "fwd", f, w, _algo_value(fwd_algo))
+                _remember(kmap, key, sig, name, "fwd", f, w, fwd_algo)
             return out
 
     def bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad,
@@ -198,6 +238,14 @@ def _define(name: str, core_forward, core_backward, out_channels):
         dkey, wkey = ("torch.dgrad",) + base, ("torch.wgrad",) + base
         dprep = _prepared(kmap, dkey) if feats_grad else None
         wprep = _prepared(kmap, wkey) if weight_grad else None
+        dsig = wsig = None
+        if name == "conv" and tuple(grad_out.shape) == (kmap.num_out, weight.shape[-1]):
+            if feats_grad and dprep is None:
+                dsig = _signature("dgrad", name, feats, weight, kmap, bwd_algo)
+                dprep = _from_signature(kmap, dkey, dsig, "dgrad", feats, weight)
+            if weight_grad and wprep is None:
+                wsig = _signature("wgrad", name, feats, weight, kmap, bwd_algo)
+                wprep = _from_signature(kmap, wkey, wsig, "wgrad", feats, weight)
         if (feats_grad or weight_grad) and (dprep or not feats_grad) and (wprep or not weight_grad) \
                 and grad_out.dtype == feats.dtype:
             got = _fast_backward(dprep, wprep, grad_out, feats, weight)
@@ -211,9 +259,9 @@ def _define(name: str, core_forward, core_backward, out_channels):
             w, _ = _arrays.to_core(weight)
             gf, gw = core_backward(g, f, w, kmap, _algo_value(bwd_algo), feats_grad, weight_grad)
             if feats_grad and dprep is None:
-                sv.conv.remember_prepared(kmap, dkey, name, "dgrad", f, w, _algo_value(bwd_algo))
+                _remember(kmap, dkey, dsig, name, "dgrad", f, w, bwd_algo)
             if weight_grad and wprep is None:
-                sv.conv.remember_prepared(kmap, wkey, name, "wgrad", f, w, _algo_value(bwd_algo))
+                _remember(kmap, wkey, wsig, name, "wgrad", f, w, bwd_algo)
             gf = _arrays.from_core(gf, origin) if gf is not None else torch.zeros_like(feats)
             gw = _arrays.from_core(gw, origin) if gw is not None else torch.zeros_like(weight)
             return gf, gw
