@@ -42,7 +42,9 @@ scene and mode; without matplotlib no plot), both by :mod:`benchmarks.end_to_end
     {"op": "minkunet_<mode>", "scene", "n_voxels", "batch", "library": "sparsevox", "ms", "min_ms", "max_ms",
      "steps", "peak_mib", "peer": {"spconv": ms, ...}, "peer_peak_mib": {"spconv": MiB},
      "ratio": spconv ms / sparsevox ms (> 1: sparsevox faster), "variants", "autotuned_during_warmup_and_timing",
-     "logits_rel_err" (fp32_infer), "error" (when a cell failed)}
+     "logits_rel_err" (fp32_infer), "error" (when a cell failed),
+     "compat_ms", "compat_overhead": the spconv-API model on sparsevox.compat.spconv (issue 21), its ms and
+     its cost over native sparsevox (compat / sparsevox - 1)}
 
 Progress lines go to stdout; at the end the number of autotune warnings (logger ``sparsevox.autotune``,
 counted whether or not ``SPARSEVOX_AUTOTUNE_LOG`` is set) and tunings.
@@ -97,6 +99,8 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="10 timed steps, no float16-inference variants")
     ap.add_argument("--cpu", action="store_true", help="CPU smoke run: the tiny scene, sparsevox only, fp32 modes")
     ap.add_argument("--no-peer", action="store_true", help="do not run spconv even when importable")
+    ap.add_argument("--no-compat", action="store_true",
+                    help="no row for the spconv-API MinkUNet on sparsevox.compat.spconv")
     ap.add_argument("--widths", nargs=9, type=int, default=None, help="MinkUNet widths (default SparseResUNet42)")
     ap.add_argument("--out", default=str(provenance.REPO / "benchmarks" / "results"), help="output folder")
     ap.add_argument("--stem", default=None, help="file-name stem (default <date>-<gpu>-<commit>)")
@@ -199,14 +203,19 @@ def calibrate_batchnorm(model, x) -> None:
 class Libraries:
     """How each library turns ``(coords, feats)`` into its input, and copies its model."""
 
-    def __init__(self, sp, vox: Voxeliser, widths):
-        self.sp, self.vox, self.widths = sp, vox, tuple(widths)
+    def __init__(self, sp, vox: Voxeliser, widths, compat=None):
+        self.sp, self.vox, self.widths, self.compat = sp, vox, tuple(widths), compat
 
     def make_input(self, lib: str, coords, feats):
         if lib == "sparsevox":
             import sparsevox as sv
             return sv.Voxels(coords, feats)
-        return self.sp.SparseConvTensor(feats, coords, self.vox.spatial_shape, self.vox.batch_size)
+        mod = self.compat if lib == "compat" else self.sp
+        return mod.SparseConvTensor(feats, coords, self.vox.spatial_shape, self.vox.batch_size)
+
+    def build_compat(self):
+        """The spconv-API MinkUNet (:mod:`benchmarks.spconv_minkunet`) on ``sparsevox.compat.spconv``."""
+        return spm.build(self.compat, self.vox.channels, NUM_CLASSES, widths=self.widths)
 
     def build_spconv(self):
         return spm.build(self.sp, self.vox.channels, NUM_CLASSES, widths=self.widths)
@@ -428,6 +437,13 @@ class Run:
             self.sp, why = peers_mod.import_peer("spconv")
             self.peer_info = {"spconv": peers_mod.peer_version("spconv") or "imported" if self.sp else
                               f"not run ({why})"}
+        self.compat = None
+        if not args.no_compat:
+            try:
+                import sparsevox.compat.spconv as compat
+                self.compat = compat
+            except ImportError as e:  # torch-only module; the CPU smoke run has torch too
+                log.warning("sparsevox.compat.spconv not importable (%s): no compat row", e)
         self.tunes = TuneCounter()
         tune_log = logging.getLogger("sparsevox.autotune")
         tune_log.addHandler(self.tunes)
@@ -492,7 +508,7 @@ def run_scene(run: Run, name: str) -> None:
     points, source = got
     xyz, feats, index = batch_points(points, plan.batch)
     vox = Voxeliser(xyz, feats, index, plan.voxel_size, run.device)
-    libs = Libraries(run.sp, vox, run.widths)
+    libs = Libraries(run.sp, vox, run.widths, run.compat)
     coords0, feats0 = vox()
     n = int(coords0.shape[0])
     info = {"name": name, "source": source, "voxel_size": plan.voxel_size, "batch": plan.batch,
@@ -528,9 +544,25 @@ def run_scene(run: Run, name: str) -> None:
             log.warning("%s: the spconv model's float32 logits differ from sparsevox's (rel. err %s): check the "
                         "weight conversion (benchmarks/spconv_minkunet.py)", name, bad)
         sp_model.cpu()
+    compat_model = None
+    if run.compat is not None:  # issue 21: the spconv-API model on sparsevox, same weights
+        try:
+            compat_model = libs.build_compat().to(run.device)
+            spm.load_from_sparsevox(compat_model, sv_model)
+            with torch.no_grad():
+                compat_model.eval()
+                sv_model.eval()
+                run.parity.setdefault(name, {})["compat_logits_fp32_eval"] = peers_mod.relative_error(
+                    compat_model(libs.make_input("compat", coords0, feats0)),
+                    sv_model(libs.make_input("sparsevox", coords0, feats0)))
+            compat_model.cpu()
+        except Exception as e:
+            log.exception("the compat model for %s could not be built or run", name)
+            compat_model = None
+            run.parity.setdefault(name, {})["compat_error"] = _error_text(e)
     sv_model.cpu()
     del coords0, feats0
-    models = {"sparsevox": sv_model, "spconv": sp_model}
+    models = {"sparsevox": sv_model, "spconv": sp_model, "compat": compat_model}
     for mode in run.modes:
         rec = {"op": f"minkunet_{mode}", "scene": name, "n_voxels": n, "batch": plan.batch, "library": "sparsevox",
                "ms": None, "peak_mib": None, "peer": {}, "peer_peak_mib": {}, "ratio": None}
@@ -539,6 +571,8 @@ def run_scene(run: Run, name: str) -> None:
         cells = [("sparsevox", False, None)]
         if sp_model is not None:
             cells.append(("spconv", mode == "fp16_infer", "spconv"))
+        if compat_model is not None:
+            cells.append(("compat", False, "compat"))
         if run.variants and mode == "fp16_infer":
             cells.append(("sparsevox", True, "sparsevox_half_model"))
             if sp_model is not None:
@@ -564,6 +598,10 @@ def run_scene(run: Run, name: str) -> None:
                 rec["peer_peak_mib"]["spconv"] = got.get("peak_mib")
                 if "error" in got:
                     rec["peer_error"] = got["error"]
+            elif key == "compat":
+                rec["compat_ms"] = got.get("ms", got.get("error"))
+                if got.get("ms") and rec.get("ms"):
+                    rec["compat_overhead"] = round(got["ms"] / rec["ms"] - 1.0, 3)
             else:
                 rec.setdefault("variants", {})[key] = got.get("ms", got.get("error"))
             text = got.get("error") or (f"{got['ms']:.2f} ms (min {got['min_ms']:.2f}, max {got['max_ms']:.2f})"
@@ -577,7 +615,7 @@ def run_scene(run: Run, name: str) -> None:
         run.records.append(rec)
         if run.out_of_time():
             break
-    del models, sv_model, sp_model, vox, libs
+    del models, sv_model, sp_model, compat_model, vox, libs
 
 
 def main(argv=None) -> int:

@@ -42,6 +42,16 @@ def markdown(doc) -> str:
                    f"{_ms(r.get('ms')) if r.get('ms') else r.get('error', '—')} | {_ms(r['peer'].get('spconv'))} | "
                    f"{_ratio(r.get('ratio'))} | "
                    f"{_ms(r.get('peak_mib'))} | {_ms(r['peer_peak_mib'].get('spconv'))} |")
+    compat = [r for r in doc["records"] if r.get("compat_ms") is not None]
+    if compat:
+        out += ["", "The spconv-API MinkUNet (`benchmarks/spconv_minkunet.py`) run on `sparsevox.compat.spconv` "
+                    "with the same weights: ms and its cost over native sparsevox (issue 21 target: ≤ 5 %)", "",
+                "| scene | mode | sparsevox ms | compat ms | overhead | logits vs native (fp32 eval, rel. err.) |",
+                "|---|---|---:|---:|---:|---:|"]
+        par = doc.get("parity", {})
+        out += [f"| {r['scene']} | {r['op'].replace('minkunet_', '')} | {_ms(r.get('ms'))} | {_ms(r['compat_ms'])} | "
+                + (f"{r['compat_overhead']:+.1%} | " if r.get("compat_overhead") is not None else "— | ")
+                + f"{_err(par.get(r['scene'], {}).get('compat_logits_fp32_eval'))} |" for r in compat]
     variants = [r for r in doc["records"] if r.get("variants")]
     if variants:
         out += ["", "float16 inference variants (ms): sparsevox on a float16 copy of the model; spconv's float32 "

@@ -34,9 +34,12 @@ def test_cpu_quick_smoke_run_writes_design_records(tmp_path):
     for r in doc["records"]:
         assert {"op", "scene", "n_voxels", "library", "ms", "peak_mib", "peer", "ratio"} <= set(r)
         assert r["library"] == "sparsevox" and r["scene"] == "tiny" and r["ms"] > 0 and r["n_voxels"] > 1000
+        # the spconv-API model on sparsevox.compat.spconv (issue 21): timed beside native sparsevox
+        assert r["compat_ms"] > 0 and isinstance(r["compat_overhead"], float)
     assert doc["settings"]["steps"] == 2 and doc["settings"]["warmup"] == 1
+    assert doc["parity"]["tiny"]["compat_logits_fp32_eval"] < 1e-6
     md = (tmp_path / "2000-01-01-cpu-test-end_to_end.md").read_text()
-    assert md.startswith("# MinkUNet end to end") and "| tiny |" in md
+    assert md.startswith("# MinkUNet end to end") and "| tiny |" in md and "sparsevox.compat.spconv" in md
 
 
 def test_help_answers_without_a_gpu(capsys):
