@@ -133,9 +133,23 @@ class SparseConvolution(SparseModule):
         return s + f", algo={self.algo}"
 
     def sparsevox_weight(self) -> torch.Tensor:
-        """``[K, C_in, C_out]``: ``W[r] = weight[:, r, :]^T`` (a contiguous copy, differentiable)."""
+        """``[K, C_in, C_out]``: ``W[r] = weight[:, r, :]^T``, a contiguous copy: differentiable while the
+        weight gets a gradient, else made once per weight version (inference reuses it: no copy per call)."""
         k = math.prod(self.kernel_size)
-        return self.weight.reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0).contiguous()
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return w.reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0).contiguous()
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        cached = self.__dict__.get("_sv_weight")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False):  # a normal tensor: a frozen layer's copy may be saved for backward
+                cached = (key, w.detach().reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0).contiguous())
+            self.__dict__["_sv_weight"] = cached
+        return cached[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_sv_weight", None)  # .to(), .half(), .cuda() replace the weight's storage
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, input: SparseConvTensor, add_input: SparseConvTensor | None = None):
         features = input.features

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 import sparsevox as sv
-from sparsevox.kernel_map import KernelMap, _remember
+from sparsevox.kernel_map import KernelMap, _swapped
 
 __all__ = ["rows4", "user_rows", "lift", "geometry", "conv_output_size", "deconv_output_size", "out_rows",
            "subm_map", "strided_map", "transposed_map", "inverse_map"]
@@ -147,11 +147,11 @@ def transposed_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape)
 
 def inverse_map(kmap: KernelMap) -> KernelMap:
     """The map of an inverse convolution: ``kmap``'s pairs with input and output swapped (same offset
-    index: spconv's ``pair_fwd = datas.pair_bwd``), cached on ``kmap``. The arrays are ``kmap``'s own."""
+    index: spconv's ``pair_fwd = datas.pair_bwd``), cached on ``kmap``. The arrays are ``kmap``'s own, and
+    so are the implicit GEMM's tables (the swapped map's forward table is ``kmap``'s reverse one, which a
+    k2 s2 map reads in CSR order without a sort), as for sparsevox's own transposed twins."""
     inv = kmap.derived.get("compat.spconv.inverse")
     if inv is None:
-        inv = KernelMap(kmap.out_maps, kmap.in_maps, kmap.offsets, kmap.offsets_host, kmap.num_out, kmap.num_in,
-                        None, kmap.kernel_size, kmap.stride, kmap.dilation, "transposed")
-        _remember(inv)  # found again by the torch adapter from its arrays' addresses (with its derived tables)
+        inv = _swapped(kmap, None, kmap.kernel_size, kmap.stride, kmap.dilation)
         kmap.derived["compat.spconv.inverse"] = inv
     return inv

@@ -1,0 +1,48 @@
+"""Host-side shortcuts of sparsevox.compat.spconv (issue 21's ≤ 5 % over native): the inverse layer's map
+is the strided map swapped (shared tables, as sparsevox's own transposed twins), and an inference call
+reuses the weight in sparsevox's layout instead of copying it every call. On the CPU."""
+import numpy as np
+import pytest
+from reference import random_voxels
+
+torch = pytest.importorskip("torch")
+spconv = pytest.importorskip("sparsevox.compat.spconv")
+from sparsevox.compat.spconv import maps  # noqa: E402
+
+import sparsevox as sv  # noqa: E402
+
+
+def test_inverse_map_is_the_strided_map_swapped_and_cached(rng):
+    c = torch.from_numpy(random_voxels(rng, 300, extent=10, batches=2))
+    geom = sv.Voxels(c, None)
+    kmap, outs, out_geom = maps.strided_map(geom, (2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1), [8, 8, 8])
+    inv = maps.inverse_map(kmap)
+    assert inv.swapped_from is kmap and inv.kind == "transposed" and maps.inverse_map(kmap) is inv
+    assert (inv.num_in, inv.num_out) == (kmap.num_out, kmap.num_in)
+    np.testing.assert_array_equal(np.asarray(inv.in_maps), np.asarray(kmap.out_maps))
+    np.testing.assert_array_equal(np.asarray(inv.out_maps), np.asarray(kmap.in_maps))
+
+
+def test_inference_reuses_the_converted_weight_until_it_changes():
+    layer = spconv.SubMConv3d(3, 5, 3, bias=False).double()
+    with torch.no_grad():
+        a = layer.sparsevox_weight()
+        assert layer.sparsevox_weight() is a  # no copy per call
+        np.testing.assert_array_equal(a.numpy(), layer.weight.reshape(5, 27, 3).permute(1, 2, 0).numpy())
+        layer.weight.mul_(2.0)  # an optimizer step or load_state_dict: a new version
+        b = layer.sparsevox_weight()
+        assert b is not a and torch.equal(b, 2.0 * a)
+    layer.float()  # a new storage and dtype
+    with torch.no_grad():
+        assert layer.sparsevox_weight().dtype == torch.float32
+    with torch.inference_mode():
+        c = layer.sparsevox_weight()
+    assert not c.is_inference()  # usable where a frozen layer's weight is saved for backward
+
+
+def test_training_gets_a_differentiable_copy():
+    layer = spconv.SubMConv3d(3, 5, 3, bias=False).double()
+    w = layer.sparsevox_weight()
+    assert w.requires_grad and w.grad_fn is not None
+    w.sum().backward()
+    assert layer.weight.grad is not None and float(layer.weight.grad.abs().sum()) == 5 * 27 * 3
