@@ -4,7 +4,8 @@
 //
 //   slot_keys     keys[r] = OR over offsets k with bit_of[k] >= 0 of (nbr[k, r] >= 0) << bit_of[k]
 //                 (the row's neighbour bitmask, rarest offsets most significant; the host picks the bits)
-//   gather_slots  out[k, s] = nbr[k, order[s]] (the table in slot order, order = stable argsort of keys)
+//   gather_slots  out[k, s] = nbr[k, order[s]] (the table in slot order, order = stable argsort of keys),
+//                 and row_of_slot[s] = order[s] as int32
 //   csr_slots     the table of a map whose rows have one pair each, in CSR order (no sort)
 //   tile_masks    masks[t, w] bit j = some slot of tile t (bm slots) has a neighbour at offset 32 w + j,
 //                 for offsets in [k0, k1) only
@@ -25,13 +26,16 @@ __global__ void __launch_bounds__(BLOCK) slot_keys(const int* __restrict__ nbr, 
     keys[r] = key;
 }
 
+// Also writes row_of_slot[s] = order[s] as int32 (what the GEMM kernels read; saves a cast launch).
 template <int BLOCK>
 __global__ void __launch_bounds__(BLOCK) gather_slots(const int* __restrict__ nbr,
                                                       const long long* __restrict__ order, int rows,
-                                                      int k_count, int* __restrict__ out) {
+                                                      int k_count, int* __restrict__ out,
+                                                      int* __restrict__ row_of_slot) {
     const long long s = (long long)blockIdx.x * BLOCK + threadIdx.x;
     if (s >= rows) return;
     const long long r = order[s];
+    row_of_slot[s] = (int)r;
     for (int k = 0; k < k_count; ++k) out[(long long)k * rows + s] = nbr[(long long)k * rows + r];
 }
 

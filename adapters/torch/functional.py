@@ -214,12 +214,15 @@ def _define(name: str, core_forward, core_backward, out_channels):
         kmap = kmap if kmap is not None else _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
         key = _fwd_key(name, feats, weight, fwd_algo)
         prep = _prepared(kmap, key)
-        sig = None
+        sig, fresh = None, False
         if prep is None and name == "conv":
             sig = _signature("fwd", name, feats, weight, kmap, fwd_algo)
             prep = _from_signature(kmap, key, sig, "fwd", feats, weight)
+            fresh = True
         if prep:
-            out = _fast_forward(prep, feats, weight, key if eager else None, kmap)
+            # A spare output only from this map's second call of the signature on: a fresh map's layers
+            # are mostly called once (a new scan every step), and an unused spare is memory held per layer.
+            out = _fast_forward(prep, feats, weight, key if eager and not fresh else None, kmap)
             if out is not None:
                 return out
         with _stream(feats):

@@ -185,7 +185,7 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
     significant).
     ``part``: ``(k0, k1)``, sort by the bits of these offsets only (one pass of a mask split).
     On the device: the keys (``kernels_cu/slot_table.cu``, 32-bit when at most 32 offsets carry a bit),
-    a stable sort, the gathered table: four launches on a fresh map's first call.
+    a stable sort, the gathered table (with the int32 slot order): four launches on a fresh map's first call.
     """
     import cupy
     twin = getattr(kmap, "swapped_from", None)
@@ -212,8 +212,9 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
             _slot_kernel("keys", wide)(grid, (_SLOT_BLOCK,), (nbr, np.int32(rows), np.int32(k_count), bits, keys))
             order = cupy.argsort(keys)  # stable: ties keep row order
             out = cupy.empty((k_count, rows), dtype=cupy.int32)
-            _slot_kernel("gather")(grid, (_SLOT_BLOCK,), (nbr, order, np.int32(rows), np.int32(k_count), out))
-            t = (order.astype(cupy.int32), out)
+            slots = cupy.empty(rows, dtype=cupy.int32)
+            _slot_kernel("gather")(grid, (_SLOT_BLOCK,), (nbr, order, np.int32(rows), np.int32(k_count), out, slots))
+            t = (slots, out)
         else:
             t = (cupy.arange(rows, dtype=cupy.int32), nbr)
         kmap.derived[key] = t
