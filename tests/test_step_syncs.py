@@ -1,0 +1,59 @@
+"""Host synchronisations of a fresh-scan MinkUNet step on the GPU (issue 19): the host may wait only where
+a size must come back, never per layer. Per kernel map built in the step: one wait for its per-offset pair
+counts (they size the map's CSR arrays), plus, for a strided map, one read of its output-site count. The
+decoder's transposed maps are the strided maps swapped (no build, no wait). And one read of the new
+``Voxels``' validation status. Counted with torch.profiler (the CUDA runtime and driver calls that block
+the host) after warm-up steps, on fresh ``Voxels`` of one scan (a scan of another size could fall into
+a new autotuning bucket, whose timings synchronise)."""
+import pytest
+from reference import random_voxels
+
+import sparsevox as sv
+from benchmarks.probes.step_profile import SYNC_CALLS
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch", reason="torch not installed")
+svt = pytest.importorskip("sparsevox.adapters.torch")
+
+SMALL = (16, 16, 32, 32, 64, 64, 32, 16, 16)
+SUBM_LEVELS, STRIDED = 5, 4  # maps a MinkUNet builds per step: a SubM map per level, 4 strided maps
+
+
+def _syncs(step) -> tuple[int, dict]:
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+    torch.cuda.synchronize()  # outside the profiled region: not counted
+    names = {}
+    for e in prof.events():
+        if e.name in SYNC_CALLS:
+            names[e.name] = names.get(e.name, 0) + 1
+    return sum(names.values()), names
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fresh_scan_step_synchronises_only_for_sizes(rng, train):
+    net = svt.MinkUNet(4, 10, widths=SMALL, blocks=1).cuda().train(train)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+
+    coords = torch.from_numpy(random_voxels(rng, 20000, extent=48, batches=2)).cuda()
+
+    def step():
+        x = sv.Voxels(coords.clone(), torch.randn(len(coords), 4, device="cuda"))  # fresh maps
+        with torch.autocast("cuda", dtype=torch.float16):
+            if train:
+                loss = net(x).float().square().mean()
+            else:
+                with torch.no_grad():
+                    net(x)
+        if train:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    for _ in range(3):  # plans and tuning happen here
+        step()
+    n, names = _syncs(step)
+    allowed = 1 + SUBM_LEVELS + 2 * STRIDED
+    assert n <= allowed, f"{n} host synchronisations in one step (allowed {allowed}): {names}"
