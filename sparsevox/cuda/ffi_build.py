@@ -28,7 +28,9 @@ from . import prebuilt
 
 log = logging.getLogger("sparsevox.ffi_build")
 
-FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
+# --exclude-libs: where the compiler links its C++ runtime statically (a wrapper may), keep that copy's
+# symbols out of the export table, so the process's own libstdc++ and ours never resolve into each other.
+FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wl,--exclude-libs,ALL")
 
 
 def source_file() -> Path:
