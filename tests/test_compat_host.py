@@ -46,3 +46,17 @@ def test_training_gets_a_differentiable_copy():
     assert w.requires_grad and w.grad_fn is not None
     w.sum().backward()
     assert layer.weight.grad is not None and float(layer.weight.grad.abs().sum()) == 5 * 27 * 3
+
+
+def test_weights_made_in_inference_mode_and_recomputed_weights_are_not_cached():
+    with torch.inference_mode():
+        layer = spconv.SubMConv3d(3, 5, 3, bias=False)  # inference-tensor weight: no version counter
+        a = layer.sparsevox_weight()
+        assert a.shape == (27, 3, 5)
+    layer = spconv.SubMConv3d(3, 5, 3, bias=False)
+    original = layer.weight
+    with torch.no_grad():
+        a = layer.sparsevox_weight()
+        layer.weight = torch.nn.Parameter(original.detach() * 3.0)  # another tensor (a recomputed weight)
+        b = layer.sparsevox_weight()
+    assert b is not a and torch.allclose(b, 3.0 * a)

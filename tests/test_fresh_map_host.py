@@ -2,6 +2,7 @@
 of one layer signature, the weight-gradient chunks computed without a Python loop, submanifold dgrad on
 the forward tables, and k2 s2 maps read in CSR order instead of sorted. The kernels these feed are checked
 against the float64 oracle by the GPU tests (tests/test_implicit_gemm.py: every kind and direction)."""
+import copy
 import types
 
 import numpy as np
@@ -59,6 +60,17 @@ def test_mirrored_only_for_submanifold_odd_kernels(rng):
     assert pairs == {(K - 1 - k, b, a) for k, a, b in pairs}
 
 
+def test_a_map_wrapped_from_bare_arrays_is_never_taken_for_mirrored(rng):
+    """``recall`` wraps arrays with the default geometry (submanifold, 1x1x1): the flipped dgrad must not
+    run on it (its forward table has num_out rows, the gradient num_in)."""
+    from sparsevox.kernel_map import recall
+    _, subm, k2s2, _ = _maps(rng)
+    for m in (subm, k2s2):
+        wrapped = recall(m.in_maps.copy(), m.out_maps.copy(), m.offsets_host, m.num_in, m.num_out)
+        assert wrapped is not m and wrapped.kind == "submanifold" and not ig._mirrored(wrapped)
+    assert ig._mirrored(subm)
+
+
 def test_submanifold_dgrad_launch_uses_the_forward_tables_with_the_weight_flipped(monkeypatch):
     asked = []
     monkeypatch.setattr(ig, "_kernel", lambda *a, **k: (types.SimpleNamespace(), 128, 4096))
@@ -71,7 +83,8 @@ def test_submanifold_dgrad_launch_uses_the_forward_tables_with_the_weight_flippe
         asked.clear()
         kmap = types.SimpleNamespace(num_in=500, num_out=500 if kind == "submanifold" else 90, num_pairs=3000,
                                      num_offsets=int(np.prod(ks)), derived={}, kind=kind, kernel_size=ks,
-                                     stride=(1, 1, 1) if kind == "submanifold" else (2, 2, 2), dilation=(1, 1, 1))
+                                     stride=(1, 1, 1) if kind == "submanifold" else (2, 2, 2), dilation=(1, 1, 1),
+                                     out_coords=object())
         prep = ig.prepare("dgrad", "float16", 32, 64, kmap, 0)
         assert prep.flip_b is flip and prep.transpose_b  # the adapters flip and transpose the weight
         assert prep.out_shape == (500, 32)
@@ -115,6 +128,14 @@ def test_plan_memo_sees_a_replaced_registry(rng, monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "conv", {})
     with pytest.raises(Exception):  # nothing registered: planning runs again and finds no algorithm
         conv.plan("conv", "fwd", f, w, subm, "explicit_gemm", None)
+
+
+def test_registry_token_changes_when_an_algorithm_is_replaced(monkeypatch):
+    registry.algorithms("conv")
+    before = registry.token("conv")
+    name, algo = next(iter(registry._REGISTRY["conv"].items()))
+    monkeypatch.setitem(registry._REGISTRY["conv"], name, copy.copy(algo))  # same name, another object
+    assert registry.token("conv") != before
 
 
 def test_plan_memo_is_bounded(rng, monkeypatch):

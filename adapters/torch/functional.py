@@ -217,7 +217,8 @@ def _define(name: str, core_forward, core_backward, out_channels):
         sig, fresh = None, False
         if prep is None and name == "conv":
             sig = _signature("fwd", name, feats, weight, kmap, fwd_algo)
-            prep = _from_signature(kmap, key, sig, "fwd", feats, weight)
+            with _stream(feats):  # its tables are built on the caller's device and stream
+                prep = _from_signature(kmap, key, sig, "fwd", feats, weight)
             fresh = True
         if prep:
             # A spare output only from this map's second call of the signature on: a fresh map's layers
@@ -242,13 +243,15 @@ def _define(name: str, core_forward, core_backward, out_channels):
         dprep = _prepared(kmap, dkey) if feats_grad else None
         wprep = _prepared(kmap, wkey) if weight_grad else None
         dsig = wsig = None
-        if name == "conv" and tuple(grad_out.shape) == (kmap.num_out, weight.shape[-1]):
-            if feats_grad and dprep is None:
-                dsig = _signature("dgrad", name, feats, weight, kmap, bwd_algo)
-                dprep = _from_signature(kmap, dkey, dsig, "dgrad", feats, weight)
-            if weight_grad and wprep is None:
-                wsig = _signature("wgrad", name, feats, weight, kmap, bwd_algo)
-                wprep = _from_signature(kmap, wkey, wsig, "wgrad", feats, weight)
+        if name == "conv" and tuple(grad_out.shape) == (kmap.num_out, weight.shape[-1]) \
+                and ((feats_grad and dprep is None) or (weight_grad and wprep is None)):
+            with _stream(feats):  # tables on the caller's device and stream (autograd's, in backward)
+                if feats_grad and dprep is None:
+                    dsig = _signature("dgrad", name, feats, weight, kmap, bwd_algo)
+                    dprep = _from_signature(kmap, dkey, dsig, "dgrad", feats, weight)
+                if weight_grad and wprep is None:
+                    wsig = _signature("wgrad", name, feats, weight, kmap, bwd_algo)
+                    wprep = _from_signature(kmap, wkey, wsig, "wgrad", feats, weight)
         if (feats_grad or weight_grad) and (dprep or not feats_grad) and (wprep or not weight_grad) \
                 and grad_out.dtype == feats.dtype:
             got = _fast_backward(dprep, wprep, grad_out, feats, weight)
@@ -300,7 +303,9 @@ def _define(name: str, core_forward, core_backward, out_channels):
         (making those costs two DLPack hand-overs and a lookup by address per call on a fresh map), and
         the node keeps it for backward: the coarse levels' Voxels (which own their maps) are gone by
         then, and a map recalled from bare tensors has none of the derived tables, plans or prepared
-        launches (every backward call of a fresh scan rebuilt them)."""
+        launches (every backward call of a fresh scan rebuilt them). After its backward the node keeps
+        only the map's index arrays (a graph kept alive by an output must not hold every map's tables
+        and launches); a retained graph's next backward finds the map again from them."""
 
         @staticmethod
         def forward(ctx, feats, weight, kmap, fwd_algo, bwd_algo):
@@ -312,7 +317,9 @@ def _define(name: str, core_forward, core_backward, out_channels):
         def backward(ctx, grad):
             need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             feats, weight = ctx.saved_tensors
-            gf, gw = bwd_impl(grad, feats, weight, None, None, None, ctx.bwd_algo, need_f, need_w, kmap=ctx.kmap)
+            kmap = ctx.kmap if isinstance(ctx.kmap, KernelMap) else recall(*ctx.kmap)
+            ctx.kmap = (kmap.in_maps, kmap.out_maps, kmap.offsets_host, kmap.num_in, kmap.num_out)
+            gf, gw = bwd_impl(grad, feats, weight, None, None, None, ctx.bwd_algo, need_f, need_w, kmap=kmap)
             return gf if need_f else None, gw if need_w else None, None, None, None
 
     Eager.__name__ = Eager.__qualname__ = f"{name}_function"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import threading
 
 import numpy as np
@@ -164,8 +165,12 @@ def neighbour_table(kmap, reverse: bool = False):
 
 
 def _mirrored(kmap) -> bool:
-    """Whether offset K-1-k of the map is offset k reversed with in and out swapped (SubM, odd sizes)."""
-    return kmap.kind == "submanifold" and all(v % 2 == 1 for v in kmap.kernel_size)
+    """Whether offset K-1-k of the map is offset k reversed with in and out swapped (SubM, odd sizes).
+    Only for maps a builder made (they have output sites): a map wrapped from bare arrays (``recall``)
+    carries the default geometry, not its own, and must not be taken for a mirrored one."""
+    return (kmap.kind == "submanifold" and getattr(kmap, "out_coords", None) is not None
+            and kmap.num_in == kmap.num_out and all(v % 2 == 1 for v in kmap.kernel_size)
+            and kmap.num_offsets == math.prod(kmap.kernel_size))
 
 
 def _part(k_count: int, split: int, h: int) -> tuple[int, int]:

@@ -47,9 +47,10 @@ def register(op: str, algo: Algorithm) -> None:
 
 
 def token(op: str) -> tuple:
-    """Changes when ``op``'s registry is replaced or grows: part of memo keys of choices made from it."""
+    """Changes when ``op``'s registry or any algorithm in it is replaced, or it grows: part of the memo
+    keys of choices made from it."""
     d = _REGISTRY[op]
-    return id(d), len(d)
+    return id(d), tuple(map(id, d.values()))
 
 
 def algorithms(op: str) -> dict[str, Algorithm]:

@@ -137,15 +137,16 @@ class SparseConvolution(SparseModule):
         weight gets a gradient, else made once per weight version (inference reuses it: no copy per call)."""
         k = math.prod(self.kernel_size)
         w = self.weight
-        if torch.is_grad_enabled() and w.requires_grad:
+        if (torch.is_grad_enabled() and w.requires_grad) or w.is_inference():  # (no version counter)
             return w.reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0).contiguous()
         key = (w._version, w.data_ptr(), w.dtype, w.device)
         cached = self.__dict__.get("_sv_weight")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] is not w or cached[1] != key:  # the same tensor, unchanged
             with torch.inference_mode(False):  # a normal tensor: a frozen layer's copy may be saved for backward
-                cached = (key, w.detach().reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0).contiguous())
+                t = w.detach().reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0).contiguous()
+            cached = (w, key, t)
             self.__dict__["_sv_weight"] = cached
-        return cached[1]
+        return cached[2]
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_sv_weight", None)  # .to(), .half(), .cuda() replace the weight's storage
