@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/gpu_tests_sharded.sh [N=4] [LOG=benchmarks/results/tests.log]
 #
+# JAX does not preallocate here (XLA_PYTHON_CLIENT_PREALLOCATE=false): a JAX shard otherwise takes 75 % of
+# the GPU and the others run out of memory (8 shards on an H200, 87a40e9: 17 tests failed that way).
 # SHARD_TIMEOUT=<s> stops a shard after that many seconds (its log so far is kept, marked, and the run
 # counts as failed), so a lease's time limit cannot lose every log. SHARD_SKIP=<regex>: test files to leave
 # out (run them on their own, e.g. one that may crash its process). Each shard has its own autotune cache.
@@ -20,7 +22,7 @@ pids=()
 for ((i = 0; i < n; i++)); do
   shard=()
   for ((j = i; j < ${#files[@]}; j += n)); do shard+=("${files[j]}"); done
-  SPARSEVOX_CACHE_DIR=$tmp/cache-$i PYTHONUNBUFFERED=1 timeout "${SHARD_TIMEOUT:-0}" python3 -m pytest "${shard[@]}" -q -rfs --tb=short \
+  SPARSEVOX_CACHE_DIR=$tmp/cache-$i PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${SHARD_TIMEOUT:-0}" python3 -m pytest "${shard[@]}" -q -rfs --tb=short \
     -p no:cacheprovider >"$tmp/shard-$i.log" 2>&1 &
   pids+=($!)
 done
