@@ -1,7 +1,7 @@
 """PyTorch adapter: differentiable sparse convolutions (:mod:`.functional`), differentiable network ops
 (:mod:`.ops`: pooling, unpooling, devoxelisation, dense grids; ``sparsevox.max_pool`` etc. route torch
-``Voxels`` there), network modules that take and return ``Voxels`` (:mod:`.layers`) and models
-(:mod:`.models`).
+``Voxels`` there), network modules that take and return ``Voxels`` (:mod:`.layers`), models
+(:mod:`.models`) and :func:`tune_model` (:mod:`.tune`: tune a whole model up front on an example batch).
 
 Everything :mod:`sparsevox.adapters.torch` exported when it was one module is still importable from
 here. Module-level settings of :mod:`.functional` (such as ``SPARE_OUTPUT_MAX_BYTES``) may be set
@@ -30,10 +30,11 @@ from .layers import (AvgPool3d, BatchNorm, GlobalPool, InstanceNorm, MaxPool3d, 
                      Unpool, cat_voxels)
 from .models import MinkUNet
 from .ops import avg_pool, devoxelize, from_dense, global_pool, max_pool, to_dense, unpool
+from .tune import tune_model
 
 __all__ = list(functional.__all__) + list(ops.__all__) + [
     "SparseSequential", "BatchNorm", "InstanceNorm", "ResidualBlock", "cat_voxels", "MaxPool3d", "AvgPool3d",
-    "GlobalPool", "Unpool", "MinkUNet"]
+    "GlobalPool", "Unpool", "MinkUNet", "tune_model"]
 
 
 def __getattr__(name):
