@@ -60,3 +60,36 @@ def test_weights_made_in_inference_mode_and_recomputed_weights_are_not_cached():
         layer.weight = torch.nn.Parameter(original.detach() * 3.0)  # another tensor (a recomputed weight)
         b = layer.sparsevox_weight()
     assert b is not a and torch.allclose(b, 3.0 * a)
+
+
+def _pairs(kmap):
+    o = kmap.offsets_host
+    return sorted((k, int(a), int(b)) for k in range(len(o) - 1)
+                  for a, b in zip(np.asarray(kmap.in_maps)[o[k]:o[k + 1]], np.asarray(kmap.out_maps)[o[k]:o[k + 1]]))
+
+
+@pytest.mark.parametrize("shape,taken", [((12, 10, 8), True), ((12, 11, 8), False), ((12, 10, 7), False)])
+def test_tiling_strided_layers_use_the_native_map_with_spconvs_sites(rng, shape, taken):
+    """k2 s2 p0 on a grid whose extents the stride divides: sparsevox's own strided map (cached on the
+    geometry) with the same output sites, order and pairs as spconv's rule computed in torch."""
+    c = random_voxels(rng, 300, extent=min(shape), batches=2)
+    c[:, 1:] += min(shape) // 2  # into [0, min(shape)): inside the grid
+    assert (c[:, 1:] >= 0).all() and (c[:, 1:] < np.asarray(shape)).all()
+    geom = sv.Voxels(torch.from_numpy(c), None)
+    out_shape = maps.conv_output_size(list(shape), [2, 2, 2], [2, 2, 2], [0, 0, 0], [1, 1, 1])
+    args = (geom, (2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1), maps.lift(out_shape, 1))
+    kmap, outs, out_geom = maps.strided_map(*args, in_shape=shape)
+    assert (kmap is sv.kernel_map(geom, 2, 2)) is taken
+    ref_kmap, ref_outs, _ = maps.strided_map(sv.Voxels(torch.from_numpy(c), None), *args[1:])  # spconv's rule
+    assert torch.equal(outs, ref_outs) and out_geom.coords is outs
+    assert _pairs(kmap) == _pairs(ref_kmap)
+
+
+def test_inputs_outside_the_grid_keep_spconvs_rule(rng):
+    c = random_voxels(rng, 200, extent=10, batches=1)
+    c[:, 1:] += 5  # into [0, 10)
+    c = c[c[:, 1] != 9]
+    c[0, 1:] = [11, 0, 0]  # outside a (10, 10, 10) grid: spconv drops its output site
+    geom = sv.Voxels(torch.from_numpy(c), None)
+    kmap, outs, _ = maps.strided_map(geom, (2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1), (5, 5, 5), in_shape=(10, 10, 10))
+    assert kmap is not sv.kernel_map(geom, 2, 2) and int(outs[:, 1].max()) < 5

@@ -197,8 +197,10 @@ class SparseConvolution(SparseModule):
                 maps.check_output_size(out_shape, shape)
                 s3, p3 = maps.lift(self.stride, 1), maps.lift(self.padding, 0)
                 o3 = maps.lift(out_shape, 1)
-                build = maps.transposed_map if self.transposed else maps.strided_map
-                kmap, rows, out_geom = build(geom, k3, s3, p3, d3, o3)
+                if self.transposed:
+                    kmap, rows, out_geom = maps.transposed_map(geom, k3, s3, p3, d3, o3)
+                else:
+                    kmap, rows, out_geom = maps.strided_map(geom, k3, s3, p3, d3, o3, in_shape=maps.lift(shape, 1))
                 outids = maps.user_rows(rows, nd)
             if self.indice_key is not None:
                 indice_dict[self.indice_key] = IndiceData(

@@ -126,14 +126,42 @@ def subm_map(geom: sv.Voxels, ksize, dilation) -> KernelMap:
     return sv.kernel_map(geom, ksize, 1, dilation)
 
 
-def strided_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape):
-    """``(kmap, out_rows [M, 4], out_geom)`` of spconv's regular convolution (or pooling) of ``geom``."""
+def strided_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape, in_shape=None):
+    """``(kmap, out_rows [M, 4], out_geom)`` of spconv's regular convolution (or pooling) of ``geom``.
+
+    With windows that tile the grid (kernel = stride, no padding or dilation) and every input extent
+    ``in_shape`` a multiple of the stride, spconv's output sites are exactly ``floor(in / s)`` of every
+    input inside the grid: then sparsevox's own strided map is the map (built on the device, cached on
+    ``geom``, its transposed twin found by the decoder) once the inputs are checked to lie in the grid."""
+    if in_shape is not None and _tiles_grid(geom, ksize, stride, padding, dilation, in_shape):
+        kmap = sv.kernel_map(geom, ksize, stride, dilation)
+        out_geom = sv.Voxels.from_core_coords(kmap.out_coords, None, geom.origin)  # sorted (batch, x, y, z)
+        return kmap, out_geom.coords, out_geom
     rows = geom.coords
     outs = out_rows(rows, ksize, stride, padding, dilation, out_shape, False)
     out_geom = sv.Voxels(outs, None, check=False)  # unique by construction
     t = _shift(ksize, padding, dilation)
     src = geom if t == (0, 0, 0) else sv.Voxels(_moved(rows, t), None, check=False)
     return sv.kernel_map(src, ksize, stride, dilation, output_voxels=out_geom), outs, out_geom
+
+
+def _tiles_grid(geom: sv.Voxels, ksize, stride, padding, dilation, in_shape) -> bool:
+    if tuple(ksize) != tuple(stride) or any(padding) or any(d != 1 for d in dilation) \
+            or any(int(n) % s for n, s in zip(in_shape, stride)):
+        return False
+    key = ("compat.in_grid", tuple(int(n) for n in in_shape))
+    ok = geom._compat_checks.get(key) if hasattr(geom, "_compat_checks") else None
+    if ok is None:
+        rows = geom.coords
+        if rows.shape[0] == 0:
+            ok = True
+        else:  # one device reduction and read per geometry and grid
+            lo, hi = torch.aminmax(rows[:, 1:].long(), dim=0)
+            ok = bool((lo >= 0).all()) and bool((hi < torch.as_tensor(in_shape, device=hi.device)).all())
+        if not hasattr(geom, "_compat_checks"):
+            geom._compat_checks = {}
+        geom._compat_checks[key] = ok
+    return ok
 
 
 def transposed_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape):

@@ -115,7 +115,7 @@ class _LocalPool(SparseModule):
             out_shape = maps.conv_output_size(shape, self.kernel_size, self.stride, self.padding, self.dilation)
             maps.check_output_size(out_shape, shape)
             kmap, rows, out_geom = maps.strided_map(geom, k3, maps.lift(self.stride, 1), maps.lift(self.padding, 0),
-                                                    d3, maps.lift(out_shape, 1))
+                                                    d3, maps.lift(out_shape, 1), in_shape=maps.lift(shape, 1))
             outids = maps.user_rows(rows, self.ndim)
         indice_dict = input.indice_dict.copy()
         if self.indice_key is not None:
