@@ -27,7 +27,7 @@ def test_inference_reuses_the_converted_weight_until_it_changes():
     layer = spconv.SubMConv3d(3, 5, 3, bias=False).double()
     with torch.no_grad():
         a = layer.sparsevox_weight()
-        assert layer.sparsevox_weight() is a  # no copy per call
+        assert layer.sparsevox_weight() is a and a.is_contiguous()  # no copy per call
         np.testing.assert_array_equal(a.numpy(), layer.weight.reshape(5, 27, 3).permute(1, 2, 0).numpy())
         layer.weight.mul_(2.0)  # an optimizer step or load_state_dict: a new version
         b = layer.sparsevox_weight()
@@ -43,7 +43,7 @@ def test_inference_reuses_the_converted_weight_until_it_changes():
 def test_training_gets_a_differentiable_copy():
     layer = spconv.SubMConv3d(3, 5, 3, bias=False).double()
     w = layer.sparsevox_weight()
-    assert w.requires_grad and w.grad_fn is not None
+    assert w.requires_grad and w.grad_fn is not None and w.is_contiguous()  # the launch path needs it
     w.sum().backward()
     assert layer.weight.grad is not None and float(layer.weight.grad.abs().sum()) == 5 * 27 * 3
 

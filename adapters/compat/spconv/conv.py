@@ -138,7 +138,12 @@ class SparseConvolution(SparseModule):
         k = math.prod(self.kernel_size)
         w = self.weight
         if (torch.is_grad_enabled() and w.requires_grad) or w.is_inference():  # (no version counter)
-            return w.reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0).contiguous()
+            # one copy into the layout and, under autocast, the dtype the convolution runs in (it would
+            # cast the weight again otherwise)
+            dt = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else w.dtype
+            t = w.reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0)
+            # (.to() with the same dtype would return the permuted view itself, not a contiguous copy)
+            return t.to(dtype=dt, memory_format=torch.contiguous_format) if dt != w.dtype else t.contiguous()
         key = (w._version, w.data_ptr(), w.dtype, w.device)
         cached = self.__dict__.get("_sv_weight")
         if cached is None or cached[0] is not w or cached[1] != key:  # the same tensor, unchanged
