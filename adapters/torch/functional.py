@@ -375,13 +375,14 @@ def _autocast(*tensors):
     return tensors
 
 
-def _checked(feats, weight):
-    """``(feats, weight)`` in the autocast dtype, checked to share a dtype and a device."""
+def _checked(feats, weight, what: str = "weight"):
+    """``(feats, weight)`` in the autocast dtype, checked to share a dtype and a device (errors name the
+    weight argument ``what``)."""
     feats, weight = _autocast(feats, weight)
     if weight.dtype != feats.dtype:
-        raise ValueError(f"weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
+        raise ValueError(f"{what} dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
     if weight.device != feats.device:
-        raise ValueError(f"weight is on {weight.device} and the features on {feats.device}: both must be on "
+        raise ValueError(f"{what} is on {weight.device} and the features on {feats.device}: both must be on "
                          f"one device")
     return feats, weight
 
@@ -464,12 +465,7 @@ def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map
     from sparsevox.depthwise import _as_kmap
     kmap = _as_kmap(kernel_map, input_features.shape[0], int(num_out_coords))
     in_maps, out_maps, offsets = kernel_map_tensors(kmap)
-    feats, weight = _autocast(input_features, depthwise_weight)
-    if weight.dtype != feats.dtype:
-        raise ValueError(f"depthwise_weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
-    if weight.device != feats.device:
-        raise ValueError(f"depthwise_weight is on {weight.device} and the features on {feats.device}: both must "
-                         f"be on one device")
+    feats, weight = _checked(input_features, depthwise_weight, "depthwise_weight")
     return _apply(_DepthwiseFunction, _dw_fwd, feats, weight, in_maps, out_maps,
                   offsets, kmap.num_out, fwd_algo, bwd_algo)
 

@@ -27,8 +27,9 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
+
+from benchmarks.map_build_timeline import _trace_events
 
 SYNC_CALLS = ("cudaEventSynchronize", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cuEventSynchronize",
               "cuStreamSynchronize", "cuCtxSynchronize")
@@ -177,18 +178,10 @@ def profile_cell(step, steps: int, trace_path: str | None) -> dict:
             step()
             sync()
             wall.append((time.perf_counter() - t) * 1e3)
-    fd, tmp = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(tmp)
-        with open(tmp) as f:
-            trace = json.load(f)
-    finally:
-        os.unlink(tmp)
+    events = _trace_events(prof)
     if trace_path:
         with gzip.open(trace_path, "wt") as f:
-            json.dump(trace, f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+            json.dump({"traceEvents": events}, f)
     return summarise_trace(events, steps, wall)
 
 
