@@ -346,17 +346,16 @@ def _needs_function(feats, weight) -> bool:
             or torch.jit.is_tracing())
 
 
-def _apply(function, op, feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, bwd_algo, kmap=None):
-    """Eager: the autograd.Function (or the forward alone when nothing is differentiated); under
-    torch.compile: the registered custom op. ``kmap``: the map object of the tensors when the caller has
-    it (eager calls only)."""
+def _apply(function, op, feats, weight, kmap, num_out, fwd_algo, bwd_algo, tensors=None):
+    """Eager: the autograd.Function on the map object (or the forward alone when nothing is
+    differentiated); under torch.compile: the registered custom op on the map as tensors (``tensors``
+    when the caller has them, else made from ``kmap``, which may then be None)."""
     if not torch.compiler.is_compiling():
-        if kmap is None:
-            kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
         if not _needs_function(feats, weight):
             fwd_impl = function.impls[0]
             return fwd_impl(feats, weight, None, None, None, num_out, _algo_str(fwd_algo), kmap=kmap)
         return function.apply(feats, weight, kmap, _algo_str(fwd_algo), _algo_str(bwd_algo))
+    in_maps, out_maps, offsets = tensors if tensors is not None else kernel_map_tensors(kmap)
     if bwd_algo is None:  # nothing to pass on (keeps the traced call free of context-variable traffic)
         return op(feats, weight, in_maps, out_maps, offsets, num_out, _algo_str(fwd_algo))
     token = _BWD_ALGO.set(_algo_str(bwd_algo))
@@ -392,20 +391,17 @@ def conv_features(feats, weight, kmap: KernelMap, fwd_algo=None, bwd_algo=None):
     out = _eager_forward(feats, weight, kmap, fwd_algo)
     if out is not None:
         return out
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # the op takes the map as tensors
-        in_maps, out_maps, offsets = kernel_map_tensors(kmap)
-        return conv_tensors(feats, weight, in_maps, out_maps, offsets, kmap.num_out, fwd_algo, bwd_algo)
     feats, weight = _checked(feats, weight)
-    return _apply(_ConvFunction, _conv_fwd, feats, weight, None, None, None, kmap.num_out, fwd_algo, bwd_algo,
-                  kmap=kmap)
+    return _apply(_ConvFunction, _conv_fwd, feats, weight, kmap, kmap.num_out, fwd_algo, bwd_algo)
 
 
 def conv_tensors(feats, weight, in_maps, out_maps, offsets, num_out: int, fwd_algo=None, bwd_algo=None):
     """:func:`conv_features` with the map as tensors (:func:`kernel_map_tensors`): the form to use inside
     ``torch.compile(fullgraph=True)``, where kernel maps must come in from outside."""
     feats, weight = _checked(feats, weight)
-    return _apply(_ConvFunction, _conv_fwd, feats, weight, in_maps, out_maps, offsets,
-                  num_out, fwd_algo, bwd_algo)
+    kmap = None if torch.compiler.is_compiling() else _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
+    return _apply(_ConvFunction, _conv_fwd, feats, weight, kmap, num_out, fwd_algo, bwd_algo,
+                  (in_maps, out_maps, offsets))
 
 
 def _is_pointwise(kernel_size, stride, transposed, generative, feats, fwd_algo, bwd_algo) -> bool:
@@ -464,10 +460,8 @@ def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map
     ``kernel_map`` is a :class:`~sparsevox.KernelMap` or an ``(in_maps, out_maps, offsets)`` tuple."""
     from sparsevox.depthwise import _as_kmap
     kmap = _as_kmap(kernel_map, input_features.shape[0], int(num_out_coords))
-    in_maps, out_maps, offsets = kernel_map_tensors(kmap)
     feats, weight = _checked(input_features, depthwise_weight, "depthwise_weight")
-    return _apply(_DepthwiseFunction, _dw_fwd, feats, weight, in_maps, out_maps,
-                  offsets, kmap.num_out, fwd_algo, bwd_algo)
+    return _apply(_DepthwiseFunction, _dw_fwd, feats, weight, kmap, kmap.num_out, fwd_algo, bwd_algo)
 
 
 # --- modules --------------------------------------------------------------------------------------
