@@ -191,11 +191,16 @@ def prepared(op: str, direction: str, feats, weight, kmap: KernelMap, algo_input
     :class:`sparsevox.algorithms.implicit_gemm.Launch`) of the algorithm this call signature runs, or None when
     that algorithm has none. Call it after one ordinary call with the same arguments (which plans and, for
     AUTO, tunes): framework adapters then launch later calls from tensor addresses directly."""
+    return _prepared_with_choice(op, direction, feats, weight, kmap, algo_input)[0]
+
+
+def _prepared_with_choice(op, direction, feats, weight, kmap, algo_input):
+    """``(launch object or None, (algorithm, params) or None)`` of :func:`prepared`, planned once."""
     choice = plan(op, direction, feats, weight, kmap, algo_input, None, memo_only=True) if op == "conv" else None
     if choice is None or _device(feats) != "gpu":
-        return None
+        return None, choice
     return prepare_choice(choice, direction, feats.dtype.name, int(feats.shape[1]), int(weight.shape[2]), kmap,
-                          int(feats.device.id))
+                          int(feats.device.id)), choice
 
 
 def prepare_choice(choice, direction: str, dtype_name: str, c_in: int, c_out: int, kmap: KernelMap, device_id: int):
@@ -211,11 +216,11 @@ def remember_prepared(kmap: KernelMap, key, op: str, direction: str, feats, weig
     """Keep :func:`prepared` for a call that just ran under ``kmap.derived[key]`` (False when there is
     none, so callers do not ask again). Adapters key it by their own call signature. Returns the call's
     ``(algorithm, params)`` when a launch object was made (else None)."""
-    if key not in kmap.derived:
-        kmap.derived[key] = prepared(op, direction, feats, weight, kmap, algo_input) or False
-    if not kmap.derived[key]:
-        return None
-    return plan(op, direction, feats, weight, kmap, algo_input, None, memo_only=True)
+    if key in kmap.derived:
+        return None  # kept by an earlier call, whose plan its caller already has
+    prep, choice = _prepared_with_choice(op, direction, feats, weight, kmap, algo_input)
+    kmap.derived[key] = prep or False
+    return choice if prep else None
 
 
 def output_voxels_of(voxels, kmap: KernelMap, out_feats, output_voxels=None):
