@@ -149,18 +149,17 @@ def _tiles_grid(geom: sv.Voxels, ksize, stride, padding, dilation, in_shape) -> 
     if tuple(ksize) != tuple(stride) or any(padding) or any(d != 1 for d in dilation) \
             or any(int(n) % s for n, s in zip(in_shape, stride)):
         return False
-    key = ("compat.in_grid", tuple(int(n) for n in in_shape))
-    ok = geom._compat_checks.get(key) if hasattr(geom, "_compat_checks") else None
+    checks = geom.__dict__.setdefault("_compat_in_grid", {})  # per geometry and grid
+    shape = tuple(int(n) for n in in_shape)
+    ok = checks.get(shape)
     if ok is None:
         rows = geom.coords
         if rows.shape[0] == 0:
             ok = True
-        else:  # one device reduction and read per geometry and grid
+        else:  # one reduction and one read of the device
             lo, hi = torch.aminmax(rows[:, 1:].long(), dim=0)
-            ok = bool((lo >= 0).all()) and bool((hi < torch.as_tensor(in_shape, device=hi.device)).all())
-        if not hasattr(geom, "_compat_checks"):
-            geom._compat_checks = {}
-        geom._compat_checks[key] = ok
+            ok = bool(((lo >= 0) & (hi < torch.tensor(shape, device=hi.device))).all())
+        checks[shape] = ok
     return ok
 
 
