@@ -38,6 +38,17 @@ def pointcloud_dir():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test: torch's threads oversubscribe a shared 2-core machine (tiny
+    batch norms took 70 ms). Test modules of torch networks use it for every test."""
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def jax_x64():
     """Float64 JAX arrays for the duration of a test (the oracle comparisons need them)."""
     jax = pytest.importorskip("jax", reason="jax not installed")

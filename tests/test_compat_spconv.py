@@ -29,13 +29,7 @@ nn = torch.nn
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """torch's intra-op threads oversubscribe a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 # --- scenes, runs, comparisons -------------------------------------------------------------------------

@@ -16,12 +16,7 @@ from benchmarks import end_to_end  # noqa: E402
 SMALL = ["8", "8", "8", "16", "16", "16", "8", "8", "8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def test_cpu_quick_smoke_run_writes_design_records(tmp_path):

@@ -16,16 +16,10 @@ svf = pytest.importorskip("sparsevox.adapters.flax")
 torch = pytest.importorskip("torch", reason="torch not installed (the twins the layers are judged against)")
 svt = pytest.importorskip("sparsevox.adapters.torch")
 
-pytestmark = pytest.mark.usefixtures("jax_x64")
+pytestmark = pytest.mark.usefixtures("jax_x64", "one_thread")
 F64 = dict(param_dtype=jnp.float64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _pair(rng, n=150, c=4, batches=2, extent=6, coords=None):

@@ -1,6 +1,9 @@
 """The Flax NNX MinkUNet on the CPU: its levels and maps, the same shapes as the torch MinkUNet, the same
 logits, running statistics and gradients as torch's with copied weights (float64), nnx.jit equal to
 eager, and training steps (the example) that reduce the loss."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from reference import random_voxels, rel_err
@@ -14,6 +17,9 @@ from flax import nnx  # noqa: E402
 
 svf = pytest.importorskip("sparsevox.adapters.flax")
 from sparsevox.adapters import jax as svj  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
+from benchmarks.end_to_end import calibrate_batchnorm  # noqa: E402
 
 SMALL = (8, 8, 8, 16, 16, 16, 8, 8, 8)
 
@@ -87,21 +93,6 @@ def test_kernel_maps_per_level_and_forward_shapes(rng):
 
 # --- the torch twin ------------------------------------------------------------------------------------
 
-def _calibrate_bn(torch, net, x):
-    """Running statistics = the statistics of one train-mode forward (so eval mode normalises)."""
-    moms = {}
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            moms[m] = m.momentum
-            m.momentum = None
-            m.reset_running_stats()
-    net.train()
-    with torch.no_grad():
-        net(x)
-    for m, mom in moms.items():
-        m.momentum = mom
-
-
 @pytest.mark.usefixtures("jax_x64")
 @pytest.mark.parametrize("blocks", [1, (2, 1, 1, 2, 1, 2, 1, 2)])
 def test_same_logits_statistics_and_gradients_as_torch(rng, blocks):
@@ -110,7 +101,7 @@ def test_same_logits_statistics_and_gradients_as_torch(rng, blocks):
     tv = sv.Voxels(torch.from_numpy(np.array(v.coords)), torch.from_numpy(np.array(v.feats)))
     torch.manual_seed(int(rng.integers(1 << 31)))
     tnet = svt.MinkUNet(4, 5, widths=SMALL, blocks=blocks).double()
-    _calibrate_bn(torch, tnet, tv)
+    calibrate_batchnorm(tnet, tv)
     net = svf.MinkUNet(4, 5, widths=SMALL, blocks=blocks, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
     svf.load_torch_state_dict(net, tnet.state_dict())
     maps = net.kernel_maps(v)

@@ -15,17 +15,12 @@ nn = torch.nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
 from benchmarks import spconv_minkunet as spm  # noqa: E402
+from benchmarks.end_to_end import calibrate_batchnorm as _calibrate_bn  # noqa: E402
 
 SMALL = (8, 8, 8, 16, 16, 16, 8, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """torch's intra-op threads oversubscribe a shared 2-core machine (tiny batch norms take 70 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def _scene(rng, n=500, extent=12, batches=2, c=4, dtype=torch.float64, device="cpu", shift=0):
@@ -121,21 +116,6 @@ def test_arguments_are_checked():
 def _emulation():
     import spconv_emulation
     return spconv_emulation
-
-
-def _calibrate_bn(net, x):
-    """Running statistics = the statistics of one train-mode forward (so eval mode normalises)."""
-    moms = {}
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm1d):
-            moms[m] = m.momentum
-            m.momentum = None
-            m.reset_running_stats()
-    net.train()
-    with torch.no_grad():
-        net(x)
-    for m, mom in moms.items():
-        m.momentum = mom
 
 
 def _spconv_input(sp, v):

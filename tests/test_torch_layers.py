@@ -11,13 +11,7 @@ svt = pytest.importorskip("sparsevox.adapters.torch")
 nn = torch.nn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """torch's intra-op threads oversubscribe a shared 2-core machine (tiny batch norms take 70 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def _voxels(rng, n=120, c=4, batches=2, extent=6, dtype=torch.float64, coords=None):

@@ -16,13 +16,7 @@ svt = pytest.importorskip("sparsevox.adapters.torch")
 nn = torch.nn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """torch's intra-op threads oversubscribe a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def T(a):
