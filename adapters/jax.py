@@ -987,12 +987,7 @@ def from_dense(dense, mask=None) -> Voxels:
     on its values)."""
     if not isinstance(dense, jax.Array):
         return _dense.from_dense(dense, mask)
-    if dense.ndim != 5:
-        raise ValueError(f"dense must have shape [B, C, X, Y, Z], got {tuple(dense.shape)}")
-    bsz, _, x, y, z = (int(v) for v in dense.shape)
-    if bsz > geometry.BATCH_MAX + 1 or max(x, y, z) > geometry.COORD_MAX + 1:
-        raise ValueError(f"dense: at most {geometry.BATCH_MAX + 1} batch items and {geometry.COORD_MAX + 1} "
-                         f"sites per axis, got shape {tuple(dense.shape)}")
+    _dense.check_dense_shape(dense.shape)
     coords = _active_sites(dense, mask)
     origin = dataclasses.replace(to_core(dense)[1], dtype=None)
     return Voxels.from_core_coords(coords, from_dense_features(dense, _to_jax(coords)), origin)

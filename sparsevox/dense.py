@@ -146,17 +146,22 @@ def to_dense(voxels, spatial_shape, batch_size: int | None = None):
     return from_core(out, origin)
 
 
+def check_dense_shape(shape) -> None:
+    """Raise ``ValueError`` unless ``shape`` is ``[B, C, X, Y, Z]`` with B and X, Y, Z in the coordinate range."""
+    if len(shape) != 5:
+        raise ValueError(f"dense must have shape [B, C, X, Y, Z], got {tuple(shape)}")
+    bsz, _, x, y, z = (int(v) for v in shape)
+    if bsz > geometry.BATCH_MAX + 1 or max(x, y, z) > geometry.COORD_MAX + 1:
+        raise ValueError(f"dense: at most {geometry.BATCH_MAX + 1} batch items and {geometry.COORD_MAX + 1} "
+                         f"sites per axis, got shape {tuple(shape)}")
+
+
 def from_dense(dense, mask=None) -> Voxels:
     """Sparse ``Voxels`` of a dense tensor ``[B, C, X, Y, Z]`` (any library): the sites nonzero in any
     channel, or those of ``mask`` ``[B, X, Y, Z]``; coords ``(b, x, y, z)`` sorted, feats ``[N, C]``
     in dense's dtype. Gradient: scattered back into the dense shape."""
     d, origin = to_core(dense)
-    if d.ndim != 5:
-        raise ValueError(f"dense must have shape [B, C, X, Y, Z], got {tuple(d.shape)}")
-    bsz, _, x, y, z = (int(v) for v in d.shape)
-    if bsz > geometry.BATCH_MAX + 1 or max(x, y, z) > geometry.COORD_MAX + 1:
-        raise ValueError(f"dense: at most {geometry.BATCH_MAX + 1} batch items and {geometry.COORD_MAX + 1} "
-                         f"sites per axis, got shape {tuple(d.shape)}")
+    check_dense_shape(d.shape)
     from .pooling import _adapter
     fn = _adapter(origin.lib, "from_dense", dense)
     if fn is not None:

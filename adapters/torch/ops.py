@@ -158,12 +158,7 @@ def from_dense(dense, mask=None) -> Voxels:
     shape (zero at the other sites; the choice of sites is not differentiated)."""
     if not isinstance(dense, torch.Tensor):
         return _dense.from_dense(dense, mask)
-    if dense.ndim != 5:
-        raise ValueError(f"dense must have shape [B, C, X, Y, Z], got {tuple(dense.shape)}")
-    bsz, _, x, y, z = (int(v) for v in dense.shape)
-    if bsz > geometry.BATCH_MAX + 1 or max(x, y, z) > geometry.COORD_MAX + 1:
-        raise ValueError(f"dense: at most {geometry.BATCH_MAX + 1} batch items and {geometry.COORD_MAX + 1} "
-                         f"sites per axis, got shape {tuple(dense.shape)}")
+    _dense.check_dense_shape(dense.shape)
     d, origin = _arrays.to_core(dense)
     with _arrays.on_caller_stream(origin):
         coords = _dense.active_sites(d, None if mask is None else _arrays.to_core(mask)[0])
