@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_WIDTHS = (32, 32, 64, 128, 256, 256, 128, 96, 96)
+from sparsevox.unet import DEFAULT_WIDTHS, unet_shape
 
 _SPATIAL_MULTIPLE = 16  # 2 ** (number of stride-2 levels): keeps every level's shape even
 
@@ -121,8 +121,7 @@ def build(sp, in_channels: int, num_classes: int, widths=DEFAULT_WIDTHS, blocks=
     class SpconvMinkUNet(nn.Module):
         def __init__(self):
             super().__init__()
-            w = tuple(int(c) for c in widths)
-            b = (int(blocks),) * 8 if isinstance(blocks, int) else tuple(int(n) for n in blocks)
+            w, b = unet_shape(widths, blocks)
             self.stem = Seq(conv_bn_relu(in_channels, w[0], 3, "subm0"), conv_bn_relu(w[0], w[0], 3, "subm0"))
             self.encoder = nn.ModuleList(DownStage(w[i - 1], w[i], b[i - 1], i) for i in range(1, 5))
             self.decoder = nn.ModuleList(UpStage(w[4 + j], w[5 + j], w[3 - j], b[4 + j], 3 - j) for j in range(4))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsevox.unet import DEFAULT_WIDTHS, unet_shape
 from sparsevox.voxels import Voxels
 
 from .conv import SparseConv
@@ -18,10 +19,6 @@ from .layers import BatchNorm, ResidualBlock, SparseSequential
 from .maps import LevelMaps, coarser, level_maps
 
 __all__ = ["MinkUNet", "DownStage", "UpStage"]
-
-# SparseResUNet42 (SPVNAS MinkUNet, cr = 1): stem, four encoder stages, four decoder stages
-DEFAULT_WIDTHS = (32, 32, 64, 128, 256, 256, 128, 96, 96)
-
 
 def _kw(kw, conv: bool):
     keys = ("fwd_algo", "bwd_algo", "dtype", "param_dtype", "rngs") if conv else ("dtype", "param_dtype", "rngs")
@@ -108,13 +105,7 @@ class MinkUNet(nnx.Module):
 
     def __init__(self, in_channels: int, num_classes: int, widths=DEFAULT_WIDTHS, blocks=2, fwd_algo=None,
                  bwd_algo=None, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        w = tuple(int(c) for c in widths)
-        if len(w) != 9 or min(w) < 1:
-            raise ValueError(f"widths must be 9 positive channel counts (stem, 4 encoder, 4 decoder stages), "
-                             f"got {widths!r}")
-        b = (int(blocks),) * 8 if isinstance(blocks, (int, np.integer)) else tuple(int(n) for n in blocks)
-        if len(b) != 8 or min(b) < 1:
-            raise ValueError(f"blocks must be an int >= 1 or 8 of them (encoder 1-4, decoder 1-4), got {blocks!r}")
+        w, b = unet_shape(widths, blocks)
         kw = dict(fwd_algo=fwd_algo, bwd_algo=bwd_algo, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.in_channels, self.num_classes, self.widths, self.blocks = int(in_channels), int(num_classes), w, b
         self.stem = SparseSequential(_conv_bn_relu(in_channels, w[0], 3, **kw), _conv_bn_relu(w[0], w[0], 3, **kw))

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from sparsevox.unet import DEFAULT_WIDTHS, unet_shape
+
 from .functional import SparseConv3d
 from .layers import BatchNorm, ResidualBlock, SparseSequential, cat_voxels
 
 __all__ = ["MinkUNet", "DownStage", "UpStage"]
 
-# SparseResUNet42 (SPVNAS MinkUNet, cr = 1): stem, four encoder stages, four decoder stages
-DEFAULT_WIDTHS = (32, 32, 64, 128, 256, 256, 128, 96, 96)
 
 
 def _conv_bn_relu(c_in, c_out, kernel_size, stride=1, **algos):
@@ -82,13 +82,7 @@ class MinkUNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, widths=DEFAULT_WIDTHS, blocks=2, fwd_algo=None,
                  bwd_algo=None):
         super().__init__()
-        w = tuple(int(c) for c in widths)
-        if len(w) != 9 or min(w) < 1:
-            raise ValueError(f"widths must be 9 positive channel counts (stem, 4 encoder, 4 decoder stages), "
-                             f"got {widths!r}")
-        b = (int(blocks),) * 8 if isinstance(blocks, int) else tuple(int(n) for n in blocks)
-        if len(b) != 8 or min(b) < 1:
-            raise ValueError(f"blocks must be an int >= 1 or 8 of them (encoder 1-4, decoder 1-4), got {blocks!r}")
+        w, b = unet_shape(widths, blocks)
         algos = dict(fwd_algo=fwd_algo, bwd_algo=bwd_algo)
         self.in_channels, self.num_classes, self.widths, self.blocks = int(in_channels), int(num_classes), w, b
         self.stem = SparseSequential(_conv_bn_relu(in_channels, w[0], 3, **algos),
