@@ -297,3 +297,15 @@ def test_gpu_training_on_the_real_scan_reduces_the_loss_without_growing_memory()
     assert np.isfinite(losses).all() and last < 0.7 * first, (first, last)
     warm = allocated[9]
     assert max(allocated[10:]) - warm <= 0.01 * warm + (1 << 20), [a >> 20 for a in allocated[::10]]
+
+
+def test_shape_arguments_are_checked_by_name():
+    from sparsevox.unet import DEFAULT_WIDTHS, unet_shape
+    assert unet_shape() == (DEFAULT_WIDTHS, (2,) * 8)
+    assert unet_shape(blocks=np.int64(1))[1] == (1,) * 8  # NumPy ints count as one int
+    with pytest.raises(ValueError, match="widths must be 9 positive channel counts"):
+        svt.MinkUNet(4, 5, widths=(8, 8))
+    with pytest.raises(ValueError, match="blocks must be an int >= 1 or 8 of them"):
+        svt.MinkUNet(4, 5, blocks=(1, 2))
+    with pytest.raises(ValueError, match="blocks must be an int >= 1"):
+        svt.MinkUNet(4, 5, blocks=0)
