@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from . import prebuilt
 
-log = logging.getLogger("sparsevox.cutlass_lib")
 
 ABI_VERSION = 1
 LIB_NAME = "libsparsevox_cutlass.so"
@@ -49,18 +47,10 @@ def library_path() -> Path:
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     path = library_path()
-    lib, why = prebuilt.open_library(path, "CUTLASS library", "sparsevox_cutlass_abi_version", ABI_VERSION,
-                                     BUILD_HINT)
-    if lib is None:
-        return None, why
-    lib.sparsevox_cutlass_last_error.restype = ctypes.c_char_p
-    lib.sparsevox_cutlass_last_error.argtypes = []
-    for direction in DIRECTIONS:
-        fn = getattr(lib, f"sparsevox_cutlass_{direction}")
-        fn.restype = ctypes.c_int
-        fn.argtypes = _ENTRY_ARGTYPES
-    log.debug("loaded %s", path)
-    return lib, ""
+    signatures = {"sparsevox_cutlass_last_error": (ctypes.c_char_p, []),
+                  **{f"sparsevox_cutlass_{d}": (ctypes.c_int, _ENTRY_ARGTYPES) for d in DIRECTIONS}}
+    return prebuilt.open_library(path, "CUTLASS library", "sparsevox_cutlass_abi_version", ABI_VERSION, BUILD_HINT,
+                                 signatures)
 
 
 def available() -> tuple[bool, str]:

@@ -17,13 +17,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
-import logging
 import threading
 from pathlib import Path
 
 from . import driver, prebuilt
 
-log = logging.getLogger("sparsevox.ffi_lib")
 
 ABI_VERSION = 2
 LIB_NAME = "libsparsevox_xla_ffi.so"
@@ -67,15 +65,8 @@ _SIGNATURES = {
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     path = library_path()
-    lib, why = prebuilt.open_library(path, "XLA FFI library", "sparsevox_ffi_abi_version", ABI_VERSION,
-                                     BUILD_HINT)
-    if lib is None:
-        return None, why
-    for name, (restype, argtypes) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = restype, argtypes
-    log.debug("loaded %s", path)
-    return lib, ""
+    return prebuilt.open_library(path, "XLA FFI library", "sparsevox_ffi_abi_version", ABI_VERSION, BUILD_HINT,
+                                 _SIGNATURES)
 
 
 def available() -> tuple[bool, str]:

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+log = logging.getLogger("sparsevox.prebuilt")
+
 
 def library_path(env_var: str, lib_name: str) -> Path:
     """``$env_var`` when set, else ``sparsevox/_lib/<lib_name>`` (where ``python -m sparsevox build*`` puts it)."""
@@ -17,10 +19,11 @@ def library_path(env_var: str, lib_name: str) -> Path:
     return Path(__file__).resolve().parents[1] / "_lib" / lib_name
 
 
-def open_library(path: Path, what: str, abi_symbol: str, abi_version: int,
-                 build_hint: str) -> tuple[ctypes.CDLL | None, str]:
+def open_library(path: Path, what: str, abi_symbol: str, abi_version: int, build_hint: str,
+                 signatures: dict | None = None) -> tuple[ctypes.CDLL | None, str]:
     """``(library, "")``, or ``(None, reason)`` naming ``what`` and how to build it: not built, does not
-    load, or an ABI version (``int abi_symbol(void)``) other than ``abi_version``."""
+    load, or an ABI version (``int abi_symbol(void)``) other than ``abi_version``. ``signatures``:
+    ``{function name: (restype, argtypes)}`` set on the library's functions."""
     if not path.is_file():
         return None, f"the {what} {path} is not built; {build_hint}"
     try:
@@ -36,6 +39,10 @@ def open_library(path: Path, what: str, abi_symbol: str, abi_version: int,
     if version != abi_version:
         return None, (f"the {what} {path} has ABI version {version}, this sparsevox needs {abi_version}; "
                       f"rebuild it: {build_hint}")
+    for name, (restype, argtypes) in (signatures or {}).items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    log.debug("loaded %s", path)
     return lib, ""
 
 
