@@ -146,3 +146,26 @@ def test_plan_memo_is_bounded(rng, monkeypatch):
     for c in range(1, 8):
         conv.plan("conv", "fwd", f, np.zeros((27, 1, c), np.float32), subm, "explicit_gemm", None)
         assert len(tune_cache.plans) <= 3
+
+
+def test_a_process_first_plan_is_memoised_under_the_key_later_calls_use():
+    # A fresh interpreter: the backends load during the first plan. The memo key taken before that load
+    # named an empty registry, so 2507569 re-planned the first signature and `prepared` found nothing.
+    import subprocess
+    import sys
+    code = """
+import numpy as np
+import sparsevox as sv
+from sparsevox import conv
+rng = np.random.default_rng(0)
+c = np.unique(rng.integers(0, 6, (60, 3)), axis=0).astype(np.int32); c = np.concatenate([np.zeros((len(c), 1), np.int32), c], 1)
+v = sv.Voxels(c, np.ones((len(c), 2), np.float32))
+kmap = sv.kernel_map(v, 3)
+w = np.ones((27, 2, 3), np.float32)
+sv.conv_forward(v.feats, w, kmap, "explicit_gemm")
+hit = conv.plan("conv", "fwd", v.feats, w, kmap, "explicit_gemm", None, memo_only=True)
+print("HIT" if hit is not None else "MISS")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("HIT"), out.stdout + out.stderr

@@ -20,14 +20,18 @@ SUBM_LEVELS, STRIDED = 5, 4  # maps a MinkUNet builds per step: a SubM map per l
 
 
 def _syncs(step) -> tuple[int, dict]:
-    from torch.profiler import ProfilerActivity, profile
+    """Blocking calls made while ``step`` ran: only those inside its ``record_function`` range count (the
+    profiler synchronises the device itself on exit, 2507569's first run counted that one)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-    torch.cuda.synchronize()  # outside the profiled region: not counted
+        with record_function("svx_step"):
+            step()
+    events = prof.events()
+    (span,) = [e.time_range for e in events if e.name == "svx_step"]
     names = {}
-    for e in prof.events():
-        if e.name in SYNC_CALLS:
+    for e in events:
+        if e.name in SYNC_CALLS and span.start <= e.time_range.start <= span.end:
             names[e.name] = names.get(e.name, 0) + 1
     return sum(names.values()), names
 

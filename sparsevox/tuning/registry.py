@@ -48,7 +48,10 @@ def register(op: str, algo: Algorithm) -> None:
 
 def token(op: str) -> tuple:
     """Changes when ``op``'s registry or any algorithm in it is replaced, or it grows: part of the memo
-    keys of choices made from it."""
+    keys of choices made from it. Loads the backends first: a key taken before the first load would never
+    match again (2507569: a process's first call signature was re-planned, and the JAX FFI path found no
+    memoised plan for it)."""
+    _load_backends()
     d = _REGISTRY[op]
     return id(d), tuple(map(id, d.values()))
 
