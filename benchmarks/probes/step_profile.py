@@ -238,6 +238,10 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", action="store_true", help="write the sparsevox traces (gzip chrome JSON)")
     ap.add_argument("--cprofile", action="store_true",
                     help="also one sparsevox step per mode under cProfile (<stem>-step_cprofile.txt)")
+    ap.add_argument("--host-phases", action="store_true",
+                    help="also host time per phase, both libraries (benchmarks/probes/host_phases.py; "
+                         "<stem>-host_phases.md); with --phases-only, nothing else")
+    ap.add_argument("--phases-only", action="store_true", help="only the host phases (no profiler)")
     a = ap.parse_args(argv)
     import torch
 
@@ -266,7 +270,7 @@ def main(argv=None) -> int:
         sv_model.cpu()
     stem = a.stem or provenance.stem()
     doc = {**provenance.header(torch.cuda.get_device_name()), "scene": a.scene, "n_voxels": int(len(coords0)), "steps": a.steps, "records": []}
-    cprof = []
+    cprof, phase_rows = [], []
     for mode in a.modes:
         for lib, model in models.items():
             half = lib == "spconv" and mode == "fp16_infer"
@@ -275,8 +279,16 @@ def main(argv=None) -> int:
             try:
                 trace = (os.path.join(a.out, f"{stem}-step_trace-{mode}.json.gz")
                          if a.trace and a.out and lib == "sparsevox" else None)
-                rec["summary"] = profile_cell(step, a.steps, trace)
-                rec["kinds"] = per_kind_ms(m, step, torch.cuda.synchronize)
+                if a.host_phases or a.phases_only:
+                    from benchmarks.probes import host_phases as hp
+                    for _ in range(3):
+                        step()
+                    fn = hp.host_phases if lib == "sparsevox" else hp.totals
+                    rec["host_phases"] = fn(step, torch.cuda.synchronize, 5)
+                    phase_rows.append({"mode": mode, "library": lib, **rec["host_phases"]})
+                if not a.phases_only:
+                    rec["summary"] = profile_cell(step, a.steps, trace)
+                    rec["kinds"] = per_kind_ms(m, step, torch.cuda.synchronize)
                 if a.cprofile and lib == "sparsevox":
                     cprof.append(f"==== {mode} {lib}\n" + host_profile(step, torch.cuda.synchronize))
             except Exception as e:  # report and go on with the other cells
@@ -287,13 +299,17 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             doc["records"].append(rec)
             print(json.dumps(rec), flush=True)
-    text = render(doc)
+    text = render(doc) if not a.phases_only else f"# Host phases ({doc['device']}, {doc['date']}, {doc['commit']})\n"
+    if phase_rows:
+        from benchmarks.probes import host_phases as hp
+        text += "\n" + hp.render(phase_rows)
     print(text)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, f"{stem}-step_profile.json"), "w") as f:
+        what = "host_phases" if a.phases_only else "step_profile"
+        with open(os.path.join(a.out, f"{stem}-{what}.json"), "w") as f:
             json.dump(doc, f, indent=1)
-        with open(os.path.join(a.out, f"{stem}-step_profile.md"), "w") as f:
+        with open(os.path.join(a.out, f"{stem}-{what}.md"), "w") as f:
             f.write(text)
         if cprof:
             with open(os.path.join(a.out, f"{stem}-step_cprofile.txt"), "w") as f:
