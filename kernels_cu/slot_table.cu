@@ -1,11 +1,11 @@
 // The IMPLICIT_GEMM slot tables of a kernel map (sparsevox/algorithms/implicit_gemm.py: slot_table, tile_masks),
-// made on the device in three kernels and one sort instead of a chain of CuPy array expressions
-// (~20 launches and temporaries of K x rows int64 on the host path of a fresh map's first layer).
+// made on the device in three kernels and a radix sort (radix_sort.cu) instead of a chain of CuPy array
+// expressions (~20 launches and temporaries of K x rows int64 on the host path of a fresh map's first layer).
 //
 //   slot_keys     keys[r] = OR over offsets k with bit_of[k] >= 0 of (nbr[k, r] >= 0) << bit_of[k]
 //                 (the row's neighbour bitmask, rarest offsets most significant; the host picks the bits)
-//   gather_slots  out[k, s] = nbr[k, order[s]] (the table in slot order, order = stable argsort of keys),
-//                 and row_of_slot[s] = order[s] as int32
+//   gather_slots  out[k, s] = nbr[k, order[s]] (the table in slot order; order = the stable argsort of
+//                 keys, int32, which is also the caller's row_of_slot)
 //   csr_slots     the table of a map whose rows have one pair each, in CSR order (no sort)
 //   tile_masks    masks[t, w] bit j = some slot of tile t (bm slots) has a neighbour at offset 32 w + j,
 //                 for offsets in [k0, k1) only
@@ -26,16 +26,12 @@ __global__ void __launch_bounds__(BLOCK) slot_keys(const int* __restrict__ nbr, 
     keys[r] = key;
 }
 
-// Also writes row_of_slot[s] = order[s] as int32 (what the GEMM kernels read; saves a cast launch).
 template <int BLOCK>
-__global__ void __launch_bounds__(BLOCK) gather_slots(const int* __restrict__ nbr,
-                                                      const long long* __restrict__ order, int rows,
-                                                      int k_count, int* __restrict__ out,
-                                                      int* __restrict__ row_of_slot) {
+__global__ void __launch_bounds__(BLOCK) gather_slots(const int* __restrict__ nbr, const int* __restrict__ order,
+                                                      int rows, int k_count, int* __restrict__ out) {
     const long long s = (long long)blockIdx.x * BLOCK + threadIdx.x;
     if (s >= rows) return;
     const long long r = order[s];
-    row_of_slot[s] = (int)r;
     for (int k = 0; k < k_count; ++k) out[(long long)k * rows + s] = nbr[(long long)k * rows + r];
 }
 

@@ -51,3 +51,19 @@ def quantised_case(rng, kind, c_in, c_out, dtype, n=400, extent=10, ks=3) -> dic
     kmap = sv.kernel_map(v, ks, s, 1, tr, gen, output)
     return dict(coords=coords, feats=feats, weight=weight, kmap=kmap, s=s, tr=tr, ks=ks,
                 out_coords=cupy.asnumpy(kmap.out_coords), x=v.feats, w=to_gpu(weight, dtype))
+
+
+def queue_sleep(ns: int) -> None:
+    """Queue a one-thread kernel that sleeps ``ns`` nanoseconds (by the global timer) on the current
+    stream: work queued after it is still pending ``ns`` later unless the host waited for it."""
+    _sleep_kernel()((1,), (1,), (np.uint64(ns),))
+
+
+def _sleep_kernel():
+    import cupy
+    return cupy.RawKernel(r'''
+    extern "C" __global__ void sleep_ns(unsigned long long ns) {
+        unsigned long long t0, t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+        do { __nanosleep(100000); asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+    }''', "sleep_ns")

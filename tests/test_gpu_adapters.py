@@ -44,6 +44,19 @@ def test_autocast_runs_in_low_precision(rng, dtype):
     assert w.grad is not None and w.grad.dtype == torch.float32
 
 
+def test_autocast_inference_follows_an_in_place_weight_update(rng):
+    """The no-grad cast of a parameter is reused across calls (adapters/torch/functional.py: _cast) but
+    not past an in-place change: negated weights give the negated output."""
+    v, w = _layer(rng)
+    w = torch.nn.Parameter(w)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        a = sv.spatially_sparse_conv(v, w).feats.float()
+        w.mul_(-1)
+        b = sv.spatially_sparse_conv(v, w).feats.float()
+    assert a.abs().max() > 0
+    torch.testing.assert_close(b, -a)
+
+
 def test_torch_compile_inductor_fullgraph(rng):
     v, w = _layer(rng)
     kmap = sv.kernel_map(v, 3)

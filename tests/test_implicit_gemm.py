@@ -214,6 +214,25 @@ def test_slot_tables_and_tile_masks_match_the_host(rng, kind, ks):
 
 
 @pytest.mark.gpu
+def test_a_fresh_maps_slot_tables_and_tile_masks_do_not_wait_for_the_device(rng):
+    """Made behind ~0.5 s of queued device work, a fresh map's sorted slot tables (both directions) and
+    tile masks leave it pending: the host queues them without waiting (Thrust's argsort used to)."""
+    import cupy
+    from gpu_cases import queue_sleep
+
+    from sparsevox.algorithms import implicit_gemm as ig
+    warm = quantised_case(rng, "submanifold", 4, 4, "float16", n=800, extent=12)["kmap"]
+    ig.tile_masks(warm, False, 64, True), ig.tile_masks(warm, True, 64, True)  # compile the kernels
+    kmap = quantised_case(rng, "submanifold", 4, 4, "float16", n=3000, extent=18)["kmap"].wait()
+    stream = cupy.cuda.get_current_stream()
+    stream.synchronize()
+    queue_sleep(500_000_000)
+    for reverse in (False, True):
+        ig.slot_table(kmap, reverse, True), ig.tile_masks(kmap, reverse, 64, True)
+    assert not stream.done, "making the slot tables waited for the device"
+
+
+@pytest.mark.gpu
 def test_slots_are_sorted_by_the_rarest_first_bitmask(rng):
     """The forward slot order: rows ascending by their neighbour bitmask read with the rarest offsets as
     the most significant bits, ties in row order, a permutation of the rows (and the slot-ordered

@@ -26,7 +26,7 @@ import threading
 
 import numpy as np
 
-from ..cuda import driver
+from ..cuda import driver, radix_sort
 from ..cuda.cuda_loader import get_function
 from ..tuning.registry import Algorithm, gpu_unavailable, register
 
@@ -190,7 +190,8 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
     significant).
     ``part``: ``(k0, k1)``, sort by the bits of these offsets only (one pass of a mask split).
     On the device: the keys (``kernels_cu/slot_table.cu``, 32-bit when at most 32 offsets carry a bit),
-    a stable sort, the gathered table (with the int32 slot order): four launches on a fresh map's first call.
+    a stable radix sort (:mod:`sparsevox.cuda.radix_sort`, three launches per eight key bits), the gathered
+    table (with the int32 slot order); nothing waits for the device.
     """
     import cupy
     twin = getattr(kmap, "swapped_from", None)
@@ -210,16 +211,16 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
             bit_of = np.full(k_count, -1, dtype=np.int32)
             has = np.flatnonzero(w)
             bit_of[k0 + has] = np.log2(w[has]).astype(np.int32)  # w holds distinct powers of two
-            wide = bool(has.size) and int(bit_of.max()) >= 32
+            key_bits = int(bit_of.max()) + 1 if has.size else 0
+            wide = key_bits > 32
             keys = cupy.empty(rows, dtype=cupy.uint64 if wide else cupy.uint32)
             grid = (-(-rows // _SLOT_BLOCK),)
             bits, _staging = _upload(bit_of)  # dropped at return: held until the copy has run
             _slot_kernel("keys", wide)(grid, (_SLOT_BLOCK,), (nbr, np.int32(rows), np.int32(k_count), bits, keys))
-            order = cupy.argsort(keys)  # stable: ties keep row order
+            order = radix_sort.argsort(keys, key_bits)  # stable (ties keep row order), no host wait
             out = cupy.empty((k_count, rows), dtype=cupy.int32)
-            slots = cupy.empty(rows, dtype=cupy.int32)
-            _slot_kernel("gather")(grid, (_SLOT_BLOCK,), (nbr, order, np.int32(rows), np.int32(k_count), out, slots))
-            t = (slots, out)
+            _slot_kernel("gather")(grid, (_SLOT_BLOCK,), (nbr, order, np.int32(rows), np.int32(k_count), out))
+            t = (order, out)
         else:
             t = (cupy.arange(rows, dtype=cupy.int32), nbr)
         kmap.derived[key] = t
