@@ -2,6 +2,9 @@
 // three launches per pass and no host synchronisation. It replaces cupy.argsort (Thrust's stable sort,
 // which waits for the device before it returns: ~300 us of host time per slot table of a fresh map).
 //
+// The digit of a key in a pass is (key >> shift) & mask: the last pass's mask drops the bits above those
+// the caller sorts by.
+//
 //   radix_histogram  hist[d * blocks + b] = how many keys of block b have digit d
 //   radix_scan       hist := its exclusive prefix sum (digit-major, so entry (d, b) is where block b's
 //                    keys of digit d start in the pass's output)
@@ -16,7 +19,7 @@ constexpr int RADIX = 256;
 
 template <typename KEY, int BLOCK, int ITEMS>
 __global__ void __launch_bounds__(BLOCK) radix_histogram(const KEY* __restrict__ keys, int n, int shift,
-                                                         unsigned* __restrict__ hist) {
+                                                         unsigned mask, unsigned* __restrict__ hist) {
     __shared__ unsigned s_count[RADIX];
     for (int d = threadIdx.x; d < RADIX; d += BLOCK) s_count[d] = 0u;
     __syncthreads();
@@ -24,7 +27,7 @@ __global__ void __launch_bounds__(BLOCK) radix_histogram(const KEY* __restrict__
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
         const long long i = base + (long long)it * BLOCK + threadIdx.x;
-        if (i < n) atomicAdd(s_count + (int)((keys[i] >> shift) & (RADIX - 1)), 1u);
+        if (i < n) atomicAdd(s_count + (int)((keys[i] >> shift) & mask), 1u);
     }
     __syncthreads();
     for (int d = threadIdx.x; d < RADIX; d += BLOCK) hist[(long long)d * gridDim.x + blockIdx.x] = s_count[d];
@@ -60,7 +63,7 @@ __global__ void __launch_bounds__(BLOCK) radix_scan(unsigned* __restrict__ hist,
 // keys are not written (the last pass, where only the order is wanted).
 template <typename KEY, int BLOCK, int ITEMS>
 __global__ void __launch_bounds__(BLOCK) radix_scatter(const KEY* __restrict__ keys_in,
-                                                       const int* __restrict__ vals_in, int n, int shift,
+                                                       const int* __restrict__ vals_in, int n, int shift, unsigned mask,
                                                        const unsigned* __restrict__ start,
                                                        KEY* __restrict__ keys_out, int* __restrict__ vals_out) {
     constexpr int WARPS = BLOCK / 32;
@@ -76,7 +79,7 @@ __global__ void __launch_bounds__(BLOCK) radix_scatter(const KEY* __restrict__ k
         const long long i = base + (long long)it * BLOCK + threadIdx.x;
         const bool valid = i < n;
         const KEY key = valid ? keys_in[i] : (KEY)0;
-        const int d = valid ? (int)((key >> shift) & (RADIX - 1)) : RADIX;  // the tail matches only itself
+        const int d = valid ? (int)((key >> shift) & mask) : RADIX;  // the tail matches only itself
         const unsigned peers = __match_any_sync(0xffffffffu, d);
         const unsigned rank = __popc(peers & below);
         if (valid && rank == 0u) s_warp[warp][d] = __popc(peers);

@@ -14,7 +14,7 @@ from .config import allow_tf32
 from .conv import conv_backward, conv_forward, spatially_sparse_conv
 from .depthwise import depthwise_backward, depthwise_forward, spatially_sparse_depthwise_conv
 from .errors import AlgorithmUnavailableError, MissingDependencyError
-from .kernel_map import KernelMap, kernel_map
+from .kernel_map import KernelMap, kernel_map, strided_output_voxels
 from .voxels import Voxels
 from .dense import from_dense, to_dense
 from .points import devoxelize
@@ -23,7 +23,8 @@ from .pooling import avg_pool, global_pool, max_pool, unpool
 __version__ = "0.1.0"
 
 __all__ = [
-    "Voxels", "KernelMap", "kernel_map", "spatially_sparse_conv", "spatially_sparse_depthwise_conv",
+    "Voxels", "KernelMap", "kernel_map", "strided_output_voxels", "spatially_sparse_conv",
+    "spatially_sparse_depthwise_conv",
     "conv_forward", "conv_backward", "depthwise_forward", "depthwise_backward", "allow_tf32",
     "SPARSE_CONV_FWD_ALGO_MODE", "SPARSE_CONV_BWD_ALGO_MODE", "SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE",
     "SPARSE_DEPTHWISE_CONV_BWD_ALGO_MODE", "AlgorithmUnavailableError", "MissingDependencyError",

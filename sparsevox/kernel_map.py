@@ -326,9 +326,12 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     if output_voxels is not None:
         from .voxels import Voxels  # (an import statement costs ~1.5 µs per call: only where needed)
         out_v = output_voxels if isinstance(output_voxels, Voxels) else Voxels(output_voxels, None)
+    # Entries for given output sites hold them weakly and check identity (a dead one's id may come back):
+    # a strong reference made a cycle (fine level -> strided map's coarse sites -> transposed map -> fine
+    # level) that only the cyclic GC frees, holding a step's maps in GPU memory until it runs.
     key = (ks, st, dl, bool(transposed), bool(generative), None if out_v is None else id(out_v))
     cached = voxels._kmaps.get(key)
-    if cached is not None and (out_v is None or cached[1] is out_v):
+    if cached is not None and (out_v is None or cached[1]() is out_v):
         if raw is not None:
             voxels._kmaps[raw] = cached
         return cached[0]
@@ -336,7 +339,7 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     twin = _strided_twin(out_v, coords, ks, st, dl) if transposed and not generative else None
     if twin is not None:
         kmap = _swapped(twin, out_v.core_coords()[0], ks, st, dl)
-        voxels._kmaps[key] = (kmap, out_v)
+        voxels._kmaps[key] = (kmap, weakref.ref(out_v))
         return kmap
     out_coords = None
     if out_v is not None:
@@ -354,7 +357,33 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     kmap = builder(coords, sorted_in, ks, st, dl, transposed, generative, out_coords, **extra)
     if kmap.ready:  # a pending map remembers itself once its arrays exist
         _remember(kmap)
-    voxels._kmaps[key] = (kmap, out_v)  # keep out_v alive so its id stays unique
+    voxels._kmaps[key] = (kmap, None if out_v is None else weakref.ref(out_v))
     if raw is not None:
         voxels._kmaps[raw] = voxels._kmaps[key]
     return kmap
+
+
+def strided_output_voxels(voxels, kernel_size=2, stride=2, dilation=1):
+    """The output sites of the strided map ``kernel_map(voxels, kernel_size, stride, dilation)`` (built
+    now unless cached) as feature-less ``Voxels`` in ``voxels``' array library, ``[M, 4]`` coords.
+
+    The map is also cached as the one for those sites given as ``output_voxels``, so the strided layer
+    called with ``output_voxels=`` the result reuses it, its output shares the result's cached maps, and
+    the transposed layer back onto ``voxels`` is the map swapped. A network can so build every level's
+    maps before its first layer (``MinkUNet.build_maps``): the host then waits for each map's pair counts
+    while the device has only map work queued, not in the middle of the layers, where each wait drained
+    the convolutions queued before it. The caller keeps the result alive (the cache holds it weakly);
+    while it lives, later calls return the same object."""
+    from .voxels import Voxels
+    kmap = kernel_map(voxels, kernel_size, stride, dilation)
+    if kmap.kind != "strided":
+        raise ValueError(f"stride must make a strided map (some stride > 1), got stride={stride}")
+    ks, st, dl = (geometry.triple(a, n) for a, n in ((kernel_size, "kernel_size"), (stride, "stride"),
+                                                       (dilation, "dilation")))
+    memo = voxels._kmaps.get(("sites", ks, st, dl))  # the same sites (and their maps) while they live
+    out = memo() if memo is not None else None
+    if out is None:
+        out = Voxels.from_core_coords(kmap.out_coords, None, voxels.core_coords()[1])
+        voxels._kmaps[(ks, st, dl, False, False, id(out))] = (kmap, weakref.ref(out))
+        voxels._kmaps[("sites", ks, st, dl)] = weakref.ref(out)
+    return out

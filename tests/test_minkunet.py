@@ -61,6 +61,53 @@ def test_default_shape_levels_and_forward(rng):
     assert sv.kernel_map(seen["dec3"], 3) is sv.kernel_map(v, 3)
 
 
+def _counting_builder(monkeypatch):
+    """A list that grows by one per kernel map the NumPy builder makes."""
+    import importlib
+    km = importlib.import_module("sparsevox.kernel_map")  # (the package attribute is the function)
+    built, real = [], km.BUILDERS.get("numpy", km.build_kernel_map)
+    monkeypatch.setitem(km.BUILDERS, "numpy", lambda *a, **k: built.append(a[2:4]) or real(*a, **k))
+    return built
+
+
+def test_build_maps_builds_every_map_the_forward_uses(rng, monkeypatch):
+    """``build_maps`` makes the SubM k3 maps of levels 0-4 and the four strided maps (1x1x1 convolutions
+    and the decoder's transposed maps need none); the forward after it builds nothing, and a forward on
+    fresh voxels builds exactly those nine. Level i's sites are the unique floor(c / 2^i)."""
+    built = _counting_builder(monkeypatch)
+    net = svt.MinkUNet(4, 5, widths=SMALL, blocks=(1, 2, 1, 1, 1, 1, 2, 1)).double()
+    v = _scene(rng)
+    sites = net.build_maps(v)
+    assert sites[0] is v and [s.num_voxels for s in sites] == _levels(v.coords.numpy(), 4)
+    assert all(s.feats is None for s in sites[1:])
+    assert sorted(built) == sorted([((3, 3, 3), (1, 1, 1))] * 5 + [((2, 2, 2), (2, 2, 2))] * 4)
+    logits = net(v)
+    assert len(built) == 9, "the forward built a map build_maps had not"
+    fresh = sv.Voxels(v.coords.clone(), v.feats)
+    torch.testing.assert_close(net(fresh), logits, rtol=0, atol=0)
+    assert len(built) == 18
+
+
+def test_a_step_frees_its_maps_by_reference_counting(rng):
+    """With the cyclic GC off, dropping a step's voxels and outputs frees every map it built (cycles
+    through the level caches would hold a step's maps in GPU memory until the GC ran)."""
+    import gc
+    import weakref
+    net = svt.MinkUNet(4, 5, widths=SMALL, blocks=1).double()
+    v = _scene(rng)
+    gc.collect()
+    gc.disable()
+    try:
+        sites = net.build_maps(v)
+        refs = [weakref.ref(e[0]) for s in sites for e in s._kmaps.values() if isinstance(e, tuple)]
+        assert len(refs) >= 9
+        net(v).sum().backward()
+        del sites, v
+        assert [r for r in refs if r() is not None] == []
+    finally:
+        gc.enable()
+
+
 def test_backward_reaches_every_parameter(rng):
     v = _scene(rng, n=300, extent=10, dtype=torch.float32)
     net = svt.MinkUNet(4, 7)

@@ -22,13 +22,14 @@ SUBM_LEVELS, STRIDED = 5, 4  # maps a MinkUNet builds per step: a SubM map per l
 def _syncs(step) -> tuple[int, dict]:
     """Blocking calls made while ``step`` ran: only those inside its ``record_function`` range count (the
     profiler synchronises the device itself on exit, 2507569's first run counted that one)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with record_function("svx_step"):
             step()
     events = prof.events()
-    (span,) = [e.time_range for e in events if e.name == "svx_step"]
+    (span,) = [e.time_range for e in events if e.name == "svx_step" and e.device_type == DeviceType.CPU]
     names = {}
     for e in events:
         if e.name in SYNC_CALLS and span.start <= e.time_range.start <= span.end:

@@ -1,11 +1,14 @@
 """Models built from :mod:`.layers`: the MinkUNet (SparseResUNet42 of TorchSparse/SPVNAS)."""
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
+import sparsevox as sv
 from sparsevox.unet import DEFAULT_WIDTHS, unet_shape
 
-from .functional import SparseConv3d
+from .functional import SparseConv3d, SpatiallySparseConv
 from .layers import BatchNorm, ResidualBlock, SparseSequential, cat_voxels
 
 __all__ = ["MinkUNet", "DownStage", "UpStage"]
@@ -28,8 +31,9 @@ class DownStage(nn.Module):
         self.blocks = SparseSequential(*[ResidualBlock(c_in if i == 0 else c_out, c_out, **algos)
                                          for i in range(blocks)])
 
-    def forward(self, voxels):
-        return self.blocks(self.down(voxels))
+    def forward(self, voxels, output_voxels=None):
+        """``output_voxels``: the output sites of the strided convolution (:func:`sv.strided_output_voxels`)."""
+        return self.blocks(self.down(voxels, output_voxels))
 
 
 class UpStage(nn.Module):
@@ -92,11 +96,44 @@ class MinkUNet(nn.Module):
         self.decoder = nn.ModuleList(UpStage(w[4 + j], w[5 + j], w[3 - j], b[4 + j], **algos) for j in range(4))
         self.classifier = nn.Linear(w[8], num_classes)
 
+    def build_maps(self, voxels) -> list:
+        """Build every kernel map :meth:`forward` uses on ``voxels`` and wait for them all; returns the
+        sites of levels 0-4 (``voxels``, then feature-less ``Voxels`` of each strided map's outputs, on
+        which the maps of that level are cached). :meth:`forward` calls it first: the host waits for
+        each map's pair counts here, with only map work queued on the device, instead of once per level
+        in the middle of the layers, where each wait drained the convolutions queued before it."""
+        levels = [voxels]
+        for stage in self.encoder:
+            down = stage.down[0]
+            levels.append(sv.strided_output_voxels(levels[-1], down.kernel_size, down.stride, down.dilation))
+        maps = [sv.kernel_map(v, *self._level_down(i)) for i, v in enumerate(levels[:-1])]
+        for v, sites in zip(levels, self._subm_geometries()):
+            maps += [sv.kernel_map(v, ks, 1, dl) for ks, dl in sites]
+        for kmap in maps:
+            kmap.wait()
+        return levels
+
+    def _level_down(self, i: int) -> tuple:
+        down = self.encoder[i].down[0]
+        return down.kernel_size, down.stride, down.dilation
+
+    def _subm_geometries(self) -> list:
+        """Per level 0-4: sorted ``(kernel_size, dilation)`` of its stride-1 convolutions with more than one
+        offset (a 1x1x1 one runs as a matmul, without a map)."""
+        def sites(*modules):
+            return sorted({(m.kernel_size, m.dilation) for mod in modules for m in mod.modules()
+                           if isinstance(m, SpatiallySparseConv) and not m.transposed
+                           and m.stride == (1, 1, 1) and math.prod(m.kernel_size) > 1})
+        # level 0: the stem and the last decoder stage; level i: encoder stage i and decoder stage 3 - i
+        return [sites(self.stem, self.decoder[3])] + [
+            sites(self.encoder[i - 1], *([self.decoder[3 - i]] if i < 4 else [])) for i in range(1, 5)]
+
     def forward(self, voxels):
+        sites = self.build_maps(voxels)
         x = self.stem(voxels)
         levels = [x]
-        for stage in self.encoder:
-            x = stage(x)
+        for stage, out_sites in zip(self.encoder, sites[1:]):
+            x = stage(x, out_sites)
             levels.append(x)
         levels.pop()  # the coarsest level is x itself
         for stage in self.decoder:

@@ -61,12 +61,13 @@ def argsort(keys, bits: int | None = None):
     vals_a, vals_b = None, cupy.empty(n, dtype=cupy.int32)
     for p in range(count):
         shift = np.int32(p * _DIGIT_BITS)
+        mask = np.uint32((1 << min(_DIGIT_BITS, bits - p * _DIGIT_BITS)) - 1)
         last = p == count - 1
-        hist_k((blocks,), (BLOCK,), (keys_a, np.int32(n), shift, hist))
+        hist_k((blocks,), (BLOCK,), (keys_a, np.int32(n), shift, mask, hist))
         scan_k((1,), (SCAN_BLOCK,), (hist, np.int32(hist.size)))
         keys_out = _NULL if last else keys_b
         vals_in = _NULL if vals_a is None else vals_a
-        scatter_k((blocks,), (BLOCK,), (keys_a, vals_in, np.int32(n), shift, hist, keys_out, vals_b))
+        scatter_k((blocks,), (BLOCK,), (keys_a, vals_in, np.int32(n), shift, mask, hist, keys_out, vals_b))
         if not last:
             # the first pass read the caller's keys; later passes ping-pong between two buffers of ours
             keys_a, keys_b = keys_b, (cupy.empty_like(keys) if keys_a is keys else keys_a)
