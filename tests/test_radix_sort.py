@@ -59,7 +59,7 @@ def test_argsort_does_not_wait_for_the_device():
     """Queued behind a kernel that sleeps ~0.5 s on the same stream, the call returns with that work
     still pending (cupy.argsort, which this replaces, would block until the stream drained)."""
     import cupy
-    keys = cupy.arange(50_000, 0, -1, dtype=cupy.uint32)
+    keys = cupy.arange(50_000, 0, -1, dtype=cupy.int64).astype(cupy.uint32)  # (uint32 arange cannot step -1)
     radix_sort.argsort(keys, 16)  # compile first
     cupy.cuda.get_current_stream().synchronize()
     queue_sleep(500_000_000)
