@@ -88,6 +88,22 @@ def test_build_maps_builds_every_map_the_forward_uses(rng, monkeypatch):
     assert len(built) == 18
 
 
+def test_the_map_plan_is_found_once_and_a_replaced_layer_still_runs(rng, monkeypatch):
+    """The level plan is walked from the modules on the first forward only (it cost ~0.5 ms a step); a
+    convolution swapped in later for one of another kernel size is not in it, and builds its own map."""
+    net = svt.MinkUNet(4, 5, widths=SMALL, blocks=1).double()
+    walks = []
+    real = net._find_subm_geometries
+    monkeypatch.setattr(net, "_find_subm_geometries", lambda: walks.append(1) or real())
+    net(_scene(rng)), net(_scene(rng))
+    assert len(walks) == 1
+    old = net.encoder[0].blocks[0].main[0]
+    net.encoder[0].blocks[0].main[0] = svt.SparseConv3d(old.weight.shape[1], old.weight.shape[2], 5,
+                                                         bias=False).double()
+    v = _scene(rng)
+    assert net(v).shape == (v.num_voxels, 5) and len(walks) == 1
+
+
 def test_a_step_frees_its_maps_by_reference_counting(rng):
     """With the cyclic GC off, dropping a step's voxels and outputs frees every map it built (cycles
     through the level caches would hold a step's maps in GPU memory until the GC ran)."""

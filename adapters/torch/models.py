@@ -119,7 +119,14 @@ class MinkUNet(nn.Module):
 
     def _subm_geometries(self) -> list:
         """Per level 0-4: sorted ``(kernel_size, dilation)`` of its stride-1 convolutions with more than one
-        offset (a 1x1x1 one runs as a matmul, without a map)."""
+        offset (a 1x1x1 one runs as a matmul, without a map). Found once (walking the modules took ~0.5 ms
+        per step): a convolution replaced later still builds its own map when it runs, only not up front."""
+        plan = self.__dict__.get("_subm_plan")
+        if plan is None:
+            plan = self.__dict__["_subm_plan"] = self._find_subm_geometries()
+        return plan
+
+    def _find_subm_geometries(self) -> list:
         def sites(*modules):
             return sorted({(m.kernel_size, m.dilation) for mod in modules for m in mod.modules()
                            if isinstance(m, SpatiallySparseConv) and not m.transposed
