@@ -339,6 +339,7 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     twin = _strided_twin(out_v, coords, ks, st, dl) if transposed and not generative else None
     if twin is not None:
         kmap = _swapped(twin, out_v.core_coords()[0], ks, st, dl)
+        _drop_dead(voxels._kmaps)
         voxels._kmaps[key] = (kmap, weakref.ref(out_v))
         return kmap
     out_coords = None
@@ -357,10 +358,22 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     kmap = builder(coords, sorted_in, ks, st, dl, transposed, generative, out_coords, **extra)
     if kmap.ready:  # a pending map remembers itself once its arrays exist
         _remember(kmap)
+    if out_v is not None:
+        _drop_dead(voxels._kmaps)
     voxels._kmaps[key] = (kmap, None if out_v is None else weakref.ref(out_v))
     if raw is not None:
         voxels._kmaps[raw] = voxels._kmaps[key]
     return kmap
+
+
+def _drop_dead(kmaps: dict) -> None:
+    """Drop the entries of a ``Voxels``' map cache whose given output sites have died (their maps with
+    them): a layer given new sites every call (a coords array) would otherwise grow the cache until the
+    input ``Voxels`` dies. Called before each insertion of such an entry (the dicts hold ~10 entries)."""
+    refs = ((k, v[1] if isinstance(v, tuple) else v) for k, v in kmaps.items())
+    dead = [k for k, ref in refs if ref is not None and ref() is None]
+    for k in dead:
+        del kmaps[k]
 
 
 def strided_output_voxels(voxels, kernel_size=2, stride=2, dilation=1):
@@ -383,6 +396,7 @@ def strided_output_voxels(voxels, kernel_size=2, stride=2, dilation=1):
     memo = voxels._kmaps.get(("sites", ks, st, dl))  # the same sites (and their maps) while they live
     out = memo() if memo is not None else None
     if out is None:
+        _drop_dead(voxels._kmaps)
         out = Voxels.from_core_coords(kmap.out_coords, None, voxels.core_coords()[1])
         voxels._kmaps[(ks, st, dl, False, False, id(out))] = (kmap, weakref.ref(out))
         voxels._kmaps[("sites", ks, st, dl)] = weakref.ref(out)

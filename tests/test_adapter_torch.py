@@ -224,29 +224,3 @@ def test_map_first_used_in_inference_mode_still_trains(rng):
     gf, gw = torch.autograd.grad(svt.conv_features(f, w, kmap).sum(), (f, w))
     assert gf.shape == f.shape and gw.shape == w.shape
 
-
-def test_an_inference_cast_of_a_parameter_is_reused_until_the_parameter_changes():
-    """``_cast`` (autocast's weight cast): without grad a parameter's float16 copy is made once and
-    reused; an in-place update (an optimiser step, ``load_state_dict``) or a new dtype makes a new one;
-    with grad, or for a tensor that is not a parameter-like leaf, every call casts afresh."""
-    from sparsevox.adapters.torch import functional as F
-    w = torch.nn.Parameter(torch.randn(27, 4, 5))
-    with torch.no_grad():
-        a = F._cast(w, torch.float16)
-        assert a.dtype == torch.float16 and F._cast(w, torch.float16) is a
-        torch.testing.assert_close(a, w.detach().half())
-        w.mul_(2)
-        b = F._cast(w, torch.float16)
-        assert b is not a
-        torch.testing.assert_close(b, w.detach().half())
-        assert F._cast(w, torch.bfloat16).dtype == torch.bfloat16
-        assert F._cast(w, torch.float16) is not b  # one cast kept per parameter: the latest
-        plain = torch.randn(3, 3)
-        assert F._cast(plain, torch.float16) is not F._cast(plain, torch.float16)
-    with torch.inference_mode():
-        c = F._cast(w, torch.float16)
-    assert not c.is_inference()  # usable by a later no_grad step outside inference mode
-    g = F._cast(w, torch.float16)
-    assert g.requires_grad and g.grad_fn is not None  # with grad: in the graph, never from the cache
-    g.float().sum().backward()
-    assert w.grad is not None

@@ -45,8 +45,8 @@ def test_autocast_runs_in_low_precision(rng, dtype):
 
 
 def test_autocast_inference_follows_an_in_place_weight_update(rng):
-    """The no-grad cast of a parameter is reused across calls (adapters/torch/functional.py: _cast) but
-    not past an in-place change: negated weights give the negated output."""
+    """Under autocast without grad, an in-place change of the weight shows in the next call (negated
+    weights give the negated output): nothing keeps a stale low-precision copy."""
     v, w = _layer(rng)
     w = torch.nn.Parameter(w)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):

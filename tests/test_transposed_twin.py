@@ -48,6 +48,33 @@ def test_other_sites_get_their_own_map(rng):
     assert up.kind == "transposed" and up.num_pairs == down.num_pairs
 
 
+def test_maps_for_given_sites_go_when_the_sites_do(rng):
+    """The cache holds given output sites weakly: maps for sites given as a fresh coords array on every
+    call (each a new ``Voxels``) do not pile up on the input, and a map for live sites stays cached."""
+    fine = sv.Voxels(random_voxels(rng, 300, extent=10, batches=1), None)
+    coarse = sv.strided_output_voxels(fine, 2, 2)
+    for _ in range(5):
+        sv.kernel_map(coarse, 2, 2, transposed=True, output_voxels=fine.coords.copy())
+    given = [k for k in coarse._kmaps if isinstance(k, tuple) and len(k) == 6 and k[5] is not None]
+    assert len(given) <= 1, f"{len(given)} maps for dead sites kept"
+    up = sv.kernel_map(coarse, 2, 2, transposed=True, output_voxels=fine)
+    sv.kernel_map(coarse, 2, 2, transposed=True, output_voxels=fine.coords.copy())
+    assert sv.kernel_map(coarse, 2, 2, transposed=True, output_voxels=fine) is up
+
+
+def test_strided_output_voxels_are_the_strided_layers_sites(rng):
+    """``sv.strided_output_voxels``: the strided map's output sites, the same object while it lives, the
+    map reused when they are given as ``output_voxels`` (no second build); stride 1 is refused by name."""
+    fine = sv.Voxels(random_voxels(rng, 400, extent=12, batches=2), None)
+    sites = sv.strided_output_voxels(fine, 2, 2)
+    down = sv.kernel_map(fine, 2, 2)
+    assert sites.feats is None and sites.core_coords()[0] is down.out_coords
+    assert sv.strided_output_voxels(fine, 2, 2) is sites
+    assert sv.kernel_map(fine, 2, 2, output_voxels=sites) is down
+    with pytest.raises(ValueError, match="stride"):
+        sv.strided_output_voxels(fine, 3, 1)
+
+
 @pytest.mark.gpu
 def test_gpu_twin_tables_are_the_built_ones(rng):
     """On the GPU the swapped map's neighbour tables are the twin's, roles swapped; they must equal the

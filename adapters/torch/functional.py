@@ -12,7 +12,6 @@ import contextvars
 import math
 
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
 import sparsevox as sv
 from sparsevox import _arrays
@@ -371,27 +370,8 @@ def _autocast(*tensors):
     t0 = tensors[0]
     if t0.is_cuda and torch.is_autocast_enabled("cuda"):
         dt = torch.get_autocast_dtype("cuda")
-        return tuple(_cast(t, dt) if t.is_floating_point() else t for t in tensors)
+        return tuple(t.to(dt) if t.is_floating_point() else t for t in tensors)
     return tensors
-
-
-_CASTS = WeakTensorKeyDictionary()  # parameter -> ((version, data_ptr, dtype), its cast)
-
-
-def _cast(t, dt):
-    """``t.to(dt)``; without grad, a parameter's cast (a leaf that requires grad, as torch's autocast cache
-    takes) is kept while the parameter lives and is unchanged: an inference step then skips one cast
-    launch (~20 µs of host time) per convolution. Torch's own cache only lasts one autocast region."""
-    if t.dtype == dt or torch.is_grad_enabled() or not (t.requires_grad and t.is_leaf):
-        return t.to(dt)
-    key = (t._version, t.data_ptr(), dt)
-    hit = _CASTS.get(t)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    with torch.inference_mode(False):  # a normal tensor, usable by a later no_grad step outside inference mode
-        cast = t.detach().to(dt)
-    _CASTS[t] = (key, cast)
-    return cast
 
 
 def _checked(feats, weight, what: str = "weight"):

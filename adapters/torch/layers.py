@@ -96,48 +96,12 @@ class SparseSequential(nn.Sequential):
 class BatchNorm(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` over the features of ``Voxels`` (every voxel of the batch is one sample):
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel. Same arguments and state as
-    ``nn.BatchNorm1d``; returns ``Voxels`` on the input's sites.
-
-    In evaluation, on 16-bit features (a float32 model under autocast) with nothing to differentiate, it
-    is one ``x * scale + shift`` (``torch.addcmul``, float32 arithmetic inside, rounded once) with
-    ``scale``/``shift`` folded from the running statistics once per version of the parameters and
-    buffers: torch's BatchNorm on float16 features and float32 parameters cost ~50 µs more host time per
-    call (issue 19; ``benchmarks/probes/bn_host.py``)."""
+    ``nn.BatchNorm1d``; returns ``Voxels`` on the input's sites."""
 
     takes_voxels = True
 
     def forward(self, voxels):
-        x = voxels.feats
-        if (not self.training and self.running_mean is not None and x.dtype in _HALF and x.ndim == 2
-                and not (torch.is_grad_enabled() and (x.requires_grad or (self.affine and self.weight.requires_grad)))):
-            scale, shift = self._folded(x.dtype, x.device)
-            return voxels.replace(torch.addcmul(shift, x, scale))
-        return voxels.replace(super().forward(x))
-
-    def _folded(self, dtype, device):
-        """``(scale, shift)`` ``[C]`` in ``dtype``: ``weight / sqrt(var + eps)`` and ``bias - mean * scale``,
-        computed in float32 and kept until a parameter or buffer changes (version, storage, dtype)."""
-        parts = (self.running_mean, self.running_var) + ((self.weight, self.bias) if self.affine else ())
-        key = (dtype, device, self.eps) + tuple((t._version, t.data_ptr(), t.dtype) for t in parts)
-        cached = self.__dict__.get("_sv_folded")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.no_grad(), torch.inference_mode(False):
-            inv = torch.rsqrt(self.running_var.float() + self.eps)
-            scale = inv * self.weight.float() if self.affine else inv
-            shift = -self.running_mean.float() * scale
-            if self.affine:
-                shift = shift + self.bias.float()
-            folded = scale.to(device=device, dtype=dtype), shift.to(device=device, dtype=dtype)
-        self.__dict__["_sv_folded"] = (key, folded)
-        return folded
-
-    def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_sv_folded", None)  # .to(), .half(), .cuda() may replace the storage
-        return super()._apply(fn, *args, **kwargs)
-
-
-_HALF = (torch.float16, torch.bfloat16)
+        return voxels.replace(super().forward(voxels.feats))
 
 
 class InstanceNorm(nn.Module):

@@ -119,7 +119,8 @@ class MinkUNet(nn.Module):
 
     def _subm_geometries(self) -> list:
         """Per level 0-4: sorted ``(kernel_size, dilation)`` of its stride-1 convolutions with more than one
-        offset (a 1x1x1 one runs as a matmul, without a map). Found once (walking the modules took ~0.5 ms
+        offset (a 1x1x1 one runs as a matmul, without a map; where it cannot, as with a named algorithm,
+        it builds its map when it runs, as a replaced layer does). Found once (walking the modules took ~0.5 ms
         per step): a convolution replaced later still builds its own map when it runs, only not up front."""
         plan = self.__dict__.get("_subm_plan")
         if plan is None:

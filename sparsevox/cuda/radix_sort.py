@@ -50,6 +50,7 @@ def argsort(keys, bits: int | None = None):
     import cupy
     if bits == 0 or n <= 1:
         return cupy.arange(n, dtype=cupy.int32)
+    keys = cupy.ascontiguousarray(keys)  # the kernels read keys[i] at unit stride (no copy when contiguous)
     from .cuda_loader import get_function
     hist_name, scan_name, scatter_name = _names(_KEY_TYPES[dtype])
     hist_k, scan_k, scatter_k = (get_function("radix_sort", k, _ALL_NAMES)
