@@ -229,6 +229,10 @@ def output_voxels_of(voxels, kmap: KernelMap, out_feats, output_voxels=None):
         return voxels.replace(out_feats)
     if isinstance(output_voxels, Voxels):
         return output_voxels.replace(out_feats)
+    sites = kmap.derived.get("sites")  # made by strided_output_voxels (a plan built their maps ahead)
+    sites = sites() if sites is not None else None
+    if sites is not None and sites.origin == voxels.origin:
+        return sites.replace(out_feats)
     return Voxels.from_core_coords(kmap.out_coords, out_feats, voxels.origin)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import geometry
 from ._arrays import array_module, data_ptr, to_host
+from .map_plan import _RUN as _PLAN_RUN
 
 
 class KernelMap:
@@ -292,6 +293,14 @@ BUILDERS: dict = {}
 
 def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, generative=False,
                output_voxels=None) -> KernelMap:
+    run = _PLAN_RUN.get()  # inside a MapPlan's forward (sparsevox.map_plan): it builds ahead and records
+    if run is not None and output_voxels is None and not transposed and not generative:
+        return run.kernel_map(voxels, kernel_size, stride, dilation)
+    return _kernel_map(voxels, kernel_size, stride, dilation, transposed, generative, output_voxels)
+
+
+def _kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, generative=False,
+                output_voxels=None) -> KernelMap:
     """Build (or fetch from ``voxels``' cache) the kernel map of a sparse convolution.
 
     Args:
@@ -366,6 +375,9 @@ def kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, ge
     return kmap
 
 
+kernel_map.__doc__ = _kernel_map.__doc__
+
+
 def _drop_dead(kmaps: dict) -> None:
     """Drop the entries of a ``Voxels``' map cache whose given output sites have died (their maps with
     them): a layer given new sites every call (a coords array) would otherwise grow the cache until the
@@ -381,7 +393,8 @@ def strided_output_voxels(voxels, kernel_size=2, stride=2, dilation=1):
     now unless cached) as feature-less ``Voxels`` in ``voxels``' array library, ``[M, 4]`` coords.
 
     The map is also cached as the one for those sites given as ``output_voxels``, so the strided layer
-    called with ``output_voxels=`` the result reuses it, its output shares the result's cached maps, and
+    called with or without ``output_voxels=`` the result reuses it, its output shares the result's cached
+    maps (while the result lives), and
     the transposed layer back onto ``voxels`` is the map swapped. A network can so build every level's
     maps before its first layer (``MinkUNet.build_maps``): the host then waits for each map's pair counts
     while the device has only map work queued, not in the middle of the layers, where each wait drained
@@ -400,4 +413,5 @@ def strided_output_voxels(voxels, kernel_size=2, stride=2, dilation=1):
         out = Voxels.from_core_coords(kmap.out_coords, None, voxels.core_coords()[1])
         voxels._kmaps[(ks, st, dl, False, False, id(out))] = (kmap, weakref.ref(out))
         voxels._kmaps[("sites", ks, st, dl)] = weakref.ref(out)
+        kmap.derived["sites"] = weakref.ref(out)  # the strided layer's output shares them (output_voxels_of)
     return out

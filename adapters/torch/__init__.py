@@ -30,11 +30,12 @@ from .layers import (AvgPool3d, BatchNorm, GlobalPool, InstanceNorm, MaxPool3d, 
                      Unpool, cat_voxels)
 from .models import MinkUNet
 from .ops import avg_pool, devoxelize, from_dense, global_pool, max_pool, to_dense, unpool
+from .plan import plan_maps
 from .tune import tune_model
 
 __all__ = list(functional.__all__) + list(ops.__all__) + [
     "SparseSequential", "BatchNorm", "InstanceNorm", "ResidualBlock", "cat_voxels", "MaxPool3d", "AvgPool3d",
-    "GlobalPool", "Unpool", "MinkUNet", "tune_model"]
+    "GlobalPool", "Unpool", "MinkUNet", "tune_model", "plan_maps"]
 
 
 def __getattr__(name):

@@ -135,7 +135,8 @@ def strided_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape, in
     ``geom``, its transposed twin found by the decoder) once the inputs are checked to lie in the grid."""
     if in_shape is not None and _tiles_grid(geom, ksize, stride, padding, dilation, in_shape):
         kmap = sv.kernel_map(geom, ksize, stride, dilation)
-        out_geom = sv.Voxels.from_core_coords(kmap.out_coords, None, geom.origin)  # sorted (batch, x, y, z)
+        # sorted (batch, x, y, z); the same sites object while it lives, so maps a plan built on it are found
+        out_geom = sv.strided_output_voxels(geom, ksize, stride, dilation)
         return kmap, out_geom.coords, out_geom
     rows = geom.coords
     outs = out_rows(rows, ksize, stride, padding, dilation, out_shape, False)

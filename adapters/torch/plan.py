@@ -1,0 +1,42 @@
+"""``plan_maps(model)``: a model's kernel maps built before its first layer on every forward after the
+first (:mod:`sparsevox.map_plan`)."""
+from __future__ import annotations
+
+from torch import nn
+
+from sparsevox.map_plan import MapPlan
+
+__all__ = ["plan_maps"]
+
+
+def plan_maps(model: nn.Module) -> nn.Module:
+    """Give ``model`` a :class:`sparsevox.map_plan.MapPlan`: its first forward records which kernel maps
+    its layers ask for; every later forward (a new scan) builds them all, and waits for their pair
+    counts, at the first map request, while the device has only map work queued. Without it each map's
+    wait comes behind the convolutions already queued, draining the device once per level. Results are
+    the same; maps the plan does not cover are built when asked. Works for native layers and
+    ``sparsevox.compat.spconv`` models; ``MinkUNet`` builds its maps itself (``build_maps``).
+
+    Returns ``model`` (forward hooks added; ``model._sv_map_plan`` is the plan). Calling it twice is a
+    no-op. Example::
+
+        net = svt.plan_maps(MyUNet(...)).cuda()
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if "_sv_map_plan" in model.__dict__:
+        return model
+    plan = model.__dict__["_sv_map_plan"] = MapPlan()
+    scopes = []  # one per forward in flight on this module (a re-entrant forward nests)
+
+    def enter(module, args):
+        scope = plan.forward()
+        scope.__enter__()
+        scopes.append(scope)
+
+    def leave(module, args, output):
+        scopes.pop().__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)
+    return model
