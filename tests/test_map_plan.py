@@ -115,3 +115,17 @@ def test_a_planned_spconv_api_model_builds_its_maps_at_its_first_layer(rng, buil
             ref = plain(tensor(c, f))
             torch.testing.assert_close(out.features, ref.features, rtol=0, atol=0)
             assert torch.equal(out.indices, ref.indices)
+
+
+def test_a_planned_model_pickles_and_a_copy_has_its_own_plan(rng, tmp_path):
+    net = svt.plan_maps(_two_level_net())
+    with torch.no_grad():
+        net(sv.Voxels(*_scene(rng)))
+    twin = copy.deepcopy(net)
+    assert twin._sv_map_plan is not net._sv_map_plan and twin._sv_map_plan.steps == net._sv_map_plan.steps
+    torch.save(net, tmp_path / "net.pt")
+    back = torch.load(tmp_path / "net.pt", weights_only=False)
+    v = sv.Voxels(*_scene(rng))
+    with torch.no_grad():
+        torch.testing.assert_close(back(v).feats, net(v).feats, rtol=0, atol=0)
+    assert back._sv_map_plan.steps == net._sv_map_plan.steps

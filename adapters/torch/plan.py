@@ -26,17 +26,28 @@ def plan_maps(model: nn.Module) -> nn.Module:
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if "_sv_map_plan" in model.__dict__:
         return model
-    plan = model.__dict__["_sv_map_plan"] = MapPlan()
-    scopes = []  # one per forward in flight on this module (a re-entrant forward nests)
-
-    def enter(module, args):
-        scope = plan.forward()
-        scope.__enter__()
-        scopes.append(scope)
-
-    def leave(module, args, output):
-        scopes.pop().__exit__(None, None, None)
-
-    model.register_forward_pre_hook(enter)
-    model.register_forward_hook(leave, always_call=True)
+    hooks = _PlanHooks()
+    model.__dict__["_sv_map_plan"] = hooks.plan
+    model.register_forward_pre_hook(hooks.enter)
+    model.register_forward_hook(hooks.leave, always_call=True)
     return model
+
+
+class _PlanHooks:
+    """The forward hooks of a planned model: an object, not closures, so the model still pickles
+    (``torch.save(model)``) and a deep copy gets a plan of its own."""
+
+    def __init__(self):
+        self.plan = MapPlan()
+        self.scopes = []  # one per forward in flight on the model (a re-entrant forward nests)
+
+    def enter(self, module, args):
+        scope = self.plan.forward()
+        scope.__enter__()
+        self.scopes.append(scope)
+
+    def leave(self, module, args, output):
+        self.scopes.pop().__exit__(None, None, None)
+
+    def __getstate__(self):
+        return {"plan": self.plan, "scopes": []}
