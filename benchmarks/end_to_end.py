@@ -101,6 +101,8 @@ def parse_args(argv):
     ap.add_argument("--no-peer", action="store_true", help="do not run spconv even when importable")
     ap.add_argument("--no-compat", action="store_true",
                     help="no row for the spconv-API MinkUNet on sparsevox.compat.spconv")
+    ap.add_argument("--plan-compat", action="store_true",
+                    help="give the spconv-API MinkUNet a map plan (sparsevox.adapters.torch.plan_maps)")
     ap.add_argument("--widths", nargs=9, type=int, default=None, help="MinkUNet widths (default SparseResUNet42)")
     ap.add_argument("--out", default=str(provenance.REPO / "benchmarks" / "results"), help="output folder")
     ap.add_argument("--stem", default=None, help="file-name stem (default <date>-<gpu>-<commit>)")
@@ -479,7 +481,8 @@ def document(run: Run) -> dict:
         "what": "end_to_end",
         "settings": {"device": run.device, "quick": run.quick, "warmup": run.warmup, "steps": run.steps,
                      "modes": run.modes, "widths": list(run.widths), "num_classes": NUM_CLASSES,
-                     "tf32": bool(sparsevox.allow_tf32()), "sparsevox": sparsevox.__version__,
+                     "tf32": bool(sparsevox.allow_tf32()), "plan_compat": bool(run.args.plan_compat),
+                     "sparsevox": sparsevox.__version__,
                      "torch": torch.__version__, "python": sys.version.split()[0],
                      "step": "points -> torch voxelisation -> fresh Voxels / SparseConvTensor -> model "
                              "(-> loss, backward, SGD step)",
@@ -548,6 +551,9 @@ def run_scene(run: Run, name: str) -> None:
     if run.compat is not None:  # issue 21: the spconv-API model on sparsevox, same weights
         try:
             compat_model = libs.build_compat().to(run.device)
+            if run.args.plan_compat:
+                from sparsevox.adapters.torch import plan_maps
+                plan_maps(compat_model)
             spm.load_from_sparsevox(compat_model, sv_model)
             with torch.no_grad():
                 compat_model.eval()

@@ -20,9 +20,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def test_cpu_quick_smoke_run_writes_design_records(tmp_path):
-    rc = end_to_end.main(["--cpu", "--quick", "--out", str(tmp_path), "--stem", "2000-01-01-cpu-test"])
+    rc = end_to_end.main(["--cpu", "--quick", "--out", str(tmp_path), "--stem", "2000-01-01-cpu-test",
+                          "--plan-compat"])
     assert rc == 0
     doc = json.loads((tmp_path / "2000-01-01-cpu-test-end_to_end.json").read_text())
+    assert doc["settings"]["plan_compat"] is True  # the spconv-API model ran with a map plan
     for key in ("device", "date", "commit", "records", "autotune", "settings"):
         assert key in doc
     assert [r["op"] for r in doc["records"]] == ["minkunet_fp32_infer", "minkunet_fp32_train"]
