@@ -37,18 +37,21 @@ class MapPlan:
 
     @contextlib.contextmanager
     def forward(self):
-        """The scope of one forward: records the plan on the first, replays it on the later ones. Inside
-        another plan's forward it does nothing (the outer plan sees every request)."""
+        """The scope of one forward: records the plan on the first that returns, replays it on the later
+        ones. Inside another plan's forward it does nothing (the outer plan sees every request). The run
+        lives in a context variable: forwards in other threads have their own."""
         if _RUN.get() is not None:
             yield
             return
         run = _Run(self)
         token = _RUN.set(run)
+        done = False
         try:
             yield
+            done = True
         finally:
             _RUN.reset(token)
-            run.finish()
+            run.finish(done)
 
 
 class _Run:
@@ -122,7 +125,8 @@ class _Run:
             kmap.wait()
         self.keep.append(levels)  # the sites stay alive (their maps cached on them) for this forward
 
-    def finish(self) -> None:
-        if self.recording:
+    def finish(self, done: bool) -> None:
+        """``done``: the forward returned (a forward that raised records nothing: the next one records)."""
+        if self.recording and done:
             self.plan.steps = self.steps
         self.keep.clear()

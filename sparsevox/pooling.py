@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from . import geometry
 from ._arrays import array_module, from_core, on_caller_stream, to_core, to_host
+from .conv import output_voxels_of
 from .kernel_map import KernelMap, kernel_map
 from .segments import (Segments, batch_segments, check_feats, gather_segments, segment_max, segment_routed_sum,
                        segment_sum)
@@ -179,10 +180,7 @@ def _pool(voxels, kernel_size, stride, op: str):
     with on_caller_stream(origin):
         pmap = pool_map(kmap)
         out = max_pool_forward(feats, pmap)[0] if op == "max_pool" else avg_pool_forward(feats, pmap)
-    out = from_core(out, origin)
-    if kmap.kind == "submanifold":
-        return voxels.replace(out)
-    return Voxels.from_core_coords(kmap.out_coords, out, voxels.origin)
+    return output_voxels_of(voxels, kmap, from_core(out, origin))
 
 
 def max_pool(voxels, kernel_size=2, stride=None) -> Voxels:

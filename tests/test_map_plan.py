@@ -66,13 +66,68 @@ def test_a_planned_forward_builds_every_map_at_its_first_layer(rng, built):
     assert map_plan._RUN.get() is None
 
 
-def test_a_forward_that_raises_leaves_no_plan_active(rng):
+def test_a_forward_that_raises_leaves_no_plan_active_and_records_nothing(rng, built):
+    """A first forward that raises (a wrong channel count; a KeyboardInterrupt from a layer) records no
+    plan and leaves none active; the next forward records the whole plan, and the one after replays it."""
     net = svt.plan_maps(_two_level_net())
     with pytest.raises(ValueError):
-        net(sv.Voxels(*_scene(rng, c=5)))  # wrong channel count
-    assert map_plan._RUN.get() is None
-    net(sv.Voxels(*_scene(rng)))
-    assert net._sv_map_plan.steps
+        net(sv.Voxels(*_scene(rng, c=5)))
+    assert map_plan._RUN.get() is None and net._sv_map_plan.steps is None
+    stop = net[3].register_forward_hook(lambda m, a, o: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        net(sv.Voxels(*_scene(rng)))
+    stop.remove()
+    assert map_plan._RUN.get() is None and net._sv_map_plan.steps is None
+    with torch.no_grad():
+        net(sv.Voxels(*_scene(rng)))
+        assert len(net._sv_map_plan.steps) == 5
+        seen = _builds_at_first_layer(net[0], built)
+        built.clear()
+        net(sv.Voxels(*_scene(rng)))
+        assert seen == [5] and len(built) == 5
+
+
+def test_planned_forwards_in_two_threads_each_have_their_own_run(rng):
+    import threading
+    net = svt.plan_maps(_two_level_net())
+    plain = copy.deepcopy(net)
+    scenes = [_scene(rng) for _ in range(4)]
+    with torch.no_grad():
+        net(sv.Voxels(*scenes[0]))  # recorded
+        want = [plain(sv.Voxels(*s)).feats for s in scenes]
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for j in (i, i + 2):
+                    got[j] = net(sv.Voxels(*scenes[j])).feats
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors, errors
+    for j in range(4):
+        torch.testing.assert_close(got[j], want[j], rtol=0, atol=0)
+
+
+def test_maps_after_a_pooling_layer_are_planned_too(rng, built):
+    """Pooled outputs share the sites a plan built their level's maps on: conv, max pool, conv, max
+    pool, conv builds five maps per forward, all at the first layer, as without a plan."""
+    conv = svt.SparseConv3d
+    net = svt.SparseSequential(conv(4, 8, 3, bias=False), svt.MaxPool3d(2), conv(8, 8, 3, bias=False),
+                               svt.MaxPool3d(2), conv(8, 8, 3, bias=False)).double()
+    plain = copy.deepcopy(net)
+    svt.plan_maps(net)
+    seen = _builds_at_first_layer(net[0], built)
+    with torch.no_grad():
+        net(sv.Voxels(*_scene(rng)))
+        built.clear()
+        v = sv.Voxels(*_scene(rng))
+        out = net(v)
+        assert len(built) == 5 and seen[-1] == 5
+        torch.testing.assert_close(out.feats, plain(v).feats, rtol=0, atol=0)
 
 
 def test_plan_maps_refuses_what_is_not_a_module():

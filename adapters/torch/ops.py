@@ -25,6 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from sparsevox import _arrays, dense as _dense, geometry, pooling, points as _points
+from sparsevox.conv import output_voxels_of
 from sparsevox.kernel_map import kernel_map
 from sparsevox.voxels import Voxels
 
@@ -86,10 +87,7 @@ def _pool(voxels, kernel_size, stride, function, core_op):
     kmap = kernel_map(voxels, ks, st)
     with _arrays.on_caller_stream(voxels.origin):
         pmap = pooling.pool_map(kmap)
-    out = function.apply(voxels.feats, pmap)
-    if kmap.kind == "submanifold":
-        return voxels.replace(out)
-    return Voxels.from_core_coords(kmap.out_coords, out, voxels.origin)
+    return output_voxels_of(voxels, kmap, function.apply(voxels.feats, pmap))
 
 
 def max_pool(voxels, kernel_size=2, stride=None) -> Voxels:

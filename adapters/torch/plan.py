@@ -17,37 +17,30 @@ def plan_maps(model: nn.Module) -> nn.Module:
     the same; maps the plan does not cover are built when asked. Works for native layers and
     ``sparsevox.compat.spconv`` models; ``MinkUNet`` builds its maps itself (``build_maps``).
 
-    Returns ``model`` (forward hooks added; ``model._sv_map_plan`` is the plan). Calling it twice is a
-    no-op. Example::
+    Returns ``model`` (its ``forward`` wrapped; ``model._sv_map_plan`` is the plan). Calling it twice is
+    a no-op. Example::
 
         net = svt.plan_maps(MyUNet(...)).cuda()
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if "_sv_map_plan" in model.__dict__:
+    if isinstance(model.__dict__.get("forward"), _PlannedForward):
         return model
-    hooks = _PlanHooks()
-    model.__dict__["_sv_map_plan"] = hooks.plan
-    model.register_forward_pre_hook(hooks.enter)
-    model.register_forward_hook(hooks.leave, always_call=True)
+    planned = _PlannedForward(model)
+    model.__dict__["_sv_map_plan"] = planned.plan
+    model.forward = planned
     return model
 
 
-class _PlanHooks:
-    """The forward hooks of a planned model: an object, not closures, so the model still pickles
-    (``torch.save(model)``) and a deep copy gets a plan of its own."""
+class _PlannedForward:
+    """``model.forward`` inside its plan's scope: a ``with`` around the class's forward, so any exception
+    (a KeyboardInterrupt too) ends the scope, and forwards in several threads each have their own run. An
+    object rather than a closure, so the model still pickles and a deep copy gets a plan of its own."""
 
-    def __init__(self):
+    def __init__(self, module: nn.Module):
+        self.module = module
         self.plan = MapPlan()
-        self.scopes = []  # one per forward in flight on the model (a re-entrant forward nests)
 
-    def enter(self, module, args):
-        scope = self.plan.forward()
-        scope.__enter__()
-        self.scopes.append(scope)
-
-    def leave(self, module, args, output):
-        self.scopes.pop().__exit__(None, None, None)
-
-    def __getstate__(self):
-        return {"plan": self.plan, "scopes": []}
+    def __call__(self, *args, **kwargs):
+        with self.plan.forward():
+            return type(self.module).forward(self.module, *args, **kwargs)
