@@ -170,6 +170,26 @@ def test_mask_key_weights_put_the_rarest_offsets_first():
     assert len(set(w[w > 0].tolist())) == 63  # one bit each: keys stay exact in int64
 
 
+def test_mask_key_bits_are_the_stable_argsort_ranks(rng):
+    """``mask_key_bits`` against its definition in NumPy (a stable argsort of the pair counts, zero counts
+    dropped, the 63 rarest kept), on random counts with zeros and ties, K up to 125, whole and parts."""
+    from types import SimpleNamespace
+
+    from sparsevox.algorithms import implicit_gemm as ig
+    for _ in range(200):
+        k = int(rng.choice([8, 27, 125]))
+        counts = rng.integers(0, 4, k) * rng.integers(0, 3, k)  # zeros and many ties
+        km = SimpleNamespace(offsets_host=np.cumsum(np.r_[0, counts]).astype(np.int64), num_offsets=k)
+        k0 = int(rng.integers(0, k))
+        k1 = int(rng.integers(k0 + 1, k + 1))
+        part = counts[k0:k1]
+        rank = [j for j in np.argsort(part, kind="stable") if part[j] > 0][:63]
+        want = np.full(k1 - k0, -1)
+        want[rank] = np.arange(len(rank) - 1, -1, -1)
+        bit, used = ig.mask_key_bits(km, k0, k1)
+        assert bit == want.tolist() and used == len(rank)
+
+
 def _csr_table(kmap, reverse):
     """``[K, rows]`` host neighbour table scattered from the CSR pairs (the reference)."""
     ins, outs, o = kmap.in_maps.get(), kmap.out_maps.get(), np.asarray(kmap.offsets_host)
