@@ -59,6 +59,8 @@ class _Run:
     request. Holds the sites and arrays it refers to by identity until the forward ends."""
 
     def __init__(self, plan: MapPlan):
+        from .kernel_map import _kernel_map  # (here, once per forward: kernel_map imports this module)
+        self.build = _kernel_map
         self.plan = plan
         self.recording = plan.steps is None
         self.steps: list = []
@@ -69,11 +71,10 @@ class _Run:
         self.replayed = False
 
     def kernel_map(self, voxels, kernel_size, stride, dilation):
-        from .kernel_map import _kernel_map
         if not self.recording and not self.replayed:
             self.replayed = True
             self._replay(voxels)
-        kmap = _kernel_map(voxels, kernel_size, stride, dilation, False, False, None)
+        kmap = self.build(voxels, kernel_size, stride, dilation, False, False, None)
         if self.recording:
             self._record(voxels, kernel_size, stride, dilation, kmap)
         return kmap
@@ -111,14 +112,14 @@ class _Run:
         self.steps.append((level,) + args + (out_level,))
 
     def _replay(self, voxels) -> None:
-        from .kernel_map import _kernel_map, strided_output_voxels
+        from .kernel_map import strided_output_voxels
         levels = {0: voxels}
         maps = []
         for level, ks, st, dl, out_level in self.plan.steps:
             src = levels.get(level)
             if src is None:
                 continue
-            maps.append(_kernel_map(src, ks, st, dl, False, False, None))
+            maps.append(self.build(src, ks, st, dl, False, False, None))
             if out_level is not None and maps[-1].kind == "strided":
                 levels[out_level] = strided_output_voxels(src, ks, st, dl)
         for kmap in maps:

@@ -81,12 +81,9 @@ class SparseSequential(nn.Sequential):
 
     takes_voxels = True
 
-    def forward(self, voxels, output_voxels=None):
-        """``output_voxels`` (optional) goes to the first module (a convolution's output sites)."""
+    def forward(self, voxels):
         for module in self:
-            if output_voxels is not None:
-                voxels, output_voxels = module(voxels, output_voxels=output_voxels), None
-            elif takes_voxels(module) or not isinstance(voxels, Voxels):
+            if takes_voxels(module) or not isinstance(voxels, Voxels):
                 voxels = module(voxels)
             else:
                 voxels = voxels.replace(module(voxels.feats))

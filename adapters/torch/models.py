@@ -31,9 +31,8 @@ class DownStage(nn.Module):
         self.blocks = SparseSequential(*[ResidualBlock(c_in if i == 0 else c_out, c_out, **algos)
                                          for i in range(blocks)])
 
-    def forward(self, voxels, output_voxels=None):
-        """``output_voxels``: the output sites of the strided convolution (:func:`sv.strided_output_voxels`)."""
-        return self.blocks(self.down(voxels, output_voxels))
+    def forward(self, voxels):
+        return self.blocks(self.down(voxels))
 
 
 class UpStage(nn.Module):
@@ -99,7 +98,8 @@ class MinkUNet(nn.Module):
     def build_maps(self, voxels) -> list:
         """Build every kernel map :meth:`forward` uses on ``voxels`` and wait for them all; returns the
         sites of levels 0-4 (``voxels``, then feature-less ``Voxels`` of each strided map's outputs, on
-        which the maps of that level are cached). :meth:`forward` calls it first: the host waits for
+        which the maps of that level are cached; each strided layer's output shares its level's sites
+        while they live, see ``sv.strided_output_voxels``). :meth:`forward` calls it first: the host waits for
         each map's pair counts here, with only map work queued on the device, instead of once per level
         in the middle of the layers, where each wait drained the convolutions queued before it."""
         levels = [voxels]
@@ -137,11 +137,12 @@ class MinkUNet(nn.Module):
             sites(self.encoder[i - 1], *([self.decoder[3 - i]] if i < 4 else [])) for i in range(1, 5)]
 
     def forward(self, voxels):
-        sites = self.build_maps(voxels)
+        # kept for the forward: each strided layer's output shares its level's sites, and the maps on them
+        sites = self.build_maps(voxels)  # noqa: F841
         x = self.stem(voxels)
         levels = [x]
-        for stage, out_sites in zip(self.encoder, sites[1:]):
-            x = stage(x, out_sites)
+        for stage in self.encoder:
+            x = stage(x)
             levels.append(x)
         levels.pop()  # the coarsest level is x itself
         for stage in self.decoder:
