@@ -482,6 +482,7 @@ def document(run: Run) -> dict:
         "settings": {"device": run.device, "quick": run.quick, "warmup": run.warmup, "steps": run.steps,
                      "modes": run.modes, "widths": list(run.widths), "num_classes": NUM_CLASSES,
                      "tf32": bool(sparsevox.allow_tf32()), "plan_compat": bool(run.args.plan_compat),
+                     "sort_rows": sparsevox.config.sort_rows(),
                      "sparsevox": sparsevox.__version__,
                      "torch": torch.__version__, "python": sys.version.split()[0],
                      "step": "points -> torch voxelisation -> fresh Voxels / SparseConvTensor -> model "

@@ -16,3 +16,40 @@ def allow_tf32(enabled: bool | None = None) -> bool:
     if enabled is not None:
         _tf32 = bool(enabled)
     return _tf32
+
+
+_SORT_CHOICES = {"auto": "auto", "1": True, "true": True, "yes": True, "always": True,
+                 "0": False, "false": False, "no": False, "never": False}
+
+
+def _sort_from_env():
+    raw = os.environ.get("SPARSEVOX_SORT_ROWS", "auto").strip().lower()
+    if raw not in _SORT_CHOICES:
+        raise ValueError(f"SPARSEVOX_SORT_ROWS must be one of auto, 1, 0 (always, never), got {raw!r}")
+    return _SORT_CHOICES[raw]
+
+
+_sort_rows = _sort_from_env()
+
+
+def sort_rows(enabled=None, dtype_name: str | None = None) -> bool | str:
+    """Get, or set with ``enabled`` (True, False or ``"auto"``), whether IMPLICIT_GEMM orders a map's rows
+    by neighbour bitmask before tiling (the slot sort of :func:`sparsevox.algorithms.implicit_gemm.slot_table`).
+
+    With ``dtype_name``: the decision for that dtype. ``"auto"`` (the default, or the environment
+    variable ``SPARSEVOX_SORT_ROWS=auto|1|0``) sorts for the SIMT dtypes (float32, float64) only: a sort
+    costs ~0.3-0.5 ms of host time per fresh map (keys, a radix sort of ~12 launches, a gather), which a
+    float16 network step, bound by the host, pays in full, while it saves only tens of microseconds of
+    tensor-core time per layer; the exact SIMT kernels are bound by the device, where the sort's saved
+    multiply-adds pay.
+    """
+    global _sort_rows
+    if enabled is not None:
+        if enabled != "auto" and not isinstance(enabled, bool):
+            raise ValueError(f"enabled must be True, False or 'auto', got {enabled!r}")
+        _sort_rows = enabled
+    if dtype_name is None:
+        return _sort_rows
+    if _sort_rows == "auto":
+        return dtype_name not in ("float16", "bfloat16")
+    return _sort_rows

@@ -85,8 +85,9 @@ def test_k2s2_maps_in_csr_order_match_oracle(rng, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_every_tile_and_split_matches_oracle(rng, dtype):
-    """All parameter combinations the autotuner may pick, on a scene with many tiles and chunks."""
+def test_every_tile_and_split_matches_oracle(rng, dtype, sorted_rows):
+    """All parameter combinations the autotuner may pick (with sorted rows: splits too), on a scene with
+    many tiles and chunks."""
     from sparsevox.algorithms import implicit_gemm as ig
     case = quantised_case(rng, "submanifold", 128, 128, dtype, n=3000, extent=18)
     fwd = ig.fwd_params(dtype, 128)
@@ -104,7 +105,7 @@ def test_mask_split_matches_oracle(rng, kind, dtype, split):
     """Offsets in 2 or 3 passes, each sorted by its own bitmask, later passes adding into the
     NaN-poisoned output the first pass wrote: forward and dgrad against the oracle, odd channels."""
     case = quantised_case(rng, kind, 17, 130, dtype)
-    _check_all_directions(rng, case, dtype, {"mask_split": split})
+    _check_all_directions(rng, case, dtype, {"mask_split": split, "sort_rows": True})
 
 
 def test_mask_split_argument_range():
@@ -116,11 +117,40 @@ def test_mask_split_argument_range():
     with pytest.raises(ValueError, match="mask_split must be in"):
         ig._check_split(28, SimpleNamespace(num_offsets=27))
     assert ig._check_split(2, SimpleNamespace(num_offsets=27)) == 2
+
+
+def test_mask_split_candidates(sorted_rows):
+    from sparsevox.algorithms import implicit_gemm as ig
     assert [p.get("mask_split", 1) for p in ig.fwd_params("float16", 64, 27)].count(2) > 0
     assert all("mask_split" not in p for p in ig.fwd_params("float16", 64, 8))
     assert {p.get("mask_split", 1) for p in ig.fwd_params("float16", 64, 27)} == {1, 2}
     assert {p.get("mask_split", 1) for p in ig.fwd_params("float16", 128, 27)} == {1, 2}
     assert {p.get("mask_split", 1) for p in ig.fwd_params("float32", 128, 27)} == {1, 2, 3}
+
+
+def test_no_mask_split_candidates_on_unsorted_rows():
+    """A split's passes pay only through their own slot sorts: without sorting (the float16 default) the
+    tuner is not offered them; float32 still sorts by default and keeps them."""
+    from sparsevox import config
+    from sparsevox.algorithms import implicit_gemm as ig
+    before = config.sort_rows()
+    try:
+        config.sort_rows("auto")
+        assert all("mask_split" not in p for p in ig.fwd_params("float16", 128, 27))
+        assert {p.get("mask_split", 1) for p in ig.fwd_params("float32", 128, 27)} == {1, 2, 3}
+        config.sort_rows(False)
+        assert all("mask_split" not in p for p in ig.fwd_params("float32", 128, 27))
+    finally:
+        config.sort_rows(before)
+
+
+@pytest.fixture
+def sorted_rows():
+    from sparsevox import config
+    before = config.sort_rows()
+    config.sort_rows(True)
+    yield
+    config.sort_rows(before)
 
 
 @pytest.mark.gpu

@@ -537,10 +537,18 @@ def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, stag
         out.fill(0)
         return out
     vec = _vec_ok(dt, c_a, c_b, src, weight_kcn)
-    prep = _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec,
+    prep = _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, _sorted(sort_rows, dt), stage_nbr, vec,
                                 src.device.id, variant, _check_split(mask_split, kmap), flip_b)
     prep.launch(src.data.ptr, weight_kcn.data.ptr, out.data.ptr)
     return out
+
+
+def _sorted(sort_rows, dtype_name: str) -> bool:
+    """``sort_rows`` as given, or when None the process-wide choice for the dtype (:mod:`sparsevox.config`)."""
+    if sort_rows is None:
+        from ..config import sort_rows as policy
+        return bool(policy(dtype_name=dtype_name))
+    return bool(sort_rows)
 
 
 def _check_split(mask_split, kmap) -> int:
@@ -550,11 +558,12 @@ def _check_split(mask_split, kmap) -> int:
     return m
 
 
-def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, stage_nbr=False,
+def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=None, stage_nbr=False,
             out=None, variant=None, mask_split=1):
     """``out [num_out, C_out] = sum_k gather(feats, in_k) @ weight[k]`` scattered to ``out_k``.
 
-    ``sort_rows``: process output rows grouped by neighbour bitmask (fewer skipped-offset misses).
+    ``sort_rows``: process output rows grouped by neighbour bitmask (fewer skipped-offset misses); None:
+    :func:`sparsevox.config.sort_rows` for the dtype.
     ``stage_nbr``: stage the tile's neighbour rows in shared memory once and let warps skip offsets
     their slice lacks (measured v3: no gain on the H100, the extra shared memory costs occupancy; off).
     ``out``: optional preallocated result (every element is written; tests pass it poisoned).
@@ -569,7 +578,7 @@ def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort
                         mask_split)
 
 
-def dgrad(grad_out, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=True, stage_nbr=False,
+def dgrad(grad_out, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=None, stage_nbr=False,
           out=None, mask_split=1):
     """``grad_feats [num_in, C_in]``: the forward kernel on the reverse map with ``weight[k]^T``.
 
@@ -656,7 +665,7 @@ def prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params) -> La
         t, chunk = _wgrad_setup(dtype_name, c_in, c_out, kmap.num_pairs, device_id,
                                 params.get("gemm_block_size"), params.get("split_k_factor"))
         return _prepare_wgrad(dtype_name, c_in, c_out, kmap, kmap.num_offsets, t, chunk, vec, device_id)
-    sort_rows, stage_nbr = params.get("sort_rows", True), params.get("stage_nbr", False)
+    sort_rows, stage_nbr = _sorted(params.get("sort_rows"), dtype_name), params.get("stage_nbr", False)
     split = _check_split(params.get("mask_split", 1), kmap)
     if direction == "fwd":
         bm, bn = _tile(dtype_name, c_out, params.get("fwd_block_size"), params.get("gemm_block_size"))
@@ -680,8 +689,8 @@ MASK_SPLIT_3_MIN_C = 128
 def fwd_params(dtype_name: str, c_out: int, num_offsets: int = 27) -> list[dict]:
     cap = max(32, _pow2ceil(c_out))
     tiles = [{"fwd_block_size": bm, "gemm_block_size": bn} for (bm, bn) in sorted(tiles_for(dtype_name)) if bn <= cap]
-    if num_offsets < MASK_SPLIT_MIN_K:
-        return tiles
+    if num_offsets < MASK_SPLIT_MIN_K or not _sorted(None, dtype_name):
+        return tiles  # a split's passes pay only through their own slot sorts
     splits = (2, 3) if c_out >= MASK_SPLIT_3_MIN_C and not is_tc(dtype_name) else (2,)
     return tiles + [dict(t, mask_split=s) for s in splits for t in tiles]
 

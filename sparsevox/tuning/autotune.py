@@ -87,7 +87,14 @@ def cache_key(problem) -> str:
     if _version_key is None:
         from .. import __version__
         _version_key = f"sparsevox {__version__}|check {CHECK_VERSION}"
-    return f"{problem.key()}|{_version_key}"
+    return f"{problem.key()}{_rows_key(problem)}|{_version_key}"
+
+
+def _rows_key(problem) -> str:
+    """``|unsorted`` when IMPLICIT_GEMM will not sort this problem's rows (:func:`sparsevox.config.sort_rows`):
+    the best tile differs, and a mask split, which only pays on sorted rows, is not a candidate then."""
+    from ..config import sort_rows
+    return "" if problem.device != "gpu" or sort_rows(dtype_name=problem.dtype) else "|unsorted"
 
 
 _verbose_handler = None

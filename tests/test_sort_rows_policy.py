@@ -1,0 +1,64 @@
+"""The process-wide slot-sort switch (sparsevox.config.sort_rows): values, the environment variable, the
+per-dtype decision, and that the autotune key says when rows are not sorted."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sparsevox import config
+from sparsevox.tuning import autotune
+from sparsevox.tuning.problem import Problem
+
+
+@pytest.fixture
+def restore():
+    before = config.sort_rows()
+    yield
+    config.sort_rows(before)
+
+
+def _problem(dtype, device="gpu"):
+    return Problem("conv", "fwd", device, dtype, 1000, 1000, 32, 32, 27, (1, 1, 1), "submanifold", "H200")
+
+
+def test_auto_sorts_only_simt_dtypes(restore):
+    config.sort_rows("auto")
+    assert [config.sort_rows(dtype_name=d) for d in ("float16", "bfloat16", "float32", "float64")] == \
+        [False, False, True, True]
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_forced_value_applies_to_every_dtype(restore, value):
+    config.sort_rows(value)
+    assert config.sort_rows() is value
+    assert {config.sort_rows(dtype_name=d) for d in ("float16", "float32")} == {value}
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, 2.0])
+def test_bad_value_is_a_value_error(restore, bad):
+    with pytest.raises(ValueError, match="enabled must be True, False or 'auto'"):
+        config.sort_rows(bad)
+
+
+def test_cache_key_marks_unsorted_gpu_problems(restore):
+    config.sort_rows("auto")
+    assert "|unsorted|" in autotune.cache_key(_problem("float16"))
+    assert "|unsorted|" not in autotune.cache_key(_problem("float32"))
+    assert "|unsorted|" not in autotune.cache_key(_problem("float16", device="cpu"))
+    config.sort_rows(True)
+    assert "|unsorted|" not in autotune.cache_key(_problem("float16"))
+
+
+@pytest.mark.parametrize("env,want", [("0", "False"), ("never", "False"), ("1", "True"), ("auto", "auto")])
+def test_environment_variable(env, want):
+    code = "from sparsevox import config; print(config.sort_rows())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "SPARSEVOX_SORT_ROWS": env})
+    assert out.stdout.strip() == want
+
+
+def test_bad_environment_variable_names_it():
+    out = subprocess.run([sys.executable, "-c", "import sparsevox.config"], capture_output=True, text=True,
+                         env={**os.environ, "SPARSEVOX_SORT_ROWS": "sometimes"})
+    assert out.returncode != 0 and "SPARSEVOX_SORT_ROWS must be one of" in out.stderr
