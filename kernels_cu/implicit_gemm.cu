@@ -15,7 +15,8 @@
 // Template parameters: T storage dtype (__half, __nv_bfloat16: tensor cores, float32 accumulation;
 // float, double: exact SIMT FMA in T's precision), BM x BN CTA tile, BK reduction step, WM x WN warp
 // tile, STAGES shared-memory pipeline depth (cp.async), VEC 16-byte loads (both channel counts are
-// multiples of 16 / sizeof(T) and the pointers 16-byte aligned), TC tensor cores (only half types).
+// multiples of 16 / sizeof(T) and the pointers 16-byte aligned), TC tensor cores (half types: one MMA;
+// float: 3xTF32, float32-accurate, see split_tf32; not double).
 // Shared memory is dynamic (the launcher passes STAGES * tile bytes and raises the 48 KB limit where
 // needed). Shared-memory rows are padded by 16 bytes so ldmatrix / column reads hit distinct banks.
 #include "common/mma.cuh"
@@ -24,6 +25,8 @@ namespace svx_igemm {
 using namespace svx;
 
 template <typename T> struct Pad { static constexpr int value = 16 / sizeof(T); };
+template <typename T> struct IsF32 { static constexpr bool value = false; };
+template <> struct IsF32<float> { static constexpr bool value = true; };
 
 // Which elements of a ROWS x COLS shared-memory tile thread tid loads in load_rows: visit j is element
 // i = j * NTH + tid (while i < TOTAL), row i / CPR, columns (i % CPR) * E .. + E - 1, with E = 16 / sizeof(T)
@@ -87,7 +90,41 @@ __device__ __forceinline__ void mma_step(const T* As, const T* Bs, AccT* acc, in
     constexpr int P = Pad<T>::value;
     constexpr int LDA = AK ? BM + P : BK + P;
     constexpr int LDB = BN + P;
-    if constexpr (TC) {
+    if constexpr (TC && IsF32<T>::value) {
+        // 3xTF32: each float operand split into TF32 big + small parts (split_tf32), three m16n8k8 MMAs
+        // per fragment pair, the small products first. Fragments are read element by element: ldmatrix
+        // moves 16-bit halves, and the float rows are padded by 4 words, so A's lanes (row g, column t)
+        // fall in distinct banks.
+        constexpr int MT = WM / 16, NT = WN / 8;
+        const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            unsigned ab[MT][4], as[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int m = wm + mt * 16 + g;
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const int mr = m + (q & 1) * 8, kc = kk + t + (q >> 1) * 4;
+                    split_tf32(AK ? As[kc * LDA + mr] : As[mr * LDA + kc], ab[mt][q], as[mt][q]);
+                }
+            }
+            unsigned bb[NT][2], bs[NT][2];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) split_tf32(Bs[(kk + t + q * 4) * LDB + wn + nt * 8 + g], bb[nt][q], bs[nt][q]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    float(&d)[4] = *reinterpret_cast<float(*)[4]>(acc + (mt * NT + nt) * 4);
+                    mma1688_tf32(d, as[mt], bb[nt][0], bb[nt][1]);
+                    mma1688_tf32(d, ab[mt], bs[nt][0], bs[nt][1]);
+                    mma1688_tf32(d, ab[mt], bb[nt][0], bb[nt][1]);
+                }
+        }
+    } else if constexpr (TC) {
         constexpr int MT = WM / 16, NT = WN / 8;
         static_assert(NT % 2 == 0, "WN must be a multiple of 16");
         const int j = lane >> 3, r = lane & 7;

@@ -302,3 +302,44 @@ def test_slots_are_sorted_by_the_rarest_first_bitmask(rng):
     counts = np.diff(kmap.offsets_host)
     with_pairs = np.flatnonzero(counts)
     assert w[with_pairs[np.argmin(counts[with_pairs])]] == w.max() and (w[counts == 0] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c_in", sorted(CHANNELS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_tf32x3_matches_oracle(rng, kind, c_in):
+    """float32 on tensor cores (3xTF32), every direction, odd and multi-tile channels, NaN-poisoned
+    outputs, at the float32 tolerance (one TF32 product alone would miss it by ~100x)."""
+    case = quantised_case(rng, kind, c_in, CHANNELS[c_in], "float32")
+    _check_all_directions(rng, case, "float32", {"tf32x3": True}, {"tf32x3": True})
+
+
+@pytest.mark.gpu
+def test_tf32x3_is_more_accurate_than_one_tf32_product(rng):
+    """The split must carry the low bits: on data with full float32 mantissas the 3xTF32 forward's error
+    against float64 is within a few float32 roundings, far below a single TF32 product's (2^-11)."""
+    case = quantised_case(rng, "submanifold", 64, 64, "float32", n=2000, extent=14)
+    from sparsevox.algorithms import implicit_gemm as ig
+    out = ig.forward(case["x"], case["w"], case["kmap"], tf32x3=True)
+    ref = dense_conv(case["coords"], case["feats"], case["weight"], 3, 1, 1, False, case["out_coords"])
+    assert rel_err(host(out), ref) < 2.0 ** -18
+
+
+def test_tf32x3_is_float32_only():
+    from sparsevox.algorithms import implicit_gemm as ig
+    for dt in ("float16", "bfloat16", "float64"):
+        with pytest.raises(ValueError, match="tf32x3 applies to float32 only"):
+            ig.check_tf32x3(True, dt)
+    assert ig.check_tf32x3(True, "float32") is True and ig.check_tf32x3(False, "float16") is False
+    with pytest.raises(ValueError, match="gemm_block_size\\) must be one of .* with tf32x3"):
+        ig._tile("float32", 64, 32, 32, None, True)  # (32, 32) is a SIMT tile only
+
+
+def test_tf32x3_candidates_only_for_float32():
+    from sparsevox.algorithms import implicit_gemm as ig
+    for dt in ("float16", "bfloat16", "float64"):
+        assert not any(p.get("tf32x3") for p in ig.fwd_params(dt, 128, 27) + ig.wgrad_params(dt, 128, 128))
+    fwd = [p for p in ig.fwd_params("float32", 128, 27) if p.get("tf32x3")]
+    assert {(p["fwd_block_size"], p["gemm_block_size"]) for p in fwd} == \
+        {t for t in ig.TF32X3_TILES if t[1] <= 128} and not any("mask_split" in p for p in fwd)
+    assert any(p.get("tf32x3") for p in ig.wgrad_params("float32", 128, 128))

@@ -54,6 +54,26 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uns
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// D = A * B + D, m16n8k8 on TF32 operands (the low 13 bits of each float ignored), float32 accumulators.
+// Fragments (g = lane / 4, t = lane % 4): a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4];
+// b = B[t][g], B[t+4][g]; d as m16n8k16's.
+__device__ __forceinline__ void mma1688_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// x = big + small + O(2^-22 |x|): big is x rounded to TF32 (nearest, ties away), small the rest rounded to
+// TF32. Three TF32 products (small*big + big*small + big*big, CUTLASS's OpMultiplyAddFastF32) then carry
+// a float32 product to about 2^-21 relative, where one TF32 product keeps 2^-11.
+__device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big) : "f"(x));
+    const float rest = x - __uint_as_float(big);
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(small) : "f"(rest));
+}
+
 // Accumulator type and conversions per storage dtype.
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };

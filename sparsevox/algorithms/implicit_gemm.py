@@ -7,14 +7,17 @@ dgrad: the same kernel on the reverse table ``nbr_rev[k, in] = out`` with ``W[k]
 wgrad: ``dW[k] = X[in_k]^T @ dY[out_k]`` over chunks of pairs (split-K), float32 (float64) atomics.
 
 float16/bfloat16 run on tensor cores (mma.sync m16n8k16, float32 accumulation); float32 and float64
-run an exact SIMT path in their own precision. Derived tables are cached in ``kmap.derived`` under
+run an exact SIMT path in their own precision, and float32 also 3xTF32 on tensor cores (``tf32x3``: each
+operand split into two TF32 parts, three m16n8k8 MMAs, ~2^-21 relative per product: within the float32
+bound of the autotuner's check, which judges it like any other float32 candidate). Derived tables are cached in ``kmap.derived`` under
 ``implicit_gemm.*`` keys; compiled kernels are cached per (dtype, tile, vector) instantiation.
 
 Registered as IMPLICIT_GEMM (conv), GPU only. Search space (the reference guide's names): forward and
 dgrad over ``fwd_block_size`` (rows per CTA) x ``gemm_block_size`` (output channels per CTA), x
 ``mask_split`` in {1, 2} for kernels of 16+ offsets (also 3 for float32/float64 from 128 channels);
 wgrad over ``gemm_block_size`` (square weight tile) x ``split_k_factor`` (CTAs per multiprocessor the
-pairs are split into). At most 16 forward/dgrad and 8 wgrad combinations.
+pairs are split into); for float32 also the ``tf32x3`` tiles. At most 20 forward/dgrad and 14 wgrad
+combinations.
 """
 from __future__ import annotations
 
@@ -50,6 +53,10 @@ TC_TILES = {(32, 32): (16, 16), (64, 32): (32, 16), (128, 32): (32, 32, 3), (64,
             (128, 256): (64, 64)}
 SIMT_TILES = {(32, 32): (16, 16), (64, 32): (32, 16), (64, 64): (32, 32), (128, 64): (64, 32),
               (64, 128): (32, 64)}
+# 3xTF32 (float32 on tensor cores, three TF32 MMAs per product; kernels_cu/common/mma.cuh split_tf32):
+# tensor-core warp tiles, float32 shared memory (BK 16).
+TF32X3_TILES = {(64, 32): (32, 16), (64, 64): (32, 32), (128, 64): (64, 32), (64, 128): (32, 64),
+                (128, 128): (64, 32)}
 WGRAD_TILES = (32, 64, 128)  # square C_in x C_out tiles of the weight gradient
 SPLIT_FACTORS = (1, 2, 4, 8)  # wgrad CTAs per multiprocessor (split-K over pairs)
 
@@ -58,8 +65,18 @@ def is_tc(dtype_name: str) -> bool:
     return dtype_name in ("float16", "bfloat16")
 
 
-def tiles_for(dtype_name: str) -> dict:
+def tiles_for(dtype_name: str, tf32x3: bool = False) -> dict:
+    if tf32x3:
+        return TF32X3_TILES
     return TC_TILES if is_tc(dtype_name) else SIMT_TILES
+
+
+def check_tf32x3(tf32x3, dtype_name: str) -> bool:
+    """``tf32x3`` as a bool; a ValueError unless it is off or the dtype is float32 (the 3xTF32 kernels
+    split float32 operands; the half types run one MMA already and float64 has no such split)."""
+    if tf32x3 and dtype_name != "float32":
+        raise ValueError(f"tf32x3 applies to float32 only, got dtype {dtype_name}")
+    return bool(tf32x3)
 
 
 def _bk(dtype_name: str) -> int:
@@ -84,26 +101,27 @@ def _stages(dtype_name, bm, bn, bk, a_kmajor) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: int, variant=None):
-    """The compiled instantiation (cached; ``device_id`` keys the per-device module).
+def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: int, variant=None, tf32x3=False):
+    """The compiled instantiation (cached; ``device_id`` keys the per-device module). ``tf32x3``: the
+    float32 tensor-core kernel (:func:`check_tf32x3`; tensor-core warp tiles).
 
     ``variant``: ``(WM, WN, STAGES)`` or ``(WM, WN, STAGES, BK)`` overriding the tables (benchmark sweeps
     only; not searched).
     """
     bk = _bk(dtype_name)
+    tc = is_tc(dtype_name) or check_tf32x3(tf32x3, dtype_name)
     if variant is not None:
         wm, wn, stages = (int(v) for v in variant[:3])
         bk = int(variant[3]) if len(variant) > 3 else bk
-        step = 16 if is_tc(dtype_name) else 4
-        if bm % wm or bn % wn or wm % step or wn % (16 if is_tc(dtype_name) else 8) or \
-                not 1 <= (bm // wm) * (bn // wn) <= 16 or stages < 2 or bk % (16 if is_tc(dtype_name) else 4):
+        step = 16 if tc else 4
+        if bm % wm or bn % wn or wm % step or wn % (16 if tc else 8) or \
+                not 1 <= (bm // wm) * (bn // wn) <= 16 or stages < 2 or bk % (16 if is_tc(dtype_name) else 8 if tc else 4):
             raise ValueError(f"variant (WM, WN, STAGES[, BK]) = {variant} does not tile {bm}x{bn} for {dtype_name}")
     else:
-        spec = tiles_for(dtype_name)[(bm, bn)] if kind == "fwd" else \
+        spec = tiles_for(dtype_name, tf32x3)[(bm, bn)] if kind == "fwd" else \
             (16, 16) if bm == 32 else (32, 32) if bm == 64 else (64, 32)
         wm, wn = spec[:2]
         stages = spec[2] if len(spec) > 2 else _stages(dtype_name, bm, bn, bk, kind == "wgrad")
-    tc = is_tc(dtype_name)
     name = (f"svx_igemm::igemm_{kind}<{_CTYPE[dtype_name]},{bm},{bn},{bk},{wm},{wn},{stages},"
             f"{'true' if vec else 'false'},{'true' if tc else 'false'}>")
     fn = get_function("implicit_gemm", name, name_expressions=(name,))
@@ -482,7 +500,7 @@ def _launch_driver(prep: Launch, a: int, b: int, out: int, stream: int) -> None:
 
 
 def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec, device_id,
-                         variant=None, mask_split=1, flip_b=False) -> Launch:
+                         variant=None, mask_split=1, flip_b=False, tf32x3=False) -> Launch:
     """The :class:`Launch` of ``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]`` (cached on the map).
 
     ``mask_split``: run the offsets in that many contiguous parts, each with slots sorted by its own
@@ -490,11 +508,11 @@ def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows,
     into the output (spconv's split mask). ``flip_b``: marks the Launch of a mirrored dgrad (see
     :class:`Launch`); the launch itself is the forward one."""
     key = ("implicit_gemm.launch", dt, c_a, c_b, reverse, n_rows, bm, bn, bool(sort_rows), bool(stage_nbr), vec,
-           device_id, variant, mask_split, flip_b)
+           device_id, variant, mask_split, flip_b, bool(tf32x3))
     prep = kmap.derived.get(key)
     if prep is not None:
         return prep
-    fn, threads, smem0 = _kernel("fwd", dt, bm, bn, vec, device_id, variant)
+    fn, threads, smem0 = _kernel("fwd", dt, bm, bn, vec, device_id, variant, bool(tf32x3))
     k_count = kmap.num_offsets
     # Stage the tile's neighbour rows (K x BM int32) in shared memory when they fit.
     k_cap = k_count if stage_nbr and k_count * (bm + 1) * 4 <= _NBR_SMEM else 0
@@ -519,7 +537,7 @@ def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows,
 
 
 def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr=False, out=None,
-                 variant=None, mask_split=1, flip_b=False):
+                 variant=None, mask_split=1, flip_b=False, tf32x3=False):
     """``out[row] = sum_k src[nbr[k, row]] @ weight_kcn[k]``; weight ``[K, C_a, C_b]`` contiguous.
 
     ``out`` (optional, ``[n_rows, C_b]`` contiguous, src dtype) is fully overwritten.
@@ -538,7 +556,7 @@ def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, stag
         return out
     vec = _vec_ok(dt, c_a, c_b, src, weight_kcn)
     prep = _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, _sorted(sort_rows, dt), stage_nbr, vec,
-                                src.device.id, variant, _check_split(mask_split, kmap), flip_b)
+                                src.device.id, variant, _check_split(mask_split, kmap), flip_b, tf32x3)
     prep.launch(src.data.ptr, weight_kcn.data.ptr, out.data.ptr)
     return out
 
@@ -559,7 +577,7 @@ def _check_split(mask_split, kmap) -> int:
 
 
 def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=None, stage_nbr=False,
-            out=None, variant=None, mask_split=1):
+            out=None, variant=None, mask_split=1, tf32x3=False):
     """``out [num_out, C_out] = sum_k gather(feats, in_k) @ weight[k]`` scattered to ``out_k``.
 
     ``sort_rows``: process output rows grouped by neighbour bitmask (fewer skipped-offset misses); None:
@@ -569,17 +587,18 @@ def forward(feats, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort
     ``out``: optional preallocated result (every element is written; tests pass it poisoned).
     ``variant``: ``(WM, WN, STAGES[, BK])`` override for benchmark sweeps.
     ``mask_split``: 1 or 2 (searched): the offsets in that many passes, each sorted by its own bitmask.
+    ``tf32x3``: float32 on tensor cores, three TF32 products per float32 one (searched for float32).
     """
     import cupy
     feats = cupy.ascontiguousarray(feats)
     weight = cupy.ascontiguousarray(weight)
-    bm, bn = _tile(_dtype_name(feats), int(weight.shape[2]), fwd_block_size, gemm_block_size, variant)
+    bm, bn = _tile(_dtype_name(feats), int(weight.shape[2]), fwd_block_size, gemm_block_size, variant, tf32x3)
     return _gather_gemm(feats, weight, kmap, False, kmap.num_out, bm, bn, sort_rows, stage_nbr, out, variant,
-                        mask_split)
+                        mask_split, tf32x3=tf32x3)
 
 
 def dgrad(grad_out, weight, kmap, fwd_block_size=None, gemm_block_size=None, sort_rows=None, stage_nbr=False,
-          out=None, mask_split=1):
+          out=None, mask_split=1, tf32x3=False):
     """``grad_feats [num_in, C_in]``: the forward kernel on the reverse map with ``weight[k]^T``.
 
     A submanifold map with odd kernel sizes is its own reverse with the offsets flipped (pair ``(k, out
@@ -589,24 +608,28 @@ def dgrad(grad_out, weight, kmap, fwd_block_size=None, gemm_block_size=None, sor
     grad_out = cupy.ascontiguousarray(grad_out)
     flip = _mirrored(kmap)
     wt = cupy.ascontiguousarray((weight[::-1] if flip else weight).transpose(0, 2, 1))
-    bm, bn = _tile(_dtype_name(grad_out), int(weight.shape[1]), fwd_block_size, gemm_block_size)
+    bm, bn = _tile(_dtype_name(grad_out), int(weight.shape[1]), fwd_block_size, gemm_block_size, None, tf32x3)
     return _gather_gemm(grad_out, wt, kmap, not flip, kmap.num_in, bm, bn, sort_rows, stage_nbr, out,
-                        mask_split=mask_split, flip_b=flip)
+                        mask_split=mask_split, flip_b=flip, tf32x3=tf32x3)
 
 
-def _tile(dt, c_out, bm, bn, variant=None):
+def _tile(dt, c_out, bm, bn, variant=None, tf32x3=False):
+    tiles = tiles_for(dt, check_tf32x3(tf32x3, dt))
     dbm, dbn = default_fwd_tile(dt, c_out)
+    if (dbm, dbn) not in tiles:
+        dbm, dbn = 64, 64
     bm, bn = int(bm or dbm), int(bn or dbn)
-    if variant is None and (bm, bn) not in tiles_for(dt):
-        raise ValueError(f"(fwd_block_size, gemm_block_size) must be one of {sorted(tiles_for(dt))} "
-                         f"for {dt}, got {(bm, bn)}")
+    if variant is None and (bm, bn) not in tiles:
+        raise ValueError(f"(fwd_block_size, gemm_block_size) must be one of {sorted(tiles)} "
+                         f"for {dt}{' with tf32x3' if tf32x3 else ''}, got {(bm, bn)}")
     return bm, bn
 
 
-def _wgrad_setup(dt, c_in, c_out, num_pairs, device_id, gemm_block_size, split_k_factor):
+def _wgrad_setup(dt, c_in, c_out, num_pairs, device_id, gemm_block_size, split_k_factor, tf32x3=False):
     """``(tile, chunk)`` of the weight-gradient kernel, validating its parameters."""
-    t = int(gemm_block_size or min(128 if is_tc(dt) else 64, max(32, _pow2ceil(max(c_in, c_out)))))
-    if t not in WGRAD_TILES or (not is_tc(dt) and t > 64):
+    tc = is_tc(dt) or check_tf32x3(tf32x3, dt)
+    t = int(gemm_block_size or min(128 if tc else 64, max(32, _pow2ceil(max(c_in, c_out)))))
+    if t not in WGRAD_TILES or (not tc and t > 64):
         raise ValueError(f"gemm_block_size for wgrad must be one of {WGRAD_TILES} (SIMT: <= 64), got {t}")
     split = int(split_k_factor or 2)
     if split < 1:
@@ -618,13 +641,13 @@ def _wgrad_setup(dt, c_in, c_out, num_pairs, device_id, gemm_block_size, split_k
     return t, -(-chunk // bk) * bk
 
 
-def _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, device_id) -> Launch:
-    key = ("implicit_gemm.wgrad_launch", dt, c_in, c_out, num_offsets, t, chunk, vec, device_id)
+def _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, device_id, tf32x3=False) -> Launch:
+    key = ("implicit_gemm.wgrad_launch", dt, c_in, c_out, num_offsets, t, chunk, vec, device_id, bool(tf32x3))
     prep = kmap.derived.get(key)
     if prep is not None:
         return prep
     chunks, n_chunks = wgrad_chunks(kmap, chunk)
-    fn, threads, smem = _kernel("wgrad", dt, t, t, vec, device_id)
+    fn, threads, smem = _kernel("wgrad", dt, t, t, vec, device_id, None, bool(tf32x3))
     tiles = (-(-c_in // t)) * (-(-c_out // t))
     args = (None, None, kmap.in_maps.data.ptr, kmap.out_maps.data.ptr, chunks.data.ptr, None, np.int32(c_in),
             np.int32(c_out))
@@ -635,7 +658,7 @@ def _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, device_id)
     return prep
 
 
-def wgrad(feats, grad_out, kmap, num_offsets, gemm_block_size=None, split_k_factor=None):
+def wgrad(feats, grad_out, kmap, num_offsets, gemm_block_size=None, split_k_factor=None, tf32x3=False):
     """``grad_weight [K, C_in, C_out]``, ``grad_weight[k] = feats[in_k]^T @ grad_out[out_k]``."""
     import cupy
     feats = cupy.ascontiguousarray(feats)
@@ -646,9 +669,10 @@ def wgrad(feats, grad_out, kmap, num_offsets, gemm_block_size=None, split_k_fact
     acc = cupy.zeros((num_offsets, c_in, c_out), dtype=acc_dt)
     if kmap.num_pairs == 0 or c_in == 0 or c_out == 0:
         return acc.astype(feats.dtype, copy=False)
-    t, chunk = _wgrad_setup(dt, c_in, c_out, kmap.num_pairs, feats.device.id, gemm_block_size, split_k_factor)
+    t, chunk = _wgrad_setup(dt, c_in, c_out, kmap.num_pairs, feats.device.id, gemm_block_size, split_k_factor,
+                            tf32x3)
     vec = _vec_ok(dt, c_in, c_out, feats, grad_out)
-    _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, feats.device.id).launch(
+    _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, feats.device.id, tf32x3).launch(
         feats.data.ptr, grad_out.data.ptr, acc.data.ptr)
     return acc if acc.dtype == feats.dtype else acc.astype(feats.dtype)
 
@@ -661,21 +685,22 @@ def prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params) -> La
         return None
     e = 16 // _SIZE[dtype_name]
     vec = c_in % e == 0 and c_out % e == 0
+    tf32x3 = check_tf32x3(params.get("tf32x3", False), dtype_name)
     if direction == "wgrad":
         t, chunk = _wgrad_setup(dtype_name, c_in, c_out, kmap.num_pairs, device_id,
-                                params.get("gemm_block_size"), params.get("split_k_factor"))
-        return _prepare_wgrad(dtype_name, c_in, c_out, kmap, kmap.num_offsets, t, chunk, vec, device_id)
+                                params.get("gemm_block_size"), params.get("split_k_factor"), tf32x3)
+        return _prepare_wgrad(dtype_name, c_in, c_out, kmap, kmap.num_offsets, t, chunk, vec, device_id, tf32x3)
     sort_rows, stage_nbr = _sorted(params.get("sort_rows"), dtype_name), params.get("stage_nbr", False)
     split = _check_split(params.get("mask_split", 1), kmap)
     if direction == "fwd":
-        bm, bn = _tile(dtype_name, c_out, params.get("fwd_block_size"), params.get("gemm_block_size"))
+        bm, bn = _tile(dtype_name, c_out, params.get("fwd_block_size"), params.get("gemm_block_size"), None, tf32x3)
         return _prepare_gather_gemm(dtype_name, c_in, c_out, kmap, False, kmap.num_out, bm, bn, sort_rows,
-                                    stage_nbr, vec, device_id, None, split)
+                                    stage_nbr, vec, device_id, None, split, False, tf32x3)
     if direction == "dgrad":
-        bm, bn = _tile(dtype_name, c_in, params.get("fwd_block_size"), params.get("gemm_block_size"))
+        bm, bn = _tile(dtype_name, c_in, params.get("fwd_block_size"), params.get("gemm_block_size"), None, tf32x3)
         flip = _mirrored(kmap)
         return _prepare_gather_gemm(dtype_name, c_out, c_in, kmap, not flip, kmap.num_in, bm, bn, sort_rows,
-                                    stage_nbr, vec, device_id, None, split, flip)
+                                    stage_nbr, vec, device_id, None, split, flip, tf32x3)
     raise ValueError(f"direction must be 'fwd', 'dgrad' or 'wgrad', got {direction!r}")
 
 
@@ -689,16 +714,22 @@ MASK_SPLIT_3_MIN_C = 128
 def fwd_params(dtype_name: str, c_out: int, num_offsets: int = 27) -> list[dict]:
     cap = max(32, _pow2ceil(c_out))
     tiles = [{"fwd_block_size": bm, "gemm_block_size": bn} for (bm, bn) in sorted(tiles_for(dtype_name)) if bn <= cap]
+    tf32 = [{"fwd_block_size": bm, "gemm_block_size": bn, "tf32x3": True} for (bm, bn) in sorted(TF32X3_TILES)
+            if bn <= cap] if dtype_name == "float32" else []
     if num_offsets < MASK_SPLIT_MIN_K or not _sorted(None, dtype_name):
-        return tiles  # a split's passes pay only through their own slot sorts
+        return tiles + tf32  # a split's passes pay only through their own slot sorts
     splits = (2, 3) if c_out >= MASK_SPLIT_3_MIN_C and not is_tc(dtype_name) else (2,)
-    return tiles + [dict(t, mask_split=s) for s in splits for t in tiles]
+    return tiles + [dict(t, mask_split=s) for s in splits for t in tiles] + tf32
 
 
 def wgrad_params(dtype_name: str, c_in: int, c_out: int) -> list[dict]:
     cap = max(32, _pow2ceil(max(c_in, c_out)))
     sizes = [t for t in WGRAD_TILES if t <= cap and (is_tc(dtype_name) or t <= 64)][-2:]
-    return [{"gemm_block_size": t, "split_k_factor": s} for t in sizes for s in SPLIT_FACTORS]
+    out = [{"gemm_block_size": t, "split_k_factor": s} for t in sizes for s in SPLIT_FACTORS]
+    if dtype_name == "float32":  # 3xTF32 on tensor cores, tiles as the half types'
+        sizes = [t for t in WGRAD_TILES if t <= cap][-2:]
+        out += [{"gemm_block_size": t, "split_k_factor": s, "tf32x3": True} for t in sizes for s in (1, 2, 4)]
+    return out
 
 
 # ---- registration -------------------------------------------------------------------------------------
