@@ -165,7 +165,8 @@ def test_public_api_autotunes_implicit_gemm(rng):
     import cupy
     case = quantised_case(rng, "submanifold", 32, 64, "float16")
     out = sv.conv_forward(case["x"], case["w"], case["kmap"], fwd_algo="implicit_gemm")
-    ref = dense_conv(case["coords"], case["feats"], case["weight"], 3, 1, 1, False, case["out_coords"])
+    c = case
+    ref = dense_conv(c["coords"], c["feats"], c["weight"], c["ks"], c["s"], 1, c["tr"], c["out_coords"])
     assert rel_err(host(out), ref) < TOL["float16"]
     g = cupy.asarray(rng.standard_normal(out.shape)).astype(out.dtype)
     gf, gw = sv.conv_backward(g, case["x"], case["w"], case["kmap"], bwd_algo="implicit_gemm")
@@ -321,7 +322,8 @@ def test_tf32x3_is_more_accurate_than_one_tf32_product(rng):
     case = quantised_case(rng, "submanifold", 64, 64, "float32", n=2000, extent=14)
     from sparsevox.algorithms import implicit_gemm as ig
     out = ig.forward(case["x"], case["w"], case["kmap"], tf32x3=True)
-    ref = dense_conv(case["coords"], case["feats"], case["weight"], 3, 1, 1, False, case["out_coords"])
+    c = case
+    ref = dense_conv(c["coords"], c["feats"], c["weight"], c["ks"], c["s"], 1, c["tr"], c["out_coords"])
     assert rel_err(host(out), ref) < 2.0 ** -18
 
 
