@@ -229,7 +229,7 @@ def test_driver_launch_of_the_implicit_gemm_launches(fake_driver, monkeypatch, d
     from sparsevox.algorithms import implicit_gemm as ig
     made = []
 
-    def kernel(kind, dt, bm, bn, vec, device_id, variant=None):
+    def kernel(kind, dt, bm, bn, vec, device_id, variant=None, tf32x3=False):
         k = fake_driver.kernel(0xE000 + len(made), 12 if kind == "fwd" else 8)
         made.append(k)
         return k, 128, 4096

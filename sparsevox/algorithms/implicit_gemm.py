@@ -219,7 +219,9 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
     k0, k1 = part if part is not None else (0, kmap.num_offsets)
     key = f"implicit_gemm.slots{'_rev' if reverse else ''}.{int(sort_rows)}.{k0}.{k1}"
     t = kmap.derived.get(key)
-    if t is None and sort_rows and (k0, k1) == (0, kmap.num_offsets) and _one_pair_rows(kmap, reverse):
+    if t is None and (k0, k1) == (0, kmap.num_offsets) and _one_pair_rows(kmap, reverse):
+        # sorted or not: one launch from the CSR (the unsorted identity order would need the reverse
+        # table scattered from the CSR, which costs more host time and synchronises)
         t = kmap.derived[key] = _csr_slots(kmap)
     if t is None:
         nbr = neighbour_table(kmap, reverse)
