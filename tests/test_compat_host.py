@@ -1,6 +1,6 @@
 """Host-side shortcuts of sparsevox.compat.spconv (issue 21's ≤ 5 % over native): the inverse layer's map
-is the strided map swapped (shared tables, as sparsevox's own transposed twins), and an inference call
-reuses the weight in sparsevox's layout instead of copying it every call. On the CPU."""
+is the strided map swapped (shared tables, as sparsevox's own transposed twins); the weight in sparsevox's
+layout is a fresh copy per call (a cached one went stale after writes through ``.data``). On the CPU."""
 import numpy as np
 import pytest
 from reference import random_voxels
@@ -23,21 +23,30 @@ def test_inverse_map_is_the_strided_map_swapped_and_cached(rng):
     np.testing.assert_array_equal(np.asarray(inv.out_maps), np.asarray(kmap.in_maps))
 
 
-def test_inference_reuses_the_converted_weight_until_it_changes():
+def test_inference_weight_is_a_fresh_copy_in_the_core_layout():
     layer = spconv.SubMConv3d(3, 5, 3, bias=False).double()
     with torch.no_grad():
         a = layer.sparsevox_weight()
-        assert layer.sparsevox_weight() is a and a.is_contiguous()  # no copy per call
+        assert a.is_contiguous() and a.data_ptr() != layer.weight.data_ptr()
         np.testing.assert_array_equal(a.numpy(), layer.weight.reshape(5, 27, 3).permute(1, 2, 0).numpy())
-        layer.weight.mul_(2.0)  # an optimizer step or load_state_dict: a new version
-        b = layer.sparsevox_weight()
-        assert b is not a and torch.equal(b, 2.0 * a)
-    layer.float()  # a new storage and dtype
+        layer.weight.mul_(2.0)
+        assert torch.equal(layer.sparsevox_weight(), 2.0 * a)
+    layer.float()
     with torch.no_grad():
         assert layer.sparsevox_weight().dtype == torch.float32
-    with torch.inference_mode():
-        c = layer.sparsevox_weight()
-    assert not c.is_inference()  # usable where a frozen layer's weight is saved for backward
+
+
+def test_eval_layer_follows_writes_through_data(rng):
+    """A write through ``.data`` (EMA updates, manual loading) does not bump the weight's version counter:
+    an eval-mode layer must still use the new values (a copy cached per version served the old ones)."""
+    c = torch.from_numpy(random_voxels(rng, 60, extent=6, batches=1))
+    x = spconv.SparseConvTensor(torch.randn(len(c), 3, dtype=torch.float64), c, [12, 12, 12], 1)
+    layer = spconv.SubMConv3d(3, 2, 3, bias=False).double().eval()
+    with torch.no_grad():
+        a = layer(x).features.clone()
+        layer.weight.data.mul_(2.0)
+        b = layer(x).features
+    assert float(a.abs().max()) > 0 and torch.allclose(b, 2.0 * a)
 
 
 def test_training_gets_a_differentiable_copy():
@@ -48,7 +57,7 @@ def test_training_gets_a_differentiable_copy():
     assert layer.weight.grad is not None and float(layer.weight.grad.abs().sum()) == 5 * 27 * 3
 
 
-def test_weights_made_in_inference_mode_and_recomputed_weights_are_not_cached():
+def test_weights_made_in_inference_mode_and_recomputed_weights():
     with torch.inference_mode():
         layer = spconv.SubMConv3d(3, 5, 3, bias=False)  # inference-tensor weight: no version counter
         a = layer.sparsevox_weight()
@@ -59,7 +68,7 @@ def test_weights_made_in_inference_mode_and_recomputed_weights_are_not_cached():
         a = layer.sparsevox_weight()
         layer.weight = torch.nn.Parameter(original.detach() * 3.0)  # another tensor (a recomputed weight)
         b = layer.sparsevox_weight()
-    assert b is not a and torch.allclose(b, 3.0 * a)
+    assert torch.allclose(b, 3.0 * a)
 
 
 def _pairs(kmap):

@@ -4,7 +4,7 @@ Parameters are spconv's: ``weight`` ``[C_out, *kernel_size, C_in]`` ("KRSC", the
 of the index columns) and ``bias`` ``[C_out]``, so spconv state dicts load unchanged. Each call hands the
 core ``W[r] = weight[:, r, :]^T`` as a contiguous ``[K, C_in, C_out]`` tensor (``weight.reshape(C_out, K,
 C_in).permute(1, 2, 0).contiguous()``: a copy of the weight, K·C_in·C_out elements, per call, through
-autograd). A 1×1 layer (kernel volume 1; for non-SubM layers also stride 1) computes, as spconv's
+autograd; not cached, see :meth:`SparseConvolution.sparsevox_weight`). A 1×1 layer (kernel volume 1; for non-SubM layers also stride 1) computes, as spconv's
 ``conv1x1`` path does, ``features @ weight.view(C_in, C_out)``: the memory of its ``[C_out, 1, 1, 1,
 C_in]`` parameter read as ``[C_in, C_out]`` (not its transpose), on the same sites, without pairs.
 
@@ -133,29 +133,19 @@ class SparseConvolution(SparseModule):
         return s + f", algo={self.algo}"
 
     def sparsevox_weight(self) -> torch.Tensor:
-        """``[K, C_in, C_out]``: ``W[r] = weight[:, r, :]^T``, a contiguous copy: differentiable while the
-        weight gets a gradient, else made once per weight version (inference reuses it: no copy per call)."""
+        """``[K, C_in, C_out]``: ``W[r] = weight[:, r, :]^T``, a contiguous copy made on every call (under
+        autocast in the dtype the convolution runs in, so it is cast once, not twice), differentiable when
+        the weight gets a gradient.
+
+        Not cached across calls: a copy kept per weight version served stale weights after a write
+        through ``.data`` (an EMA update, a manual load), which does not bump the version counter
+        (``test_eval_layer_follows_writes_through_data``); the copy is one small kernel per layer."""
         k = math.prod(self.kernel_size)
         w = self.weight
-        if (torch.is_grad_enabled() and w.requires_grad) or w.is_inference():  # (no version counter)
-            # one copy into the layout and, under autocast, the dtype the convolution runs in (it would
-            # cast the weight again otherwise)
-            dt = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else w.dtype
-            t = w.reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0)
-            # (.to() with the same dtype would return the permuted view itself, not a contiguous copy)
-            return t.to(dtype=dt, memory_format=torch.contiguous_format) if dt != w.dtype else t.contiguous()
-        key = (w._version, w.data_ptr(), w.dtype, w.device)
-        cached = self.__dict__.get("_sv_weight")
-        if cached is None or cached[0] is not w or cached[1] != key:  # the same tensor, unchanged
-            with torch.inference_mode(False):  # a normal tensor: a frozen layer's copy may be saved for backward
-                t = w.detach().reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0).contiguous()
-            cached = (w, key, t)
-            self.__dict__["_sv_weight"] = cached
-        return cached[2]
-
-    def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_sv_weight", None)  # .to(), .half(), .cuda() replace the weight's storage
-        return super()._apply(fn, *args, **kwargs)
+        dt = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else w.dtype
+        t = w.reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0)
+        # (.to() with the same dtype would return the permuted view itself, not a contiguous copy)
+        return t.to(dtype=dt, memory_format=torch.contiguous_format) if dt != w.dtype else t.contiguous()
 
     def forward(self, input: SparseConvTensor, add_input: SparseConvTensor | None = None):
         features = input.features
