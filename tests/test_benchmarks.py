@@ -82,7 +82,7 @@ def test_report_table_and_plot_with_a_peer(dry_run, tmp_path):
     assert "2.00×" in text and "map_build" in text
 
 
-PROBES = ("small_layer_profile", "tile_sweep", "train_step_profile")  # benchmarks/probes/
+PROBES = ("small_layer_profile", "tile_sweep", "train_step_profile", "tf32x3")  # benchmarks/probes/
 
 
 @pytest.mark.parametrize("module", [*PROBES, "map_build_timeline"])
@@ -132,3 +132,13 @@ def test_timed_attrs_times_and_restores_module_class_and_instance_attributes():
         assert mod.f(1) == 2 and K().m() == 2 and obj.m() == 2
     assert set(spent) == {"f", "K.m", "obj.m"} and all(v >= 0 for v in spent.values())
     assert mod.f is mod_f and "m" not in vars(obj) and K.__dict__["m"].__name__ == "m"
+
+
+def test_tf32x3_probe_table_flags_a_failing_check():
+    from benchmarks.probes.tf32x3 import markdown
+    rec = dict(scene="semantickitti", c=64, direction="fwd", ms=0.1, tflops=10.0, of_cublas=0.5, norm_rel=1e-7,
+               elem_p99=1e-7, elem_max=2e-7)
+    doc = {"device": "H200", "date": "2026-12-03", "commit": "abc",
+           "records": [dict(rec, family="simt", passes_check=True), dict(rec, family="tf32x3", passes_check=False)]}
+    rows = [line for line in markdown(doc).splitlines() if line.startswith("| semantickitti")]
+    assert len(rows) == 2 and rows[0].endswith("| pass |") and rows[1].endswith("| FAIL |")
