@@ -92,13 +92,14 @@ __device__ __forceinline__ void mma_step(const T* As, const T* Bs, AccT* acc, in
     constexpr int LDB = BN + P;
     if constexpr (TC && IsF32<T>::value) {
         // 3xTF32: each float operand split into TF32 big + small parts (split_tf32), three m16n8k8 MMAs
-        // per fragment pair, the small products first. Fragments are read element by element: ldmatrix
-        // moves 16-bit halves, and the float rows are padded by 4 words, so A's lanes (row g, column t)
-        // fall in distinct banks.
+        // per fragment pair, the small products first. Fragments are read element by element (ldmatrix
+        // moves 16-bit halves). With rows padded by 4 words, A's row-major lanes (row g, column t) fall in
+        // distinct banks; B's and the k-major A's (bank 4t + g) conflict 2-way (an 8-word pad would not).
         // The products of one stage go to a zeroed partial sum, added to acc with a rounded float32 add:
         // an MMA's accumulation truncates toward zero, and chained over a whole reduction (3 MMAs per
         // product) that bias grew to 2.6e-5 relative error (H200, d6651cb, C=130 dgrad; float32 1e-5).
         constexpr int MT = WM / 16, NT = WN / 8;
+        static_assert(WM % 16 == 0 && WN % 8 == 0 && BK % 8 == 0, "3xTF32 tiles: m16n8k8 fragments");
         const int g = lane >> 2, t = lane & 3;
         float part[MT * NT * 4];
 #pragma unroll

@@ -47,6 +47,13 @@ def sort_rows(enabled=None, dtype_name: str | None = None) -> bool | str:
     if enabled is not None:
         if enabled != "auto" and not isinstance(enabled, bool):
             raise ValueError(f"enabled must be True, False or 'auto', got {enabled!r}")
+        if enabled != _sort_rows:
+            # the process's memo of choices and plans was made under the old order (a mask split tuned on
+            # sorted rows): forget it; launches already prepared on a map keep the order they were made with
+            from .tuning import tune_cache
+            with tune_cache._lock:
+                tune_cache.choices.clear()
+                tune_cache.plans.clear()
         _sort_rows = enabled
     if dtype_name is None:
         return _sort_rows

@@ -345,3 +345,17 @@ def test_tf32x3_candidates_only_for_float32():
     assert {(p["fwd_block_size"], p["gemm_block_size"]) for p in fwd} == \
         {t for t in ig.TF32X3_TILES if t[1] <= 128} and not any("mask_split" in p for p in fwd)
     assert any(p.get("tf32x3") for p in ig.wgrad_params("float32", 128, 128))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,params", [("float16", {}), ("float32", {"tf32x3": True})])
+def test_misaligned_out_is_a_value_error(rng, dtype, params):
+    """The tensor-core epilogues store column pairs (half2, float2): an ``out`` view one element off an
+    aligned address is refused instead of faulting."""
+    import cupy
+    from sparsevox.algorithms import implicit_gemm as ig
+    case = quantised_case(rng, "submanifold", 16, 16, dtype, n=200)
+    buf = cupy.empty(case["kmap"].num_out * 16 + 1, dtype=np_dtype(dtype))
+    out = buf[1:].reshape(case["kmap"].num_out, 16)
+    with pytest.raises(ValueError, match="out must be aligned to"):
+        ig.forward(case["x"], case["w"], case["kmap"], out=out, **params)

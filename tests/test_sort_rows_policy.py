@@ -62,3 +62,34 @@ def test_bad_environment_variable_names_it():
     out = subprocess.run([sys.executable, "-c", "import sparsevox.config"], capture_output=True, text=True,
                          env={**os.environ, "SPARSEVOX_SORT_ROWS": "sometimes"})
     assert out.returncode != 0 and "SPARSEVOX_SORT_ROWS must be one of" in out.stderr
+
+
+def test_changing_the_policy_forgets_the_process_memo(restore):
+    from sparsevox.tuning import tune_cache
+    config.sort_rows("auto")
+    tune_cache.choices["probe"], tune_cache.plans["probe"] = 1, 2
+    config.sort_rows("auto")  # unchanged: the memo stays
+    assert "probe" in tune_cache.choices and "probe" in tune_cache.plans
+    config.sort_rows(True)
+    assert "probe" not in tune_cache.choices and "probe" not in tune_cache.plans
+
+
+@pytest.mark.parametrize("op,direction", [("conv", "wgrad"), ("depthwise", "fwd"), ("depthwise", "dgrad")])
+def test_cache_key_unchanged_where_rows_are_not_sorted_anyway(restore, op, direction):
+    config.sort_rows("auto")
+    p = Problem(op, direction, "gpu", "float16", 1000, 1000, 32, 32, 27, (1, 1, 1), "submanifold", "H200")
+    assert "|unsorted" not in autotune.cache_key(p)
+
+
+def test_one_pair_rows_use_the_csr_order_sorted_or_not():
+    """The reverse table of a k2 s2 map (one pair per input row) has one form and one cache key whatever
+    the policy, so float16 and float32 layers on one map share it; other tables follow the flag."""
+    from types import SimpleNamespace
+
+    from sparsevox.algorithms.implicit_gemm import _csr_ordered
+    down = SimpleNamespace(kind="strided", kernel_size=(2, 2, 2), stride=(2, 2, 2), dilation=(1, 1, 1),
+                           num_pairs=80, num_in=80, num_offsets=8)
+    assert _csr_ordered(down, True, False, 0, 8) is True
+    assert _csr_ordered(down, True, False, 0, 4) is False  # a part of the offsets
+    assert _csr_ordered(down, False, False, 0, 8) is False  # the forward table: rows have up to 8 pairs
+    assert _csr_ordered(down, False, True, 0, 8) is True

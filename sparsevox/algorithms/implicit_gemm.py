@@ -217,11 +217,10 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
         kmap.wait()
         return slot_table(twin, not reverse, sort_rows, part)
     k0, k1 = part if part is not None else (0, kmap.num_offsets)
+    sort_rows = _csr_ordered(kmap, reverse, sort_rows, k0, k1)
     key = f"implicit_gemm.slots{'_rev' if reverse else ''}.{int(sort_rows)}.{k0}.{k1}"
     t = kmap.derived.get(key)
-    if t is None and (k0, k1) == (0, kmap.num_offsets) and _one_pair_rows(kmap, reverse):
-        # sorted or not: one launch from the CSR (the unsorted identity order would need the reverse
-        # table scattered from the CSR, which costs more host time and synchronises)
+    if t is None and sort_rows and (k0, k1) == (0, kmap.num_offsets) and _one_pair_rows(kmap, reverse):
         t = kmap.derived[key] = _csr_slots(kmap)
     if t is None:
         nbr = neighbour_table(kmap, reverse)
@@ -245,6 +244,14 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
 
 
 _SLOT_BLOCK = 256
+
+
+def _csr_ordered(kmap, reverse: bool, sort_rows: bool, k0: int, k1: int) -> bool:
+    """``sort_rows``, or True for a whole table of :func:`_one_pair_rows` rows: sorted or not, those come
+    from the CSR in one launch (the unsorted identity order would need the reverse table scattered from
+    the CSR, which costs more host time and synchronised 13 times per float16 step, GPU run 9622c1e),
+    under one cache key, so float16 and float32 layers on one map share the table and its tile masks."""
+    return bool(sort_rows) or ((k0, k1) == (0, kmap.num_offsets) and _one_pair_rows(kmap, reverse))
 
 
 def _one_pair_rows(kmap, reverse: bool) -> bool:
@@ -332,6 +339,7 @@ def tile_masks(kmap, reverse: bool, bm: int, sort_rows: bool, part: tuple | None
     if twin is not None:  # as slot_table
         return tile_masks(twin, not reverse, bm, sort_rows, part)
     k0, k1 = part if part is not None else (0, kmap.num_offsets)
+    sort_rows = _csr_ordered(kmap, reverse, sort_rows, k0, k1)
     key = f"implicit_gemm.mask{'_rev' if reverse else ''}.{bm}.{int(sort_rows)}.{k0}.{k1}"
     m = kmap.derived.get(key)
     if m is None:
@@ -551,6 +559,10 @@ def _gather_gemm(src, weight_kcn, kmap, reverse, n_rows, bm, bn, sort_rows, stag
         out = cupy.empty((n_rows, c_b), dtype=src.dtype)
     elif tuple(out.shape) != (n_rows, c_b) or out.dtype != src.dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous {src.dtype} array of shape {(n_rows, c_b)}")
+    elif (is_tc(dt) or tf32x3) and out.data.ptr % (2 * out.itemsize):
+        # the tensor-core epilogues store two adjacent columns at once (half2, float2)
+        raise ValueError(f"out must be aligned to {2 * out.itemsize} bytes (two elements), got address "
+                         f"{out.data.ptr:#x}")
     if n_rows == 0 or c_b == 0:
         return out
     if c_a == 0:

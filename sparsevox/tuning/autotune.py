@@ -94,7 +94,9 @@ def _rows_key(problem) -> str:
     """``|unsorted`` when IMPLICIT_GEMM will not sort this problem's rows (:func:`sparsevox.config.sort_rows`):
     the best tile differs, and a mask split, which only pays on sorted rows, is not a candidate then."""
     from ..config import sort_rows
-    return "" if problem.device != "gpu" or sort_rows(dtype_name=problem.dtype) else "|unsorted"
+    if problem.device != "gpu" or problem.op != "conv" or problem.direction == "wgrad":
+        return ""  # the slot order is IMPLICIT_GEMM's forward and dgrad tables only
+    return "" if sort_rows(dtype_name=problem.dtype) else "|unsorted"
 
 
 _verbose_handler = None
