@@ -28,7 +28,9 @@ with only that library's model (and optimizer state) on the GPU.
 spconv's inference path ignores autocast (its eval-mode convolutions run in the weights' dtype), so its
 ``fp16_infer`` figure runs a float16 copy of the model on float16 features (under autocast), and
 ``peer.spconv_autocast`` the float32 model under autocast (what autocast alone gives spconv); likewise
-``variants.sparsevox_half_model`` is sparsevox on the float16 copy.
+``variants.sparsevox_half_model`` is sparsevox on the float16 copy. ``--sort-ab`` adds
+``variants.sparsevox_rows_sorted``: native sparsevox with every dtype's rows sorted (the default sorts
+float32/float64 only, :func:`sparsevox.config.sort_rows`).
 
 Before the timings, per scene: the sparsevox model's BatchNorm statistics are set from one train-mode
 forward, its weights are loaded into the spconv model (:mod:`benchmarks.spconv_minkunet`), and the
@@ -103,6 +105,9 @@ def parse_args(argv):
                     help="no row for the spconv-API MinkUNet on sparsevox.compat.spconv")
     ap.add_argument("--plan-compat", action="store_true",
                     help="give the spconv-API MinkUNet a map plan (sparsevox.adapters.torch.plan_maps)")
+    ap.add_argument("--sort-ab", action="store_true",
+                    help="also time native sparsevox with every dtype's rows sorted (variants.sparsevox_rows_sorted; "
+                         "the policy A/B in one process against one spconv measurement)")
     ap.add_argument("--widths", nargs=9, type=int, default=None, help="MinkUNet widths (default SparseResUNet42)")
     ap.add_argument("--out", default=str(provenance.REPO / "benchmarks" / "results"), help="output folder")
     ap.add_argument("--stem", default=None, help="file-name stem (default <date>-<gpu>-<commit>)")
@@ -365,6 +370,22 @@ def make_step(lib, model, mode, libs: Libraries, labels, device, half_model=Fals
     return step, model, cleanup
 
 
+
+@contextlib.contextmanager
+def _rows_sorted(on: bool):
+    """Sort every dtype's rows (``sparsevox.config.sort_rows(True)``) inside, when ``on``; the policy
+    before is restored after (each change makes the process plan afresh; tuned entries stay cached)."""
+    if not on:
+        yield
+        return
+    import sparsevox
+    before = sparsevox.config.sort_rows()
+    sparsevox.config.sort_rows(True)
+    try:
+        yield
+    finally:
+        sparsevox.config.sort_rows(before)
+
 def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, half_model=False,
              tunes: TuneCounter | None = None) -> dict:
     """Median wall ms per step of ``warmup + steps`` steps (the first ``warmup`` untimed), peak MiB, and
@@ -580,6 +601,8 @@ def run_scene(run: Run, name: str) -> None:
             cells.append(("spconv", mode == "fp16_infer", "spconv"))
         if compat_model is not None:
             cells.append(("compat", False, "compat"))
+        if run.args.sort_ab:
+            cells.append(("sparsevox", False, "sparsevox_rows_sorted"))
         if run.variants and mode == "fp16_infer":
             cells.append(("sparsevox", True, "sparsevox_half_model"))
             if sp_model is not None:
@@ -589,8 +612,9 @@ def run_scene(run: Run, name: str) -> None:
                 break
             tuned = run.tunes.tunings
             try:
-                got = run_cell(lib, models[lib], mode, libs, labels, run.device, run.warmup, run.steps, half,
-                               run.tunes)
+                with _rows_sorted(key == "sparsevox_rows_sorted"):
+                    got = run_cell(lib, models[lib], mode, libs, labels, run.device, run.warmup, run.steps, half,
+                                   run.tunes)
             except Exception as e:
                 log.exception("%s %s %s failed", name, mode, key or lib)
                 got = {"error": _error_text(e)}

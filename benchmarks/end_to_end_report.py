@@ -52,7 +52,18 @@ def markdown(doc) -> str:
         out += [f"| {r['scene']} | {r['op'].replace('minkunet_', '')} | {_ms(r.get('ms'))} | {_ms(r['compat_ms'])} | "
                 + (f"{r['compat_overhead']:+.1%} | " if r.get("compat_overhead") is not None else "— | ")
                 + f"{_err(par.get(r['scene'], {}).get('compat_logits_fp32_eval'))} |" for r in compat]
-    variants = [r for r in doc["records"] if r.get("variants")]
+    ab = [r for r in doc["records"] if "sparsevox_rows_sorted" in r.get("variants", {})]
+    if ab:
+        out += ["", "Slot sort A/B (`--sort-ab`): native sparsevox with the default policy (float16 rows unsorted, "
+                    "float32 sorted) and with every dtype's rows sorted, against the same spconv measurement", "",
+                "| scene | mode | default ms | sorted ms | spconv ms | ratio default | ratio sorted |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for r in ab:
+            srt, sp = r["variants"]["sparsevox_rows_sorted"], r.get("peer", {}).get("spconv")
+            ratio = (f"{sp / srt:.2f}×" if isinstance(srt, (int, float)) and srt and sp else "—")
+            out.append(f"| {r['scene']} | {r['op'].replace('minkunet_', '')} | {_ms(r.get('ms'))} | {_ms(srt)} | "
+                       f"{_ms(sp)} | " + (f"{r['ratio']:.2f}×" if r.get("ratio") else "—") + f" | {ratio} |")
+    variants = [r for r in doc["records"] if "sparsevox_half_model" in r.get("variants", {})]
     if variants:
         out += ["", "float16 inference variants (ms): sparsevox on a float16 copy of the model; spconv's float32 "
                     "model under autocast alone", "", "| scene | sparsevox_half_model | spconv_autocast |",
