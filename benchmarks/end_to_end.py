@@ -371,6 +371,16 @@ def make_step(lib, model, mode, libs: Libraries, labels, device, half_model=Fals
 
 
 
+def _torch_allocator_in_use() -> bool:
+    """Whether sparsevox's CuPy allocations go through torch's allocator (``SPARSEVOX_TORCH_ALLOCATOR=1``), so
+    that the peak memory figures include the kernel maps and tables (else they leave them out)."""
+    try:
+        from sparsevox.adapters.torch import torch_allocator_in_use
+        return bool(torch_allocator_in_use())
+    except ImportError:
+        return False
+
+
 @contextlib.contextmanager
 def _rows_sorted(on: bool):
     """Sort every dtype's rows (``sparsevox.config.sort_rows(True)``) inside, when ``on``; the policy
@@ -504,6 +514,7 @@ def document(run: Run) -> dict:
                      "modes": run.modes, "widths": list(run.widths), "num_classes": NUM_CLASSES,
                      "tf32": bool(sparsevox.allow_tf32()), "plan_compat": bool(run.args.plan_compat),
                      "sort_rows": sparsevox.config.sort_rows(),
+                     "torch_allocator": _torch_allocator_in_use(),
                      "sparsevox": sparsevox.__version__,
                      "torch": torch.__version__, "python": sys.version.split()[0],
                      "step": "points -> torch voxelisation -> fresh Voxels / SparseConvTensor -> model "

@@ -33,7 +33,11 @@ def markdown(doc) -> str:
            f"{doc.get('commit')})", "",
            f"SparseResUNet42 shape (widths {s.get('widths')}), {s.get('num_classes')} classes; every step: "
            f"{s.get('step')}. Median of {s.get('steps')} steps after {s.get('warmup')} warm-up steps, "
-           f"CUDA-synchronised wall ms; peak = max_memory_allocated over the timed steps. Ratio = spconv ms / sparsevox "
+           f"CUDA-synchronised wall ms; peak = max_memory_allocated over the timed steps"
+           + ("" if s.get("torch_allocator") else
+              " (torch's allocator only: sparsevox's kernel maps and tables live in CuPy's pool and are not "
+              "counted; SPARSEVOX_TORCH_ALLOCATOR=1 counts them)")
+           + f". Ratio = spconv ms / sparsevox "
            f"ms (> 1: sparsevox faster). fp16_infer: {s.get('fp16_infer')}. Peers: {doc.get('peers')}.", "",
            "| scene | voxels | mode | sparsevox ms | spconv ms | ratio | sparsevox peak MiB | spconv peak MiB |",
            "|---|---:|---|---:|---:|---:|---:|---:|"]

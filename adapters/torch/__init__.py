@@ -30,12 +30,14 @@ from .layers import (AvgPool3d, BatchNorm, GlobalPool, InstanceNorm, MaxPool3d, 
                      Unpool, cat_voxels)
 from .models import MinkUNet
 from .ops import avg_pool, devoxelize, from_dense, global_pool, max_pool, to_dense, unpool
+from . import memory
+from .memory import torch_allocator_in_use, use_torch_allocator
 from .plan import plan_maps
 from .tune import tune_model
 
 __all__ = list(functional.__all__) + list(ops.__all__) + [
     "SparseSequential", "BatchNorm", "InstanceNorm", "ResidualBlock", "cat_voxels", "MaxPool3d", "AvgPool3d",
-    "GlobalPool", "Unpool", "MinkUNet", "tune_model", "plan_maps"]
+    "GlobalPool", "Unpool", "MinkUNet", "tune_model", "plan_maps", "use_torch_allocator", "torch_allocator_in_use"]
 
 
 def __getattr__(name):
@@ -58,3 +60,4 @@ class _Package(types.ModuleType):
 
 _MISSING = object()
 sys.modules[__name__].__class__ = _Package
+memory._from_env()  # SPARSEVOX_TORCH_ALLOCATOR=1: CuPy's allocations through torch's allocator

@@ -1,0 +1,116 @@
+"""CuPy's allocations through torch's caching allocator (adapters/torch/memory.py): the wiring on the CPU
+with a stand-in CuPy, the real thing on the GPU (torch sees the maps' memory, results unchanged)."""
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+svt = pytest.importorskip("sparsevox.adapters.torch")
+from sparsevox.adapters.torch import memory  # noqa: E402
+
+
+class _Pool:
+    def malloc(self, size):
+        return ("pool", size)
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """A stand-in ``cupy`` module: its allocator slot, PythonFunctionAllocator and a current stream; torch's
+    raw allocator entry points record their calls."""
+    pool = _Pool()
+    cuda = types.SimpleNamespace()
+    cuda.allocator = pool.malloc
+
+    class PythonFunctionAllocator:
+        def __init__(self, malloc, free):
+            self._m, self._f = malloc, free
+
+        def malloc(self, size):
+            return ("ours", self._m(size, 0))
+
+    cuda.PythonFunctionAllocator = PythonFunctionAllocator
+    cuda.get_allocator = lambda: cuda.allocator
+    cuda.set_allocator = lambda a: setattr(cuda, "allocator", a)
+    cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=0xABC)
+    fake = types.ModuleType("cupy")
+    fake.cuda = cuda
+    fake.get_default_memory_pool = lambda: pool
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    calls = []
+    monkeypatch.setattr(torch._C, "_cuda_cudaCachingAllocator_raw_alloc",
+                        lambda size, stream: calls.append(("alloc", size, stream)) or 0x1000, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_cudaCachingAllocator_raw_delete",
+                        lambda ptr: calls.append(("delete", ptr)), raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(memory, "_state", {})
+    return fake, calls
+
+
+def test_allocations_go_to_torch_on_cupys_stream_and_back(fake_cupy):
+    fake, calls = fake_cupy
+    default = fake.cuda.get_allocator()
+    assert memory.use_torch_allocator(True) is True and memory.torch_allocator_in_use()
+    assert fake.cuda.get_allocator()(256) == ("ours", 0x1000)
+    assert calls == [("alloc", 256, 0xABC)]
+    malloc, free = memory._malloc_free(fake)
+    free(0x1000, 0)
+    assert calls[-1] == ("delete", 0x1000)
+    assert memory.use_torch_allocator(True) is True  # again: no second wrapper
+    assert memory.use_torch_allocator(False) is False and fake.cuda.get_allocator() is default
+    assert not memory.torch_allocator_in_use()
+
+
+def test_a_foreign_allocator_is_left_in_place(fake_cupy):
+    fake, _ = fake_cupy
+    foreign = lambda size: ("foreign", size)  # noqa: E731
+    fake.cuda.set_allocator(foreign)
+    with pytest.raises(RuntimeError, match="not its default memory pool"):
+        memory.use_torch_allocator(True)
+    assert fake.cuda.get_allocator() is foreign
+    assert memory.use_torch_allocator(False) is False and fake.cuda.get_allocator() is foreign
+
+
+def test_bad_arguments_are_value_errors():
+    with pytest.raises(ValueError, match="enabled must be True or False"):
+        memory.use_torch_allocator(1)
+    env = {**os.environ, "SPARSEVOX_TORCH_ALLOCATOR": "maybe"}
+    r = subprocess.run([sys.executable, "-c", "import sparsevox.adapters.torch"], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and "SPARSEVOX_TORCH_ALLOCATOR must be 0 or 1" in r.stderr
+
+
+@pytest.mark.gpu
+def test_torch_sees_the_maps_memory_and_results_do_not_change(rng):
+    import cupy
+    from reference import random_voxels
+
+    import sparsevox as sv
+    coords = torch.from_numpy(random_voxels(rng, 20000, extent=40, batches=2)).cuda()
+    feats = torch.randn(len(coords), 32, device="cuda")
+    w = torch.randn(27, 32, 32, device="cuda") / 30
+
+    def run():
+        v = sv.Voxels(coords.clone(), feats)
+        return svt.spatially_sparse_conv(v, w).feats
+    ref = run()
+    torch.cuda.synchronize()
+    pool = cupy.get_default_memory_pool()
+    try:
+        assert svt.use_torch_allocator(True)
+        before_pool = pool.used_bytes()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        got = run()
+        torch.cuda.synchronize()
+        grew = torch.cuda.max_memory_allocated() - base
+        maps = 27 * len(coords) * 4  # at least the neighbour table of the SubM map
+        assert grew >= maps, f"torch saw {grew} bytes, the map alone is {maps}"
+        assert pool.used_bytes() <= before_pool  # nothing new in CuPy's pool
+        np.testing.assert_array_equal(got.cpu().numpy(), ref.cpu().numpy())
+    finally:
+        svt.use_torch_allocator(False)
