@@ -67,7 +67,9 @@ __device__ __forceinline__ void mma1688_tf32(float (&d)[4], const unsigned (&a)[
 
 // x = big + small + O(2^-22 |x|): big is x rounded to TF32 (nearest, ties away), small the rest rounded to
 // TF32. Three TF32 products (small*big + big*small + big*big, CUTLASS's OpMultiplyAddFastF32) then carry
-// a float32 product to about 2^-21 relative, where one TF32 product keeps 2^-11.
+// a float32 product to about 2^-21 relative, where one TF32 product keeps 2^-11. Non-finite inputs: an
+// infinite operand meets the other operand's small part (0 for TF32-exact values) in the big*small MMA,
+// so the sum is NaN where the SIMT kernel gives +-Inf (so does CUTLASS's fast-F32 GEMM); NaN stays NaN.
 __device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
     asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big) : "f"(x));
     const float rest = x - __uint_as_float(big);

@@ -9,7 +9,8 @@ wgrad: ``dW[k] = X[in_k]^T @ dY[out_k]`` over chunks of pairs (split-K), float32
 float16/bfloat16 run on tensor cores (mma.sync m16n8k16, float32 accumulation); float32 and float64
 run an exact SIMT path in their own precision, and float32 also 3xTF32 on tensor cores (``tf32x3``: each
 operand split into two TF32 parts, three m16n8k8 MMAs, ~2^-21 relative per product: within the float32
-bound of the autotuner's check, which judges it like any other float32 candidate). Derived tables are cached in ``kmap.derived`` under
+bound of the autotuner's check, which judges it like any other float32 candidate; an infinite input
+gives NaN where the SIMT path gives an infinity: Inf times the other operand's zero small part). Derived tables are cached in ``kmap.derived`` under
 ``implicit_gemm.*`` keys; compiled kernels are cached per (dtype, tile, vector) instantiation.
 
 Registered as IMPLICIT_GEMM (conv), GPU only. Search space (the reference guide's names): forward and
