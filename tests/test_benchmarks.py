@@ -82,7 +82,7 @@ def test_report_table_and_plot_with_a_peer(dry_run, tmp_path):
     assert "2.00×" in text and "map_build" in text
 
 
-PROBES = ("small_layer_profile", "tile_sweep", "train_step_profile", "tf32x3")  # benchmarks/probes/
+PROBES = ("small_layer_profile", "tile_sweep", "train_step_profile", "tf32x3", "jax_compiles")  # benchmarks/probes/
 
 
 @pytest.mark.parametrize("module", [*PROBES, "map_build_timeline"])
