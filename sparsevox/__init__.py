@@ -10,7 +10,7 @@ torch, JAX and Flax. The core may import ``tuning`` at import time, but no frame
 """
 from .tuning.algo_inputs import (SPARSE_CONV_BWD_ALGO_MODE, SPARSE_CONV_FWD_ALGO_MODE,
                                  SPARSE_DEPTHWISE_CONV_BWD_ALGO_MODE, SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE)
-from .config import allow_tf32
+from .config import allow_tf32, allow_tf32x3
 from .conv import conv_backward, conv_forward, spatially_sparse_conv
 from .depthwise import depthwise_backward, depthwise_forward, spatially_sparse_depthwise_conv
 from .errors import AlgorithmUnavailableError, MissingDependencyError
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Voxels", "KernelMap", "kernel_map", "strided_output_voxels", "spatially_sparse_conv",
     "spatially_sparse_depthwise_conv",
-    "conv_forward", "conv_backward", "depthwise_forward", "depthwise_backward", "allow_tf32",
+    "conv_forward", "conv_backward", "depthwise_forward", "depthwise_backward", "allow_tf32", "allow_tf32x3",
     "SPARSE_CONV_FWD_ALGO_MODE", "SPARSE_CONV_BWD_ALGO_MODE", "SPARSE_DEPTHWISE_CONV_FWD_ALGO_MODE",
     "SPARSE_DEPTHWISE_CONV_BWD_ALGO_MODE", "AlgorithmUnavailableError", "MissingDependencyError",
     "max_pool", "avg_pool", "global_pool", "unpool", "devoxelize", "to_dense", "from_dense",

@@ -50,13 +50,38 @@ def sort_rows(enabled=None, dtype_name: str | None = None) -> bool | str:
         if enabled != _sort_rows:
             # the process's memo of choices and plans was made under the old order (a mask split tuned on
             # sorted rows): forget it; launches already prepared on a map keep the order they were made with
-            from .tuning import tune_cache
-            with tune_cache._lock:
-                tune_cache.choices.clear()
-                tune_cache.plans.clear()
+            _forget_choices()
         _sort_rows = enabled
     if dtype_name is None:
         return _sort_rows
     if _sort_rows == "auto":
         return dtype_name not in ("float16", "bfloat16")
     return _sort_rows
+
+
+_tf32x3 = os.environ.get("SPARSEVOX_ALLOW_TF32X3", "1").strip().lower() not in ("0", "false", "no")
+
+
+def allow_tf32x3(enabled: bool | None = None) -> bool:
+    """Get, or set with ``enabled``, whether float32 convolutions may run the 3xTF32 tensor-core kernels
+    (IMPLICIT_GEMM ``tf32x3``: float32-level error, judged by the autotuner's float32 check like the exact
+    SIMT kernels; not bit-identical to them, and an infinite input gives NaN where they give Inf).
+
+    On by default; ``False`` (or ``SPARSEVOX_ALLOW_TF32X3=0``) keeps float32 on the SIMT kernels. A change
+    forgets this process's tuned choices (the tuning cache file keeps both kinds under distinct keys).
+    """
+    global _tf32x3
+    if enabled is not None:
+        if not isinstance(enabled, bool):
+            raise ValueError(f"enabled must be True or False, got {enabled!r}")
+        if enabled != _tf32x3:
+            _forget_choices()
+        _tf32x3 = enabled
+    return _tf32x3
+
+
+def _forget_choices() -> None:
+    from .tuning import tune_cache
+    with tune_cache._lock:
+        tune_cache.choices.clear()
+        tune_cache.plans.clear()

@@ -93,3 +93,28 @@ def test_one_pair_rows_use_the_csr_order_sorted_or_not():
     assert _csr_ordered(down, True, False, 0, 4) is False  # a part of the offsets
     assert _csr_ordered(down, False, False, 0, 8) is False  # the forward table: rows have up to 8 pairs
     assert _csr_ordered(down, False, True, 0, 8) is True
+
+
+def test_tf32x3_switch_removes_the_candidates_and_marks_the_key():
+    from sparsevox.algorithms import implicit_gemm as ig
+    from sparsevox.tuning import tune_cache
+    assert config.allow_tf32x3() is True  # on by default
+    assert any(p.get("tf32x3") for p in ig.fwd_params("float32", 128, 27))
+    tune_cache.choices["probe"] = 1
+    try:
+        assert config.allow_tf32x3(False) is False
+        assert "probe" not in tune_cache.choices  # the process's choices are forgotten
+        assert not any(p.get("tf32x3") for p in ig.fwd_params("float32", 128, 27) + ig.wgrad_params("float32", 128, 128))
+        assert autotune.cache_key(_problem("float32")).count("|no3xtf32") == 1
+        assert "|no3xtf32" not in autotune.cache_key(_problem("float16"))
+    finally:
+        config.allow_tf32x3(True)
+    assert "|no3xtf32" not in autotune.cache_key(_problem("float32"))
+    with pytest.raises(ValueError, match="enabled must be True or False"):
+        config.allow_tf32x3("no")
+
+
+def test_tf32x3_environment_variable():
+    out = subprocess.run([sys.executable, "-c", "import sparsevox as sv; print(sv.allow_tf32x3())"], check=True,
+                         capture_output=True, text=True, env={**os.environ, "SPARSEVOX_ALLOW_TF32X3": "0"})
+    assert out.stdout.strip() == "False"

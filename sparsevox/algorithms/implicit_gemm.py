@@ -730,18 +730,23 @@ def fwd_params(dtype_name: str, c_out: int, num_offsets: int = 27) -> list[dict]
     cap = max(32, _pow2ceil(c_out))
     tiles = [{"fwd_block_size": bm, "gemm_block_size": bn} for (bm, bn) in sorted(tiles_for(dtype_name)) if bn <= cap]
     tf32 = [{"fwd_block_size": bm, "gemm_block_size": bn, "tf32x3": True} for (bm, bn) in sorted(TF32X3_TILES)
-            if bn <= cap] if dtype_name == "float32" else []
+            if bn <= cap] if _tf32x3_offered(dtype_name) else []
     if num_offsets < MASK_SPLIT_MIN_K or not _sorted(None, dtype_name):
         return tiles + tf32  # a split's passes pay only through their own slot sorts
     splits = (2, 3) if c_out >= MASK_SPLIT_3_MIN_C and not is_tc(dtype_name) else (2,)
     return tiles + [dict(t, mask_split=s) for s in splits for t in tiles] + tf32
 
 
+def _tf32x3_offered(dtype_name: str) -> bool:
+    from ..config import allow_tf32x3
+    return dtype_name == "float32" and allow_tf32x3()
+
+
 def wgrad_params(dtype_name: str, c_in: int, c_out: int) -> list[dict]:
     cap = max(32, _pow2ceil(max(c_in, c_out)))
     sizes = [t for t in WGRAD_TILES if t <= cap and (is_tc(dtype_name) or t <= 64)][-2:]
     out = [{"gemm_block_size": t, "split_k_factor": s} for t in sizes for s in SPLIT_FACTORS]
-    if dtype_name == "float32":  # 3xTF32 on tensor cores, tiles as the half types'
+    if _tf32x3_offered(dtype_name):  # 3xTF32 on tensor cores, tiles as the half types'
         sizes = [t for t in WGRAD_TILES if t <= cap][-2:]
         out += [{"gemm_block_size": t, "split_k_factor": s, "tf32x3": True} for t in sizes for s in (1, 2, 4)]
     return out

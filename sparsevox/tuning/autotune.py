@@ -87,7 +87,15 @@ def cache_key(problem) -> str:
     if _version_key is None:
         from .. import __version__
         _version_key = f"sparsevox {__version__}|check {CHECK_VERSION}"
-    return f"{problem.key()}{_rows_key(problem)}|{_version_key}"
+    return f"{problem.key()}{_variant_key(problem)}|{_version_key}"
+
+
+def _variant_key(problem) -> str:
+    """What process-wide switches add to a problem's key: :func:`_rows_key`, and ``|no3xtf32`` for a GPU
+    float32 convolution while :func:`sparsevox.config.allow_tf32x3` is off (its choices differ)."""
+    from ..config import allow_tf32x3
+    off = problem.device == "gpu" and problem.op == "conv" and problem.dtype == "float32" and not allow_tf32x3()
+    return _rows_key(problem) + ("|no3xtf32" if off else "")
 
 
 def _rows_key(problem) -> str:
