@@ -86,7 +86,7 @@ from sparsevox.voxels import Voxels
 
 log = logging.getLogger("sparsevox.adapters.jax")
 
-__all__ = ["JaxKernelMap", "kernel_map", "conv_features", "depthwise_features", "spatially_sparse_conv",
+__all__ = ["JaxKernelMap", "bucket_rows", "kernel_map", "conv_features", "depthwise_features", "spatially_sparse_conv",
            "spatially_sparse_depthwise_conv", "init_conv", "apply_conv", "SpatiallySparseConv",
            "SpatiallySparseDepthwiseConv",
            # network ops: on Voxels, and on features with the geometry built outside jit
@@ -99,13 +99,48 @@ __all__ = ["JaxKernelMap", "kernel_map", "conv_features", "depthwise_features", 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class JaxKernelMap:
-    """A kernel map as a JAX pytree: ``in_maps``/``out_maps`` int32 ``[L]`` arrays; static sizes."""
+    """A kernel map as a JAX pytree: ``in_maps``/``out_maps`` int32 ``[L]`` arrays; static sizes.
+
+    A *bucketed* map (:meth:`bucketed_from_core`) has static sizes rounded up to buckets
+    (:func:`bucket_rows`) so that maps of scans of similar size share one compiled program: its arrays
+    are padded to ``L`` = the pair count's power of two (at least 256), ``num_in``/``num_out`` are the row buckets, ``offsets`` is
+    ``(0, ..., 0, L)`` (only its length, K + 1, is read), and ``valid`` (int32 ``[2]``, a traced leaf)
+    holds the real input and output row counts. Its convolutions read the leading real rows of the
+    features and write zeros to the padding rows of their outputs."""
     in_maps: jax.Array
     out_maps: jax.Array
     offsets: tuple = dataclasses.field(metadata=dict(static=True))
     num_in: int = dataclasses.field(metadata=dict(static=True))
     num_out: int = dataclasses.field(metadata=dict(static=True))
     source: "_Source | None" = dataclasses.field(default=None, metadata=dict(static=True))
+    valid: "jax.Array | None" = None
+    bucketed: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @classmethod
+    def bucketed_from_core(cls, kmap: KernelMap, num_in: int, num_out: int) -> "JaxKernelMap":
+        """The map with its rows padded to ``num_in``/``num_out`` (>= the map's own; the caller's row
+        buckets of its input and output sites) and its pairs to a power of two."""
+        if num_in < kmap.num_in or num_out < kmap.num_out:
+            raise ValueError(f"bucketed rows ({num_in}, {num_out}) must hold the map's own ({kmap.num_in}, "
+                             f"{kmap.num_out})")
+        key = ("jax.bucketed", num_in, num_out)
+        t = kmap.derived.get(key)
+        if t is None:
+            # pairs to a power of two: the padding pairs cost only int32 memory (the callbacks read the real
+            # ones), and the coarser buckets of the ~14 maps of a network change its signature less often
+            length = max(256, 1 << max(kmap.num_pairs - 1, 0).bit_length())
+            arrays = []
+            for a in (kmap.in_maps, kmap.out_maps):
+                xp = array_module(a)
+                padded = xp.zeros(length, dtype=xp.int32)
+                padded[:kmap.num_pairs] = a
+                arrays.append(_to_jax(padded))
+            valid = jnp.asarray(np.array([kmap.num_in, kmap.num_out], dtype=np.int32))
+            t = cls(arrays[0], arrays[1], (0,) * kmap.num_offsets + (length,), num_in, num_out, None, valid, True)
+            object.__setattr__(t, "_core", kmap)  # as from_core: the user's map keeps the core map alive
+            _register_bucketed(t, kmap)
+            kmap.derived[key] = t
+        return t
 
     @classmethod
     def from_core(cls, kmap: KernelMap) -> "JaxKernelMap":
@@ -150,6 +185,60 @@ class _Source:
                 return None
             self.verified.add(key)
         return core
+
+
+def bucket_rows(n: int) -> int:
+    """``n`` rounded up to a bucket: 256 up to 256, else a multiple of ``2^(floor(log2 n) - 3)`` (eight
+    buckets per power of two, at most 12.5 % padding), so scans of similar size share bucketed shapes."""
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if n <= 256:
+        return 256
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+# Bucketed maps by the device (or host) addresses of their padded JAX arrays: the callbacks receive those
+# buffers and find the core map (its real sizes and cached tables) there; an entry goes with its arrays.
+_bucketed: dict = {}
+
+
+def _register_bucketed(t: "JaxKernelMap", core: KernelMap) -> None:
+    key = (t.in_maps.unsafe_buffer_pointer(), t.out_maps.unsafe_buffer_pointer())
+    _bucketed[key] = (weakref.ref(core), weakref.ref(t.in_maps), weakref.ref(t.out_maps))
+    weakref.finalize(t.in_maps, _bucketed.pop, key, None)
+
+
+def _bucketed_core(i, o, on_gpu: bool, kmap: "JaxKernelMap") -> KernelMap:
+    """The core map of a bucketed map's buffers: by their addresses (the map passed into ``jit``), else
+    (a map closed over by a jitted function: XLA made constants of copies) by comparing the buffers with
+    every live bucketed map of that shape, on every call: a remembered address could later hold another
+    map's constants."""
+    ai, ao = (_addr(i), _addr(o)) if on_gpu else (i.__array_interface__["data"][0], o.__array_interface__["data"][0])
+    hit = _bucketed.get((ai, ao))
+    core = hit[0]() if hit is not None else None
+    if core is not None:
+        return core
+    xp = np
+    if on_gpu:
+        import cupy as xp
+    iv, ov = (_view(i, True), _view(o, True)) if on_gpu else (i, o)
+    for ref_core, ref_in, ref_out in list(_bucketed.values()):
+        c, a, b = ref_core(), ref_in(), ref_out()
+        if c is None or a is None or b is None or a.shape != iv.shape or c.num_offsets != len(kmap.offsets) - 1:
+            continue
+        if bool(xp.array_equal(iv, _view(a, on_gpu))) and bool(xp.array_equal(ov, _view(b, on_gpu))):
+            if not _bucketed_warned:
+                _bucketed_warned.append(True)
+                log.warning("a bucketed kernel map was closed over by a jitted function: each convolution compares "
+                            "its pairs with the live maps (slow on the GPU); pass the maps into jit as arguments")
+            return c
+    raise RuntimeError("a bucketed kernel map reached a convolution after its map was freed (keep the "
+                       "JaxKernelMap, or the LevelMaps holding it, alive while jitted code uses it)")
+
+
+_bucketed_warned: list = []
 
 
 def _to_jax(a):
@@ -224,6 +313,8 @@ def _core_map(in_maps, out_maps, kmap: JaxKernelMap) -> KernelMap:
 
 def _map_of(i, o, kmap: JaxKernelMap, on_gpu: bool) -> KernelMap:
     """The core KernelMap of the map buffers: by address when it is known (no views), else via views."""
+    if kmap.bucketed:
+        return _bucketed_core(i if on_gpu else np.asarray(i), o if on_gpu else np.asarray(o), on_gpu, kmap)
     if on_gpu:
         ai, ao = _addr(i), _addr(o)
         hit = live_map(ai, ao, i.shape[0], kmap.num_in, kmap.num_out)
@@ -306,7 +397,7 @@ def _ffi_forward(feats, weight, kmap: JaxKernelMap, fwd_algo):
     ``SPARSEVOX_JAX_FFI`` is ``1``, for a map on the GPU whose planned algorithm is IMPLICIT_GEMM. XLA
     launches the prepared kernels on its own stream with no Python in the step (command buffers: not
     yet; the handler does not declare itself compatible)."""
-    if not _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "0"))[0]:
+    if kmap.bucketed or not _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "0"))[0]:
         return None
     core = kmap.source.ref() if kmap.source is not None else None
     if core is None or array_module(core.in_maps) is np:
@@ -333,6 +424,8 @@ def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
     def fast(outs, ins, stream):
         # Only a map known by its buffers' addresses: finding one otherwise compares arrays and may copy,
         # which must run inside XLA's device and stream (``run``).
+        if kmap.bucketed:
+            return False  # the prepared launch writes exact-size outputs
         f, w, i, o = ins
         ai, ao = _addr(i), _addr(o)
         core_map = live_map(ai, ao, i.shape[0], kmap.num_in, kmap.num_out)
@@ -347,6 +440,12 @@ def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
     def run(outs, ins, on_gpu):
         f, w, i, o = ins
         core_map = _map_of(i, o, kmap, on_gpu)
+        if kmap.bucketed:
+            out = _view(outs[0], on_gpu)
+            n_in, n_out = core_map.num_in, core_map.num_out
+            out[:n_out] = core(_view(f, on_gpu)[:n_in], _view(w, on_gpu), core_map, fwd_algo)
+            out[n_out:] = 0
+            return
         key = key_of(f, w)
         prep = core_map.derived.get(key) if on_gpu else False
         if prep and prep.launch(_addr(f), _addr(w), _addr(outs[0])):
@@ -382,6 +481,14 @@ def _backward(op, feats, weight, kmap: JaxKernelMap, grad, bwd_algo):
     def run(outs, ins, on_gpu):
         g, f, w, i, o = ins
         core_map = _map_of(i, o, kmap, on_gpu)
+        if kmap.bucketed:
+            n_in, n_out = core_map.num_in, core_map.num_out
+            gf, gw = core(_view(g, on_gpu)[:n_out], _view(f, on_gpu)[:n_in], _view(w, on_gpu), core_map, bwd_algo)
+            gf_out = _view(outs[0], on_gpu)
+            gf_out[:n_in] = gf
+            gf_out[n_in:] = 0
+            _view(outs[1], on_gpu)[...] = gw
+            return
         base = (op, str(f.dtype), tuple(f.shape), tuple(w.shape), bwd_algo, sv.allow_tf32())
         dkey, wkey = ("jax.dgrad",) + base, ("jax.wgrad",) + base
         dprep = core_map.derived.get(dkey) if on_gpu else False
@@ -597,8 +704,16 @@ def _shape(shape, dtype):
 
 # -- local pooling --
 
+def _exact_only(kmap: JaxKernelMap, what: str) -> None:
+    if kmap.bucketed:
+        raise NotImplementedError(f"{what} does not take bucketed kernel maps yet (convolutions do): build this "
+                                  f"map with kernel_map(...), unbucketed")
+
+
 def _pool_call(kind: str, feats, kmap: JaxKernelMap):
     """Forward callback: ``out`` (avg) or ``(out, argmax)`` (max)."""
+    _exact_only(kmap, "pooling")
+
     def run(outs, ins, on_gpu):
         f, i, o = ins
         pmap = pooling.pool_map(_map_of(i, o, kmap, on_gpu))

@@ -144,3 +144,40 @@ def test_a_changed_copy_is_not_taken_for_its_source_map(rng):
         np.add.at(want, om[lo:hi], f[im[lo:hi]] @ wn[kk])
     assert rel_err(got, want) < 1e-12
     assert rel_err(got, dense_conv(np.asarray(v.coords), f, wn, ks, s, 1, tr, out_coords)) > 1e-6
+
+
+@pytest.mark.parametrize("op", ["conv", "depthwise"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bucketed_map_matches_the_exact_one_under_jit_and_grad(rng, op, stride):
+    """A bucketed map (rows and pairs padded to buckets, issue 20): the real rows of the output and of the
+    features' gradient equal the unbucketed map's, the padding rows are zeros (NaN-poisoned padding
+    features must not leak), and the weight gradient is the same."""
+    from reference import random_voxels
+    v = sv.Voxels(jnp.asarray(random_voxels(rng, 500, extent=10, batches=2)), None)
+    core = sv.kernel_map(v, 3 if stride == 1 else 2, stride)
+    exact = svj.JaxKernelMap.from_core(core)
+    n_in, n_out = svj.bucket_rows(core.num_in), svj.bucket_rows(core.num_out)
+    bm = svj.JaxKernelMap.bucketed_from_core(core, n_in, n_out)
+    assert (bm.num_in, bm.num_out, len(bm.offsets)) == (n_in, n_out, core.num_offsets + 1) and bm.bucketed
+    k = core.num_offsets
+    x = jnp.asarray(rng.standard_normal((core.num_in, 6)))
+    w = jnp.asarray(rng.standard_normal((k, 6, 5) if op == "conv" else (k, 6)))
+    fn = svj.conv_features if op == "conv" else svj.depthwise_features
+    xp = jnp.full((n_in, 6), jnp.nan).at[:core.num_in].set(x)
+    f = jax.jit(fn)
+    out, out_b = f(x, w, exact), f(xp, w, bm)
+    assert out_b.shape == (n_out, out.shape[1])
+    assert rel_err(out_b[:core.num_out], out) < 1e-12 and not bool(jnp.any(out_b[core.num_out:]))
+    g = jnp.asarray(rng.standard_normal(out.shape))
+    gp = jnp.zeros((n_out, out.shape[1])).at[:core.num_out].set(g)
+    gx, gw = jax.jit(jax.grad(lambda a, b: (fn(a, b, exact) * g).sum(), argnums=(0, 1)))(x, w)
+    gx_b, gw_b = jax.jit(jax.grad(lambda a, b: (fn(a, b, bm) * gp).sum(), argnums=(0, 1)))(xp, w)
+    assert rel_err(gx_b[:core.num_in], gx) < 1e-12 and not bool(jnp.any(gx_b[core.num_in:]))
+    assert rel_err(gw_b, gw) < 1e-12
+
+
+def test_bucketed_map_must_hold_the_real_rows(rng):
+    from reference import random_voxels
+    core = sv.kernel_map(sv.Voxels(jnp.asarray(random_voxels(rng, 300, extent=8)), None), 3)
+    with pytest.raises(ValueError, match="must hold the map's own"):
+        svj.JaxKernelMap.bucketed_from_core(core, core.num_in - 1, core.num_out)

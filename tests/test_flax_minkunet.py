@@ -234,3 +234,81 @@ def test_the_package_docstring_example_runs(rng):
     exec(compile(code, "sparsevox.adapters.flax docstring", "exec"), scope)
     assert np.isfinite(float(scope["loss"])) and scope["logits"].shape == (len(coords), 20)
     assert scope["model"].stem.layers[0].layers[1].use_running_average  # model.eval() reached the norms
+
+
+# --- bucketed maps: one compilation per bucket, not per scan (issue 20) ----------------------------------
+
+def _masked_loss(logits, labels, mask):
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
+    return jnp.where(mask, ce, 0).sum() / mask.sum()
+
+
+@pytest.mark.usefixtures("jax_x64")
+def test_bucketed_maps_give_the_unbucketed_logits_statistics_and_gradients(rng):
+    """Real rows of the bucketed network equal the unbucketed one's (train mode: batch statistics over
+    the real rows only), the padding rows' logits are never NaN, running statistics and gradients match."""
+    v = _voxels(rng, n=300, extent=10)
+    net = svf.MinkUNet(4, 3, widths=SMALL, blocks=1, param_dtype=jnp.float64, rngs=nnx.Rngs(1))
+    twin = nnx.clone(net)
+    exact, bucketed = net.kernel_maps(v), twin.kernel_maps(v, bucket=True)
+    n = v.num_voxels
+    assert bucketed[0].num_sites == svj.bucket_rows(n) > n and int(bucketed[0].valid) == n
+    assert all(m.num_sites >= e.num_sites for m, e in zip(bucketed, exact))
+    labels = jnp.asarray(rng.integers(0, 3, n))
+    feats_b, labels_b, mask = bucketed[0].pad(v.feats), bucketed[0].pad(labels), bucketed[0].mask()
+    out = net(v.feats, exact)
+    out_b = twin(feats_b, bucketed)
+    assert out_b.shape == (bucketed[0].num_sites, 3) and bool(jnp.isfinite(out_b).all())
+    assert rel_err(out_b[:n], out) < 1e-12
+    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(net, nnx.BatchStat)),
+                              nnx.to_flat_state(nnx.state(twin, nnx.BatchStat))):
+        assert rel_err(b[...], a[...]) < 1e-12, p
+    g = nnx.grad(lambda m, f, maps: _cross_entropy(m(f, maps), labels))(net, v.feats, exact)
+    g_b = nnx.grad(lambda m, f, maps: _masked_loss(m(f, maps), labels_b, mask))(twin, feats_b, bucketed)
+    for (p, a), (_, b) in zip(nnx.to_flat_state(g), nnx.to_flat_state(g_b)):
+        assert rel_err(b[...], a[...]) < 1e-10, p
+
+
+def test_new_scans_in_one_bucket_reuse_the_compiled_step(rng):
+    """Scans of different voxel counts run one compiled training step per bucket signature (a trace
+    counter), where unbucketed maps compile once per scan."""
+    net = svf.MinkUNet(4, 3, widths=SMALL, blocks=1, rngs=nnx.Rngs(5))
+    traces = [0]
+
+    @nnx.jit
+    def step(model, feats, maps, labels):
+        traces[0] += 1
+        return nnx.grad(lambda m: _masked_loss(m(feats, maps), labels, maps[0].mask()))(model)
+
+    scans, shapes = [], set()
+    base = random_voxels(rng, 1200, extent=14, batches=2)
+    for drop in (0, 1, 2, 3, 4):  # nearby sizes: mostly the same buckets at every level
+        c = base[: len(base) - drop]
+        v = sv.Voxels(jnp.asarray(c), jnp.asarray(rng.standard_normal((len(c), 4)), jnp.float32))
+        maps = net.kernel_maps(v, bucket=True)
+        shapes.add(tuple(m.num_sites for m in maps) + tuple(k.in_maps.shape[0] for m in maps for k in m.maps.values()))
+        scans.append((v, maps))
+    assert len(shapes) < len(scans), shapes  # a level may cross a bucket edge once or twice, not at every scan
+    for v, maps in scans:
+        labels = maps[0].pad(jnp.asarray(rng.integers(0, 3, v.num_voxels)))
+        grads = step(net, maps[0].pad(v.feats), maps, labels)
+        assert all(bool(jnp.isfinite(g[...]).all()) for _, g in nnx.to_flat_state(grads))
+    assert traces[0] == len(shapes)  # one compilation per bucket signature, not per scan
+
+
+def test_bucket_rows():
+    assert [svj.bucket_rows(n) for n in (0, 1, 256, 257, 300, 511, 512, 513, 1000, 100_000)] == \
+        [256, 256, 256, 288, 320, 512, 512, 576, 1024, 106496]
+    for n in range(1, 5000, 37):
+        b = svj.bucket_rows(n)
+        assert b >= n and (b <= 256 or b <= n * 1.125 + 1)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        svj.bucket_rows(-1)
+
+
+def test_pooling_refuses_bucketed_maps(rng):
+    v = _voxels(rng, n=200, extent=8, dtype=jnp.float32)
+    core = sv.kernel_map(v, 2, 2)
+    bm = svj.JaxKernelMap.bucketed_from_core(core, svj.bucket_rows(core.num_in), svj.bucket_rows(core.num_out))
+    with pytest.raises(NotImplementedError, match="pooling does not take bucketed kernel maps"):
+        svj.max_pool_features(jnp.zeros((bm.num_in, 4)), bm)

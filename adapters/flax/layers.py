@@ -69,6 +69,7 @@ class SparseSequential(_KernelMaps, nnx.Sequential):
 
     def __call__(self, x, maps=None):
         moved = None
+        valid = getattr(maps, "valid", None)  # bucketed maps: the real row count of the current sites
         for i, module in enumerate(self.layers):
             if takes_maps(module):
                 if moved is not None:
@@ -78,6 +79,10 @@ class SparseSequential(_KernelMaps, nnx.Sequential):
                 x = module(x, maps)
                 if _moves_sites(module):
                     moved = i
+                    if valid is not None:
+                        valid = maps[module.map_key].valid[1]  # the output sites' real rows
+            elif valid is not None and isinstance(module, BatchNorm):
+                x = module(x, valid=valid)
             else:
                 x = module(x)
         return x
@@ -115,7 +120,11 @@ class BatchNorm(nnx.BatchNorm):
         self.mean = nnx.BatchStat(jnp.zeros(self.num_features, stats))
         self.var = nnx.BatchStat(jnp.ones(self.num_features, stats))
 
-    def __call__(self, x, use_running_average: bool | None = None):
+    def __call__(self, x, use_running_average: bool | None = None, *, valid=None):
+        """``x`` ``[N, C]``; ``valid`` (bucketed maps, int32 scalar): only rows ``< valid`` are voxels, the
+        rest padding: left out of the statistics, and zero in the result."""
+        if valid is not None:
+            return self._masked(x, use_running_average, valid)
         use_running = self.use_running_average if use_running_average is None else use_running_average
         if x.ndim != 2 or x.shape[1] != self.num_features:
             raise ValueError(f"BatchNorm({self.num_features}) needs features [N, {self.num_features}], got "
@@ -138,12 +147,41 @@ class BatchNorm(nnx.BatchNorm):
                 decay * self.mean[...] + (1 - decay) * mean.astype(self.mean.dtype))
             self.var[...] = jax.lax.stop_gradient(
                 decay * self.var[...] + (1 - decay) * (var * (n / (n - 1))).astype(self.var.dtype))
+        return self._affine(xf, mean, var, sdt).astype(dt)
+
+    def _affine(self, xf, mean, var, sdt):
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
         if self.scale is not None:
             y = y * self.scale[...].astype(sdt)
         if self.bias is not None:
             y = y + self.bias[...].astype(sdt)
-        return y.astype(dt)
+        return y
+
+    def _masked(self, x, use_running_average, valid):
+        """:meth:`__call__` over the first ``valid`` rows of ``x`` (a traced count: one compiled program
+        serves every count of a bucket); the padding rows come out as zeros, so no gradient reaches the
+        statistics through them."""
+        use_running = self.use_running_average if use_running_average is None else use_running_average
+        if x.ndim != 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"BatchNorm({self.num_features}) needs features [N, {self.num_features}], got "
+                             f"{tuple(x.shape)}")
+        params = [v[...] for v in (self.scale, self.bias) if v is not None]
+        dt = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, *(p.dtype for p in params))
+        sdt = _stats_dtype(dt)
+        keep = (jnp.arange(x.shape[0]) < valid)[:, None]
+        xf = jnp.where(keep, x.astype(sdt), 0)
+        if use_running:
+            mean, var = self.mean[...].astype(sdt), self.var[...].astype(sdt)
+        else:
+            n = valid.astype(sdt)
+            mean = xf.sum(0) / n
+            var = jnp.where(keep, jnp.square(xf - mean), 0).sum(0) / n
+            decay = self.momentum
+            self.mean[...] = jax.lax.stop_gradient(
+                decay * self.mean[...] + (1 - decay) * mean.astype(self.mean.dtype))
+            self.var[...] = jax.lax.stop_gradient(
+                decay * self.var[...] + (1 - decay) * (var * (n / jnp.maximum(n - 1, 1))).astype(self.var.dtype))
+        return jnp.where(keep, self._affine(xf, mean, var, sdt), 0).astype(dt)
 
 
 class InstanceNorm(nnx.Module):

@@ -51,14 +51,31 @@ class LevelMaps:
         maps: ``{map_key: JaxKernelMap}``, e.g. ``{"k3": ..., "k1": ..., "k2_s2": ...}``; a transposed
             map here goes from these sites to one finer set (the one it was built for).
         batch: int32 ``[N]``, the batch index of every site (coords column 0), for
-            :class:`~sparsevox.adapters.flax.InstanceNorm`.
+            :class:`~sparsevox.adapters.flax.InstanceNorm`; -1 on padding rows.
+        valid: None, or (bucketed maps, ``level_maps(..., bucket=True)``) an int32 scalar: the number of
+            real sites; rows from there to ``num_sites`` (the bucket) are padding, which the
+            convolutions skip and write as zeros and :class:`~sparsevox.adapters.flax.BatchNorm` leaves
+            out of its statistics. Pad the features with :meth:`pad` and leave the padding rows out of
+            the loss with :meth:`mask`.
     """
     maps: dict
     batch: jax.Array
+    valid: "jax.Array | None" = None
 
     @property
     def num_sites(self) -> int:
         return int(self.batch.shape[0])
+
+    def mask(self) -> jax.Array:
+        """bool ``[num_sites]``: True on the real sites (all of them for unbucketed maps)."""
+        return self.batch >= 0
+
+    def pad(self, x) -> jax.Array:
+        """``x`` ``[n, ...]`` (n = the real site count) padded with zero rows to ``[num_sites, ...]``."""
+        extra = self.num_sites - x.shape[0]
+        if extra < 0:
+            raise ValueError(f"x has {x.shape[0]} rows, more than these maps' {self.num_sites} sites")
+        return jax.numpy.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
 
     def __getitem__(self, key: str) -> svj.JaxKernelMap:
         try:
@@ -82,7 +99,7 @@ def _check_concrete(voxels) -> None:
                          f"{type(voxels).__name__}" + (" with traced coords" if isinstance(voxels, Voxels) else ""))
 
 
-def level_maps(voxels: Voxels, *modules, output_voxels: Voxels | None = None) -> LevelMaps:
+def level_maps(voxels: Voxels, *modules, output_voxels: Voxels | None = None, bucket: bool = False) -> LevelMaps:
     """Every kernel map that the convolutions inside ``modules`` need on ``voxels`` (call outside ``jit``).
 
     A module "needs a map" when it has a ``map_key`` and a ``kernel_map(voxels, output_voxels)`` method
@@ -94,6 +111,10 @@ def level_maps(voxels: Voxels, *modules, output_voxels: Voxels | None = None) ->
         voxels: the input sites of those convolutions (``feats`` may be None).
         modules: Flax modules (searched recursively) or single convolution layers.
         output_voxels: the finer sites of the non-generative transposed convolutions among them.
+        bucket: round every row and pair count up to a bucket (:func:`sparsevox.adapters.jax.bucket_rows`),
+            so scans of similar size share one compiled step: the features must then be padded to
+            ``num_sites`` rows (:meth:`LevelMaps.pad`) and the loss masked (:meth:`LevelMaps.mask`).
+            Convolutions and batch norms handle the padding; pooling does not take bucketed maps yet.
 
     Returns a :class:`LevelMaps`. A transposed layer without ``output_voxels`` is a ``ValueError``.
     """
@@ -108,7 +129,21 @@ def level_maps(voxels: Voxels, *modules, output_voxels: Voxels | None = None) ->
                 raise ValueError(f"a transposed convolution ({key}) needs output_voxels= (the finer sites it "
                                  f"writes to) to build its kernel map")
             maps[key] = sub.kernel_map(voxels, output_voxels if sub.transposed else None)
-    return LevelMaps(maps, _batch_column(voxels))
+    if not bucket:
+        return LevelMaps(maps, _batch_column(voxels))
+    for key, m in maps.items():
+        core = m._core
+        maps[key] = svj.JaxKernelMap.bucketed_from_core(core, svj.bucket_rows(core.num_in),
+                                                        svj.bucket_rows(core.num_out))
+    n = voxels.num_voxels
+    batch = np.full(svj.bucket_rows(n), -1, dtype=np.int32)
+    batch[:n] = np.asarray(_host(voxels.coords))[:, 0]
+    return LevelMaps(maps, jax.numpy.asarray(batch), jax.numpy.asarray(np.int32(n)))
+
+
+def _host(a):
+    from sparsevox._arrays import to_host
+    return to_host(a)
 
 
 def coarser(voxels: Voxels, kernel_size=2, stride=2) -> Voxels:

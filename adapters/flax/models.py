@@ -64,7 +64,7 @@ class UpStage(nnx.Module):
                                          for i in range(blocks)])
 
     def __call__(self, coarse, fine, coarse_maps: LevelMaps, fine_maps: LevelMaps):
-        up = self.norm(self.up(coarse, coarse_maps))
+        up = self.norm(self.up(coarse, coarse_maps), fine_maps)  # fine_maps: bucketed rows of the output sites
         return self.blocks(jnp.concatenate([up, fine], axis=1), fine_maps)
 
 
@@ -115,7 +115,7 @@ class MinkUNet(nnx.Module):
         self.classifier = nnx.Linear(w[8], num_classes, dtype=dtype, param_dtype=param_dtype,
                                      kernel_init=_torch_uniform(w[8]), bias_init=_torch_uniform(w[8]), rngs=rngs)
 
-    def kernel_maps(self, voxels: Voxels) -> tuple:
+    def kernel_maps(self, voxels: Voxels, bucket: bool = False) -> tuple:
         """Every map the network needs for ``voxels``, per level (call outside ``jit``).
 
         Level 0 is ``voxels``' own sites, level ``l`` the output sites of ``l`` k2 s2 convolutions
@@ -123,6 +123,11 @@ class MinkUNet(nnx.Module):
         SubM k3 (``"k3"``), the 1×1 skips where channels change (``"k1"``), the map down (``"k2_s2"``,
         levels 0-3) and the transposed map up onto level ``l - 1`` (``"k2_s2_transposed"``, levels 1-4),
         and the batch column. Returns a tuple of 5 :class:`LevelMaps`, a pytree to pass to ``__call__``.
+
+        ``bucket=True``: every level's rows and every map's pairs rounded up to buckets
+        (:func:`sparsevox.adapters.jax.bucket_rows`), so a jitted step compiles once per bucket, not once per
+        scan: pass ``maps[0].pad(feats)`` and mask the loss with ``maps[0].mask()`` (the padding rows'
+        logits are not voxels). Results on the real rows equal the unbucketed ones.
         """
         levels = [voxels]
         for _ in range(4):
@@ -132,7 +137,8 @@ class MinkUNet(nnx.Module):
             users = [self.stem] if lvl == 0 else [self.encoder[lvl - 1].blocks, self.decoder[4 - lvl].up]
             if lvl < 4:
                 users += [self.encoder[lvl].down, self.decoder[3 - lvl].blocks]
-            out.append(level_maps(levels[lvl], *users, output_voxels=levels[lvl - 1] if lvl else None))
+            out.append(level_maps(levels[lvl], *users, output_voxels=levels[lvl - 1] if lvl else None,
+                                  bucket=bucket))
         return tuple(out)
 
     def __call__(self, x, maps=None):
