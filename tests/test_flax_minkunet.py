@@ -312,3 +312,31 @@ def test_pooling_refuses_bucketed_maps(rng):
     bm = svj.JaxKernelMap.bucketed_from_core(core, svj.bucket_rows(core.num_in), svj.bucket_rows(core.num_out))
     with pytest.raises(NotImplementedError, match="pooling does not take bucketed kernel maps"):
         svj.max_pool_features(jnp.zeros((bm.num_in, 4)), bm)
+
+
+def test_bucketed_norms_ignore_padding_and_survive_tiny_levels(rng):
+    """BatchNorm over the real rows only: 0 real rows gives zeros and unchanged running statistics (no
+    NaN), 1 row leaves them unchanged too; InstanceNorm's padding rows (batch -1) come out as zeros;
+    a SparseSequential given a bare bucketed map masks its BatchNorm."""
+    bn = svf.BatchNorm(3, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
+    for valid in (0, 1):
+        y = bn(x, valid=jnp.int32(valid))
+        assert bool(jnp.isfinite(y).all()) and not bool(jnp.any(y[valid:]))
+        assert bool((bn.mean[...] == 0).all()) and bool((bn.var[...] == 1).all())
+    y5, y_exact = bn(x, valid=jnp.int32(5)), svf.BatchNorm(3, rngs=nnx.Rngs(0))(x[:5])
+    assert rel_err(y5[:5], y_exact) < 1e-6 and not bool(jnp.any(y5[5:]))
+    inorm = svf.InstanceNorm(3, affine=True, rngs=nnx.Rngs(0))
+    inorm.bias[...] = jnp.ones(3)
+    batch = jnp.asarray([0, 0, 1, 1, 1, -1, -1, -1], jnp.int32)
+    y = inorm(x, batch)
+    assert not bool(jnp.any(y[5:])) and rel_err(y[:5], inorm(x[:5], batch[:5])) < 1e-6
+    v = _voxels(rng, n=200, extent=8, dtype=jnp.float32)
+    conv = svf.SparseConv(4, 3, 3, use_bias=False, rngs=nnx.Rngs(1))
+    core = sv.kernel_map(v, 3)
+    bm = svj.JaxKernelMap.bucketed_from_core(core, svj.bucket_rows(core.num_in), svj.bucket_rows(core.num_out))
+    seq = svf.SparseSequential(conv, svf.BatchNorm(3, rngs=nnx.Rngs(2)))
+    twin = nnx.clone(seq)
+    out = seq(jnp.zeros((bm.num_in, 4)).at[:v.num_voxels].set(v.feats), bm)
+    assert rel_err(out[:v.num_voxels], twin(v.feats, svj.JaxKernelMap.from_core(core))) < 1e-5
+    assert not bool(jnp.any(out[v.num_voxels:]))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsevox.adapters import jax as svj
 from sparsevox.geometry import BATCH_MAX
 
 from .conv import SparseConv, SparseDepthwiseConv, _float_dtype, _positive
@@ -69,7 +70,7 @@ class SparseSequential(_KernelMaps, nnx.Sequential):
 
     def __call__(self, x, maps=None):
         moved = None
-        valid = getattr(maps, "valid", None)  # bucketed maps: the real row count of the current sites
+        valid = _valid_rows(maps)  # bucketed maps: the real row count of the current sites
         for i, module in enumerate(self.layers):
             if takes_maps(module):
                 if moved is not None:
@@ -79,13 +80,24 @@ class SparseSequential(_KernelMaps, nnx.Sequential):
                 x = module(x, maps)
                 if _moves_sites(module):
                     moved = i
-                    if valid is not None:
-                        valid = maps[module.map_key].valid[1]  # the output sites' real rows
+                    if valid is not None:  # the output sites' real rows
+                        kmap = maps[module.map_key] if isinstance(maps, LevelMaps) else maps
+                        valid = kmap.valid[1]
             elif valid is not None and isinstance(module, BatchNorm):
                 x = module(x, valid=valid)
             else:
                 x = module(x)
         return x
+
+
+def _valid_rows(maps):
+    """The real input rows of bucketed maps (a :class:`LevelMaps`' ``valid``, a bucketed JaxKernelMap's
+    ``valid[0]``), or None."""
+    if isinstance(maps, LevelMaps):
+        return maps.valid
+    if isinstance(maps, svj.JaxKernelMap) and maps.bucketed:
+        return maps.valid[0]
+    return None
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -173,14 +185,17 @@ class BatchNorm(nnx.BatchNorm):
         if use_running:
             mean, var = self.mean[...].astype(sdt), self.var[...].astype(sdt)
         else:
-            n = valid.astype(sdt)
+            # at least one row in the means (an empty level normalises to zeros); the running statistics
+            # move only with two rows or more (the exact path raises below two, as torch)
+            n = jnp.maximum(valid, 1).astype(sdt)
             mean = xf.sum(0) / n
             var = jnp.where(keep, jnp.square(xf - mean), 0).sum(0) / n
-            decay = self.momentum
+            decay = jnp.where(valid >= 2, self.momentum, 1.0)
             self.mean[...] = jax.lax.stop_gradient(
-                decay * self.mean[...] + (1 - decay) * mean.astype(self.mean.dtype))
+                decay * self.mean[...] + (1 - decay) * mean.astype(self.mean.dtype)).astype(self.mean.dtype)
             self.var[...] = jax.lax.stop_gradient(
-                decay * self.var[...] + (1 - decay) * (var * (n / jnp.maximum(n - 1, 1))).astype(self.var.dtype))
+                decay * self.var[...] + (1 - decay) * (var * (n / jnp.maximum(n - 1, 1))).astype(self.var.dtype)
+            ).astype(self.var.dtype)
         return jnp.where(keep, self._affine(xf, mean, var, sdt), 0).astype(dt)
 
 
@@ -224,12 +239,13 @@ class InstanceNorm(nnx.Module):
         count = jax.ops.segment_sum(jnp.ones(x.shape[0], xf.dtype), batch, rows)
         denom = jnp.maximum(count, 1)[:, None]
         mean = jax.ops.segment_sum(xf, batch, rows) / denom
-        centred = xf - mean[batch]
+        # padding rows of bucketed maps (batch -1) take no segment: zeros in, zeros out
+        centred = xf - jnp.take(mean, batch, axis=0, mode="fill", fill_value=0)
         var = jax.ops.segment_sum(centred * centred, batch, rows) / denom
-        y = centred * jax.lax.rsqrt(var + self.eps)[batch]
+        y = centred * jnp.take(jax.lax.rsqrt(var + self.eps), batch, axis=0, mode="fill", fill_value=0)
         if self.affine:
             y = y * self.scale[...].astype(y.dtype) + self.bias[...].astype(y.dtype)
-        return y.astype(dt)
+        return jnp.where((batch >= 0)[:, None], y, 0).astype(dt)
 
 
 class ResidualBlock(_KernelMaps, nnx.Module):
