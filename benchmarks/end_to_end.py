@@ -108,6 +108,8 @@ def parse_args(argv):
     ap.add_argument("--sort-ab", action="store_true",
                     help="also time native sparsevox with every dtype's rows sorted (variants.sparsevox_rows_sorted; "
                          "the policy A/B in one process against one spconv measurement)")
+    ap.add_argument("--flax", action="store_true",
+                    help="also time the Flax NNX MinkUNet (same weights, bucketed maps, nnx.jit; float32 modes)")
     ap.add_argument("--widths", nargs=9, type=int, default=None, help="MinkUNet widths (default SparseResUNet42)")
     ap.add_argument("--out", default=str(provenance.REPO / "benchmarks" / "results"), help="output folder")
     ap.add_argument("--stem", default=None, help="file-name stem (default <date>-<gpu>-<commit>)")
@@ -402,7 +404,11 @@ def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, h
     the autotuner's tunings during the timed steps (``tuned_in_timed_steps``, when ``tunes`` is given)."""
     import torch
     on_gpu = device == "cuda"
-    step, model, cleanup = make_step(lib, model, mode, libs, labels, device, half_model)
+    if lib == "flax":  # its step ends with block_until_ready; JAX's memory is not torch's to report
+        from . import flax_cell
+        step, cleanup = flax_cell.make_step(model, mode, libs.vox, labels), (lambda: None)
+    else:
+        step, model, cleanup = make_step(lib, model, mode, libs, labels, device, half_model)
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     gc.collect()
     if on_gpu:
@@ -424,7 +430,7 @@ def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, h
             sync()
             if i >= warmup:
                 samples.append((time.perf_counter() - t) * 1e3)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if on_gpu else None
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if on_gpu and lib != "flax" else None
     finally:
         cleanup()
         del model, step
@@ -513,7 +519,7 @@ def document(run: Run) -> dict:
         "settings": {"device": run.device, "quick": run.quick, "warmup": run.warmup, "steps": run.steps,
                      "modes": run.modes, "widths": list(run.widths), "num_classes": NUM_CLASSES,
                      "tf32": bool(sparsevox.allow_tf32()), "plan_compat": bool(run.args.plan_compat),
-                     "sort_rows": sparsevox.config.sort_rows(),
+                     "sort_rows": sparsevox.config.sort_rows(), "flax": bool(run.args.flax),
                      "torch_allocator": _torch_allocator_in_use(),
                      "sparsevox": sparsevox.__version__,
                      "torch": torch.__version__, "python": sys.version.split()[0],
@@ -601,7 +607,15 @@ def run_scene(run: Run, name: str) -> None:
             run.parity.setdefault(name, {})["compat_error"] = _error_text(e)
     sv_model.cpu()
     del coords0, feats0
-    models = {"sparsevox": sv_model, "spconv": sp_model, "compat": compat_model}
+    flax_model = None
+    if run.args.flax:
+        try:
+            from . import flax_cell
+            flax_model = flax_cell.build(sv_model, vox.channels, NUM_CLASSES, run.widths)
+        except Exception as e:
+            log.exception("the Flax model for %s could not be built", name)
+            run.parity.setdefault(name, {})["flax_error"] = _error_text(e)
+    models = {"sparsevox": sv_model, "spconv": sp_model, "compat": compat_model, "flax": flax_model}
     for mode in run.modes:
         rec = {"op": f"minkunet_{mode}", "scene": name, "n_voxels": n, "batch": plan.batch, "library": "sparsevox",
                "ms": None, "peak_mib": None, "peer": {}, "peer_peak_mib": {}, "ratio": None}
@@ -614,6 +628,8 @@ def run_scene(run: Run, name: str) -> None:
             cells.append(("compat", False, "compat"))
         if run.args.sort_ab:
             cells.append(("sparsevox", False, "sparsevox_rows_sorted"))
+        if flax_model is not None and mode in ("fp32_infer", "fp32_train"):
+            cells.append(("flax", False, "flax"))
         if run.variants and mode == "fp16_infer":
             cells.append(("sparsevox", True, "sparsevox_half_model"))
             if sp_model is not None:
@@ -640,6 +656,8 @@ def run_scene(run: Run, name: str) -> None:
                 rec["peer_peak_mib"]["spconv"] = got.get("peak_mib")
                 if "error" in got:
                     rec["peer_error"] = got["error"]
+            elif key == "flax":
+                rec["flax_ms"] = got.get("ms", got.get("error"))
             elif key == "compat":
                 rec["compat_ms"] = got.get("ms", got.get("error"))
                 if got.get("ms") and rec.get("ms"):
@@ -657,7 +675,7 @@ def run_scene(run: Run, name: str) -> None:
         run.records.append(rec)
         if run.out_of_time():
             break
-    del models, sv_model, sp_model, compat_model, vox, libs
+    del models, sv_model, sp_model, compat_model, flax_model, vox, libs
 
 
 def main(argv=None) -> int:

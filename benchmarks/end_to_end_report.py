@@ -56,6 +56,16 @@ def markdown(doc) -> str:
         out += [f"| {r['scene']} | {r['op'].replace('minkunet_', '')} | {_ms(r.get('ms'))} | {_ms(r['compat_ms'])} | "
                 + (f"{r['compat_overhead']:+.1%} | " if r.get("compat_overhead") is not None else "— | ")
                 + f"{_err(par.get(r['scene'], {}).get('compat_logits_fp32_eval'))} |" for r in compat]
+    fl = [r for r in doc["records"] if r.get("flax_ms") is not None]
+    if fl:
+        out += ["", "The Flax NNX MinkUNet (`--flax`: same weights, float32, bucketed kernel maps, `nnx.jit`; plain "
+                    "SGD where torch's rows use momentum): ms per step beside torch-native sparsevox and spconv", "",
+                "| scene | mode | Flax ms | sparsevox (torch) ms | spconv ms | torch / Flax |", "|---|---|---:|---:|---:|---:|"]
+        for r in fl:
+            f = r["flax_ms"]
+            ratio = f"{r['ms'] / f:.2f}×" if isinstance(f, (int, float)) and f and r.get("ms") else "—"
+            out.append(f"| {r['scene']} | {r['op'].replace('minkunet_', '')} | {_ms(f)} | {_ms(r.get('ms'))} | "
+                       f"{_ms(r.get('peer', {}).get('spconv'))} | {ratio} |")
     ab = [r for r in doc["records"] if "sparsevox_rows_sorted" in r.get("variants", {})]
     if ab:
         out += ["", "Slot sort A/B (`--sort-ab`): native sparsevox with the default policy (float16 rows unsorted, "
