@@ -137,13 +137,7 @@ class BatchNorm(nnx.BatchNorm):
         rest padding: left out of the statistics, and zero in the result."""
         if valid is not None:
             return self._masked(x, use_running_average, valid)
-        use_running = self.use_running_average if use_running_average is None else use_running_average
-        if x.ndim != 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"BatchNorm({self.num_features}) needs features [N, {self.num_features}], got "
-                             f"{tuple(x.shape)}")
-        params = [v[...] for v in (self.scale, self.bias) if v is not None]
-        dt = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, *(p.dtype for p in params))
-        sdt = _stats_dtype(dt)
+        use_running, dt, sdt = self._setup_call(x, use_running_average)
         xf = x.astype(sdt)
         if use_running:
             mean, var = self.mean[...].astype(sdt), self.var[...].astype(sdt)
@@ -161,6 +155,16 @@ class BatchNorm(nnx.BatchNorm):
                 decay * self.var[...] + (1 - decay) * (var * (n / (n - 1))).astype(self.var.dtype))
         return self._affine(xf, mean, var, sdt).astype(dt)
 
+    def _setup_call(self, x, use_running_average):
+        """``(use running statistics, result dtype, statistics dtype)`` of a call, checking ``x``'s shape."""
+        use_running = self.use_running_average if use_running_average is None else use_running_average
+        if x.ndim != 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"BatchNorm({self.num_features}) needs features [N, {self.num_features}], got "
+                             f"{tuple(x.shape)}")
+        params = [v[...] for v in (self.scale, self.bias) if v is not None]
+        dt = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, *(p.dtype for p in params))
+        return use_running, dt, _stats_dtype(dt)
+
     def _affine(self, xf, mean, var, sdt):
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
         if self.scale is not None:
@@ -173,13 +177,7 @@ class BatchNorm(nnx.BatchNorm):
         """:meth:`__call__` over the first ``valid`` rows of ``x`` (a traced count: one compiled program
         serves every count of a bucket); the padding rows come out as zeros, so no gradient reaches the
         statistics through them."""
-        use_running = self.use_running_average if use_running_average is None else use_running_average
-        if x.ndim != 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"BatchNorm({self.num_features}) needs features [N, {self.num_features}], got "
-                             f"{tuple(x.shape)}")
-        params = [v[...] for v in (self.scale, self.bias) if v is not None]
-        dt = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, *(p.dtype for p in params))
-        sdt = _stats_dtype(dt)
+        use_running, dt, sdt = self._setup_call(x, use_running_average)
         keep = (jnp.arange(x.shape[0]) < valid)[:, None]
         xf = jnp.where(keep, x.astype(sdt), 0)
         if use_running:
