@@ -340,3 +340,14 @@ def test_bucketed_norms_ignore_padding_and_survive_tiny_levels(rng):
     out = seq(jnp.zeros((bm.num_in, 4)).at[:v.num_voxels].set(v.feats), bm)
     assert rel_err(out[:v.num_voxels], twin(v.feats, svj.JaxKernelMap.from_core(core))) < 1e-5
     assert not bool(jnp.any(out[v.num_voxels:]))
+
+
+def test_training_example_on_new_scans_compiles_per_bucket(capsys):
+    """``flax_train --new-scans``: a different crop every step through bucketed maps; fewer compilations
+    than steps, and a finite loss."""
+    from sparsevox.examples import flax_train
+    before = flax_train.TRACES[0]
+    ratio = flax_train.main(["--steps", "8", "--crop", "2", "--sgd", "--new-scans"])
+    compiles = flax_train.TRACES[0] - before
+    assert np.isfinite(ratio) and 1 <= compiles < 8, compiles
+    assert f"8 scans, {compiles} compilations" in capsys.readouterr().out
