@@ -82,6 +82,7 @@ from sparsevox._arrays import (array_module, cuda_interface_view, data_ptr, exte
                                to_host)
 from sparsevox.kernel_map import KernelMap, live_map, recall
 from sparsevox.segments import FLOAT_DTYPES
+from sparsevox.tuning.problem import n_bucket
 from sparsevox.voxels import Voxels
 
 log = logging.getLogger("sparsevox.adapters.jax")
@@ -128,7 +129,7 @@ class JaxKernelMap:
         if t is None:
             # pairs to a power of two: the padding pairs cost only int32 memory (the callbacks read the real
             # ones), and the coarser buckets of the ~14 maps of a network change its signature less often
-            length = max(256, 1 << max(kmap.num_pairs - 1, 0).bit_length())
+            length = max(256, n_bucket(kmap.num_pairs))
             arrays = []
             for a in (kmap.in_maps, kmap.out_maps):
                 xp = array_module(a)

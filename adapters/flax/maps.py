@@ -138,14 +138,8 @@ def level_maps(voxels: Voxels, *modules, output_voxels: Voxels | None = None, bu
         maps[key] = svj.JaxKernelMap.bucketed_from_core(core, svj.bucket_rows(core.num_in),
                                                         svj.bucket_rows(core.num_out))
     n = voxels.num_voxels
-    batch = np.full(svj.bucket_rows(n), -1, dtype=np.int32)
-    batch[:n] = np.asarray(_host(voxels.coords))[:, 0]
-    return LevelMaps(maps, jax.numpy.asarray(batch), jax.numpy.asarray(np.int32(n)))
-
-
-def _host(a):
-    from sparsevox._arrays import to_host
-    return to_host(a)
+    batch = jax.numpy.pad(_batch_column(voxels), (0, svj.bucket_rows(n) - n), constant_values=-1)
+    return LevelMaps(maps, batch, jax.numpy.asarray(np.int32(n)))
 
 
 def coarser(voxels: Voxels, kernel_size=2, stride=2) -> Voxels:
