@@ -335,13 +335,13 @@ _DepthwiseFunction, _dw_fwd = _define("depthwise", sv.depthwise_forward, sv.dept
 _forward_ad = torch.autograd.forward_ad
 
 
-def _needs_function(feats, weight) -> bool:
+def _needs_function(*tensors) -> bool:
     """Whether an eager call must go through the autograd.Function: a gradient can flow to an input, a
     forward-AD level is open, functorch transforms are active (where the Function decides, as before), or
     torch.jit.trace records the call (the Function is one node of the trace; the forward alone would
     leave only its torch.empty there). Otherwise the forward runs alone, as the Function would run it
     under no_grad (the output has no grad_fn either way), without the Function's ~6 µs of host time."""
-    return ((torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad))
+    return ((torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
             or getattr(_forward_ad, "_current_level", 0) >= 0 or torch._C._are_functorch_transforms_active()
             or torch.jit.is_tracing())
 

@@ -1,0 +1,70 @@
+"""Inference BatchNorm fused with the ReLU and residual add after it (``kernels_cu/norm_act.cu``): one
+launch through the CUDA driver where torch's evaluation BatchNorm, the add and the ReLU are three (issue
+19: a float16 inference step is host-bound, and ``nn.BatchNorm1d``'s Python plus its launches cost ~80 µs
+per call on the H200 host, 4 ms of a 27 ms SemanticKITTI step at 7b3ec93).
+
+Framework-neutral: everything arrives as device addresses; the torch module decides when it applies
+(:class:`sparsevox.adapters.torch.BatchNorm`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import driver
+
+FEATURE_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+_BLOCK = 256
+_MAX_GRID = 1 << 20  # a grid-stride loop covers the rest
+
+
+def _names():
+    out = []
+    for t in FEATURE_TYPES.values():
+        for p in dict.fromkeys(("float", t)):
+            out += [f"batchnorm_eval<{t}, {p}, {r}>" for r in ("false", "true")]
+    return tuple(out)
+
+
+_NAMES = _names()
+_ARGS: dict = {}  # (device, kernel name) -> driver.Args
+
+
+def param_type_ok(feature_dtype: str, param_dtype: str) -> bool:
+    """Whether the kernel takes statistics/affine parameters of ``param_dtype`` with ``feature_dtype``
+    features (float32, or the features' own dtype)."""
+    return feature_dtype in FEATURE_TYPES and param_dtype in ("float32", feature_dtype)
+
+
+def batchnorm_eval(x: int, mean: int, var: int, weight: int, bias: int, residual: int, out: int, rows: int,
+                   channels: int, eps: float, feature_dtype: str, param_dtype: str, relu: bool, stream: int,
+                   device_id: int) -> None:
+    """Queue ``out = act((x - mean) * rsqrt(var + eps) * weight + bias + residual)`` on ``stream``.
+
+    Addresses: ``x``, ``residual`` (0: none) and ``out`` are C-contiguous ``[rows, channels]`` arrays of
+    ``feature_dtype`` (``out`` may be ``x``); ``mean``, ``var``, ``weight`` and ``bias`` (0: none) are
+    ``[channels]`` of ``param_dtype`` (see :func:`param_type_ok`). ``relu``: apply ReLU. The current
+    device must be ``device_id``. Raises ``ValueError`` for an unsupported dtype pair or a channel count
+    outside ``[1, 2**31)``."""
+    if not param_type_ok(feature_dtype, param_dtype):
+        raise ValueError(f"batchnorm_eval: feature dtype must be one of {sorted(FEATURE_TYPES)} and the parameter "
+                         f"dtype float32 or the feature dtype, got {feature_dtype} / {param_dtype}")
+    if not 1 <= channels < 2 ** 31:
+        raise ValueError(f"batchnorm_eval: channels must be in [1, 2**31), got {channels}")
+    n = rows * channels
+    if n == 0:
+        return
+    t = FEATURE_TYPES[feature_dtype]
+    name = f"batchnorm_eval<{t}, {FEATURE_TYPES[param_dtype]}, {'true' if relu else 'false'}>"
+    args = _ARGS.get((device_id, name))
+    if args is None:
+        from .cuda_loader import get_function
+        fn = get_function("norm_act", name, _NAMES)
+        args = _ARGS[(device_id, name)] = driver.Args(int(fn.kernel.ptr), _sample())
+    grid = min(-(-n // _BLOCK), _MAX_GRID)
+    args.launch(grid, _BLOCK, stream, (x, mean, var, weight, bias, residual, out, np.int64(n), np.int32(channels),
+                                       np.float64(eps)))
+
+
+def _sample():
+    """Arguments of the kernel's kinds (addresses, then n, c, eps), for laying out its parameter buffer."""
+    return (0, 0, 0, 0, 0, 0, 0, np.int64(0), np.int32(0), np.float64(0))

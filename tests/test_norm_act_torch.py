@@ -1,0 +1,132 @@
+"""The torch modules' fused inference BatchNorm (:meth:`sparsevox.adapters.torch.BatchNorm.fused`, used by
+``SparseSequential`` for BN + ReLU and by ``ResidualBlock`` for BN + add + ReLU), on the GPU against float64
+CPU copies of the same modules (the unfused torch chain); hooks, training and gradients take the module
+chain. The kernel itself: ``test_norm_act.py``."""
+import copy
+
+import pytest
+from reference import random_voxels
+
+import sparsevox as sv
+from sparsevox.cuda import norm_act
+
+torch = pytest.importorskip("torch", reason="torch not installed")
+svt = pytest.importorskip("sparsevox.adapters.torch")
+
+
+def test_fused_does_not_apply_on_the_cpu_or_in_training():
+    bn = svt.BatchNorm(4).eval()
+    assert bn.fused(torch.randn(5, 4)) is None  # a CPU tensor: torch's BatchNorm runs
+    bn.train()
+    assert bn.fused(torch.randn(5, 4)) is None
+
+
+def _randomised(module, rng):
+    """Random affine parameters and running statistics (a fresh module's are 1, 0, 0, 1)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            c = m.num_features
+            m.weight.data = torch.from_numpy(rng.normal(1, 0.3, c)).float()
+            m.bias.data = torch.from_numpy(rng.normal(0, 0.5, c)).float()
+            m.running_mean.data = torch.from_numpy(rng.normal(0, 1, c)).float()
+            m.running_var.data = torch.from_numpy(rng.uniform(0.2, 3, c)).float()
+    return module
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = norm_act.batchnorm_eval
+    monkeypatch.setattr(norm_act, "batchnorm_eval", lambda *a: calls.append(a[12]) or real(*a))
+    return calls
+
+
+GPU_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _voxels(rng, n, c, dtype, device):
+    coords = random_voxels(rng, n, extent=12, batches=2)
+    return sv.Voxels(torch.from_numpy(coords).to(device),
+                     torch.from_numpy(rng.normal(0, 2, (len(coords), c))).to(device=device, dtype=dtype))
+
+
+def _close(got, want, dtype):
+    got, want = got.double().cpu(), want.double().cpu()
+    scale = want.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(got, want, rtol=GPU_TOL[dtype], atol=GPU_TOL[dtype] * float(scale))
+
+
+def _bn_float64(bn, x):
+    """The torch BatchNorm chain's answer in float64 on the CPU."""
+    f = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
+    return torch.nn.functional.batch_norm(f(x), f(bn.running_mean), f(bn.running_var), f(bn.weight), f(bn.bias),
+                                          False, 0.0, bn.eps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("params_like_features", [False, True])
+def test_gpu_batchnorm_eval_is_one_launch_and_matches_float64(rng, monkeypatch, dtype, params_like_features):
+    calls = _counting(monkeypatch)
+    bn = _randomised(svt.BatchNorm(24, eps=1e-3), rng).eval().cuda()
+    if params_like_features:
+        bn.to(dtype)
+    v = _voxels(rng, 500, 24, dtype, "cuda")
+    with torch.no_grad():
+        got = bn(v).feats
+    assert calls == [False] and got.dtype == dtype and got.shape == v.feats.shape
+    _close(got, _bn_float64(bn, v.feats), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_batchnorm_reads_statistics_written_through_data(rng):
+    bn = _randomised(svt.BatchNorm(8), rng).eval().cuda()
+    v = _voxels(rng, 200, 8, torch.float16, "cuda")
+    with torch.no_grad():
+        first = bn(v).feats
+        bn.running_mean.data.add_(300.0)  # no version bump: a cached scale/shift would miss it
+        bn.weight.data.mul_(-2.0)
+        second = bn(v).feats
+    assert not torch.equal(first, second)
+    _close(second, _bn_float64(bn, v.feats), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_sequential_and_residual_block_fuse_and_match_float64(rng, monkeypatch, dtype):
+    """Conv + BN + ReLU and a residual block (both BN + ReLU and BN + add + ReLU fused) against float64 CPU
+    copies, under autocast for float16 (float32 parameters, as users run inference)."""
+    calls = _counting(monkeypatch)
+    net = _randomised(svt.SparseSequential(svt.SparseConv3d(8, 16, 3, bias=False), svt.BatchNorm(16),
+                                           torch.nn.ReLU(inplace=True), svt.ResidualBlock(16, 24)), rng).eval()
+    ref = copy.deepcopy(net).double()
+    net.cuda()
+    v = _voxels(rng, 600, 8, torch.float32, "cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=dtype == torch.float16):
+        got = net(v).feats
+    # first BN + ReLU, the block's first BN + ReLU, its skip BN (alone), its last BN + add + ReLU
+    assert sorted(calls) == [False, True, True, True]
+    with torch.no_grad():
+        want = ref(sv.Voxels(v.coords.cpu(), v.feats.double().cpu())).feats
+    _close(got, want, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_hooks_training_and_gradients_take_the_module_chain(rng, monkeypatch):
+    calls = _counting(monkeypatch)
+    net = _randomised(svt.SparseSequential(svt.SparseConv3d(4, 8, 3, bias=False), svt.BatchNorm(8),
+                                           torch.nn.ReLU()), rng).cuda().eval()
+    v = _voxels(rng, 300, 4, torch.float32, "cuda")
+    seen = []
+    handle = net[2].register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        hooked = net(v).feats
+    handle.remove()
+    assert seen == [1] and calls == [False]  # BN fused alone, the hooked ReLU called
+    calls.clear()
+    out = net(v).feats  # gradients wanted: torch's BatchNorm and ReLU
+    assert calls == [] and out.requires_grad
+    _close(out, hooked, torch.float32)
+    net.train()
+    with torch.no_grad():
+        net(v)
+    assert calls == []  # training: batch statistics, running averages updated by torch
