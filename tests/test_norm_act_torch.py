@@ -130,3 +130,22 @@ def test_gpu_hooks_training_and_gradients_take_the_module_chain(rng, monkeypatch
     with torch.no_grad():
         net(v)
     assert calls == []  # training: batch statistics, running averages updated by torch
+
+
+@pytest.mark.gpu
+def test_gpu_compat_sequential_fuses_batchnorm_and_relu(rng, monkeypatch):
+    """spconv's idiom, ``SparseSequential(SubMConv3d, nn.BatchNorm1d, nn.ReLU)`` on sparsevox.compat.spconv,
+    in evaluation: one launch for the BatchNorm and the ReLU, the float64 CPU copy's answer."""
+    spconv = pytest.importorskip("sparsevox.compat.spconv")
+    calls = _counting(monkeypatch)
+    net = _randomised(spconv.SparseSequential(spconv.SubMConv3d(4, 16, 3, bias=False, indice_key="s"),
+                                              torch.nn.BatchNorm1d(16), torch.nn.ReLU()), rng).eval()
+    ref = copy.deepcopy(net).double()
+    net.cuda()
+    coords = torch.from_numpy(random_voxels(rng, 400, extent=12, batches=2)).int()
+    feats = torch.from_numpy(rng.normal(0, 2, (len(coords), 4)))
+    with torch.no_grad():
+        got = net(spconv.SparseConvTensor(feats.float().cuda(), coords.cuda(), [12, 12, 12], 2)).features
+        want = ref(spconv.SparseConvTensor(feats, coords, [12, 12, 12], 2)).features
+    assert calls == [True]
+    _close(got, want, torch.float32)

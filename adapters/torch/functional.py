@@ -135,7 +135,10 @@ def _fwd_key(name: str, feats, weight, fwd_algo: str):
 # for torch.empty (~7 µs of host time on the H100 host for a 10 MB tensor, the largest item before a
 # small layer's launch). Costs one spare output per kernel map and layer signature, held while the map
 # is cached (on its Voxels) and not returned by torch.cuda.empty_cache(); 0 turns it off.
-SPARE_OUTPUT_MAX_BYTES = 16 << 20
+# 1 MiB, not 16: in a step on fresh maps every (map, signature) keeps its last spare until the step ends,
+# unused (SemanticKITTI's level-0 outputs are 11.7 MB each in float16), and a host-bound step gains nothing
+# from moving torch.empty after the launch; the small layers, where a launch waits on the host, keep it.
+SPARE_OUTPUT_MAX_BYTES = 1 << 20
 
 
 def _fast_forward(prep, feats, weight, key=None, kmap=None):

@@ -20,7 +20,8 @@ from sparsevox.pooling import GLOBAL_MODES
 from sparsevox.voxels import Voxels
 
 from . import ops
-from .functional import SparseConv3d, SpatiallySparseConv, SpatiallySparseDepthwiseConv, _needs_function
+from .functional import SparseConv3d, SpatiallySparseConv, SpatiallySparseDepthwiseConv
+from .norm_act import batchnorm_act, fuses, unhooked
 
 __all__ = ["SparseSequential", "BatchNorm", "InstanceNorm", "ResidualBlock", "cat_voxels", "takes_voxels",
            "MaxPool3d", "AvgPool3d", "GlobalPool", "Unpool"]
@@ -89,9 +90,8 @@ class SparseSequential(nn.Sequential):
         i, n = 0, len(modules)
         while i < n:
             module = modules[i]
-            if i + 1 < n and type(module) is BatchNorm and type(modules[i + 1]) is nn.ReLU \
-                    and isinstance(voxels, Voxels) and _unhooked(module, modules[i + 1]):
-                y = module.fused(voxels.feats, relu=True)  # evaluation on CUDA: BatchNorm + ReLU in one launch
+            if i + 1 < n and isinstance(voxels, Voxels) and fuses(module, modules[i + 1]):
+                y = batchnorm_act(module, voxels.feats, relu=True)  # evaluation on CUDA: BN + ReLU in one launch
                 if y is not None:
                     voxels = voxels.replace(y)
                     i += 2
@@ -104,21 +104,13 @@ class SparseSequential(nn.Sequential):
         return voxels
 
 
-def _unhooked(*modules) -> bool:
-    """Whether calling these modules' forwards directly skips no hook (theirs or the global ones)."""
-    from torch.nn.modules import module as m
-    if m._global_forward_hooks or m._global_forward_pre_hooks:
-        return False
-    return not any(x._forward_hooks or x._forward_pre_hooks for x in modules)
-
-
 class BatchNorm(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` over the features of ``Voxels`` (every voxel of the batch is one sample):
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel. Same arguments and state as
     ``nn.BatchNorm1d``; returns ``Voxels`` on the input's sites.
 
     In evaluation with running statistics on CUDA, when nothing is differentiated, it runs as one launch
-    of ``kernels_cu/norm_act.cu`` (:meth:`fused`), which :class:`SparseSequential` and
+    of ``kernels_cu/norm_act.cu`` (:mod:`.norm_act`), which :class:`SparseSequential` and
     :class:`ResidualBlock` also use to apply the ReLU and residual add that follow it in the same pass."""
 
     takes_voxels = True
@@ -128,44 +120,10 @@ class BatchNorm(nn.BatchNorm1d):
         return voxels.replace(super().forward(voxels.feats) if y is None else y)
 
     def fused(self, x, residual=None, relu: bool = False):
-        """``act(bn(x) + residual)`` as a new ``[N, C]`` tensor of ``x``'s dtype in one launch, or None
-        where it does not apply (training, no running statistics, a CPU tensor, a gradient to compute,
-        torch.compile, dtypes the kernel lacks): the caller then runs the modules. ``x`` and
-        ``residual`` (optional): ``[N, C]`` float16/bfloat16/float32/float64 of one dtype, on one device;
-        the statistics and affine parameters float32 or ``x``'s dtype. ``relu``: apply ReLU.
+        """``act(bn(x) + residual)`` in one launch, or None where it does not apply
+        (:func:`sparsevox.adapters.torch.norm_act.batchnorm_act`)."""
+        return batchnorm_act(self, x, residual, relu)
 
-        Arithmetic in float32 (float64 for float64 ``x``) with one rounding at the end: the residual is
-        added before the output is rounded, where the module chain rounds the BatchNorm output first.
-        The running statistics and parameters are read at every call (nothing derived is cached)."""
-        mean, var, w, b = self.running_mean, self.running_var, self.weight, self.bias
-        if self.training or mean is None or not x.is_cuda or x.dim() != 2 or x.shape[1] != self.num_features \
-                or torch.compiler.is_compiling() or _needs_function(x, w, b, residual):
-            return None
-        from sparsevox import _arrays
-        from sparsevox.cuda import norm_act
-        fdt = _DTYPE_NAMES.get(x.dtype)
-        pdt = _DTYPE_NAMES.get(mean.dtype)
-        if fdt is None or not norm_act.param_type_ok(fdt, pdt) or var.dtype != mean.dtype \
-                or any(p is not None and (p.dtype != mean.dtype or p.device != x.device) for p in (w, b)) \
-                or mean.device != x.device or var.device != x.device:
-            return None
-        if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
-                                     or residual.device != x.device):
-            return None
-        x = x.contiguous()
-        residual = None if residual is None else residual.contiguous()
-        out = torch.empty_like(x)
-        dev = x.get_device()
-        with _arrays.on_device(dev):
-            norm_act.batchnorm_eval(x.data_ptr(), mean.data_ptr(), var.data_ptr(), 0 if w is None else w.data_ptr(),
-                                    0 if b is None else b.data_ptr(), 0 if residual is None else residual.data_ptr(),
-                                    out.data_ptr(), x.shape[0], x.shape[1], self.eps, fdt, pdt, relu,
-                                    _arrays.torch_stream_handle(torch, dev), dev)
-        return out
-
-
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-                torch.float64: "float64"}
 
 
 class InstanceNorm(nn.Module):
@@ -249,10 +207,10 @@ class ResidualBlock(nn.Module):
         skip = voxels.feats if isinstance(self.skip, nn.Identity) else self.skip(voxels).feats
         modules = tuple(self.main._modules.values())
         bn = modules[-1]
-        if type(bn) is BatchNorm and type(self.relu) is nn.ReLU and _unhooked(bn, self.relu, self.main):
+        if fuses(bn, self.relu) and unhooked(self.main):
             # evaluation on CUDA: the last BatchNorm, the residual add and the ReLU in one launch
             pre = SparseSequential._run(voxels, modules[:-1])
-            y = bn.fused(pre.feats, residual=skip, relu=True)
+            y = batchnorm_act(bn, pre.feats, residual=skip, relu=True)
             return voxels.replace(self.relu(bn(pre).feats + skip) if y is None else y)
         main = self.main(voxels)
         return voxels.replace(self.relu(main.feats + skip))

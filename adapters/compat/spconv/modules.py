@@ -8,6 +8,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from sparsevox.adapters.torch.norm_act import batchnorm_act, fuses
+
 from .core import SparseConvTensor
 
 __all__ = ["SparseModule", "SparseSequential", "SparseBatchNorm", "SparseSyncBatchNorm", "SparseReLU",
@@ -99,14 +101,25 @@ class SparseSequential(SparseModule):
         self.add_module(name, module)
 
     def forward(self, input):
-        for module in self._modules.values():
+        modules = tuple(self._modules.values())
+        i, n = 0, len(modules)
+        while i < n:
+            module = modules[i]
             if is_spconv_module(module):
                 input = module(input)
             elif isinstance(input, SparseConvTensor):
                 if input.indices.shape[0] != 0:
+                    if i + 1 < n and fuses(module, modules[i + 1]):
+                        # evaluation on CUDA: nn.BatchNorm1d + nn.ReLU in one launch
+                        y = batchnorm_act(module, input.features, relu=True)
+                        if y is not None:
+                            input = input.replace_feature(y)
+                            i += 2
+                            continue
                     input = input.replace_feature(module(input.features))
             else:
                 input = module(input)
+            i += 1
         return input
 
 
