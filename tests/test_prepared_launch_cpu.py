@@ -120,9 +120,15 @@ def fake_driver(monkeypatch):
 
     def launch_kernel(func, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         n = rec.kernels[func].n_args
-        ptrs = (ctypes.c_void_p * n).from_address(params)
+        if params:  # an array of pointers to each argument
+            ptrs = (ctypes.c_void_p * n).from_address(params)
+            args = [ctypes.string_at(p, 8) for p in ptrs]
+        else:  # one buffer through extra (CU_LAUNCH_PARAM_BUFFER_POINTER, _SIZE, _END): split by _assert_args
+            ext = (ctypes.c_void_p * 5).from_address(extra)
+            assert (ext[0], ext[2], ext[4]) == (1, 2, None)
+            args = ctypes.string_at(ext[1], ctypes.c_size_t.from_address(ext[3]).value)
         rec.launches.append(dict(func=func, grid=(gx, gy, gz), block=(bx, by, bz), smem=smem, stream=stream,
-                                 extra=extra, args=[ctypes.string_at(p, 8) for p in ptrs]))
+                                 args=args))
 
     class Device:
         def __init__(self, dev):
@@ -156,7 +162,16 @@ def _assert_args(launch, template, holes, a, b, out):
     want = list(template)
     for h, v in zip(holes, (a, b, out)):
         want[h] = v
-    for i, (got, v) in enumerate(zip(launch["args"], want)):
+    got_args = launch["args"]
+    if isinstance(got_args, bytes):  # a packed buffer: each argument at an offset aligned to its size (C)
+        buf, got_args, offset = got_args, [], 0
+        for v in want:
+            size = len(_cupy_bytes(v))
+            offset = -(-offset // size) * size
+            got_args.append(buf[offset:offset + size])
+            offset += size
+        assert len(buf) >= offset
+    for i, (got, v) in enumerate(zip(got_args, want)):
         expect = _cupy_bytes(v)
         assert got[:len(expect)] == expect, f"argument {i} ({v!r}): {got[:len(expect)]!r} != {expect!r}"
 
@@ -171,8 +186,8 @@ def test_driver_launch_packs_every_argument_as_cupy_passes_it(fake_driver):
     prep = Launch([(k, 7, 128, 2048, ARG_KINDS)], (0, 1, 10), False, (4, 4), device_id=1)
     assert prep.launch(0x1000, 0x2000, 0x3000, stream=0x5151)
     (got,) = fake_driver.launches
-    assert (got["func"], got["grid"], got["block"], got["smem"], got["stream"], got["extra"]) == \
-        (0xF00D, (7, 1, 1), (128, 1, 1), 2048, 0x5151, 0)
+    assert (got["func"], got["grid"], got["block"], got["smem"], got["stream"]) == \
+        (0xF00D, (7, 1, 1), (128, 1, 1), 2048, 0x5151)
     _assert_args(got, ARG_KINDS, (0, 1, 10), 0x1000, 0x2000, 0x3000)
     assert k.calls == []  # nothing went through CuPy's launch
     assert fake_driver.devices == [1]  # the handle was looked up on the launch's device
@@ -193,8 +208,14 @@ def test_driver_launch_fills_the_holes_per_call_and_packs_once(fake_driver):
         assert (second["func"], second["grid"], second["block"], second["smem"]) == (0xA2, (1, 1, 1), (64, 1, 1), 0)
         _assert_args(first, args1, (0, 1, 3), a, b, out)
         _assert_args(second, args2, (0, 1, 3), a, b, out)
-    assert (k1.loads, k2.loads) == (1, 1)  # function handles and argument boxes are made once
-    assert fake_driver.devices == [3]  # device_id None: the current device at the first driver launch
+    assert (k1.loads, k2.loads) == (1, 1)  # function handles and parameter layouts are made once
+    again = Launch([(k1, 5, 128, 1024, (None, None, 97, None, np.int32(5)))], (0, 1, 3), False, (10, 4))
+    fake_driver.launches.clear()
+    assert again.launch(1, 2, 3, 0)  # a fresh map's Launch of the same kernel: its layout is reused
+    _assert_args(fake_driver.launches[0], (None, None, 97, None, np.int32(5)), (0, 1, 3), 1, 2, 3)
+    assert k1.loads == 1
+    # device_id None: the current device at the first driver launch, one handle lookup per kernel function
+    assert fake_driver.devices == [3, 3]
 
 
 def test_driver_launch_refuses_misaligned_inputs_and_establishes_a_context(fake_driver):

@@ -22,11 +22,9 @@ combinations.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import math
-import threading
 
 import numpy as np
 
@@ -440,7 +438,7 @@ class Launch:
         kernel uses 16-byte vector loads and ``a`` or ``b`` is not 16-byte aligned.
 
         ``stream``: a raw ``cudaStream_t`` to launch on through the CUDA driver, with the arguments packed
-        once (:class:`_Packed`); the current device must be ``device_id``. None: through CuPy, on CuPy's
+        once per kernel (:func:`_driver_args`); the current device must be ``device_id``. None: through CuPy, on CuPy's
         current stream."""
         if self.vec and (a | b) & 15:
             return False
@@ -467,47 +465,39 @@ class Launch:
 
 # --- the driver path of Launch.launch -----------------------------------------------------------
 # CuPy's RawKernel call costs 5-8 µs of host time (measured on the H100 host): it converts every
-# argument to a fresh C box, looks the stream up and checks the context on each call. A prepared launch
-# knows its arguments in advance, so they are packed once into ctypes storage, and a call writes the
-# three addresses into their boxes and hands the same parameter array to cuLaunchKernel.
+# argument to a fresh C box, looks the stream up and checks the context on each call. A kernel's
+# arguments have the same kinds at every launch, so each kernel function has one parameter buffer layout
+# (:class:`sparsevox.cuda.driver.Args`, shared by every Launch of it on a device): a call packs its values
+# with one struct.pack_into and hands the buffer to cuLaunchKernel. A fresh map's Launch thus packs
+# nothing new (per-Launch ctypes boxes cost ~50 µs of host time per layer of a fresh scan, 7b3ec93).
 
-class _Step:
-    """One step through the driver: the function handle, the dimensions CuPy would pass (at least 1
-    each), the argument boxes, the pointer array cuLaunchKernel reads, and the boxes of the holes."""
-    __slots__ = ("func", "grid", "block", "smem", "boxes", "params", "params_addr", "holes")
-
-    def __init__(self, fn, grid, block, smem, args, holes):
-        self.func = int(fn.kernel.ptr)  # the CUfunction CuPy loaded on the current device
-        self.grid, self.block, self.smem = max(1, int(grid)), max(1, int(block)), int(smem)
-        self.boxes = [driver.box(v) for v in args]
-        self.params = (ctypes.c_void_p * len(args))(*(ctypes.addressof(b) for b in self.boxes))
-        self.params_addr = ctypes.addressof(self.params)
-        self.holes = tuple(self.boxes[h] for h in holes)
+_DRIVER_ARGS: dict = {}  # (id(kernel function), device) -> (function, driver.Args)
 
 
-class _Packed:
-    """A Launch's steps packed for the driver. The boxes are shared by every call, so a lock keeps two
-    threads launching the same Launch from writing each other's addresses (cuLaunchKernel copies the
-    values before it returns, so holding it across the launches is enough)."""
-    __slots__ = ("steps", "lock")
-
-    def __init__(self, prep: Launch):
+def _driver_args(fn, template: tuple, holes: tuple, dev: int):
+    hit = _DRIVER_ARGS.get((id(fn), dev))
+    if hit is None:
         import cupy
-        dev = prep.device_id if prep.device_id is not None else cupy.cuda.runtime.getDevice()
+        sample = list(template)
+        for h in holes:
+            sample[h] = 0  # an address
         with cupy.cuda.Device(dev):  # RawKernel.kernel loads the function for the current device
-            self.steps = [_Step(fn, grid, block, smem, args, prep.holes) for fn, grid, block, smem, args in prep.steps]
-        self.lock = threading.Lock()
+            hit = _DRIVER_ARGS[(id(fn), dev)] = (fn, driver.Args(int(fn.kernel.ptr), tuple(sample)))
+    return hit[1]
 
 
 def _launch_driver(prep: Launch, a: int, b: int, out: int, stream: int) -> None:
     packed = prep._packed
     if packed is None:
-        packed = prep._packed = _Packed(prep)
-    with packed.lock:
-        for st in packed.steps:
-            ha, hb, hout = st.holes
-            ha.value, hb.value, hout.value = a, b, out
-            driver.launch(st.func, st.grid, st.block, st.smem, stream, st.params_addr)
+        import cupy
+        dev = prep.device_id if prep.device_id is not None else cupy.cuda.runtime.getDevice()
+        packed = prep._packed = [(_driver_args(fn, args, prep.holes, dev), max(1, int(grid)), max(1, int(block)),
+                                  int(smem), list(args)) for fn, grid, block, smem, args in prep.steps]
+    i, j, k = prep.holes
+    for args, grid, block, smem, template in packed:
+        values = template.copy()
+        values[i], values[j], values[k] = a, b, out
+        args.launch(grid, block, stream, values, smem)
 
 
 def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec, device_id,

@@ -96,11 +96,11 @@ class Args:
         """The parameter buffer's bytes for ``args`` (what :meth:`launch` hands the driver)."""
         return self.fmt.pack(*self.values(args))
 
-    def launch(self, grid: int, block: int, stream: int, args: tuple) -> None:
+    def launch(self, grid: int, block: int, stream: int, args: tuple, smem: int = 0) -> None:
         args = self.values(args)
         with self.lock:
             self.fmt.pack_into(self.buf, 0, *args)
-            launch(self.func, max(1, grid), max(1, block), 0, stream, 0, self.extra_addr)
+            launch(self.func, max(1, grid), max(1, block), smem, stream, 0, self.extra_addr)
 
 
 def kind(a):
