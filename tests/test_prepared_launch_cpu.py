@@ -374,3 +374,23 @@ def test_hold_until_done_keeps_objects_until_their_event():
     _arrays.hold_until_done(done, (c,))
     del c
     assert rc() is None  # nothing to wait for: not held
+
+
+def test_driver_kernel_launches_like_a_raw_kernel_call(fake_driver, monkeypatch):
+    """cuda_loader.DriverKernel (slot tables, tile masks, radix sort): CuPy's call convention, the arguments
+    packed as CuPy passes them, on CuPy's current stream, the handle looked up once."""
+    import cupy
+
+    from sparsevox.cuda.cuda_loader import DriverKernel
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: types.SimpleNamespace(ptr=0x5EA))
+    fn = fake_driver.kernel(0xD0, 4)
+    k = DriverKernel(fn)
+    arr = type("ndarray", (), {"__module__": "cupy._core.core"})()  # what driver.kind() takes for CuPy
+    for ptr, n, addr in ((0x4000, 7, 0), (0x8000, 9, 0x1230)):
+        arr.data = types.SimpleNamespace(ptr=ptr)
+        k((5,), (128,), (arr, np.int32(n), addr, np.uint32(3)), shared_mem=64)
+        got = fake_driver.launches[-1]
+        assert (got["func"], got["grid"], got["block"], got["smem"], got["stream"]) == \
+            (0xD0, (5, 1, 1), (128, 1, 1), 64, 0x5EA)
+        _assert_args(got, (ptr, np.int32(n), addr, np.uint32(3)), (), 0, 0, 0)
+    assert fn.loads == 1 and fn.calls == []  # nothing through CuPy's launch

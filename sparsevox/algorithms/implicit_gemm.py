@@ -297,11 +297,11 @@ def _upload(host: np.ndarray):
 
 def _slot_kernel(name: str, wide: bool = False):
     """A kernel of ``kernels_cu/slot_table.cu`` on the current device (``keys``: 64-bit keys if ``wide``)."""
-    from ..cuda.cuda_loader import get_function
+    from ..cuda.cuda_loader import driver_kernel
     names = {"keys": f"slot_keys<{'unsigned long long' if wide else 'unsigned int'}, {_SLOT_BLOCK}>",
              "gather": f"gather_slots<{_SLOT_BLOCK}>", "masks": f"tile_masks<{_MASK_BLOCK}>",
              "csr": f"csr_slots<{_SLOT_BLOCK}>"}
-    return get_function("slot_table", names[name], _SLOT_NAMES)
+    return driver_kernel("slot_table", names[name], _SLOT_NAMES)
 
 
 _MASK_BLOCK = 128

@@ -47,3 +47,39 @@ def get_function(name: str, kernel: str, name_expressions=(), defines=(), option
     dev = cupy.cuda.Device().id
     mod = _module(name, tuple(name_expressions), tuple(defines), tuple(options), dev)
     return mod.get_function(kernel)
+
+
+class DriverKernel:
+    """A kernel of :func:`driver_kernel`, called as a CuPy ``RawKernel`` is (``(grid,), (block,), args,
+    shared_mem=0``, 1-D only) on CuPy's current stream, but launched through the CUDA driver with one
+    parameter layout (:class:`sparsevox.cuda.driver.Args`) made at its first call: CuPy's call costs 5-15 µs
+    of host time per launch, and a fresh scan's slot tables and sorts make dozens of launches. Every call
+    must pass arguments of the same kinds (a CuPy array, an address as a Python int, or one NumPy scalar
+    type) in each position."""
+    __slots__ = ("fn", "packed")
+
+    def __init__(self, fn):
+        self.fn, self.packed = fn, None
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        import cupy
+        (g,), (b,) = grid, block
+        packed = self.packed
+        if packed is None:
+            from . import driver
+            packed = self.packed = driver.Args(int(self.fn.kernel.ptr), tuple(args))
+        packed.launch(int(g), int(b), cupy.cuda.get_current_stream().ptr, tuple(args), int(shared_mem))
+
+
+_DRIVER_KERNELS: dict = {}
+
+
+def driver_kernel(name: str, kernel: str, name_expressions=()) -> DriverKernel:
+    """:func:`get_function`'s kernel on the current device as a :class:`DriverKernel` (one per kernel and
+    device)."""
+    import cupy
+    key = (name, kernel, cupy.cuda.runtime.getDevice())
+    k = _DRIVER_KERNELS.get(key)
+    if k is None:
+        k = _DRIVER_KERNELS[key] = DriverKernel(get_function(name, kernel, name_expressions))
+    return k

@@ -15,7 +15,6 @@ TILE = BLOCK * ITEMS
 SCAN_BLOCK = 1024
 _DIGIT_BITS = 8
 _RADIX = 1 << _DIGIT_BITS
-_NULL = np.uint64(0)  # a null pointer argument: CuPy packs a numpy scalar by value (8 bytes)
 _KEY_TYPES = {np.dtype(np.uint32): "unsigned int", np.dtype(np.uint64): "unsigned long long"}
 
 
@@ -51,9 +50,9 @@ def argsort(keys, bits: int | None = None):
     if bits == 0 or n <= 1:
         return cupy.arange(n, dtype=cupy.int32)
     keys = cupy.ascontiguousarray(keys)  # the kernels read keys[i] at unit stride (no copy when contiguous)
-    from .cuda_loader import get_function
+    from .cuda_loader import driver_kernel
     hist_name, scan_name, scatter_name = _names(_KEY_TYPES[dtype])
-    hist_k, scan_k, scatter_k = (get_function("radix_sort", k, _ALL_NAMES)
+    hist_k, scan_k, scatter_k = (driver_kernel("radix_sort", k, _ALL_NAMES)
                                  for k in (hist_name, scan_name, scatter_name))
     blocks = -(-n // TILE)
     hist = cupy.empty(_RADIX * blocks, dtype=cupy.uint32)
@@ -66,8 +65,9 @@ def argsort(keys, bits: int | None = None):
         last = p == count - 1
         hist_k((blocks,), (BLOCK,), (keys_a, np.int32(n), shift, mask, hist))
         scan_k((1,), (SCAN_BLOCK,), (hist, np.int32(hist.size)))
-        keys_out = _NULL if last else keys_b
-        vals_in = _NULL if vals_a is None else vals_a
+        # the optional pointers as addresses (0: none), so every call passes the same argument kinds
+        keys_out = 0 if last else keys_b.data.ptr
+        vals_in = 0 if vals_a is None else vals_a.data.ptr
         scatter_k((blocks,), (BLOCK,), (keys_a, vals_in, np.int32(n), shift, mask, hist, keys_out, vals_b))
         if not last:
             # the first pass read the caller's keys; later passes ping-pong between two buffers of ours
