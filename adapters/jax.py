@@ -664,11 +664,16 @@ class SpatiallySparseDepthwiseConv(SpatiallySparseConv):
 # stays False), and the work runs on XLA's stream as for the convolutions.
 
 def _store(buf, value, on_gpu: bool) -> None:
-    """Write a core array into an XLA output buffer, as raw bits (not every CuPy copies bfloat16)."""
+    """Write a core array into an XLA output buffer, as raw bits (not every CuPy copies bfloat16). A
+    ``value`` with fewer rows than the buffer (a bucketed map's real rows) fills the head; the padding
+    rows are zeroed."""
     dst = _view(buf, on_gpu)
     if dst.size:
         bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dst.dtype.itemsize]
-        dst.view(bits)[...] = value.reshape(dst.shape).view(bits)
+        n = value.shape[0] if value.ndim and value.shape[0] < dst.shape[0] else dst.shape[0]
+        dst[:n].view(bits)[...] = value.reshape((n,) + dst.shape[1:]).view(bits)
+        if n < dst.shape[0]:
+            dst[n:].view(bits)[...] = 0
 
 
 def _no_grad(tree):
@@ -715,24 +720,20 @@ def _shape(shape, dtype):
 
 # -- local pooling --
 
-def _exact_only(kmap: JaxKernelMap, what: str) -> None:
-    if kmap.bucketed:
-        raise NotImplementedError(f"{what} does not take bucketed kernel maps yet (convolutions do): build this "
-                                  f"map with kernel_map(...), unbucketed")
-
-
 def _pool_call(kind: str, feats, kmap: JaxKernelMap):
-    """Forward callback: ``out`` (avg) or ``(out, argmax)`` (max)."""
-    _exact_only(kmap, "pooling")
+    """Forward callback: ``out`` (avg) or ``(out, argmax)`` (max). A bucketed map pools the real input
+    rows and writes zeros on the padding output rows (as the convolutions do)."""
 
     def run(outs, ins, on_gpu):
         f, i, o = ins
-        pmap = pooling.pool_map(_map_of(i, o, kmap, on_gpu))
+        core_map = _map_of(i, o, kmap, on_gpu)
+        pmap = pooling.pool_map(core_map)
+        fv = _view(f, on_gpu)[:core_map.num_in]
         if kind == "max":
-            out, arg = pooling.max_pool_forward(_view(f, on_gpu), pmap)
+            out, arg = pooling.max_pool_forward(fv, pmap)
             _store(outs[1], arg, on_gpu)
         else:
-            out = pooling.avg_pool_forward(_view(f, on_gpu), pmap)
+            out = pooling.avg_pool_forward(fv, pmap)
         _store(outs[0], out, on_gpu)
     out = _shape((kmap.num_out, feats.shape[1]), feats.dtype)
     shapes = (out, _shape(out.shape, jnp.int32)) if kind == "max" else out
@@ -743,10 +744,12 @@ def _pool_grad_call(grad, argmax, kmap: JaxKernelMap):
     """Backward callback: ``grad_in [num_in, C]`` (max when ``argmax`` is given, else avg)."""
     def run(outs, ins, on_gpu):
         g, i, o = ins[0], ins[-2], ins[-1]
-        pmap = pooling.pool_map(_map_of(i, o, kmap, on_gpu))
-        gv = _view(g, on_gpu)
+        core_map = _map_of(i, o, kmap, on_gpu)
+        pmap = pooling.pool_map(core_map)
+        n_out = core_map.num_out  # a bucketed map's padding rows carry no gradient back
+        gv = _view(g, on_gpu)[:n_out]
         gi = pooling.avg_pool_backward(gv, pmap) if argmax is None else \
-            pooling.max_pool_backward(gv, _view(ins[1], on_gpu), pmap)
+            pooling.max_pool_backward(gv, _view(ins[1], on_gpu)[:n_out], pmap)
         _store(outs[0], gi, on_gpu)
     extra = () if argmax is None else (argmax,)
     return _call(run, _shape((kmap.num_in, grad.shape[1]), grad.dtype), grad, *extra, kmap.in_maps, kmap.out_maps)

@@ -142,3 +142,17 @@ def test_tf32x3_probe_table_flags_a_failing_check():
            "records": [dict(rec, family="simt", passes_check=True), dict(rec, family="tf32x3", passes_check=False)]}
     rows = [line for line in markdown(doc).splitlines() if line.startswith("| semantickitti")]
     assert len(rows) == 2 and rows[0].endswith("| pass |") and rows[1].endswith("| FAIL |")
+
+
+def test_jax_compiles_probe_runs_the_modes_asked_for(tmp_path):
+    """``--modes bucketed`` runs only the bucketed maps (a 100-scan count without 100 exact compiles)."""
+    pytest.importorskip("flax", reason="flax not installed")
+    import json
+
+    from benchmarks.probes import jax_compiles
+    out = tmp_path / "c.json"
+    assert jax_compiles.main(["--scans", "2", "--modes", "bucketed", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (mode,) = doc["modes"]
+    assert mode["bucketed"] is True and len(mode["scans"]) == 2
+    assert 1 <= mode["compiles"] <= 2 and mode["scans"][0]["compiles"] == 1  # the first scan always compiles

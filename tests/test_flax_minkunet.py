@@ -306,12 +306,26 @@ def test_bucket_rows():
         svj.bucket_rows(-1)
 
 
-def test_pooling_refuses_bucketed_maps(rng):
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_pooling_on_bucketed_maps_equals_exact_on_the_real_rows(rng, kind):
+    """Max/avg pooling over a bucketed map: the real output rows equal the exact map's, padding rows are
+    zeros, and the gradient reaches only the real input rows (equal to the exact one there)."""
     v = _voxels(rng, n=200, extent=8, dtype=jnp.float32)
     core = sv.kernel_map(v, 2, 2)
+    exact = svj.JaxKernelMap.from_core(core)
     bm = svj.JaxKernelMap.bucketed_from_core(core, svj.bucket_rows(core.num_in), svj.bucket_rows(core.num_out))
-    with pytest.raises(NotImplementedError, match="pooling does not take bucketed kernel maps"):
-        svj.max_pool_features(jnp.zeros((bm.num_in, 4)), bm)
+    fn = svj.max_pool_features if kind == "max" else svj.avg_pool_features
+    x = jnp.asarray(rng.standard_normal((core.num_in, 4)), jnp.float32)
+    xb = jnp.pad(x, ((0, bm.num_in - core.num_in), (0, 0)), constant_values=7.0)  # padding must not count
+    w = jnp.asarray(rng.standard_normal((bm.num_out, 4)), jnp.float32)
+    out_b = jax.jit(fn)(xb, bm)
+    out_e = fn(x, exact)
+    np.testing.assert_array_equal(np.asarray(out_b[:core.num_out]), np.asarray(out_e))
+    assert not np.asarray(out_b[core.num_out:]).any()
+    g_b = jax.grad(lambda f: (fn(f, bm) * w).sum())(xb)
+    g_e = jax.grad(lambda f: (fn(f, exact) * w[:core.num_out]).sum())(x)
+    np.testing.assert_allclose(np.asarray(g_b[:core.num_in]), np.asarray(g_e), rtol=1e-6, atol=1e-7)
+    assert not np.asarray(g_b[core.num_in:]).any()
 
 
 def test_bucketed_norms_ignore_padding_and_survive_tiny_levels(rng):

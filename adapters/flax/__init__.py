@@ -1,8 +1,10 @@
 """Flax NNX adapter, built on :mod:`sparsevox.adapters.jax`: sparse convolution modules (:mod:`.conv`),
-network layers (:mod:`.layers`), models (:mod:`.models`), kernel maps for whole networks (:mod:`.maps`)
+network layers (:mod:`.layers`), pooling (:mod:`.pooling`), models (:mod:`.models`), kernel maps for whole
+networks (:mod:`.maps`)
 and weights to and from the torch twins (:mod:`.torch_weights`). The layer and model names and
 arguments are those of :mod:`sparsevox.adapters.torch` (``SparseSequential``, ``BatchNorm``,
-``InstanceNorm``, ``ResidualBlock``, ``MinkUNet``); the modules take features ``[N, C]`` and kernel maps.
+``InstanceNorm``, ``ResidualBlock``, ``MaxPool3d``, ``AvgPool3d``, ``GlobalPool``, ``Unpool``, ``MinkUNet``);
+the modules take features ``[N, C]`` and kernel maps.
 
 The JAX pattern: kernel maps decide output shapes, so they are built from concrete ``Voxels`` OUTSIDE
 ``jit`` and passed into the jitted step as a pytree. A network builds all of its maps at once,
@@ -47,10 +49,11 @@ from .conv import SparseConv, SparseDepthwiseConv
 from .layers import BatchNorm, InstanceNorm, ResidualBlock, SparseSequential, takes_maps
 from .maps import LevelMaps, coarser, level_maps, map_key
 from .models import MinkUNet
+from .pooling import AvgPool3d, GlobalPool, MaxPool3d, Unpool
 from .torch_weights import load_torch_state_dict, torch_state_dict
 
 __all__ = list(conv.__all__) + ["SparseSequential", "BatchNorm", "InstanceNorm", "ResidualBlock", "takes_maps",
-                                "MinkUNet", "LevelMaps", "level_maps", "coarser", "map_key",
+                                "MaxPool3d", "AvgPool3d", "GlobalPool", "Unpool", "MinkUNet", "LevelMaps", "level_maps", "coarser", "map_key",
                                 "load_torch_state_dict", "torch_state_dict"]
 
 

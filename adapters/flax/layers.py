@@ -36,7 +36,8 @@ def takes_maps(module) -> bool:
 
 
 def _moves_sites(module) -> bool:
-    return isinstance(module, _CONVS) and (module.stride != (1, 1, 1) or module.transposed)
+    from .pooling import AvgPool3d, MaxPool3d
+    return isinstance(module, (*_CONVS, MaxPool3d, AvgPool3d)) and (module.stride != (1, 1, 1) or module.transposed)
 
 
 def _stats_dtype(dt):

@@ -115,7 +115,7 @@ def level_maps(voxels: Voxels, *modules, output_voxels: Voxels | None = None, bu
             so scans of similar size share one compiled step: the features must then be padded to
             ``num_sites`` rows (:meth:`LevelMaps.pad`) and the loss masked (:meth:`LevelMaps.mask`).
             Convolutions and batch norms handle the padding (a biased convolution's padding rows hold its
-            bias: mask whatever you reduce over rows); pooling does not take bucketed maps yet. Keep the
+            bias: mask whatever you reduce over rows), as do local and global pooling. Keep the
             returned maps alive while jitted code uses them (they hold the core maps).
 
     Returns a :class:`LevelMaps`. A transposed layer without ``output_voxels`` is a ``ValueError``.

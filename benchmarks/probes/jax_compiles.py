@@ -10,7 +10,7 @@ static pytree fields and the features their row count, so every new scan compile
 compile once per bucket signature (the five levels' row buckets and every map's pair bucket), so their
 count stops growing once a run's scans have visited their signatures; exact maps compile at every scan.
 
-    python -m benchmarks.probes.jax_compiles [--scans 6] [--spread 0.02] [--out FILE.json]
+    python -m benchmarks.probes.jax_compiles [--scans 6] [--spread 0.02] [--modes exact bucketed] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scans", type=int, default=6, help="new scans to run in each mode (>= 1)")
     ap.add_argument("--spread", type=float, default=0.02, help="crop half-width step between scans (m)")
+    ap.add_argument("--modes", nargs="+", choices=("exact", "bucketed"), default=["exact", "bucketed"],
+                    help="which kernel maps to run (exact maps compile at every scan: 100 of them take minutes)")
     ap.add_argument("--out", default=None, help="write the result JSON here")
     a = ap.parse_args(argv)
     if a.scans < 1:
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     import jax
 
     from benchmarks import provenance
-    modes = [run(a.scans, a.spread, bucket) for bucket in (False, True)]
+    modes = [run(a.scans, a.spread, bucket) for bucket in (False, True) if ("bucketed" if bucket else "exact") in a.modes]
     doc = {**provenance.header(provenance.gpu_name() or "cpu"), "what": "jax_compiles",
            "backend": jax.default_backend(), "modes": modes}
     for m in modes:
