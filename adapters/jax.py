@@ -663,14 +663,14 @@ class SpatiallySparseDepthwiseConv(SpatiallySparseConv):
 # is allowed because buffer_callback is not captured into XLA command buffers (command_buffer_compatible
 # stays False), and the work runs on XLA's stream as for the convolutions.
 
-def _store(buf, value, on_gpu: bool) -> None:
-    """Write a core array into an XLA output buffer, as raw bits (not every CuPy copies bfloat16). A
-    ``value`` with fewer rows than the buffer (a bucketed map's real rows) fills the head; the padding
-    rows are zeroed."""
+def _store(buf, value, on_gpu: bool, pad_rows: bool = False) -> None:
+    """Write a core array into an XLA output buffer, as raw bits (not every CuPy copies bfloat16).
+    ``pad_rows``: ``value`` may have fewer rows than the buffer (a bucketed map's real rows): they fill
+    the head and the padding rows are zeroed."""
     dst = _view(buf, on_gpu)
     if dst.size:
         bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dst.dtype.itemsize]
-        n = value.shape[0] if value.ndim and value.shape[0] < dst.shape[0] else dst.shape[0]
+        n = value.shape[0] if pad_rows and value.shape[0] < dst.shape[0] else dst.shape[0]
         dst[:n].view(bits)[...] = value.reshape((n,) + dst.shape[1:]).view(bits)
         if n < dst.shape[0]:
             dst[n:].view(bits)[...] = 0
@@ -731,10 +731,10 @@ def _pool_call(kind: str, feats, kmap: JaxKernelMap):
         fv = _view(f, on_gpu)[:core_map.num_in]
         if kind == "max":
             out, arg = pooling.max_pool_forward(fv, pmap)
-            _store(outs[1], arg, on_gpu)
+            _store(outs[1], arg, on_gpu, pad_rows=True)
         else:
             out = pooling.avg_pool_forward(fv, pmap)
-        _store(outs[0], out, on_gpu)
+        _store(outs[0], out, on_gpu, pad_rows=True)
     out = _shape((kmap.num_out, feats.shape[1]), feats.dtype)
     shapes = (out, _shape(out.shape, jnp.int32)) if kind == "max" else out
     return _call(run, shapes, feats, kmap.in_maps, kmap.out_maps)
@@ -750,7 +750,7 @@ def _pool_grad_call(grad, argmax, kmap: JaxKernelMap):
         gv = _view(g, on_gpu)[:n_out]
         gi = pooling.avg_pool_backward(gv, pmap) if argmax is None else \
             pooling.max_pool_backward(gv, _view(ins[1], on_gpu)[:n_out], pmap)
-        _store(outs[0], gi, on_gpu)
+        _store(outs[0], gi, on_gpu, pad_rows=True)
     extra = () if argmax is None else (argmax,)
     return _call(run, _shape((kmap.num_in, grad.shape[1]), grad.dtype), grad, *extra, kmap.in_maps, kmap.out_maps)
 

@@ -112,3 +112,12 @@ def test_unpool_gives_each_fine_voxel_its_parent(rng):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(coarse_feats)[want_parent])
     g = jax.grad(lambda x: up(x, parent).sum())(coarse_feats)
     np.testing.assert_array_equal(np.asarray(g)[:, 0], np.bincount(want_parent, minlength=len(c_coarse)))
+
+
+def test_global_pool_still_refuses_batch_indices_out_of_range(rng):
+    """Only padding rows (batch -1) are set aside; an index >= num_batches or another negative one is
+    the core's ValueError, not a silently dropped row."""
+    x = jnp.asarray(rng.standard_normal((4, 3)))
+    for batch in ([0, 0, 1, 1], [0, -3, 0, 0]):
+        with pytest.raises(Exception, match="batch indices must be in"):
+            jax.block_until_ready(svf.GlobalPool("sum", num_batches=1)(x, jnp.asarray(batch)))

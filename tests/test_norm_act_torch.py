@@ -149,3 +149,16 @@ def test_gpu_compat_sequential_fuses_batchnorm_and_relu(rng, monkeypatch):
         want = ref(spconv.SparseConvTensor(feats, coords, [12, 12, 12], 2)).features
     assert calls == [True]
     _close(got, want, torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_strided_or_short_parameters_take_the_module_chain(rng, monkeypatch):
+    calls = _counting(monkeypatch)
+    bn = _randomised(svt.BatchNorm(8), rng).eval().cuda()
+    strided = torch.randn(8, 2, device="cuda")[:, 0]
+    bn.weight = torch.nn.Parameter(strided, requires_grad=False)
+    v = _voxels(rng, 100, 8, torch.float32, "cuda")
+    with torch.no_grad():
+        got = bn(v).feats
+    assert calls == []
+    _close(got, _bn_float64(bn, v.feats), torch.float32)

@@ -227,3 +227,22 @@ def test_evaluation_batchnorm_follows_writes_through_data(rng):
     assert not torch.equal(first, second)
     torch.testing.assert_close(second, want, rtol=2e-2, atol=2.0)
     assert torch.isfinite(second).all()
+
+
+def test_residual_block_takes_a_plain_batchnorm1d_in_its_main_branch(rng):
+    """A user's nn.BatchNorm1d in place of the block's last BatchNorm: the block gives the module chain's
+    answer in training and evaluation (the fused path is CUDA-only; its fallback hands the BN features)."""
+    torch.manual_seed(0)
+    blk = svt.ResidualBlock(4, 4).double()
+    blk.main[4] = nn.BatchNorm1d(4).double()
+    v = _voxels(rng, c=4)
+    for train in (True, False):
+        blk.train(train)
+        with torch.no_grad():
+            got = blk(v).feats
+            from sparsevox.adapters.torch.layers import takes_voxels
+            main = v
+            for m in blk.main:
+                main = m(main) if takes_voxels(m) else main.replace(m(main.feats))
+            want = torch.relu(main.feats + v.feats)
+        torch.testing.assert_close(got, want)

@@ -91,8 +91,9 @@ class GlobalPool(nnx.Module):
             raise ValueError("GlobalPool needs num_batches (the output's row count, static under jit): "
                              "GlobalPool(mode, num_batches=B) or call(x, maps, num_batches=B)")
         batch = maps.batch if isinstance(maps, LevelMaps) else jnp.asarray(maps)
-        # padding rows (batch -1) go to one extra item, dropped: they change no real item's value or count
-        batch = jnp.where(batch < 0, b, batch)
+        # padding rows (batch -1) go to one extra item, dropped: they change no real item's value or count;
+        # an index >= num_batches goes past it, so the range check still refuses it
+        batch = jnp.where(batch == -1, b, jnp.where(batch >= b, b + 1, batch))
         return svj.global_pool_features(x, batch, int(b) + 1, self.mode)[:b]
 
 

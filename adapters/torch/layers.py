@@ -207,11 +207,13 @@ class ResidualBlock(nn.Module):
         skip = voxels.feats if isinstance(self.skip, nn.Identity) else self.skip(voxels).feats
         modules = tuple(self.main._modules.values())
         bn = modules[-1]
-        if fuses(bn, self.relu) and unhooked(self.main):
+        if not bn.training and type(self.main) is SparseSequential and fuses(bn, self.relu) and unhooked(self.main):
             # evaluation on CUDA: the last BatchNorm, the residual add and the ReLU in one launch
             pre = SparseSequential._run(voxels, modules[:-1])
             y = batchnorm_act(bn, pre.feats, residual=skip, relu=True)
-            return voxels.replace(self.relu(bn(pre).feats + skip) if y is None else y)
+            if y is None:  # (CPU, a gradient wanted): the modules, the BatchNorm given features or Voxels
+                y = self.relu(SparseSequential._run(pre, (bn,)).feats + skip)
+            return voxels.replace(y)
         main = self.main(voxels)
         return voxels.replace(self.relu(main.feats + skip))
 

@@ -49,8 +49,9 @@ def batchnorm_act(bn: nn.BatchNorm1d, x: torch.Tensor, residual: torch.Tensor | 
     from sparsevox.cuda import norm_act
     if fdt is None or pdt is None or not norm_act.param_type_ok(fdt, pdt) or var.dtype != mean.dtype \
             or mean.device != x.device or var.device != x.device \
-            or any(p is not None and (p.dtype != mean.dtype or p.device != x.device) for p in (w, b)):
-        return None
+            or any(p is not None and (p.dtype != mean.dtype or p.device != x.device) for p in (w, b)) \
+            or any(p is not None and (not p.is_contiguous() or p.numel() != x.shape[1]) for p in (mean, var, w, b)):
+        return None  # (the kernel reads p[c] for c < C: a strided or short parameter is the module chain's)
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
                                  or residual.device != x.device):
         return None
