@@ -24,3 +24,23 @@ def test_every_test_runs_once_and_the_summary_adds_up(tmp_path, mode):
     summary = log.read_text().strip().splitlines()[-1]
     assert summary.startswith(f"shards: {n_want} passed, 0 failed"), summary
     assert log.read_text().count("==== shard") == 2
+
+
+def test_each_shard_gets_its_share_of_the_cores(tmp_path):
+    """BLAS/OpenMP threads capped at nproc // n per shard (8 shards × 16 threads on 16 cores stopped 7 of 8
+    shards at 40ddb40); a value the caller sets is kept. One file over two shards: the empty shard runs
+    nothing (pytest without arguments would have run the whole suite)."""
+    probe = tmp_path / "test_threads_probe.py"
+    probe.write_text("import os\n\ndef test_env():\n"
+                     f"    open({str(tmp_path / 'seen')!r} + os.environ['OMP_NUM_THREADS'] + '_' + "
+                     "os.environ['OPENBLAS_NUM_THREADS'] + '_' + os.environ['MKL_NUM_THREADS'], 'w').close()\n")
+    for preset, want in ((None, max(1, os.cpu_count() // 2)), ("3", 3)):
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+        env.update(SHARD_FILES=str(probe), SHARD_BY="file")
+        if preset:
+            env.update(OMP_NUM_THREADS=preset, OPENBLAS_NUM_THREADS=preset, MKL_NUM_THREADS=preset)
+        r = subprocess.run(["bash", "benchmarks/gpu_tests_sharded.sh", "2", str(tmp_path / "log")], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (tmp_path / f"seen{want}_{want}_{want}").exists(), sorted(p.name for p in tmp_path.iterdir())
+        assert "(no items)" in (tmp_path / "log").read_text()
