@@ -112,9 +112,9 @@ def test_kernel_on_the_cpu_matches_float64(rng, t, p, relu, affine, residual):
 
 def test_bad_arguments_raise_value_errors_naming_them():
     with pytest.raises(ValueError, match="feature dtype"):
-        norm_act.batchnorm_eval(0, 0, 0, 0, 0, 0, 0, 4, 4, 1e-5, "int8", "float32", False, 0, 0)
+        norm_act.batchnorm_eval(0, 0, 0, 0, 0, 0, 0, 4, 4, 1e-5, "int8", "float32", False, 0)
     with pytest.raises(ValueError, match="parameter dtype"):
-        norm_act.batchnorm_eval(0, 0, 0, 0, 0, 0, 0, 4, 4, 1e-5, "float16", "float64", False, 0, 0)
+        norm_act.batchnorm_eval(0, 0, 0, 0, 0, 0, 0, 4, 4, 1e-5, "float16", "float64", False, 0)
     with pytest.raises(ValueError, match=r"channels must be in \[1, 2\*\*31\)"):
-        norm_act.batchnorm_eval(0, 0, 0, 0, 0, 0, 0, 4, 0, 1e-5, "float32", "float32", False, 0, 0)
+        norm_act.batchnorm_eval(0, 0, 0, 0, 0, 0, 0, 4, 0, 1e-5, "float32", "float32", False, 0)
     assert norm_act.param_type_ok("bfloat16", "bfloat16") and not norm_act.param_type_ok("float32", "float16")

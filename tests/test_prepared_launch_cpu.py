@@ -384,7 +384,7 @@ def test_driver_kernel_launches_like_a_raw_kernel_call(fake_driver, monkeypatch)
     from sparsevox.cuda.cuda_loader import DriverKernel
     monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: types.SimpleNamespace(ptr=0x5EA))
     fn = fake_driver.kernel(0xD0, 4)
-    k = DriverKernel(fn)
+    k = DriverKernel(fn, 0)
     arr = type("ndarray", (), {"__module__": "cupy._core.core"})()  # what driver.kind() takes for CuPy
     for ptr, n, addr in ((0x4000, 7, 0), (0x8000, 9, 0x1230)):
         arr.data = types.SimpleNamespace(ptr=ptr)

@@ -24,10 +24,12 @@ from sparsevox.geometry import BATCH_MAX
 
 from .conv import SparseConv, SparseDepthwiseConv, _float_dtype, _positive
 from .maps import LevelMaps, level_maps
+from .pooling import AvgPool3d, MaxPool3d
 
 __all__ = ["SparseSequential", "BatchNorm", "InstanceNorm", "ResidualBlock", "takes_maps"]
 
 _CONVS = (SparseConv, SparseDepthwiseConv)
+_SITE_MOVERS = (*_CONVS, MaxPool3d, AvgPool3d)  # strided ones put their output on other sites
 
 
 def takes_maps(module) -> bool:
@@ -36,8 +38,7 @@ def takes_maps(module) -> bool:
 
 
 def _moves_sites(module) -> bool:
-    from .pooling import AvgPool3d, MaxPool3d
-    return isinstance(module, (*_CONVS, MaxPool3d, AvgPool3d)) and (module.stride != (1, 1, 1) or module.transposed)
+    return isinstance(module, _SITE_MOVERS) and (module.stride != (1, 1, 1) or module.transposed)
 
 
 def _stats_dtype(dt):

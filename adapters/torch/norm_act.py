@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
+
+from sparsevox import _arrays
+from sparsevox.cuda import norm_act
 
 from .functional import _needs_function
 
@@ -16,8 +20,7 @@ _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.floa
 
 def unhooked(*modules) -> bool:
     """Whether calling past these modules' ``__call__`` skips no hook (theirs or the global ones)."""
-    from torch.nn.modules import module as m
-    if m._global_forward_hooks or m._global_forward_pre_hooks:
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
     return not any(x._forward_hooks or x._forward_pre_hooks for x in modules)
 
@@ -26,8 +29,14 @@ def fuses(bn, act) -> bool:
     """Whether ``bn`` then ``act`` may run as :func:`batchnorm_act` with ``relu=True``: an
     ``nn.BatchNorm1d`` (or sparsevox's ``BatchNorm``, not another subclass, whose forward may differ), then
     exactly ``nn.ReLU``, neither hooked."""
-    from .layers import BatchNorm
-    return type(bn) in (nn.BatchNorm1d, BatchNorm) and type(act) is nn.ReLU and unhooked(bn, act)
+    global _BN_TYPES
+    if _BN_TYPES is None:
+        from .layers import BatchNorm  # (layers imports this module)
+        _BN_TYPES = (nn.BatchNorm1d, BatchNorm)
+    return type(bn) in _BN_TYPES and type(act) is nn.ReLU and unhooked(bn, act)
+
+
+_BN_TYPES = None
 
 
 def batchnorm_act(bn: nn.BatchNorm1d, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = False):
@@ -46,7 +55,6 @@ def batchnorm_act(bn: nn.BatchNorm1d, x: torch.Tensor, residual: torch.Tensor | 
             or x.shape[1] != bn.num_features or torch.compiler.is_compiling() or _needs_function(x, w, b, residual):
         return None
     fdt, pdt = _DTYPE_NAMES.get(x.dtype), _DTYPE_NAMES.get(mean.dtype)
-    from sparsevox.cuda import norm_act
     if fdt is None or pdt is None or not norm_act.param_type_ok(fdt, pdt) or var.dtype != mean.dtype \
             or mean.device != x.device or var.device != x.device \
             or any(p is not None and (p.dtype != mean.dtype or p.device != x.device) for p in (w, b)) \
@@ -55,7 +63,6 @@ def batchnorm_act(bn: nn.BatchNorm1d, x: torch.Tensor, residual: torch.Tensor | 
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
                                  or residual.device != x.device):
         return None
-    from sparsevox import _arrays
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
     out = torch.empty_like(x)
@@ -64,5 +71,5 @@ def batchnorm_act(bn: nn.BatchNorm1d, x: torch.Tensor, residual: torch.Tensor | 
         norm_act.batchnorm_eval(x.data_ptr(), mean.data_ptr(), var.data_ptr(), 0 if w is None else w.data_ptr(),
                                 0 if b is None else b.data_ptr(), 0 if residual is None else residual.data_ptr(),
                                 out.data_ptr(), x.shape[0], x.shape[1], bn.eps, fdt, pdt, relu,
-                                _arrays.torch_stream_handle(torch, dev), dev)
+                                _arrays.torch_stream_handle(torch, dev))
     return out

@@ -28,8 +28,8 @@ import math
 
 import numpy as np
 
-from ..cuda import driver, radix_sort
-from ..cuda.cuda_loader import get_function
+from ..cuda import radix_sort
+from ..cuda.cuda_loader import as_driver_kernel, driver_kernel, get_function
 from ..tuning.registry import Algorithm, gpu_unavailable, register
 
 log = logging.getLogger("sparsevox.implicit_gemm")
@@ -297,7 +297,6 @@ def _upload(host: np.ndarray):
 
 def _slot_kernel(name: str, wide: bool = False):
     """A kernel of ``kernels_cu/slot_table.cu`` on the current device (``keys``: 64-bit keys if ``wide``)."""
-    from ..cuda.cuda_loader import driver_kernel
     names = {"keys": f"slot_keys<{'unsigned long long' if wide else 'unsigned int'}, {_SLOT_BLOCK}>",
              "gather": f"gather_slots<{_SLOT_BLOCK}>", "masks": f"tile_masks<{_MASK_BLOCK}>",
              "csr": f"csr_slots<{_SLOT_BLOCK}>"}
@@ -438,7 +437,7 @@ class Launch:
         kernel uses 16-byte vector loads and ``a`` or ``b`` is not 16-byte aligned.
 
         ``stream``: a raw ``cudaStream_t`` to launch on through the CUDA driver, with the arguments packed
-        once per kernel (:func:`_driver_args`); the current device must be ``device_id``. None: through CuPy, on CuPy's
+        once per kernel (:func:`_launch_driver`); the current device must be ``device_id``. None: through CuPy, on CuPy's
         current stream."""
         if self.vec and (a | b) & 15:
             return False
@@ -467,37 +466,22 @@ class Launch:
 # CuPy's RawKernel call costs 5-8 µs of host time (measured on the H100 host): it converts every
 # argument to a fresh C box, looks the stream up and checks the context on each call. A kernel's
 # arguments have the same kinds at every launch, so each kernel function has one parameter buffer layout
-# (:class:`sparsevox.cuda.driver.Args`, shared by every Launch of it on a device): a call packs its values
-# with one struct.pack_into and hands the buffer to cuLaunchKernel. A fresh map's Launch thus packs
-# nothing new (per-Launch ctypes boxes cost ~50 µs of host time per layer of a fresh scan, 7b3ec93).
-
-_DRIVER_ARGS: dict = {}  # (id(kernel function), device) -> (function, driver.Args)
-
-
-def _driver_args(fn, template: tuple, holes: tuple, dev: int):
-    hit = _DRIVER_ARGS.get((id(fn), dev))
-    if hit is None:
-        import cupy
-        sample = list(template)
-        for h in holes:
-            sample[h] = 0  # an address
-        with cupy.cuda.Device(dev):  # RawKernel.kernel loads the function for the current device
-            hit = _DRIVER_ARGS[(id(fn), dev)] = (fn, driver.Args(int(fn.kernel.ptr), tuple(sample)))
-    return hit[1]
-
+# (:class:`sparsevox.cuda.cuda_loader.DriverKernel`, shared by every Launch of it on a device): a call
+# packs its values with one struct.pack_into and hands the buffer to cuLaunchKernel. A fresh map's Launch
+# thus packs nothing new (per-Launch ctypes boxes cost ~50 µs of host time per layer of a fresh scan, 7b3ec93).
 
 def _launch_driver(prep: Launch, a: int, b: int, out: int, stream: int) -> None:
     packed = prep._packed
     if packed is None:
         import cupy
         dev = prep.device_id if prep.device_id is not None else cupy.cuda.runtime.getDevice()
-        packed = prep._packed = [(_driver_args(fn, args, prep.holes, dev), max(1, int(grid)), max(1, int(block)),
-                                  int(smem), list(args)) for fn, grid, block, smem, args in prep.steps]
+        packed = prep._packed = [(as_driver_kernel(fn, dev), (max(1, int(grid)),), (max(1, int(block)),), int(smem),
+                                  list(args)) for fn, grid, block, smem, args in prep.steps]
     i, j, k = prep.holes
-    for args, grid, block, smem, template in packed:
+    for kernel, grid, block, smem, template in packed:
         values = template.copy()
         values[i], values[j], values[k] = a, b, out
-        args.launch(grid, block, stream, values, smem)
+        kernel(grid, block, values, smem, stream)
 
 
 def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec, device_id,

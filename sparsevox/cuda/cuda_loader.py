@@ -50,25 +50,28 @@ def get_function(name: str, kernel: str, name_expressions=(), defines=(), option
 
 
 class DriverKernel:
-    """A kernel of :func:`driver_kernel`, called as a CuPy ``RawKernel`` is (``(grid,), (block,), args,
-    shared_mem=0``, 1-D only) on CuPy's current stream, but launched through the CUDA driver with one
-    parameter layout (:class:`sparsevox.cuda.driver.Args`) made at its first call: CuPy's call costs 5-15 µs
-    of host time per launch, and a fresh scan's slot tables and sorts make dozens of launches. Every call
-    must pass arguments of the same kinds (a CuPy array, an address as a Python int, or one NumPy scalar
-    type) in each position."""
-    __slots__ = ("fn", "packed")
+    """A kernel called as a CuPy ``RawKernel`` is (``(grid,), (block,), args, shared_mem=0``, 1-D only) but
+    launched through the CUDA driver with one parameter layout (:class:`sparsevox.cuda.driver.Args`) made
+    at its first call: CuPy's call costs 5-15 µs of host time per launch, and a fresh scan's slot tables,
+    sorts and first layer launches make dozens. Every call must pass arguments of the same kinds (a CuPy
+    array, an address as a Python int, or one NumPy scalar type) in each position. ``stream``: a raw
+    ``cudaStream_t`` (default: CuPy's current stream); the current device must be the kernel's."""
+    __slots__ = ("fn", "dev", "packed")
 
-    def __init__(self, fn):
-        self.fn, self.packed = fn, None
+    def __init__(self, fn, dev: int):
+        self.fn, self.dev, self.packed = fn, dev, None
 
-    def __call__(self, grid, block, args, shared_mem=0):
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
         import cupy
         (g,), (b,) = grid, block
         packed = self.packed
         if packed is None:
             from . import driver
-            packed = self.packed = driver.Args(int(self.fn.kernel.ptr), tuple(args))
-        packed.launch(int(g), int(b), cupy.cuda.get_current_stream().ptr, tuple(args), int(shared_mem))
+            with cupy.cuda.Device(self.dev):  # RawKernel.kernel loads the function for the current device
+                packed = self.packed = driver.Args(int(self.fn.kernel.ptr), tuple(args))
+        if stream is None:
+            stream = cupy.cuda.get_current_stream().ptr
+        packed.launch(int(g), int(b), stream, tuple(args), int(shared_mem))
 
 
 _DRIVER_KERNELS: dict = {}
@@ -78,8 +81,19 @@ def driver_kernel(name: str, kernel: str, name_expressions=()) -> DriverKernel:
     """:func:`get_function`'s kernel on the current device as a :class:`DriverKernel` (one per kernel and
     device)."""
     import cupy
-    key = (name, kernel, cupy.cuda.runtime.getDevice())
+    dev = cupy.cuda.runtime.getDevice()
+    key = (name, kernel, dev)
     k = _DRIVER_KERNELS.get(key)
     if k is None:
-        k = _DRIVER_KERNELS[key] = DriverKernel(get_function(name, kernel, name_expressions))
+        k = _DRIVER_KERNELS[key] = DriverKernel(get_function(name, kernel, name_expressions), dev)
+    return k
+
+
+def as_driver_kernel(fn, dev: int) -> DriverKernel:
+    """The :class:`DriverKernel` of a CuPy ``RawKernel`` on device ``dev`` (one per kernel and device; it
+    keeps ``fn``, so the ``id`` in its key is never reused)."""
+    key = (id(fn), dev)
+    k = _DRIVER_KERNELS.get(key)
+    if k is None:
+        k = _DRIVER_KERNELS[key] = DriverKernel(fn, dev)
     return k

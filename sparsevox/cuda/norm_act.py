@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import driver
+from .cuda_loader import driver_kernel
 
 FEATURE_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
 _BLOCK = 256
@@ -26,7 +26,6 @@ def _names():
 
 
 _NAMES = _names()
-_ARGS: dict = {}  # (device, kernel name) -> driver.Args
 
 
 def param_type_ok(feature_dtype: str, param_dtype: str) -> bool:
@@ -36,14 +35,13 @@ def param_type_ok(feature_dtype: str, param_dtype: str) -> bool:
 
 
 def batchnorm_eval(x: int, mean: int, var: int, weight: int, bias: int, residual: int, out: int, rows: int,
-                   channels: int, eps: float, feature_dtype: str, param_dtype: str, relu: bool, stream: int,
-                   device_id: int) -> None:
+                   channels: int, eps: float, feature_dtype: str, param_dtype: str, relu: bool, stream: int) -> None:
     """Queue ``out = act((x - mean) * rsqrt(var + eps) * weight + bias + residual)`` on ``stream``.
 
     Addresses: ``x``, ``residual`` (0: none) and ``out`` are C-contiguous ``[rows, channels]`` arrays of
     ``feature_dtype`` (``out`` may be ``x``); ``mean``, ``var``, ``weight`` and ``bias`` (0: none) are
-    ``[channels]`` of ``param_dtype`` (see :func:`param_type_ok`). ``relu``: apply ReLU. The current
-    device must be ``device_id``. Raises ``ValueError`` for an unsupported dtype pair or a channel count
+    ``[channels]`` of ``param_dtype`` (see :func:`param_type_ok`). ``relu``: apply ReLU. ``stream`` is
+    on the current device, the arrays' device. Raises ``ValueError`` for an unsupported dtype pair or a channel count
     outside ``[1, 2**31)``."""
     if not param_type_ok(feature_dtype, param_dtype):
         raise ValueError(f"batchnorm_eval: feature dtype must be one of {sorted(FEATURE_TYPES)} and the parameter "
@@ -55,16 +53,6 @@ def batchnorm_eval(x: int, mean: int, var: int, weight: int, bias: int, residual
         return
     t = FEATURE_TYPES[feature_dtype]
     name = f"batchnorm_eval<{t}, {FEATURE_TYPES[param_dtype]}, {'true' if relu else 'false'}>"
-    args = _ARGS.get((device_id, name))
-    if args is None:
-        from .cuda_loader import get_function
-        fn = get_function("norm_act", name, _NAMES)
-        args = _ARGS[(device_id, name)] = driver.Args(int(fn.kernel.ptr), _sample())
     grid = min(-(-n // _BLOCK), _MAX_GRID)
-    args.launch(grid, _BLOCK, stream, (x, mean, var, weight, bias, residual, out, np.int64(n), np.int32(channels),
-                                       np.float64(eps)))
-
-
-def _sample():
-    """Arguments of the kernel's kinds (addresses, then n, c, eps), for laying out its parameter buffer."""
-    return (0, 0, 0, 0, 0, 0, 0, np.int64(0), np.int32(0), np.float64(0))
+    driver_kernel("norm_act", name, _NAMES)((grid,), (_BLOCK,), (x, mean, var, weight, bias, residual, out, np.int64(n),
+                                                               np.int32(channels), np.float64(eps)), 0, stream)
