@@ -44,6 +44,36 @@ def test_autocast_runs_in_low_precision(rng, dtype):
     assert w.grad is not None and w.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("prepared", [False, True])
+def test_autocast_weight_gradient_is_not_rounded_to_16_bits(rng, prepared):
+    """Under float16 autocast a float32 weight's gradient is the wgrad's float32 accumulation itself:
+    against float64 (on the float16-rounded features, weight and output gradient the layer ran with) its
+    error is float32's, far below one float16 rounding (~3e-4 relative). Before, it was rounded to float16
+    and cast back. That holds for every call through a prepared launch (``prepared``: the map's second
+    call; a fresh map's calls of a known layer signature take the same path); the first call of a
+    signature in the process runs the core call, whose gradient is in the data dtype (float16 accuracy).
+    The features' gradient is checked too."""
+    v, w = _layer(rng, n=2000, c_in=32, c_out=32)
+    w.requires_grad_(True)
+    f = v.feats.clone().requires_grad_(True)
+    x = sv.Voxels(v.coords, f)
+    g = torch.randn(len(v.coords), 32, device="cuda", dtype=torch.float16)
+    for _ in range(2 if prepared else 1):
+        w.grad = f.grad = None
+        with torch.autocast("cuda", dtype=torch.float16):
+            # IMPLICIT_GEMM: the algorithm with prepared launches (AUTO could pick one without)
+            out = sv.spatially_sparse_conv(x, w, fwd_algo="implicit_gemm", bwd_algo="implicit_gemm")
+        assert out.feats.dtype == torch.float16
+        (out.feats * g).sum().backward()
+    assert w.grad.dtype == torch.float32 and f.grad.dtype == torch.float32
+    c = v.coords.cpu().numpy()
+    x16, w16 = f.detach().half().double().cpu().numpy(), w.detach().half().double().cpu().numpy()
+    gf, gw = dense_conv_grads(c, x16, w16, g.double().cpu().numpy(), 3, 1, 1, False, c)
+    assert rel_err(w.grad.double().cpu().numpy(), gw) < (1e-5 if prepared else TOL["float16"])
+    # the features' gradient is a float16 output of dgrad (the layer's input was float16 under autocast)
+    assert rel_err(f.grad.double().cpu().numpy(), gf) < TOL["float16"]
+
+
 def test_autocast_inference_follows_an_in_place_weight_update(rng):
     """Under autocast without grad, an in-place change of the weight shows in the next call (negated
     weights give the negated output): nothing keeps a stale low-precision copy."""

@@ -187,8 +187,10 @@ def _eager_forward(feats, weight, kmap, fwd_algo):
     return _fast_forward(prep, feats, weight, key, kmap) if prep else None
 
 
-def _fast_backward(dprep, wprep, grad_out, feats, weight):
-    """``(grad_feats or None, grad_weight or None)`` through prepared launches, or None to take the slow path."""
+def _fast_backward(dprep, wprep, grad_out, feats, weight, gw_dtype):
+    """``(grad_feats or None, grad_weight or None)`` through prepared launches, or None to take the slow path.
+    The weight's gradient comes in ``gw_dtype`` (the wgrad accumulator's float32 as it is, when the caller's
+    weight is float32 and autocast ran the layer in 16 bits)."""
     if not (feats.is_contiguous() and weight.is_contiguous()):
         return None
     gf = gw = None
@@ -204,7 +206,7 @@ def _fast_backward(dprep, wprep, grad_out, feats, weight):
             acc = torch.zeros(wprep.out_shape, dtype=getattr(torch, wprep.acc_dtype), device=feats.device)
             if not wprep.launch(feats.data_ptr(), grad_out.data_ptr(), acc.data_ptr(), stream):
                 return None
-            gw = acc if acc.dtype == weight.dtype else acc.to(weight.dtype)
+            gw = acc if acc.dtype == gw_dtype else acc.to(gw_dtype)
     return gf, gw
 
 
@@ -238,7 +240,8 @@ def _define(name: str, core_forward, core_backward, out_channels):
             return out
 
     def bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad,
-                 kmap=None):
+                 kmap=None, gw_dtype=None):
+        gw_dtype = gw_dtype or weight.dtype
         kmap = kmap if kmap is not None else _core_map(in_maps, out_maps, offsets, feats.shape[0], grad_out.shape[0])
         grad_out = grad_out.contiguous()
         base = (name, feats.device, feats.dtype, feats.shape, weight.shape, bwd_algo, sv.allow_tf32())
@@ -257,11 +260,11 @@ def _define(name: str, core_forward, core_backward, out_channels):
                     wprep = _from_signature(kmap, wkey, wsig, "wgrad", feats, weight)
         if (feats_grad or weight_grad) and (dprep or not feats_grad) and (wprep or not weight_grad) \
                 and grad_out.dtype == feats.dtype:
-            got = _fast_backward(dprep, wprep, grad_out, feats, weight)
+            got = _fast_backward(dprep, wprep, grad_out, feats, weight, gw_dtype)
             if got is not None:
                 gf, gw = got
                 return (gf if gf is not None else torch.zeros_like(feats),
-                        gw if gw is not None else torch.zeros_like(weight))
+                        gw if gw is not None else torch.zeros_like(weight, dtype=gw_dtype))
         with _stream(feats):
             g, origin = _arrays.to_core(grad_out)
             f, _ = _arrays.to_core(feats)
@@ -273,7 +276,7 @@ def _define(name: str, core_forward, core_backward, out_channels):
                 _remember(kmap, wkey, wsig, name, "wgrad", f, w, bwd_algo)
             gf = _arrays.from_core(gf, origin) if gf is not None else torch.zeros_like(feats)
             gw = _arrays.from_core(gw, origin) if gw is not None else torch.zeros_like(weight)
-            return gf, gw
+            return gf, gw.to(gw_dtype)
 
     def fwd(feats: torch.Tensor, weight: torch.Tensor, in_maps: torch.Tensor, out_maps: torch.Tensor,
             offsets: torch.Tensor, num_out: int, fwd_algo: str) -> torch.Tensor:
@@ -312,9 +315,13 @@ def _define(name: str, core_forward, core_backward, out_channels):
 
         @staticmethod
         def forward(ctx, feats, weight, kmap, fwd_algo, bwd_algo):
-            ctx.save_for_backward(feats, weight)
-            ctx.bwd_algo, ctx.kmap = bwd_algo, kmap
-            return fwd_impl(feats, weight, None, None, None, kmap.num_out, fwd_algo, kmap=kmap)
+            # A weight in another dtype than the features (a float32 parameter under autocast) is cast
+            # here, outside the graph: its gradient is the wgrad accumulator's float32 itself, not one
+            # rounded to 16 bits and cast back by a separate autograd node (two casts and a node per layer).
+            w = weight if weight.dtype == feats.dtype else weight.to(feats.dtype)
+            ctx.save_for_backward(feats, w)
+            ctx.bwd_algo, ctx.kmap, ctx.gw_dtype = bwd_algo, kmap, weight.dtype
+            return fwd_impl(feats, w, None, None, None, kmap.num_out, fwd_algo, kmap=kmap)
 
         @staticmethod
         def backward(ctx, grad):
@@ -322,7 +329,8 @@ def _define(name: str, core_forward, core_backward, out_channels):
             feats, weight = ctx.saved_tensors
             kmap = ctx.kmap if isinstance(ctx.kmap, KernelMap) else recall(*ctx.kmap)
             ctx.kmap = (kmap.in_maps, kmap.out_maps, kmap.offsets_host, kmap.num_in, kmap.num_out)
-            gf, gw = bwd_impl(grad, feats, weight, None, None, None, ctx.bwd_algo, need_f, need_w, kmap=kmap)
+            gf, gw = bwd_impl(grad, feats, weight, None, None, None, ctx.bwd_algo, need_f, need_w, kmap=kmap,
+                              gw_dtype=ctx.gw_dtype)
             return gf if need_f else None, gw if need_w else None, None, None, None
 
     Eager.__name__ = Eager.__qualname__ = f"{name}_function"
@@ -377,9 +385,18 @@ def _autocast(*tensors):
     return tensors
 
 
-def _checked(feats, weight, what: str = "weight"):
+def _checked(feats, weight, what: str = "weight", cast_inside: bool = False):
     """``(feats, weight)`` in the autocast dtype, checked to share a dtype and a device (errors name the
-    weight argument ``what``)."""
+    weight argument ``what``). ``cast_inside``: under autocast, leave a floating-point weight in its own
+    dtype when the eager autograd.Function will run (it casts the weight itself and returns the weight's
+    gradient in the weight's dtype)."""
+    if cast_inside and weight.is_floating_point() and feats.is_cuda and torch.is_autocast_enabled("cuda") \
+            and not torch.compiler.is_compiling() and _needs_function(feats, weight):
+        (feats,) = _autocast(feats)
+        if weight.device != feats.device:
+            raise ValueError(f"{what} is on {weight.device} and the features on {feats.device}: both must be on "
+                             f"one device")
+        return feats, weight
     feats, weight = _autocast(feats, weight)
     if weight.dtype != feats.dtype:
         raise ValueError(f"{what} dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
@@ -394,7 +411,7 @@ def conv_features(feats, weight, kmap: KernelMap, fwd_algo=None, bwd_algo=None):
     out = _eager_forward(feats, weight, kmap, fwd_algo)
     if out is not None:
         return out
-    feats, weight = _checked(feats, weight)
+    feats, weight = _checked(feats, weight, cast_inside=True)
     return _apply(_ConvFunction, _conv_fwd, feats, weight, kmap, kmap.num_out, fwd_algo, bwd_algo)
 
 
