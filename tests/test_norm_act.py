@@ -33,11 +33,11 @@ def _sym(expr):
 
 
 def _entry(expr):
-    t, p, _ = [a.strip() for a in re.fullmatch(r"\w+<(.*)>", expr).group(1).split(",")]
+    t, p, _, _ = [a.strip() for a in re.fullmatch(r"\w+<(.*)>", expr).group(1).split(",")]
     params = (f"const {t}* x, const {p}* m, const {p}* v, const {p}* w, const {p}* b, const {t}* r, {t}* y, "
-              "long long n, int c, double eps")
-    return (f'extern "C" void {_sym(expr)}(unsigned gx, unsigned bx, {params}) {{ emu_launch(dim3{{gx, 1, 1}}, '
-            f'dim3{{bx, 1, 1}}, [=] {{ {expr}(x, m, v, w, b, r, y, n, c, eps); }}); }}')
+              "long long rows, int c, double eps")
+    return (f'extern "C" void {_sym(expr)}(unsigned gx, unsigned gy, unsigned bx, unsigned by, {params}) {{ '
+            f'emu_launch(dim3{{gx, gy, 1}}, dim3{{bx, by, 1}}, [=] {{ {expr}(x, m, v, w, b, r, y, rows, c, eps); }}); }}')
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,12 +77,21 @@ CASES = [(t, p) for t in ("__half", "__nv_bfloat16", "float", "double") for p in
 TOL = {"__half": 2e-3, "__nv_bfloat16": 1.6e-2, "float": 2e-6, "double": 1e-13}
 
 
+_SIZES = {"__half": 2, "__nv_bfloat16": 2, "float": 4, "double": 8}
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found (the CPU emulator compiles the kernel)")
 @pytest.mark.parametrize("t,p", CASES)
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("affine,residual", [(True, True), (True, False), (False, True), (False, False)])
-def test_kernel_on_the_cpu_matches_float64(rng, t, p, relu, affine, residual):
-    rows, c, eps = int(rng.integers(1, 40)), int(rng.integers(1, 13)), float(rng.uniform(1e-5, 1e-2))
+@pytest.mark.parametrize("vector", [False, True])
+def test_kernel_on_the_cpu_matches_float64(rng, t, p, relu, affine, residual, vector):
+    """Every instantiation on random shapes, on a grid smaller than the work in both directions (the
+    grid-stride loops over rows and over channel vectors run several rounds); ``vector``: the 16-byte
+    form (channel counts a multiple of its width), else one channel per thread."""
+    v = 16 // _SIZES[t] if vector else 1
+    rows, eps = int(rng.integers(1, 40)), float(rng.uniform(1e-5, 1e-2))
+    c = v * int(rng.integers(1, 7)) if vector else int(rng.integers(1, 13))
     x = _store(rng.normal(0, 3, (rows, c)), t)
     mean, var = _store(rng.normal(0, 1, c), p), _store(rng.uniform(0.1, 4, c), p)
     w = _store(rng.normal(1, 0.5, c), p) if affine else None
@@ -91,11 +100,11 @@ def test_kernel_on_the_cpu_matches_float64(rng, t, p, relu, affine, residual):
     if t != "__nv_bfloat16":
         x.flat[0] = np.nan  # NaN survives the ReLU, as torch.relu keeps it
     y = np.full((rows, c), 0x7FC1 if t == "__nv_bfloat16" else np.nan, _TYPES[t])  # poison
-    expr = f"batchnorm_eval<{t}, {p}, {'true' if relu else 'false'}>"
+    expr = f"batchnorm_eval<{t}, {p}, {'true' if relu else 'false'}, {v}>"
     ptr = lambda a: ctypes.c_void_p(None if a is None else a.ctypes.data)  # noqa: E731
-    # a small grid so the grid-stride loop runs several rounds
-    getattr(_library(), _sym(expr))(ctypes.c_uint(3), ctypes.c_uint(8), ptr(x), ptr(mean), ptr(var), ptr(w), ptr(b),
-                                    ptr(r), ptr(y), ctypes.c_longlong(rows * c), ctypes.c_int(c), ctypes.c_double(eps))
+    u = ctypes.c_uint
+    getattr(_library(), _sym(expr))(u(2), u(1), u(2), u(3), ptr(x), ptr(mean), ptr(var), ptr(w), ptr(b), ptr(r),
+                                    ptr(y), ctypes.c_longlong(rows), ctypes.c_int(c), ctypes.c_double(eps))
     want = (_load(x, t) - _load(mean, p)) / np.sqrt(_load(var, p) + (np.float32(eps) if t != "double" else eps))
     if affine:
         want = want * _load(w, p) + _load(b, p)
@@ -108,6 +117,20 @@ def test_kernel_on_the_cpu_matches_float64(rng, t, p, relu, affine, residual):
     assert np.array_equal(np.isnan(got), nan)  # every element written, NaN where the input had one
     scale = np.abs(want[~nan]).max(initial=1.0)
     np.testing.assert_allclose(got[~nan], want[~nan], rtol=TOL[t], atol=TOL[t] * scale)
+
+
+def test_launch_shape_takes_16_byte_vectors_only_where_they_fit():
+    # float16, C = 32: four 8-channel vectors per row, 64 rows per 256-thread block
+    assert norm_act.launch_shape(1000, 32, "float16", 0x1000, 0x2000) == (8, (16, 1), (4, 64))
+    # a channel count or an address that does not allow 16-byte accesses: one channel per thread
+    assert norm_act.launch_shape(1000, 30, "float16", 0x1000, 0x2000)[0] == 1
+    assert norm_act.launch_shape(1000, 32, "float16", 0x1000, 0x2008)[0] == 1
+    assert norm_act.launch_shape(10, 64, "float64", 0, 0)[0] == 2
+    # wide rows: blocks of 256 vector columns, the grid's y covering the rest
+    v, grid, block = norm_act.launch_shape(3, 4096 * 8, "float16", 0, 0)
+    assert (v, block, grid) == (8, (256, 1), (3, 16))
+    # many rows: the grid stops at its x limit, the kernel's row loop covers the rest
+    assert norm_act.launch_shape(10 ** 9, 8, "float32", 0, 0)[1][0] == 1 << 16
 
 
 def test_bad_arguments_raise_value_errors_naming_them():

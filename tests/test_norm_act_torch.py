@@ -78,6 +78,29 @@ def test_gpu_batchnorm_eval_is_one_launch_and_matches_float64(rng, monkeypatch, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("c,misaligned", [(13, False), (24, True), (24, False), (4104, False)])
+def test_gpu_batchnorm_act_vector_and_scalar_forms_match_float64(rng, dtype, c, misaligned):
+    """The kernel's 16-byte form (channels a multiple of 16 bytes, aligned rows), its one-channel form (an
+    odd channel count; features starting off a 16-byte boundary) and rows wider than one block's columns
+    (C = 4104), with a residual and ReLU, the output poisoned (NaN through the caching allocator), against
+    float64 on the CPU."""
+    from sparsevox.adapters.torch.norm_act import batchnorm_act
+    bn = _randomised(torch.nn.BatchNorm1d(c, eps=1e-3), rng).eval().cuda()
+    n = 300
+    flat = torch.from_numpy(rng.normal(0, 2, n * c + 1)).to(device="cuda", dtype=dtype)
+    x = (flat[1:] if misaligned else flat[:-1]).view(n, c)
+    assert (x.data_ptr() % 16 != 0) == misaligned
+    r = torch.from_numpy(rng.normal(0, 1, (n, c))).to(device="cuda", dtype=dtype)
+    poison = torch.full((n, c), float("nan"), device="cuda", dtype=dtype)
+    del poison  # the caching allocator hands this block to the output: unwritten elements stay NaN
+    with torch.no_grad():
+        got = batchnorm_act(bn, x, r, relu=True)
+    assert got is not None and got.dtype == dtype and not got.isnan().any()
+    _close(got, torch.relu(_bn_float64(bn, x) + r.double().cpu()), dtype)
+
+
+@pytest.mark.gpu
 def test_gpu_batchnorm_reads_statistics_written_through_data(rng):
     bn = _randomised(svt.BatchNorm(8), rng).eval().cuda()
     v = _voxels(rng, 200, 8, torch.float16, "cuda")

@@ -393,4 +393,8 @@ def test_driver_kernel_launches_like_a_raw_kernel_call(fake_driver, monkeypatch)
         assert (got["func"], got["grid"], got["block"], got["smem"], got["stream"]) == \
             (0xD0, (5, 1, 1), (128, 1, 1), 64, 0x5EA)
         _assert_args(got, (ptr, np.int32(n), addr, np.uint32(3)), (), 0, 0, 0)
+    # 2-D grids and blocks (the BatchNorm kernel's), on a raw stream handle
+    k((7, 3), (4, 64), (arr, np.int32(1), 0, np.uint32(2)), stream=0xBEE)
+    got = fake_driver.launches[-1]
+    assert (got["grid"], got["block"], got["stream"]) == ((7, 3, 1), (4, 64, 1), 0xBEE)
     assert fn.loads == 1 and fn.calls == []  # nothing through CuPy's launch

@@ -50,7 +50,8 @@ def get_function(name: str, kernel: str, name_expressions=(), defines=(), option
 
 
 class DriverKernel:
-    """A kernel called as a CuPy ``RawKernel`` is (``(grid,), (block,), args, shared_mem=0``, 1-D only) but
+    """A kernel called as a CuPy ``RawKernel`` is (``grid, block, args, shared_mem=0``; grid and block
+    tuples of one to three ints) but
     launched through the CUDA driver with one parameter layout (:class:`sparsevox.cuda.driver.Args`) made
     at its first call: CuPy's call costs 5-15 µs of host time per launch, and a fresh scan's slot tables,
     sorts and first layer launches make dozens. Every call must pass arguments of the same kinds (a CuPy
@@ -63,7 +64,8 @@ class DriverKernel:
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
         import cupy
-        (g,), (b,) = grid, block
+        g = int(grid[0]) if len(grid) == 1 else tuple(grid)
+        b = int(block[0]) if len(block) == 1 else tuple(block)
         packed = self.packed
         if packed is None:
             from . import driver
@@ -71,7 +73,7 @@ class DriverKernel:
                 packed = self.packed = driver.Args(int(self.fn.kernel.ptr), tuple(args))
         if stream is None:
             stream = cupy.cuda.get_current_stream().ptr
-        packed.launch(int(g), int(b), stream, tuple(args), int(shared_mem))
+        packed.launch(g, b, stream, tuple(args), int(shared_mem))
 
 
 _DRIVER_KERNELS: dict = {}

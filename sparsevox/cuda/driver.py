@@ -37,10 +37,18 @@ def box(value):
 _driver = None  # cupy_backends' driver module, imported on the first launch
 
 
-def launch(func: int, grid: int, block: int, smem: int, stream: int, params_addr: int, extra_addr: int = 0) -> None:
-    """``cuLaunchKernel`` of CUfunction ``func`` (1-D grid and block) with the parameter array at
-    ``params_addr`` (or 0 and a packed parameter buffer described by the ``extra`` array at
-    ``extra_addr``) on ``stream``."""
+def _dims(d) -> tuple[int, int, int]:
+    """A launch dimension (an int, or a tuple of one to three ints) as ``(x, y, z)``, each at least 1."""
+    if not isinstance(d, (tuple, list)):
+        return max(1, int(d)), 1, 1
+    x, y, z = (tuple(int(v) for v in d) + (1, 1))[:3]
+    return max(1, x), max(1, y), max(1, z)
+
+
+def launch(func: int, grid, block, smem: int, stream: int, params_addr: int, extra_addr: int = 0) -> None:
+    """``cuLaunchKernel`` of CUfunction ``func`` with the parameter array at ``params_addr`` (or 0 and a
+    packed parameter buffer described by the ``extra`` array at ``extra_addr``) on ``stream``. ``grid``,
+    ``block``: an int (1-D) or a tuple of up to three ints."""
     global _driver
     driver = _driver
     if driver is None:
@@ -51,7 +59,11 @@ def launch(func: int, grid: int, block: int, smem: int, stream: int, params_addr
         # before each launch): a runtime call makes the current device's primary context current.
         import cupy
         cupy.cuda.runtime.memGetInfo()
-    driver.launchKernel(func, grid, 1, 1, block, 1, 1, smem, stream, params_addr, extra_addr)
+    if type(grid) is int and type(block) is int:  # the common 1-D case without the tuple work
+        driver.launchKernel(func, max(1, grid), 1, 1, max(1, block), 1, 1, smem, stream, params_addr, extra_addr)
+        return
+    (gx, gy, gz), (bx, by, bz) = _dims(grid), _dims(block)
+    driver.launchKernel(func, gx, gy, gz, bx, by, bz, smem, stream, params_addr, extra_addr)
 
 
 ARRAY, ADDRESS = "array", "address"  # argument kinds besides the NumPy scalar types
@@ -96,11 +108,12 @@ class Args:
         """The parameter buffer's bytes for ``args`` (what :meth:`launch` hands the driver)."""
         return self.fmt.pack(*self.values(args))
 
-    def launch(self, grid: int, block: int, stream: int, args: tuple, smem: int = 0) -> None:
+    def launch(self, grid, block, stream: int, args: tuple, smem: int = 0) -> None:
+        """Launch with ``args`` (``grid``, ``block``: an int or a tuple of up to three ints)."""
         args = self.values(args)
         with self.lock:
             self.fmt.pack_into(self.buf, 0, *args)
-            launch(self.func, max(1, grid), max(1, block), smem, stream, 0, self.extra_addr)
+            launch(self.func, grid, block, smem, stream, 0, self.extra_addr)
 
 
 def kind(a):

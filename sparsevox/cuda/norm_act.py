@@ -13,16 +13,33 @@ import numpy as np
 from .cuda_loader import driver_kernel
 
 FEATURE_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 _BLOCK = 256
-_MAX_GRID = 1 << 20  # a grid-stride loop covers the rest
+_MAX_GRID_X, _MAX_GRID_Y = 1 << 16, 65535  # the kernel's grid-stride loops cover the rest
 
 
 def _names():
     out = []
-    for t in FEATURE_TYPES.values():
+    for name, t in FEATURE_TYPES.items():
         for p in dict.fromkeys(("float", t)):
-            out += [f"batchnorm_eval<{t}, {p}, {r}>" for r in ("false", "true")]
+            for v in (1, 16 // _ITEMSIZE[name]):
+                out += [f"batchnorm_eval<{t}, {p}, {r}, {v}>" for r in ("false", "true")]
     return tuple(out)
+
+
+def launch_shape(rows: int, channels: int, feature_dtype: str, *addresses: int):
+    """``(V, grid, block)`` of a launch: ``V`` channels per thread-vector (16 bytes when the channel count
+    and every feature address allow, else 1), a block of ``V``-channel columns by rows (``bx * by`` about
+    256 threads, ``bx`` at most the row's vector count), a grid covering the rows and vector columns up to
+    the grid-stride limits."""
+    v = 16 // _ITEMSIZE[feature_dtype]
+    if channels % v or any(a % 16 for a in addresses):
+        v = 1
+    cv = channels // v
+    bx = min(cv, _BLOCK)
+    by = max(1, _BLOCK // bx)
+    grid = (max(1, min(-(-rows // by), _MAX_GRID_X)), min(-(-cv // bx), _MAX_GRID_Y))
+    return v, grid, (bx, by)
 
 
 _NAMES = _names()
@@ -48,11 +65,10 @@ def batchnorm_eval(x: int, mean: int, var: int, weight: int, bias: int, residual
                          f"dtype float32 or the feature dtype, got {feature_dtype} / {param_dtype}")
     if not 1 <= channels < 2 ** 31:
         raise ValueError(f"batchnorm_eval: channels must be in [1, 2**31), got {channels}")
-    n = rows * channels
-    if n == 0:
+    if rows == 0:
         return
-    t = FEATURE_TYPES[feature_dtype]
-    name = f"batchnorm_eval<{t}, {FEATURE_TYPES[param_dtype]}, {'true' if relu else 'false'}>"
-    grid = min(-(-n // _BLOCK), _MAX_GRID)
-    driver_kernel("norm_act", name, _NAMES)((grid,), (_BLOCK,), (x, mean, var, weight, bias, residual, out, np.int64(n),
-                                                               np.int32(channels), np.float64(eps)), 0, stream)
+    v, grid, block = launch_shape(rows, channels, feature_dtype, x, out, *((residual,) if residual else ()))
+    name = (f"batchnorm_eval<{FEATURE_TYPES[feature_dtype]}, {FEATURE_TYPES[param_dtype]}, "
+            f"{'true' if relu else 'false'}, {v}>")
+    driver_kernel("norm_act", name, _NAMES)(grid, block, (x, mean, var, weight, bias, residual, out, np.int64(rows),
+                                                          np.int32(channels), np.float64(eps)), 0, stream)
