@@ -30,7 +30,9 @@ class KernelMap:
         out_coords: int32 ``[num_out, 4]`` core array (NumPy/CuPy) of the output sites.
         dense_nbr: optional int32 ``[K, num_out]`` on the data's device, ``dense_nbr[k, out]`` = the
             input row paired with ``out`` by offset ``k``, or -1 (the GPU builder's query table, reused
-            as the implicit GEMM's forward neighbour table); None when the builder did not make it.
+            as the implicit GEMM's forward neighbour table); None when the builder did not make it, and
+            once the implicit GEMM has dropped it (its launches on the map read sorted copies only: then
+            ``offsets``, which shared its allocation, is replaced by a copy).
 
     A GPU map is returned as soon as its kernels are queued (``ready`` False): the pair count is on the
     device until something needs it. The first read of ``in_maps``, ``out_maps``, ``offsets_host`` or
@@ -242,6 +244,8 @@ def _swapped(twin: KernelMap, out_coords, ks, st, dl) -> KernelMap:
     kmap = KernelMap(twin._out_maps, twin._in_maps, twin.offsets, twin._offsets_host, twin.num_out, twin.num_in,
                      out_coords, ks, st, dl, "transposed", pending=pending)
     kmap.swapped_from = twin  # algorithms share derived tables: this map's forward one is the twin's reverse
+    # and the twin can find it (weakly) when it replaces the offsets they share (implicit_gemm._release_unsorted)
+    twin.derived.setdefault("swapped_to", weakref.WeakSet()).add(kmap)
     if kmap.ready:
         _remember(kmap)
     return kmap

@@ -252,7 +252,8 @@ def test_slot_tables_and_tile_masks_match_the_host(rng, kind, ks):
             w = ig.mask_key_weights(kmap, k0, k1)
             keys = [int(sum(int(w[k - k0]) for k in range(k0, k1) if nbr[k, r] >= 0)) for r in range(nbr.shape[1])]
             np.testing.assert_array_equal(slots, np.array(sorted(range(len(keys)), key=lambda r: keys[r])))
-            np.testing.assert_array_equal(nbr_sorted, nbr[:, slots])
+            # a part's own offsets only: the parts of a split share one array (implicit_gemm._part_rows)
+            np.testing.assert_array_equal(nbr_sorted[k0:k1], nbr[k0:k1][:, slots])
             for bm in (16, 64, 128):
                 got = ig.tile_masks(kmap, reverse, bm, True, part).get()
                 tiles = -(-nbr.shape[1] // bm)
@@ -262,6 +263,88 @@ def test_slot_tables_and_tile_masks_match_the_host(rng, kind, ks):
                         if (nbr_sorted[k, t * bm:(t + 1) * bm] >= 0).any():
                             want[t, k // 32] |= np.uint32(1 << (k % 32))
                 np.testing.assert_array_equal(got, want, err_msg=f"reverse={reverse} part={part} bm={bm}")
+
+
+def _holds(kmap, mem) -> bool:
+    """Whether ``kmap`` (its ``dense_nbr``, ``offsets`` or anything under ``derived``, prepared launches
+    included) holds an array in the allocation ``mem``."""
+    from sparsevox.algorithms import implicit_gemm as ig
+    todo = [kmap.dense_nbr, kmap.offsets, *kmap.derived.values()]
+    while todo:
+        v = todo.pop()
+        if hasattr(v, "data") and hasattr(v.data, "mem") and v.data.mem is mem:
+            return True
+        if isinstance(v, (tuple, list)):
+            todo += list(v)
+        elif isinstance(v, ig.Launch):
+            todo += list(v.keep)
+    return False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["submanifold", "strided", "twin"])
+def test_sorted_launches_drop_the_unsorted_table_and_splits_share_one(rng, kind):
+    """Float32 sorted launches of mask splits 1, 2, 3, 1 on one map, every direction against the oracle:
+    after the first the map holds nothing of the builder's neighbour table (``dense_nbr`` None, offsets
+    moved out of its allocation), no unsorted table stays cached (each later split rebuilds it from the
+    sorted tables and drops it), the parts of a split gather into one array, and the table made again
+    equals the CSR's. ``twin``: a transposed map swapped from its strided twin (its tables are the
+    twin's)."""
+    import cupy
+    from sparsevox.algorithms import implicit_gemm as ig
+    if kind == "twin":
+        fine_c = random_voxels(rng, 1500, extent=14, batches=2)
+        fine = sv.Voxels(cupy.asarray(fine_c), None)
+        down = sv.kernel_map(fine, 3, 2)
+        coarse = sv.Voxels.from_core_coords(down.out_coords, None, fine.origin)
+        kmap = sv.kernel_map(coarse, 3, 2, transposed=True, output_voxels=fine)
+        assert kmap.swapped_from is down
+        coords = cupy.asnumpy(down.out_coords)
+        feats = rng.standard_normal((len(coords), 32)).astype(np.float32).astype(np.float64)
+        weight = (rng.standard_normal((27, 32, 32)) / np.sqrt(128)).astype(np.float32).astype(np.float64)
+        case = dict(coords=coords, feats=feats, weight=weight, kmap=kmap, s=2, tr=True, ks=3,
+                    out_coords=cupy.asnumpy(kmap.out_coords), x=to_gpu(feats, "float32"), w=to_gpu(weight, "float32"))
+        built = down
+    else:
+        case = quantised_case(rng, kind, 32, 32, "float32", n=3000, extent=18)
+        kmap = built = case["kmap"]
+    dense_mem = built.dense_nbr.data.mem
+    assert built.offsets.data.mem is dense_mem  # one allocation (gpu_kernel_map._pairs)
+    for i, split in enumerate((1, 2, 3, 1)):
+        _check_all_directions(rng, case, "float32", {"mask_split": split, "sort_rows": True})
+        assert built.dense_nbr is None and not _holds(built, dense_mem) and not _holds(kmap, dense_mem), split
+        assert "implicit_gemm.nbr" not in built.derived and "implicit_gemm.nbr_rev" not in built.derived, split
+        np.testing.assert_array_equal(built.offsets.get(), built.offsets_host)
+        if split > 1:
+            for reverse in (False, True):
+                if kind == "submanifold" and reverse:
+                    continue  # its dgrad runs on the forward tables
+                prep = ig.prepare("dgrad" if reverse else "fwd", "float32", 32, 32, kmap, cupy.cuda.Device().id,
+                                  mask_split=split, sort_rows=True)
+                assert all(prep.keep[0] is prep.keep[3 * h] for h in range(split)), (split, reverse)
+    for reverse in (False, True):
+        np.testing.assert_array_equal(ig.neighbour_table(built, reverse).get(), _csr_table(built, reverse))
+
+
+@pytest.mark.gpu
+def test_an_unsorted_launch_keeps_the_table_it_reads(rng):
+    """Unsorted rows (the float16 default) read the unsorted table itself: sorted launches on the same map
+    leave it in place, and both stay right; and after a sorted launch dropped it, an unsorted one rebuilds
+    it (from the sorted table) exactly."""
+    case = quantised_case(rng, "submanifold", 32, 32, "float32", n=3000, extent=18)
+    kmap = case["kmap"]
+    dense = kmap.dense_nbr
+    _check_all_directions(rng, case, "float32", {"sort_rows": False})
+    _check_all_directions(rng, case, "float32", {"sort_rows": True, "mask_split": 2})
+    assert kmap.dense_nbr is dense
+    _check_all_directions(rng, case, "float32", {"sort_rows": False})
+
+    case = quantised_case(rng, "submanifold", 32, 32, "float32", n=3000, extent=18)
+    kmap = case["kmap"]
+    _check_all_directions(rng, case, "float32", {"sort_rows": True})
+    assert kmap.dense_nbr is None
+    _check_all_directions(rng, case, "float32", {"sort_rows": False})
+    np.testing.assert_array_equal(kmap.derived["implicit_gemm.nbr"].get(), _csr_table(kmap, False))
 
 
 @pytest.mark.gpu

@@ -22,6 +22,7 @@ combinations.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -156,7 +157,9 @@ def neighbour_table(kmap, reverse: bool = False):
     """``[K, rows]`` int32: ``nbr[k, out] = in`` (forward) or ``nbr[k, in] = out`` (reverse), -1 absent.
 
     The forward table is the map's ``dense_nbr`` when its builder made one (the GPU hash builder's query
-    table); otherwise, and for the reverse table, it is scattered from the CSR map once and cached."""
+    table); otherwise, and for the reverse table, it is scattered from the CSR map once and cached. After
+    :func:`_release_unsorted` dropped it, it is made again when asked for: from the cached sorted slot
+    tables when they cover every offset (columns put back in row order), else from the CSR map."""
     # A pending GPU map's dense_nbr exists before its pairs: wait, so that unvalidated bad coordinates
     # raise here too (paths that never read the CSR arrays would otherwise use a wrong table).
     kmap.wait()
@@ -167,12 +170,16 @@ def neighbour_table(kmap, reverse: bool = False):
     if not reverse and dense is not None:
         return dense
     import cupy
-    key = "implicit_gemm.nbr_rev" if reverse else "implicit_gemm.nbr"
+    key = _unsorted_key(reverse)
     t = kmap.derived.get(key)
     if t is None and dense is not None and _mirrored(kmap):
         # submanifold, odd kernel sizes: pair (k, out m, in j) <=> (K-1-k, out j, in m), so the reverse
         # table is the forward one with its offsets reversed (one copy instead of a scatter of the CSR)
         t = kmap.derived[key] = cupy.ascontiguousarray(dense[::-1])
+    if t is None:
+        t = _unsorted_from_slots(kmap, reverse)
+        if t is not None:
+            kmap.derived[key] = t
     if t is None:
         k_count = kmap.num_offsets
         rows = kmap.num_in if reverse else kmap.num_out
@@ -186,6 +193,74 @@ def neighbour_table(kmap, reverse: bool = False):
     return t
 
 
+def _unsorted_key(reverse: bool) -> str:
+    return "implicit_gemm.nbr_rev" if reverse else "implicit_gemm.nbr"
+
+
+def _slots_prefix(reverse: bool, sort_rows: bool) -> str:
+    """The start of the ``kmap.derived`` keys of :func:`slot_table`'s tables (``...{k0}.{k1}`` follows)."""
+    return f"implicit_gemm.slots{'_rev' if reverse else ''}.{int(sort_rows)}."
+
+
+def _unsorted_from_slots(kmap, reverse: bool):
+    """The unsorted table made again from cached sorted slot tables whose offset ranges cover ``[0, K)``
+    (the whole table, or every part of a split; rows ``k0..k1`` of a part's table are in its slot order),
+    or None. One scatter per table, nothing waits: cheaper than the scatter of the CSR map, which a later
+    layer of another mask split would otherwise pay after :func:`_release_unsorted`."""
+    import cupy
+    prefix = _slots_prefix(reverse, True)
+    longest = {}  # k0 -> (k1, (row_of_slot, table)): the widest cached range starting at each offset
+    for key, got in tuple(kmap.derived.items()):
+        if isinstance(key, str) and key.startswith(prefix):
+            k0, k1 = (int(v) for v in key[len(prefix):].split("."))
+            if k1 > longest.get(k0, (k0,))[0]:
+                longest[k0] = (k1, got)
+    pieces, k = [], 0
+    while k < kmap.num_offsets:  # every split's parts are made together, so a walk from 0 ends at K
+        if k not in longest:
+            return None
+        k1, got = longest[k]
+        pieces.append((k, k1, got))
+        k = k1
+    if not pieces:
+        return None
+    t = cupy.empty(pieces[0][2][1].shape, dtype=cupy.int32)
+    for k0, k1, (order, table) in pieces:
+        t[k0:k1, order] = table[k0:k1]  # slot s of the part holds row order[s]
+    return t
+
+
+def _release_unsorted(kmap, reverse: bool) -> None:
+    """Drop the unsorted ``[K, rows]`` table of one direction once the launch just prepared has its slot
+    tables, unless a cached slot table is that table (unsorted rows, the float16 default: its launches
+    read it). Sorted launches (float32, float64) read only their sorted copies, so holding the unsorted
+    one too cost 108 bytes per row at K = 27 (SemanticKITTI level 0: 18.9 MiB). A later table that needs
+    it makes it again (:func:`neighbour_table`). Nothing else reads it: the other algorithms, pooling,
+    depthwise and the adapters read the CSR arrays; prepared launches keep the arrays they point to."""
+    twin = getattr(kmap, "swapped_from", None)
+    if twin is not None:  # as neighbour_table: the twin holds the tables
+        _release_unsorted(twin, not reverse)
+        return
+    key = _unsorted_key(reverse)
+    dense = None if reverse else getattr(kmap, "dense_nbr", None)
+    table = dense if dense is not None else kmap.derived.get(key)
+    if table is None:
+        return
+    prefixes = (_slots_prefix(reverse, False), _slots_prefix(reverse, True))
+    if any(isinstance(k, str) and k.startswith(prefixes) and v[1] is table for k, v in tuple(kmap.derived.items())):
+        return
+    # Kernels queued on this stream that read it run before a later allocation on the stream reuses its
+    # memory (CuPy's and torch's pools are stream-ordered), as for every temporary here.
+    kmap.derived.pop(key, None)
+    if dense is not None:
+        kmap.dense_nbr = None
+        # the GPU builder's offsets are a view into dense_nbr's allocation (gpu_kernel_map._pairs): a
+        # copy of their K + 1 words lets that allocation go (views taken earlier still hold it)
+        kmap.offsets = _copy_on_its_device(kmap.offsets)
+        for swapped in tuple(kmap.derived.get("swapped_to", ())):  # transposed maps made from this one
+            swapped.offsets = kmap.offsets
+
+
 def _mirrored(kmap) -> bool:
     """Whether offset K-1-k of the map is offset k reversed with in and out swapped (SubM, odd sizes).
     Only for maps a builder made (they have output sites): a map wrapped from bare arrays (``recall``)
@@ -193,6 +268,13 @@ def _mirrored(kmap) -> bool:
     return (kmap.kind == "submanifold" and getattr(kmap, "out_coords", None) is not None
             and kmap.num_in == kmap.num_out and all(v % 2 == 1 for v in kmap.kernel_size)
             and kmap.num_offsets == math.prod(kmap.kernel_size))
+
+
+def _copy_on_its_device(a):
+    """A copy of ``a`` on the device that holds it (CuPy copies onto the current one); NumPy as is."""
+    dev = getattr(a, "device", None)
+    with dev if hasattr(dev, "__enter__") else contextlib.nullcontext():
+        return a.copy()
 
 
 def _part(k_count: int, split: int, h: int) -> tuple[int, int]:
@@ -210,7 +292,9 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
     Measured on the scans (rows per active tile offset that have it, 128-row tiles): LiDAR-like 0.42 ->
     0.48, SemanticKITTI 0.46 -> 0.54, ScanNet 0.39 -> 0.40, against offset order (first offset most
     significant).
-    ``part``: ``(k0, k1)``, sort by the bits of these offsets only (one pass of a mask split).
+    ``part``: ``(k0, k1)``, sort by the bits of these offsets only (one pass of a mask split). A sorted
+    part's table holds its slot order in rows ``k0..k1`` only: the parts of a split share one ``[K, rows]``
+    array (:func:`_part_rows`), and its other rows belong to the other parts.
     On the device: the keys (``kernels_cu/slot_table.cu``, 32-bit when at most 32 offsets carry a bit),
     a stable radix sort (:mod:`sparsevox.cuda.radix_sort`, three launches per eight key bits), the gathered
     table (with the int32 slot order); nothing waits for the device.
@@ -222,7 +306,7 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
         return slot_table(twin, not reverse, sort_rows, part)
     k0, k1 = part if part is not None else (0, kmap.num_offsets)
     sort_rows = _csr_ordered(kmap, reverse, sort_rows, k0, k1)
-    key = f"implicit_gemm.slots{'_rev' if reverse else ''}.{int(sort_rows)}.{k0}.{k1}"
+    key = _slots_prefix(reverse, sort_rows) + f"{k0}.{k1}"
     t = kmap.derived.get(key)
     if t is None and sort_rows and (k0, k1) == (0, kmap.num_offsets) and _one_pair_rows(kmap, reverse):
         t = kmap.derived[key] = _csr_slots(kmap)
@@ -238,8 +322,10 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
             bits, _staging = _upload(bit_of)  # dropped at return: held until the copy has run
             _slot_kernel("keys", wide)(grid, (_SLOT_BLOCK,), (nbr, np.int32(rows), np.int32(k_count), bits, keys))
             order = radix_sort.argsort(keys, key_bits)  # stable (ties keep row order), no host wait
-            out = cupy.empty((k_count, rows), dtype=cupy.int32)
-            _slot_kernel("gather")(grid, (_SLOT_BLOCK,), (nbr, order, np.int32(rows), np.int32(k_count), out))
+            out = _part_rows(kmap, reverse, k0, k1, rows)
+            # only this part's rows: a launch reads the offsets of its tile masks, all in [k0, k1)
+            _slot_kernel("gather")(grid, (_SLOT_BLOCK,), (nbr[k0:k1], order, np.int32(rows), np.int32(k1 - k0),
+                                                          out[k0:k1]))
             t = (order, out)
         else:
             t = (cupy.arange(rows, dtype=cupy.int32), nbr)
@@ -248,6 +334,23 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
 
 
 _SLOT_BLOCK = 256
+
+
+def _part_rows(kmap, reverse: bool, k0: int, k1: int, rows: int):
+    """The ``[K, rows]`` int32 array that the sorted table of offsets ``[k0, k1)`` is gathered into: the
+    first one cached on the map whose rows ``k0..k1`` no other table uses, else a new one. The parts of a
+    mask split have disjoint offsets, so a split costs one array (and an int32 order per part) instead of
+    one per part: SemanticKITTI level 0, 18.9 MiB per part saved. Splits of other counts on the same map
+    overlap the first one's ranges and get another array; the whole table (``[0, K)``) gets its own."""
+    import cupy
+    arrays = kmap.derived.setdefault(f"implicit_gemm.part_rows{'_rev' if reverse else ''}", [])
+    for table, taken in arrays:
+        if all(k1 <= a or b <= k0 for a, b in taken):
+            taken.append((k0, k1))
+            return table
+    table = cupy.empty((kmap.num_offsets, rows), dtype=cupy.int32)
+    arrays.append((table, [(k0, k1)]))
+    return table
 
 
 def _csr_ordered(kmap, reverse: bool, sort_rows: bool, k0: int, k1: int) -> bool:
@@ -520,6 +623,7 @@ def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows,
                       (None, None, nbr.data.ptr, masks.data.ptr, slots.data.ptr, None, np.int32(n_rows),
                        np.int32(c_a), np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap), np.int32(h > 0))))
         keep += [nbr, masks, slots]
+    _release_unsorted(kmap, reverse)  # the steps hold their tables; the unsorted one may be unused now
     prep = Launch(steps, (0, 1, 5), vec, (n_rows, c_b), transpose_b=reverse or flip_b, keep=tuple(keep),
                   device_id=device_id, flip_b=flip_b)
     kmap.derived[key] = prep
