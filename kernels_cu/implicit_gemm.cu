@@ -18,24 +18,15 @@
 // multiples of 16 / sizeof(T) and the pointers 16-byte aligned), TC tensor cores (half types: one MMA;
 // float: 3xTF32, float32-accurate, see split_tf32; not double).
 // Shared memory is dynamic (the launcher passes STAGES * tile bytes and raises the 48 KB limit where
-// needed). Shared-memory rows are padded (Pad: 16 bytes, 32 for 3xTF32's k-major tiles) so that the
-// fragment and column reads of a warp hit distinct banks.
+// needed). Shared-memory rows are padded by 16 bytes so ldmatrix / column reads hit distinct banks.
 #include "common/mma.cuh"
 
 namespace svx_igemm {
 using namespace svx;
 
+template <typename T> struct Pad { static constexpr int value = 16 / sizeof(T); };
 template <typename T> struct IsF32 { static constexpr bool value = false; };
 template <> struct IsF32<float> { static constexpr bool value = true; };
-
-// Row padding (elements) of a shared-memory tile: 16 bytes, so ldmatrix rows and the SIMT column reads
-// fall in distinct banks. The 3xTF32 fragments read a k-major tile ([k][m] A of wgrad, every [k][n] B)
-// element by element, lane (g, t) at row t, column g: bank (t * LD + g) mod 32 is distinct across the warp
-// only when LD = 8 mod 32 (a 4-word pad gives bank 4t + g, two lanes per bank). A row-major [m][k] tile is
-// read at row g, column t: bank 4g + t wants the 4-word pad. The launcher's shared-memory sizes mirror this
-// (implicit_gemm.py, _pad).
-template <typename T, bool TC, bool KMAJOR>
-struct Pad { static constexpr int value = (TC && IsF32<T>::value && KMAJOR) ? 8 : 16 / int(sizeof(T)); };
 
 // Which elements of a ROWS x COLS shared-memory tile thread tid loads in load_rows: visit j is element
 // i = j * NTH + tid (while i < TOTAL), row i / CPR, columns (i % CPR) * E .. + E - 1, with E = 16 / sizeof(T)
@@ -60,14 +51,14 @@ struct TileWalk {
     __device__ static __forceinline__ int lane_of(int j, int lane) { return j * RPW + lane / CPR; }
 };
 
-// Load ROWS x COLS elements into shared memory s[ROWS][COLS + PAD]: row r comes from global row
+// Load ROWS x COLS elements into shared memory s[ROWS][COLS + pad]: row r comes from global row
 // row_of(j, r) (or zeros where that is < 0; j: the thread's visit number, see TileWalk), columns
 // col0 .. col0 + COLS - 1 (zeros at and past col_lim).
-template <typename T, int ROWS, int COLS, int NTH, bool VEC, int PAD, typename RowFn>
+template <typename T, int ROWS, int COLS, int NTH, bool VEC, typename RowFn>
 __device__ __forceinline__ void load_rows(T* s, const T* __restrict__ g, int ld, int col0, int col_lim,
                                           RowFn row_of, int tid) {
     using Walk = TileWalk<T, ROWS, COLS, NTH, VEC>;
-    constexpr int LDS = COLS + PAD;
+    constexpr int LDS = COLS + Pad<T>::value;
     constexpr int E = Walk::E, CPR = Walk::CPR, TOTAL = Walk::TOTAL;
     if constexpr (VEC) {
 #pragma unroll
@@ -96,12 +87,14 @@ __device__ __forceinline__ void load_rows(T* s, const T* __restrict__ g, int ld,
 // B is [BK][BN+pad]. acc holds WM*WN/32 values per thread (layout: see acc_pos).
 template <typename T, typename AccT, int BM, int BN, int BK, int WM, int WN, bool AK, bool TC>
 __device__ __forceinline__ void mma_step(const T* As, const T* Bs, AccT* acc, int wm, int wn, int lane) {
-    constexpr int LDA = AK ? BM + Pad<T, TC, true>::value : BK + Pad<T, TC, false>::value;
-    constexpr int LDB = BN + Pad<T, TC, true>::value;
+    constexpr int P = Pad<T>::value;
+    constexpr int LDA = AK ? BM + P : BK + P;
+    constexpr int LDB = BN + P;
     if constexpr (TC && IsF32<T>::value) {
         // 3xTF32: each float operand split into TF32 big + small parts (split_tf32), three m16n8k8 MMAs
         // per fragment pair, the small products first. Fragments are read element by element (ldmatrix
-        // moves 16-bit halves); the pads (Pad) put the 32 lanes of each read in distinct banks.
+        // moves 16-bit halves). With rows padded by 4 words, A's row-major lanes (row g, column t) fall in
+        // distinct banks; B's and the k-major A's (bank 4t + g) conflict 2-way (an 8-word pad would not).
         // The products of one stage go to a zeroed partial sum, added to acc with a rounded float32 add:
         // an MMA's accumulation truncates toward zero, and chained over a whole reduction (3 MMAs per
         // product) that bias grew to 2.6e-5 relative error (H200, d6651cb, C=130 dgrad; float32 1e-5).
@@ -229,8 +222,8 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
           int n_rows, int c_in, int c_out, int mask_words, int k_cap, int accumulate) {
     using AccT = typename AccOf<T>::type;
     constexpr int NTH = (BM / WM) * (BN / WN) * 32;
-    constexpr int PA = Pad<T, TC, false>::value, PB = Pad<T, TC, true>::value;
-    constexpr int A_SZ = BM * (BK + PA), B_SZ = BK * (BN + PB);
+    constexpr int P = Pad<T>::value;
+    constexpr int A_SZ = BM * (BK + P), B_SZ = BK * (BN + P);
     constexpr int ACC_N = WM * WN / 32;
     static_assert(STAGES >= 2, "at least double buffering");
     // Dynamic shared memory: STAGES * (A_SZ + B_SZ) tiles of T, then (when k_cap > 0, i.e. K offsets fit)
@@ -291,7 +284,7 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
         T* Bs = As + A_SZ;
         const int* nb = nbr + (size_t)lk * n_rows;
         const int* snb = s_nbr + la * BM;
-        load_rows<T, BM, BK, NTH, VEC, PA>(
+        load_rows<T, BM, BK, NTH, VEC>(
             As, X, c_in, lc, c_in,
             [&](int j, int r) -> long long {
                 if (staged) return (long long)snb[r];
@@ -304,7 +297,7 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
             },
             tid);
         const int kc = lc, kk = lk;
-        load_rows<T, BK, BN, NTH, VEC, PB>(
+        load_rows<T, BK, BN, NTH, VEC>(
             Bs, W, c_out, n0, c_out,
             [&](int, int r) -> long long { return kc + r < c_in ? (long long)kk * c_in + kc + r : -1LL; }, tid);
         lc += BK;
@@ -393,7 +386,7 @@ igemm_wgrad(const T* __restrict__ X, const T* __restrict__ dY, const int* __rest
             typename AccOf<T>::type* __restrict__ dW, int c_in, int c_out) {
     using AccT = typename AccOf<T>::type;
     constexpr int NTH = (BM / WM) * (BN / WN) * 32;
-    constexpr int P = Pad<T, TC, true>::value;  // both tiles k-major
+    constexpr int P = Pad<T>::value;
     constexpr int A_SZ = BK * (BM + P), B_SZ = BK * (BN + P);
     constexpr int ACC_N = WM * WN / 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];  // STAGES * (A_SZ + B_SZ) * sizeof(T) bytes
@@ -411,10 +404,10 @@ igemm_wgrad(const T* __restrict__ X, const T* __restrict__ dY, const int* __rest
         T* As = smem + stage * (A_SZ + B_SZ);
         T* Bs = As + A_SZ;
         const int p0 = lo + step * BK;
-        load_rows<T, BK, BM, NTH, VEC, P>(
+        load_rows<T, BK, BM, NTH, VEC>(
             As, X, c_in, m0, c_in,
             [&](int, int r) -> long long { return p0 + r < hi ? (long long)__ldg(in_maps + p0 + r) : -1LL; }, tid);
-        load_rows<T, BK, BN, NTH, VEC, P>(
+        load_rows<T, BK, BN, NTH, VEC>(
             Bs, dY, c_out, n0, c_out,
             [&](int, int r) -> long long { return p0 + r < hi ? (long long)__ldg(out_maps + p0 + r) : -1LL; }, tid);
     };

@@ -410,25 +410,6 @@ def test_tf32x3_is_more_accurate_than_one_tf32_product(rng):
     assert rel_err(host(out), ref) < 2.0 ** -18
 
 
-def test_tf32x3_fragment_reads_are_free_of_bank_conflicts():
-    """The 3xTF32 fragments are read from shared memory element by element, lane (g = lane / 4,
-    t = lane % 4): a row-major [m][k] A tile at row g, column t; a k-major tile ([k][n] B, wgrad's [k][m] A)
-    at row t, column g. With the launcher's pads (mirroring the kernels' Pad) the 32 words of each read
-    lie in 32 distinct banks; the half types keep their 16-byte pad (ldmatrix rows)."""
-    from sparsevox.algorithms import implicit_gemm as ig
-    lanes = [(lane // 4, lane % 4) for lane in range(32)]
-    for bm, bn in ig.TF32X3_TILES:
-        bk = ig._bk("float32")
-        for cols, kmajor in ((bk, False), (bn, True), (bm, True)):
-            ld = cols + ig._pad("float32", kmajor, True)
-            banks = {((t * ld + g) if kmajor else (g * ld + t)) % 32 for g, t in lanes}
-            assert len(banks) == 32, (bm, bn, cols, kmajor, ld)
-    assert ig._pad("float32", True, False) == 4 and ig._pad("float16", True, False) == 8
-    # the shared-memory size the launcher asks for covers the padded tiles
-    assert ig._smem_per_stage("float32", 64, 64, 16, False, True) == (64 * (16 + 4) + 16 * (64 + 8)) * 4
-    assert ig._smem_per_stage("float32", 64, 64, 16, True, True) == (16 * (64 + 8) + 16 * (64 + 8)) * 4
-
-
 def test_tf32x3_is_float32_only():
     from sparsevox.algorithms import implicit_gemm as ig
     for dt in ("float16", "bfloat16", "float64"):

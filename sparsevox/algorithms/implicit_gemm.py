@@ -84,19 +84,14 @@ def _bk(dtype_name: str) -> int:
     return {"float64": 8, "float32": 16}.get(dtype_name, 32)
 
 
-def _pad(dtype_name, kmajor: bool, tf32x3: bool) -> int:
-    """Row padding (elements) of a shared-memory tile, as the kernels' ``Pad``: 16 bytes, or 32 for the
-    k-major tiles of the 3xTF32 kernels (whose element-wise fragment reads would conflict 2-way)."""
-    return 8 if tf32x3 and kmajor else 16 // _SIZE[dtype_name]
+def _smem_per_stage(dtype_name, bm, bn, bk, a_kmajor) -> int:
+    pad = 16 // _SIZE[dtype_name]
+    per = ((bk * (bm + pad)) if a_kmajor else (bm * (bk + pad))) + bk * (bn + pad)
+    return per * _SIZE[dtype_name]
 
 
-def _smem_per_stage(dtype_name, bm, bn, bk, a_kmajor, tf32x3=False) -> int:
-    a = bk * (bm + _pad(dtype_name, True, tf32x3)) if a_kmajor else bm * (bk + _pad(dtype_name, False, tf32x3))
-    return (a + bk * (bn + _pad(dtype_name, True, tf32x3))) * _SIZE[dtype_name]
-
-
-def _stages(dtype_name, bm, bn, bk, a_kmajor, tf32x3=False) -> int:
-    per = _smem_per_stage(dtype_name, bm, bn, bk, a_kmajor, tf32x3)
+def _stages(dtype_name, bm, bn, bk, a_kmajor) -> int:
+    per = _smem_per_stage(dtype_name, bm, bn, bk, a_kmajor)
     if 4 * per <= _SMEM_SMALL:
         return 4
     for s in (3, 2):
@@ -126,12 +121,12 @@ def _kernel(kind: str, dtype_name: str, bm: int, bn: int, vec: bool, device_id: 
         spec = tiles_for(dtype_name, tf32x3)[(bm, bn)] if kind == "fwd" else \
             (16, 16) if bm == 32 else (32, 32) if bm == 64 else (64, 32)
         wm, wn = spec[:2]
-        stages = spec[2] if len(spec) > 2 else _stages(dtype_name, bm, bn, bk, kind == "wgrad", tf32x3)
+        stages = spec[2] if len(spec) > 2 else _stages(dtype_name, bm, bn, bk, kind == "wgrad")
     name = (f"svx_igemm::igemm_{kind}<{_CTYPE[dtype_name]},{bm},{bn},{bk},{wm},{wn},{stages},"
             f"{'true' if vec else 'false'},{'true' if tc else 'false'}>")
     fn = get_function("implicit_gemm", name, name_expressions=(name,))
     threads = (bm // wm) * (bn // wn) * 32
-    smem = stages * _smem_per_stage(dtype_name, bm, bn, bk, kind == "wgrad", tc and dtype_name == "float32")
+    smem = stages * _smem_per_stage(dtype_name, bm, bn, bk, kind == "wgrad")
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
         _DYN_SET[id(fn)] = smem
