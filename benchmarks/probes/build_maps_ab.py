@@ -1,0 +1,86 @@
+"""A/B of ``MinkUNet.build_maps``' order in one process (issue 19, memory): the current one (each level's
+submanifold maps taken before the next level's are queued, ea920b6) against the earlier one (every map
+queued, then all taken), alternating, on fresh scans: median step ms and peak allocated MiB per variant
+(``SPARSEVOX_TORCH_ALLOCATOR=1`` so the maps count).
+
+Usage on the GPU machine: ``python -m benchmarks.probes.build_maps_ab [--scene semantickitti] [--modes
+fp16_infer fp32_infer] [--rounds 2] [--steps 8]``; prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import sparsevox as sv
+
+
+def queued_together(self, voxels) -> list:
+    """``MinkUNet.build_maps`` as it was before ea920b6: every map queued, then all taken."""
+    levels = [voxels]
+    for stage in self.encoder:
+        down = stage.down[0]
+        levels.append(sv.strided_output_voxels(levels[-1], down.kernel_size, down.stride, down.dilation))
+    maps = [sv.kernel_map(v, *self._level_down(i)) for i, v in enumerate(levels[:-1])]
+    for v, sites in zip(levels, self._subm_geometries()):
+        maps += [sv.kernel_map(v, ks, 1, dl) for ks, dl in sites]
+    for kmap in maps:
+        kmap.wait()
+    return levels
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from benchmarks import end_to_end as e2e
+    from sparsevox.adapters.torch import MinkUNet
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scene", default="semantickitti", choices=list(e2e.SCENES))
+    ap.add_argument("--modes", nargs="+", default=["fp16_infer", "fp32_infer"])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    a = ap.parse_args(argv)
+    plan = e2e.SCENES[a.scene]
+    points, _ = e2e.scene_points(plan.source)
+    xyz, feats, index = e2e.batch_points(points, plan.batch)
+    vox = e2e.Voxeliser(xyz, feats, index, plan.voxel_size, "cuda")
+    libs = e2e.Libraries(None, vox, e2e.spm.DEFAULT_WIDTHS)
+    coords0, feats0 = vox()
+    labels = torch.randint(0, e2e.NUM_CLASSES, (len(coords0),), device="cuda")
+    model = MinkUNet(vox.channels, e2e.NUM_CLASSES).cuda()
+    e2e.calibrate_batchnorm(model, libs.make_input("sparsevox", coords0, feats0))
+    model.cpu()
+    variants = {"level by level (ea920b6)": MinkUNet.build_maps, "all queued, then taken": queued_together}
+    rows = {}
+    for mode in a.modes:
+        step, _, cleanup = e2e.make_step("sparsevox", model, mode, libs, labels, "cuda")
+        try:
+            for _ in range(3):
+                step()
+            for _ in range(a.rounds):
+                for name, fn in variants.items():
+                    MinkUNet.build_maps = fn
+                    step()
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    times = []
+                    for _ in range(a.steps):
+                        t0 = time.perf_counter()
+                        step()
+                        torch.cuda.synchronize()
+                        times.append((time.perf_counter() - t0) * 1e3)
+                    r = rows.setdefault((mode, name), {"ms": [], "peak": []})
+                    r["ms"].append(statistics.median(times))
+                    r["peak"].append(torch.cuda.max_memory_allocated() / 2 ** 20)
+        finally:
+            MinkUNet.build_maps = variants["level by level (ea920b6)"]
+            cleanup()
+    print(f"| mode | build_maps | median step ms per round | peak MiB per round |\n|---|---|---|---|")
+    for (mode, name), r in rows.items():
+        print(f"| {mode} | {name} | {', '.join(f'{v:.2f}' for v in r['ms'])} | "
+              f"{', '.join(f'{v:.1f}' for v in r['peak'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
