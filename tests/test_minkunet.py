@@ -89,40 +89,6 @@ def test_build_maps_builds_every_map_the_forward_uses(rng, monkeypatch):
     assert len(built) == 18
 
 
-def test_build_maps_takes_each_levels_submanifold_maps_before_queuing_the_next(rng, monkeypatch):
-    """A GPU map holds an upper-bound pair buffer until it is taken (``wait``): level i's SubM maps are
-    queued before level i+1's sites are made and taken right after, before level i+1's maps are queued,
-    so at most one level's buffers are alive at once (the step's memory peak)."""
-    from sparsevox.kernel_map import KernelMap
-    net = svt.MinkUNet(4, 5, widths=SMALL, blocks=1).double()
-    v = _scene(rng)
-    events, real_map, real_sites, real_wait = [], sv.kernel_map, sv.strided_output_voxels, KernelMap.wait
-
-    def kernel_map(voxels, kernel_size=3, stride=1, *a, **k):
-        m = real_map(voxels, kernel_size, stride, *a, **k)
-        if stride == 1:
-            events.append(("queue", id(m)))
-        return m
-
-    def strided_output_voxels(voxels, *a, **k):
-        events.append(("sites", voxels.num_voxels))
-        return real_sites(voxels, *a, **k)
-
-    monkeypatch.setattr(sv, "kernel_map", kernel_map)
-    monkeypatch.setattr(sv, "strided_output_voxels", strided_output_voxels)
-    monkeypatch.setattr(KernelMap, "wait", lambda self: events.append(("wait", id(self))) or real_wait(self))
-    net.build_maps(v)
-    sites = [i for i, e in enumerate(events) if e[0] == "sites"]
-    queued = [i for i, e in enumerate(events) if e[0] == "queue"]
-    assert len(sites) == 4 and len(queued) == 5
-    for level, at in enumerate(sites):
-        q = queued[level]
-        assert q < at, f"level {level}'s SubM map queued after the next level's sites"
-        taken = [i for i, e in enumerate(events) if e == ("wait", events[q][1])]
-        assert taken and taken[0] > at and taken[0] < queued[level + 1], \
-            f"level {level}'s SubM map not taken between the next level's sites and its maps"
-
-
 def test_the_map_plan_is_found_once_and_a_replaced_layer_still_runs(rng, monkeypatch):
     """The level plan is walked from the modules on the first forward only (it cost ~0.5 ms a step); a
     convolution swapped in later for one of another kernel size is not in it, and builds its own map."""

@@ -102,20 +102,13 @@ class MinkUNet(nn.Module):
         while they live, see ``sv.strided_output_voxels``). :meth:`forward` calls it first: the host waits for
         each map's pair counts here, with only map work queued on the device, instead of once per level
         in the middle of the layers, where each wait drained the convolutions queued before it."""
-        levels, geometries = [voxels], self._subm_geometries()
-        for i, stage in enumerate(self.encoder):
-            # A level's submanifold maps are queued before the next level's sites, whose output-size read
-            # waits for the device anyway, and taken right after it (their kernels are done by then: no
-            # extra wait). Each map holds an upper-bound pair buffer (2 x K x N int32: 39.6 MB at
-            # SemanticKITTI level 0) until it is taken; queued all together, every map's buffer was alive
-            # at once, at the step's memory peak.
-            subm = [sv.kernel_map(levels[i], ks, 1, dl) for ks, dl in geometries[i]]
+        levels = [voxels]
+        for stage in self.encoder:
             down = stage.down[0]
-            levels.append(sv.strided_output_voxels(levels[i], down.kernel_size, down.stride, down.dilation))
-            for kmap in subm:
-                kmap.wait()
+            levels.append(sv.strided_output_voxels(levels[-1], down.kernel_size, down.stride, down.dilation))
         maps = [sv.kernel_map(v, *self._level_down(i)) for i, v in enumerate(levels[:-1])]
-        maps += [sv.kernel_map(levels[-1], ks, 1, dl) for ks, dl in geometries[-1]]
+        for v, sites in zip(levels, self._subm_geometries()):
+            maps += [sv.kernel_map(v, ks, 1, dl) for ks, dl in sites]
         for kmap in maps:
             kmap.wait()
         return levels

@@ -1,7 +1,10 @@
-"""A/B of ``MinkUNet.build_maps``' order in one process (issue 19, memory): the current one (each level's
-submanifold maps taken before the next level's are queued, ea920b6) against the earlier one (every map
-queued, then all taken), alternating, on fresh scans: median step ms and peak allocated MiB per variant
-(``SPARSEVOX_TORCH_ALLOCATOR=1`` so the maps count).
+"""A/B of ``MinkUNet.build_maps``' order in one process (issue 19, memory): the current one (every map
+queued, then all taken) against the one tried at ea920b6 (each level's submanifold maps taken before the
+next level's are queued, so that at most one level's upper-bound pair buffers are alive), alternating, on
+fresh scans: median step ms and peak allocated MiB per variant (``SPARSEVOX_TORCH_ALLOCATOR=1`` so the maps
+count). Measured at 4fc84c9 (H200, SemanticKITTI): no lower peak (459.4 vs 458.9 MiB float16 inference,
+711.8 vs 710.8 float32) and 0.3-1 ms slower, so ea920b6 was reverted: the step's peak is not in the map
+build.
 
 Usage on the GPU machine: ``python -m benchmarks.probes.build_maps_ab [--scene semantickitti] [--modes
 fp16_infer fp32_infer] [--rounds 2] [--steps 8]``; prints a table.
@@ -15,15 +18,18 @@ import time
 import sparsevox as sv
 
 
-def queued_together(self, voxels) -> list:
-    """``MinkUNet.build_maps`` as it was before ea920b6: every map queued, then all taken."""
-    levels = [voxels]
-    for stage in self.encoder:
+def level_by_level(self, voxels) -> list:
+    """``MinkUNet.build_maps`` as ea920b6 had it: a level's submanifold maps queued before the next
+    level's sites (whose output-size read waits for the device) and taken right after them."""
+    levels, geometries = [voxels], self._subm_geometries()
+    for i, stage in enumerate(self.encoder):
+        subm = [sv.kernel_map(levels[i], ks, 1, dl) for ks, dl in geometries[i]]
         down = stage.down[0]
-        levels.append(sv.strided_output_voxels(levels[-1], down.kernel_size, down.stride, down.dilation))
+        levels.append(sv.strided_output_voxels(levels[i], down.kernel_size, down.stride, down.dilation))
+        for kmap in subm:
+            kmap.wait()
     maps = [sv.kernel_map(v, *self._level_down(i)) for i, v in enumerate(levels[:-1])]
-    for v, sites in zip(levels, self._subm_geometries()):
-        maps += [sv.kernel_map(v, ks, 1, dl) for ks, dl in sites]
+    maps += [sv.kernel_map(levels[-1], ks, 1, dl) for ks, dl in geometries[-1]]
     for kmap in maps:
         kmap.wait()
     return levels
@@ -50,7 +56,7 @@ def main(argv=None) -> int:
     model = MinkUNet(vox.channels, e2e.NUM_CLASSES).cuda()
     e2e.calibrate_batchnorm(model, libs.make_input("sparsevox", coords0, feats0))
     model.cpu()
-    variants = {"level by level (ea920b6)": MinkUNet.build_maps, "all queued, then taken": queued_together}
+    variants = {"level by level (ea920b6)": level_by_level, "all queued, then taken": MinkUNet.build_maps}
     rows = {}
     for mode in a.modes:
         step, _, cleanup = e2e.make_step("sparsevox", model, mode, libs, labels, "cuda")
@@ -73,7 +79,7 @@ def main(argv=None) -> int:
                     r["ms"].append(statistics.median(times))
                     r["peak"].append(torch.cuda.max_memory_allocated() / 2 ** 20)
         finally:
-            MinkUNet.build_maps = variants["level by level (ea920b6)"]
+            MinkUNet.build_maps = variants["all queued, then taken"]
             cleanup()
     print(f"| mode | build_maps | median step ms per round | peak MiB per round |\n|---|---|---|---|")
     for (mode, name), r in rows.items():
