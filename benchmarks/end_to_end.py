@@ -209,6 +209,25 @@ def calibrate_batchnorm(model, x) -> None:
         m.momentum = mom
 
 
+def sparsevox_scene_model(scene: str, device: str = "cuda"):
+    """``(libs, labels, model)`` for the probes that run native sparsevox alone on one scene: its
+    :class:`Libraries` (no peer), random labels for its first voxelisation, and a MinkUNet whose BatchNorm
+    statistics are calibrated on it, left on the CPU (``make_step`` moves it)."""
+    import torch
+
+    from sparsevox.adapters.torch import MinkUNet
+    plan = SCENES[scene]
+    points, _ = scene_points(plan.source)
+    xyz, feats, index = batch_points(points, plan.batch)
+    vox = Voxeliser(xyz, feats, index, plan.voxel_size, device)
+    libs = Libraries(None, vox, spm.DEFAULT_WIDTHS)
+    coords0, feats0 = vox()
+    labels = torch.randint(0, NUM_CLASSES, (len(coords0),), device=device)
+    model = MinkUNet(vox.channels, NUM_CLASSES).to(device)
+    calibrate_batchnorm(model, libs.make_input("sparsevox", coords0, feats0))
+    return libs, labels, model.cpu()
+
+
 class Libraries:
     """How each library turns ``(coords, feats)`` into its input, and copies its model."""
 

@@ -55,3 +55,13 @@ def jax_x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", False)
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The kernel-map and slot-table CUDA sources run on the CPU (``cuda_cpu_emulator``), or a skip naming why not."""
+    import cuda_cpu_emulator as emu
+    ok, reason = emu.available()
+    if not ok:
+        pytest.skip(f"CUDA CPU emulator unavailable: {reason}")
+    return emu.EmulatedDevice()

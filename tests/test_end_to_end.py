@@ -113,3 +113,15 @@ def test_half_copies_keep_the_weights():
         for name, p in half.named_parameters():
             assert p.dtype == torch.float16 and torch.equal(p, ref[name].half()), name
         assert next(model.parameters()).dtype == torch.float32
+
+
+def test_probe_setup_gives_a_calibrated_model_on_the_cpu():
+    """``sparsevox_scene_model`` (the single-library probes' setup): labels for the scene's voxels, and the
+    MinkUNet's BatchNorm statistics those of the scene (not the initial 0 / 1), the model left on the CPU."""
+    e2e = end_to_end
+    libs, labels, model = e2e.sparsevox_scene_model("tiny", "cpu")
+    coords, _ = libs.vox()
+    assert labels.shape == (len(coords),) and int(labels.max()) < e2e.NUM_CLASSES
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert bns and all(not torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in bns)
+    assert all(p.device.type == "cpu" for p in model.parameters())

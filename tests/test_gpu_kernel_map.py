@@ -76,15 +76,6 @@ EDGE_CASES = [  # (coords, kernel_size, stride, dilation, transposed, generative
 
 # --- on the CPU, through the emulator -------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def emulated():
-    import cuda_cpu_emulator as emu
-    ok, reason = emu.available()
-    if not ok:
-        pytest.skip(f"CUDA CPU emulator unavailable: {reason}")
-    return emu.EmulatedDevice()
-
-
 EMU_CASES = [("submanifold", 3, 1, 1, 1), ("submanifold", (3, 1, 2), 1, 2, 3), ("submanifold", 2, 1, 1, 1),
              ("strided", 2, 2, 1, 1), ("strided", 3, (1, 2, 3), 2, 3), ("transposed", 2, 2, 1, 1),
              ("transposed", 3, (2, 1, 2), 1, 3), ("generative", 2, 2, 1, 1), ("generative", (3, 1, 3), 2, 2, 3)]

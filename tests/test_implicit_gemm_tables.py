@@ -97,15 +97,6 @@ def _slot_kernel(name, wide=False):
     return {"keys": keys, "gather": gather, "masks": masks, "csr": csr}[name]
 
 
-@pytest.fixture(scope="module")
-def emulated():
-    import cuda_cpu_emulator as emu
-    ok, reason = emu.available()
-    if not ok:
-        pytest.skip(f"CUDA CPU emulator unavailable: {reason}")
-    return emu.EmulatedDevice()
-
-
 @pytest.fixture
 def np_tables(monkeypatch):
     """NumPy in place of CuPy for the table code of implicit_gemm, and the kernels it launches."""

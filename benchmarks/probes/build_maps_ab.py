@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import sparsevox as sv
@@ -46,16 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     a = ap.parse_args(argv)
-    plan = e2e.SCENES[a.scene]
-    points, _ = e2e.scene_points(plan.source)
-    xyz, feats, index = e2e.batch_points(points, plan.batch)
-    vox = e2e.Voxeliser(xyz, feats, index, plan.voxel_size, "cuda")
-    libs = e2e.Libraries(None, vox, e2e.spm.DEFAULT_WIDTHS)
-    coords0, feats0 = vox()
-    labels = torch.randint(0, e2e.NUM_CLASSES, (len(coords0),), device="cuda")
-    model = MinkUNet(vox.channels, e2e.NUM_CLASSES).cuda()
-    e2e.calibrate_batchnorm(model, libs.make_input("sparsevox", coords0, feats0))
-    model.cpu()
+    if not torch.cuda.is_available():
+        print("build_maps_ab: no GPU", file=sys.stderr)
+        return 2
+    libs, labels, model = e2e.sparsevox_scene_model(a.scene)
     variants = {"level by level (ea920b6)": level_by_level, "all queued, then taken": MinkUNet.build_maps}
     rows = {}
     for mode in a.modes:

@@ -107,16 +107,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("memory_phases: no GPU", file=sys.stderr)
         return 2
-    plan = e2e.SCENES[a.scene]
-    points, _ = e2e.scene_points(plan.source)
-    xyz, feats, index = e2e.batch_points(points, plan.batch)
-    vox = e2e.Voxeliser(xyz, feats, index, plan.voxel_size, "cuda")
-    libs = e2e.Libraries(None, vox, e2e.spm.DEFAULT_WIDTHS)
-    coords0, feats0 = vox()
-    labels = torch.randint(0, e2e.NUM_CLASSES, (len(coords0),), device="cuda")
-    model = MinkUNet(vox.channels, e2e.NUM_CLASSES).cuda()
-    e2e.calibrate_batchnorm(model, libs.make_input("sparsevox", coords0, feats0))
-    model.cpu()
+    libs, labels, model = e2e.sparsevox_scene_model(a.scene)
     for mode in a.modes:
         step, m, cleanup = e2e.make_step("sparsevox", model, mode, libs, labels, "cuda")
         try:
