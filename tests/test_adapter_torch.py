@@ -35,6 +35,16 @@ def test_gradcheck(rng, kind):
     assert torch.autograd.gradcheck(lambda f, w: svt.conv_features(f, w, kmap), (v.feats, w))
 
 
+def test_a_second_derivative_raises_instead_of_being_zero(rng):
+    """The gradients are computed by raw kernels, not by differentiable torch ops: a double backward
+    (create_graph=True, then differentiating the gradient) must raise, not silently give zeros."""
+    v, w, _, args = _case(rng, "submanifold")
+    out = sv.spatially_sparse_conv(v, w, **args)
+    (gw,) = torch.autograd.grad(out.feats.square().sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        torch.autograd.grad(gw.sum(), v.feats)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_forward_matches_oracle_and_returns_torch(rng, kind):
     v, w, _, args = _case(rng, kind)

@@ -12,6 +12,7 @@ import contextvars
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 import sparsevox as sv
 from sparsevox import _arrays
@@ -324,6 +325,7 @@ def _define(name: str, core_forward, core_backward, out_channels):
             return fwd_impl(feats, w, None, None, None, kmap.num_out, fwd_algo, kmap=kmap)
 
         @staticmethod
+        @once_differentiable  # the gradients are raw launches: a second derivative must raise, not be 0
         def backward(ctx, grad):
             need_f, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             feats, weight = ctx.saved_tensors

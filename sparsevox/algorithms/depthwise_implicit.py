@@ -102,7 +102,9 @@ def _csr(kmap):
     """``(in_maps, out_maps, offsets)`` as contiguous int32 device arrays (cached on the map)."""
     got = kmap.derived.get("depthwise.csr")
     if got is None:
-        got = (_i32(kmap.in_maps), _i32(kmap.out_maps), _i32(kmap.offsets))  # device offsets: no H2D copy
+        # device offsets, copied: no H2D copy, and no view keeping the builder's neighbour-table
+        # allocation (which it shares) alive after IMPLICIT_GEMM lets it go
+        got = (_i32(kmap.in_maps), _i32(kmap.out_maps), _i32(kmap.offsets).copy())
         kmap.derived["depthwise.csr"] = got
     return got
 

@@ -231,7 +231,9 @@ def _release_unsorted(kmap, reverse: bool) -> None:
     read it). Sorted launches (float32, float64) read only their sorted copies, so holding the unsorted
     one too cost 108 bytes per row at K = 27 (SemanticKITTI level 0: 18.9 MiB). A later table that needs
     it makes it again (:func:`neighbour_table`). Nothing else reads it: the other algorithms, pooling,
-    depthwise and the adapters read the CSR arrays; prepared launches keep the arrays they point to."""
+    depthwise and the adapters read the CSR arrays (depthwise keeps its own copy of the offsets);
+    prepared launches keep the arrays they point to. The dropped arrays are held until the work queued
+    on the current stream is done."""
     twin = getattr(kmap, "swapped_from", None)
     if twin is not None:  # as neighbour_table: the twin holds the tables
         _release_unsorted(twin, not reverse)
@@ -244,16 +246,32 @@ def _release_unsorted(kmap, reverse: bool) -> None:
     prefixes = (_slots_prefix(reverse, False), _slots_prefix(reverse, True))
     if any(isinstance(k, str) and k.startswith(prefixes) and v[1] is table for k, v in tuple(kmap.derived.items())):
         return
-    # Kernels queued on this stream that read it run before a later allocation on the stream reuses its
-    # memory (CuPy's and torch's pools are stream-ordered), as for every temporary here.
     kmap.derived.pop(key, None)
+    dropped = [table]
     if dense is not None:
         kmap.dense_nbr = None
         # the GPU builder's offsets are a view into dense_nbr's allocation (gpu_kernel_map._pairs): a
         # copy of their K + 1 words lets that allocation go (views taken earlier still hold it)
+        dropped.append(kmap.offsets)
         kmap.offsets = _copy_on_its_device(kmap.offsets)
         for swapped in tuple(kmap.derived.get("swapped_to", ())):  # transposed maps made from this one
             swapped.offsets = kmap.offsets
+    _hold_until_queued_work_is_done(dropped)
+
+
+def _hold_until_queued_work_is_done(arrays) -> None:
+    """Keep ``arrays`` alive until the work queued so far on the current stream is done: a pool hands
+    freed memory to later allocations of the stream it was allocated on, which need not be this one (a
+    map built on one stream and first used on another), while kernels queued here may still read it."""
+    if not arrays or not type(arrays[0]).__module__.startswith("cupy"):
+        return  # host arrays (NumPy stand-ins in the CPU tests): nothing is queued
+    import cupy
+
+    from .._arrays import hold_until_done
+    with arrays[0].device:
+        event = cupy.cuda.Event(block=False, disable_timing=True)
+        event.record(cupy.cuda.get_current_stream())
+    hold_until_done(event, tuple(arrays))
 
 
 def _mirrored(kmap) -> bool:
