@@ -636,7 +636,8 @@ def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows,
                       (None, None, nbr.data.ptr, masks.data.ptr, slots.data.ptr, None, np.int32(n_rows),
                        np.int32(c_a), np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap), np.int32(h > 0))))
         keep += [nbr, masks, slots]
-    _release_unsorted(kmap, reverse)  # the steps hold their tables; the unsorted one may be unused now
+    if sort_rows:  # unsorted rows (the float16 default) read the unsorted table itself: nothing to drop
+        _release_unsorted(kmap, reverse)  # the steps hold their sorted tables; the unsorted one may be unused
     prep = Launch(steps, (0, 1, 5), vec, (n_rows, c_b), transpose_b=reverse or flip_b, keep=tuple(keep),
                   device_id=device_id, flip_b=flip_b)
     kmap.derived[key] = prep
