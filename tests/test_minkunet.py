@@ -89,6 +89,23 @@ def test_build_maps_builds_every_map_the_forward_uses(rng, monkeypatch):
     assert len(built) == 18
 
 
+def test_build_maps_drops_the_validation_hash_table(rng, monkeypatch):
+    """Once every map is built, no level keeps the hash table that validating the input built on the GPU
+    (16 MiB at SemanticKITTI's size, held to the end of the step before); a map asked for later on those
+    sites is still built, by the builder's own table. (NumPy voxels have no table: a stand-in marks it.)"""
+    built = _counting_builder(monkeypatch)
+    net = svt.MinkUNet(4, 5, widths=SMALL, blocks=1).double()
+    v = _scene(rng)
+    v._hash = table = object()
+    kept = v.replace(v.feats)  # a copy made before keeps its reference: only the levels' own go
+    sites = net.build_maps(v)
+    assert [s._hash for s in sites] == [None] * 5 and kept._hash is table
+    assert net(v).shape == (v.num_voxels, 5)
+    n = len(built)
+    sv.kernel_map(v, 5)
+    assert len(built) == n + 1
+
+
 def test_the_map_plan_is_found_once_and_a_replaced_layer_still_runs(rng, monkeypatch):
     """The level plan is walked from the modules on the first forward only (it cost ~0.5 ms a step); a
     convolution swapped in later for one of another kernel size is not in it, and builds its own map."""

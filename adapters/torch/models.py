@@ -101,7 +101,9 @@ class MinkUNet(nn.Module):
         which the maps of that level are cached; each strided layer's output shares its level's sites
         while they live, see ``sv.strided_output_voxels``). :meth:`forward` calls it first: the host waits for
         each map's pair counts here, with only map work queued on the device, instead of once per level
-        in the middle of the layers, where each wait drained the convolutions queued before it."""
+        in the middle of the layers, where each wait drained the convolutions queued before it. The
+        hash table that validating ``voxels`` built on the GPU is dropped then (a map built on these sites
+        later makes its own)."""
         levels = [voxels]
         for stage in self.encoder:
             down = stage.down[0]
@@ -111,6 +113,8 @@ class MinkUNet(nn.Module):
             maps += [sv.kernel_map(v, ks, 1, dl) for ks, dl in sites]
         for kmap in maps:
             kmap.wait()
+        for v in levels:  # every map of these sites is built and its kernels are done (wait):
+            v._hash = None  # validation's hash table goes (16 MiB at SemanticKITTI's 183,534 voxels)
         return levels
 
     def _level_down(self, i: int) -> tuple:
