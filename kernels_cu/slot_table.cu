@@ -9,6 +9,7 @@
 //   csr_slots     the table of a map whose rows have one pair each, in CSR order (no sort)
 //   tile_masks    masks[t, w] bit j = some slot of tile t (bm slots) has a neighbour at offset 32 w + j,
 //                 for offsets in [k0, k1) only
+//   wgrad_chunks  the weight gradient's (k, lo, hi) pair ranges, from the map's offsets
 //
 // nbr is [K, rows] int32 (-1 = no neighbour), row-major. Template parameters (name_expressions):
 // KEY (unsigned int or unsigned long long: 32 or 64 key bits), BLOCK (threads per block).
@@ -68,4 +69,24 @@ __global__ void __launch_bounds__(BLOCK) csr_slots(const int* __restrict__ offse
     while (k + 1 < k_count && offsets[k + 1] <= s) ++k;
     const int p = partner[s];
     for (int j = 0; j < k_count; ++j) out[(long long)j * rows + s] = j == k ? p : -1;
+}
+
+// The weight gradient's chunk table (implicit_gemm.py: wgrad_chunks): rows (k, lo, hi), each offset's pair
+// range [offsets[k], offsets[k + 1]) cut into pieces of at most `chunk` pairs, in offset order (an offset
+// without pairs has none). Made here so a fresh map's first weight gradient needs no host computation and
+// no upload. One block: thread k sums the piece counts of the offsets before it (K is at most a few
+// hundred, a few thousand reads once per map), then writes its own pieces.
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) wgrad_chunks(const int* __restrict__ offsets, int k_count, int chunk,
+                                                      int* __restrict__ out) {
+    for (int k = threadIdx.x; k < k_count; k += BLOCK) {
+        long long row = 0;
+        for (int j = 0; j < k; ++j) row += (offsets[j + 1] - offsets[j] + (long long)chunk - 1) / chunk;
+        const long long end = offsets[k + 1];
+        for (long long lo = offsets[k]; lo < end; lo += chunk, ++row) {
+            out[row * 3] = k;
+            out[row * 3 + 1] = (int)lo;
+            out[row * 3 + 2] = (int)min(lo + chunk, end);
+        }
+    }
 }
