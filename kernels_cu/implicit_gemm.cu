@@ -3,7 +3,8 @@
 // igemm_fwd  (forward, and dgrad on the reverse map with W transposed per offset):
 //   Y[row_of_slot[i], n] = sum_k sum_c X[nbr[k][i], c] * W[k][c][n], nbr[k][i] = -1 when absent.
 //   Slots are the output rows in a chosen order (sorted by neighbour bitmask, so that the rows of a
-//   tile share offsets); nbr is stored in slot order so its reads stay coalesced.
+//   tile share offsets); nbr is stored in slot order so its reads stay coalesced. row_of_slot null:
+//   slot i is row i (unsorted rows, no order array to make per fresh map).
 //   Output-stationary: one CTA owns BM rows x BN output channels, loops over the offsets its tile has
 //   (tile_mask, one bit per offset) and over C_in in steps of BK, and writes each output once. A mask
 //   split runs it once per part of the offsets (slots sorted by that part's bitmask), the later passes
@@ -353,7 +354,7 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
             acc_pos<WM, WN, TC>(i, lane, r, c);
             const int slot = row0 + wm + r, col = n0 + wn + c;
             if (slot >= n_rows) continue;
-            T* dst = Y + (size_t)__ldg(row_of_slot + slot) * c_out + col;
+            T* dst = Y + (size_t)(row_of_slot ? __ldg(row_of_slot + slot) : slot) * c_out + col;
             if (pairs && col + 1 < c_out) {
                 if (accumulate) {
                     acc[i] += to_acc(dst[0]);
@@ -372,7 +373,7 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
             acc_pos<WM, WN, TC>(i, lane, r, c);
             const int slot = row0 + wm + r, col = n0 + wn + c;
             if (slot < n_rows && col < c_out) {
-                T* dst = Y + (size_t)__ldg(row_of_slot + slot) * c_out + col;
+                T* dst = Y + (size_t)(row_of_slot ? __ldg(row_of_slot + slot) : slot) * c_out + col;
                 store_acc(dst, accumulate ? acc[i] + to_acc(*dst) : acc[i]);
             }
         }

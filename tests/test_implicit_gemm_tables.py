@@ -165,7 +165,7 @@ def _run(prep, x, w):
                     assert j < x.shape[0], f"slot {s} offset {k}: a row no kernel wrote ({j})"
                     if j >= 0:
                         acc[s] += x[j] @ w[k]
-        rows = np.asarray(slots)
+        rows = np.arange(n_rows) if slots is None else np.asarray(slots)  # None: the identity order
         out[rows] = acc + out[rows] if args[11] else acc
     return out
 

@@ -296,7 +296,8 @@ def _part(k_count: int, split: int, h: int) -> tuple[int, int]:
 
 
 def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
-    """``(row_of_slot int32 [rows], nbr in slot order [K, rows])``.
+    """``(row_of_slot int32 [rows], nbr in slot order [K, rows])``; ``row_of_slot`` is None for the
+    identity order (unsorted rows: slot i is row i).
 
     ``sort_rows``: slots ordered by each row's neighbour bitmask (stable), so a tile's rows share
     offsets and the tile skips more of them (spconv's MaskImplicitGemm idea); else identity order.
@@ -340,8 +341,8 @@ def slot_table(kmap, reverse: bool, sort_rows: bool, part: tuple | None = None):
             _slot_kernel("gather")(grid, (_SLOT_BLOCK,), (nbr[k0:k1], order, np.int32(rows), np.int32(k1 - k0),
                                                           out[k0:k1]))
             t = (order, out)
-        else:
-            t = (cupy.arange(rows, dtype=cupy.int32), nbr)
+        else:  # identity order: the kernel reads no order array (one launch fewer per fresh map)
+            t = (None, nbr)
         kmap.derived[key] = t
     return t
 
@@ -652,7 +653,7 @@ def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows,
         slots, nbr = slot_table(kmap, reverse, sort_rows, part)
         masks = tile_masks(kmap, reverse, bm, sort_rows, part)
         steps.append((fn, grid, threads, smem,
-                      (None, None, nbr.data.ptr, masks.data.ptr, slots.data.ptr, None, np.int32(n_rows),
+                      (None, None, nbr.data.ptr, masks.data.ptr, 0 if slots is None else slots.data.ptr, None, np.int32(n_rows),
                        np.int32(c_a), np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap), np.int32(h > 0))))
         keep += [nbr, masks, slots]
     if sort_rows:  # unsorted rows (the float16 default) read the unsorted table itself: nothing to drop
