@@ -474,3 +474,54 @@ def test_cli_through_module_entry_point(cache_dir):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(cache_dir / "autotune.json")
+
+
+# ---- memory tie-break: a candidate within MEMORY_TIE of the fastest that declares less scratch --------------
+
+def _with_scratch(fakes, scratch):
+    """Give each fake algorithm ``scratch[name]`` bytes (a number, or None: declares nothing)."""
+    import dataclasses
+    for name, s in scratch.items():
+        fn = None if s is None else (lambda direction, problem, params, s=s: s)
+        fakes.algos[name] = dataclasses.replace(fakes.algos[name], scratch=fn)
+
+
+@pytest.mark.parametrize("implicit_s, cutlass_s, chosen", [
+    (0, 70 << 20, ("implicit_gemm", 2)),               # 5 % slower, 70 MiB less: taken
+    (None, 70 << 20, ("cutlass_implicit_gemm", 0)),     # declares nothing: never taken for memory
+    (0, None, ("cutlass_implicit_gemm", 0)),            # the fastest declares nothing: it keeps its place
+    (0, 0, ("cutlass_implicit_gemm", 0)),               # no less scratch: the fastest
+])
+def test_a_near_candidate_with_less_scratch_is_taken(implicit_s, cutlass_s, chosen):
+    f = Fakes({"explicit_gemm": {None: 5e-3}, "implicit_gemm": {1: 3e-3, 2: 1.05e-3},
+               "cutlass_implicit_gemm": {0: 1e-3}})
+    _with_scratch(f, {"implicit_gemm": implicit_s, "cutlass_implicit_gemm": cutlass_s})
+    assert f.choose(problem()) == chosen
+
+
+def test_a_slower_candidate_is_not_taken_for_memory_and_the_least_scratch_wins():
+    f = Fakes({"explicit_gemm": {None: 1.08e-3}, "implicit_gemm": {1: 1.09e-3, 2: 1.2e-3},
+               "cutlass_implicit_gemm": {0: 1e-3}})
+    _with_scratch(f, {"explicit_gemm": 10, "implicit_gemm": 0, "cutlass_implicit_gemm": 100})
+    assert f.choose(problem()) == ("implicit_gemm", 1)  # 9 % slower, the least scratch; tile 2 is 20 % slower
+    g = Fakes({"explicit_gemm": {None: 5e-3}, "implicit_gemm": {1: 3e-3, 2: 1.2e-3},
+               "cutlass_implicit_gemm": {0: 1e-3}})
+    _with_scratch(g, {"implicit_gemm": 0, "cutlass_implicit_gemm": 100})
+    assert g.choose(problem(c_in=17)) == ("cutlass_implicit_gemm", 0)  # 20 % slower: speed first
+
+
+def test_declared_scratch_of_the_gpu_algorithms():
+    """CUTLASS holds a float32 result buffer (67 MiB at SemanticKITTI's 183,534 sites x 96 channels);
+    IMPLICIT_GEMM's forward and dgrad hold nothing, its 16-bit weight gradient a float32 accumulator."""
+    from sparsevox.algorithms import cutlass_implicit_gemm as cig
+    from sparsevox.algorithms import implicit_gemm as ig
+    p = Problem("conv", "fwd", "gpu", "float16", 183_534, 183_534, 128, 96, 27, (1, 1, 1), "submanifold")
+    assert cig._scratch("fwd", p, {}) == 4 * 183_534 * 96
+    assert cig._scratch("dgrad", p, {}) == 4 * 183_534 * 128
+    assert cig._scratch("wgrad", p, {}) == 4 * 27 * 128 * 96
+    odd = Problem("conv", "fwd", "gpu", "float16", 10, 20, 3, 96, 27, (1, 1, 1), "submanifold")
+    assert cig._scratch("fwd", odd, {}) == 4 * 20 * 96 + 2 * (10 * 8 + 27 * 8 * 96)  # padded copies of feats, W
+    assert ig._scratch("fwd", p, {}) == ig._scratch("dgrad", p, {}) == 0
+    assert ig._scratch("wgrad", p, {}) == 4 * 27 * 128 * 96
+    assert ig._scratch("wgrad", Problem("conv", "wgrad", "gpu", "float32", 9, 9, 4, 4, 27, (1, 1, 1), "submanifold"),
+                       {}) == 0

@@ -137,4 +137,20 @@ def _available(problem):
     return True, ""
 
 
-register("conv", Algorithm("cutlass_implicit_gemm", forward, dgrad, wgrad, _params, _available))
+def _scratch(direction, problem, params) -> int:
+    """Device bytes beyond inputs and output: the float32 result buffer (zeroed, accumulated over the
+    offsets, then cast into the output), and zero-padded copies of operands whose channel counts are
+    not multiples of the alignment."""
+    dt = problem.dtype
+    ci, co = _pad_to(problem.c_in, dt), _pad_to(problem.c_out, dt)
+    size = 2 if dt in ("float16", "bfloat16") else 4
+    rows_a = {"fwd": problem.n_in, "dgrad": problem.n_out, "wgrad": problem.n_in}[direction]
+    result = {"fwd": problem.n_out * co, "dgrad": problem.n_in * ci, "wgrad": problem.num_offsets * ci * co}[direction]
+    padded = 0
+    if ci != problem.c_in or co != problem.c_out:
+        c_a = co if direction == "dgrad" else ci
+        padded = size * (rows_a * c_a + (problem.n_out * co if direction == "wgrad" else problem.num_offsets * ci * co))
+    return 4 * result + padded
+
+
+register("conv", Algorithm("cutlass_implicit_gemm", forward, dgrad, wgrad, _params, _available, scratch=_scratch))

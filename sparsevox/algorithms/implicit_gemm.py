@@ -902,4 +902,13 @@ def _available(problem):
     return True, ""
 
 
-register("conv", Algorithm("implicit_gemm", forward, dgrad, wgrad, _params, _available, prepare, _roundings))
+def _scratch(direction, problem, params) -> int:
+    """Device bytes beyond inputs and output: none for forward and dgrad (one kernel writes the output);
+    the weight gradient's float32 accumulator for 16-bit data (float32 and float64 accumulate in place)."""
+    if direction != "wgrad" or problem.dtype not in ("float16", "bfloat16"):
+        return 0
+    return 4 * problem.num_offsets * problem.c_in * problem.c_out
+
+
+register("conv", Algorithm("implicit_gemm", forward, dgrad, wgrad, _params, _available, prepare, _roundings,
+                           _scratch))

@@ -18,7 +18,9 @@ depthwise convolution alike, once per direction (``fwd``, ``dgrad``, ``wgrad`` a
    ``perf_counter`` on the CPU), as many as fit a share of :data:`TUNE_BUDGET_S` (at least
    :data:`MIN_REPEATS`), and the median is its time. A candidate whose first timing is
    :data:`PRUNE_FACTOR` times the best so far is not repeated.
-4. Loud where it costs: when every candidate but the reference algorithm (EXPLICIT_GEMM / EXPLICIT) of
+4. Memory breaks near ties: a usable candidate within :data:`MEMORY_TIE` of the fastest that declares
+   less scratch memory (``Algorithm.scratch``) runs instead (:func:`with_less_scratch`).
+5. Loud where it costs: when every candidate but the reference algorithm (EXPLICIT_GEMM / EXPLICIT) of
    a configuration was dropped, a ``warnings.warn`` names the configuration and the reasons, once per
    process, because that silently costs 5-10x.
 
@@ -47,6 +49,11 @@ MAX_REPEATS = 50
 PRUNE_FACTOR = 2.0
 PROGRESS_AFTER_S = 1.0
 MEMO_LIMIT = 4096  # in-process final choices kept before the memo is emptied
+# A candidate at most this much slower than the fastest is taken instead when it declares less scratch
+# memory (Algorithm.scratch): in a float16 MinkUNet step on SemanticKITTI the peak (468 MiB, spconv 378) was
+# the float32 output buffer of a CUTLASS layer at level 0, 67 MiB more than IMPLICIT_GEMM holds (H200,
+# 456b6df, benchmarks/probes/memory_phases.py).
+MEMORY_TIE = 0.10
 
 REFERENCE = {"conv": "explicit_gemm", "depthwise": "explicit"}
 
@@ -162,6 +169,29 @@ def choose(problem, algos, run, *, timer=None, oracle=None, named=False):
     return best
 
 
+def with_less_scratch(problem, candidates, usable, best: int) -> int:
+    """The index of the candidate to run: ``best`` (the fastest of ``usable``, ``[(ms, index)]``) unless
+    another usable one within :data:`MEMORY_TIE` of its time declares less scratch memory than it does
+    (``Algorithm.scratch``), then the one of those that declares the least (the faster on a tie). A
+    candidate that declares nothing is never taken for memory, and a fastest one that declares nothing
+    keeps its place."""
+    def scratch(n):
+        algo, params = candidates[n]
+        return None if algo.scratch is None else int(algo.scratch(problem.direction, problem, params))
+    fastest = dict((n, ms) for ms, n in usable)[best]
+    own = scratch(best)
+    if own is None or own == 0:
+        return best
+    near = [(s, ms, n) for ms, n in usable if ms <= fastest * (1 + MEMORY_TIE) and (s := scratch(n)) is not None
+            and s < own]
+    if not near:
+        return best
+    s, ms, n = min(near)
+    log.debug("autotune %s: %s within %.0f %% of the fastest (%.4f vs %.4f ms) holds %d bytes less scratch",
+              problem.key(), candidates[n][0].name, MEMORY_TIE * 100, ms, fastest, own - s)
+    return n
+
+
 _warned: set = set()  # (configuration key, what) already warned about in this process
 
 
@@ -198,6 +228,8 @@ def _choose_timed(problem, candidates, run, timer, oracle, named):
                                f"reference algorithm {reference} ({reasons})")
         return candidates[fallback[0]]
     ms, n = min(usable)
+    n = with_less_scratch(problem, candidates, usable, n)
+    ms = entry["times_ms"][ids[n]]
     if ids[n] in failed:  # only reachable for named algorithms
         _warn_once(key, ids[n], f"sparsevox: {ids[n]}, which you asked for, failed the accuracy check for {key} "
                                 f"({failed[ids[n]]}); it is used because you named it and no candidate of "

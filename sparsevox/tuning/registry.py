@@ -28,6 +28,10 @@ class Algorithm:
     roundings(direction, params) -> how many times a result element is rounded to the output dtype
         (optional, default 1): the accuracy check allows each rounding after the first one unit of
         roundoff of the summed magnitudes (:mod:`sparsevox.tuning.check`)
+    scratch(direction, problem, params) -> bytes of device memory a call holds beyond its inputs and its
+        output (optional, None: not declared): between candidates whose times are within
+        :data:`sparsevox.tuning.autotune.MEMORY_TIE` of the fastest, the autotuner takes the one that
+        declares the least (:func:`sparsevox.tuning.autotune.with_less_scratch`)
     """
     name: str
     forward: Callable
@@ -37,6 +41,7 @@ class Algorithm:
     available: Callable
     prepare: Callable | None = None
     roundings: Callable | None = None
+    scratch: Callable | None = None
 
 
 _REGISTRY: dict[str, dict[str, Algorithm]] = {"conv": {}, "depthwise": {}}
