@@ -11,8 +11,9 @@ with ``SubMConv3d(k3, indice_key="subm{i+1}")`` and a 1×1 ``SubMConv3d`` + BN o
 width changes; ``decoder[j]`` (back to level 3 - j): ``up`` = ``SparseInverseConv3d(c_in, c_out, 2,
 indice_key="down{4-j}")`` (outputs on the saved indices of that down layer's input, in their order) +
 ``norm`` (BN + ReLU), feature concatenation ``[up, skip]`` with that level's encoder output, residual
-blocks reusing ``"subm{3-j}"``; ``classifier`` = ``nn.Linear``. BatchNorm and ReLU run on
-``x.features`` (``x.replace_feature``).
+blocks reusing ``"subm{3-j}"``; ``classifier`` = ``nn.Linear``. Containers are spconv's ``SparseSequential``
+(BatchNorm and ReLU get ``x.features``), residual blocks ``SparseModule`` subclasses, as spconv models
+are written.
 
 Weight layouts (the reasoning the GPU run checks by comparing logits, :mod:`benchmarks.end_to_end`):
 
@@ -64,15 +65,10 @@ def build(sp, in_channels: int, num_classes: int, widths=DEFAULT_WIDTHS, blocks=
     import torch
     from torch import nn
 
-    feature_wise = (nn.BatchNorm1d, nn.ReLU, nn.Dropout, nn.Linear, nn.Identity)
-
-    class Seq(nn.Sequential):
-        """spconv layers get the tensor; feature-wise torch modules get ``x.features``."""
-
-        def forward(self, x):
-            for m in self:
-                x = x.replace_feature(m(x.features)) if isinstance(m, feature_wise) else m(x)
-            return x
+    # spconv's SparseSequential, as spconv models are written (OpenPCDet, mmdetection3d): its spconv
+    # modules get the tensor, every other module x.features. (A hand-rolled nn.Sequential did the same for
+    # spconv, but kept sparsevox.compat.spconv's container from fusing evaluation BatchNorm + ReLU.)
+    Seq = sp.SparseSequential
 
     def conv_bn_relu(c_in, c_out, k, key, stride=1):
         if stride == 1:
@@ -81,7 +77,7 @@ def build(sp, in_channels: int, num_classes: int, widths=DEFAULT_WIDTHS, blocks=
             conv = sp.SparseConv3d(c_in, c_out, k, stride, bias=False, indice_key=key)
         return Seq(conv, nn.BatchNorm1d(c_out), nn.ReLU(inplace=True))
 
-    class ResidualBlock(nn.Module):
+    class ResidualBlock(sp.SparseModule):  # a spconv module: SparseSequential hands it the tensor
         def __init__(self, c_in, c_out, key):
             super().__init__()
             self.main = Seq(sp.SubMConv3d(c_in, c_out, 3, bias=False, indice_key=key), nn.BatchNorm1d(c_out),
