@@ -3,6 +3,7 @@
 CPU copies of the same modules (the unfused torch chain); hooks, training and gradients take the module
 chain. The kernel itself: ``test_norm_act.py``."""
 import copy
+import sys
 
 import pytest
 from reference import random_voxels
@@ -171,6 +172,56 @@ def test_gpu_compat_sequential_fuses_batchnorm_and_relu(rng, monkeypatch):
         got = net(spconv.SparseConvTensor(feats.float().cuda(), coords.cuda(), [12, 12, 12], 2)).features
         want = ref(spconv.SparseConvTensor(feats, coords, [12, 12, 12], 2)).features
     assert calls == [True]
+    _close(got, want, torch.float32)
+
+
+def test_compat_sequential_runs_a_lone_batchnorm_through_the_fused_path(rng, monkeypatch):
+    """A BatchNorm not followed by a ReLU (the end of spconv's residual main branch) goes to
+    ``batchnorm_act`` with ``relu=False``, one followed by a ReLU with ``relu=True`` (both modules
+    consumed); where it declines (here: a stand-in that declines on odd calls), the modules run."""
+    spconv = pytest.importorskip("sparsevox.compat.spconv")
+    modules = sys.modules[spconv.SparseSequential.__module__]
+    asked = []
+
+    def fake(bn, x, residual=None, relu=False):
+        asked.append(relu)
+        if len(asked) % 2:
+            return None  # declined: the module chain runs
+        y = torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return torch.relu(y) if relu else y
+    monkeypatch.setattr(modules, "batchnorm_act", fake)
+    net = _randomised(spconv.SparseSequential(torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.BatchNorm1d(4),
+                                              torch.nn.BatchNorm1d(4), torch.nn.ReLU()), rng).eval().double()
+    ref = copy.deepcopy(net)
+    coords = torch.from_numpy(random_voxels(rng, 50, extent=6, batches=1)).int()
+    x = spconv.SparseConvTensor(torch.from_numpy(rng.normal(0, 2, (len(coords), 4))), coords, [6, 6, 6], 1)
+    with torch.no_grad():
+        got = net(x).features
+        want = x.features
+        for m in ref:
+            want = m(want)
+    assert asked == [True, False, True]  # BN+ReLU (declined, ran as modules), lone BN, BN+ReLU
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_gpu_compat_residual_branch_fuses_its_trailing_batchnorm(rng, monkeypatch):
+    """``SparseSequential(SubMConv3d, BN, ReLU, SubMConv3d, BN)`` in evaluation: two launches, the second
+    without ReLU, and the float64 CPU copy's answer."""
+    spconv = pytest.importorskip("sparsevox.compat.spconv")
+    calls = _counting(monkeypatch)
+    net = _randomised(spconv.SparseSequential(spconv.SubMConv3d(4, 16, 3, bias=False, indice_key="s"),
+                                              torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                              spconv.SubMConv3d(16, 8, 3, bias=False, indice_key="s"),
+                                              torch.nn.BatchNorm1d(8)), rng).eval()
+    ref = copy.deepcopy(net).double()
+    net.cuda()
+    coords = torch.from_numpy(random_voxels(rng, 400, extent=12, batches=2)).int()
+    feats = torch.from_numpy(rng.normal(0, 2, (len(coords), 4)))
+    with torch.no_grad():
+        got = net(spconv.SparseConvTensor(feats.float().cuda(), coords.cuda(), [12, 12, 12], 2)).features
+        want = ref(spconv.SparseConvTensor(feats, coords, [12, 12, 12], 2)).features
+    assert calls == [True, False]
     _close(got, want, torch.float32)
 
 

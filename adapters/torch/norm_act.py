@@ -39,6 +39,16 @@ def fuses(bn, act) -> bool:
 _BN_TYPES = None
 
 
+def plain_batchnorm(bn) -> bool:
+    """Whether ``bn`` may run as :func:`batchnorm_act` without an activation: an ``nn.BatchNorm1d`` (or
+    sparsevox's ``BatchNorm``, no other subclass), not hooked."""
+    global _BN_TYPES
+    if _BN_TYPES is None:
+        from .layers import BatchNorm  # (layers imports this module)
+        _BN_TYPES = (nn.BatchNorm1d, BatchNorm)
+    return type(bn) in _BN_TYPES and unhooked(bn)
+
+
 def batchnorm_act(bn: nn.BatchNorm1d, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = False):
     """``act(bn(x) + residual)`` as a new tensor of ``x``'s dtype in one launch, or None where it does not
     apply: training, no running statistics, a CPU tensor, a gradient to compute, torch.compile, dtypes the

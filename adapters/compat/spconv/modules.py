@@ -8,7 +8,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from sparsevox.adapters.torch.norm_act import batchnorm_act, fuses
+from sparsevox.adapters.torch.norm_act import batchnorm_act, fuses, plain_batchnorm
 
 from .core import SparseConvTensor
 
@@ -109,12 +109,13 @@ class SparseSequential(SparseModule):
                 input = module(input)
             elif isinstance(input, SparseConvTensor):
                 if input.indices.shape[0] != 0:
-                    if i + 1 < n and fuses(module, modules[i + 1]):
-                        # evaluation on CUDA: nn.BatchNorm1d + nn.ReLU in one launch
-                        y = batchnorm_act(module, input.features, relu=True)
+                    relu = i + 1 < n and fuses(module, modules[i + 1])
+                    if relu or plain_batchnorm(module):
+                        # evaluation on CUDA: nn.BatchNorm1d (+ nn.ReLU) in one launch
+                        y = batchnorm_act(module, input.features, relu=relu)
                         if y is not None:
                             input = input.replace_feature(y)
-                            i += 2
+                            i += 2 if relu else 1
                             continue
                     input = input.replace_feature(module(input.features))
             else:
