@@ -771,3 +771,58 @@ def test_gpu_networks_against_spconv(rng):
     data = _minkunet_data(rng, n=20000, extent=60)
     run_both(lambda s: spm.build(s, 4, 5, widths=SMALL, blocks=1), data, torch.float32, train=False, grads=False,
              ref=sp, device="cuda", tol=1e-5, what="MinkUNet")
+
+
+# --- the weight's memory in sparsevox's order: no copy per call -------------------------------------------
+
+def _layer_input(rng, c=3, n=120, extent=8):
+    idx = np.unique(np.c_[np.zeros((n, 1), np.int64), rng.integers(0, extent, (n, 3))], axis=0)
+    return CMP.SparseConvTensor(torch.from_numpy(rng.normal(size=(len(idx), c))), torch.from_numpy(idx).int(),
+                                [extent] * 3, 1)
+
+
+def test_the_weight_is_a_view_of_the_parameter_and_keeps_spconvs_shape_and_values(rng):
+    torch.manual_seed(5)
+    layer = CMP.SubMConv3d(3, 5, 3, bias=False, indice_key="a").double()
+    assert list(layer.weight.shape) == [5, 3, 3, 3, 3]
+    w = layer.sparsevox_weight()
+    assert w.is_contiguous() and w.data_ptr() == layer.weight.data_ptr(), "a copy, not a view"
+    assert torch.equal(w, layer.weight.reshape(5, 27, 3).permute(1, 2, 0))
+    # spconv's initial values for a seed: drawn in the logical [C_out, k, k, k, C_in] order
+    torch.manual_seed(5)
+    bound = math.sqrt(3.0) * math.sqrt(2.0 / (1 + 5)) / math.sqrt(3 * 27)
+    want = torch.empty(5, 3, 3, 3, 3).uniform_(-bound, bound)
+    torch.testing.assert_close(layer.weight.float(), want, rtol=0, atol=0)
+    # .to(), deepcopy and load_state_dict (a contiguous spconv checkpoint) keep the view
+    import copy
+    for other in (layer.float(), copy.deepcopy(layer)):
+        assert other.sparsevox_weight().data_ptr() == other.weight.data_ptr()
+    ckpt = {"weight": torch.randn(5, 3, 3, 3, 3)}
+    layer.load_state_dict(ckpt)
+    assert layer.sparsevox_weight().data_ptr() == layer.weight.data_ptr()
+    assert torch.equal(layer.weight, ckpt["weight"])
+
+
+def test_a_weight_replaced_through_data_is_copied_and_gives_the_same_output_and_gradient(rng):
+    x = _layer_input(rng)
+    torch.manual_seed(6)
+    view = CMP.SubMConv3d(3, 4, 3, indice_key="a").double()
+    copied = CMP.SubMConv3d(3, 4, 3, indice_key="a").double()
+    copied.load_state_dict(view.state_dict())
+    copied.weight.data = copied.weight.data.contiguous()  # spconv's memory order: the copy path
+    assert copied.sparsevox_weight().data_ptr() != copied.weight.data_ptr()
+    outs = []
+    for layer in (view, copied):
+        out = layer(x).features
+        out.pow(2).sum().backward()
+        outs.append((out.detach(), layer.weight.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-13, atol=1e-13)
+    assert outs[0][1].shape == view.weight.shape
+
+
+def test_a_1x1_layer_keeps_spconvs_memory_order():
+    """Its conv1x1 path reads the parameter's memory as [C_in, C_out] (spconv's quirk): that memory must
+    stay spconv's."""
+    layer = CMP.SubMConv3d(3, 4, 1, bias=False)
+    assert layer.conv1x1 and layer.weight.is_contiguous()
