@@ -2,6 +2,8 @@
 launch IMPLICIT_GEMM from tensor addresses (sparsevox.conv.prepared). Every call must still match the
 float64 oracle, forward and both gradients, on fresh inputs, for each dtype; misaligned views and odd
 channel counts must take a correct path too."""
+import sys
+
 import numpy as np
 import pytest
 from reference import TOL, dense_conv, dense_conv_grads, random_voxels, rel_err
@@ -246,6 +248,31 @@ def test_eager_forward_without_grad_launches_directly_and_keeps_earlier_outputs(
     assert len(spare) == 1 and all(t.data_ptr() not in {o.data_ptr() for o in outs} for t, *_ in spare.values())
     for fi, o in zip(ins, outs):
         assert rel_err(o.double().cpu().numpy(), _oracle_fwd(v, kmap, fi, w.detach())) < TOL["float16"]
+
+
+def test_autocast_inference_takes_the_direct_path_and_matches_the_oracle(rng, monkeypatch):
+    """A float32 weight on float16 features under autocast, no grad: cast once and launched from the
+    direct eager path (not through the checked autograd path), the first call of a fresh map included."""
+    v, kmap, *_ = _scene(rng, "submanifold")
+    f, w, _ = _fresh(rng, kmap, 32, 32, torch.float16)
+    w32 = w.detach().float()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        svt.conv_features(f.detach(), w32, kmap, ALGO, ALGO)  # plan + prepare
+        fn = sys.modules[svt.conv_features.__module__]
+
+        def checked(*a, **k):
+            raise AssertionError("the call took the checked autograd path")
+        monkeypatch.setattr(fn, "_checked", checked)
+        calls = _count_launches(monkeypatch)
+        outs = [svt.conv_features(f.detach(), w32, kmap, ALGO, ALGO) for _ in range(2)]
+        fresh_v, fresh_kmap, *_ = _scene(rng, "submanifold")  # a fresh map: its first call, same path
+        ff = _fresh(rng, fresh_kmap, 32, 32, torch.float16)[0].detach()
+        fresh_out = svt.conv_features(ff, w32, fresh_kmap, ALGO, ALGO)
+    assert len(calls) >= 2 and all(o.dtype == torch.float16 for o in outs + [fresh_out])
+    want = _oracle_fwd(v, kmap, f, w32.half())
+    for o in outs:
+        assert rel_err(o.double().cpu().numpy(), want) < TOL["float16"]
+    assert rel_err(fresh_out.double().cpu().numpy(), _oracle_fwd(fresh_v, fresh_kmap, ff, w32.half())) < TOL["float16"]
 
 
 def test_spare_output_is_not_used_on_another_stream(rng):

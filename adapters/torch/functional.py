@@ -176,16 +176,26 @@ def _fast_forward(prep, feats, weight, key=None, kmap=None):
 
 
 def _eager_forward(feats, weight, kmap, fwd_algo):
-    """:func:`conv_features`' forward through its prepared launch when nothing is differentiated, no
-    autocast or compilation is active and an earlier call prepared this signature (else None). Skips
-    what lies between (the map as tensors, autocast and dispatch checks, the live-map lookup by address):
-    ~5 µs before a small layer's launch."""
-    if torch.compiler.is_compiling() or weight.dtype != feats.dtype or weight.device != feats.device \
-            or not feats.is_cuda or torch.is_autocast_enabled("cuda") or _needs_function(feats, weight):
+    """:func:`conv_features`' forward when nothing is differentiated and no compilation is active, on CUDA
+    tensors of one device (else None): under autocast the inputs are cast here; then the prepared launch
+    when an earlier call prepared this signature on ``kmap``, else the forward implementation directly.
+    Skips what lies between (the map as tensors, the checks and dispatch of the autograd path, the
+    live-map lookup by address): ~5 µs before a small layer's launch, and the second pass through those
+    checks of a float16 inference step's every layer (autocast)."""
+    if torch.compiler.is_compiling() or not feats.is_cuda or weight.device != feats.device \
+            or _needs_function(feats, weight):
         return None
-    key = _fwd_key("conv", feats, weight, _algo_str(fwd_algo))
+    if torch.is_autocast_enabled("cuda"):
+        feats, weight = _autocast(feats, weight)
+    if weight.dtype != feats.dtype:
+        return None  # the checked path raises what it raises
+    algo = _algo_str(fwd_algo)
+    key = _fwd_key("conv", feats, weight, algo)
     prep = kmap.derived.get(key)
-    return _fast_forward(prep, feats, weight, key, kmap) if prep else None
+    out = _fast_forward(prep, feats, weight, key, kmap) if prep else None
+    if out is not None:
+        return out
+    return _ConvFunction.impls[0](feats, weight, None, None, None, kmap.num_out, algo, kmap=kmap)
 
 
 def _fast_backward(dprep, wprep, grad_out, feats, weight, gw_dtype):
