@@ -398,3 +398,19 @@ def test_driver_kernel_launches_like_a_raw_kernel_call(fake_driver, monkeypatch)
     got = fake_driver.launches[-1]
     assert (got["grid"], got["block"], got["stream"]) == ((7, 3, 1), (4, 64, 1), 0xBEE)
     assert fn.loads == 1 and fn.calls == []  # nothing through CuPy's launch
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_dgrad_weight_is_one_contiguous_copy_of_the_transposed_and_flipped_weight(flip, dtype):
+    """The prepared dgrad's B operand, ``W[K-1-k]^T`` for a mirrored map (else ``W[k]^T``), contiguous, a
+    new tensor (the launch must not read the caller's weight in another layout)."""
+    torch = pytest.importorskip("torch")
+    import sys
+    svt = pytest.importorskip("sparsevox.adapters.torch")
+    fn = sys.modules[svt.conv_features.__module__]
+    w = torch.randn(27, 5, 7).to(getattr(torch, dtype))
+    got = fn._dgrad_weight(w, flip)
+    want = (w.flip(0) if flip else w).transpose(1, 2).contiguous()
+    assert got.is_contiguous() and got.shape == (27, 7, 5) and got.data_ptr() != w.data_ptr()
+    assert torch.equal(got, want)

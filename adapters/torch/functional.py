@@ -198,6 +198,22 @@ def _eager_forward(feats, weight, kmap, fwd_algo):
     return _ConvFunction.impls[0](feats, weight, None, None, None, kmap.num_out, algo, kmap=kmap)
 
 
+_REVERSED: dict = {}  # (K, device) -> int64 [K - 1, ..., 0] on that device
+
+
+def _dgrad_weight(weight, flip: bool):
+    """``[K, C_out, C_in]`` contiguous: ``W[k]^T``, with the offsets reversed when ``flip`` (a mirrored
+    submanifold dgrad), in one copy (flip, then transpose and contiguous, were two)."""
+    wt = weight.transpose(1, 2)
+    if not flip:
+        return wt.contiguous()
+    key = (weight.shape[0], weight.device)
+    rev = _REVERSED.get(key)
+    if rev is None:
+        rev = _REVERSED[key] = torch.arange(weight.shape[0] - 1, -1, -1, device=weight.device)
+    return torch.index_select(wt, 0, rev)
+
+
 def _fast_backward(dprep, wprep, grad_out, feats, weight, gw_dtype):
     """``(grad_feats or None, grad_weight or None)`` through prepared launches, or None to take the slow path.
     The weight's gradient comes in ``gw_dtype`` (the wgrad accumulator's float32 as it is, when the caller's
@@ -209,7 +225,7 @@ def _fast_backward(dprep, wprep, grad_out, feats, weight, gw_dtype):
     stream = _arrays.torch_stream_handle(torch, dev)
     with _arrays.on_device(dev):
         if dprep is not None:
-            wt = (weight.flip(0) if dprep.flip_b else weight).transpose(1, 2).contiguous()
+            wt = _dgrad_weight(weight, dprep.flip_b)
             gf = torch.empty(dprep.out_shape, dtype=feats.dtype, device=feats.device)
             if not dprep.launch(grad_out.data_ptr(), wt.data_ptr(), gf.data_ptr(), stream):
                 return None
