@@ -406,7 +406,6 @@ def test_dgrad_weight_is_one_contiguous_copy_of_the_transposed_and_flipped_weigh
     """The prepared dgrad's B operand, ``W[K-1-k]^T`` for a mirrored map (else ``W[k]^T``), contiguous, a
     new tensor (the launch must not read the caller's weight in another layout)."""
     torch = pytest.importorskip("torch")
-    import sys
     svt = pytest.importorskip("sparsevox.adapters.torch")
     fn = sys.modules[svt.conv_features.__module__]
     w = torch.randn(27, 5, 7).to(getattr(torch, dtype))
