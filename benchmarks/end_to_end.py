@@ -42,7 +42,8 @@ Writes ``<out>/<stem>-end_to_end.json`` (DESIGN.md "Recorded GPU results": ``{"d
 scene and mode; without matplotlib no plot), both by :mod:`benchmarks.end_to_end_report`. A record::
 
     {"op": "minkunet_<mode>", "scene", "n_voxels", "batch", "library": "sparsevox", "ms", "min_ms", "max_ms",
-     "steps", "peak_mib", "peer": {"spconv": ms, ...}, "peer_peak_mib": {"spconv": MiB},
+     "steps", "peak_mib", "model_mib" (its parameters and buffers, part of the peak), "peer": {"spconv": ms, ...},
+     "peer_peak_mib": {"spconv": MiB}, "peer_model_mib": {"spconv": MiB},
      "ratio": spconv ms / sparsevox ms (> 1: sparsevox faster), "variants", "autotuned_during_warmup_and_timing",
      "logits_rel_err" (fp32_infer), "error" (when a cell failed),
      "compat_ms", "compat_overhead": the spconv-API model on sparsevox.compat.spconv (issue 21), its ms and
@@ -428,6 +429,7 @@ def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, h
         step, cleanup = flax_cell.make_step(model, mode, libs.vox, labels), (lambda: None)
     else:
         step, model, cleanup = make_step(lib, model, mode, libs, labels, device, half_model)
+    model_mib = resident_mib(model) if lib != "flax" else None
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     gc.collect()
     if on_gpu:
@@ -457,9 +459,18 @@ def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, h
         if on_gpu:
             torch.cuda.empty_cache()
     return {"ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples), "steps": steps,
-            "peak_mib": None if peak is None else round(peak, 1),
+            "peak_mib": None if peak is None else round(peak, 1), "model_mib": model_mib,
             "warmup_peak_mib": None if warm_peak is None else round(warm_peak, 1),
             "tuned_in_timed_steps": None if tuned is None else tunes.tunings - tuned}
+
+
+def resident_mib(model) -> float:
+    """MiB of ``model``'s parameters and buffers as the step holds them (its dtype: the float32 model under
+    autocast, spconv's float16 copy in fp16_infer): part of every peak, so the peaks' difference between the
+    libraries in float16 inference is partly the two models' dtypes, not maps or activations."""
+    import itertools
+    return round(sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+                 / 2 ** 20, 1)
 
 
 def _error_text(e: BaseException) -> str:
@@ -673,6 +684,7 @@ def run_scene(run: Run, name: str) -> None:
             elif key == "spconv":
                 rec["peer"]["spconv"] = got.get("ms")
                 rec["peer_peak_mib"]["spconv"] = got.get("peak_mib")
+                rec.setdefault("peer_model_mib", {})["spconv"] = got.get("model_mib")
                 if "error" in got:
                     rec["peer_error"] = got["error"]
             elif key == "flax":

@@ -27,6 +27,15 @@ def _err(x):
     return x if isinstance(x, str) else "—" if x is None else f"{x:.1e}"
 
 
+def _above_model(r) -> str:
+    """``"a / b (ratio)"``: each library's peak less its model's resident MiB, or — without the figures."""
+    p, m = r.get("peak_mib"), r.get("model_mib")
+    pp, pm = r.get("peer_peak_mib", {}).get("spconv"), r.get("peer_model_mib", {}).get("spconv")
+    if None in (p, m, pp, pm) or pp - pm <= 0:
+        return "—"
+    return f"{p - m:,.1f} / {pp - pm:,.1f} ({(p - m) / (pp - pm):.2f})"
+
+
 def markdown(doc) -> str:
     s = doc.get("settings", {})
     out = [f"# MinkUNet end to end: sparsevox vs spconv ({doc.get('device')}, {doc.get('date')}, "
@@ -39,13 +48,18 @@ def markdown(doc) -> str:
               "counted; SPARSEVOX_TORCH_ALLOCATOR=1 counts them)")
            + f". Ratio = spconv ms / sparsevox "
            f"ms (> 1: sparsevox faster). fp16_infer: {s.get('fp16_infer')}. Peers: {doc.get('peers')}.", "",
-           "| scene | voxels | mode | sparsevox ms | spconv ms | ratio | sparsevox peak MiB | spconv peak MiB |",
-           "|---|---:|---|---:|---:|---:|---:|---:|"]
+           "| scene | voxels | mode | sparsevox ms | spconv ms | ratio | sparsevox peak MiB | spconv peak MiB | "
+           "peak − model, sparsevox / spconv |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in doc["records"]:
         out.append(f"| {r['scene']} | {r['n_voxels']:,} | {r['op'].replace('minkunet_', '')} | "
                    f"{_ms(r.get('ms')) if r.get('ms') else r.get('error', '—')} | {_ms(r['peer'].get('spconv'))} | "
                    f"{_ratio(r.get('ratio'))} | "
-                   f"{_ms(r.get('peak_mib'))} | {_ms(r['peer_peak_mib'].get('spconv'))} |")
+                   f"{_ms(r.get('peak_mib'))} | {_ms(r['peer_peak_mib'].get('spconv'))} | {_above_model(r)} |")
+    if any(r.get("model_mib") for r in doc["records"]):
+        out += ["", "Peak − model: the peak less the model's parameters and buffers as the step holds them (sparsevox's "
+                    "float32 model under autocast; spconv's float16 copy in fp16_infer): maps, activations, "
+                    "workspaces; the ratio is sparsevox's over spconv's (issue 19 target ≤ 0.8)."]
     compat = [r for r in doc["records"] if r.get("compat_ms") is not None]
     if compat:
         out += ["", "The spconv-API MinkUNet (`benchmarks/spconv_minkunet.py`) run on `sparsevox.compat.spconv` "

@@ -125,3 +125,18 @@ def test_probe_setup_gives_a_calibrated_model_on_the_cpu():
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     assert bns and all(not torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in bns)
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_resident_model_memory_and_the_peak_above_it():
+    """The float32 model under autocast holds twice the bytes of spconv's float16 copy: the report gives
+    each library's peak less its model beside the raw peaks, and — where a figure is missing."""
+    import torch
+    from benchmarks import end_to_end_report as rep
+    m = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.BatchNorm1d(512))
+    n = 512 * 512 + 512 + 2 * 512 + 2 * 512 + 1  # weights, biases, BN affine, running stats, batch count
+    want = (4 * (n - 1) + 8) / 2 ** 20
+    assert end_to_end.resident_mib(m) == round(want, 1)
+    assert end_to_end.resident_mib(m.half()) == round((2 * (n - 1) + 8) / 2 ** 20, 1)
+    r = {"peak_mib": 470.0, "model_mib": 83.0, "peer_peak_mib": {"spconv": 378.0}, "peer_model_mib": {"spconv": 41.5}}
+    assert rep._above_model(r) == "387.0 / 336.5 (1.15)"
+    assert rep._above_model({"peak_mib": 1.0, "model_mib": None, "peer_peak_mib": {}}) == "—"
