@@ -12,8 +12,8 @@
 # out (run them on their own, e.g. one that may crash its process). Each shard has its own autotune cache.
 # The shards' logs are concatenated into LOG, with a last line
 # "shards: <passed> passed, <failed> failed, <skipped> skipped, <n> stopped by SHARD_TIMEOUT (...)": a stopped
-# shard's counts are not in the sums (b4f05a5's "0 failed" hid an F of a stopped shard). Exit status non-zero
-# when any failed or stopped.
+# shard's counts are not in the sums (b4f05a5's "0 failed" hid an F of a stopped shard); each item a stopped
+# shard never ran gets a "NOT RUN <id>" line in its log. Exit status non-zero when any failed or stopped.
 set -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 n=${1:-4}
@@ -48,8 +48,11 @@ for ((i = 0; i < n; i++)); do
     pids+=("")
     continue
   fi
-  SPARSEVOX_CACHE_DIR=$tmp/cache-$i PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${SHARD_TIMEOUT:-0}" python3 -m pytest "${shard[@]}" -q -rfs --tb=short \
-    -p no:cacheprovider >"$tmp/shard-$i.log" 2>&1 &
+  printf '%s\n' "${shard[@]}" >"$tmp/items-$i.txt"
+  # -v: one line per test, so a stopped shard's log says which of its items never ran; --durations: the
+  # slowest tests of a finished shard (what to rebalance)
+  SPARSEVOX_CACHE_DIR=$tmp/cache-$i PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${SHARD_TIMEOUT:-0}" python3 -m pytest "${shard[@]}" -v -rfs --tb=short \
+    --durations=10 -p no:cacheprovider >"$tmp/shard-$i.log" 2>&1 &
   pids+=($!)
 done
 rc=0
@@ -58,14 +61,27 @@ for ((i = 0; i < n; i++)); do
   wait "${pids[i]}"
   code=$?
   if ((code != 0)); then rc=1; fi
-  if ((code == 124)); then echo "SHARD $i STOPPED by SHARD_TIMEOUT=${SHARD_TIMEOUT}s" >>"$tmp/shard-$i.log"; fi
+  if ((code == 124)); then
+    echo "SHARD $i STOPPED by SHARD_TIMEOUT=${SHARD_TIMEOUT}s" >>"$tmp/shard-$i.log"
+    # its items with no verdict line (a file item: no line of that file), one "NOT RUN" line each
+    python3 - "$tmp/items-$i.txt" "$tmp/shard-$i.log" >>"$tmp/shard-$i.log" <<'PY'
+import re, sys
+items = open(sys.argv[1]).read().split("\n")
+ran = {m.group(1) for m in re.finditer(r"^(\S+::\S+) (?:PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", open(sys.argv[2]).read(), re.M)}
+files = {r.split("::")[0] for r in ran}
+for it in filter(None, items):
+    if (it not in ran) if "::" in it else (it not in files):
+        print("NOT RUN " + it)
+PY
+  fi
 done
 : >"$log"
 for ((i = 0; i < n; i++)); do echo "==== shard $i" >>"$log"; cat "$tmp/shard-$i.log" >>"$log"; done
 sum() { grep -hoE "[0-9]+ $1" "$tmp"/shard-*.log | awk '{s += $1} END {print s + 0}'; }
 # a stopped shard prints no summary line of its own: its failures so far show only as F in its progress
 stopped=$(grep -l "STOPPED by SHARD_TIMEOUT" "$tmp"/shard-*.log | wc -l)
+notrun=$(cat "$tmp"/shard-*.log | grep -c "^NOT RUN ")
 echo "shards: $(sum passed) passed, $(sum failed) failed, $(sum skipped) skipped, $stopped stopped by SHARD_TIMEOUT" \
-  "(not counted: their tests so far, and the rest of their files)" | tee -a "$log"
+  "(not counted: their tests so far; $notrun items they never ran are listed as NOT RUN)" | tee -a "$log"
 grep -h "^FAILED\|^ERROR" "$tmp"/shard-*.log | head -40
 exit $rc

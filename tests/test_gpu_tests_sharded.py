@@ -44,3 +44,24 @@ def test_each_shard_gets_its_share_of_the_cores(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         assert (tmp_path / f"seen{want}_{want}_{want}").exists(), sorted(p.name for p in tmp_path.iterdir())
         assert "(no items)" in (tmp_path / "log").read_text()
+
+
+def test_a_stopped_shard_lists_the_tests_it_never_ran(tmp_path):
+    """A shard stopped by SHARD_TIMEOUT names each of its items without a verdict (at 456b6df two shards
+    stopped at ~93 % and their logs could not say which tests had not run)."""
+    import shutil
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "tests").mkdir()
+    shutil.copy(REPO / "benchmarks" / "gpu_tests_sharded.sh", tmp_path / "benchmarks")  # it runs from its repo root
+    (tmp_path / "tests" / "test_stop_probe.py").write_text(
+        "import time\n\ndef test_fast():\n    pass\n\ndef test_slow():\n    time.sleep(60)\n\n"
+        "def test_after():\n    pass\n")
+    log = tmp_path / "log"
+    env = {**os.environ, "SHARD_FILES": "tests/test_stop_probe.py", "SHARD_TIMEOUT": "15"}
+    r = subprocess.run(["bash", "benchmarks/gpu_tests_sharded.sh", "1", str(log)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    text = log.read_text()
+    not_run = sorted(line.split("::")[-1] for line in text.splitlines() if line.startswith("NOT RUN "))
+    assert not_run == ["test_after", "test_slow"], text
+    assert "1 stopped by SHARD_TIMEOUT" in text and "2 items they never ran" in text.splitlines()[-1]
