@@ -110,3 +110,26 @@ def test_inputs_outside_the_grid_keep_spconvs_rule(rng):
     geom = sv.Voxels(torch.from_numpy(c), None)
     kmap, outs, _ = maps.strided_map(geom, (2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1), (5, 5, 5), in_shape=(10, 10, 10))
     assert kmap is not sv.kernel_map(geom, 2, 2) and int(outs[:, 1].max()) < 5
+
+
+def test_a_unets_strided_layers_read_the_device_once_per_step(rng, monkeypatch):
+    """spconv's MinkUNet on compat: the grid check of its four k2 s2 layers (all input sites inside the
+    grid, so sparsevox's own strided map applies) reads the device once per fresh input, for the first
+    level; the coarser levels' sites are floor(c / 2) of checked ones, inside their grids by construction
+    (each read drained the convolutions queued before it, once per level). The logits are unchanged."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import spconv_minkunet as spm
+    idx = np.unique(np.c_[np.zeros((400, 1), np.int64), rng.integers(0, 12, (400, 3))], axis=0)
+    shift, shape = spm.spatial_frame(idx)
+    idx[:, 1:] -= shift
+    feats = torch.from_numpy(rng.normal(size=(len(idx), 4)))
+    net = spm.build(spconv, 4, 5, widths=(4,) * 9, blocks=1).double().eval()
+    reads, real = [], torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: reads.append(1) or real(*a, **k))
+    with torch.no_grad():
+        out = net(spconv.SparseConvTensor(feats, torch.from_numpy(idx).int(), shape, 1))
+        assert len(reads) == 1
+        again = net(spconv.SparseConvTensor(feats, torch.from_numpy(idx).int(), shape, 1))  # a fresh input
+    assert len(reads) == 2 and torch.equal(out, again)

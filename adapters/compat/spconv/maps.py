@@ -137,6 +137,10 @@ def strided_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape, in
         kmap = sv.kernel_map(geom, ksize, stride, dilation)
         # sorted (batch, x, y, z); the same sites object while it lives, so maps a plan built on it are found
         out_geom = sv.strided_output_voxels(geom, ksize, stride, dilation)
+        # floor(c / s) of sites inside a grid whose extents the stride divides lie inside the output grid
+        # (in / s): the next strided layer's check needs no read of the device (each read drained the
+        # convolutions queued before it, once per level of a UNet)
+        out_geom.__dict__.setdefault("_compat_in_grid", {})[tuple(int(n) for n in out_shape)] = True
         return kmap, out_geom.coords, out_geom
     rows = geom.coords
     outs = out_rows(rows, ksize, stride, padding, dilation, out_shape, False)
