@@ -114,9 +114,10 @@ def test_inputs_outside_the_grid_keep_spconvs_rule(rng):
 
 def test_a_unets_strided_layers_read_the_device_once_per_step(rng, monkeypatch):
     """spconv's MinkUNet on compat: the grid check of its four k2 s2 layers (all input sites inside the
-    grid, so sparsevox's own strided map applies) reads the device once per fresh input, for the first
-    level; the coarser levels' sites are floor(c / 2) of checked ones, inside their grids by construction
-    (each read drained the convolutions queued before it, once per level). The logits are unchanged."""
+    grid, so sparsevox's own strided map applies) reads the device once per fresh input, with the input
+    geometry's validation, before any convolution is queued; the coarser levels' sites are floor(c / 2) of
+    checked ones, inside their grids by construction (each read drained the convolutions queued before it,
+    once per level). The logits are unchanged."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -126,10 +127,14 @@ def test_a_unets_strided_layers_read_the_device_once_per_step(rng, monkeypatch):
     idx[:, 1:] -= shift
     feats = torch.from_numpy(rng.normal(size=(len(idx), 4)))
     net = spm.build(spconv, 4, 5, widths=(4,) * 9, blocks=1).double().eval()
-    reads, real = [], torch.aminmax
-    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: reads.append(1) or real(*a, **k))
+    events, real = [], torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: events.append("read") or real(*a, **k))
+    conv_mod = sys.modules[spconv.SubMConv3d.__module__]
+    real_conv = conv_mod.conv_features
+    monkeypatch.setattr(conv_mod, "conv_features", lambda *a, **k: events.append("conv") or real_conv(*a, **k))
     with torch.no_grad():
         out = net(spconv.SparseConvTensor(feats, torch.from_numpy(idx).int(), shape, 1))
-        assert len(reads) == 1
+        assert events.count("read") == 1 and events[0] == "read", events[:3]  # before any convolution
+        events.clear()
         again = net(spconv.SparseConvTensor(feats, torch.from_numpy(idx).int(), shape, 1))  # a fresh input
-    assert len(reads) == 2 and torch.equal(out, again)
+    assert events.count("read") == 1 and events[0] == "read" and torch.equal(out, again)

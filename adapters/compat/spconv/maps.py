@@ -60,7 +60,17 @@ def geometry(x) -> sv.Voxels:
     g = x._sv_geom
     if g is not None and g[0] is x.indices:
         return g[1]
-    v = sv.Voxels(rows4(x.indices), None)
+    rows = rows4(x.indices)
+    # Whether every site lies inside the tensor's grid (the strided layers' check, _tiles_grid): queued
+    # before the validation, whose one read of the device it then shares, instead of a read of its own
+    # at the first strided layer, which drained the convolutions queued before it.
+    bounds = torch.aminmax(rows[:, 1:].long(), dim=0) if rows.shape[0] else None
+    v = sv.Voxels(rows, None)
+    if bounds is not None and len(x.spatial_shape) == x.indices.shape[1] - 1:
+        shape = lift(x.spatial_shape, 1)
+        lo, hi = bounds
+        v.__dict__.setdefault("_compat_in_grid", {})[shape] = bool(
+            ((lo >= 0) & (hi < torch.tensor(shape, device=hi.device))).all())
     x._sv_geom = (x.indices, v)
     return v
 
