@@ -3,8 +3,8 @@
 Parameters are spconv's: ``weight`` ``[C_out, *kernel_size, C_in]`` ("KRSC", the kernel axes in the order
 of the index columns) and ``bias`` ``[C_out]``, so spconv state dicts load unchanged. Each call hands the
 core ``W[r] = weight[:, r, :]^T`` as a contiguous ``[K, C_in, C_out]`` tensor (``weight.reshape(C_out, K,
-C_in).permute(1, 2, 0)``): a view, because the parameter's memory is kept in that order (its shape and
-values are spconv's; see :meth:`SparseConvolution._new_weight`), else a copy per call. A 1×1 layer (kernel volume 1; for non-SubM layers also stride 1) computes, as spconv's
+C_in).permute(1, 2, 0).contiguous()``: a copy of the weight, K·C_in·C_out elements, per call, through
+autograd; not cached, see :meth:`SparseConvolution.sparsevox_weight`). A 1×1 layer (kernel volume 1; for non-SubM layers also stride 1) computes, as spconv's
 ``conv1x1`` path does, ``features @ weight.view(C_in, C_out)``: the memory of its ``[C_out, 1, 1, 1,
 C_in]`` parameter read as ``[C_in, C_out]`` (not its transpose), on the same sites, without pairs.
 
@@ -85,24 +85,13 @@ class SparseConvolution(SparseModule):
         if record_voxel_count and not subm and not inverse:
             self.register_buffer(_MAX_NUM_VOXELS_DURING_TRAINING, torch.zeros(1, dtype=torch.int32, device=device))
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(self._new_weight(factory))
+        self.weight = nn.Parameter(torch.zeros(*self.weight_shape, **factory))
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.out_channels, **factory))
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
         self._register_load_state_dict_pre_hook(self._load_weight_different_layout)
-
-    def _new_weight(self, factory) -> torch.Tensor:
-        """Zeros of spconv's shape ``[C_out, *kernel_size, C_in]``. Unless the layer is 1×1, their memory is
-        in sparsevox's ``[K, C_in, C_out]`` order (a permuted view of that storage), so
-        :meth:`sparsevox_weight` is a view of the parameter, not a copy per call; a 1×1 layer's memory is
-        spconv's (its ``conv1x1`` path reads that memory as ``[C_in, C_out]``)."""
-        if self.conv1x1:
-            return torch.zeros(*self.weight_shape, **factory)
-        k = math.prod(self.kernel_size)
-        core = torch.zeros(k, self.in_channels, self.out_channels, **factory)
-        return core.permute(2, 0, 1).unflatten(1, tuple(self.kernel_size))
 
     def is_inverseable(self):
         return self.indice_key is not None and not self.subm
@@ -115,9 +104,8 @@ class SparseConvolution(SparseModule):
         ±1/sqrt(fan_in)."""
         fan_in = self.in_channels * math.prod(self.kernel_size)
         bound = math.sqrt(3.0) * calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan_in)
-        with torch.no_grad():  # drawn in spconv's logical order (its values for a seed), whatever the memory order
-            self.weight.copy_(torch.empty(self.weight.shape, dtype=self.weight.dtype,
-                                          device=self.weight.device).uniform_(-bound, bound))
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
             if self.bias is not None:
                 self.bias.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
@@ -145,20 +133,17 @@ class SparseConvolution(SparseModule):
         return s + f", algo={self.algo}"
 
     def sparsevox_weight(self) -> torch.Tensor:
-        """``[K, C_in, C_out]``: ``W[r] = weight[:, r, :]^T``, differentiable when the weight gets a gradient.
+        """``[K, C_in, C_out]``: ``W[r] = weight[:, r, :]^T``, a contiguous copy made on every call (under
+        autocast in the dtype the convolution runs in, so it is cast once, not twice), differentiable when
+        the weight gets a gradient.
 
-        A view of the parameter when its memory is in that order (as :meth:`_new_weight` makes it, and
-        ``.to()``, ``.half()``, ``load_state_dict`` and in-place writes keep it): no copy, and under autocast
-        the convolution casts it as it casts a native layer's weight (a float32 gradient). A parameter
-        whose memory is in spconv's order (``weight.data`` replaced by a contiguous tensor) is copied per
-        call (under autocast into the convolution's dtype, so it is cast once, not twice). Nothing is
-        cached: writes through ``.data`` are seen (``test_eval_layer_follows_writes_through_data``)."""
+        Not cached across calls: a copy kept per weight version served stale weights after a write
+        through ``.data`` (an EMA update, a manual load), which does not bump the version counter
+        (``test_eval_layer_follows_writes_through_data``); the copy is one small kernel per layer."""
         k = math.prod(self.kernel_size)
         w = self.weight
-        t = w.reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0)
-        if t.is_contiguous():
-            return t
         dt = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else w.dtype
+        t = w.reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0)
         # (.to() with the same dtype would return the permuted view itself, not a contiguous copy)
         return t.to(dtype=dt, memory_format=torch.contiguous_format) if dt != w.dtype else t.contiguous()
 
