@@ -525,3 +525,17 @@ def test_declared_scratch_of_the_gpu_algorithms():
     assert ig._scratch("wgrad", p, {}) == 4 * 27 * 128 * 96
     assert ig._scratch("wgrad", Problem("conv", "wgrad", "gpu", "float32", 9, 9, 4, 4, 27, (1, 1, 1), "submanifold"),
                        {}) == 0
+
+
+def test_a_scratch_declaration_that_raises_declares_nothing():
+    f = Fakes({"explicit_gemm": {None: 5e-3}, "implicit_gemm": {1: 3e-3, 2: 1.05e-3},
+               "cutlass_implicit_gemm": {0: 1e-3}})
+    _with_scratch(f, {"implicit_gemm": 0})
+    import dataclasses
+
+    def broken(direction, problem, params):
+        raise KeyError("no such size")
+    f.algos["cutlass_implicit_gemm"] = dataclasses.replace(f.algos["cutlass_implicit_gemm"], scratch=broken)
+    with pytest.warns(RuntimeWarning, match="scratch raised KeyError"):
+        assert f.choose(problem(c_in=18)) == ("cutlass_implicit_gemm", 0)  # the fastest, as without a declaration
+    assert f.choose(problem(c_in=18)) == ("cutlass_implicit_gemm", 0)  # and again from the cache, no raise

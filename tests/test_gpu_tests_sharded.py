@@ -53,8 +53,9 @@ def test_a_stopped_shard_lists_the_tests_it_never_ran(tmp_path):
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "tests").mkdir()
     shutil.copy(REPO / "benchmarks" / "gpu_tests_sharded.sh", tmp_path / "benchmarks")  # it runs from its repo root
-    (tmp_path / "tests" / "test_stop_probe.py").write_text(
-        "import time\n\ndef test_fast():\n    pass\n\ndef test_slow():\n    time.sleep(60)\n\n"
+    (tmp_path / "tests" / "test_stop_probe.py").write_text(  # an id with spaces ran: it must not be listed
+        "import time\n\nimport pytest\n\n\n@pytest.mark.parametrize('x', [1], ids=['a b'])\n"
+        "def test_fast(x):\n    pass\n\ndef test_slow():\n    time.sleep(60)\n\n"
         "def test_after():\n    pass\n")
     log = tmp_path / "log"
     env = {**os.environ, "SHARD_FILES": "tests/test_stop_probe.py", "SHARD_TIMEOUT": "15"}

@@ -413,3 +413,18 @@ def test_dgrad_weight_is_one_contiguous_copy_of_the_transposed_and_flipped_weigh
     want = (w.flip(0) if flip else w).transpose(1, 2).contiguous()
     assert got.is_contiguous() and got.shape == (27, 7, 5) and got.data_ptr() != w.data_ptr()
     assert torch.equal(got, want)
+
+
+def test_dgrad_weights_reversed_index_is_not_cached_during_graph_capture(monkeypatch):
+    """An index made while a CUDA graph is captured lives in the graph's private pool: not kept for later."""
+    torch = pytest.importorskip("torch")
+    svt = pytest.importorskip("sparsevox.adapters.torch")
+    fn = sys.modules[svt.conv_features.__module__]
+    monkeypatch.setattr(fn, "_REVERSED", {})
+    w = torch.randn(8, 3, 4)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # as on the GPU, for the check
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert torch.equal(fn._dgrad_weight(w, True), w.flip(0).transpose(1, 2).contiguous()) and fn._REVERSED == {}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fn._dgrad_weight(w, True)
+    assert list(fn._REVERSED) == [(8, w.device)]

@@ -210,7 +210,9 @@ def _dgrad_weight(weight, flip: bool):
     key = (weight.shape[0], weight.device)
     rev = _REVERSED.get(key)
     if rev is None:
-        rev = _REVERSED[key] = torch.arange(weight.shape[0] - 1, -1, -1, device=weight.device)
+        rev = torch.arange(weight.shape[0] - 1, -1, -1, device=weight.device)
+        if not (rev.is_cuda and torch.cuda.is_current_stream_capturing()):  # a captured one: the graph's pool
+            _REVERSED[key] = rev
     return torch.index_select(wt, 0, rev)
 
 
@@ -243,7 +245,9 @@ def _define(name: str, core_forward, core_backward, out_channels):
     def fwd_impl(feats, weight, in_maps, out_maps, offsets, num_out, fwd_algo, eager=True, kmap=None):
         # eager=False (the registered op, run by compiled graphs): no spare outputs, whose memory would
         # outlive the call outside the allocator state a compiled graph (cudagraph trees) manages.
-        kmap = kmap if kmap is not None else _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
+        if kmap is None:
+            with _stream(feats):  # a recalled map's offsets are made on the stream that will read them
+                kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
         key = _fwd_key(name, feats, weight, fwd_algo)
         prep = _prepared(kmap, key)
         sig, fresh = None, False
@@ -269,7 +273,9 @@ def _define(name: str, core_forward, core_backward, out_channels):
     def bwd_impl(grad_out, feats, weight, in_maps, out_maps, offsets, bwd_algo, feats_grad, weight_grad,
                  kmap=None, gw_dtype=None):
         gw_dtype = gw_dtype or weight.dtype
-        kmap = kmap if kmap is not None else _core_map(in_maps, out_maps, offsets, feats.shape[0], grad_out.shape[0])
+        if kmap is None:
+            with _stream(feats):
+                kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], grad_out.shape[0])
         grad_out = grad_out.contiguous()
         base = (name, feats.device, feats.dtype, feats.shape, weight.shape, bwd_algo, sv.allow_tf32())
         dkey, wkey = ("torch.dgrad",) + base, ("torch.wgrad",) + base

@@ -177,7 +177,14 @@ def with_less_scratch(problem, candidates, usable, best: int) -> int:
     keeps its place."""
     def scratch(n):
         algo, params = candidates[n]
-        return None if algo.scratch is None else int(algo.scratch(problem.direction, problem, params))
+        if algo.scratch is None:
+            return None
+        try:
+            return int(algo.scratch(problem.direction, problem, params))
+        except Exception as e:  # a declaration that fails declares nothing; the choice stays the fastest
+            _warn_once(problem.key(), f"scratch:{algo.name}",
+                       f"sparsevox: {algo.name}.scratch raised {type(e).__name__}: {e}; ignored")
+            return None
     fastest = dict((n, ms) for ms, n in usable)[best]
     own = scratch(best)
     if own is None or own == 0:
