@@ -305,7 +305,8 @@ def _best(entry: dict) -> str:
 
 
 def cli(argv) -> int:
-    """``show`` lists each configuration and its fastest candidate; ``clear`` deletes the cache;
+    """``show`` lists each configuration and its fastest candidate (the one that runs, unless another within
+    ``autotune.MEMORY_TIE`` of it declares less scratch memory); ``clear`` deletes the cache;
     ``path`` prints the cache file's path. Returns the process exit status."""
     args = list(argv)
     if args and args[0] == "cache":  # accept the full command line as well as what follows "cache"
