@@ -124,6 +124,8 @@ class _Run:
                 levels[out_level] = strided_output_voxels(src, ks, st, dl)
         for kmap in maps:
             kmap.wait()
+        for v in levels.values():  # their planned maps are built and done: validation's hash table goes (16
+            v._hash = None        # MiB at SemanticKITTI's 183,534 voxels); a map asked later builds its own
         self.keep.append(levels)  # the sites stay alive (their maps cached on them) for this forward
 
     def finish(self, done: bool) -> None:

@@ -184,3 +184,19 @@ def test_a_planned_model_pickles_and_a_copy_has_its_own_plan(rng, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(v).feats, net(v).feats, rtol=0, atol=0)
     assert back._sv_map_plan.steps == net._sv_map_plan.steps
+
+
+def test_a_replayed_plan_drops_the_validation_hash_table(rng, built):
+    """Once the planned maps are built, the input's hash table (validation's, kept for its maps; NumPy
+    voxels have none: a stand-in marks it) is dropped; a map the plan did not build is still built."""
+    net = _two_level_net()
+    svt.plan_maps(net)
+    with torch.no_grad():
+        net(sv.Voxels(*_scene(rng)))  # records
+        v = sv.Voxels(*_scene(rng))
+        v._hash = object()
+        net(v)
+        assert v._hash is None
+        n = len(built)
+        sv.kernel_map(v, 5)
+        assert len(built) == n + 1
