@@ -127,8 +127,12 @@ def _source() -> str:
 @functools.lru_cache(maxsize=None)
 def library():
     """The compiled emulator (cached in the temp folder by source hash)."""
-    src = _source()
-    out = Path(tempfile.gettempdir()) / f"sparsevox_depthwise_emu_{hashlib.sha1(src.encode()).hexdigest()[:16]}.so"
+    return compile_library(_source(), "depthwise")
+
+
+def compile_library(src: str, name: str):
+    """``src`` (C++20) compiled as a shared library, cached in the temp folder by source hash."""
+    out = Path(tempfile.gettempdir()) / f"sparsevox_{name}_emu_{hashlib.sha1(src.encode()).hexdigest()[:16]}.so"
     if not out.exists():
         cpp = out.with_suffix(".cpp")
         cpp.write_text(src)

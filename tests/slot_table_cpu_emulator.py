@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
-from depthwise_cpu_emulator import PRELUDE
+from depthwise_cpu_emulator import PRELUDE, compile_library
 
 from sparsevox.algorithms import implicit_gemm as ig
 
@@ -64,16 +60,7 @@ def _source() -> str:
 @functools.lru_cache(maxsize=None)
 def library():
     """The compiled emulator (cached in the temp folder by source hash)."""
-    src = _source()
-    out = Path(tempfile.gettempdir()) / f"sparsevox_slot_table_emu_{hashlib.sha1(src.encode()).hexdigest()[:16]}.so"
-    if not out.exists():
-        cpp = out.with_suffix(".cpp")
-        cpp.write_text(src)
-        tmp = out.with_suffix(f".{os.getpid()}.{id(src)}.so")  # pytest-xdist workers may compile it at once
-        subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-fno-strict-aliasing", "-shared", "-fPIC",
-                        str(cpp), "-o", str(tmp)], check=True, capture_output=True, text=True)
-        tmp.replace(out)
-    return ctypes.CDLL(str(out))
+    return compile_library(_source(), "slot_table")
 
 
 def _c_arg(a):

@@ -164,6 +164,14 @@ def test_gpu_compat_sequential_fuses_batchnorm_and_relu(rng, monkeypatch):
     calls = _counting(monkeypatch)
     net = _randomised(spconv.SparseSequential(spconv.SubMConv3d(4, 16, 3, bias=False, indice_key="s"),
                                               torch.nn.BatchNorm1d(16), torch.nn.ReLU()), rng).eval()
+    got, want = _compat_on_gpu_and_float64(spconv, net, rng)
+    assert calls == [True]
+    _close(got, want, torch.float32)
+
+
+def _compat_on_gpu_and_float64(spconv, net, rng):
+    """``(features on the GPU in float32, features of a float64 CPU copy)`` of an evaluation-mode compat
+    network on one random 4-channel input."""
     ref = copy.deepcopy(net).double()
     net.cuda()
     coords = torch.from_numpy(random_voxels(rng, 400, extent=12, batches=2)).int()
@@ -171,8 +179,7 @@ def test_gpu_compat_sequential_fuses_batchnorm_and_relu(rng, monkeypatch):
     with torch.no_grad():
         got = net(spconv.SparseConvTensor(feats.float().cuda(), coords.cuda(), [12, 12, 12], 2)).features
         want = ref(spconv.SparseConvTensor(feats, coords, [12, 12, 12], 2)).features
-    assert calls == [True]
-    _close(got, want, torch.float32)
+    return got, want
 
 
 def test_compat_sequential_runs_a_lone_batchnorm_through_the_fused_path(rng, monkeypatch):
@@ -214,13 +221,7 @@ def test_gpu_compat_residual_branch_fuses_its_trailing_batchnorm(rng, monkeypatc
                                               torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
                                               spconv.SubMConv3d(16, 8, 3, bias=False, indice_key="s"),
                                               torch.nn.BatchNorm1d(8)), rng).eval()
-    ref = copy.deepcopy(net).double()
-    net.cuda()
-    coords = torch.from_numpy(random_voxels(rng, 400, extent=12, batches=2)).int()
-    feats = torch.from_numpy(rng.normal(0, 2, (len(coords), 4)))
-    with torch.no_grad():
-        got = net(spconv.SparseConvTensor(feats.float().cuda(), coords.cuda(), [12, 12, 12], 2)).features
-        want = ref(spconv.SparseConvTensor(feats, coords, [12, 12, 12], 2)).features
+    got, want = _compat_on_gpu_and_float64(spconv, net, rng)
     assert calls == [True, False]
     _close(got, want, torch.float32)
 
