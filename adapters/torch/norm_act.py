@@ -29,11 +29,7 @@ def fuses(bn, act) -> bool:
     """Whether ``bn`` then ``act`` may run as :func:`batchnorm_act` with ``relu=True``: an
     ``nn.BatchNorm1d`` (or sparsevox's ``BatchNorm``, not another subclass, whose forward may differ), then
     exactly ``nn.ReLU``, neither hooked."""
-    global _BN_TYPES
-    if _BN_TYPES is None:
-        from .layers import BatchNorm  # (layers imports this module)
-        _BN_TYPES = (nn.BatchNorm1d, BatchNorm)
-    return type(bn) in _BN_TYPES and type(act) is nn.ReLU and unhooked(bn, act)
+    return type(act) is nn.ReLU and plain_batchnorm(bn) and unhooked(act)
 
 
 _BN_TYPES = None

@@ -68,9 +68,7 @@ def geometry(x) -> sv.Voxels:
     v = sv.Voxels(rows, None)
     if bounds is not None and len(x.spatial_shape) == x.indices.shape[1] - 1:
         shape = lift(x.spatial_shape, 1)
-        lo, hi = bounds
-        v.__dict__.setdefault("_compat_in_grid", {})[shape] = bool(
-            ((lo >= 0) & (hi < torch.tensor(shape, device=hi.device))).all())
+        v.__dict__.setdefault("_compat_in_grid", {})[shape] = _inside(*bounds, shape)
     x._sv_geom = (x.indices, v)
     return v
 
@@ -172,10 +170,14 @@ def _tiles_grid(geom: sv.Voxels, ksize, stride, padding, dilation, in_shape) -> 
         if rows.shape[0] == 0:
             ok = True
         else:  # one reduction and one read of the device
-            lo, hi = torch.aminmax(rows[:, 1:].long(), dim=0)
-            ok = bool(((lo >= 0) & (hi < torch.tensor(shape, device=hi.device))).all())
+            ok = _inside(*torch.aminmax(rows[:, 1:].long(), dim=0), shape)
         checks[shape] = ok
     return ok
+
+
+def _inside(lo, hi, shape) -> bool:
+    """Whether per-axis coordinate bounds ``lo``, ``hi`` lie in ``[0, shape)`` (one read of the device)."""
+    return bool(((lo >= 0) & (hi < torch.tensor(shape, device=hi.device))).all())
 
 
 def transposed_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape):
