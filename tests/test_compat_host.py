@@ -23,6 +23,49 @@ def test_inverse_map_is_the_strided_map_swapped_and_cached(rng):
     np.testing.assert_array_equal(np.asarray(inv.out_maps), np.asarray(kmap.in_maps))
 
 
+@pytest.mark.parametrize("lib", ["compat", "native"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_maps_of_a_step_are_freed_without_the_cycle_collector(rng, device, lib):
+    """No reference cycle keeps a step's maps: with the collector off, dropping the model's input and
+    output frees every map (a strong inverse-map cache made one, so maps waited for ``gc.collect``)."""
+    import gc
+    import weakref
+
+    from benchmarks import spconv_minkunet as spm
+    from sparsevox.kernel_map import KernelMap
+    from sparsevox.adapters.torch import MinkUNet
+    model = (spm.build(spconv, 4, 3, widths=(8,) * 9) if lib == "compat" else MinkUNet(4, 3, widths=(8,) * 9))
+    model = model.to(device)
+    c = random_voxels(rng, 400, extent=24, batches=1)
+    shift, shape = spm.spatial_frame(c)
+    c[:, 1:] -= shift
+    made = []
+    real_init = KernelMap.__init__
+
+    def recording_init(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(weakref.ref(self))
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(KernelMap, "__init__", recording_init)
+            for train in (False, True):
+                model.train(train)
+                f, cc = torch.randn(len(c), 4, device=device), torch.from_numpy(c).to(device)
+                x = spconv.SparseConvTensor(f, cc, shape, 1) if lib == "compat" else sv.Voxels(cc, f)
+                with torch.set_grad_enabled(train):
+                    y = model(x)
+                    y = y if isinstance(y, torch.Tensor) else y.features
+                    if train:
+                        y.sum().backward()
+                del x, y
+        assert made and all(r() is None for r in made), \
+            f"{sum(r() is not None for r in made)} of {len(made)} maps alive"
+    finally:
+        gc.enable()
+
+
 def test_inference_weight_is_a_fresh_copy_in_the_core_layout():
     layer = spconv.SubMConv3d(3, 5, 3, bias=False).double()
     with torch.no_grad():

@@ -20,20 +20,22 @@ class _Pool:
 
 @pytest.fixture
 def fake_cupy(monkeypatch):
-    """A stand-in ``cupy`` module: its allocator slot, PythonFunctionAllocator and a current stream; torch's
-    raw allocator entry points record their calls."""
+    """A stand-in ``cupy`` module: its allocator slot, a CFunctionAllocator that calls the C function pointers
+    it is given (through ctypes, as CuPy does from Cython) and a current stream; torch's raw allocator entry
+    points record their calls."""
     pool = _Pool()
     cuda = types.SimpleNamespace()
     cuda.allocator = pool.malloc
 
-    class PythonFunctionAllocator:
-        def __init__(self, malloc, free):
-            self._m, self._f = malloc, free
+    class CFunctionAllocator:
+        def __init__(self, param, malloc_func, free_func, owner):
+            self._m, self._f, self.owner = memory._C_MALLOC(malloc_func), memory._C_FREE(free_func), owner
 
         def malloc(self, size):
-            return ("ours", self._m(size, 0))
+            ptr = self._m(None, size, 0) or 0
+            return types.SimpleNamespace(ptr=ptr, free=lambda: self._f(None, ptr, 0))
 
-    cuda.PythonFunctionAllocator = PythonFunctionAllocator
+    cuda.memory = types.SimpleNamespace(CFunctionAllocator=CFunctionAllocator)
     cuda.get_allocator = lambda: cuda.allocator
     cuda.set_allocator = lambda a: setattr(cuda, "allocator", a)
     cuda.get_current_stream = lambda: types.SimpleNamespace(ptr=0xABC)
@@ -55,14 +57,26 @@ def test_allocations_go_to_torch_on_cupys_stream_and_back(fake_cupy):
     fake, calls = fake_cupy
     default = fake.cuda.get_allocator()
     assert memory.use_torch_allocator(True) is True and memory.torch_allocator_in_use()
-    assert fake.cuda.get_allocator()(256) == ("ours", 0x1000)
-    assert calls == [("alloc", 256, 0xABC)]
-    malloc, free = memory._malloc_free(fake)
-    free(0x1000, 0)
+    mem = fake.cuda.get_allocator()(256)
+    assert mem.ptr == 0x1000 and calls == [("alloc", 256, 0xABC)]
+    mem.free()  # what the memory object's __dealloc__ does: the C free callback
     assert calls[-1] == ("delete", 0x1000)
     assert memory.use_torch_allocator(True) is True  # again: no second wrapper
     assert memory.use_torch_allocator(False) is False and fake.cuda.get_allocator() is default
     assert not memory.torch_allocator_in_use()
+
+
+def test_a_failed_allocation_raises_torchs_error_in_the_caller(fake_cupy, monkeypatch):
+    fake, _ = fake_cupy
+
+    def oom(size, stream):
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {size} bytes")
+    monkeypatch.setattr(torch._C, "_cuda_cudaCachingAllocator_raw_alloc", oom, raising=False)
+    assert memory.use_torch_allocator(True)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 4096 bytes"):
+        fake.cuda.get_allocator()(4096)
+    assert fake.cuda.get_allocator()(0).ptr == 0  # zero bytes: no call, no error
+    memory.use_torch_allocator(False)
 
 
 def test_a_foreign_allocator_is_left_in_place(fake_cupy):
@@ -112,5 +126,26 @@ def test_torch_sees_the_maps_memory_and_results_do_not_change(rng):
         assert grew >= maps, f"torch saw {grew} bytes, the map alone is {maps}"
         assert pool.used_bytes() <= before_pool  # nothing new in CuPy's pool
         np.testing.assert_array_equal(got.cpu().numpy(), ref.cpu().numpy())
+    finally:
+        svt.use_torch_allocator(False)
+
+
+@pytest.mark.gpu
+def test_memory_freed_by_the_cycle_collector_goes_back_to_torch():
+    """A CuPy array that dies in a reference cycle is freed by ``gc.collect``, which clears Python attributes
+    before deallocation: with CuPy's PythonFunctionAllocator that lost the free call (and the memory)."""
+    import gc
+
+    import cupy
+    try:
+        assert svt.use_torch_allocator(True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        node = {"array": cupy.zeros(1 << 20, dtype=cupy.float32)}
+        node["self"] = node  # a cycle: only the cycle collector frees it
+        assert torch.cuda.memory_allocated() - base >= 4 << 20
+        del node
+        gc.collect()
+        assert torch.cuda.memory_allocated() == base
     finally:
         svt.use_torch_allocator(False)

@@ -12,6 +12,7 @@ and it never replaces an allocator someone else installed (only CuPy's default p
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 
@@ -42,6 +43,48 @@ def _malloc_free(cupy):
     return malloc, free
 
 
+# C signatures of CuPy's CFunctionAllocator: void* malloc(void* param, size_t size, int device) and
+# void free(void* param, void* ptr, int device)
+_C_MALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_C_FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+
+
+def _torch_allocator(cupy):
+    """CuPy's allocator callable (size -> MemoryPointer) backed by torch's caching allocator.
+
+    Built on CuPy's CFunctionAllocator, not its PythonFunctionAllocator: the latter's memory objects keep
+    the free function as a Python attribute, which the cyclic garbage collector clears before their
+    ``__dealloc__`` runs, so a CuPy array freed as part of a reference cycle was never given back to torch
+    (``TypeError: 'NoneType' object is not callable`` in ``__dealloc__``, seen in every e2e log up to
+    c4684e4). CFunctionAllocator's memory objects hold only C pointers and are never cleared.
+    The C callbacks cannot raise, so a failed allocation is stashed and raised here."""
+    malloc, free = _malloc_free(cupy)
+    failures: list = []
+
+    def c_malloc(_param, size, device_id):
+        try:
+            return malloc(size, device_id)
+        except BaseException as e:  # noqa: BLE001 -- re-raised by allocate() below, in the caller's frame
+            failures.append(e)
+            return None
+
+    def c_free(_param, ptr, device_id):
+        free(ptr, device_id)
+
+    callbacks = (_C_MALLOC(c_malloc), _C_FREE(c_free))  # the owner keeps them alive
+    inner = cupy.cuda.memory.CFunctionAllocator(
+        0, ctypes.cast(callbacks[0], ctypes.c_void_p).value, ctypes.cast(callbacks[1], ctypes.c_void_p).value,
+        callbacks)
+
+    def allocate(size: int):
+        mem = inner.malloc(size)
+        if size and not mem.ptr:
+            raise failures.pop() if failures else MemoryError(f"torch's allocator returned no memory for {size} bytes")
+        return mem
+
+    return allocate
+
+
 def _is_cupy_default(cupy, allocator) -> bool:
     pool = cupy.get_default_memory_pool()
     return getattr(allocator, "__self__", None) is pool
@@ -68,8 +111,7 @@ def use_torch_allocator(enabled: bool = True) -> bool:
         if not _is_cupy_default(cupy, current):
             raise RuntimeError("CuPy's allocator is not its default memory pool (another library or the user set "
                                "one); sparsevox leaves it in place: call use_torch_allocator after restoring it")
-        malloc, free = _malloc_free(cupy)
-        allocator = cupy.cuda.PythonFunctionAllocator(malloc, free).malloc
+        allocator = _torch_allocator(cupy)
         cupy.cuda.set_allocator(allocator)
         _state.update(previous=current, ours=allocator)
         log.info("sparsevox: CuPy allocations go through torch's caching allocator")

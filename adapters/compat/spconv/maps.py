@@ -23,6 +23,8 @@ padding and dilation of the missing axes are 1, 1, 0 and 1.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 import sparsevox as sv
@@ -191,11 +193,16 @@ def transposed_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape)
 
 def inverse_map(kmap: KernelMap) -> KernelMap:
     """The map of an inverse convolution: ``kmap``'s pairs with input and output swapped (same offset
-    index: spconv's ``pair_fwd = datas.pair_bwd``), cached on ``kmap``. The arrays are ``kmap``'s own, and
-    so are the implicit GEMM's tables (the swapped map's forward table is ``kmap``'s reverse one, which a
-    k2 s2 map reads in CSR order without a sort), as for sparsevox's own transposed twins."""
-    inv = kmap.derived.get("compat.spconv.inverse")
+    index: spconv's ``pair_fwd = datas.pair_bwd``), cached on ``kmap`` while it is alive. The arrays are
+    ``kmap``'s own, and so are the implicit GEMM's tables (the swapped map's forward table is ``kmap``'s
+    reverse one, which a k2 s2 map reads in CSR order without a sort), as for sparsevox's own transposed twins.
+
+    The cache is a weak reference: the inverse holds ``kmap`` (``swapped_from``), so a strong one made a
+    cycle, and every step's maps waited for the cycle collector (with CuPy's PythonFunctionAllocator they
+    were never given back to torch: compat's peaks were ~300 MiB above native at c4684e4)."""
+    ref = kmap.derived.get("compat.spconv.inverse")
+    inv = None if ref is None else ref()
     if inv is None:
         inv = _swapped(kmap, None, kmap.kernel_size, kmap.stride, kmap.dilation)
-        kmap.derived["compat.spconv.inverse"] = inv
+        kmap.derived["compat.spconv.inverse"] = weakref.ref(inv)
     return inv
