@@ -23,7 +23,11 @@ Modes: ``fp16_infer`` (``torch.autocast`` float16, eval, ``no_grad``), ``fp16_tr
 ``fp32_train``. A cell is the median of ``--steps`` CUDA-synchronised wall times per step after
 ``--warmup`` steps (the first warm-up also autotunes); its peak memory is ``max_memory_allocated`` over
 the timed steps (``reset_peak_memory_stats`` after the warm-up; ``warmup_peak_mib`` covers the warm-up),
-with only that library's model (and optimizer state) on the GPU.
+with only that library's model (and optimizer state) on the GPU. With ``--rounds R`` (default 4 on a GPU)
+the cells of a mode run interleaved, R times ``--steps``/R timed steps each (the first round after
+``--warmup`` steps, later rounds after one), and each cell's figures pool its rounds: the libraries are
+timed over the same minutes, so host drift (which moved one library's median by 20-40 % between runs
+minutes apart, ce287b0) falls on all of them alike.
 
 spconv's inference path ignores autocast (its eval-mode convolutions run in the weights' dtype), so its
 ``fp16_infer`` figure runs a float16 copy of the model on float16 features (under autocast), and
@@ -99,6 +103,9 @@ def parse_args(argv):
     ap.add_argument("--modes", nargs="+", default=None, choices=list(MODES + EXTRA_MODES))
     ap.add_argument("--steps", type=int, default=None, help="timed steps per cell (default 20; --quick 10; CPU 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; CPU 1)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds per mode, each cell timed steps/rounds steps per round (default 4; "
+                         "CPU and --quick 1)")
     ap.add_argument("--quick", action="store_true", help="10 timed steps, no float16-inference variants")
     ap.add_argument("--cpu", action="store_true", help="CPU smoke run: the tiny scene, sparsevox only, fp32 modes")
     ap.add_argument("--no-peer", action="store_true", help="do not run spconv even when importable")
@@ -459,9 +466,27 @@ def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, h
         if on_gpu:
             torch.cuda.empty_cache()
     return {"ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples), "steps": steps,
-            "peak_mib": None if peak is None else round(peak, 1), "model_mib": model_mib,
+            "samples": samples, "peak_mib": None if peak is None else round(peak, 1), "model_mib": model_mib,
             "warmup_peak_mib": None if warm_peak is None else round(warm_peak, 1),
             "tuned_in_timed_steps": None if tuned is None else tunes.tunings - tuned}
+
+
+def _pooled(rounds: list[dict]) -> dict:
+    """One cell's figures from its rounds (:func:`run_cell` results): the median, min and max of every
+    timed step, the largest peaks, the summed tunings; the first error when a round failed."""
+    errors = [g for g in rounds if "error" in g]
+    if errors:
+        return errors[0]
+    samples = [t for g in rounds for t in g["samples"]]
+    out = dict(rounds[0])
+    out.pop("samples")
+    peaks = [g["peak_mib"] for g in rounds if g["peak_mib"] is not None]
+    warm = [g["warmup_peak_mib"] for g in rounds if g["warmup_peak_mib"] is not None]
+    out.update(ms=statistics.median(samples), min_ms=min(samples), max_ms=max(samples), steps=len(samples),
+               rounds=len(rounds), peak_mib=max(peaks) if peaks else None, warmup_peak_mib=max(warm) if warm else None,
+               tuned_in_timed_steps=sum(g["tuned_in_timed_steps"] or 0 for g in rounds),
+               tunings=sum(g["tunings"] for g in rounds))
+    return out
 
 
 def resident_mib(model) -> float:
@@ -486,6 +511,9 @@ class Run:
         self.quick = args.quick
         self.warmup = args.warmup if args.warmup is not None else (1 if args.cpu else 3)
         self.steps = args.steps if args.steps is not None else (2 if args.cpu else (10 if args.quick else 20))
+        self.rounds = args.rounds if args.rounds is not None else (1 if args.cpu or args.quick else 4)
+        if not 1 <= self.rounds <= self.steps:
+            raise ValueError(f"--rounds must be in [1, steps={self.steps}], got {self.rounds}")
         self.scenes = list(args.scenes or (("tiny",) if args.cpu else DEFAULT_SCENES))
         modes = list(args.modes or MODES)
         self.modes = [m for m in modes if not (args.cpu and m.startswith("fp16"))]  # autocast float16: CUDA
@@ -547,6 +575,7 @@ def document(run: Run) -> dict:
     doc.update({
         "what": "end_to_end",
         "settings": {"device": run.device, "quick": run.quick, "warmup": run.warmup, "steps": run.steps,
+                     "rounds": run.rounds,
                      "modes": run.modes, "widths": list(run.widths), "num_classes": NUM_CLASSES,
                      "tf32": bool(sparsevox.allow_tf32()), "plan_compat": bool(run.args.plan_compat),
                      "sort_rows": sparsevox.config.sort_rows(), "flax": bool(run.args.flax),
@@ -664,23 +693,34 @@ def run_scene(run: Run, name: str) -> None:
             cells.append(("sparsevox", True, "sparsevox_half_model"))
             if sp_model is not None:
                 cells.append(("spconv", False, "spconv_autocast"))
+        results = {}
+        for r in range(run.rounds):
+            steps = run.steps // run.rounds + (1 if r < run.steps % run.rounds else 0)
+            for lib, half, key in cells:
+                if run.out_of_time():
+                    break
+                if any("error" in g for g in results.get(key, ())):
+                    continue  # failed in an earlier round: reported once
+                tuned = run.tunes.tunings
+                try:
+                    with _rows_sorted(key == "sparsevox_rows_sorted"):
+                        got = run_cell(lib, models[lib], mode, libs, labels, run.device,
+                                       run.warmup if r == 0 else 1, steps, half, run.tunes)
+                except Exception as e:
+                    log.exception("%s %s %s failed", name, mode, key or lib)
+                    got = {"error": _error_text(e)}
+                    if run.device == "cuda":
+                        torch.cuda.empty_cache()
+                got["tunings"] = run.tunes.tunings - tuned
+                results.setdefault(key, []).append(got)
         for lib, half, key in cells:
-            if run.out_of_time():
+            if key not in results:
                 break
-            tuned = run.tunes.tunings
-            try:
-                with _rows_sorted(key == "sparsevox_rows_sorted"):
-                    got = run_cell(lib, models[lib], mode, libs, labels, run.device, run.warmup, run.steps, half,
-                                   run.tunes)
-            except Exception as e:
-                log.exception("%s %s %s failed", name, mode, key or lib)
-                got = {"error": _error_text(e)}
-                if run.device == "cuda":
-                    torch.cuda.empty_cache()
+            got = _pooled(results[key])
             what = key or lib
             if key is None:
                 rec.update(got)
-                rec["autotuned_during_warmup_and_timing"] = run.tunes.tunings - tuned
+                rec["autotuned_during_warmup_and_timing"] = got["tunings"]
             elif key == "spconv":
                 rec["peer"]["spconv"] = got.get("ms")
                 rec["peer_peak_mib"]["spconv"] = got.get("peak_mib")

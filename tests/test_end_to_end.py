@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 def test_cpu_quick_smoke_run_writes_design_records(tmp_path):
     rc = end_to_end.main(["--cpu", "--quick", "--out", str(tmp_path), "--stem", "2000-01-01-cpu-test",
-                          "--plan-compat", "--sort-ab", "--flax"])
+                          "--plan-compat", "--sort-ab", "--flax", "--rounds", "2"])
     assert rc == 0
     doc = json.loads((tmp_path / "2000-01-01-cpu-test-end_to_end.json").read_text())
     assert doc["settings"]["plan_compat"] is True  # the spconv-API model ran with a map plan
@@ -35,13 +35,31 @@ def test_cpu_quick_smoke_run_writes_design_records(tmp_path):
         assert r["compat_ms"] > 0 and isinstance(r["compat_overhead"], float)
         assert r["variants"]["sparsevox_rows_sorted"] > 0  # --sort-ab: the sorted-rows policy timed too
         assert r["flax_ms"] > 0, r.get("flax_ms")  # --flax: the Flax MinkUNet, same weights, bucketed maps
-    assert doc["settings"]["steps"] == 2 and doc["settings"]["warmup"] == 1
+        assert r["rounds"] == 2 and r["steps"] == 2  # interleaved: one timed step per round, pooled
+    assert doc["settings"]["steps"] == 2 and doc["settings"]["warmup"] == 1 and doc["settings"]["rounds"] == 2
     assert doc["parity"]["tiny"]["compat_logits_fp32_eval"] < 1e-6
     md = (tmp_path / "2000-01-01-cpu-test-end_to_end.md").read_text()
     assert md.startswith("# MinkUNet end to end") and "| tiny |" in md and "sparsevox.compat.spconv" in md
     assert "Slot sort A/B" in md and "The Flax NNX MinkUNet" in md
     import sparsevox
     assert sparsevox.config.sort_rows() == "auto"  # the A/B restored the policy
+
+
+def test_rounds_pool_every_step_and_keep_the_largest_peak():
+    a = {"ms": 2.0, "min_ms": 1.0, "max_ms": 3.0, "steps": 3, "samples": [1.0, 2.0, 3.0], "peak_mib": 10.0,
+         "model_mib": 1.0, "warmup_peak_mib": 12.0, "tuned_in_timed_steps": 0, "tunings": 5}
+    b = {**a, "samples": [10.0, 11.0], "peak_mib": 14.0, "warmup_peak_mib": 11.0, "tuned_in_timed_steps": 1,
+         "tunings": 0}
+    got = end_to_end._pooled([a, b])
+    assert got["ms"] == 3.0 and (got["min_ms"], got["max_ms"]) == (1.0, 11.0) and got["steps"] == 5
+    assert got["rounds"] == 2 and got["peak_mib"] == 14.0 and got["warmup_peak_mib"] == 12.0
+    assert got["tuned_in_timed_steps"] == 1 and got["tunings"] == 5 and "samples" not in got
+    assert end_to_end._pooled([a, {"error": "RuntimeError: x"}]) == {"error": "RuntimeError: x"}
+
+
+def test_rounds_outside_the_steps_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"--rounds must be in \[1, steps=2\], got 3"):
+        end_to_end.main(["--cpu", "--rounds", "3", "--out", str(tmp_path)])
 
 
 def test_help_answers_without_a_gpu(capsys):

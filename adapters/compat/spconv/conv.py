@@ -168,7 +168,7 @@ class SparseConvolution(SparseModule):
             out = torch.mm(features, self.weight.reshape(self.in_channels, self.out_channels))
             if self.bias is not None:
                 out = out + self.bias.to(out.dtype)
-            out_tensor = input.shadow_copy().replace_feature(out)
+            out_tensor = input.replace_feature(out)
             out_tensor.spatial_shape = out_shape  # padding may change the spatial shape of a 1x1 layer
             return out_tensor
         k3, d3 = maps.lift(self.kernel_size, 1), maps.lift(self.dilation, 1)
@@ -206,7 +206,7 @@ class SparseConvolution(SparseModule):
             out_features = out_features + self.bias.to(out_features.dtype)
         if not self.subm and not self.inverse and self.record_voxel_count:
             getattr(self, _MAX_NUM_VOXELS_DURING_TRAINING).clamp_(min=int(outids.shape[0]))
-        out_tensor = input.shadow_copy().replace_feature(out_features)
+        out_tensor = input.replace_feature(out_features)
         out_tensor.indices, out_tensor.indice_dict, out_tensor.spatial_shape = outids, indice_dict, out_shape
         out_tensor._sv_geom = (outids, out_geom) if out_geom is not None else None
         if add_input is not None:

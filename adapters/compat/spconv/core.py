@@ -139,11 +139,12 @@ class SparseConvTensor:
         raise NotImplementedError("quantized (int8) SparseConvTensor: not supported by sparsevox.compat.spconv")
 
     def _copy(self, features, indice_dict):
-        out = SparseConvTensor(features, self.indices, self.spatial_shape, self.batch_size, self.grid, self.voxel_num,
-                               indice_dict)
-        out.benchmark_record, out.thrust_allocator = self.benchmark_record, self.thrust_allocator
-        out._timer = self._timer
-        out.force_algo, out.int8_scale, out._sv_geom = self.force_algo, self.int8_scale, self._sv_geom
+        # every member but the two, without __init__'s checks: a copy per layer is host time on the
+        # host-bound float16 step, and the members were checked when ``self`` was made
+        out = object.__new__(SparseConvTensor)
+        out.__dict__.update(self.__dict__)
+        out._features, out.indice_dict = features, indice_dict
+        out.spatial_shape = list(self.spatial_shape)  # its own list, as __init__ made
         return out
 
     def replace_feature(self, feature):

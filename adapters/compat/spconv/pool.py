@@ -130,7 +130,7 @@ class _LocalPool(SparseModule):
         out_features = (_MaxPool if self.is_max else _AvgPool).apply(features, kmap)
         if not self.subm and self.record_voxel_count:
             getattr(self, _MAX_NUM_VOXELS_DURING_TRAINING).clamp_(min=int(outids.shape[0]))
-        out_tensor = input.shadow_copy().replace_feature(out_features)
+        out_tensor = input.replace_feature(out_features)
         out_tensor.indices, out_tensor.indice_dict, out_tensor.spatial_shape = outids, indice_dict, out_shape
         out_tensor._sv_geom = (outids, out_geom)
         return out_tensor
