@@ -74,6 +74,11 @@ def test_inference_weight_is_a_fresh_copy_in_the_core_layout():
         np.testing.assert_array_equal(a.numpy(), layer.weight.reshape(5, 27, 3).permute(1, 2, 0).numpy())
         layer.weight.mul_(2.0)
         assert torch.equal(layer.sparsevox_weight(), 2.0 * a)
+    g = layer.sparsevox_weight()  # with a gradient (the permuted view's path): same values, grad flows back
+    np.testing.assert_array_equal(g.detach().numpy(), 2.0 * a.numpy())
+    (g * torch.arange(g.numel(), dtype=g.dtype).reshape(g.shape)).sum().backward()
+    np.testing.assert_array_equal(layer.weight.grad.reshape(5, 27, 3).permute(1, 2, 0).numpy().ravel(),
+                                  np.arange(g.numel()))
     layer.float()
     with torch.no_grad():
         assert layer.sparsevox_weight().dtype == torch.float32

@@ -143,7 +143,13 @@ class SparseConvolution(SparseModule):
         k = math.prod(self.kernel_size)
         w = self.weight
         dt = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else w.dtype
-        t = w.reshape(self.out_channels, k, self.in_channels).permute(1, 2, 0)
+        c_in, c_out = self.in_channels, self.out_channels
+        # without a gradient one view op, not reshape + permute (host time per layer on the host-bound
+        # inference step); with one, permute's backward is a view where as_strided's scatters into zeros
+        if w.is_contiguous() and not (w.requires_grad and torch.is_grad_enabled()):
+            t = w.as_strided((k, c_in, c_out), (c_in, 1, k * c_in))
+        else:
+            t = w.reshape(c_out, k, c_in).permute(1, 2, 0)
         # (.to() with the same dtype would return the permuted view itself, not a contiguous copy)
         return t.to(dtype=dt, memory_format=torch.contiguous_format) if dt != w.dtype else t.contiguous()
 
@@ -171,7 +177,6 @@ class SparseConvolution(SparseModule):
             out_tensor = input.replace_feature(out)
             out_tensor.spatial_shape = out_shape  # padding may change the spatial shape of a 1x1 layer
             return out_tensor
-        k3, d3 = maps.lift(self.kernel_size, 1), maps.lift(self.dilation, 1)
         indice_dict = input.indice_dict.copy()
         datas = input.find_indice_pair(self.indice_key)
         if self.inverse:
@@ -186,6 +191,7 @@ class SparseConvolution(SparseModule):
             kmap, outids, out_geom = datas.kmap, datas.out_indices, datas.out_geom
         else:
             geom = maps.geometry(input)
+            k3, d3 = maps.lift(self.kernel_size, 1), maps.lift(self.dilation, 1)
             if self.subm:
                 kmap, outids, out_geom = maps.subm_map(geom, k3, d3), input.indices, geom
             else:

@@ -52,6 +52,8 @@ def user_rows(rows: torch.Tensor, nd: int) -> torch.Tensor:
 
 def lift(vals, fill: int) -> tuple[int, int, int]:
     """``nd`` per-axis values as three (the missing axes get ``fill``)."""
+    if len(vals) == 3:  # (the common case without a generator: called per layer on the host-bound step)
+        return int(vals[0]), int(vals[1]), int(vals[2])
     return tuple(int(v) for v in vals) + (fill,) * (3 - len(vals))
 
 
