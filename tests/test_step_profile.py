@@ -47,3 +47,28 @@ def test_layer_kinds_of_the_minkunet():
     assert kinds["k1"] == 1 + 4
     assert kinds["batchnorm"] == kinds["subm_k3"] + kinds["k1"] + 8
     assert step_profile.layer_kind(torch.nn.Sequential()) is None
+
+
+def test_compat_minkunet_has_the_native_kinds_and_gets_a_column():
+    from benchmarks import spconv_minkunet as spm
+    from sparsevox.adapters.torch import MinkUNet
+    import sparsevox.compat.spconv as compat
+    widths = (8, 8, 16, 16, 16, 16, 16, 8, 8)
+
+    def kinds(net):
+        out = {}
+        for m in net.modules():
+            k = step_profile.layer_kind(m)
+            if k is not None:
+                out[k] = out.get(k, 0) + 1
+        return out
+    native, theirs = kinds(MinkUNet(4, 20, widths=widths)), kinds(spm.build(compat, 4, 20, widths=widths))
+    native.pop("relu", None)  # (native fuses ReLU into its BatchNorm layers; spconv models use nn.ReLU)
+    theirs.pop("relu", None)
+    assert theirs == native
+    doc = {"scene": "semantickitti", "device": "GPU", "date": "2026-12-03", "commit": "abc1234", "steps": 3,
+           "records": [{"mode": "fp16_infer", "library": lib, "kinds": {"subm_k3": {"ms": 1.0 + i, "calls": 34}}}
+                       for i, lib in enumerate(("sparsevox", "spconv", "compat"))]}
+    md = step_profile.render(doc)
+    assert "| mode | kind | sparsevox ms (calls) | spconv ms (calls) | compat ms (calls) |" in md
+    assert "| fp16_infer | subm_k3 | 1.00 (34) | 2.00 (34) | 3.00 (34) |" in md

@@ -16,6 +16,9 @@ step), after 3 warm-up steps:
    (forward hooks; backward not split): ms and calls per layer kind (``subm_k3``, ``k1``, ``down_k2s2``,
    ``up_k2s2``, ``batchnorm``, ``relu``, ``linear``) — the per-kind comparison of issue 19.
 
+``--compat`` adds the spconv-API MinkUNet on ``sparsevox.compat.spconv`` (same weights) as a third library,
+to find where its step costs more than native sparsevox's (issue 21).
+
 Prints a Markdown report and writes ``<out>/<stem>-step_profile.json`` and ``.md`` when ``--out`` is given.
 """
 from __future__ import annotations
@@ -200,7 +203,8 @@ def render(doc: dict) -> str:
                      f"{s['syncs']} | {s['sync_blocked_ms']} | {s['sync_copies']} | {s['launch_calls']} | "
                      f"{s['kernels']} | {s['memsets']} | {s['memcpys']} | {s['allocs']} |")
     lines += ["", "## Per layer kind (forward, a synchronisation around every layer)", "",
-              "| mode | kind | sparsevox ms (calls) | spconv ms (calls) |", "|---|---|---|---|"]
+              "| mode | kind | " + " | ".join(f"{lib} ms (calls)" for lib in _libraries(doc)) + " |",
+              "|---|---|" + "---|" * len(_libraries(doc))]
     by_mode = collections.defaultdict(dict)
     for r in doc["records"]:
         if r.get("kinds"):
@@ -209,10 +213,10 @@ def render(doc: dict) -> str:
         kinds = sorted(set().union(*[set(v) for v in libs.values()]))
         for k in kinds:
             cells = []
-            for lib in ("sparsevox", "spconv"):
+            for lib in _libraries(doc):
                 v = libs.get(lib, {}).get(k)
                 cells.append(f"{v['ms']:.2f} ({v['calls']})" if v else "-")
-            lines.append(f"| {mode} | {k} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {mode} | {k} | " + " | ".join(cells) + " |")
     lines += ["", "## Top kernels per step (device ms)", ""]
     for r in doc["records"]:
         if r.get("summary"):
@@ -222,6 +226,12 @@ def render(doc: dict) -> str:
         if r.get("sync_by_call"):
             lines.append(f"syncs by call: {r['sync_by_call']}")
     return "\n".join(lines) + "\n"
+
+
+def _libraries(doc) -> list[str]:
+    """The libraries of the per-kind table: sparsevox and spconv, and compat when it ran."""
+    ran = {r["library"] for r in doc["records"]}
+    return ["sparsevox", "spconv"] + (["compat"] if "compat" in ran else [])
 
 
 def main(argv=None) -> int:
@@ -242,6 +252,8 @@ def main(argv=None) -> int:
                     help="also host time per phase, both libraries (benchmarks/probes/host_phases.py; "
                          "<stem>-host_phases.md); with --phases-only, nothing else")
     ap.add_argument("--phases-only", action="store_true", help="only the host phases (no profiler)")
+    ap.add_argument("--compat", action="store_true",
+                    help="also the spconv-API MinkUNet on sparsevox.compat.spconv (library 'compat')")
     a = ap.parse_args(argv)
     import torch
 
@@ -256,7 +268,10 @@ def main(argv=None) -> int:
     points, _ = e2e.scene_points(plan.source)
     xyz, feats, index = e2e.batch_points(points, plan.batch)
     vox = e2e.Voxeliser(xyz, feats, index, plan.voxel_size, "cuda")
-    libs = e2e.Libraries(sp, vox, e2e.spm.DEFAULT_WIDTHS)
+    compat = None
+    if a.compat:
+        import sparsevox.compat.spconv as compat
+    libs = e2e.Libraries(sp, vox, e2e.spm.DEFAULT_WIDTHS, compat)
     coords0, feats0 = vox()
     torch.manual_seed(0)
     labels = torch.randint(0, e2e.NUM_CLASSES, (len(coords0),), device="cuda")
@@ -267,6 +282,11 @@ def main(argv=None) -> int:
         sp_model = libs.build_spconv().cuda()
         e2e.spm.load_from_sparsevox(sp_model, sv_model.cuda())
         models["spconv"] = sp_model.cpu()
+        sv_model.cpu()
+    if compat is not None:
+        compat_model = libs.build_compat().cuda()
+        e2e.spm.load_from_sparsevox(compat_model, sv_model.cuda())
+        models["compat"] = compat_model.cpu()
         sv_model.cpu()
     stem = a.stem or provenance.stem()
     doc = {**provenance.header(torch.cuda.get_device_name()), "scene": a.scene, "n_voxels": int(len(coords0)), "steps": a.steps, "records": []}
@@ -289,7 +309,7 @@ def main(argv=None) -> int:
                 if not a.phases_only:
                     rec["summary"] = profile_cell(step, a.steps, trace)
                     rec["kinds"] = per_kind_ms(m, step, torch.cuda.synchronize)
-                if a.cprofile and lib == "sparsevox":
+                if a.cprofile and lib in ("sparsevox", "compat"):
                     cprof.append(f"==== {mode} {lib}\n" + host_profile(step, torch.cuda.synchronize))
             except Exception as e:  # report and go on with the other cells
                 rec["error"] = f"{type(e).__name__}: {e}"[:300]
