@@ -45,7 +45,7 @@ def markdown(doc) -> str:
            f"CUDA-synchronised wall ms; peak = max_memory_allocated over the timed steps"
            + ("" if s.get("torch_allocator") else
               " (torch's allocator only: sparsevox's kernel maps and tables live in CuPy's pool and are not "
-              "counted; SPARSEVOX_TORCH_ALLOCATOR=1 counts them)")
+              "counted: SPARSEVOX_TORCH_ALLOCATOR=0 was set)")
            + f". Ratio = spconv ms / sparsevox "
            f"ms (> 1: sparsevox faster). fp16_infer: {s.get('fp16_infer')}. Peers: {doc.get('peers')}.", "",
            "| scene | voxels | mode | sparsevox ms | spconv ms | ratio | sparsevox peak MiB | spconv peak MiB | "

@@ -98,6 +98,42 @@ def test_bad_arguments_are_value_errors():
     assert r.returncode != 0 and "SPARSEVOX_TORCH_ALLOCATOR must be 0 or 1" in r.stderr
 
 
+@pytest.mark.parametrize("value, wanted", [(None, True), ("", True), ("1", True), ("yes", True), ("0", False),
+                                           ("false", False), ("no", False)])
+def test_on_by_default_and_off_with_0(monkeypatch, value, wanted):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+    monkeypatch.setattr(memory, "use_torch_allocator", lambda enabled=True: calls.append(enabled) or enabled)
+    if value is None:
+        monkeypatch.delenv("SPARSEVOX_TORCH_ALLOCATOR", raising=False)
+    else:
+        monkeypatch.setenv("SPARSEVOX_TORCH_ALLOCATOR", value)
+    memory._from_env()
+    assert calls == ([True] if wanted else [])
+
+
+def test_by_default_a_foreign_allocator_is_a_warning_and_asked_for_an_error(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def foreign(enabled=True):
+        raise RuntimeError("CuPy's allocator is not its default memory pool")
+    monkeypatch.setattr(memory, "use_torch_allocator", foreign)
+    monkeypatch.delenv("SPARSEVOX_TORCH_ALLOCATOR", raising=False)
+    with caplog.at_level("WARNING", logger="sparsevox.torch_memory"):
+        memory._from_env()
+    assert "stay in its own pool" in caplog.text
+    monkeypatch.setenv("SPARSEVOX_TORCH_ALLOCATOR", "1")
+    with pytest.raises(RuntimeError, match="not its default memory pool"):
+        memory._from_env()
+
+
+def test_without_a_cuda_device_nothing_is_routed(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(memory, "use_torch_allocator", lambda enabled=True: pytest.fail("routed without CUDA"))
+    monkeypatch.delenv("SPARSEVOX_TORCH_ALLOCATOR", raising=False)
+    memory._from_env()
+
+
 @pytest.mark.gpu
 def test_torch_sees_the_maps_memory_and_results_do_not_change(rng):
     import cupy
@@ -111,10 +147,12 @@ def test_torch_sees_the_maps_memory_and_results_do_not_change(rng):
     def run():
         v = sv.Voxels(coords.clone(), feats)
         return svt.spatially_sparse_conv(v, w).feats
-    ref = run()
-    torch.cuda.synchronize()
-    pool = cupy.get_default_memory_pool()
+    was = svt.torch_allocator_in_use()  # (on by default)
     try:
+        svt.use_torch_allocator(False)
+        ref = run()  # in CuPy's pool
+        torch.cuda.synchronize()
+        pool = cupy.get_default_memory_pool()
         assert svt.use_torch_allocator(True)
         before_pool = pool.used_bytes()
         torch.cuda.reset_peak_memory_stats()
@@ -127,7 +165,7 @@ def test_torch_sees_the_maps_memory_and_results_do_not_change(rng):
         assert pool.used_bytes() <= before_pool  # nothing new in CuPy's pool
         np.testing.assert_array_equal(got.cpu().numpy(), ref.cpu().numpy())
     finally:
-        svt.use_torch_allocator(False)
+        svt.use_torch_allocator(was)
 
 
 @pytest.mark.gpu
@@ -137,6 +175,7 @@ def test_memory_freed_by_the_cycle_collector_goes_back_to_torch():
     import gc
 
     import cupy
+    was = svt.torch_allocator_in_use()
     try:
         assert svt.use_torch_allocator(True)
         gc.collect()  # earlier tests' cyclic garbage first (its memory went below the base at c6a9d98)
@@ -149,4 +188,4 @@ def test_memory_freed_by_the_cycle_collector_goes_back_to_torch():
         gc.collect()
         assert torch.cuda.memory_allocated() == base
     finally:
-        svt.use_torch_allocator(False)
+        svt.use_torch_allocator(was)

@@ -60,4 +60,4 @@ class _Package(types.ModuleType):
 
 _MISSING = object()
 sys.modules[__name__].__class__ = _Package
-memory._from_env()  # SPARSEVOX_TORCH_ALLOCATOR=1: CuPy's allocations through torch's allocator
+memory._from_env()  # CuPy's allocations through torch's allocator unless SPARSEVOX_TORCH_ALLOCATOR=0

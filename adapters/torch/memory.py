@@ -6,9 +6,12 @@ kernel map, and two pools hold cached blocks side by side. :func:`use_torch_allo
 device allocations of this process through ``torch.cuda``'s caching allocator instead (on CuPy's current
 stream, which sparsevox sets to torch's current stream for its work), so torch accounts for all of it.
 
-It is process-wide (CuPy has one allocator per process and thread), **off by default** until measured
-on a GPU (``SPARSEVOX_TORCH_ALLOCATOR=1`` switches it on at import of :mod:`sparsevox.adapters.torch`),
-and it never replaces an allocator someone else installed (only CuPy's default pool).
+It is process-wide (CuPy has one allocator per process and thread), **on by default** at import of
+:mod:`sparsevox.adapters.torch` (``SPARSEVOX_TORCH_ALLOCATOR=0`` leaves CuPy's pool in place), and it never
+replaces an allocator someone else installed (only CuPy's default pool). Measured on an H200 (f9d08e8,
+SemanticKITTI MinkUNet, spconv in the same process): step-time ratios to spconv 1.17/1.09/1.22/1.38 with it
+and 1.07/1.15/1.08/1.46 with CuPy's pool (float16 inference/training, float32 inference/training), the
+same within the runs' noise; with it, torch's peak-memory figures include every map and table.
 """
 from __future__ import annotations
 
@@ -132,8 +135,18 @@ def torch_allocator_in_use() -> bool:
 
 
 def _from_env() -> None:
-    raw = os.environ.get(ENV_VAR, "0").strip().lower()
+    """At import: torch's allocator unless ``SPARSEVOX_TORCH_ALLOCATOR`` is 0 (and only with a CUDA device:
+    without one there is nothing to route). By default an allocator someone else installed in CuPy is left
+    in place with a warning; asked for explicitly (``=1``), that is an error."""
+    env = os.environ.get(ENV_VAR)
+    raw = "1" if env is None else env.strip().lower()
     if raw not in ("0", "1", "true", "false", "yes", "no", ""):
         raise ValueError(f"{ENV_VAR} must be 0 or 1, got {raw!r}")
-    if raw in ("1", "true", "yes"):
+    if raw in ("0", "false", "no") or not torch.cuda.is_available():
+        return
+    try:
         use_torch_allocator(True)
+    except RuntimeError as e:
+        if env is not None and raw != "":
+            raise
+        log.warning("sparsevox: CuPy's allocations stay in its own pool: %s", e)

@@ -3,11 +3,11 @@ spconv's with sparsevox's maps counted, ea920b6; not in the map build, 4fc84c9's
 
 One step after warm-ups, with the device synchronised and torch's peak counter reset around every leaf
 module's forward and around ``MinkUNet.build_maps``: for each, the memory allocated before it, the peak
-during it and what stays allocated after it (MiB; ``SPARSEVOX_TORCH_ALLOCATOR=1`` so that the kernel
+during it and what stays allocated after it (MiB; with torch's allocator, the default, so that the kernel
 maps and tables count). Backward is one phase (its peak, after the forward). The synchronisations change
 the step's timing, not its allocations.
 
-Usage on the GPU machine: ``SPARSEVOX_TORCH_ALLOCATOR=1 python -m benchmarks.probes.memory_phases
+Usage on the GPU machine: ``python -m benchmarks.probes.memory_phases
 [--scene semantickitti] [--modes fp16_infer fp32_infer] [--top 12]``; prints, per mode, the step's peak,
 the phase that holds it and the phases with the highest peaks.
 """
