@@ -66,6 +66,17 @@ def test_maps_of_a_step_are_freed_without_the_cycle_collector(rng, device, lib):
         gc.enable()
 
 
+def test_grid_check_and_shift_helpers():
+    lo, hi = torch.tensor([0, 2, 5]), torch.tensor([7, 8, 9])
+    assert maps._inside(lo, hi, (8, 9, 10)) is True
+    assert maps._inside(lo, hi, (8, 8, 10)) is False  # hi y = 8 is outside [0, 8)
+    assert maps._inside(torch.tensor([0, -1, 0]), hi, (8, 9, 10)) is False
+    rows = torch.tensor([[0, 1, 2, 3], [1, 4, 5, 6]], dtype=torch.int32)
+    moved = maps._moved(rows, (2, 0, -1))
+    assert moved.tolist() == [[0, 3, 2, 2], [1, 6, 5, 5]] and moved.dtype == torch.int32
+    assert rows.tolist() == [[0, 1, 2, 3], [1, 4, 5, 6]]  # the input is left as it was
+
+
 def test_inference_weight_is_a_fresh_copy_in_the_core_layout():
     layer = spconv.SubMConv3d(3, 5, 3, bias=False).double()
     with torch.no_grad():

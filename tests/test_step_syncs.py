@@ -62,3 +62,37 @@ def test_fresh_scan_step_synchronises_only_for_sizes(rng, train):
     n, names = _syncs(step)
     allowed = 1 + SUBM_LEVELS + 2 * STRIDED
     assert n <= allowed, f"{n} host synchronisations in one step (allowed {allowed}): {names}"
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_compat_step_adds_only_its_grid_check(rng, train):
+    """The spconv-API MinkUNet on sparsevox.compat.spconv (issue 21): native's waits plus one, the read of
+    the input's bounds for spconv's grid rule (f9d08e8 counted two extra: the bounds were compared with a
+    tensor copied to the device, whose copy waited for the stream)."""
+    import sparsevox.compat.spconv as compat
+    from benchmarks import spconv_minkunet as spm
+    net = spm.build(compat, 4, 10, widths=SMALL, blocks=1).cuda().train(train)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    c = random_voxels(rng, 20000, extent=48, batches=2)
+    shift, shape = spm.spatial_frame(c)
+    c[:, 1:] -= shift
+    coords = torch.from_numpy(c).cuda()
+
+    def step():
+        x = compat.SparseConvTensor(torch.randn(len(coords), 4, device="cuda"), coords.clone(), shape, 2)
+        with torch.autocast("cuda", dtype=torch.float16):
+            if train:
+                loss = net(x).float().square().mean()
+            else:
+                with torch.no_grad():
+                    net(x)
+        if train:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    for _ in range(3):
+        step()
+    n, names = _syncs(step)
+    allowed = 1 + SUBM_LEVELS + 2 * STRIDED + 1
+    assert n <= allowed, f"{n} host synchronisations in one step (allowed {allowed}): {names}"

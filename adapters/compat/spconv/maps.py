@@ -128,7 +128,13 @@ def _shift(ksize, padding, dilation) -> tuple[int, int, int]:
 
 
 def _moved(rows, t):
-    return rows + torch.tensor((0,) + tuple(t), dtype=rows.dtype, device=rows.device)
+    """``rows`` with ``t`` added to the spatial columns. Column by column with Python scalars: a
+    ``torch.tensor(t, device=cuda)`` operand is a copy from pageable host memory, which waits for the stream."""
+    out = rows.clone()
+    for a, v in enumerate(t):
+        if v:
+            out[:, a + 1] += v
+    return out
 
 
 def subm_map(geom: sv.Voxels, ksize, dilation) -> KernelMap:
@@ -180,8 +186,12 @@ def _tiles_grid(geom: sv.Voxels, ksize, stride, padding, dilation, in_shape) -> 
 
 
 def _inside(lo, hi, shape) -> bool:
-    """Whether per-axis coordinate bounds ``lo``, ``hi`` lie in ``[0, shape)`` (one read of the device)."""
-    return bool(((lo >= 0) & (hi < torch.tensor(shape, device=hi.device))).all())
+    """Whether per-axis coordinate bounds ``lo``, ``hi`` lie in ``[0, shape)``: one read of the device, the
+    comparison on the host (a ``torch.tensor(shape, device=cuda)`` to compare with on the device was a
+    second wait: its copy from pageable memory synchronises the stream; f9d08e8's step profile counted
+    compat's two extra synchronisations per step)."""
+    (lo_h, hi_h) = torch.stack((lo, hi)).tolist()
+    return all(a >= 0 for a in lo_h) and all(b < n for b, n in zip(hi_h, shape))
 
 
 def transposed_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape):
