@@ -37,15 +37,11 @@ def _syncs(step) -> tuple[int, dict]:
     return sum(names.values()), names
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_fresh_scan_step_synchronises_only_for_sizes(rng, train):
-    net = svt.MinkUNet(4, 10, widths=SMALL, blocks=1).cuda().train(train)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-
-    coords = torch.from_numpy(random_voxels(rng, 20000, extent=48, batches=2)).cuda()
-
+def _training_or_inference_step(net, opt, train, make_input):
+    """One float16 autocast step of ``net`` on ``make_input()`` (a fresh input: fresh maps): with a loss,
+    backward and an optimizer step when ``train``, else under no_grad."""
     def step():
-        x = sv.Voxels(coords.clone(), torch.randn(len(coords), 4, device="cuda"))  # fresh maps
+        x = make_input()
         with torch.autocast("cuda", dtype=torch.float16):
             if train:
                 loss = net(x).float().square().mean()
@@ -56,7 +52,18 @@ def test_fresh_scan_step_synchronises_only_for_sizes(rng, train):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    return step
 
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fresh_scan_step_synchronises_only_for_sizes(rng, train):
+    net = svt.MinkUNet(4, 10, widths=SMALL, blocks=1).cuda().train(train)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+
+    coords = torch.from_numpy(random_voxels(rng, 20000, extent=48, batches=2)).cuda()
+
+    step = _training_or_inference_step(
+        net, opt, train, lambda: sv.Voxels(coords.clone(), torch.randn(len(coords), 4, device="cuda")))  # fresh maps
     for _ in range(3):  # plans and tuning happen here
         step()
     n, names = _syncs(step)
@@ -78,19 +85,9 @@ def test_compat_step_adds_only_its_grid_check(rng, train):
     c[:, 1:] -= shift
     coords = torch.from_numpy(c).cuda()
 
-    def step():
-        x = compat.SparseConvTensor(torch.randn(len(coords), 4, device="cuda"), coords.clone(), shape, 2)
-        with torch.autocast("cuda", dtype=torch.float16):
-            if train:
-                loss = net(x).float().square().mean()
-            else:
-                with torch.no_grad():
-                    net(x)
-        if train:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+    step = _training_or_inference_step(
+        net, opt, train, lambda: compat.SparseConvTensor(torch.randn(len(coords), 4, device="cuda"), coords.clone(),
+                                                          shape, 2))
     for _ in range(3):
         step()
     n, names = _syncs(step)
