@@ -511,7 +511,7 @@ class Run:
         self.quick = args.quick
         self.warmup = args.warmup if args.warmup is not None else (1 if args.cpu else 3)
         self.steps = args.steps if args.steps is not None else (2 if args.cpu else (10 if args.quick else 20))
-        self.rounds = args.rounds if args.rounds is not None else (1 if args.cpu or args.quick else 4)
+        self.rounds = args.rounds if args.rounds is not None else (1 if args.cpu or args.quick else min(4, self.steps))
         if not 1 <= self.rounds <= self.steps:
             raise ValueError(f"--rounds must be in [1, steps={self.steps}], got {self.rounds}")
         self.scenes = list(args.scenes or (("tiny",) if args.cpu else DEFAULT_SCENES))
@@ -696,6 +696,7 @@ def run_scene(run: Run, name: str) -> None:
         results = {}
         for r in range(run.rounds):
             steps = run.steps // run.rounds + (1 if r < run.steps % run.rounds else 0)
+            this_round = {}
             for lib, half, key in cells:
                 if run.out_of_time():
                     break
@@ -712,7 +713,16 @@ def run_scene(run: Run, name: str) -> None:
                     if run.device == "cuda":
                         torch.cuda.empty_cache()
                 got["tunings"] = run.tunes.tunings - tuned
-                results.setdefault(key, []).append(got)
+                this_round[key] = got
+            else:
+                for key, got in this_round.items():
+                    results.setdefault(key, []).append(got)
+                continue
+            # the budget ran out inside this round: a later round is dropped whole, so every cell keeps the
+            # same rounds (the same minutes); a first round keeps what it has
+            if r == 0:
+                results = {key: [got] for key, got in this_round.items()}
+            break
         for lib, half, key in cells:
             if key not in results:
                 break

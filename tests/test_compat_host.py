@@ -66,6 +66,26 @@ def test_maps_of_a_step_are_freed_without_the_cycle_collector(rng, device, lib):
         gc.enable()
 
 
+def test_replace_feature_checks_the_features_as_the_constructor_did():
+    x = spconv.SparseConvTensor(torch.ones(3, 2), torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0]],
+                                                              dtype=torch.int32), [4, 4, 4], 1)
+    with pytest.raises(ValueError, match=r"features must be \[N, C\], got \(3,\)"):
+        x.replace_feature(torch.ones(3))
+    y = x.replace_feature(torch.zeros(3, 5))
+    assert y.features.shape == (3, 5) and y.indices is x.indices and y.spatial_shape == [4, 4, 4]
+    assert y.spatial_shape is not x.spatial_shape  # its own list
+
+
+def test_inference_weight_ignores_a_weight_of_the_wrong_size():
+    """A weight whose element count does not match the layer (a view into a larger storage) must not be
+    read past its end by the no-gradient as_strided view: it takes the reshape path, which raises."""
+    layer = spconv.SubMConv3d(3, 5, 3, bias=False)
+    big = torch.zeros(5 * 27 * 3 + 10)
+    layer.weight = torch.nn.Parameter(big[:134].reshape(134), requires_grad=False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="invalid for input of size 134"):
+        layer.sparsevox_weight()
+
+
 def test_grid_check_and_shift_helpers():
     lo, hi = torch.tensor([0, 2, 5]), torch.tensor([7, 8, 9])
     assert maps._inside(lo, hi, (8, 9, 10)) is True

@@ -57,6 +57,24 @@ def test_rounds_pool_every_step_and_keep_the_largest_peak():
     assert end_to_end._pooled([a, {"error": "RuntimeError: x"}]) == {"error": "RuntimeError: x"}
 
 
+def test_a_round_cut_by_the_budget_is_dropped_for_every_cell(tmp_path, monkeypatch):
+    """Round 2 stops after sparsevox's cell: that round is dropped, so sparsevox and compat both keep one
+    round (the same minutes), not two against one."""
+    calls = []
+    real = end_to_end.run_cell
+
+    def counting(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+    monkeypatch.setattr(end_to_end, "run_cell", counting)
+    monkeypatch.setattr(end_to_end.Run, "out_of_time", lambda self: len(calls) >= 3)
+    rc = end_to_end.main(["--cpu", "--modes", "fp32_infer", "--steps", "2", "--rounds", "2", "--out", str(tmp_path),
+                          "--stem", "2000-01-01-cpu-cut", "--widths", *SMALL])
+    assert rc == 0 and calls == ["sparsevox", "compat", "sparsevox"]
+    (rec,) = json.loads((tmp_path / "2000-01-01-cpu-cut-end_to_end.json").read_text())["records"]
+    assert rec["rounds"] == 1 and rec["steps"] == 1 and rec["compat_ms"] > 0
+
+
 def test_rounds_outside_the_steps_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"--rounds must be in \[1, steps=2\], got 3"):
         end_to_end.main(["--cpu", "--rounds", "3", "--out", str(tmp_path)])

@@ -31,8 +31,8 @@ def fake_cupy(monkeypatch):
         def __init__(self, param, malloc_func, free_func, owner):
             self._m, self._f, self.owner = memory._C_MALLOC(malloc_func), memory._C_FREE(free_func), owner
 
-        def malloc(self, size):
-            ptr = self._m(None, size, 0) or 0
+        def malloc(self, size):  # as CuPy's: no call for zero bytes
+            ptr = (self._m(None, size, 0) or 0) if size else 0
             return types.SimpleNamespace(ptr=ptr, free=lambda: self._f(None, ptr, 0))
 
     cuda.memory = types.SimpleNamespace(CFunctionAllocator=CFunctionAllocator)
@@ -76,6 +76,35 @@ def test_a_failed_allocation_raises_torchs_error_in_the_caller(fake_cupy, monkey
     with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 4096 bytes"):
         fake.cuda.get_allocator()(4096)
     assert fake.cuda.get_allocator()(0).ptr == 0  # zero bytes: no call, no error
+    # a failure left behind (an interrupted call) is not raised for a later allocation: that one's own is
+    memory._tls.failure = RuntimeError("stale")
+    monkeypatch.setattr(torch._C, "_cuda_cudaCachingAllocator_raw_alloc", lambda size, stream: 0, raising=False)
+    memory.use_torch_allocator(False)
+    memory.use_torch_allocator(True)  # (the routes read torch's entry points when installed)
+    with pytest.raises(MemoryError, match="returned no memory for 64 bytes"):
+        fake.cuda.get_allocator()(64)
+    memory.use_torch_allocator(False)
+
+
+def test_callbacks_outlive_every_allocator_and_a_failed_free_is_only_logged(fake_cupy, monkeypatch, caplog):
+    fake, calls = fake_cupy
+    assert memory.use_torch_allocator(True)
+    mem = fake.cuda.get_allocator()(128)
+    assert memory.use_torch_allocator(False) is False  # off, the allocator dropped: its memory still frees
+    first = memory._ADDRESSES
+    assert memory.use_torch_allocator(True) and memory._ADDRESSES == first  # the same callbacks, made once
+    mem.free()
+    assert calls[-1] == ("delete", 0x1000)
+
+    def broken(ptr):
+        raise RuntimeError("CUDA driver shutting down")
+    monkeypatch.setattr(torch._C, "_cuda_cudaCachingAllocator_raw_delete", broken, raising=False)
+    memory.use_torch_allocator(False)
+    memory.use_torch_allocator(True)  # (the routes read torch's entry points when installed)
+    mem = fake.cuda.get_allocator()(128)
+    with caplog.at_level("WARNING", logger="sparsevox.torch_memory"):
+        mem.free()  # no exception escapes the C callback
+    assert "could not be given back" in caplog.text
     memory.use_torch_allocator(False)
 
 
@@ -101,7 +130,7 @@ def test_bad_arguments_are_value_errors():
 @pytest.mark.parametrize("value, wanted", [(None, True), ("", True), ("1", True), ("yes", True), ("0", False),
                                            ("false", False), ("no", False)])
 def test_on_by_default_and_off_with_0(monkeypatch, value, wanted):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memory.importlib.util, "find_spec", lambda name: object())
     calls = []
     monkeypatch.setattr(memory, "use_torch_allocator", lambda enabled=True: calls.append(enabled) or enabled)
     if value is None:
@@ -113,7 +142,7 @@ def test_on_by_default_and_off_with_0(monkeypatch, value, wanted):
 
 
 def test_by_default_a_foreign_allocator_is_a_warning_and_asked_for_an_error(monkeypatch, caplog):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memory.importlib.util, "find_spec", lambda name: object())
 
     def foreign(enabled=True):
         raise RuntimeError("CuPy's allocator is not its default memory pool")
@@ -127,9 +156,10 @@ def test_by_default_a_foreign_allocator_is_a_warning_and_asked_for_an_error(monk
         memory._from_env()
 
 
-def test_without_a_cuda_device_nothing_is_routed(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(memory, "use_torch_allocator", lambda enabled=True: pytest.fail("routed without CUDA"))
+def test_without_cupy_nothing_is_routed_and_cuda_is_not_initialised(monkeypatch):
+    monkeypatch.setattr(memory.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(memory, "use_torch_allocator", lambda enabled=True: pytest.fail("routed without CuPy"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("CUDA queried at import"))
     monkeypatch.delenv("SPARSEVOX_TORCH_ALLOCATOR", raising=False)
     memory._from_env()
 

@@ -16,8 +16,11 @@ same within the runs' noise; with it, torch's peak-memory figures include every 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import os
+import sys
+import threading
 
 import torch
 
@@ -52,6 +55,37 @@ _C_MALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, 
 _C_FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
 
 
+_tls = threading.local()  # .failure: the exception of this thread's last failed allocation
+_routes: dict = {}  # "malloc", "free": the Python functions behind the C callbacks (set when installed)
+
+
+def _c_malloc(_param, size, device_id, _routes=_routes, _tls=_tls):
+    try:
+        return _routes["malloc"](size, device_id)
+    except BaseException as e:  # noqa: BLE001 -- a C callback cannot raise: allocate() raises it
+        _tls.failure = e
+        return None
+
+
+def _c_free(_param, ptr, device_id, _routes=_routes, _sys=sys, _log=log):
+    # (what it uses is bound as defaults: at interpreter exit the module's globals may be gone first)
+    try:
+        _routes["free"](ptr, device_id)
+    except Exception:  # noqa: BLE001 -- torch or CUDA torn down at exit: the block goes with the process
+        if not _sys.is_finalizing():
+            _log.warning("sparsevox: a block could not be given back to torch's allocator", exc_info=True)
+
+
+# Made once and never freed: every CuPy memory object keeps the raw address of the free callback (not the
+# allocator), so a callback freed while such memory lives (after use_torch_allocator(False), at exit)
+# would be a jump into a freed closure.
+_CALLBACKS = (_C_MALLOC(_c_malloc), _C_FREE(_c_free))
+_ADDRESSES = tuple(ctypes.cast(c, ctypes.c_void_p).value for c in _CALLBACKS)
+for _c in _CALLBACKS:
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(_c))
+del _c
+
+
 def _torch_allocator(cupy):
     """CuPy's allocator callable (size -> MemoryPointer) backed by torch's caching allocator.
 
@@ -60,29 +94,17 @@ def _torch_allocator(cupy):
     ``__dealloc__`` runs, so a CuPy array freed as part of a reference cycle was never given back to torch
     (``TypeError: 'NoneType' object is not callable`` in ``__dealloc__``, seen in every e2e log up to
     c4684e4). CFunctionAllocator's memory objects hold only C pointers and are never cleared.
-    The C callbacks cannot raise, so a failed allocation is stashed and raised here."""
-    malloc, free = _malloc_free(cupy)
-    failures: list = []
-
-    def c_malloc(_param, size, device_id):
-        try:
-            return malloc(size, device_id)
-        except BaseException as e:  # noqa: BLE001 -- re-raised by allocate() below, in the caller's frame
-            failures.append(e)
-            return None
-
-    def c_free(_param, ptr, device_id):
-        free(ptr, device_id)
-
-    callbacks = (_C_MALLOC(c_malloc), _C_FREE(c_free))  # the owner keeps them alive
-    inner = cupy.cuda.memory.CFunctionAllocator(
-        0, ctypes.cast(callbacks[0], ctypes.c_void_p).value, ctypes.cast(callbacks[1], ctypes.c_void_p).value,
-        callbacks)
+    The C callbacks cannot raise, so a failed allocation is kept per thread and raised here."""
+    _routes["malloc"], _routes["free"] = _malloc_free(cupy)
+    inner = cupy.cuda.memory.CFunctionAllocator(0, _ADDRESSES[0], _ADDRESSES[1], _CALLBACKS)
 
     def allocate(size: int):
+        _tls.failure = None
         mem = inner.malloc(size)
         if size and not mem.ptr:
-            raise failures.pop() if failures else MemoryError(f"torch's allocator returned no memory for {size} bytes")
+            failure, _tls.failure = _tls.failure, None
+            raise failure if failure is not None else MemoryError(f"torch's allocator returned no memory for "
+                                                                  f"{size} bytes")
         return mem
 
     return allocate
@@ -135,14 +157,15 @@ def torch_allocator_in_use() -> bool:
 
 
 def _from_env() -> None:
-    """At import: torch's allocator unless ``SPARSEVOX_TORCH_ALLOCATOR`` is 0 (and only with a CUDA device:
-    without one there is nothing to route). By default an allocator someone else installed in CuPy is left
+    """At import: torch's allocator unless ``SPARSEVOX_TORCH_ALLOCATOR`` is 0 (and only with CuPy installed:
+    without it there is nothing to route; CUDA is not initialised here, ``torch.cuda.is_available()`` would,
+    which breaks CUDA in forked workers). By default an allocator someone else installed in CuPy is left
     in place with a warning; asked for explicitly (``=1``), that is an error."""
     env = os.environ.get(ENV_VAR)
     raw = "1" if env is None else env.strip().lower()
     if raw not in ("0", "1", "true", "false", "yes", "no", ""):
         raise ValueError(f"{ENV_VAR} must be 0 or 1, got {raw!r}")
-    if raw in ("0", "false", "no") or not torch.cuda.is_available():
+    if raw in ("0", "false", "no") or importlib.util.find_spec("cupy") is None:
         return
     try:
         use_torch_allocator(True)

@@ -146,7 +146,8 @@ class SparseConvolution(SparseModule):
         c_in, c_out = self.in_channels, self.out_channels
         # without a gradient one view op, not reshape + permute (host time per layer on the host-bound
         # inference step); with one, permute's backward is a view where as_strided's scatters into zeros
-        if w.is_contiguous() and not (w.requires_grad and torch.is_grad_enabled()):
+        if w.is_contiguous() and w.numel() == k * c_in * c_out and w.shape[0] == c_out and w.shape[-1] == c_in \
+                and not (w.requires_grad and torch.is_grad_enabled()):  # (as_strided checks no size itself)
             t = w.as_strided((k, c_in, c_out), (c_in, 1, k * c_in))
         else:
             t = w.reshape(c_out, k, c_in).permute(1, 2, 0)

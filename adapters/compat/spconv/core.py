@@ -149,7 +149,9 @@ class SparseConvTensor:
 
     def replace_feature(self, feature):
         """A tensor with the same indices, spatial shape and ``indice_dict`` (the same dict object, as in
-        spconv) and new features."""
+        spconv) and new features ``[N, C]`` (checked as spconv's constructor checks them: two dimensions)."""
+        if feature.ndim != 2:
+            raise ValueError(f"features must be [N, C], got {tuple(feature.shape)}")
         return self._copy(feature, self.indice_dict)
 
     def shadow_copy(self) -> "SparseConvTensor":
