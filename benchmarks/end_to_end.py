@@ -51,7 +51,8 @@ scene and mode; without matplotlib no plot), both by :mod:`benchmarks.end_to_end
      "ratio": spconv ms / sparsevox ms (> 1: sparsevox faster), "variants", "autotuned_during_warmup_and_timing",
      "logits_rel_err" (fp32_infer), "error" (when a cell failed),
      "compat_ms", "compat_overhead": the spconv-API model on sparsevox.compat.spconv (issue 21), its ms and
-     its cost over native sparsevox (compat / sparsevox - 1)}
+     its cost over native sparsevox (compat / sparsevox - 1); with ``--plan-compat`` also
+     "compat_planned_ms", "compat_planned_overhead": the same model under ``plan_maps``}
 
 Progress lines go to stdout; at the end the number of autotune warnings (logger ``sparsevox.autotune``,
 counted whether or not ``SPARSEVOX_AUTOTUNE_LOG`` is set) and tunings.
@@ -112,7 +113,8 @@ def parse_args(argv):
     ap.add_argument("--no-compat", action="store_true",
                     help="no row for the spconv-API MinkUNet on sparsevox.compat.spconv")
     ap.add_argument("--plan-compat", action="store_true",
-                    help="give the spconv-API MinkUNet a map plan (sparsevox.adapters.torch.plan_maps)")
+                    help="also time the spconv-API MinkUNet with a map plan (sparsevox.adapters.torch.plan_maps): "
+                         "compat_planned_ms beside compat_ms")
     ap.add_argument("--sort-ab", action="store_true",
                     help="also time native sparsevox with every dtype's rows sorted (variants.sparsevox_rows_sorted; "
                          "the policy A/B in one process against one spconv measurement)")
@@ -246,7 +248,7 @@ class Libraries:
         if lib == "sparsevox":
             import sparsevox as sv
             return sv.Voxels(coords, feats)
-        mod = self.compat if lib == "compat" else self.sp
+        mod = self.compat if lib.startswith("compat") else self.sp
         return mod.SparseConvTensor(feats, coords, self.vox.spatial_shape, self.vox.batch_size)
 
     def build_compat(self):
@@ -645,13 +647,10 @@ def run_scene(run: Run, name: str) -> None:
             log.warning("%s: the spconv model's float32 logits differ from sparsevox's (rel. err %s): check the "
                         "weight conversion (benchmarks/spconv_minkunet.py)", name, bad)
         sp_model.cpu()
-    compat_model = None
+    compat_model = planned_model = None
     if run.compat is not None:  # issue 21: the spconv-API model on sparsevox, same weights
         try:
             compat_model = libs.build_compat().to(run.device)
-            if run.args.plan_compat:
-                from sparsevox.adapters.torch import plan_maps
-                plan_maps(compat_model)
             spm.load_from_sparsevox(compat_model, sv_model)
             with torch.no_grad():
                 compat_model.eval()
@@ -659,10 +658,13 @@ def run_scene(run: Run, name: str) -> None:
                 run.parity.setdefault(name, {})["compat_logits_fp32_eval"] = peers_mod.relative_error(
                     compat_model(libs.make_input("compat", coords0, feats0)),
                     sv_model(libs.make_input("sparsevox", coords0, feats0)))
+            if run.args.plan_compat:  # the same model with a map plan: its maps built before its first layer
+                from sparsevox.adapters.torch import plan_maps
+                planned_model = plan_maps(copy.deepcopy(compat_model).cpu())
             compat_model.cpu()
         except Exception as e:
             log.exception("the compat model for %s could not be built or run", name)
-            compat_model = None
+            compat_model = planned_model = None
             run.parity.setdefault(name, {})["compat_error"] = _error_text(e)
     sv_model.cpu()
     del coords0, feats0
@@ -674,7 +676,8 @@ def run_scene(run: Run, name: str) -> None:
         except Exception as e:
             log.exception("the Flax model for %s could not be built", name)
             run.parity.setdefault(name, {})["flax_error"] = _error_text(e)
-    models = {"sparsevox": sv_model, "spconv": sp_model, "compat": compat_model, "flax": flax_model}
+    models = {"sparsevox": sv_model, "spconv": sp_model, "compat": compat_model, "compat_planned": planned_model,
+              "flax": flax_model}
     for mode in run.modes:
         rec = {"op": f"minkunet_{mode}", "scene": name, "n_voxels": n, "batch": plan.batch, "library": "sparsevox",
                "ms": None, "peak_mib": None, "peer": {}, "peer_peak_mib": {}, "ratio": None}
@@ -685,6 +688,8 @@ def run_scene(run: Run, name: str) -> None:
             cells.append(("spconv", mode == "fp16_infer", "spconv"))
         if compat_model is not None:
             cells.append(("compat", False, "compat"))
+        if planned_model is not None:
+            cells.append(("compat_planned", False, "compat_planned"))
         if run.args.sort_ab:
             cells.append(("sparsevox", False, "sparsevox_rows_sorted"))
         if flax_model is not None and mode in ("fp32_infer", "fp32_train"):
@@ -739,10 +744,10 @@ def run_scene(run: Run, name: str) -> None:
                     rec["peer_error"] = got["error"]
             elif key == "flax":
                 rec["flax_ms"] = got.get("ms", got.get("error"))
-            elif key == "compat":
-                rec["compat_ms"] = got.get("ms", got.get("error"))
+            elif key in ("compat", "compat_planned"):
+                rec[f"{key}_ms"] = got.get("ms", got.get("error"))
                 if got.get("ms") and rec.get("ms"):
-                    rec["compat_overhead"] = round(got["ms"] / rec["ms"] - 1.0, 3)
+                    rec[f"{key}_overhead"] = round(got["ms"] / rec["ms"] - 1.0, 3)
             else:
                 rec.setdefault("variants", {})[key] = got.get("ms", got.get("error"))
             text = got.get("error") or (f"{got['ms']:.2f} ms (min {got['min_ms']:.2f}, max {got['max_ms']:.2f})"
@@ -756,7 +761,7 @@ def run_scene(run: Run, name: str) -> None:
         run.records.append(rec)
         if run.out_of_time():
             break
-    del models, sv_model, sp_model, compat_model, flax_model, vox, libs
+    del models, sv_model, sp_model, compat_model, planned_model, flax_model, vox, libs
 
 
 def main(argv=None) -> int:
