@@ -86,6 +86,55 @@ def test_inference_weight_ignores_a_weight_of_the_wrong_size():
         layer.sparsevox_weight()
 
 
+@pytest.mark.parametrize("layer", ["subm", "strided"])
+def test_an_in_place_edit_of_the_indices_gets_fresh_maps(rng, layer):
+    """Editing ``x.indices`` in place (a flip for test-time augmentation, VoxelNeXt's ``indices[:, 1:] *= 2``)
+    and convolving again without an ``indice_key`` must give what a fresh tensor gives, as in spconv (the
+    geometry was cached per indices object, so the old sites' maps were served)."""
+    idx = torch.from_numpy(random_voxels(rng, 300, extent=20, batches=2) + np.array([0, 10, 10, 10], np.int32))
+    feat = torch.randn(len(idx), 4, dtype=torch.float64)
+    conv = (spconv.SubMConv3d(4, 3, 3, bias=False) if layer == "subm"
+            else spconv.SparseConv3d(4, 3, 3, 2, 1, bias=False)).double()
+    x = spconv.SparseConvTensor(feat, idx.clone(), [20, 20, 20], 2)
+    with torch.no_grad():
+        before = conv(x).dense()
+        x.indices[:, 2] = 19 - x.indices[:, 2]  # a flip along y: still unique and inside the grid
+        got = conv(x).dense()
+        want = conv(spconv.SparseConvTensor(feat, x.indices.clone(), [20, 20, 20], 2)).dense()
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert not torch.equal(got, before)
+
+
+def test_inference_tensors_have_no_version_and_still_run(rng):
+    idx = torch.from_numpy(random_voxels(rng, 100, extent=8) + np.array([0, 4, 4, 4], np.int32))
+    with torch.inference_mode():
+        inf_idx = idx.clone()
+        assert maps.version(inf_idx) is None
+        x = spconv.SparseConvTensor(torch.randn(len(idx), 2), inf_idx, [8, 8, 8], 1)
+        conv = spconv.SubMConv3d(2, 3, 3, bias=False)
+        first, again = conv(x), conv(x)  # the second finds the geometry cached by identity
+        assert first.features.shape == (len(idx), 3) and torch.equal(first.features, again.features)
+    assert maps.version(idx) == idx._version
+
+
+def test_constructor_parameters_are_spconvs_in_order():
+    """spconv 2.3.8's parameter order (conv.py): positional calls of subclasses (grouped or quantised layers
+    pass fp32_accum, large_kernel_fast_algo, name by position) land on the same parameters."""
+    import inspect
+    head = ["in_channels", "out_channels", "kernel_size"]
+    regular = head + ["stride", "padding", "dilation", "groups", "bias", "indice_key", "algo", "fp32_accum"]
+    want = {"SubMConv3d": regular + ["large_kernel_fast_algo", "name"],
+            "SparseConv3d": regular + ["record_voxel_count", "large_kernel_fast_algo", "name"],
+            "SparseConvTranspose3d": regular + ["record_voxel_count", "large_kernel_fast_algo", "name"],
+            "SparseInverseConv3d": head + ["indice_key", "bias", "algo", "fp32_accum", "large_kernel_fast_algo",
+                                           "name"]}
+    for name, params in want.items():
+        got = list(inspect.signature(getattr(spconv, name).__init__).parameters)[1:]
+        assert got == params, (name, got)
+    layer = spconv.SubMConv3d(2, 3, 3, 1, 0, 1, 1, False, "k", None, None, False, "its_name")
+    assert layer.indice_key == "k" and layer.name == "its_name"
+
+
 def test_grid_check_and_shift_helpers():
     lo, hi = torch.tensor([0, 2, 5]), torch.tensor([7, 8, 9])
     assert maps._inside(lo, hi, (8, 9, 10)) is True

@@ -215,7 +215,7 @@ class SparseConvolution(SparseModule):
             getattr(self, _MAX_NUM_VOXELS_DURING_TRAINING).clamp_(min=int(outids.shape[0]))
         out_tensor = input.replace_feature(out_features)
         out_tensor.indices, out_tensor.indice_dict, out_tensor.spatial_shape = outids, indice_dict, out_shape
-        out_tensor._sv_geom = (outids, out_geom) if out_geom is not None else None
+        out_tensor._sv_geom = maps.geometry_entry(outids, out_geom) if out_geom is not None else None
         if add_input is not None:
             out_tensor = out_tensor.replace_feature(out_tensor.features + add_input.features)
         return out_tensor
@@ -265,13 +265,19 @@ def _layer(name: str, nd: int, **fixed):
             SparseConvolution.__init__(self, nd, in_channels, out_channels, kernel_size, bias=bias, inverse=True,
                                        indice_key=indice_key, algo=algo, fp32_accum=fp32_accum,
                                        large_kernel_fast_algo=large_kernel_fast_algo, name=name)
+    elif fixed.get("subm"):  # (spconv's SubM layers take no record_voxel_count: positions as theirs)
+        def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                     bias=True, indice_key=None, algo=None, fp32_accum=None, large_kernel_fast_algo=False, name=None):
+            SparseConvolution.__init__(self, nd, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                       groups, bias, indice_key=indice_key, algo=algo, fp32_accum=fp32_accum,
+                                       large_kernel_fast_algo=large_kernel_fast_algo, name=name, **fixed)
     else:
         def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                      bias=True, indice_key=None, algo=None, fp32_accum=None, record_voxel_count=False,
                      large_kernel_fast_algo=False, name=None):
             SparseConvolution.__init__(self, nd, in_channels, out_channels, kernel_size, stride, padding, dilation,
                                        groups, bias, indice_key=indice_key, algo=algo, fp32_accum=fp32_accum,
-                                       record_voxel_count=record_voxel_count and kind != "submanifold",
+                                       record_voxel_count=record_voxel_count,
                                        large_kernel_fast_algo=large_kernel_fast_algo, name=name, **fixed)
     doc = f"spconv's ``{name}``: a {nd}D {kind} sparse convolution (see :class:`SparseConvolution`)."
     return type(name, (SparseConvolution,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})

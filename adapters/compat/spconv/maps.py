@@ -57,12 +57,28 @@ def lift(vals, fill: int) -> tuple[int, int, int]:
     return tuple(int(v) for v in vals) + (fill,) * (3 - len(vals))
 
 
+def version(t) -> int | None:
+    """``t``'s version counter (bumped by in-place writes), or None for an inference tensor (which has none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def geometry_entry(indices, voxels) -> tuple:
+    """What a ``SparseConvTensor`` keeps as ``_sv_geom``: its indices object, their sparsevox ``Voxels`` and
+    the indices' version, so an in-place edit of the indices (``x.indices[:, 1:] *= 2``) is not served the
+    old geometry's maps."""
+    return indices, voxels, version(indices)
+
+
 def geometry(x) -> sv.Voxels:
     """The coordinates-only :class:`sparsevox.Voxels` of a ``SparseConvTensor``'s indices, kept on the tensor
     (and handed on by ``replace_feature``/``shadow_copy``), so layers on the same indices share kernel maps.
-    Made and validated (unique sites, coordinate range) on first use for an indices object."""
+    Made and validated (unique sites, coordinate range) on first use for an indices object, and again after
+    an in-place write to it."""
     g = x._sv_geom
-    if g is not None and g[0] is x.indices:
+    if g is not None and g[0] is x.indices and g[2] == version(x.indices):
         return g[1]
     rows = rows4(x.indices)
     # Whether every site lies inside the tensor's grid (the strided layers' check, _tiles_grid): queued
@@ -73,7 +89,7 @@ def geometry(x) -> sv.Voxels:
     if bounds is not None and len(x.spatial_shape) == x.indices.shape[1] - 1:
         shape = lift(x.spatial_shape, 1)
         v.__dict__.setdefault("_compat_in_grid", {})[shape] = _inside(*bounds, shape)
-    x._sv_geom = (x.indices, v)
+    x._sv_geom = geometry_entry(x.indices, v)
     return v
 
 

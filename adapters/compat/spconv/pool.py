@@ -132,7 +132,7 @@ class _LocalPool(SparseModule):
             getattr(self, _MAX_NUM_VOXELS_DURING_TRAINING).clamp_(min=int(outids.shape[0]))
         out_tensor = input.replace_feature(out_features)
         out_tensor.indices, out_tensor.indice_dict, out_tensor.spatial_shape = outids, indice_dict, out_shape
-        out_tensor._sv_geom = (outids, out_geom)
+        out_tensor._sv_geom = maps.geometry_entry(outids, out_geom)
         return out_tensor
 
 
