@@ -548,9 +548,17 @@ def test_unsupported_features_raise_not_implemented(monkeypatch):
     CMP.SparseConvolution(3, 4, 4, act_type="Activation.None_")
     with pytest.raises(NotImplementedError, match="benchmark"):
         CMP.SparseConvTensor(torch.zeros(1, 1), torch.zeros(1, 4, dtype=torch.int32), [1, 1, 1], 1, benchmark=True)
-    for name in ("functional", "ops", "utils", "PointToVoxel"):
-        with pytest.raises(NotImplementedError, match="not supported"):
-            getattr(CMP, name)
+    with pytest.raises(NotImplementedError, match="not supported"):
+        CMP.PointToVoxel
+    # the submodules import (model code imports them to detect spconv 2); their names raise when used
+    from sparsevox.compat.spconv import functional, ops, utils
+    from sparsevox.compat.spconv.identity import Identity
+    from sparsevox.compat.spconv.tables import AddTable, ConcatTable, JoinTable
+    assert ops.ConvAlgo is CMP.ConvAlgo and Identity is CMP.Identity and AddTable is CMP.AddTable
+    assert ConcatTable is CMP.ConcatTable and JoinTable is CMP.JoinTable
+    for module, name in ((ops, "get_indice_pairs"), (functional, "SparseConvFunction"), (utils, "PointToVoxel")):
+        with pytest.raises(NotImplementedError, match=f"{name} is not supported by sparsevox.compat.spconv"):
+            getattr(module, name)
     with pytest.raises(AttributeError):
         CMP.no_such_layer
     with pytest.raises(NotImplementedError, match="AddTableMisaligned"):

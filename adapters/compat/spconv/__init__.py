@@ -12,8 +12,9 @@ Provided: ``SparseConvTensor``; ``SubMConv{1,2,3}d``, ``SparseConv{1,2,3}d``, ``
 ``SparseGlobalMaxPool``, ``SparseGlobalAvgPool``; ``SparseModule``, ``SparseSequential``, ``SparseBatchNorm``,
 ``SparseSyncBatchNorm``, ``SparseReLU``, ``SparseIdentity``, ``ToDense``, ``RemoveGrid``, ``Identity``,
 ``JoinTable``, ``AddTable``, ``ConcatTable``, ``ConvAlgo``, ``assign_name_for_sparse_modules``. 1D and 2D
-layers run as 3D with unit axes. Not supported (``NotImplementedError`` naming the feature): 4D layers,
-``spconv.pytorch.functional`` / ``ops`` / ``utils`` (``PointToVoxel``), ``AddTableMisaligned``,
+layers run as 3D with unit axes; the submodules ``tables``, ``identity``, ``ops`` (``ConvAlgo``),
+``functional`` and ``utils`` import. Not supported (``NotImplementedError`` naming the feature): 4D layers,
+the names of ``functional`` / ``ops`` / ``utils`` (``PointToVoxel``) when used, ``AddTableMisaligned``,
 quantization (int8), fused activations, ``benchmark``/``enable_timer``, ``SPCONV_SAVED_WEIGHT_LAYOUT``
 other than KRSC. Deliberate differences and spconv quirks that are reproduced: see the project README
 ("Coming from spconv").
@@ -38,10 +39,11 @@ from .pool import *  # noqa: F401,F403
 __all__ = (["SparseConvTensor", "ConvAlgo", "IndiceData", "ImplicitGemmIndiceData", "expand_nd"] + conv.__all__
            + modules.__all__ + pool.__all__)
 
+# functional, ops and utils import (their names raise when used: ops.py, functional.py, utils.py);
+# tables and identity re-export the modules
+from . import functional, identity, ops, tables, utils  # noqa: F401,E402
+
 _UNSUPPORTED = {
-    "functional": "spconv.pytorch.functional (the autograd functions on pair tensors)",
-    "ops": "spconv.pytorch.ops (pair generation and GEMM on spconv's own pair tensors)",
-    "utils": "spconv.pytorch.utils (PointToVoxel and other voxelisers; sparsevox.Voxels.from_points voxelises)",
     "PointToVoxel": "spconv.pytorch.utils.PointToVoxel (sparsevox.Voxels.from_points voxelises)",
     "quantization": "spconv.pytorch.quantization (int8)",
     "hash": "spconv.pytorch.hash (HashTable)",
