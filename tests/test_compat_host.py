@@ -135,6 +135,26 @@ def test_constructor_parameters_are_spconvs_in_order():
     assert layer.indice_key == "k" and layer.name == "its_name"
 
 
+@pytest.mark.parametrize("k", [3, 1])
+def test_subclass_convolves_with_a_derived_weight_through_conv_forward(rng, k):
+    """spconv's ``_conv_forward(training, input, weight, bias, ...)``: what fake-quantising or grouped
+    subclasses call from their own ``forward`` with a weight of their making (k=1: spconv's 1x1 path)."""
+    class Doubled(spconv.SubMConv3d):
+        def forward(self, input, add_input=None):
+            return self._conv_forward(self.training, input, self.weight * 2, self.bias * 3, add_input,
+                                      name=self.name, sparse_unique_name=self._sparse_unique_name)
+    idx = torch.from_numpy(random_voxels(rng, 200, extent=10) + np.array([0, 5, 5, 5], np.int32))
+    x = spconv.SparseConvTensor(torch.randn(len(idx), 3, dtype=torch.float64), idx, [10, 10, 10], 1)
+    layer = Doubled(3, 4, k).double()
+    plain = spconv.SubMConv3d(3, 4, k).double()
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight * 2)
+        plain.bias.copy_(layer.bias * 3)
+        np.testing.assert_allclose(layer(x).features.numpy(), plain(x).features.numpy(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(NotImplementedError, match="int8"):
+        layer._conv_forward(False, x, layer.weight, None, output_scale=0.5)
+
+
 def test_grid_check_and_shift_helpers():
     lo, hi = torch.tensor([0, 2, 5]), torch.tensor([7, 8, 9])
     assert maps._inside(lo, hi, (8, 9, 10)) is True

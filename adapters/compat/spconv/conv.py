@@ -132,7 +132,7 @@ class SparseConvolution(SparseModule):
             s += ", bias=False"
         return s + f", algo={self.algo}"
 
-    def sparsevox_weight(self) -> torch.Tensor:
+    def sparsevox_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``[K, C_in, C_out]``: ``W[r] = weight[:, r, :]^T``, a contiguous copy made on every call (under
         autocast in the dtype the convolution runs in, so it is cast once, not twice), differentiable when
         the weight gets a gradient.
@@ -141,7 +141,7 @@ class SparseConvolution(SparseModule):
         through ``.data`` (an EMA update, a manual load), which does not bump the version counter
         (``test_eval_layer_follows_writes_through_data``); the copy is one small kernel per layer."""
         k = math.prod(self.kernel_size)
-        w = self.weight
+        w = self.weight if weight is None else weight
         dt = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else w.dtype
         c_in, c_out = self.in_channels, self.out_channels
         # without a gradient one view op, not reshape + permute (host time per layer on the host-bound
@@ -155,6 +155,23 @@ class SparseConvolution(SparseModule):
         return t.to(dtype=dt, memory_format=torch.contiguous_format) if dt != w.dtype else t.contiguous()
 
     def forward(self, input: SparseConvTensor, add_input: SparseConvTensor | None = None):
+        return self._conv_forward(self.training, input, self.weight, self.bias, add_input, name=self.name,
+                                  sparse_unique_name=self._sparse_unique_name, act_type=self.act_type,
+                                  act_alpha=self.act_alpha, act_beta=self.act_beta)
+
+    def _conv_forward(self, training: bool, input: SparseConvTensor, weight: torch.Tensor, bias, add_input=None,
+                      channel_scale=None, output_scale=None, name=None, sparse_unique_name: str = "", act_type=None,
+                      act_alpha=0, act_beta=0):
+        """spconv's convolution body with the weight ``[C_out, *kernel_size, C_in]`` and bias ``[C_out]`` (or
+        None) given: subclasses that convolve with a derived weight (fake quantisation, grouped layers)
+        override ``forward`` and call this. ``training``, ``name`` and ``sparse_unique_name`` are accepted
+        as spconv's; int8 scales and fused activations raise ``NotImplementedError``."""
+        if channel_scale is not None or output_scale is not None:
+            raise NotImplementedError("int8 (quantized) sparse convolution (channel_scale/output_scale) is not "
+                                      "supported by sparsevox.compat.spconv")
+        if _unsupported_act(act_type):
+            raise NotImplementedError(f"fused activations (act_type={act_type}): apply the activation to "
+                                      f"x.features after the layer")
         features = input.features
         if features.shape[1] != self.in_channels:
             raise ValueError(f"channel size mismatch: the layer takes {self.in_channels} channels, the input has "
@@ -172,9 +189,9 @@ class SparseConvolution(SparseModule):
         else:
             out_shape = maps.conv_output_size(shape, self.kernel_size, self.stride, self.padding, self.dilation)
         if self.conv1x1:
-            out = torch.mm(features, self.weight.reshape(self.in_channels, self.out_channels))
-            if self.bias is not None:
-                out = out + self.bias.to(out.dtype)
+            out = torch.mm(features, weight.reshape(self.in_channels, self.out_channels))
+            if bias is not None:
+                out = out + bias.to(out.dtype)
             out_tensor = input.replace_feature(out)
             out_tensor.spatial_shape = out_shape  # padding may change the spatial shape of a 1x1 layer
             return out_tensor
@@ -208,9 +225,9 @@ class SparseConvolution(SparseModule):
                 indice_dict[self.indice_key] = IndiceData(
                     outids, input.indices, kmap, shape, out_shape, self.subm, self.algo, self.kernel_size,
                     self.stride, self.dilation, self.padding, in_geom=geom, out_geom=out_geom)
-        out_features = conv_features(features, self.sparsevox_weight(), kmap)  # autocast: in its dtype
-        if self.bias is not None:
-            out_features = out_features + self.bias.to(out_features.dtype)
+        out_features = conv_features(features, self.sparsevox_weight(weight), kmap)  # autocast: in its dtype
+        if bias is not None:
+            out_features = out_features + bias.to(out_features.dtype)
         if not self.subm and not self.inverse and self.record_voxel_count:
             getattr(self, _MAX_NUM_VOXELS_DURING_TRAINING).clamp_(min=int(outids.shape[0]))
         out_tensor = input.replace_feature(out_features)
