@@ -155,6 +155,31 @@ def test_subclass_convolves_with_a_derived_weight_through_conv_forward(rng, k):
         layer._conv_forward(False, x, layer.weight, None, output_scale=0.5)
 
 
+def test_indice_data_pair_tensors_follow_spconvs_rule(rng):
+    """``pair_fwd``/``pair_bwd``/``indice_pairs``/``indice_pair_num`` of a SubM k3 record: every pair obeys
+    spconv's ``i = o - 1 + r`` per axis (r the offset's index per axis), every neighbour is paired, and
+    the four views agree."""
+    idx = torch.from_numpy(random_voxels(rng, 150, extent=6, batches=2) + np.array([0, 3, 3, 3], np.int32))
+    x = spconv.SparseConvTensor(torch.randn(len(idx), 2), idx, [6, 6, 6], 2)
+    with torch.no_grad():
+        y = spconv.SubMConv3d(2, 2, 3, indice_key="s")(x)
+    d = y.indice_dict["s"]
+    fwd, bwd, pairs, num = d.pair_fwd, d.pair_bwd, d.indice_pairs, d.indice_pair_num
+    n = len(idx)
+    assert fwd.shape == (27, n) and bwd.shape == (27, n) and pairs.shape == (2, 27, n) and num.shape == (27,)
+    rows = {tuple(r): j for j, r in enumerate(idx.tolist())}
+    for r in range(27):
+        delta = np.array([0, r // 9 - 1, r // 3 % 3 - 1, r % 3 - 1])
+        want = {o: rows.get(tuple(np.array(c) + delta)) for o, c in enumerate(idx.tolist())}
+        want = {o: i for o, i in want.items() if i is not None}
+        got = {o: int(i) for o, i in enumerate(fwd[r].tolist()) if i >= 0}
+        assert got == want, r
+        assert {int(i): o for i, o in enumerate(bwd[r].tolist()) if o >= 0} == {i: o for o, i in want.items()}
+        m = int(num[r])
+        assert m == len(want) and (pairs[:, r, m:] == -1).all()
+        assert dict(zip(pairs[1, r, :m].tolist(), pairs[0, r, :m].tolist())) == want
+
+
 def test_grid_check_and_shift_helpers():
     lo, hi = torch.tensor([0, 2, 5]), torch.tensor([7, 8, 9])
     assert maps._inside(lo, hi, (8, 9, 10)) is True

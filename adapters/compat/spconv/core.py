@@ -48,6 +48,50 @@ class IndiceData:
         self.in_geom, self.out_geom = in_geom, out_geom
         self.voxel_num = None
 
+    # spconv's pair tensors, made from the kernel map when first read (FLOP counters and saliency code read
+    # them; the layers never do): int32, -1 where an offset has no pair
+    def _pairs(self):
+        from sparsevox.adapters.torch.functional import kernel_map_tensors
+        i, o, off = kernel_map_tensors(self.kmap)
+        counts = off[1:] - off[:-1]
+        k = torch.repeat_interleave(torch.arange(len(counts)), counts).to(i.device)
+        return i.long(), o.long(), k, counts
+
+    @property
+    def pair_fwd(self) -> torch.Tensor:
+        """``[K, N_out]``: the input row paired with output row ``o`` at offset ``k``, or -1."""
+        i, o, k, _ = self._pairs()
+        out = torch.full((len(self.kmap.offsets_host) - 1, self.kmap.num_out), -1, dtype=torch.int32, device=i.device)
+        out[k, o] = i.int()
+        return out
+
+    @property
+    def pair_bwd(self) -> torch.Tensor:
+        """``[K, N_in]``: the output row paired with input row ``i`` at offset ``k``, or -1."""
+        i, o, k, _ = self._pairs()
+        out = torch.full((len(self.kmap.offsets_host) - 1, self.kmap.num_in), -1, dtype=torch.int32, device=i.device)
+        out[k, i] = o.int()
+        return out
+
+    @property
+    def indice_pair_num(self) -> torch.Tensor:
+        """``[K]``: the number of pairs at each offset."""
+        i, _, _, counts = self._pairs()
+        return counts.int().to(i.device)
+
+    @property
+    def indice_pairs(self) -> torch.Tensor:
+        """``[2, K, N_in]``: at offset ``k`` the first ``indice_pair_num[k]`` (input row, output row) pairs, then
+        -1 (spconv's native layout)."""
+        i, o, k, counts = self._pairs()
+        n_off = len(counts)
+        out = torch.full((2, n_off, self.kmap.num_in), -1, dtype=torch.int32, device=i.device)
+        start = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(len(i), device=i.device) - start.to(i.device)[k]
+        out[0, k, pos] = i.int()
+        out[1, k, pos] = o.int()
+        return out
+
     def __repr__(self):
         return (f"IndiceData(is_subm={self.is_subm}, ksize={self.ksize}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, {len(self.indices)} -> "
