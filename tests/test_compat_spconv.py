@@ -284,6 +284,18 @@ def test_regular_with_and_without_padding_and_its_inverse(rng, geo, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_windows_that_tile_the_grid(rng, k, dtype):
+    """kernel = stride on extents the stride divides, conv and pools: even kernels take sparsevox's own
+    strided map; odd ones must not (sparsevox centres an odd kernel's offsets, spconv does not: k3 s3 paired
+    each output with the wrong window until the audit of 2026-12-03)."""
+    data = scene(rng, (2 * k, 3 * k, 2 * k), 150, c=3)
+    run_both(lambda sp: Stack(sp.SparseConv3d(3, 4, k, k, indice_key="down"), sp.SubMConv3d(4, 4, 3),
+                              sp.SparseInverseConv3d(4, 2, k, indice_key="down")), data, dtype, what=f"k{k}s{k}")
+    run_both(lambda sp: Stack(sp.SparseMaxPool3d(k, k), sp.SubMConv3d(3, 2, 3)), data, dtype, what=f"max k{k}s{k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("geo", [(2, 2, 0, 1), (3, 2, 1, 1), (3, 1, 0, 1), (3, 2, 0, 2), ((2, 3, 1), (2, 1, 1), 0, 1),
                                  (4, 2, 1, 1)], ids=str)
 def test_transposed(rng, geo, dtype):
@@ -559,6 +571,9 @@ def test_unsupported_features_raise_not_implemented(monkeypatch):
     for module, name in ((ops, "get_indice_pairs"), (functional, "SparseConvFunction"), (utils, "PointToVoxel")):
         with pytest.raises(NotImplementedError, match=f"{name} is not supported by sparsevox.compat.spconv"):
             getattr(module, name)
+    assert not hasattr(ops, "_fields") and not hasattr(utils, "no_such_name")  # other names: AttributeError
+    assert ops.get_conv_output_size([8, 9, 7], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1]) == [4, 5, 4]
+    assert ops.get_deconv_output_size([4, 5, 4], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 0, 1]) == [8, 9, 8]
     with pytest.raises(AttributeError):
         CMP.no_such_layer
     with pytest.raises(NotImplementedError, match="AddTableMisaligned"):

@@ -200,6 +200,7 @@ class SparseConvolution(SparseModule):
         if self.inverse:
             datas = self._inverse_data(input, datas)
             kmap, outids, out_geom = maps.inverse_map(datas.kmap), datas.indices, datas.in_geom
+            built_at = datas.in_version  # (the geometry is of the indices as they were then)
             out_shape = datas.spatial_shape
         elif datas is not None:
             if not self.subm:
@@ -207,8 +208,10 @@ class SparseConvolution(SparseModule):
                                  f"layers reuse stored indices, spconv's rule)")
             self._check_subm_reuse_valid(input, datas)
             kmap, outids, out_geom = datas.kmap, datas.out_indices, datas.out_geom
+            built_at = datas.out_version
         else:
             geom = maps.geometry(input)
+            built_at = ...  # (the indices as they are now)
             k3, d3 = maps.lift(self.kernel_size, 1), maps.lift(self.dilation, 1)
             if self.subm:
                 kmap, outids, out_geom = maps.subm_map(geom, k3, d3), input.indices, geom
@@ -232,7 +235,7 @@ class SparseConvolution(SparseModule):
             getattr(self, _MAX_NUM_VOXELS_DURING_TRAINING).clamp_(min=int(outids.shape[0]))
         out_tensor = input.replace_feature(out_features)
         out_tensor.indices, out_tensor.indice_dict, out_tensor.spatial_shape = outids, indice_dict, out_shape
-        out_tensor._sv_geom = maps.geometry_entry(outids, out_geom) if out_geom is not None else None
+        out_tensor._sv_geom = maps.geometry_entry(outids, out_geom, built_at) if out_geom is not None else None
         if add_input is not None:
             out_tensor = out_tensor.replace_feature(out_tensor.features + add_input.features)
         return out_tensor

@@ -47,14 +47,17 @@ class IndiceData:
         self.algo, self.ksize, self.stride, self.dilation, self.padding = algo, ksize, stride, dilation, padding
         self.in_geom, self.out_geom = in_geom, out_geom
         self.voxel_num = None
+        # the indices' versions as the geometries were made (a later in-place edit must not reuse them)
+        from .maps import version
+        self.in_version, self.out_version = version(indices), version(out_indices)
 
     # spconv's pair tensors, made from the kernel map when first read (FLOP counters and saliency code read
     # them; the layers never do): int32, -1 where an offset has no pair
     def _pairs(self):
         from sparsevox.adapters.torch.functional import kernel_map_tensors
         i, o, off = kernel_map_tensors(self.kmap)
-        counts = off[1:] - off[:-1]
-        k = torch.repeat_interleave(torch.arange(len(counts)), counts).to(i.device)
+        counts = (off[1:] - off[:-1]).to(i.device)  # K values: the only copy to the device
+        k = torch.repeat_interleave(torch.arange(len(counts), device=i.device), counts, output_size=len(i))
         return i.long(), o.long(), k, counts
 
     @property

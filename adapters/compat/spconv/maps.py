@@ -65,11 +65,11 @@ def version(t) -> int | None:
         return None
 
 
-def geometry_entry(indices, voxels) -> tuple:
+def geometry_entry(indices, voxels, built_at=...) -> tuple:
     """What a ``SparseConvTensor`` keeps as ``_sv_geom``: its indices object, their sparsevox ``Voxels`` and
-    the indices' version, so an in-place edit of the indices (``x.indices[:, 1:] *= 2``) is not served the
-    old geometry's maps."""
-    return indices, voxels, version(indices)
+    the indices' version when that geometry was made (``built_at``; default: now), so an in-place edit of
+    the indices (``x.indices[:, 1:] *= 2``) is not served the old geometry's maps."""
+    return indices, voxels, version(indices) if built_at is ... else built_at
 
 
 def geometry(x) -> sv.Voxels:
@@ -163,7 +163,7 @@ def subm_map(geom: sv.Voxels, ksize, dilation) -> KernelMap:
 def strided_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape, in_shape=None):
     """``(kmap, out_rows [M, 4], out_geom)`` of spconv's regular convolution (or pooling) of ``geom``.
 
-    With windows that tile the grid (kernel = stride, no padding or dilation) and every input extent
+    With windows that tile the grid (kernel = stride, even, no padding or dilation) and every input extent
     ``in_shape`` a multiple of the stride, spconv's output sites are exactly ``floor(in / s)`` of every
     input inside the grid: then sparsevox's own strided map is the map (built on the device, cached on
     ``geom``, its transposed twin found by the decoder) once the inputs are checked to lie in the grid."""
@@ -185,7 +185,9 @@ def strided_map(geom: sv.Voxels, ksize, stride, padding, dilation, out_shape, in
 
 
 def _tiles_grid(geom: sv.Voxels, ksize, stride, padding, dilation, in_shape) -> bool:
-    if tuple(ksize) != tuple(stride) or any(padding) or any(d != 1 for d in dilation) \
+    # even kernels only: sparsevox centres an odd kernel's offsets (i = s*o + r - (k-1)/2) where spconv
+    # does not (i = s*o + r), so an odd kernel = stride takes the shifted path (k3 s3 was wrong here)
+    if tuple(ksize) != tuple(stride) or any(k % 2 for k in ksize) or any(padding) or any(d != 1 for d in dilation) \
             or any(int(n) % s for n, s in zip(in_shape, stride)):
         return False
     checks = geom.__dict__.setdefault("_compat_in_grid", {})  # per geometry and grid
