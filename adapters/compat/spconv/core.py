@@ -13,6 +13,8 @@ import enum
 import numpy as np
 import torch
 
+from .maps import version
+
 __all__ = ["SparseConvTensor", "IndiceData", "ImplicitGemmIndiceData", "ConvAlgo", "expand_nd", "scatter_nd"]
 
 
@@ -48,7 +50,6 @@ class IndiceData:
         self.in_geom, self.out_geom = in_geom, out_geom
         self.voxel_num = None
         # the indices' versions as the geometries were made (a later in-place edit must not reuse them)
-        from .maps import version
         self.in_version, self.out_version = version(indices), version(out_indices)
 
     # spconv's pair tensors, made from the kernel map when first read (FLOP counters and saliency code read
@@ -60,37 +61,38 @@ class IndiceData:
         k = torch.repeat_interleave(torch.arange(len(counts), device=i.device), counts, output_size=len(i))
         return i.long(), o.long(), k, counts
 
+    def _table(self, forward: bool) -> torch.Tensor:
+        """``[K, N]`` int32, -1 where offset ``k`` pairs nothing with row ``r`` of the output (``forward``:
+        N_out rows holding input rows) or of the input (N_in rows holding output rows)."""
+        i, o, k, counts = self._pairs()
+        rows, vals, n = (o, i, self.kmap.num_out) if forward else (i, o, self.kmap.num_in)
+        out = torch.full((len(counts), n), -1, dtype=torch.int32, device=i.device)
+        out[k, rows] = vals.int()
+        return out
+
     @property
     def pair_fwd(self) -> torch.Tensor:
         """``[K, N_out]``: the input row paired with output row ``o`` at offset ``k``, or -1."""
-        i, o, k, _ = self._pairs()
-        out = torch.full((len(self.kmap.offsets_host) - 1, self.kmap.num_out), -1, dtype=torch.int32, device=i.device)
-        out[k, o] = i.int()
-        return out
+        return self._table(True)
 
     @property
     def pair_bwd(self) -> torch.Tensor:
         """``[K, N_in]``: the output row paired with input row ``i`` at offset ``k``, or -1."""
-        i, o, k, _ = self._pairs()
-        out = torch.full((len(self.kmap.offsets_host) - 1, self.kmap.num_in), -1, dtype=torch.int32, device=i.device)
-        out[k, i] = o.int()
-        return out
+        return self._table(False)
 
     @property
     def indice_pair_num(self) -> torch.Tensor:
-        """``[K]``: the number of pairs at each offset."""
-        i, _, _, counts = self._pairs()
-        return counts.int().to(i.device)
+        """``[K]``: the number of pairs at each offset (from the map's host offsets; no pair is read)."""
+        counts = torch.from_numpy(np.diff(self.kmap.offsets_host)).int()
+        return counts.to(self.indices.device)
 
     @property
     def indice_pairs(self) -> torch.Tensor:
         """``[2, K, N_in]``: at offset ``k`` the first ``indice_pair_num[k]`` (input row, output row) pairs, then
         -1 (spconv's native layout)."""
         i, o, k, counts = self._pairs()
-        n_off = len(counts)
-        out = torch.full((2, n_off, self.kmap.num_in), -1, dtype=torch.int32, device=i.device)
-        start = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(len(i), device=i.device) - start.to(i.device)[k]
+        out = torch.full((2, len(counts), self.kmap.num_in), -1, dtype=torch.int32, device=i.device)
+        pos = torch.arange(len(i), device=i.device) - (torch.cumsum(counts, 0) - counts)[k]
         out[0, k, pos] = i.int()
         out[1, k, pos] = o.int()
         return out
