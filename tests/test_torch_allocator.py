@@ -30,10 +30,11 @@ def fake_cupy(monkeypatch):
     class CFunctionAllocator:
         def __init__(self, param, malloc_func, free_func, owner):
             self._m, self._f, self.owner = memory._C_MALLOC(malloc_func), memory._C_FREE(free_func), owner
+            self.param = param
 
-        def malloc(self, size):  # as CuPy's: no call for zero bytes
-            ptr = (self._m(None, size, 0) or 0) if size else 0
-            return types.SimpleNamespace(ptr=ptr, free=lambda: self._f(None, ptr, 0))
+        def malloc(self, size):  # as CuPy's: no call for zero bytes; the callbacks get the param back
+            ptr = (self._m(self.param, size, 0) or 0) if size else 0
+            return types.SimpleNamespace(ptr=ptr, free=lambda: self._f(self.param, ptr, 0))
 
     cuda.memory = types.SimpleNamespace(CFunctionAllocator=CFunctionAllocator)
     cuda.get_allocator = lambda: cuda.allocator
@@ -105,6 +106,27 @@ def test_callbacks_outlive_every_allocator_and_a_failed_free_is_only_logged(fake
     with caplog.at_level("WARNING", logger="sparsevox.torch_memory"):
         mem.free()  # no exception escapes the C callback
     assert "could not be given back" in caplog.text
+    memory.use_torch_allocator(False)
+
+
+def test_each_allocator_keeps_its_own_routes(fake_cupy, monkeypatch):
+    # one global pair of routes let a second allocator (a stand-in CuPy's, in the GPU suite at 7d24ce6) take
+    # over the live one's callbacks: the real allocator then got the stand-in's fake pointers
+    fake, calls = fake_cupy
+    assert memory.use_torch_allocator(True)
+    first = fake.cuda.get_allocator()(64)
+    memory.use_torch_allocator(False)
+    other = []
+    monkeypatch.setattr(torch._C, "_cuda_cudaCachingAllocator_raw_alloc",
+                        lambda size, stream: other.append(("alloc", size)) or 0x2000, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_cudaCachingAllocator_raw_delete",
+                        lambda ptr: other.append(("delete", ptr)), raising=False)
+    assert memory.use_torch_allocator(True)
+    second = fake.cuda.get_allocator()(32)
+    first.free()
+    second.free()
+    assert calls == [("alloc", 64, 0xABC), ("delete", 0x1000)]
+    assert other == [("alloc", 32), ("delete", 0x2000)]
     memory.use_torch_allocator(False)
 
 

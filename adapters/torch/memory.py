@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import itertools
 import logging
 import os
 import sys
@@ -56,21 +57,27 @@ _C_FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
 
 
 _tls = threading.local()  # .failure: the exception of this thread's last failed allocation
-_routes: dict = {}  # "malloc", "free": the Python functions behind the C callbacks (set when installed)
+# param -> (malloc, free): the Python functions behind the C callbacks, one pair per allocator made, found by
+# the ``param`` CuPy hands back to the callbacks. Per allocator, not one global pair: a memory object frees
+# through the routes of the allocator that made it, so installing another (a test's stand-in CuPy did, on
+# the GPU at 7d24ce6) cannot send the live allocator's blocks to someone else's free. Never removed (a
+# memory object can outlive its allocator); a pair per use_torch_allocator(True) call.
+_routes: dict = {}
+_params = itertools.count(1)
 
 
-def _c_malloc(_param, size, device_id, _routes=_routes, _tls=_tls):
+def _c_malloc(param, size, device_id, _routes=_routes, _tls=_tls):
     try:
-        return _routes["malloc"](size, device_id)
+        return _routes[param][0](size, device_id)
     except BaseException as e:  # noqa: BLE001 -- a C callback cannot raise: allocate() raises it
         _tls.failure = e
         return None
 
 
-def _c_free(_param, ptr, device_id, _routes=_routes, _sys=sys, _log=log):
+def _c_free(param, ptr, device_id, _routes=_routes, _sys=sys, _log=log):
     # (what it uses is bound as defaults: at interpreter exit the module's globals may be gone first)
     try:
-        _routes["free"](ptr, device_id)
+        _routes[param][1](ptr, device_id)
     except Exception:  # noqa: BLE001 -- torch or CUDA torn down at exit: the block goes with the process
         if not _sys.is_finalizing():
             _log.warning("sparsevox: a block could not be given back to torch's allocator", exc_info=True)
@@ -95,8 +102,9 @@ def _torch_allocator(cupy):
     (``TypeError: 'NoneType' object is not callable`` in ``__dealloc__``, seen in every e2e log up to
     c4684e4). CFunctionAllocator's memory objects hold only C pointers and are never cleared.
     The C callbacks cannot raise, so a failed allocation is kept per thread and raised here."""
-    _routes["malloc"], _routes["free"] = _malloc_free(cupy)
-    inner = cupy.cuda.memory.CFunctionAllocator(0, _ADDRESSES[0], _ADDRESSES[1], _CALLBACKS)
+    param = next(_params)
+    _routes[param] = _malloc_free(cupy)
+    inner = cupy.cuda.memory.CFunctionAllocator(param, _ADDRESSES[0], _ADDRESSES[1], _CALLBACKS)
 
     def allocate(size: int):
         _tls.failure = None
