@@ -52,7 +52,8 @@ scene and mode; without matplotlib no plot), both by :mod:`benchmarks.end_to_end
      "logits_rel_err" (fp32_infer), "error" (when a cell failed),
      "compat_ms", "compat_overhead": the spconv-API model on sparsevox.compat.spconv (issue 21), its ms and
      its cost over native sparsevox (compat / sparsevox - 1); with ``--plan-compat`` also
-     "compat_planned_ms", "compat_planned_overhead": the same model under ``plan_maps``}
+     "compat_planned_ms", "compat_planned_overhead": the same model under ``plan_maps``; with
+     ``--unplanned-compat`` "compat_unplanned_ms", "compat_unplanned_overhead": compat's own plan off}
 
 Progress lines go to stdout; at the end the number of autotune warnings (logger ``sparsevox.autotune``,
 counted whether or not ``SPARSEVOX_AUTOTUNE_LOG`` is set) and tunings.
@@ -115,6 +116,9 @@ def parse_args(argv):
     ap.add_argument("--plan-compat", action="store_true",
                     help="also time the spconv-API MinkUNet with a map plan (sparsevox.adapters.torch.plan_maps): "
                          "compat_planned_ms beside compat_ms")
+    ap.add_argument("--unplanned-compat", action="store_true",
+                    help="also time the spconv-API MinkUNet with compat's own map plan off "
+                         "(sparsevox.compat.spconv.maps.auto_plan(False)): compat_unplanned_ms beside compat_ms")
     ap.add_argument("--sort-ab", action="store_true",
                     help="also time native sparsevox with every dtype's rows sorted (variants.sparsevox_rows_sorted; "
                          "the policy A/B in one process against one spconv measurement)")
@@ -427,6 +431,21 @@ def _rows_sorted(on: bool):
     finally:
         sparsevox.config.sort_rows(before)
 
+@contextlib.contextmanager
+def _compat_unplanned(on: bool):
+    """compat's own map plan (``sparsevox.compat.spconv.maps.auto_plan``) off inside, when ``on``."""
+    if not on:
+        yield
+        return
+    from sparsevox.compat.spconv import maps
+    before = maps.auto_plan()
+    maps.auto_plan(False)
+    try:
+        yield
+    finally:
+        maps.auto_plan(before)
+
+
 def run_cell(lib, model, mode, libs: Libraries, labels, device, warmup, steps, half_model=False,
              tunes: TuneCounter | None = None) -> dict:
     """Median wall ms per step of ``warmup + steps`` steps (the first ``warmup`` untimed), peak MiB, and
@@ -580,6 +599,7 @@ def document(run: Run) -> dict:
                      "rounds": run.rounds,
                      "modes": run.modes, "widths": list(run.widths), "num_classes": NUM_CLASSES,
                      "tf32": bool(sparsevox.allow_tf32()), "plan_compat": bool(run.args.plan_compat),
+                     "unplanned_compat": bool(run.args.unplanned_compat),
                      "sort_rows": sparsevox.config.sort_rows(), "flax": bool(run.args.flax),
                      "torch_allocator": _torch_allocator_in_use(),
                      "sparsevox": sparsevox.__version__,
@@ -690,6 +710,8 @@ def run_scene(run: Run, name: str) -> None:
             cells.append(("compat", False, "compat"))
         if planned_model is not None:
             cells.append(("compat_planned", False, "compat_planned"))
+        if compat_model is not None and run.args.unplanned_compat:
+            cells.append(("compat", False, "compat_unplanned"))
         if run.args.sort_ab:
             cells.append(("sparsevox", False, "sparsevox_rows_sorted"))
         if flax_model is not None and mode in ("fp32_infer", "fp32_train"):
@@ -709,7 +731,7 @@ def run_scene(run: Run, name: str) -> None:
                     continue  # failed in an earlier round: reported once
                 tuned = run.tunes.tunings
                 try:
-                    with _rows_sorted(key == "sparsevox_rows_sorted"):
+                    with _rows_sorted(key == "sparsevox_rows_sorted"), _compat_unplanned(key == "compat_unplanned"):
                         got = run_cell(lib, models[lib], mode, libs, labels, run.device,
                                        run.warmup if r == 0 else 1, steps, half, run.tunes)
                 except Exception as e:
@@ -744,7 +766,7 @@ def run_scene(run: Run, name: str) -> None:
                     rec["peer_error"] = got["error"]
             elif key == "flax":
                 rec["flax_ms"] = got.get("ms", got.get("error"))
-            elif key in ("compat", "compat_planned"):
+            elif key in ("compat", "compat_planned", "compat_unplanned"):
                 rec[f"{key}_ms"] = got.get("ms", got.get("error"))
                 if got.get("ms") and rec.get("ms"):
                     rec[f"{key}_overhead"] = round(got["ms"] / rec["ms"] - 1.0, 3)

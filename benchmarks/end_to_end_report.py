@@ -62,22 +62,25 @@ def markdown(doc) -> str:
                     "workspaces; the ratio is sparsevox's over spconv's (issue 19 target ≤ 0.8)."]
     compat = [r for r in doc["records"] if r.get("compat_ms") is not None]
     if compat:
-        planned = any(r.get("compat_planned_ms") is not None for r in compat)
+        extra = [(k, label) for k, label in (("compat_planned", "planned"), ("compat_unplanned", "unplanned"))
+                 if any(r.get(f"{k}_ms") is not None for r in compat)]
+        notes = {"planned": "planned: the same model under `plan_maps`",
+                 "unplanned": "unplanned: compat's own map plan off (`SPARSEVOX_COMPAT_PLAN=0`; on by default: "
+                              "each model's maps built at its first map request, as native's `build_maps`)"}
         out += ["", "The spconv-API MinkUNet (`benchmarks/spconv_minkunet.py`) run on `sparsevox.compat.spconv` "
                     "with the same weights: ms and its cost over native sparsevox (issue 21 target: ≤ 5 %)"
-                + ("; planned: the same model under `plan_maps` (its maps built before its first layer)"
-                   if planned else ""), "",
+                + "".join(f"; {notes[label]}" for _, label in extra), "",
                 "| scene | mode | sparsevox ms | compat ms | overhead | "
-                + ("planned ms | planned overhead | " if planned else "")
+                + "".join(f"{label} ms | {label} overhead | " for _, label in extra)
                 + "logits vs native (fp32 eval, rel. err.) |",
-                "|---|---|---:|---:|---:|" + ("---:|---:|" if planned else "") + "---:|"]
+                "|---|---|---:|---:|---:|" + "---:|---:|" * len(extra) + "---:|"]
         par = doc.get("parity", {})
 
         def cost(r, key):
             return f"{r[key]:+.1%} | " if isinstance(r.get(key), float) else "— | "
         out += [f"| {r['scene']} | {r['op'].replace('minkunet_', '')} | {_ms(r.get('ms'))} | {_ms(r['compat_ms'])} | "
                 + cost(r, "compat_overhead")
-                + (f"{_ms(r.get('compat_planned_ms'))} | " + cost(r, "compat_planned_overhead") if planned else "")
+                + "".join(f"{_ms(r.get(f'{k}_ms'))} | " + cost(r, f"{k}_overhead") for k, _ in extra)
                 + f"{_err(par.get(r['scene'], {}).get('compat_logits_fp32_eval'))} |" for r in compat]
     fl = [r for r in doc["records"] if r.get("flax_ms") is not None]
     if fl:

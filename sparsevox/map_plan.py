@@ -35,6 +35,17 @@ class MapPlan:
     def __init__(self):
         self.steps: list | None = None
 
+    def open_run(self) -> "_Run":
+        """A run of this plan without a ``with`` scope, for a caller that cannot wrap the forward (the spconv
+        compat layer plans each model by itself: the run rides on the tensors of one forward). A recording
+        run records into the plan as it goes, so the next run replays what it has seen so far (a forward
+        that raised leaves the maps asked before it as the plan: those are built ahead, the rest when
+        asked). Make it current around each map request with :func:`active`."""
+        run = _Run(self)
+        if run.recording:
+            self.steps = run.steps
+        return run
+
     @contextlib.contextmanager
     def forward(self):
         """The scope of one forward: records the plan on the first that returns, replays it on the later
@@ -54,6 +65,21 @@ class MapPlan:
             run.finish(done)
 
 
+@contextlib.contextmanager
+def active(run: "_Run"):
+    """Inside: ``run`` sees the map requests of this thread (:func:`sparsevox.kernel_map`)."""
+    token = _RUN.set(run)
+    try:
+        yield
+    finally:
+        _RUN.reset(token)
+
+
+def current() -> "_Run | None":
+    """The run whose scope this thread is in, or None."""
+    return _RUN.get()
+
+
 class _Run:
     """One forward under a plan: records while the plan has no steps, else replays them at the first
     request. Holds the sites and arrays it refers to by identity until the forward ends."""
@@ -62,7 +88,7 @@ class _Run:
         from .kernel_map import _kernel_map  # (here, once per forward: kernel_map imports this module)
         self.build = _kernel_map
         self.plan = plan
-        self.recording = plan.steps is None
+        self.recording = not plan.steps  # (an empty plan, from a forward that asked for no map, records again)
         self.steps: list = []
         self.seen: set = set()
         self.level_of: dict = {}    # id(a geometry's map cache dict) -> level

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 def test_cpu_quick_smoke_run_writes_design_records(tmp_path):
     rc = end_to_end.main(["--cpu", "--quick", "--out", str(tmp_path), "--stem", "2000-01-01-cpu-test",
-                          "--plan-compat", "--sort-ab", "--flax", "--rounds", "2"])
+                          "--plan-compat", "--unplanned-compat", "--sort-ab", "--flax", "--rounds", "2"])
     assert rc == 0
     doc = json.loads((tmp_path / "2000-01-01-cpu-test-end_to_end.json").read_text())
     assert doc["settings"]["plan_compat"] is True  # the spconv-API model ran with a map plan too
@@ -34,6 +34,7 @@ def test_cpu_quick_smoke_run_writes_design_records(tmp_path):
         # the spconv-API model on sparsevox.compat.spconv (issue 21): timed beside native sparsevox
         assert r["compat_ms"] > 0 and isinstance(r["compat_overhead"], float)
         assert r["compat_planned_ms"] > 0 and isinstance(r["compat_planned_overhead"], float)  # --plan-compat
+        assert r["compat_unplanned_ms"] > 0 and isinstance(r["compat_unplanned_overhead"], float)
         assert r["variants"]["sparsevox_rows_sorted"] > 0  # --sort-ab: the sorted-rows policy timed too
         assert r["flax_ms"] > 0, r.get("flax_ms")  # --flax: the Flax MinkUNet, same weights, bucketed maps
         assert r["rounds"] == 2 and r["steps"] == 2  # interleaved: one timed step per round, pooled
@@ -41,7 +42,9 @@ def test_cpu_quick_smoke_run_writes_design_records(tmp_path):
     assert doc["parity"]["tiny"]["compat_logits_fp32_eval"] < 1e-6
     md = (tmp_path / "2000-01-01-cpu-test-end_to_end.md").read_text()
     assert md.startswith("# MinkUNet end to end") and "| tiny |" in md and "sparsevox.compat.spconv" in md
-    assert "| planned ms | planned overhead |" in md
+    assert "| planned ms | planned overhead | unplanned ms | unplanned overhead |" in md
+    from sparsevox.compat.spconv import maps
+    assert maps.auto_plan() is True  # the unplanned cells restored compat's own plan
     assert "Slot sort A/B" in md and "The Flax NNX MinkUNet" in md
     import sparsevox
     assert sparsevox.config.sort_rows() == "auto"  # the A/B restored the policy

@@ -213,17 +213,19 @@ class SparseConvolution(SparseModule):
             geom = maps.geometry(input)
             built_at = ...  # (the indices as they are now)
             k3, d3 = maps.lift(self.kernel_size, 1), maps.lift(self.dilation, 1)
-            if self.subm:
-                kmap, outids, out_geom = maps.subm_map(geom, k3, d3), input.indices, geom
-            else:
-                maps.check_output_size(out_shape, shape)
-                s3, p3 = maps.lift(self.stride, 1), maps.lift(self.padding, 0)
-                o3 = maps.lift(out_shape, 1)
-                if self.transposed:
-                    kmap, rows, out_geom = maps.transposed_map(geom, k3, s3, p3, d3, o3)
+            with maps.planned(self, input):
+                if self.subm:
+                    kmap, outids, out_geom = maps.subm_map(geom, k3, d3), input.indices, geom
                 else:
-                    kmap, rows, out_geom = maps.strided_map(geom, k3, s3, p3, d3, o3, in_shape=maps.lift(shape, 1))
-                outids = maps.user_rows(rows, nd)
+                    maps.check_output_size(out_shape, shape)
+                    s3, p3 = maps.lift(self.stride, 1), maps.lift(self.padding, 0)
+                    o3 = maps.lift(out_shape, 1)
+                    if self.transposed:
+                        kmap, rows, out_geom = maps.transposed_map(geom, k3, s3, p3, d3, o3)
+                    else:
+                        kmap, rows, out_geom = maps.strided_map(geom, k3, s3, p3, d3, o3,
+                                                                in_shape=maps.lift(shape, 1))
+                    outids = maps.user_rows(rows, nd)
             if self.indice_key is not None:
                 indice_dict[self.indice_key] = IndiceData(
                     outids, input.indices, kmap, shape, out_shape, self.subm, self.algo, self.kernel_size,

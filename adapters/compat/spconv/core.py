@@ -164,6 +164,7 @@ class SparseConvTensor:
         self.force_algo = force_algo
         self.int8_scale = None
         self._sv_geom = None  # (indices object, sparsevox Voxels of it)
+        self._sv_run = None  # the map-plan run of the forward this tensor belongs to (maps.planned)
 
     def __repr__(self):
         return f"SparseConvTensor[shape={self._features.shape}]"

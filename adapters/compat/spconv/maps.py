@@ -23,15 +23,67 @@ padding and dilation of the missing axes are 1, 1, 0 and 1.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import weakref
 
 import torch
 
 import sparsevox as sv
+from sparsevox import map_plan
 from sparsevox.kernel_map import KernelMap, _swapped
 
-__all__ = ["rows4", "user_rows", "lift", "geometry", "conv_output_size", "deconv_output_size", "out_rows",
+__all__ = ["auto_plan", "planned", "rows4", "user_rows", "lift", "geometry", "conv_output_size", "deconv_output_size", "out_rows",
            "subm_map", "strided_map", "transposed_map", "inverse_map"]
+
+
+PLAN_ENV = "SPARSEVOX_COMPAT_PLAN"
+
+
+def _plan_from_env() -> bool:
+    raw = os.environ.get(PLAN_ENV, "1").strip().lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise ValueError(f"{PLAN_ENV} must be 0 or 1, got {raw!r}")
+    return raw not in ("0", "false", "no")
+
+
+_auto = {"on": _plan_from_env()}
+
+
+def auto_plan(enabled: bool | None = None) -> bool:
+    """Whether compat plans each model's kernel maps by itself (default on; ``SPARSEVOX_COMPAT_PLAN=0`` turns
+    it off), after setting it when ``enabled`` is given. Raises ``ValueError`` for a non-bool ``enabled``.
+
+    A spconv model cannot be wrapped for the user (the import line is all that changes), so the plan rides
+    on the tensors: the first layer that builds a map for a ``SparseConvTensor`` the user made starts a
+    :class:`sparsevox.map_plan.MapPlan` run kept on that layer; the tensors the forward derives from it carry
+    the run. The first forward records which maps are asked for; each later one (a new scan) builds all of
+    them at its first map request, while the device has only map work queued, as native
+    ``MinkUNet.build_maps`` and ``plan_maps`` do. Without it each strided layer's wait for its output size
+    came behind the convolutions already queued, draining the device once per level. Results are the
+    same either way; inside an explicit ``plan_maps`` scope that plan is used instead."""
+    if enabled is not None:
+        if not isinstance(enabled, bool):
+            raise ValueError(f"enabled must be True or False, got {enabled!r}")
+        _auto["on"] = enabled
+    return _auto["on"]
+
+
+@contextlib.contextmanager
+def planned(layer, x):
+    """Inside: the kernel-map requests of ``layer`` (a module) on the tensor ``x`` go through the map plan
+    run of ``x``'s forward (:func:`auto_plan`), started here when ``x`` has none (a tensor the user made)."""
+    if not _auto["on"] or map_plan.current() is not None:  # off, or an explicit plan_maps scope sees them
+        yield
+        return
+    run = getattr(x, "_sv_run", None)  # (a subclass that skipped __init__ has none)
+    if run is None:
+        plan = layer.__dict__.get("_sv_auto_plan")
+        if plan is None:
+            plan = layer.__dict__["_sv_auto_plan"] = map_plan.MapPlan()
+        run = x._sv_run = plan.open_run()  # (set before the layer copies x: its output carries the run)
+    with map_plan.active(run):
+        yield
 
 
 def rows4(indices: torch.Tensor) -> torch.Tensor:

@@ -108,15 +108,17 @@ class _LocalPool(SparseModule):
         shape = input.spatial_shape
         k3, d3 = maps.lift(self.kernel_size, 1), maps.lift(self.dilation, 1)
         geom = maps.geometry(input)
-        if self.subm:
-            out_shape = shape
-            kmap, outids, out_geom = maps.subm_map(geom, k3, d3), input.indices, geom
-        else:
-            out_shape = maps.conv_output_size(shape, self.kernel_size, self.stride, self.padding, self.dilation)
-            maps.check_output_size(out_shape, shape)
-            kmap, rows, out_geom = maps.strided_map(geom, k3, maps.lift(self.stride, 1), maps.lift(self.padding, 0),
-                                                    d3, maps.lift(out_shape, 1), in_shape=maps.lift(shape, 1))
-            outids = maps.user_rows(rows, self.ndim)
+        with maps.planned(self, input):
+            if self.subm:
+                out_shape = shape
+                kmap, outids, out_geom = maps.subm_map(geom, k3, d3), input.indices, geom
+            else:
+                out_shape = maps.conv_output_size(shape, self.kernel_size, self.stride, self.padding, self.dilation)
+                maps.check_output_size(out_shape, shape)
+                kmap, rows, out_geom = maps.strided_map(geom, k3, maps.lift(self.stride, 1),
+                                                        maps.lift(self.padding, 0), d3, maps.lift(out_shape, 1),
+                                                        in_shape=maps.lift(shape, 1))
+                outids = maps.user_rows(rows, self.ndim)
         indice_dict = input.indice_dict.copy()
         if self.indice_key is not None:
             if self.indice_key in indice_dict:
