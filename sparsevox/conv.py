@@ -163,24 +163,36 @@ def conv_forward(feats, weight, kmap: KernelMap, fwd_algo=None):
     Returns ``[N_out, C_out]`` in the input dtype:
     ``out[o] = sum_k sum_{(i, o) in pairs_k} feats[i] @ weight[k]``.
     """
-    algo, params = plan("conv", "fwd", feats, weight, kmap, fwd_algo, lambda a, p: a.forward(feats, weight, kmap, **p),
-                        operands=(feats, weight))
-    return algo.forward(feats, weight, kmap, **params)
+    return planned_forward("conv", feats, weight, kmap, fwd_algo)
 
 
 def conv_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, feats_grad=True, weight_grad=True):
     """Gradients ``(grad_feats [N_in, C_in] or None, grad_weight [K, C_in, C_out] or None)``."""
-    if tuple(grad_out.shape) != (kmap.num_out, weight.shape[2]):
-        raise ValueError(f"grad_out must have shape {(kmap.num_out, weight.shape[2])}, got {tuple(grad_out.shape)}")
+    return planned_backward("conv", weight.shape[2], grad_out, feats, weight, kmap, bwd_algo, feats_grad, weight_grad)
+
+
+def planned_forward(op: str, feats, weight, kmap: KernelMap, fwd_algo):
+    """``op``'s (``"conv"``, ``"depthwise"``) forward by the algorithm :func:`plan` chooses."""
+    algo, params = plan(op, "fwd", feats, weight, kmap, fwd_algo, lambda a, p: a.forward(feats, weight, kmap, **p),
+                        operands=(feats, weight))
+    return algo.forward(feats, weight, kmap, **params)
+
+
+def planned_backward(op: str, c_out: int, grad_out, feats, weight, kmap: KernelMap, bwd_algo, feats_grad: bool,
+                     weight_grad: bool):
+    """``op``'s gradients ``(grad_feats or None, grad_weight or None)`` by the algorithms :func:`plan` chooses
+    per direction; ``grad_out`` must be ``[N_out, c_out]`` (cast to the features' dtype)."""
+    if tuple(grad_out.shape) != (kmap.num_out, c_out):
+        raise ValueError(f"grad_out must have shape {(kmap.num_out, c_out)}, got {tuple(grad_out.shape)}")
     grad_out = grad_out.astype(feats.dtype, copy=False)
     gf = gw = None
     if feats_grad:
-        algo, p = plan("conv", "dgrad", feats, weight, kmap, bwd_algo,
+        algo, p = plan(op, "dgrad", feats, weight, kmap, bwd_algo,
                        lambda a, p: a.dgrad(grad_out, weight, kmap, **p), operands=(grad_out, weight))
         gf = algo.dgrad(grad_out, weight, kmap, **p)
     if weight_grad:
         k = kmap.num_offsets
-        algo, p = plan("conv", "wgrad", feats, weight, kmap, bwd_algo,
+        algo, p = plan(op, "wgrad", feats, weight, kmap, bwd_algo,
                        lambda a, p: a.wgrad(feats, grad_out, kmap, k, **p), operands=(feats, grad_out))
         gw = algo.wgrad(feats, grad_out, kmap, k, **p)
     return gf, gw

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ._arrays import from_core, library_of, to_core, to_host
-from .conv import plan
+from .conv import planned_backward, planned_forward
 from .kernel_map import KernelMap, recall
 
 
@@ -20,27 +20,13 @@ def _as_kmap(kernel_map, num_in: int, num_out: int) -> KernelMap:
 
 def depthwise_forward(feats, weight, kmap: KernelMap, fwd_algo=None):
     """Core forward on NumPy/CuPy arrays: feats ``[N_in, C]``, weight ``[K, C]`` → ``[N_out, C]``."""
-    algo, p = plan("depthwise", "fwd", feats, weight, kmap, fwd_algo, lambda a, p: a.forward(feats, weight, kmap, **p),
-                   operands=(feats, weight))
-    return algo.forward(feats, weight, kmap, **p)
+    return planned_forward("depthwise", feats, weight, kmap, fwd_algo)
 
 
 def depthwise_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, feats_grad=True, weight_grad=True):
     """Core gradients ``(grad_feats [N_in, C] or None, grad_weight [K, C] or None)``."""
-    if tuple(grad_out.shape) != (kmap.num_out, feats.shape[1]):
-        raise ValueError(f"grad_out must have shape {(kmap.num_out, feats.shape[1])}, got {tuple(grad_out.shape)}")
-    grad_out = grad_out.astype(feats.dtype, copy=False)
-    gf = gw = None
-    if feats_grad:
-        algo, p = plan("depthwise", "dgrad", feats, weight, kmap, bwd_algo,
-                       lambda a, p: a.dgrad(grad_out, weight, kmap, **p), operands=(grad_out, weight))
-        gf = algo.dgrad(grad_out, weight, kmap, **p)
-    if weight_grad:
-        k = kmap.num_offsets
-        algo, p = plan("depthwise", "wgrad", feats, weight, kmap, bwd_algo,
-                       lambda a, p: a.wgrad(feats, grad_out, kmap, k, **p), operands=(feats, grad_out))
-        gw = algo.wgrad(feats, grad_out, kmap, k, **p)
-    return gf, gw
+    return planned_backward("depthwise", feats.shape[1], grad_out, feats, weight, kmap, bwd_algo, feats_grad,
+                            weight_grad)
 
 
 def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map, num_out_coords,

@@ -8,21 +8,13 @@ import sys
 
 import pytest
 from reference import random_voxels
+from test_map_plan import built  # noqa: F401 -- the fixture: maps the NumPy builder makes
 
 torch = pytest.importorskip("torch", reason="torch not installed")
 spconv = pytest.importorskip("sparsevox.compat.spconv")
 svt = pytest.importorskip("sparsevox.adapters.torch")
-km = importlib.import_module("sparsevox.kernel_map")
 map_plan = importlib.import_module("sparsevox.map_plan")
 maps = importlib.import_module("sparsevox.compat.spconv.maps")
-
-
-@pytest.fixture
-def built(monkeypatch):
-    """A list that grows by ``(kernel_size, stride)`` per kernel map the NumPy builder makes."""
-    out, real = [], km.BUILDERS.get("numpy", km.build_kernel_map)
-    monkeypatch.setitem(km.BUILDERS, "numpy", lambda *a, **k: out.append(a[2:4]) or real(*a, **k))
-    return out
 
 
 @pytest.fixture
