@@ -83,5 +83,8 @@ def test_reduced_precision_reductions_are_off_during_the_product_and_restored():
         with svt.functional._float32_accumulation():
             assert not m.allow_fp16_reduced_precision_reduction and not m.allow_bf16_reduced_precision_reduction
         assert m.allow_fp16_reduced_precision_reduction and m.allow_bf16_reduced_precision_reduction
+        for feats in (torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float16)):  # not 16-bit CUDA: untouched
+            with svt.functional._float32_accumulation(feats):
+                assert m.allow_fp16_reduced_precision_reduction and m.allow_bf16_reduced_precision_reduction
     finally:
         m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = saved

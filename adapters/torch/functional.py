@@ -472,9 +472,14 @@ def _is_pointwise(kernel_size, stride, transposed, generative, feats, fwd_algo, 
 
 
 @contextlib.contextmanager
-def _float32_accumulation():
+def _float32_accumulation(feats=None):
     """16-bit cuBLAS GEMMs with float32 reductions (DESIGN: accumulation is float32 or wider); torch lets
-    them reduce in 16 bits by default. The flags are process-wide: set for the call, then restored."""
+    them reduce in 16 bits by default. The flags are process-wide: set for the call, then restored.
+    Given ``feats``, nothing is touched unless they are 16-bit CUDA tensors (the flags govern only those
+    GEMMs; setting and restoring them cost ~8 µs of a 1x1 layer's ~30 µs of host time on the CPU)."""
+    if feats is not None and not (feats.is_cuda and feats.dtype in (torch.float16, torch.bfloat16)):
+        yield
+        return
     m = torch.backends.cuda.matmul
     saved = m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction
     if not any(saved):
@@ -498,7 +503,7 @@ def spatially_sparse_conv(voxels, weight, kernel_size=3, stride=1, dilation=1, t
         feats, w = _autocast(feats, weight)
         if w.dtype != feats.dtype:
             raise ValueError(f"weight dtype ({w.dtype}) must equal the features dtype ({feats.dtype})")
-        with _float32_accumulation():
+        with _float32_accumulation(feats):
             return voxels.replace(feats @ w[0])
     kmap = sv.kernel_map(voxels, kernel_size, stride, dilation, transposed, generative, output_voxels)
     out = conv_features(voxels.feats, weight, kmap, fwd_algo, bwd_algo)
