@@ -52,6 +52,7 @@ scene and mode; without matplotlib no plot), both by :mod:`benchmarks.end_to_end
      "logits_rel_err" (fp32_infer), "error" (when a cell failed),
      "compat_ms", "compat_overhead": the spconv-API model on sparsevox.compat.spconv (issue 21), its ms and
      its cost over native sparsevox (compat / sparsevox - 1); with ``--plan-compat`` also
+     "samples_ms": {cell: every timed step's ms} (cell "sparsevox", "spconv", "compat", ...),
      "compat_planned_ms", "compat_planned_overhead": the same model under ``plan_maps``; with
      ``--unplanned-compat`` "compat_unplanned_ms", "compat_unplanned_overhead": compat's own plan off}
 
@@ -500,10 +501,10 @@ def _pooled(rounds: list[dict]) -> dict:
         return errors[0]
     samples = [t for g in rounds for t in g["samples"]]
     out = dict(rounds[0])
-    out.pop("samples")
     peaks = [g["peak_mib"] for g in rounds if g["peak_mib"] is not None]
     warm = [g["warmup_peak_mib"] for g in rounds if g["warmup_peak_mib"] is not None]
     out.update(ms=statistics.median(samples), min_ms=min(samples), max_ms=max(samples), steps=len(samples),
+               samples=[round(t, 3) for t in samples],
                rounds=len(rounds), peak_mib=max(peaks) if peaks else None, warmup_peak_mib=max(warm) if warm else None,
                tuned_in_timed_steps=sum(g["tuned_in_timed_steps"] or 0 for g in rounds),
                tunings=sum(g["tunings"] for g in rounds))
@@ -755,6 +756,8 @@ def run_scene(run: Run, name: str) -> None:
                 break
             got = _pooled(results[key])
             what = key or lib
+            if "samples" in got:  # every timed step, for the report's intervals (spread vs target)
+                rec.setdefault("samples_ms", {})[what] = got.pop("samples")
             if key is None:
                 rec.update(got)
                 rec["autotuned_during_warmup_and_timing"] = got["tunings"]

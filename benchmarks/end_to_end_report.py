@@ -36,6 +36,25 @@ def _above_model(r) -> str:
     return f"{p - m:,.1f} / {pp - pm:,.1f} ({(p - m) / (pp - pm):.2f})"
 
 
+def overhead_interval(base, other, level: float = 0.9, resamples: int = 2000, seed: int = 0):
+    """``(lo, hi)``: a bootstrap interval (``level``) of ``median(other) / median(base) - 1`` from the cells'
+    timed steps (resampled with replacement, each cell on its own; fixed seed, so a report is reproducible),
+    or None with fewer than 3 steps in either. Says whether a difference is larger than the steps' spread."""
+    a, b = np.asarray(base or [], float), np.asarray(other or [], float)
+    if a.size < 3 or b.size < 3:
+        return None
+    rng = np.random.default_rng(seed)
+    ma = np.median(a[rng.integers(0, a.size, (resamples, a.size))], axis=1)
+    mb = np.median(b[rng.integers(0, b.size, (resamples, b.size))], axis=1)
+    q = np.quantile(mb / ma - 1.0, [(1 - level) / 2, (1 + level) / 2])
+    return float(q[0]), float(q[1])
+
+
+def _interval(r, cell) -> str:
+    iv = overhead_interval(r.get("samples_ms", {}).get("sparsevox"), r.get("samples_ms", {}).get(cell))
+    return "—" if iv is None else f"{iv[0]:+.1%} … {iv[1]:+.1%}"
+
+
 def markdown(doc) -> str:
     s = doc.get("settings", {})
     out = [f"# MinkUNet end to end: sparsevox vs spconv ({doc.get('device')}, {doc.get('date')}, "
@@ -68,18 +87,20 @@ def markdown(doc) -> str:
                  "unplanned": "unplanned: compat's own map plan off (`SPARSEVOX_COMPAT_PLAN=0`; on by default: "
                               "each model's maps built at its first map request, as native's `build_maps`)"}
         out += ["", "The spconv-API MinkUNet (`benchmarks/spconv_minkunet.py`) run on `sparsevox.compat.spconv` "
-                    "with the same weights: ms and its cost over native sparsevox (issue 21 target: ≤ 5 %)"
+                    "with the same weights: ms and its cost over native sparsevox (issue 21 target: ≤ 5 %); "
+                    "90 % interval: bootstrap of the overhead from both cells' timed steps (— in records without "
+                    "them)"
                 + "".join(f"; {notes[label]}" for _, label in extra), "",
-                "| scene | mode | sparsevox ms | compat ms | overhead | "
+                "| scene | mode | sparsevox ms | compat ms | overhead | 90 % interval | "
                 + "".join(f"{label} ms | {label} overhead | " for _, label in extra)
                 + "logits vs native (fp32 eval, rel. err.) |",
-                "|---|---|---:|---:|---:|" + "---:|---:|" * len(extra) + "---:|"]
+                "|---|---|---:|---:|---:|---:|" + "---:|---:|" * len(extra) + "---:|"]
         par = doc.get("parity", {})
 
         def cost(r, key):
             return f"{r[key]:+.1%} | " if isinstance(r.get(key), float) else "— | "
         out += [f"| {r['scene']} | {r['op'].replace('minkunet_', '')} | {_ms(r.get('ms'))} | {_ms(r['compat_ms'])} | "
-                + cost(r, "compat_overhead")
+                + cost(r, "compat_overhead") + f"{_interval(r, 'compat')} | "
                 + "".join(f"{_ms(r.get(f'{k}_ms'))} | " + cost(r, f"{k}_overhead") for k, _ in extra)
                 + f"{_err(par.get(r['scene'], {}).get('compat_logits_fp32_eval'))} |" for r in compat]
     fl = [r for r in doc["records"] if r.get("flax_ms") is not None]

@@ -38,6 +38,7 @@ def test_cpu_quick_smoke_run_writes_design_records(tmp_path):
         assert r["variants"]["sparsevox_rows_sorted"] > 0  # --sort-ab: the sorted-rows policy timed too
         assert r["flax_ms"] > 0, r.get("flax_ms")  # --flax: the Flax MinkUNet, same weights, bucketed maps
         assert r["rounds"] == 2 and r["steps"] == 2  # interleaved: one timed step per round, pooled
+        assert len(r["samples_ms"]["sparsevox"]) == 2 and len(r["samples_ms"]["compat"]) == 2  # every timed step
     assert doc["settings"]["steps"] == 2 and doc["settings"]["warmup"] == 1 and doc["settings"]["rounds"] == 2
     assert doc["parity"]["tiny"]["compat_logits_fp32_eval"] < 1e-6
     md = (tmp_path / "2000-01-01-cpu-test-end_to_end.md").read_text()
@@ -58,7 +59,8 @@ def test_rounds_pool_every_step_and_keep_the_largest_peak():
     got = end_to_end._pooled([a, b])
     assert got["ms"] == 3.0 and (got["min_ms"], got["max_ms"]) == (1.0, 11.0) and got["steps"] == 5
     assert got["rounds"] == 2 and got["peak_mib"] == 14.0 and got["warmup_peak_mib"] == 12.0
-    assert got["tuned_in_timed_steps"] == 1 and got["tunings"] == 5 and "samples" not in got
+    assert got["tuned_in_timed_steps"] == 1 and got["tunings"] == 5
+    assert got["samples"] == [1.0, 2.0, 3.0, 10.0, 11.0]  # every timed step, for the report's intervals
     assert end_to_end._pooled([a, {"error": "RuntimeError: x"}]) == {"error": "RuntimeError: x"}
 
 
@@ -181,3 +183,15 @@ def test_resident_model_memory_and_the_peak_above_it():
     r = {"peak_mib": 470.0, "model_mib": 83.0, "peer_peak_mib": {"spconv": 378.0}, "peer_model_mib": {"spconv": 41.5}}
     assert rep._above_model(r) == "387.0 / 336.5 (1.15)"
     assert rep._above_model({"peak_mib": 1.0, "model_mib": None, "peer_peak_mib": {}}) == "—"
+
+
+def test_overhead_interval_brackets_the_shift_and_says_when_it_cannot():
+    from benchmarks.end_to_end_report import overhead_interval
+    rng = np.random.default_rng(1)
+    base = list(20 + rng.normal(0, 0.5, 40))
+    lo, hi = overhead_interval(base, [t * 1.10 for t in base])
+    assert lo < 0.10 < hi and hi - lo < 0.06  # the same steps 10 % slower: a narrow interval around +10 %
+    lo, hi = overhead_interval(base, list(20 + rng.normal(0, 4, 40)))
+    assert lo < 0 < hi  # no shift, a wide spread: the interval holds 0
+    assert overhead_interval(base, [20.0, 21.0]) is None and overhead_interval(None, base) is None
+    assert overhead_interval(base, base[::-1]) == overhead_interval(base, base[::-1])  # fixed seed: reproducible

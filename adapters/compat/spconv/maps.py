@@ -33,8 +33,8 @@ import sparsevox as sv
 from sparsevox import map_plan
 from sparsevox.kernel_map import KernelMap, _swapped
 
-__all__ = ["auto_plan", "planned", "rows4", "user_rows", "lift", "geometry", "conv_output_size", "deconv_output_size", "out_rows",
-           "subm_map", "strided_map", "transposed_map", "inverse_map"]
+__all__ = ["auto_plan", "planned", "rows4", "user_rows", "lift", "geometry", "conv_output_size",
+           "deconv_output_size", "out_rows", "subm_map", "strided_map", "transposed_map", "inverse_map"]
 
 
 PLAN_ENV = "SPARSEVOX_COMPAT_PLAN"
