@@ -33,7 +33,7 @@ def _tensor(rng, n=600, extent=16):
 
 
 def _net():
-    """SubM, k2 s2 (a grid the stride divides), SubM, a max pool k2 s2, SubM, inverse: five maps per scan."""
+    """SubM, k2 s2 (a grid the stride divides), SubM, a max pool k2 s2, SubM: five maps per scan."""
     return spconv.SparseSequential(
         spconv.SubMConv3d(4, 8, 3, bias=False, indice_key="s0"),
         spconv.SparseConv3d(8, 8, 2, 2, bias=False, indice_key="d1"),
@@ -41,6 +41,15 @@ def _net():
         spconv.SparseMaxPool3d(2, 2),
         spconv.SubMConv3d(8, 8, 3, bias=False, indice_key="s2"),
     ).double()
+
+
+def _unplanned(net, x):
+    """``net`` on a copy of ``x`` (same features, new indices object: no maps cached) with the plan off."""
+    maps.auto_plan(False)
+    try:
+        return net(spconv.SparseConvTensor(x.features, x.indices.clone(), x.spatial_shape, x.batch_size))
+    finally:
+        maps.auto_plan(True)
 
 
 def _same(a, b):
@@ -64,12 +73,7 @@ def test_an_unchanged_model_builds_every_map_at_its_first_layer(rng, built, auto
             x = _tensor(rng)
             out = net(x)
             assert len(built) == 5 and seen[-1] == 5, "a map was built after the first layer"
-            maps.auto_plan(False)
-            try:
-                ref = net(spconv.SparseConvTensor(x.features, x.indices.clone(), x.spatial_shape, 2))
-            finally:
-                maps.auto_plan(True)
-            _same(out, ref)
+            _same(out, _unplanned(net, x))
     assert map_plan.current() is None  # the run rides on the tensors, never left active
     assert not hasattr(net[1], "_sv_auto_plan")  # only the layer that starts a forward keeps a plan
 
@@ -95,11 +99,7 @@ def test_the_minkunet_of_the_benchmark_builds_its_maps_up_front_and_matches(rng,
         x = tensor()
         out = net(x)
         assert len(built) == per_scan and seen[-1] == per_scan
-        maps.auto_plan(False)
-        try:
-            ref = net(spconv.SparseConvTensor(x.features, x.indices.clone(), x.spatial_shape, 2))
-        finally:
-            maps.auto_plan(True)
+        ref = _unplanned(net, x)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 

@@ -3,10 +3,11 @@ native end to end; on the GPU the float16 steps are host-bound, so host time per
 
     python -m benchmarks.probes.compat_host [--steps N] [--profile] [--train]
 
-The MinkUNet of the end-to-end benchmark (a patch of the ``tiny`` scene's points: |x|, |y| < ``--extent``, ~100 voxels, so the NumPy backend's
-arithmetic is small beside the Python around it; every level ``--width`` channels), native and spconv-API with the same weights, fresh
-input every step, median ms per step over ``--steps`` after 5 warm-ups, interleaved in 4 rounds;
-``--profile``: the top functions of each under cProfile (by own time), to see what compat adds.
+The MinkUNet of the end-to-end benchmark on a patch of the ``tiny`` scene's points (|x|, |y| < ``--extent``,
+~100 voxels, every level ``--width`` channels: the NumPy backend's arithmetic is small beside the Python
+around it), native and spconv-API with the same weights, a fresh input every step, median ms per step over
+``--steps`` after 5 warm-ups, interleaved in 4 rounds; ``--profile``: the top functions of each under
+cProfile (by own time), to see what compat adds.
 """
 from __future__ import annotations
 
@@ -36,10 +37,9 @@ def main(argv=None) -> int:
     import sparsevox.compat.spconv as compat
     from benchmarks import end_to_end as e2e
     from benchmarks import spconv_minkunet as spm
-    from sparsevox.adapters.torch import plan_maps
-
-    from sparsevox.adapters.torch import MinkUNet
+    from sparsevox.adapters.torch import MinkUNet, plan_maps
     from sparsevox.synthetic import lidar_like_points
+
     pts = lidar_like_points(seed=0, n_points=12_000)
     pts = pts[np.abs(pts[:, :2]).max(axis=1) < args.extent]
     xyz, feats, index = e2e.batch_points(pts, 2)
