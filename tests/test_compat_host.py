@@ -218,22 +218,52 @@ def test_grid_check_and_shift_helpers():
     assert rows.tolist() == [[0, 1, 2, 3], [1, 4, 5, 6]]  # the input is left as it was
 
 
-def test_inference_weight_is_a_fresh_copy_in_the_core_layout():
+def test_core_weight_is_a_view_of_the_parameter_not_a_copy():
+    """Issue 21: the [K, C_in, C_out] weight without a copy per call. The parameter keeps spconv's shape
+    but the core's memory order, so the core weight is a view of it (same memory) and in-place writes show."""
     layer = spconv.SubMConv3d(3, 5, 3, bias=False).double()
+    assert layer.weight.shape == (5, 3, 3, 3, 3) and not layer.weight.is_contiguous()
     with torch.no_grad():
         a = layer.sparsevox_weight()
-        assert a.is_contiguous() and a.data_ptr() != layer.weight.data_ptr()
+        assert a.is_contiguous() and a.data_ptr() == layer.weight.data_ptr()
         np.testing.assert_array_equal(a.numpy(), layer.weight.reshape(5, 27, 3).permute(1, 2, 0).numpy())
+        a = a.clone()
         layer.weight.mul_(2.0)
         assert torch.equal(layer.sparsevox_weight(), 2.0 * a)
     g = layer.sparsevox_weight()  # with a gradient (the permuted view's path): same values, grad flows back
+    assert g.data_ptr() == layer.weight.data_ptr() and g.grad_fn is not None
     np.testing.assert_array_equal(g.detach().numpy(), 2.0 * a.numpy())
     (g * torch.arange(g.numel(), dtype=g.dtype).reshape(g.shape)).sum().backward()
     np.testing.assert_array_equal(layer.weight.grad.reshape(5, 27, 3).permute(1, 2, 0).numpy().ravel(),
                                   np.arange(g.numel()))
+    assert layer.weight.grad.stride() == layer.weight.stride()  # no re-layout of the gradient either
     layer.float()
     with torch.no_grad():
         assert layer.sparsevox_weight().dtype == torch.float32
+
+
+def test_weight_layout_survives_state_dicts_copies_and_casts():
+    """A contiguous spconv-layout tensor (what spconv saves) loads by shape into the strided parameter;
+    ``.to``, deepcopy and a state-dict round trip keep the memory order; an assigned contiguous weight
+    (``load_state_dict(assign=True)``) still convolves correctly (copied per call)."""
+    import copy
+    import io
+    layer = spconv.SparseConv3d(4, 6, (2, 3, 1), 2, bias=False)
+    saved = torch.randn(6, 2, 3, 1, 4)  # contiguous, as spconv's own parameter
+    layer.load_state_dict({"weight": saved})
+    assert torch.equal(layer.weight, saved) and layer.weight.stride() == (1, 72, 24, 24, 6)
+    ref = saved.reshape(6, 6, 4).permute(1, 2, 0)
+    for other in (layer.double(), copy.deepcopy(layer)):
+        assert other.weight.stride() == (1, 72, 24, 24, 6)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf)["weight"], saved.double())
+    layer.load_state_dict({"weight": saved.double()}, assign=True)
+    assert layer.weight.is_contiguous()
+    with torch.no_grad():
+        np.testing.assert_array_equal(layer.sparsevox_weight().numpy(), ref.double().numpy())
+    np.testing.assert_array_equal(layer.sparsevox_weight().detach().numpy(), ref.double().numpy())
 
 
 def test_eval_layer_follows_writes_through_data(rng):

@@ -1,10 +1,10 @@
 """spconv's convolution layers (``spconv/pytorch/conv.py`` of spconv 2.3.8) on sparsevox's convolutions.
 
 Parameters are spconv's: ``weight`` ``[C_out, *kernel_size, C_in]`` ("KRSC", the kernel axes in the order
-of the index columns) and ``bias`` ``[C_out]``, so spconv state dicts load unchanged. Each call hands the
-core ``W[r] = weight[:, r, :]^T`` as a contiguous ``[K, C_in, C_out]`` tensor (``weight.reshape(C_out, K,
-C_in).permute(1, 2, 0).contiguous()``: a copy of the weight, K·C_in·C_out elements, per call, through
-autograd; not cached, see :meth:`SparseConvolution.sparsevox_weight`). A 1×1 layer (kernel volume 1; for non-SubM layers also stride 1) computes, as spconv's
+of the index columns) and ``bias`` ``[C_out]``, so spconv state dicts load unchanged. The core's
+``W[r] = weight[:, r, :]^T``, a contiguous ``[K, C_in, C_out]`` tensor, is a view of that parameter: its
+memory is stored in the core's order under spconv's shape (:func:`core_strides`), so no copy is made per
+call (:meth:`SparseConvolution.sparsevox_weight`). A 1×1 layer (kernel volume 1; for non-SubM layers also stride 1) computes, as spconv's
 ``conv1x1`` path does, ``features @ weight.view(C_in, C_out)``: the memory of its ``[C_out, 1, 1, 1,
 C_in]`` parameter read as ``[C_in, C_out]`` (not its transpose), on the same sites, without pairs.
 
@@ -32,6 +32,18 @@ __all__ = ["SparseConvolution"] + [f"{kind}{nd}d" for nd in (1, 2, 3, 4) for kin
                                    ("SubMConv", "SparseConv", "SparseConvTranspose", "SparseInverseConv")]
 
 _MAX_NUM_VOXELS_DURING_TRAINING = "max_num_voxels_during_training"
+
+
+def core_strides(shape) -> tuple[int, ...]:
+    """Strides of spconv's weight shape ``[C_out, *kernel_size, C_in]`` laid over the core's contiguous
+    ``[K, C_in, C_out]`` memory: the parameter keeps spconv's shape and state-dict layout (``copy_``,
+    ``torch.save`` and ``.to`` follow the shape, not the memory), while ``W = weight.reshape(C_out, K,
+    C_in).permute(1, 2, 0)`` is contiguous. (A user ``.view`` of it needs ``.reshape``.)"""
+    c_out, *ks, c_in = shape
+    inner = [1] * len(ks)
+    for i in range(len(ks) - 2, -1, -1):
+        inner[i] = inner[i + 1] * ks[i + 1]
+    return (1, *(n * c_in * c_out for n in inner), c_out)
 
 
 def _unsupported_act(act_type) -> bool:
@@ -85,7 +97,10 @@ class SparseConvolution(SparseModule):
         if record_voxel_count and not subm and not inverse:
             self.register_buffer(_MAX_NUM_VOXELS_DURING_TRAINING, torch.zeros(1, dtype=torch.int32, device=device))
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.zeros(*self.weight_shape, **factory))
+        # spconv's shape over the core's memory order (see core_strides): W[r] is a view, no copy per call
+        self._core_strides = core_strides(self.weight_shape)
+        self.weight = nn.Parameter(torch.zeros(*self.weight_shape, **factory) if self.conv1x1 else
+                                   torch.empty_strided(self.weight_shape, self._core_strides, **factory).zero_())
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.out_channels, **factory))
         else:
@@ -133,25 +148,25 @@ class SparseConvolution(SparseModule):
         return s + f", algo={self.algo}"
 
     def sparsevox_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``[K, C_in, C_out]``: ``W[r] = weight[:, r, :]^T``, a contiguous copy made on every call (under
-        autocast in the dtype the convolution runs in, so it is cast once, not twice), differentiable when
-        the weight gets a gradient.
-
-        Not cached across calls: a copy kept per weight version served stale weights after a write
-        through ``.data`` (an EMA update, a manual load), which does not bump the version counter
-        (``test_eval_layer_follows_writes_through_data``); the copy is one small kernel per layer."""
+        """``[K, C_in, C_out]``: ``W[r] = weight[:, r, :]^T``, contiguous, differentiable when the weight gets
+        a gradient. The layer's own weight is stored in that memory order (:func:`core_strides`), so this
+        is a view of it (writes through ``.data`` and the optimiser's steps are seen, nothing is copied);
+        under autocast it is the one cast to the convolution's dtype. A weight in another memory order (one
+        assigned by the user, ``load_state_dict(assign=True)``) is copied on every call."""
         k = math.prod(self.kernel_size)
         w = self.weight if weight is None else weight
         dt = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else w.dtype
         c_in, c_out = self.in_channels, self.out_channels
         # without a gradient one view op, not reshape + permute (host time per layer on the host-bound
         # inference step); with one, permute's backward is a view where as_strided's scatters into zeros
-        if w.is_contiguous() and w.numel() == k * c_in * c_out and w.shape[0] == c_out and w.shape[-1] == c_in \
-                and not (w.requires_grad and torch.is_grad_enabled()):  # (as_strided checks no size itself)
-            t = w.as_strided((k, c_in, c_out), (c_in, 1, k * c_in))
+        viewed = None if w.requires_grad and torch.is_grad_enabled() or list(w.shape) != self.weight_shape \
+            else (c_in * c_out, c_out, 1) if w.stride() == self._core_strides \
+            else (c_in, 1, k * c_in) if w.is_contiguous() else None  # (as_strided checks no size itself)
+        if viewed is not None:
+            t = w.as_strided((k, c_in, c_out), viewed)
         else:
             t = w.reshape(c_out, k, c_in).permute(1, 2, 0)
-        # (.to() with the same dtype would return the permuted view itself, not a contiguous copy)
+        # (.to() with the same dtype would return the permuted view itself, not a contiguous tensor)
         return t.to(dtype=dt, memory_format=torch.contiguous_format) if dt != w.dtype else t.contiguous()
 
     def forward(self, input: SparseConvTensor, add_input: SparseConvTensor | None = None):
