@@ -29,6 +29,19 @@ def test_summarise_trace_counts_per_step_and_unions_device_time():
     assert s["launch_calls"] == 1.5 and s["kernels"] == 1.0
     assert s["memsets"] == 0.5 and s["memcpys"] == 0.5 and s["sync_copies"] == 0.5 and s["allocs"] == 0.5
     assert [k["name"] for k in s["top_kernels"]] == ["k_a", "k_b"]
+    assert s["launches_by_kernel"] == {"k_a": 0.5, "k_b": 0.5}
+
+
+def test_launch_differences_list_what_compat_adds_per_mode():
+    rec = lambda mode, lib, counts: {"mode": mode, "library": lib,  # noqa: E731
+                                     "summary": {"launches_by_kernel": counts}}
+    doc = {"records": [rec("fp16_infer", "sparsevox", {"conv": 30.0, "bn_relu_add": 16.0}),
+                       rec("fp16_infer", "compat", {"conv": 30.0, "bn": 16.0, "add": 16.0, "relu": 16.0}),
+                       rec("fp16_infer", "spconv", {"other": 1.0}), {"mode": "fp32_infer", "library": "compat"}]}
+    lines = step_profile.launch_differences(doc, "compat")
+    assert lines[0] == "**fp16_infer**, compat − sparsevox: +32.0 launches per step"
+    assert lines[2:6] == ["- +16.0 add", "- +16.0 bn", "- +16.0 relu", "- -16.0 bn_relu_add"]
+    assert not any("conv" in x for x in lines)
 
 
 def test_layer_kinds_of_the_minkunet():

@@ -62,6 +62,7 @@ def summarise_trace(events, steps: int, wall_ms: list[float]) -> dict:
     calls = collections.Counter()
     blocked = collections.Counter()
     kernels = collections.defaultdict(float)
+    launched = collections.Counter()
     device = []
     counts = collections.Counter()
     for e in events:
@@ -76,6 +77,7 @@ def summarise_trace(events, steps: int, wall_ms: list[float]) -> dict:
             counts[cat] += 1
             if cat == "kernel":
                 kernels[name] += dur
+                launched[name] += 1
 
     def per_step(names, table=calls):
         return round(sum(table[n] for n in names) / steps, 1)
@@ -97,7 +99,25 @@ def summarise_trace(events, steps: int, wall_ms: list[float]) -> dict:
         "memcpys": round(counts["gpu_memcpy"] / steps, 1),
         "allocs": per_step(ALLOCS),
         "top_kernels": [{"name": n[:120], "ms_per_step": round(d / steps / 1e3, 3)} for n, d in top],
+        "launches_by_kernel": {n[:120]: round(c / steps, 1) for n, c in launched.items()},
     }
+
+
+def launch_differences(doc: dict, lib: str, base: str = "sparsevox") -> list[str]:
+    """Markdown lines: per mode, the kernels launched a different number of times per step by ``lib``
+    than by ``base`` (what compat adds over native, issue 21), most extra launches first."""
+    by = {(r["mode"], r["library"]): r["summary"].get("launches_by_kernel", {}) for r in doc["records"]
+          if r.get("summary")}
+    lines = []
+    for mode in dict.fromkeys(m for m, _ in by):
+        if (mode, lib) not in by or (mode, base) not in by:
+            continue
+        a, b = by[(mode, lib)], by[(mode, base)]
+        diff = sorted(((a.get(n, 0) - b.get(n, 0), n) for n in set(a) | set(b) if a.get(n, 0) != b.get(n, 0)),
+                      key=lambda t: (-t[0], t[1]))
+        lines += [f"**{mode}**, {lib} − {base}: {sum(d for d, _ in diff):+.1f} launches per step", ""]
+        lines += [f"- {d:+.1f} {n[:100]}" for d, n in diff[:15]] + [""]
+    return lines
 
 
 def layer_kind(m) -> str | None:
@@ -225,6 +245,9 @@ def render(doc: dict) -> str:
             lines.append("")
         if r.get("sync_by_call"):
             lines.append(f"syncs by call: {r['sync_by_call']}")
+    if "compat" in _libraries(doc):
+        lines += ["## Kernels compat launches more or less often than native sparsevox", ""]
+        lines += launch_differences(doc, "compat")
     return "\n".join(lines) + "\n"
 
 
