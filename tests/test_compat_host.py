@@ -261,9 +261,11 @@ def test_weight_layout_survives_state_dicts_copies_and_casts():
     assert torch.equal(torch.load(buf)["weight"], saved.double())
     layer.load_state_dict({"weight": saved.double()}, assign=True)
     assert layer.weight.is_contiguous()
-    with torch.no_grad():
-        np.testing.assert_array_equal(layer.sparsevox_weight().numpy(), ref.double().numpy())
-    np.testing.assert_array_equal(layer.sparsevox_weight().detach().numpy(), ref.double().numpy())
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            w = layer.sparsevox_weight()
+        assert w.is_contiguous() and w.data_ptr() != layer.weight.data_ptr()  # a copy: the core needs [K, C_in, C_out]
+        np.testing.assert_array_equal(w.detach().numpy(), ref.double().numpy())
 
 
 def test_eval_layer_follows_writes_through_data(rng):
@@ -360,3 +362,25 @@ def test_a_unets_strided_layers_read_the_device_once_per_step(rng, monkeypatch):
         events.clear()
         again = net(spconv.SparseConvTensor(feats, torch.from_numpy(idx).int(), shape, 1))  # a fresh input
     assert events.count("read") == 1 and events[0] == "read" and torch.equal(out, again)
+
+
+@pytest.mark.gpu
+def test_autocast_training_casts_the_weight_as_native_layers_do(rng):
+    """Under autocast the compat layer hands the convolution its float32 weight view, which casts it inside
+    its autograd node like a native layer's: the same float16 output and the same float32 weight gradient
+    (from the wgrad accumulator, not a float16 one cast back) as ``conv_features`` on the [K, C_in, C_out]
+    weight itself."""
+    from sparsevox.adapters.torch.functional import conv_features
+    c = torch.from_numpy(random_voxels(rng, 500, extent=12, batches=2)).cuda()
+    feats = torch.randn(len(c), 16, device="cuda")
+    layer = spconv.SubMConv3d(16, 24, 3, bias=False, indice_key="k").cuda()
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = layer(spconv.SparseConvTensor(feats, c, [24, 24, 24], 2))
+        w = layer.weight.detach().reshape(24, 27, 16).permute(1, 2, 0).contiguous().requires_grad_()
+        ref = conv_features(feats, w, out.indice_dict["k"].kmap)
+    assert out.features.dtype == ref.dtype == torch.float16 and torch.equal(out.features, ref)
+    g = torch.randn_like(ref)
+    out.features.backward(g)
+    ref.backward(g)
+    assert layer.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.weight.grad.reshape(24, 27, 16).permute(1, 2, 0), w.grad, rtol=0, atol=0)

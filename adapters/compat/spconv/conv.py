@@ -149,13 +149,15 @@ class SparseConvolution(SparseModule):
 
     def sparsevox_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``[K, C_in, C_out]``: ``W[r] = weight[:, r, :]^T``, contiguous, differentiable when the weight gets
-        a gradient. The layer's own weight is stored in that memory order (:func:`core_strides`), so this
-        is a view of it (writes through ``.data`` and the optimiser's steps are seen, nothing is copied);
-        under autocast it is the one cast to the convolution's dtype. A weight in another memory order (one
-        assigned by the user, ``load_state_dict(assign=True)``) is copied on every call."""
+        a gradient, in the weight's dtype. The layer's own weight is stored in that memory order
+        (:func:`core_strides`), so this is a view of it (writes through ``.data`` and the optimiser's steps
+        are seen, nothing is copied); under autocast the convolution casts it as it casts native layers'
+        weights (in training inside its autograd node: one cast per layer and a float32 weight gradient
+        straight from the accumulator; a cast here cost a second cast back in every backward, 41 launches
+        per float16 training step). A weight in another memory order (one assigned by the user,
+        ``load_state_dict(assign=True)``) is copied on every call."""
         k = math.prod(self.kernel_size)
         w = self.weight if weight is None else weight
-        dt = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else w.dtype
         c_in, c_out = self.in_channels, self.out_channels
         # without a gradient one view op, not reshape + permute (host time per layer on the host-bound
         # inference step); with one, permute's backward is a view where as_strided's scatters into zeros
@@ -166,7 +168,11 @@ class SparseConvolution(SparseModule):
             t = w.as_strided((k, c_in, c_out), viewed)
         else:
             t = w.reshape(c_out, k, c_in).permute(1, 2, 0)
-        # (.to() with the same dtype would return the permuted view itself, not a contiguous tensor)
+        if t.is_contiguous():
+            return t
+        # a copy anyway: under autocast made in the convolution's dtype, one launch instead of two
+        dt = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else w.dtype
+        # (.to() with the weight's own dtype would return the permuted view itself, not a contiguous copy)
         return t.to(dtype=dt, memory_format=torch.contiguous_format) if dt != w.dtype else t.contiguous()
 
     def forward(self, input: SparseConvTensor, add_input: SparseConvTensor | None = None):
@@ -245,7 +251,7 @@ class SparseConvolution(SparseModule):
                 indice_dict[self.indice_key] = IndiceData(
                     outids, input.indices, kmap, shape, out_shape, self.subm, self.algo, self.kernel_size,
                     self.stride, self.dilation, self.padding, in_geom=geom, out_geom=out_geom)
-        out_features = conv_features(features, self.sparsevox_weight(weight), kmap)  # autocast: in its dtype
+        out_features = conv_features(features, self.sparsevox_weight(weight), kmap)  # (casts under autocast)
         if bias is not None:
             out_features = out_features + bias.to(out_features.dtype)
         if not self.subm and not self.inverse and self.record_voxel_count:
