@@ -364,12 +364,22 @@ def test_a_unets_strided_layers_read_the_device_once_per_step(rng, monkeypatch):
     assert events.count("read") == 1 and events[0] == "read" and torch.equal(out, again)
 
 
+def _weight_paths(fn, weight, path=()):
+    """Node-name paths from the autograd node ``fn`` to ``weight``'s AccumulateGrad."""
+    if fn is None:
+        return []
+    if getattr(fn, "variable", None) is weight:
+        return [path]
+    return [p for nxt, _ in fn.next_functions for p in _weight_paths(nxt, weight, path + (type(fn).__name__,))]
+
+
 @pytest.mark.gpu
 def test_autocast_training_casts_the_weight_as_native_layers_do(rng):
     """Under autocast the compat layer hands the convolution its float32 weight view, which casts it inside
-    its autograd node like a native layer's: the same float16 output and the same float32 weight gradient
-    (from the wgrad accumulator, not a float16 one cast back) as ``conv_features`` on the [K, C_in, C_out]
-    weight itself."""
+    its autograd node like a native layer's: no cast node between the convolution and the parameter (only
+    views), the same float16 output as ``conv_features`` on the [K, C_in, C_out] weight itself, and a
+    float32 weight gradient equal to that path's within float16 product rounding (the autotuner may run
+    another wgrad algorithm on a problem's first call than on later ones)."""
     from sparsevox.adapters.torch.functional import conv_features
     c = torch.from_numpy(random_voxels(rng, 500, extent=12, batches=2)).cuda()
     feats = torch.randn(len(c), 16, device="cuda")
@@ -378,9 +388,11 @@ def test_autocast_training_casts_the_weight_as_native_layers_do(rng):
         out = layer(spconv.SparseConvTensor(feats, c, [24, 24, 24], 2))
         w = layer.weight.detach().reshape(24, 27, 16).permute(1, 2, 0).contiguous().requires_grad_()
         ref = conv_features(feats, w, out.indice_dict["k"].kmap)
+    paths = _weight_paths(out.features.grad_fn, layer.weight)
+    assert paths and all(set(p[1:]) <= {"PermuteBackward0", "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"} for p in paths), paths
     assert out.features.dtype == ref.dtype == torch.float16 and torch.equal(out.features, ref)
     g = torch.randn_like(ref)
     out.features.backward(g)
     ref.backward(g)
     assert layer.weight.grad.dtype == torch.float32
-    torch.testing.assert_close(layer.weight.grad.reshape(24, 27, 16).permute(1, 2, 0), w.grad, rtol=0, atol=0)
+    torch.testing.assert_close(layer.weight.grad.reshape(24, 27, 16).permute(1, 2, 0), w.grad, rtol=2e-3, atol=1e-3)
