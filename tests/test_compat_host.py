@@ -389,7 +389,8 @@ def test_autocast_training_casts_the_weight_as_native_layers_do(rng):
         w = layer.weight.detach().reshape(24, 27, 16).permute(1, 2, 0).contiguous().requires_grad_()
         ref = conv_features(feats, w, out.indice_dict["k"].kmap)
     paths = _weight_paths(out.features.grad_fn, layer.weight)
-    assert paths and all(set(p[1:]) <= {"PermuteBackward0", "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"} for p in paths), paths
+    views = {"PermuteBackward0", "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"}
+    assert paths and all(set(p[1:]) <= views for p in paths), paths
     assert out.features.dtype == ref.dtype == torch.float16 and torch.equal(out.features, ref)
     g = torch.randn_like(ref)
     out.features.backward(g)
