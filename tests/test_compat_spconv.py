@@ -99,25 +99,35 @@ def evaluate(sp, build, data, dtype, device="cpu", train=True, grads=True, state
 
 @contextlib.contextmanager
 def relu_branches(record: list | None = None, replay: list | None = None):
-    """``nn.ReLU`` calls in order: ``record`` appends each output's mask (``out > 0``); ``replay`` applies
-    the recorded masks instead (``x * mask``, not in place), so a float64 run follows the same branch of
-    every ReLU kink as the recorded float32 run. A pre-activation within rounding of zero can take either
-    side in float32 (seed 2649088527 on an AVX-512 host: one element of 936 flipped, and training-mode
-    BatchNorm spread it to 5 % of every upstream gradient): both sides are right, only the branch differs."""
+    """``nn.ReLU`` calls in order: ``record`` appends each call's input (float64); ``replay`` applies the
+    recorded inputs' masks (``x * (recorded > 0)``, not in place), so a float64 run follows the same
+    branch of every ReLU kink as the recorded float32 run. A pre-activation within rounding of zero can
+    take either side in float32 (seed 2649088527 on an AVX-512 host: one element of 936 flipped, and
+    training-mode BatchNorm spread it to 5 % of every upstream gradient): both sides are right, only the
+    branch differs. The replay checks that it sees the recorded calls (count, shapes) and that every branch
+    it changes has a float32 input within rounding of zero (1e-5 of that tensor's largest input), so a
+    float32 error that moves an activation across zero is not absorbed."""
     forward, calls = nn.ReLU.forward, itertools.count()
 
     def relu(module, x):
-        if replay is not None:
-            return x * replay[next(calls)].to(x.dtype)
-        out = forward(module, x)
-        record.append(out.detach() > 0)
-        return out
+        if replay is None:
+            record.append(x.detach().double().clone())
+            return forward(module, x)
+        seen = replay[next(calls)]
+        assert seen.shape == x.shape, "the replayed run called nn.ReLU in another order"
+        flips = (seen > 0) != (x > 0)
+        far = seen[flips].abs()
+        assert not far.numel() or float(far.max()) <= 1e-5 * float(seen.abs().max()), \
+            "a replayed ReLU branch was taken by an input far from zero: not a rounding kink"
+        return x * (seen > 0).to(x.dtype)
 
     nn.ReLU.forward = relu
     try:
         yield
     finally:
         nn.ReLU.forward = forward
+    if replay is not None:
+        assert next(calls) == len(replay), "the replayed run called nn.ReLU fewer times than the recorded one"
 
 
 def run_both(build, data, dtype=torch.float64, train=True, grads=True, ref=EMU, device="cpu", tol=None,

@@ -32,16 +32,26 @@ def test_summarise_trace_counts_per_step_and_unions_device_time():
     assert s["launches_by_kernel"] == {"k_a": 0.5, "k_b": 0.5}
 
 
+def test_launch_counts_add_up_names_that_share_the_kept_prefix():
+    long = "void at::native::elementwise_kernel<" + "x" * 120
+    events = [_ev("kernel", long + "copy_a>", 0, 1), _ev("kernel", long + "copy_b>", 5, 1),
+              _ev("kernel", long + "copy_b>", 9, 1), _ev("kernel", "k", 12, 1)]
+    s = step_profile.summarise_trace(events, steps=1, wall_ms=[1.0])
+    assert s["launches_by_kernel"] == {long[:120]: 3.0, "k": 1.0}
+    assert sum(s["launches_by_kernel"].values()) == s["kernels"]
+
+
 def test_launch_differences_list_what_compat_adds_per_mode():
     rec = lambda mode, lib, counts: {"mode": mode, "library": lib,  # noqa: E731
                                      "summary": {"launches_by_kernel": counts}}
     doc = {"records": [rec("fp16_infer", "sparsevox", {"conv": 30.0, "bn_relu_add": 16.0}),
                        rec("fp16_infer", "compat", {"conv": 30.0, "bn": 16.0, "add": 16.0, "relu": 16.0}),
-                       rec("fp16_infer", "spconv", {"other": 1.0}), {"mode": "fp32_infer", "library": "compat"}]}
+                       rec("fp16_infer", "spconv", {"other": 1.0}), {"mode": "fp32_infer", "library": "compat"},
+                       rec("fp32_train", "sparsevox", {}), rec("fp32_train", "compat", {"conv": 1.0})]}
     lines = step_profile.launch_differences(doc, "compat")
     assert lines[0] == "**fp16_infer**, compat − sparsevox: +32.0 launches per step"
     assert lines[2:6] == ["- +16.0 add", "- +16.0 bn", "- +16.0 relu", "- -16.0 bn_relu_add"]
-    assert not any("conv" in x for x in lines)
+    assert not any("conv" in x or "fp32" in x for x in lines)  # (a mode without counts on one side: none)
 
 
 def test_layer_kinds_of_the_minkunet():

@@ -99,8 +99,17 @@ def summarise_trace(events, steps: int, wall_ms: list[float]) -> dict:
         "memcpys": round(counts["gpu_memcpy"] / steps, 1),
         "allocs": per_step(ALLOCS),
         "top_kernels": [{"name": n[:120], "ms_per_step": round(d / steps / 1e3, 3)} for n, d in top],
-        "launches_by_kernel": {n[:120]: round(c / steps, 1) for n, c in launched.items()},
+        "launches_by_kernel": _per_step_by_prefix(launched, steps),
     }
+
+
+def _per_step_by_prefix(counts, steps: int, width: int = 120) -> dict:
+    """Launches per step keyed by the first ``width`` characters of the kernel name, summed over names that
+    share them (template instantiations often differ only further on)."""
+    out = collections.Counter()
+    for name, n in counts.items():
+        out[name[:width]] += n
+    return {name: round(n / steps, 1) for name, n in out.items()}
 
 
 def launch_differences(doc: dict, lib: str, base: str = "sparsevox") -> list[str]:
@@ -113,6 +122,8 @@ def launch_differences(doc: dict, lib: str, base: str = "sparsevox") -> list[str
         if (mode, lib) not in by or (mode, base) not in by:
             continue
         a, b = by[(mode, lib)], by[(mode, base)]
+        if not a or not b:  # (a record from before the counts were kept)
+            continue
         diff = sorted(((a.get(n, 0) - b.get(n, 0), n) for n in set(a) | set(b) if a.get(n, 0) != b.get(n, 0)),
                       key=lambda t: (-t[0], t[1]))
         lines += [f"**{mode}**, {lib} − {base}: {sum(d for d, _ in diff):+.1f} launches per step", ""]

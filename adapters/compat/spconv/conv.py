@@ -36,9 +36,11 @@ _MAX_NUM_VOXELS_DURING_TRAINING = "max_num_voxels_during_training"
 
 def core_strides(shape) -> tuple[int, ...]:
     """Strides of spconv's weight shape ``[C_out, *kernel_size, C_in]`` laid over the core's contiguous
-    ``[K, C_in, C_out]`` memory: the parameter keeps spconv's shape and state-dict layout (``copy_``,
-    ``torch.save`` and ``.to`` follow the shape, not the memory), while ``W = weight.reshape(C_out, K,
-    C_in).permute(1, 2, 0)`` is contiguous. (A user ``.view`` of it needs ``.reshape``.)"""
+    ``[K, C_in, C_out]`` memory: the parameter keeps spconv's shape and state-dict keys (values are read and
+    copied by index, so spconv checkpoints load; ``.to``, ``deepcopy`` and ``clone`` keep these strides),
+    while ``W = weight.reshape(C_out, K, C_in).permute(1, 2, 0)`` is contiguous. What needs a contiguous
+    parameter does not take it: ``weight.view(...)`` (use ``.reshape``), ``nn.utils.parameters_to_vector``,
+    safetensors' ``save_file`` (save ``{k: v.contiguous()}``)."""
     c_out, *ks, c_in = shape
     inner = [1] * len(ks)
     for i in range(len(ks) - 2, -1, -1):
@@ -97,7 +99,8 @@ class SparseConvolution(SparseModule):
         if record_voxel_count and not subm and not inverse:
             self.register_buffer(_MAX_NUM_VOXELS_DURING_TRAINING, torch.zeros(1, dtype=torch.int32, device=device))
         factory = {"device": device, "dtype": dtype}
-        # spconv's shape over the core's memory order (see core_strides): W[r] is a view, no copy per call
+        # spconv's shape over the core's memory order (see core_strides): W[r] is a view, no copy per call;
+        # 1x1 layers stay contiguous (their path reads weight.reshape(C_in, C_out), spconv's quirk)
         self._core_strides = core_strides(self.weight_shape)
         self.weight = nn.Parameter(torch.zeros(*self.weight_shape, **factory) if self.conv1x1 else
                                    torch.empty_strided(self.weight_shape, self._core_strides, **factory).zero_())
@@ -120,7 +123,10 @@ class SparseConvolution(SparseModule):
         fan_in = self.in_channels * math.prod(self.kernel_size)
         bound = math.sqrt(3.0) * calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan_in)
         with torch.no_grad():
-            self.weight.uniform_(-bound, bound)
+            # drawn in index order, as into spconv's contiguous weight: a seed gives spconv's values (uniform_
+            # on the strided parameter would fill it in memory order)
+            self.weight.copy_(torch.empty(self.weight_shape, dtype=self.weight.dtype, device=self.weight.device)
+                              .uniform_(-bound, bound))
             if self.bias is not None:
                 self.bias.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
@@ -149,13 +155,14 @@ class SparseConvolution(SparseModule):
 
     def sparsevox_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``[K, C_in, C_out]``: ``W[r] = weight[:, r, :]^T``, contiguous, differentiable when the weight gets
-        a gradient, in the weight's dtype. The layer's own weight is stored in that memory order
+        a gradient. The layer's own weight is stored in that memory order
         (:func:`core_strides`), so this is a view of it (writes through ``.data`` and the optimiser's steps
         are seen, nothing is copied); under autocast the convolution casts it as it casts native layers'
         weights (in training inside its autograd node: one cast per layer and a float32 weight gradient
         straight from the accumulator; a cast here cost a second cast back in every backward, 41 launches
         per float16 training step). A weight in another memory order (one assigned by the user,
-        ``load_state_dict(assign=True)``) is copied on every call."""
+        ``load_state_dict(assign=True)``, ``.to(memory_format=...)``) is copied on every call, under autocast
+        straight into the autocast dtype."""
         k = math.prod(self.kernel_size)
         w = self.weight if weight is None else weight
         c_in, c_out = self.in_channels, self.out_channels
