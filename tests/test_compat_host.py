@@ -379,8 +379,11 @@ def test_autocast_training_casts_the_weight_as_native_layers_do(rng):
     its autograd node like a native layer's: no cast node between the convolution and the parameter (only
     views), the same float16 output as ``conv_features`` on the [K, C_in, C_out] weight itself, and the
     same weight gradient laid out as the parameter. Within 2e-3: the GPU run at 38e2835 found the two
-    calls' float32 gradients 5e-4 apart (relative, the largest element 0.016 of ~30), more than float32
-    atomics' order explains (which wgrad algorithm rounds there is for the next GPU run to say)."""
+    calls' float32 gradients 5e-4 apart (relative, the largest element 0.016 of ~30), float16 rounding: a
+    signature's first backward takes the slow path, whose IMPLICIT_GEMM wgrad returns its float32
+    accumulator cast to the features' dtype (``algorithms/implicit_gemm.py`` ``wgrad``) before the adapter
+    casts it back, while later calls' prepared launches hand over the accumulator itself (a known
+    difference, docs/performance.md "Next")."""
     from sparsevox.adapters.torch.functional import conv_features
     c = torch.from_numpy(random_voxels(rng, 500, extent=12, batches=2)).cuda()
     feats = torch.randn(len(c), 16, device="cuda")
