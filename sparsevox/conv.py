@@ -166,9 +166,14 @@ def conv_forward(feats, weight, kmap: KernelMap, fwd_algo=None):
     return planned_forward("conv", feats, weight, kmap, fwd_algo)
 
 
-def conv_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, feats_grad=True, weight_grad=True):
-    """Gradients ``(grad_feats [N_in, C_in] or None, grad_weight [K, C_in, C_out] or None)``."""
-    return planned_backward("conv", weight.shape[2], grad_out, feats, weight, kmap, bwd_algo, feats_grad, weight_grad)
+def conv_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, feats_grad=True, weight_grad=True,
+                  gw_dtype=None):
+    """Gradients ``(grad_feats [N_in, C_in] or None, grad_weight [K, C_in, C_out] or None)``.
+
+    ``gw_dtype``: the weight gradient's dtype (default: the features'). ``"float32"`` with 16-bit features
+    (a float32 parameter run in float16 under autocast) hands over the float32 accumulator unrounded."""
+    return planned_backward("conv", weight.shape[2], grad_out, feats, weight, kmap, bwd_algo, feats_grad, weight_grad,
+                            gw_dtype)
 
 
 def planned_forward(op: str, feats, weight, kmap: KernelMap, fwd_algo):
@@ -179,9 +184,10 @@ def planned_forward(op: str, feats, weight, kmap: KernelMap, fwd_algo):
 
 
 def planned_backward(op: str, c_out: int, grad_out, feats, weight, kmap: KernelMap, bwd_algo, feats_grad: bool,
-                     weight_grad: bool):
+                     weight_grad: bool, gw_dtype=None):
     """``op``'s gradients ``(grad_feats or None, grad_weight or None)`` by the algorithms :func:`plan` chooses
-    per direction; ``grad_out`` must be ``[N_out, c_out]`` (cast to the features' dtype)."""
+    per direction; ``grad_out`` must be ``[N_out, c_out]`` (cast to the features' dtype). ``grad_weight`` in
+    ``gw_dtype`` (default: the features' dtype), cast from the algorithm's accumulator once."""
     if tuple(grad_out.shape) != (kmap.num_out, c_out):
         raise ValueError(f"grad_out must have shape {(kmap.num_out, c_out)}, got {tuple(grad_out.shape)}")
     grad_out = grad_out.astype(feats.dtype, copy=False)
@@ -194,7 +200,7 @@ def planned_backward(op: str, c_out: int, grad_out, feats, weight, kmap: KernelM
         k = kmap.num_offsets
         algo, p = plan(op, "wgrad", feats, weight, kmap, bwd_algo,
                        lambda a, p: a.wgrad(feats, grad_out, kmap, k, **p), operands=(feats, grad_out))
-        gw = algo.wgrad(feats, grad_out, kmap, k, **p)
+        gw = algo.wgrad(feats, grad_out, kmap, k, out_dtype=gw_dtype, **p)
     return gf, gw
 
 

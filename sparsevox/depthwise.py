@@ -23,10 +23,12 @@ def depthwise_forward(feats, weight, kmap: KernelMap, fwd_algo=None):
     return planned_forward("depthwise", feats, weight, kmap, fwd_algo)
 
 
-def depthwise_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, feats_grad=True, weight_grad=True):
-    """Core gradients ``(grad_feats [N_in, C] or None, grad_weight [K, C] or None)``."""
+def depthwise_backward(grad_out, feats, weight, kmap: KernelMap, bwd_algo=None, feats_grad=True, weight_grad=True,
+                       gw_dtype=None):
+    """Core gradients ``(grad_feats [N_in, C] or None, grad_weight [K, C] or None)``; ``gw_dtype`` as in
+    :func:`sparsevox.conv_backward`."""
     return planned_backward("depthwise", feats.shape[1], grad_out, feats, weight, kmap, bwd_algo, feats_grad,
-                            weight_grad)
+                            weight_grad, gw_dtype)
 
 
 def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map, num_out_coords,

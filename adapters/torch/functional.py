@@ -198,7 +198,10 @@ def _eager_forward(feats, weight, kmap, fwd_algo):
     return _ConvFunction.impls[0](feats, weight, None, None, None, kmap.num_out, algo, kmap=kmap)
 
 
-_REVERSED: dict = {}  # (K, device) -> int64 [K - 1, ..., 0] on that device
+_REVERSED: dict = {}
+# A float32/float64 parameter's gradient from 16-bit features (autocast): the algorithms' float32 accumulator as
+# it is (float64 cast from it), as the prepared launches hand it over; not rounded to 16 bits and back.
+_WIDE_GRAD = {torch.float32: "float32", torch.float64: "float64"}  # (K, device) -> int64 [K - 1, ..., 0] on that device
 
 
 def _dgrad_weight(weight, flip: bool):
@@ -302,7 +305,8 @@ def _define(name: str, core_forward, core_backward, out_channels):
             g, origin = _arrays.to_core(grad_out)
             f, _ = _arrays.to_core(feats)
             w, _ = _arrays.to_core(weight)
-            gf, gw = core_backward(g, f, w, kmap, _algo_value(bwd_algo), feats_grad, weight_grad)
+            gf, gw = core_backward(g, f, w, kmap, _algo_value(bwd_algo), feats_grad, weight_grad,
+                                   _WIDE_GRAD.get(gw_dtype) if gw_dtype != weight.dtype else None)
             if feats_grad and dprep is None:
                 _remember(kmap, dkey, dsig, name, "dgrad", f, w, bwd_algo)
             if weight_grad and wprep is None:

@@ -79,8 +79,9 @@ def dgrad(grad_out, weight, kmap, mma_tile: int = 0, split_k_slices: int = 1):
     return grad_in[:, :c_in].astype(grad_out.dtype, order="C")
 
 
-def wgrad(feats, grad_out, kmap, num_offsets: int, mma_tile: int = 0, split_k_slices: int = 1):
-    """``grad_weight [K, C_in, C_out]``, ``grad_weight[k] = feats[in_k]^T @ grad_out[out_k]``."""
+def wgrad(feats, grad_out, kmap, num_offsets: int, mma_tile: int = 0, split_k_slices: int = 1, out_dtype=None):
+    """``grad_weight [K, C_in, C_out]``, ``grad_weight[k] = feats[in_k]^T @ grad_out[out_k]``, in ``out_dtype``
+    (default: the features' dtype; float32 hands over the float32 accumulator unrounded)."""
     import cupy
     _check_tuning(mma_tile, split_k_slices)
     dt = _dtype(feats)
@@ -90,7 +91,7 @@ def wgrad(feats, grad_out, kmap, num_offsets: int, mma_tile: int = 0, split_k_sl
     if kmap.num_pairs:
         cutlass_lib.call("wgrad", dt, mma_tile, split_k_slices, _padded(feats, (feats.shape[0], ci)),
                          _padded(grad_out, (grad_out.shape[0], co)), gw, ci, co, kmap)
-    return gw[:, :c_in, :c_out].astype(feats.dtype, order="C")
+    return gw[:, :c_in, :c_out].astype(out_dtype or feats.dtype, order="C", copy=(ci, co) != (c_in, c_out))
 
 
 def _params(direction, problem):

@@ -215,8 +215,9 @@ def dgrad(grad_out, weight, kmap, nbr: str = "list", ilp: int = 1, block: int = 
     return _gather(grad_out, weight, kmap, True, nbr, ilp, block, out)
 
 
-def wgrad(feats, grad_out, kmap, num_offsets: int, chunk: int = 1024, threads: int = 256):
-    """``grad_w[k, c] = sum_{(i, o) in pairs_k} feats[i, c] * grad_out[o, c]`` → ``[num_offsets, C]``."""
+def wgrad(feats, grad_out, kmap, num_offsets: int, chunk: int = 1024, threads: int = 256, out_dtype=None):
+    """``grad_w[k, c] = sum_{(i, o) in pairs_k} feats[i, c] * grad_out[o, c]`` → ``[num_offsets, C]`` in
+    ``out_dtype`` (default: the features' dtype; float32 hands over the accumulator unrounded)."""
     import cupy
     feats = cupy.ascontiguousarray(feats)
     grad_out = cupy.ascontiguousarray(grad_out)
@@ -233,11 +234,14 @@ def wgrad(feats, grad_out, kmap, num_offsets: int, chunk: int = 1024, threads: i
         grid, blk, smem = wgrad_launch(longest, k, c, vec, chunk, threads, gw.dtype.itemsize)
         fn = _function(f"depthwise_wgrad<{ctype}, {vec}>", ctype)
         fn(grid, blk, (feats, grad_out, ins, outs, offsets, gw, np.int32(c), np.int32(chunk)), shared_mem=smem)
-    if gw.dtype == feats.dtype:
+    out_dtype = cupy.dtype(out_dtype or feats.dtype)
+    if gw.dtype == out_dtype:
         return gw
-    out = cupy.empty(gw.shape, dtype=feats.dtype)
+    if gw.dtype != cupy.float32 or out_dtype.itemsize != 2:
+        return gw.astype(out_dtype)  # not a float32 accumulator rounded to 16 bits: CuPy's cast will do
+    out = cupy.empty(gw.shape, dtype=out_dtype)
     if gw.size:
-        ctype = _CTYPE[feats.dtype.name]
+        ctype = _CTYPE[out_dtype.name]
         _function(f"depthwise_cast<{ctype}>", ctype)(*cast_launch(gw.size), (gw, out, np.int64(gw.size)))
     return out
 

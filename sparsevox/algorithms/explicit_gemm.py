@@ -95,8 +95,9 @@ def dgrad(grad_out, weight, kmap):
     return gin.astype(grad_out.dtype, copy=False)
 
 
-def wgrad(feats, grad_out, kmap, num_offsets: int):
-    """Gradient of the weight: ``grad_w[k] = feats[in_k]^T @ grad_out[out_k]``."""
+def wgrad(feats, grad_out, kmap, num_offsets: int, out_dtype=None):
+    """Gradient of the weight: ``grad_w[k] = feats[in_k]^T @ grad_out[out_k]``, in ``out_dtype`` (default:
+    the features' dtype; ``"float32"`` for 16-bit features keeps the accumulator unrounded)."""
     xp = array_module(feats)
     adt = _acc_dtype(feats, xp)
     x, g = feats.astype(adt, copy=False), grad_out.astype(adt, copy=False)
@@ -104,7 +105,7 @@ def wgrad(feats, grad_out, kmap, num_offsets: int):
     with _gemm_mode(feats, xp):
         for k, i, o in _segments(kmap):
             gw[k] = x[i].T @ g[o]
-    return gw.astype(feats.dtype, copy=False)
+    return gw.astype(out_dtype or feats.dtype, copy=False)
 
 
 # Depthwise: weight [K, C]; out[o] += feats[i] * w[k] per offset.
@@ -129,14 +130,14 @@ def depthwise_dgrad(grad_out, weight, kmap):
     return gin.astype(grad_out.dtype, copy=False)
 
 
-def depthwise_wgrad(feats, grad_out, kmap, num_offsets: int):
+def depthwise_wgrad(feats, grad_out, kmap, num_offsets: int, out_dtype=None):
     xp = array_module(feats)
     adt = _acc_dtype(feats, xp)
     x, g = feats.astype(adt, copy=False), grad_out.astype(adt, copy=False)
     gw = xp.zeros((num_offsets, feats.shape[1]), dtype=adt)
     for k, i, o in _segments(kmap):
         gw[k] = (x[i] * g[o]).sum(axis=0)
-    return gw.astype(feats.dtype, copy=False)
+    return gw.astype(out_dtype or feats.dtype, copy=False)
 
 
 # ---- registration: EXPLICIT_GEMM (conv) and EXPLICIT (depthwise), NumPy and CuPy alike ----------------

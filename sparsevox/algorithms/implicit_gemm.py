@@ -790,8 +790,10 @@ def _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, device_id,
     return prep
 
 
-def wgrad(feats, grad_out, kmap, num_offsets, gemm_block_size=None, split_k_factor=None, tf32x3=False):
-    """``grad_weight [K, C_in, C_out]``, ``grad_weight[k] = feats[in_k]^T @ grad_out[out_k]``."""
+def wgrad(feats, grad_out, kmap, num_offsets, gemm_block_size=None, split_k_factor=None, tf32x3=False,
+          out_dtype=None):
+    """``grad_weight [K, C_in, C_out]``, ``grad_weight[k] = feats[in_k]^T @ grad_out[out_k]``, in ``out_dtype``
+    (default: the features' dtype; float32 for 16-bit features hands over the accumulator itself)."""
     import cupy
     feats = cupy.ascontiguousarray(feats)
     grad_out = cupy.ascontiguousarray(grad_out)
@@ -799,14 +801,15 @@ def wgrad(feats, grad_out, kmap, num_offsets, gemm_block_size=None, split_k_fact
     c_in, c_out = int(feats.shape[1]), int(grad_out.shape[1])
     acc_dt = cupy.float64 if dt == "float64" else cupy.float32
     acc = cupy.zeros((num_offsets, c_in, c_out), dtype=acc_dt)
+    out_dtype = cupy.dtype(out_dtype or feats.dtype)
     if kmap.num_pairs == 0 or c_in == 0 or c_out == 0:
-        return acc.astype(feats.dtype, copy=False)
+        return acc.astype(out_dtype, copy=False)
     t, chunk = _wgrad_setup(dt, c_in, c_out, kmap.num_pairs, feats.device.id, gemm_block_size, split_k_factor,
                             tf32x3)
     vec = _vec_ok(dt, c_in, c_out, feats, grad_out)
     _prepare_wgrad(dt, c_in, c_out, kmap, num_offsets, t, chunk, vec, feats.device.id, tf32x3).launch(
         feats.data.ptr, grad_out.data.ptr, acc.data.ptr)
-    return acc if acc.dtype == feats.dtype else acc.astype(feats.dtype)
+    return acc.astype(out_dtype, copy=False)
 
 
 def prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params) -> Launch | None:
