@@ -19,12 +19,14 @@ the GPU work on XLA's stream (``ctx.stream``). After the first call of a signatu
 prepared launch of the chosen kernels (:func:`sparsevox.conv.prepared`), writing into XLA's output buffers.
 Under ``vmap`` it runs once per batch element.
 
-XLA FFI (issue 20, NOT YET GPU-VERIFIED): with ``libsparsevox_xla_ffi.so`` built (``python -m sparsevox
+XLA FFI (issue 20): with ``libsparsevox_xla_ffi.so`` built (``python -m sparsevox
 build-ffi``), a GPU backend, and the opt-in ``SPARSEVOX_JAX_FFI=1`` (off by default until the GPU tests
 of ``tests/test_xla_ffi.py`` have passed on a GPU), a convolution forward whose plan is
 IMPLICIT_GEMM is instead one ``sparsevox_launch`` custom call: its prepared launch is registered in the
-library's table at trace time and XLA launches it on its stream with no Python (:func:`_ffi_forward`).
-The backward and every other op still use ``buffer_callback``. :func:`jax_call_path` says which is used.
+library's table at trace time and XLA launches it on its stream with no Python (:func:`_ffi_forward`;
+forward GPU-verified at ce287b0). Its backward likewise, as a dgrad and a wgrad call (:func:`_ffi_backward`,
+written 2026-12-05 without a GPU: not yet verified there). Bucketed maps, depthwise and every other op
+still use ``buffer_callback``. :func:`jax_call_path` says which is used.
 
 Speed: jit the whole step (all layers, loss, gradient), not single layers. On an H100 host a jitted call
 costs ~80 µs of XLA dispatch before any work, about what a whole small layer costs through torch, and
@@ -342,8 +344,8 @@ def _map_of(i, o, kmap: JaxKernelMap, on_gpu: bool) -> KernelMap:
 # core map; False marks a signature without one.
 
 # --- the XLA FFI forward (issue 20): the prepared launch as a custom call -----------------------------
-# NOT YET GPU-VERIFIED: written and checked on a CPU-only machine (the handler's checks and packing are
-# tested there through the CPU twin, tests/test_xla_ffi.py); the GPU tests in that file are the proof.
+# The handler's checks and packing are tested on the CPU through its twin (tests/test_xla_ffi.py); the
+# forward passed that file's GPU tests at ce287b0; the backward (2026-12-05) has not run on a GPU yet.
 
 @functools.cache
 def _ffi_path(setting: str) -> tuple[bool, str]:
@@ -361,22 +363,44 @@ def _ffi_path(setting: str) -> tuple[bool, str]:
             jax.ffi.register_ffi_target(ffi_lib.TARGET, jax.ffi.pycapsule(ffi_lib.handler_address()), platform="CUDA")
         except Exception as e:  # an XLA without typed FFI, or a registration clash
             ok, why = False, f"registering {ffi_lib.TARGET} with XLA failed: {e}"
-    log.info("sparsevox JAX convolutions: %s", "forward through the XLA FFI custom call sparsevox_launch" if ok
+    log.info("sparsevox JAX convolutions: %s", "forward and backward through the XLA FFI custom call sparsevox_launch" if ok
              else f"buffer_callback (the XLA FFI path is off: {why})")
     return ok, why
 
 
 def jax_call_path() -> tuple[str, str]:
-    """``("ffi", "")`` or ``("buffer_callback", why)``: how this process runs convolution forwards."""
+    """``("ffi", "")`` or ``("buffer_callback", why)``: how this process runs convolutions on exact maps."""
     ok, why = _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "0"))
     return ("ffi", "") if ok else ("buffer_callback", why)
 
 
-def _ffi_launch_id(core: KernelMap, dtype: str, f_shape, w_shape, fwd_algo) -> int | None:
-    """The launch id of this forward's prepared IMPLICIT_GEMM launch, registered once per map and signature
-    (None: the plan picked another algorithm, or the problem is empty). Plans, and for AUTO tunes, at
-    trace time with one ordinary call on zeros of the call's shapes; forgotten when the map is freed."""
-    key = ("jax.ffi.fwd", dtype, tuple(f_shape), tuple(w_shape), fwd_algo, sv.allow_tf32())
+# What each direction's custom call takes: its XLA buffers (inputs, then outputs) by the shapes of the
+# features [N_in, C_in], weight [K, C_in, C_out] and map, and which of them the Launch's holes a, b, out are.
+#   fwd:   feats, weight -> out [N_out, C_out]
+#   dgrad: grad_out [N_out, C_out], W^T [K, C_out, C_in] (offsets reversed when the Launch's flip_b) -> [N_in, C_in]
+#   wgrad: feats, grad_out, a zero accumulator [K, C_in, C_out] -> that accumulator (aliased: the kernels add)
+_FFI_BUFFERS = {"fwd": (2, (0, 1, 2)), "dgrad": (2, (0, 1, 2)), "wgrad": (3, (0, 1, 3))}
+
+
+def _ffi_buffer_bytes(direction: str, core: KernelMap, f_shape, w_shape, itemsize: int, acc_itemsize: int):
+    """The byte size of each buffer of a direction's custom call (see :data:`_FFI_BUFFERS`)."""
+    k, c_in, c_out = (int(v) for v in w_shape)
+    feats, weight = int(f_shape[0]) * c_in * itemsize, k * c_in * c_out * itemsize
+    grad_out = core.num_out * c_out * itemsize
+    if direction == "fwd":
+        return [feats, weight, grad_out]
+    if direction == "dgrad":
+        return [grad_out, weight, feats]
+    acc = k * c_in * c_out * acc_itemsize
+    return [feats, grad_out, acc, acc]
+
+
+def _ffi_launch(core: KernelMap, direction: str, dtype: str, f_shape, w_shape, algo):
+    """``(launch id, Launch)`` of this call's prepared IMPLICIT_GEMM launch in ``direction`` (``fwd``,
+    ``dgrad``, ``wgrad``), registered once per map and signature, or None (the plan picked another
+    algorithm, or the problem is empty). Plans, and for AUTO tunes, at trace time with one ordinary call on
+    zeros of the call's shapes; forgotten when the map is freed."""
+    key = ("jax.ffi." + direction, dtype, tuple(f_shape), tuple(w_shape), algo, sv.allow_tf32())
     hit = core.derived.get(key)
     if hit is None:
         import cupy
@@ -385,40 +409,76 @@ def _ffi_launch_id(core: KernelMap, dtype: str, f_shape, w_shape, fwd_algo) -> i
         try:
             with cupy.cuda.Device(core.in_maps.device.id):
                 fv, wv = cupy.zeros(f_shape, jnp.dtype(dtype)), cupy.zeros(w_shape, jnp.dtype(dtype))
-                sv.conv_forward(fv, wv, core, fwd_algo)
-                prep = sv.conv.prepared("conv", "fwd", fv, wv, core, fwd_algo)
+                if direction == "fwd":
+                    sv.conv_forward(fv, wv, core, algo)
+                else:
+                    gv = cupy.zeros((core.num_out, w_shape[2]), jnp.dtype(dtype))
+                    sv.conv_backward(gv, fv, wv, core, algo, direction == "dgrad", direction == "wgrad")
+                prep = sv.conv.prepared("conv", direction, fv, wv, core, algo)
         except Exception as e:  # e.g. a CuPy without this dtype: buffer_callback handles it
-            log.warning("sparsevox: no XLA FFI launch for a %s forward %s -> buffer_callback (%s: %s)", dtype,
+            log.warning("sparsevox: no XLA FFI launch for a %s %s %s -> buffer_callback (%s: %s)", dtype, direction,
                         tuple(f_shape), type(e).__name__, e)
         if prep is not None and hasattr(prep, "raw_steps"):
-            i, j, k = prep.holes
-            steps = [(*s, {i: 0, j: 1, k: 2}) for s in prep.raw_steps()]
-            sizes = [fv.nbytes, wv.nbytes, int(np.prod(prep.out_shape)) * fv.itemsize]
-            launch_id = ffi_lib.register(steps, 2, 1, sizes, int(prep.device_id), 16 if prep.vec else 1)
+            n_args, holes = _FFI_BUFFERS[direction]
+            steps = [(*s, dict(zip(prep.holes, holes))) for s in prep.raw_steps()]
+            acc_itemsize = jnp.dtype(prep.acc_dtype or dtype).itemsize
+            sizes = _ffi_buffer_bytes(direction, core, f_shape, w_shape, fv.itemsize, acc_itemsize)
+            launch_id = ffi_lib.register(steps, n_args, 1, sizes, int(prep.device_id), 16 if prep.vec else 1)
             weakref.finalize(core, ffi_lib.forget, launch_id)
             hit = (launch_id, prep)  # the Launch keeps the tables its parameters point to
         core.derived[key] = hit
-    return hit[0] if hit else None
+    return hit or None
+
+
+def _ffi_core(kmap: JaxKernelMap):
+    """The core map of an exact map on the GPU when the FFI path is on, else None (buffer_callback)."""
+    if kmap.bucketed or not _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "0"))[0]:
+        return None
+    core = kmap.source.ref() if kmap.source is not None else None
+    return None if core is None or array_module(core.in_maps) is np else core
 
 
 def _ffi_forward(feats, weight, kmap: JaxKernelMap, fwd_algo):
     """The convolution forward as one ``sparsevox_launch`` custom call, or None to use buffer_callback.
 
-    NOT YET GPU-VERIFIED. Used only when the FFI library is built, jax has a GPU backend and
-    ``SPARSEVOX_JAX_FFI`` is ``1``, for a map on the GPU whose planned algorithm is IMPLICIT_GEMM. XLA
-    launches the prepared kernels on its own stream with no Python in the step (command buffers: not
-    yet; the handler does not declare itself compatible)."""
-    if kmap.bucketed or not _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "0"))[0]:
-        return None
-    core = kmap.source.ref() if kmap.source is not None else None
-    if core is None or array_module(core.in_maps) is np:
-        return None
-    launch_id = _ffi_launch_id(core, jnp.dtype(feats.dtype).name, feats.shape, weight.shape, fwd_algo)
-    if launch_id is None:
+    Used only when the FFI library is built, jax has a GPU backend and ``SPARSEVOX_JAX_FFI`` is ``1``, for
+    an exact map on the GPU whose planned algorithm is IMPLICIT_GEMM. XLA launches the prepared kernels on
+    its own stream with no Python in the step (command buffers: not yet; the handler does not declare
+    itself compatible)."""
+    core = _ffi_core(kmap)
+    hit = core and _ffi_launch(core, "fwd", jnp.dtype(feats.dtype).name, feats.shape, weight.shape, fwd_algo)
+    if not hit:
         return None
     from sparsevox.cuda import ffi_lib
     out = jax.ShapeDtypeStruct((kmap.num_out, weight.shape[2]), feats.dtype)
-    return jax.ffi.ffi_call(ffi_lib.TARGET, out, vmap_method="sequential")(feats, weight, launch_id=np.int64(launch_id))
+    return jax.ffi.ffi_call(ffi_lib.TARGET, out, vmap_method="sequential")(feats, weight, launch_id=np.int64(hit[0]))
+
+
+def _ffi_backward(feats, weight, kmap: JaxKernelMap, grad, bwd_algo):
+    """The convolution's ``(grad_feats, grad_weight)`` as two ``sparsevox_launch`` custom calls (dgrad,
+    wgrad), or None to use buffer_callback. NOT YET GPU-VERIFIED (written on a CPU-only machine; the GPU
+    tests of tests/test_xla_ffi.py are the proof). Same conditions as :func:`_ffi_forward`, for both
+    directions. The dgrad's transposed (for a mirrored submanifold map also offset-reversed) weight is an
+    XLA transpose; the wgrad accumulates into a zeroed float32 (float64) buffer that the call takes as an
+    input and returns aliased, cast to the weight's dtype by XLA: the weight gradient is the
+    accumulator's, rounded once."""
+    core = _ffi_core(kmap)
+    if core is None or grad.dtype != feats.dtype:
+        return None
+    dt = jnp.dtype(feats.dtype).name
+    d = _ffi_launch(core, "dgrad", dt, feats.shape, weight.shape, bwd_algo)
+    w = d and _ffi_launch(core, "wgrad", dt, feats.shape, weight.shape, bwd_algo)
+    if not w:
+        return None
+    from sparsevox.cuda import ffi_lib
+    (did, dprep), (wid, wprep) = d, w
+    wt = jnp.swapaxes(weight[::-1] if dprep.flip_b else weight, 1, 2)
+    gf = jax.ffi.ffi_call(ffi_lib.TARGET, jax.ShapeDtypeStruct(feats.shape, feats.dtype), vmap_method="sequential")(
+        grad, wt, launch_id=np.int64(did))
+    acc = jax.ShapeDtypeStruct(tuple(wprep.out_shape), jnp.dtype(wprep.acc_dtype))
+    gw = jax.ffi.ffi_call(ffi_lib.TARGET, acc, vmap_method="sequential", input_output_aliases={2: 0})(
+        feats, grad, jnp.zeros(acc.shape, acc.dtype), launch_id=np.int64(wid))
+    return gf, gw.astype(weight.dtype)
 
 
 def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
@@ -487,6 +547,10 @@ def _fast_backward(dprep, wprep, outs, g, f, w) -> bool:
 
 
 def _backward(op, feats, weight, kmap: JaxKernelMap, grad, bwd_algo):
+    if op == "conv":
+        got = _ffi_backward(feats, weight, kmap, grad, bwd_algo)
+        if got is not None:
+            return got
     core = sv.conv_backward if op == "conv" else sv.depthwise_backward
 
     def run(outs, ins, on_gpu):

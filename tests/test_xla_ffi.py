@@ -2,8 +2,9 @@
 
 On the CPU: the library builds from jaxlib's headers, loads without a GPU or driver, its table registers
 and forgets launches, and every check of the CUDA handler runs through XLA itself via the CPU twin
-``sparsevox_launch_dryrun`` (same decoding, checks and parameter packing, no launch). The GPU tests
-compare the FFI forward with the buffer_callback path and the float64 oracle.
+``sparsevox_launch_dryrun`` (same decoding, checks and parameter packing, no launch), and the JAX glue of
+the backward runs against an emulation of the kernels. The GPU tests compare the FFI forward (GPU-verified
+at ce287b0) and backward (not yet run on a GPU) with the buffer_callback path and the float64 oracle.
 """
 import logging
 import os
@@ -183,6 +184,111 @@ def test_the_handler_checks_and_packs_through_xla(built, dryrun):
         ffi_lib.forget(lid)
 
 
+def test_an_aliased_accumulator_reaches_the_handler_as_the_output(built, dryrun):
+    """The wgrad call's form: a third input aliased to the output (``input_output_aliases={2: 0}``), which the
+    kernels add into. Through XLA the handler gets one address for both, and what the call returns is that
+    buffer's content (the dry run launches nothing, so the input's 7s come back)."""
+    f, w = jnp.ones((4, 2), jnp.float32), jnp.ones((27, 2, 3), jnp.float32)
+    lid = ffi_lib.register([_step({0: 0, 1: 1, 2: 2, 4: 3}, (None, None, None, np.int32(5), None, np.int32(7)))],
+                           3, 1, [f.nbytes, w.nbytes, 60, 60])
+    try:
+        fn = jax.ffi.ffi_call(ffi_lib.DRYRUN_TARGET, jax.ShapeDtypeStruct((5, 3), jnp.float32),
+                              vmap_method="sequential", input_output_aliases={2: 0})
+        cpu = jax.devices("cpu")[0]
+        out = jax.jit(lambda f, w: fn(f, w, jnp.full((5, 3), 7.0, jnp.float32), launch_id=np.int64(lid)))(
+            jax.device_put(f, cpu), jax.device_put(w, cpu))
+        np.testing.assert_array_equal(np.asarray(out), np.full((5, 3), 7.0))
+        a0, a1, acc, five, out_addr, seven = struct.unpack("@QQQiQi", ffi_lib.last_params(lid)[:44])
+        assert acc == out_addr and len({a0, a1, acc}) == 3 and (five, seven) == (5, 7)
+    finally:
+        ffi_lib.forget(lid)
+
+
+class _FakeLaunch:
+    """What the JAX glue reads of a prepared Launch (flip_b, acc_dtype, out_shape)."""
+
+    def __init__(self, direction, core, f_shape, w_shape, dtype):
+        from sparsevox.algorithms.implicit_gemm import _mirrored
+        k, c_in, c_out = w_shape
+        self.direction, self.core = direction, core
+        self.flip_b = direction == "dgrad" and _mirrored(core)
+        self.acc_dtype = ("float64" if dtype == "float64" else "float32") if direction == "wgrad" else None
+        self.out_shape = {"fwd": (core.num_out, c_out), "dgrad": tuple(f_shape), "wgrad": tuple(w_shape)}[direction]
+
+    def run(self, a, b, out):
+        """The kernels' semantics as the Launch docstring states them, on the map's pairs in float64."""
+        from sparsevox.algorithms.explicit_gemm import _segments
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        res = np.zeros(self.out_shape) if out is None else np.array(out, np.float64)
+        for k, i, o in _segments(self.core):
+            if self.direction == "fwd":
+                np.add.at(res, o, a[i] @ b[k])
+            elif self.direction == "dgrad" and self.flip_b:  # the forward tables, rows as inputs, W[K-1-k]^T
+                np.add.at(res, o, a[i] @ b[k])
+            elif self.direction == "dgrad":
+                np.add.at(res, i, a[o] @ b[k])
+            else:  # wgrad adds into the zeroed accumulator
+                res[k] += a[i].T @ b[o]
+        return res
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (2, 2)], ids=["subm-mirrored", "k2s2"])
+def test_the_ffi_backward_hands_each_call_what_its_launch_expects(rng, monkeypatch, dtype, kernel, stride):
+    """The JAX side of the FFI backward on the CPU: the custom calls are replaced by an emulation of the
+    prepared kernels' documented semantics (``_FakeLaunch``), so what is checked is the glue: which buffers
+    each call gets (their byte sizes are the ones the launch is registered with), the dgrad's transposed and,
+    for a mirrored map, offset-reversed weight, the wgrad's zeroed accumulator aliased to its output and cast
+    to the weight's dtype. Against the NumPy reference's gradients (float64 copies)."""
+    svj = pytest.importorskip("sparsevox.adapters.jax")
+    import sparsevox as sv
+    from reference import TOL, random_voxels, rel_err
+    c = random_voxels(rng, 200, extent=6, batches=2)
+    f = rng.standard_normal((len(c), 6)).astype(dtype)
+    w = (rng.standard_normal((kernel ** 3, 6, 5)) / 9).astype(dtype)
+    v = sv.Voxels(jnp.asarray(c), jnp.asarray(f))
+    kmap = svj.kernel_map(v, kernel, stride)
+    core = kmap.source.ref()
+    g = rng.standard_normal((kmap.num_out, 5)).astype(dtype)
+    launches, calls = {}, []
+
+    def fake_launch(core_map, direction, dt, f_shape, w_shape, algo):
+        assert core_map is core and dt == dtype
+        lid = len(launches) + 1
+        launches[lid] = _FakeLaunch(direction, core_map, f_shape, w_shape, dt)
+        return lid, launches[lid]
+
+    def fake_ffi_call(target, result, vmap_method=None, input_output_aliases=None):
+        def call(*args, launch_id):
+            prep = launches[int(launch_id)]
+            n_args, _ = svj._FFI_BUFFERS[prep.direction]
+            itemsize = np.dtype(dtype).itemsize
+            sizes = svj._ffi_buffer_bytes(prep.direction, core, f.shape, w.shape, itemsize, 4)
+            assert [a.size * a.dtype.itemsize for a in args] + [int(np.prod(result.shape)) * result.dtype.itemsize] \
+                == sizes and len(args) == n_args
+            calls.append((prep.direction, input_output_aliases, result.dtype))
+
+            def host(*arrays):
+                out = arrays[2] if input_output_aliases else None
+                return prep.run(arrays[0], arrays[1], out).astype(result.dtype)
+            return jax.pure_callback(host, result, *args)
+        return call
+
+    monkeypatch.setattr(svj, "_ffi_core", lambda m: m.source.ref())
+    monkeypatch.setattr(svj, "_ffi_launch", fake_launch)
+    monkeypatch.setattr(jax.ffi, "ffi_call", fake_ffi_call)
+    out, vjp = jax.vjp(lambda f, w: svj.conv_features(f, w, kmap), jnp.asarray(f), jnp.asarray(w))
+    gf, gw = vjp(jnp.asarray(g))
+    assert [d for d, *_ in calls] == ["fwd", "dgrad", "wgrad"]
+    assert calls[2][1] == {2: 0} and calls[2][2] == np.float32 and calls[1][1] is None
+    assert launches[2].flip_b == (kernel == 3)
+    assert gf.dtype == gw.dtype == np.dtype(dtype)
+    ref = sv.conv_backward(g.astype(np.float64), f.astype(np.float64), w.astype(np.float64), core)
+    ref_out = sv.conv_forward(f.astype(np.float64), w.astype(np.float64), core)
+    for got, want in ((out, ref_out), (gf, ref[0]), (gw, ref[1])):
+        assert rel_err(np.asarray(got, np.float64), want) < TOL[dtype]
+
+
 def test_cpu_jax_takes_the_fallback_and_says_so_once(built, caplog, monkeypatch, rng):
     if jax.default_backend() == "gpu":
         pytest.skip("jax has a GPU backend here: the no-GPU fallback is checked where it has none (CI)")
@@ -217,7 +323,7 @@ def test_the_build_command(built, tmp_path, capsys):
     assert "build-ffi: built" in err and "has no xla/ffi/api/ffi.h" in err
 
 
-# --- on a GPU: the FFI forward against buffer_callback and the float64 oracle (NOT YET RUN) -------------
+# --- on a GPU: the FFI forward and backward against buffer_callback and the float64 oracle ---------------
 
 def _gpu_case(rng, dtype, c_in=16, c_out=32, n=400):
     import sparsevox as sv
@@ -253,8 +359,50 @@ def test_gpu_ffi_forward_matches_buffer_callback_and_the_oracle(rng, monkeypatch
         ref = dense_conv(c, f.astype(dtype).astype(np.float64), w.astype(dtype).astype(np.float64), 3, 1, 1, False, c)
         assert rel_err(results["1"], ref) < TOL[dtype]
         np.testing.assert_allclose(results["1"], results["0"], rtol=TOL[dtype], atol=TOL[dtype])
-        g = jax.grad(lambda f: svj.conv_features(f, wj, kmap, fwd_algo="implicit_gemm").astype(jnp.float32).sum())(v.feats)
-        assert g.shape == v.feats.shape  # the backward still runs through buffer_callback
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (2, 2)], ids=["subm-mirrored", "k2s2"])
+def test_gpu_ffi_backward_matches_buffer_callback_and_the_oracle(rng, monkeypatch, dtype, kernel, stride):
+    """The FFI backward (dgrad and wgrad custom calls; written without a GPU on 2026-12-05): the jitted
+    gradient's HLO has three sparsevox_launch calls, its gradients match the float64 oracle and the
+    buffer_callback path, and the weight gradient of 16-bit data is the float32 accumulator rounded once."""
+    svj = pytest.importorskip("sparsevox.adapters.jax")
+    from reference import TOL, dense_conv_grads, rel_err
+    if not ffi_lib.available()[0]:
+        ffi_build.build()
+        ffi_lib.reset()
+    if dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    try:
+        c, f, w, v = _gpu_case(rng, dtype, c_in=16, c_out=24, n=600)
+        w = rng.standard_normal((kernel ** 3, 16, 24)) / np.sqrt(kernel ** 3 * 16)
+        kmap = svj.kernel_map(v, kernel, stride)
+        out_c = np.asarray(svj.spatially_sparse_conv(v, jnp.asarray(w, dtype), kernel, stride).coords)  # row order
+        assert len(out_c) == kmap.num_out
+        g = rng.standard_normal((kmap.num_out, 24))
+        wj, gj = jnp.asarray(w, dtype), jnp.asarray(g, dtype)
+        results = {}
+        for setting in ("1", "0"):
+            monkeypatch.setenv("SPARSEVOX_JAX_FFI", setting)
+
+            def loss(f, w):
+                out = svj.conv_features(f, w, kmap, fwd_algo="implicit_gemm", bwd_algo="implicit_gemm")
+                return (out.astype(jnp.float32) * gj.astype(jnp.float32)).sum()
+            fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+            hlo = fn.lower(v.feats, wj).as_text()
+            assert hlo.count(ffi_lib.TARGET) >= (3 if setting == "1" else 0), hlo[:3000]
+            results[setting] = [np.asarray(a, np.float64) for a in fn(v.feats, wj)]
+        x64, w64, g64 = (a.astype(dtype).astype(np.float64) for a in (f, w, g))
+        rgf, rgw = dense_conv_grads(c, x64, w64, g64, kernel, stride, 1, False, out_c)
+        for got, want, ref in zip(results["1"], results["0"], (rgf, rgw)):
+            assert rel_err(got, ref) < TOL[dtype]
+            assert rel_err(got, want) < 2 * TOL[dtype]
+        if dtype == "float16":  # accumulated in float32, rounded to float16 once: within float16's rounding
+            assert rel_err(results["1"][1], rgw) < 1e-3
     finally:
         jax.config.update("jax_enable_x64", False)
 
