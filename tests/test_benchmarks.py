@@ -156,3 +156,25 @@ def test_jax_compiles_probe_runs_the_modes_asked_for(tmp_path):
     (mode,) = doc["modes"]
     assert mode["bucketed"] is True and len(mode["scans"]) == 2
     assert 1 <= mode["compiles"] <= 2 and mode["scans"][0]["compiles"] == 1  # the first scan always compiles
+
+
+def test_adapters_jax_rows_time_every_figure_of_a_path(rng, monkeypatch):
+    """benchmarks.adapters' JAX figures on the CPU (the benchmark itself needs a GPU): every figure is timed,
+    the map passed as an argument is found without a recall miss, and the CPU path has no FFI custom call."""
+    jax = pytest.importorskip("jax", reason="jax not installed")
+    import jax.numpy as jnp
+    from reference import random_voxels
+
+    import sparsevox as sv
+    from benchmarks import adapters
+    from sparsevox.adapters import jax as svj
+    from sparsevox.kernel_map import recall_stats
+    monkeypatch.setenv("SPARSEVOX_JAX_FFI", "0")  # restored afterwards: _jax_rows sets it for its path
+    c = random_voxels(rng, 60, extent=5)
+    f = jnp.asarray(rng.standard_normal((len(c), 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((27, 4, 4)) / 10, jnp.float32)
+    k = svj.kernel_map(sv.Voxels(jnp.asarray(c), f), 3)
+    got = adapters._jax_rows(svj, jax, jnp, recall_stats, f, w, k, 2, "0")
+    assert set(got["ms"]) == {"fwd", "fwd_bwd", "fwd_per_layer_of_stack", "fwd_map_closed_over"}
+    assert all(v > 0 for v in got["ms"].values())
+    assert got["misses"]["map_argument"] == 0 and got["ffi_custom_calls_in_fwd_and_grad"] == 0
