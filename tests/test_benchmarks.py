@@ -178,3 +178,25 @@ def test_adapters_jax_rows_time_every_figure_of_a_path(rng, monkeypatch):
     assert set(got["ms"]) == {"fwd", "fwd_bwd", "fwd_per_layer_of_stack", "fwd_map_closed_over"}
     assert all(v > 0 for v in got["ms"].values())
     assert got["misses"]["map_argument"] == 0 and got["ffi_custom_calls_in_fwd_and_grad"] == 0
+
+
+def test_flax_step_probe_times_the_callbacks_of_a_step(tmp_path):
+    """The probe's CPU smoke run: callbacks are timed by kind inside the jitted step, and the timer is
+    removed afterwards (the adapter's own ``_call`` is back)."""
+    pytest.importorskip("flax", reason="flax not installed")
+    import json
+
+    from benchmarks.probes import flax_step
+    from sparsevox.adapters import jax as svj
+    call = svj._call
+    out = tmp_path / "f.json"
+    assert flax_step.main(["--scene", "tiny", "--steps", "3", "--modes", "fp32_train", "--widths", "4,4,4,4,4,4,4,4,4",
+                           "--out", str(out)]) == 0
+    assert svj._call is call
+    (rec,) = json.loads(out.read_text())["records"]
+    assert rec["mode"] == "fp32_train" and len(rec["steps"]) == 3 and rec["steps"][0]["compiled"]
+    first = rec["steps"][0]
+    assert first["by_kind_calls"]["_forward.run"] == first["by_kind_calls"]["_backward.run"] > 0
+    assert first["callbacks_ms"] == pytest.approx(sum(first["by_kind_ms"].values()))
+    with pytest.raises(SystemExit):
+        flax_step.main(["--steps", "1"])
