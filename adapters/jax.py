@@ -84,7 +84,10 @@ from sparsevox._arrays import (array_module, cuda_interface_view, data_ptr, exte
                                to_host)
 from sparsevox.kernel_map import KernelMap, live_map, recall
 from sparsevox.segments import FLOAT_DTYPES
+from sparsevox.tuning import tune_cache
+from sparsevox.tuning.algo_inputs import resolve_algos
 from sparsevox.tuning.problem import n_bucket
+from sparsevox.tuning.registry import token as registry_token
 from sparsevox.voxels import Voxels
 
 log = logging.getLogger("sparsevox.adapters.jax")
@@ -343,14 +346,14 @@ def _map_of(i, o, kmap: JaxKernelMap, on_gpu: bool) -> KernelMap:
 # outputs in place (no CuPy views, no planning, no copy of the result into XLA's buffer). Kept on the
 # core map; False marks a signature without one.
 
-# --- the XLA FFI forward (issue 20): the prepared launch as a custom call -----------------------------
+# --- the XLA FFI path (issue 20): a convolution's prepared launches as custom calls ----------------------
 # The handler's checks and packing are tested on the CPU through its twin (tests/test_xla_ffi.py); the
 # forward passed that file's GPU tests at ce287b0; the backward (2026-12-05) has not run on a GPU yet.
 
 @functools.cache
 def _ffi_path(setting: str) -> tuple[bool, str]:
-    """``(True, "")`` when conv forwards go through the ``sparsevox_launch`` custom call, else ``(False,
-    why)``; registers the handler with XLA (CUDA) the first time, and logs the choice once."""
+    """``(True, "")`` when convolutions on exact maps go through the ``sparsevox_launch`` custom call, else
+    ``(False, why)``; registers the handler with XLA (CUDA) the first time, and logs the choice once."""
     from sparsevox.cuda import ffi_lib
     if setting != "1":
         ok, why = False, f"SPARSEVOX_JAX_FFI={setting} (opt-in: set it to 1)"
@@ -369,7 +372,9 @@ def _ffi_path(setting: str) -> tuple[bool, str]:
 
 
 def jax_call_path() -> tuple[str, str]:
-    """``("ffi", "")`` or ``("buffer_callback", why)``: how this process runs convolutions on exact maps."""
+    """``("ffi", "")`` or ``("buffer_callback", why)``: how this process runs convolutions (not depthwise) on
+    exact maps, forward and backward (an algorithm without prepared launches, and bucketed maps, still take
+    buffer_callback)."""
     ok, why = _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "0"))
     return ("ffi", "") if ok else ("buffer_callback", why)
 
@@ -382,17 +387,29 @@ def jax_call_path() -> tuple[str, str]:
 _FFI_BUFFERS = {"fwd": (2, (0, 1, 2)), "dgrad": (2, (0, 1, 2)), "wgrad": (3, (0, 1, 3))}
 
 
-def _ffi_buffer_bytes(direction: str, core: KernelMap, f_shape, w_shape, itemsize: int, acc_itemsize: int):
+def _ffi_buffer_bytes(direction: str, num_out: int, f_shape, w_shape, itemsize: int, acc_itemsize: int):
     """The byte size of each buffer of a direction's custom call (see :data:`_FFI_BUFFERS`)."""
     k, c_in, c_out = (int(v) for v in w_shape)
     feats, weight = int(f_shape[0]) * c_in * itemsize, k * c_in * c_out * itemsize
-    grad_out = core.num_out * c_out * itemsize
+    grad_out = int(num_out) * c_out * itemsize
     if direction == "fwd":
         return [feats, weight, grad_out]
     if direction == "dgrad":
         return [grad_out, weight, feats]
     acc = k * c_in * c_out * acc_itemsize
     return [feats, grad_out, acc, acc]
+
+
+def _ffi_register(prep, direction: str, num_out: int, f_shape, w_shape, dtype: str) -> int:
+    """Register a prepared Launch in the FFI library's table for a ``direction`` call: its holes ``a``,
+    ``b``, ``out`` receive the buffers :data:`_FFI_BUFFERS` names, and every buffer is checked for the size
+    :func:`_ffi_buffer_bytes` gives. Returns the launch id."""
+    from sparsevox.cuda import ffi_lib
+    n_args, buffers = _FFI_BUFFERS[direction]
+    steps = [(*s, dict(zip(prep.holes, buffers))) for s in prep.raw_steps()]
+    sizes = _ffi_buffer_bytes(direction, num_out, f_shape, w_shape, jnp.dtype(dtype).itemsize,
+                              jnp.dtype(prep.acc_dtype or dtype).itemsize)
+    return ffi_lib.register(steps, n_args, 1, sizes, int(prep.device_id), 16 if prep.vec else 1)
 
 
 def _ffi_launch(core: KernelMap, direction: str, dtype: str, f_shape, w_shape, algo):
@@ -419,11 +436,7 @@ def _ffi_launch(core: KernelMap, direction: str, dtype: str, f_shape, w_shape, a
             log.warning("sparsevox: no XLA FFI launch for a %s %s %s -> buffer_callback (%s: %s)", dtype, direction,
                         tuple(f_shape), type(e).__name__, e)
         if prep is not None and hasattr(prep, "raw_steps"):
-            n_args, holes = _FFI_BUFFERS[direction]
-            steps = [(*s, dict(zip(prep.holes, holes))) for s in prep.raw_steps()]
-            acc_itemsize = jnp.dtype(prep.acc_dtype or dtype).itemsize
-            sizes = _ffi_buffer_bytes(direction, core, f_shape, w_shape, fv.itemsize, acc_itemsize)
-            launch_id = ffi_lib.register(steps, n_args, 1, sizes, int(prep.device_id), 16 if prep.vec else 1)
+            launch_id = _ffi_register(prep, direction, core.num_out, f_shape, w_shape, dtype)
             weakref.finalize(core, ffi_lib.forget, launch_id)
             hit = (launch_id, prep)  # the Launch keeps the tables its parameters point to
         core.derived[key] = hit
@@ -481,6 +494,47 @@ def _ffi_backward(feats, weight, kmap: JaxKernelMap, grad, bwd_algo):
     return gf, gw.astype(weight.dtype)
 
 
+# --- bucketed maps: prepared launches on the real rows -------------------------------------------------
+# A bucketed map is a fresh scan's map in a compiled step shared by scans of similar size: its first call
+# of a layer signature would run the core call (planning, CuPy views, a new result copied into XLA's
+# buffer and the padding rows zero-filled). The plan an earlier map of the same signature got is kept in
+# ``tune_cache.plans`` (as the torch adapter does), so a fresh map's call makes its launch object from it
+# and the kernels write the real rows into XLA's buffer directly; only the padding rows are zero-filled.
+
+def _bucketed_signature(direction: str, dtype: str, c_in: int, w_shape, core_map: KernelMap, algo):
+    """The key in ``tune_cache.plans`` of a bucketed call's ``(algorithm, params)``, without the map (its row
+    counts bucketed as the autotuner buckets them)."""
+    env = resolve_algos(None, "conv", "fwd" if direction == "fwd" else "bwd") if algo is None else None
+    return ("jax.signature", direction, dtype, int(c_in), tuple(w_shape), algo, env, sv.allow_tf32(),
+            n_bucket(core_map.num_in), n_bucket(core_map.num_out), core_map.num_offsets, core_map.kind,
+            tuple(core_map.stride), registry_token("conv"), core_map.in_maps.device.id)
+
+
+def _bucketed_prep(core_map: KernelMap, direction: str, dtype: str, c_in: int, w_shape, algo):
+    """``(launch object, False or None, key)`` of a bucketed convolution's call on the GPU: the one kept on
+    the map, else one made from the plan of an earlier map with the same signature (on the current device
+    and stream: its tables are built there), else None (the core call runs, then :func:`_bucketed_remember`).
+    False: the plan's algorithm has no launch object."""
+    key = ("jax.bucketed." + direction, dtype, int(c_in), tuple(w_shape), algo, sv.allow_tf32())
+    prep = core_map.derived.get(key)
+    if prep is None:
+        choice = tune_cache.plans.get(_bucketed_signature(direction, dtype, c_in, w_shape, core_map, algo))
+        if choice is None:
+            return None, key
+        prep = sv.conv.prepare_choice(choice, direction, dtype, int(c_in), int(w_shape[2]), core_map,
+                                      core_map.in_maps.device.id) or False
+        core_map.derived[key] = prep
+    return prep, key
+
+
+def _bucketed_remember(core_map: KernelMap, key, direction: str, fv, wv, algo) -> None:
+    """After a bucketed core call on the real rows ``fv`` (features ``[N_in, C_in]``) and weight ``wv``: keep
+    its launch object on the map and its plan under the signature, for the next fresh maps."""
+    choice = sv.conv.remember_prepared(core_map, key, "conv", direction, fv, wv, algo)
+    if choice is not None:
+        tune_cache.plans[_bucketed_signature(direction, str(fv.dtype), fv.shape[1], wv.shape, core_map, algo)] = choice
+
+
 def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
     if op == "conv":
         out = _ffi_forward(feats, weight, kmap, fwd_algo)
@@ -514,8 +568,17 @@ def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
         if kmap.bucketed:
             out = _view(outs[0], on_gpu)
             n_in, n_out = core_map.num_in, core_map.num_out
-            out[:n_out] = core(_view(f, on_gpu)[:n_in], _view(w, on_gpu), core_map, fwd_algo)
+            bucketed_gpu_conv = on_gpu and op == "conv"
+            if bucketed_gpu_conv:
+                prep, key = _bucketed_prep(core_map, "fwd", str(f.dtype), f.shape[1], w.shape, fwd_algo)
+                if prep and prep.launch(_addr(f), _addr(w), _addr(outs[0])):  # writes the n_out real rows
+                    out[n_out:] = 0
+                    return
+            fv, wv = _view(f, on_gpu)[:n_in], _view(w, on_gpu)
+            out[:n_out] = core(fv, wv, core_map, fwd_algo)
             out[n_out:] = 0
+            if bucketed_gpu_conv and prep is None:
+                _bucketed_remember(core_map, key, "fwd", fv, wv, fwd_algo)
             return
         key = key_of(f, w)
         prep = core_map.derived.get(key) if on_gpu else False
@@ -558,11 +621,23 @@ def _backward(op, feats, weight, kmap: JaxKernelMap, grad, bwd_algo):
         core_map = _map_of(i, o, kmap, on_gpu)
         if kmap.bucketed:
             n_in, n_out = core_map.num_in, core_map.num_out
-            gf, gw = core(_view(g, on_gpu)[:n_out], _view(f, on_gpu)[:n_in], _view(w, on_gpu), core_map, bwd_algo)
             gf_out = _view(outs[0], on_gpu)
+            preps = None
+            if on_gpu and op == "conv" and str(g.dtype) == str(f.dtype):
+                preps = [_bucketed_prep(core_map, d, str(f.dtype), f.shape[1], w.shape, bwd_algo) for d in ("dgrad", "wgrad")]
+                (dprep, _), (wprep, _) = preps
+                # dgrad writes the n_in real rows of XLA's buffer, wgrad the whole (exact-size) weight gradient
+                if dprep and wprep and _fast_backward(dprep, wprep, outs, g, f, w):
+                    gf_out[n_in:] = 0
+                    return
+            gv, fv, wv = _view(g, on_gpu)[:n_out], _view(f, on_gpu)[:n_in], _view(w, on_gpu)
+            gf, gw = core(gv, fv, wv, core_map, bwd_algo)
             gf_out[:n_in] = gf
             gf_out[n_in:] = 0
             _view(outs[1], on_gpu)[...] = gw
+            for direction, (prep, key) in zip(("dgrad", "wgrad"), preps or ()):
+                if prep is None:
+                    _bucketed_remember(core_map, key, direction, fv, wv, bwd_algo)
             return
         base = (op, str(f.dtype), tuple(f.shape), tuple(w.shape), bwd_algo, sv.allow_tf32())
         dkey, wkey = ("jax.dgrad",) + base, ("jax.wgrad",) + base

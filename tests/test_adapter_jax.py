@@ -181,3 +181,69 @@ def test_bucketed_map_must_hold_the_real_rows(rng):
     core = sv.kernel_map(sv.Voxels(jnp.asarray(random_voxels(rng, 300, extent=8)), None), 3)
     with pytest.raises(ValueError, match="must hold the map's own"):
         svj.JaxKernelMap.bucketed_from_core(core, core.num_in - 1, core.num_out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gpu_fresh_bucketed_maps_launch_from_the_signatures_plan(rng, dtype, stride):
+    """Bucketed maps on the GPU (written 2026-12-05 without a GPU): the first map of a layer signature runs
+    the core call and keeps its plan under the signature; the next fresh maps (other scans) make their
+    launch objects from that plan (kept on their core maps) and write the real rows into XLA's buffers,
+    the padding rows zero. Forward and both gradients against the float64 oracle, NaN-poisoned padding."""
+    from reference import TOL, dense_conv_grads, random_voxels
+    ks = 3 if stride == 1 else 2
+    w64 = rng.standard_normal((ks ** 3, 8, 12)) / np.sqrt(ks ** 3 * 8)
+    w = jnp.asarray(w64, dtype)
+    keys = [("jax.bucketed." + d, dtype, 8, w.shape, None, sv.allow_tf32()) for d in ("fwd", "dgrad", "wgrad")]
+    for scan in range(3):
+        c = random_voxels(rng, 900 + 37 * scan, extent=12, batches=2)
+        v = sv.Voxels(jnp.asarray(c), None)
+        core = sv.kernel_map(v, ks, stride)
+        bm = svj.JaxKernelMap.bucketed_from_core(core, svj.bucket_rows(core.num_in), svj.bucket_rows(core.num_out))
+        x64 = rng.standard_normal((core.num_in, 8))
+        g64 = rng.standard_normal((core.num_out, 12))
+        xp = jnp.full((bm.num_in, 8), jnp.nan, dtype).at[:core.num_in].set(jnp.asarray(x64, dtype))
+        gp = jnp.zeros((bm.num_out, 12), dtype).at[:core.num_out].set(jnp.asarray(g64, dtype))
+        out, vjp = jax.vjp(lambda a, b: svj.conv_features(a, b, bm), xp, w)
+        gx, gw = vjp(gp)
+        assert not bool(jnp.any(out[core.num_out:])) and not bool(jnp.any(gx[core.num_in:]))
+        xr, wr, gr = (np.asarray(a, np.float64) for a in (xp[:core.num_in], w, gp[:core.num_out]))
+        out_c = np.asarray(sv.Voxels.from_core_coords(core.out_coords, None, v.origin).coords) if stride > 1 else c
+        rgx, rgw = dense_conv_grads(c, xr, wr, gr, ks, stride, 1, False, out_c)
+        want_out = dense_conv(c, xr, wr, ks, stride, 1, False, out_c)
+        for got, want in ((out[:core.num_out], want_out), (gx[:core.num_in], rgx), (gw, rgw)):
+            assert rel_err(np.asarray(got, np.float64), want) < TOL[dtype]
+        if scan:  # a later scan: launch objects made from the signature's plan, no core call of its own
+            assert all(core.derived.get(k) for k in keys), {k[0]: core.derived.get(k) for k in keys}
+
+
+def test_bucketed_plans_pass_from_one_fresh_map_to_the_next(monkeypatch):
+    """The host rule of the bucketed GPU path (its kernels run only on a GPU): the first map of a signature
+    has no launch object and no plan; after its core call the plan is kept under the signature, and the
+    next map of the same layer (row counts in the same buckets) gets its launch object made from that plan,
+    kept on the map; a map of another bucket or another channel count does not."""
+    import types
+
+    from sparsevox.tuning import tune_cache
+
+    def core_map(n_in, n_out):
+        return types.SimpleNamespace(num_in=n_in, num_out=n_out, num_offsets=27, kind="submanifold", stride=(1, 1, 1),
+                                     in_maps=types.SimpleNamespace(device=types.SimpleNamespace(id=0)), derived={})
+    made = []
+    monkeypatch.setattr(sv.conv, "remember_prepared", lambda kmap, key, op, d, f, w, algo: ("algo", {"d": d}))
+    monkeypatch.setattr(sv.conv, "prepare_choice",
+                        lambda choice, d, dt, ci, co, kmap, dev: made.append((choice, d, dt, ci, co)) or f"launch-{d}")
+    monkeypatch.setattr(tune_cache, "plans", {})
+    f, w = np.zeros((700, 8), np.float32), np.zeros((27, 8, 12), np.float32)
+    first, second, other_bucket = core_map(700, 700), core_map(720, 720), core_map(3000, 3000)
+    for d in ("fwd", "dgrad", "wgrad"):
+        n_made = len(made)
+        prep, key = svj._bucketed_prep(first, d, "float32", 8, w.shape, None)
+        assert prep is None and len(made) == n_made
+        svj._bucketed_remember(first, key, d, f, w, None)
+        prep, key2 = svj._bucketed_prep(second, d, "float32", 8, w.shape, None)
+        assert key2 == key and prep == f"launch-{d}" and second.derived[key] == prep
+        assert made[-1] == (("algo", {"d": d}), d, "float32", 8, 12)
+        assert svj._bucketed_prep(other_bucket, d, "float32", 8, w.shape, None)[0] is None
+        assert svj._bucketed_prep(second, d, "float32", 16, (27, 16, 12), None)[0] is None

@@ -74,6 +74,22 @@ def _torch_first_and_second_backward(rng, device, algo):
     return grads, _oracle_gw(c, x, w, g)
 
 
+def test_torch_depthwise_backward_of_a_float32_weight_is_not_rounded_on_the_cpu(rng):
+    """The depthwise Function takes a float32 weight with float16 features as autocast hands them over
+    (its weight cast inside, ``cast_inside``), and returns the float32 accumulator as the weight's gradient."""
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    from sparsevox.adapters.torch.functional import _DepthwiseFunction
+    c, x, _, g = _case(rng, c_out=12)
+    kmap = sv.kernel_map(sv.Voxels(c, x), 3)
+    w = rng.standard_normal((27, 12)).astype(np.float16)
+    w32 = torch.from_numpy(w.astype(np.float32)).requires_grad_()
+    out = _DepthwiseFunction.apply(torch.from_numpy(x), w32, kmap, "explicit", "explicit")
+    assert out.dtype == torch.float16
+    out.backward(torch.from_numpy(g))
+    ref = explicit_gemm.depthwise_wgrad(x.astype(np.float64), g.astype(np.float64), kmap, 27)
+    assert w32.grad.dtype == torch.float32 and rel_err(w32.grad.double().numpy(), ref) < ACCUMULATOR
+
+
 def test_torch_first_backward_of_a_float32_weight_is_not_rounded_on_the_cpu(rng):
     (first, second), ref = _torch_first_and_second_backward(rng, "cpu", "explicit_gemm")
     assert rel_err(first, ref) < ACCUMULATOR and rel_err(second, ref) < ACCUMULATOR
@@ -83,11 +99,41 @@ def test_torch_first_backward_of_a_float32_weight_is_not_rounded_on_the_cpu(rng)
 @pytest.mark.gpu
 @pytest.mark.parametrize("algo", ["implicit_gemm", "explicit_gemm"])
 def test_torch_first_backward_of_a_float32_weight_is_not_rounded_on_the_gpu(rng, algo):
-    """The first backward (core call) and the second (IMPLICIT_GEMM's prepared launch) agree to float32
-    rounding, both within float32 accumulation of the float64 oracle."""
+    """The first backward (core call) and the second (IMPLICIT_GEMM: its prepared launch; EXPLICIT_GEMM,
+    which has none: another core call) agree to float32 rounding, both within float32 accumulation of the
+    float64 oracle."""
     (first, second), ref = _torch_first_and_second_backward(rng, "cuda", algo)
     assert rel_err(first, ref) < ACCUMULATOR and rel_err(second, ref) < ACCUMULATOR
     assert rel_err(first, second) < ACCUMULATOR
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["depthwise", "conv_tensors"])
+def test_gpu_autocast_weight_gradient_of_depthwise_and_conv_tensors(rng, form):
+    """Under float16 autocast, a float32 weight's gradient through the depthwise layer and through
+    ``conv_tensors`` (eager) is the float32 accumulator, on the first backward of a fresh signature."""
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    from sparsevox.adapters import torch as svt
+    c, x, w, g = _case(rng, n=500, c_in=20, c_out=20 if form == "depthwise" else 12)
+    v = sv.Voxels(torch.from_numpy(c).cuda(), torch.from_numpy(x).cuda())
+    kmap = sv.kernel_map(v, 3)
+    if form == "depthwise":
+        w = rng.standard_normal((27, 20)).astype(np.float16)
+    w32 = torch.from_numpy(w.astype(np.float32)).cuda().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.float16):
+        if form == "depthwise":
+            out = svt.spatially_sparse_depthwise_conv(v.feats.float(), w32, kmap, kmap.num_out)
+        else:
+            out = svt.conv_tensors(v.feats.float(), w32, *svt.kernel_map_tensors(kmap), kmap.num_out)
+    assert out.dtype == torch.float16
+    out.backward(torch.from_numpy(g).cuda())
+    assert w32.grad.dtype == torch.float32
+    if form == "depthwise":
+        ref = explicit_gemm.depthwise_wgrad(x.astype(np.float64), g.astype(np.float64), sv.kernel_map(sv.Voxels(c, x), 3),
+                                            27)
+    else:
+        ref = _oracle_gw(c, x, w, g)
+    assert rel_err(w32.grad.double().cpu().numpy(), ref) < ACCUMULATOR
 
 
 @pytest.mark.gpu

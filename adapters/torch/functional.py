@@ -198,10 +198,11 @@ def _eager_forward(feats, weight, kmap, fwd_algo):
     return _ConvFunction.impls[0](feats, weight, None, None, None, kmap.num_out, algo, kmap=kmap)
 
 
-_REVERSED: dict = {}
-# A float32/float64 parameter's gradient from 16-bit features (autocast): the algorithms' float32 accumulator as
-# it is (float64 cast from it), as the prepared launches hand it over; not rounded to 16 bits and back.
-_WIDE_GRAD = {torch.float32: "float32", torch.float64: "float64"}  # (K, device) -> int64 [K - 1, ..., 0] on that device
+_REVERSED: dict = {}  # (K, device) -> int64 [K - 1, ..., 0] on that device
+# A parameter's gradient in its own dtype when autocast ran the layer in another: the algorithms cast their
+# float32 accumulator to it once (a float32 parameter gets the accumulator as it is, as the prepared launches
+# hand it over), not rounded to the features' 16 bits first and cast again by the adapter.
+_GRAD_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16"}
 
 
 def _dgrad_weight(weight, flip: bool):
@@ -306,7 +307,7 @@ def _define(name: str, core_forward, core_backward, out_channels):
             f, _ = _arrays.to_core(feats)
             w, _ = _arrays.to_core(weight)
             gf, gw = core_backward(g, f, w, kmap, _algo_value(bwd_algo), feats_grad, weight_grad,
-                                   _WIDE_GRAD.get(gw_dtype) if gw_dtype != weight.dtype else None)
+                                   _GRAD_DTYPE_NAMES.get(gw_dtype) if gw_dtype != weight.dtype else None)
             if feats_grad and dprep is None:
                 _remember(kmap, dkey, dsig, name, "dgrad", f, w, bwd_algo)
             if weight_grad and wprep is None:
@@ -455,8 +456,10 @@ def conv_features(feats, weight, kmap: KernelMap, fwd_algo=None, bwd_algo=None):
 
 def conv_tensors(feats, weight, in_maps, out_maps, offsets, num_out: int, fwd_algo=None, bwd_algo=None):
     """:func:`conv_features` with the map as tensors (:func:`kernel_map_tensors`): the form to use inside
-    ``torch.compile(fullgraph=True)``, where kernel maps must come in from outside."""
-    feats, weight = _checked(feats, weight)
+    ``torch.compile(fullgraph=True)``, where kernel maps must come in from outside. Under autocast inside a
+    compiled graph the weight is cast before the registered op (it takes one dtype), so a float32 weight's
+    gradient is the 16-bit one cast back; eager calls get the float32 accumulator, as conv_features does."""
+    feats, weight = _checked(feats, weight, cast_inside=True)
     kmap = None if torch.compiler.is_compiling() else _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
     return _apply(_ConvFunction, _conv_fwd, feats, weight, kmap, num_out, fwd_algo, bwd_algo,
                   (in_maps, out_maps, offsets))
@@ -523,7 +526,7 @@ def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map
     ``kernel_map`` is a :class:`~sparsevox.KernelMap` or an ``(in_maps, out_maps, offsets)`` tuple."""
     from sparsevox.depthwise import _as_kmap
     kmap = _as_kmap(kernel_map, input_features.shape[0], int(num_out_coords))
-    feats, weight = _checked(input_features, depthwise_weight, "depthwise_weight")
+    feats, weight = _checked(input_features, depthwise_weight, "depthwise_weight", cast_inside=True)
     return _apply(_DepthwiseFunction, _dw_fwd, feats, weight, kmap, kmap.num_out, fwd_algo, bwd_algo)
 
 

@@ -19,7 +19,9 @@ class Algorithm:
 
     forward(feats, weight, kmap, **params) -> out
     dgrad(grad_out, weight, kmap, **params) -> grad_feats
-    wgrad(feats, grad_out, kmap, num_offsets, **params) -> grad_weight
+    wgrad(feats, grad_out, kmap, num_offsets, out_dtype=None, **params) -> grad_weight in ``out_dtype``
+        (None: the features' dtype; a wider one, e.g. float32 for 16-bit features, gets the accumulator
+        without a rounding to the features' dtype first)
     params(direction, problem) -> list of parameter dicts to search (``[{}]`` when nothing to tune)
     available(problem) -> (ok, reason): can it run on this device and dtype?
     prepare(direction, dtype_name, c_in, c_out, kmap, device_id, **params) -> a launch object with
