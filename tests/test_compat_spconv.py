@@ -1,9 +1,10 @@
 """sparsevox.compat.spconv against spconv: the same model code built with ``tests/spconv_emulation.py``
 (spconv 2.3.8's layers, dense, on the CPU; itself checked here against loop references of spconv's pair
 rules) and with ``sparsevox.compat.spconv``, one state dict for both, on small random scenes and a real
-scan: coordinate sets identical, features and gradients equal to float64 / float32 rounding. The GPU
-variant (``-m gpu``) runs the same comparisons against the real spconv where ``import spconv.pytorch``
-works."""
+scan: coordinate sets identical, features and gradients equal to float64 / float32 rounding. Where spconv
+itself is installed, the same layer stacks and networks run against it: on the CPU (its CPU wheel, which CI
+installs) forward only, since its CPU build's convolution backward calls CUDA; on the GPU (``-m gpu``)
+forward and backward."""
 import contextlib
 import io
 import itertools
@@ -842,3 +843,39 @@ def test_gpu_networks_against_spconv(rng):
     data = _minkunet_data(rng, n=20000, extent=60)
     run_both(lambda s: spm.build(s, 4, 5, widths=SMALL, blocks=1), data, torch.float32, train=False, grads=False,
              ref=sp, device="cuda", tol=1e-5, what="MinkUNet")
+
+
+# --- the CPU: against the real spconv (its CPU build: `pip install spconv==2.3.8`, as CI installs it) -------
+# spconv's CPU build runs the convolutions' and max pooling's forward, and max pooling's backward; its
+# convolution backward and average pooling call CUDA, and global pooling is not implemented there.
+
+def _spconv_cpu():
+    return pytest.importorskip("spconv.pytorch", reason="spconv not installed (CI installs its CPU wheel)")
+
+
+CPU_CASES = [c for c in GPU_CASES if c not in ("avg pool", "global")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_layers_against_the_real_spconv_on_the_cpu(rng, case, dtype):
+    """The GPU test's layer stacks against spconv 2.3.8 itself on the CPU, forward: coordinate sets
+    identical, outputs equal within rounding."""
+    sp = _spconv_cpu()
+    shape = (12, 10) if case == "2d" else (12, 10, 8)
+    data = scene(rng, shape, 300, c=3, dtype=dtype)
+    run_both(GPU_CASES[case], data, dtype, ref=sp, device="cpu", tol=1e-5 if dtype == torch.float32 else 1e-12,
+             grads=False, what=case, ref64=False)
+
+
+@pytest.mark.parametrize("net", ["SECOND", "MinkUNet"])
+def test_networks_against_the_real_spconv_on_the_cpu(rng, net):
+    """The SECOND encoder and the benchmark's MinkUNet, the same model code under spconv 2.3.8 and compat,
+    one state dict, evaluation mode, float64: identical coordinate sets, outputs within float64 rounding."""
+    sp = _spconv_cpu()
+    if net == "SECOND":
+        run_both(second_middle_encoder, scene(rng, (41, 48, 40), 2000, c=4), torch.float64, train=False,
+                 grads=False, ref=sp, tol=1e-12, what=net)
+    else:
+        run_both(lambda s: spm.build(s, 4, 5, widths=SMALL, blocks=1), _minkunet_data(rng, n=1500, extent=20),
+                 torch.float64, train=False, grads=False, ref=sp, tol=1e-12, what=net)
