@@ -609,7 +609,7 @@ def test_unsupported_features_raise_not_implemented(monkeypatch):
     CMP.SparseConvolution(3, 4, 4, act_type="Activation.None_")
     with pytest.raises(NotImplementedError, match="benchmark"):
         CMP.SparseConvTensor(torch.zeros(1, 1), torch.zeros(1, 4, dtype=torch.int32), [1, 1, 1], 1, benchmark=True)
-    with pytest.raises(NotImplementedError, match="not supported"):
+    with pytest.raises(AttributeError):  # as in spconv: PointToVoxel lives in spconv.pytorch.utils
         CMP.PointToVoxel
     # the submodules import (model code imports them to detect spconv 2); their names raise when used
     from sparsevox.compat.spconv import functional, ops, utils
@@ -617,10 +617,11 @@ def test_unsupported_features_raise_not_implemented(monkeypatch):
     from sparsevox.compat.spconv.tables import AddTable, ConcatTable, JoinTable
     assert ops.ConvAlgo is CMP.ConvAlgo and Identity is CMP.Identity and AddTable is CMP.AddTable
     assert ConcatTable is CMP.ConcatTable and JoinTable is CMP.JoinTable
-    for module, name in ((ops, "get_indice_pairs"), (functional, "SparseConvFunction"), (utils, "PointToVoxel")):
+    assert utils.PointToVoxel and functional.sparse_add  # provided (tests/test_compat_extras.py)
+    for module, name in ((ops, "get_indice_pairs"), (functional, "SparseConvFunction")):
         with pytest.raises(NotImplementedError, match=f"{name} is not supported by sparsevox.compat.spconv"):
             getattr(module, name)
-    assert not hasattr(ops, "_fields") and not hasattr(utils, "no_such_name")  # other names: AttributeError
+    assert not hasattr(ops, "_fields") and not hasattr(functional, "no_such_name")  # other names: AttributeError
     assert ops.get_conv_output_size([8, 9, 7], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1]) == [4, 5, 4]
     assert ops.get_deconv_output_size([4, 5, 4], [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 0, 1]) == [8, 9, 8]
     with pytest.raises(AttributeError):

@@ -13,10 +13,11 @@ Provided: ``SparseConvTensor``; ``SubMConv{1,2,3}d``, ``SparseConv{1,2,3}d``, ``
 ``SparseSyncBatchNorm``, ``SparseReLU``, ``SparseIdentity``, ``ToDense``, ``RemoveGrid``, ``Identity``,
 ``JoinTable``, ``AddTable``, ``ConcatTable``, ``ConvAlgo``, ``assign_name_for_sparse_modules``. 1D and 2D
 layers run as 3D with unit axes; the submodules ``tables``, ``identity``, ``ops`` (``ConvAlgo``),
-``functional`` and ``utils`` import. Not supported (``NotImplementedError`` naming the feature): 4D layers,
-the names of ``functional`` / ``ops`` / ``utils`` (``PointToVoxel``) when used, ``AddTableMisaligned``,
-quantization (int8), fused activations, ``benchmark``/``enable_timer``, ``SPCONV_SAVED_WEIGHT_LAYOUT``
-other than KRSC. Deliberate differences and spconv quirks that are reproduced: see the project README
+``functional`` (``sparse_add``), ``utils`` (``PointToVoxel``, ``gather_features_by_pc_voxel_id``) and
+``constants`` import; :func:`install` makes ``import spconv`` resolve here for code that cannot be edited.
+Not supported (``NotImplementedError`` naming the feature): 4D layers, spconv's autograd functions and pair
+builders (``functional`` / ``ops``) when used, ``AddTableMisaligned``, quantization (int8), ``hash``, fused
+activations, ``benchmark``/``enable_timer``, ``SPCONV_SAVED_WEIGHT_LAYOUT`` other than KRSC. Deliberate differences and spconv quirks that are reproduced: see the project README
 ("Coming from spconv").
 
 Example:
@@ -41,13 +42,12 @@ __all__ = (["SparseConvTensor", "ConvAlgo", "IndiceData", "ImplicitGemmIndiceDat
 
 # functional, ops and utils import (their names raise when used: ops.py, functional.py, utils.py);
 # tables and identity re-export the modules
-from . import functional, identity, ops, tables, utils  # noqa: F401,E402
+from . import constants, functional, identity, ops, tables, utils  # noqa: F401,E402
+from .install import install  # noqa: F401,E402
 
 _UNSUPPORTED = {
-    "PointToVoxel": "spconv.pytorch.utils.PointToVoxel (sparsevox.Voxels.from_points voxelises)",
     "quantization": "spconv.pytorch.quantization (int8)",
     "hash": "spconv.pytorch.hash (HashTable)",
-    "constants": "spconv.pytorch.constants",
 }
 
 

@@ -15,7 +15,8 @@ import torch
 
 from .maps import version
 
-__all__ = ["SparseConvTensor", "IndiceData", "ImplicitGemmIndiceData", "ConvAlgo", "expand_nd", "scatter_nd"]
+__all__ = ["SparseConvTensor", "IndiceData", "ImplicitGemmIndiceData", "ConvAlgo", "AlgoHint", "expand_nd",
+           "scatter_nd"]
 
 
 class ConvAlgo(enum.Enum):
@@ -24,6 +25,14 @@ class ConvAlgo(enum.Enum):
     Native = 0
     MaskImplicitGemm = 1
     MaskSplitImplicitGemm = 2
+
+
+class AlgoHint(enum.Enum):
+    """spconv's tuning hints (``spconv.core.AlgoHint``, its spelling kept): importable, not acted on."""
+    NoHint = 0b000
+    Fowrard = 0b001
+    BackwardInput = 0b010
+    BackwardWeight = 0b100
 
 
 def expand_nd(ndim: int, val) -> list[int]:
