@@ -6,7 +6,8 @@ import sys
 USAGE = """usage: python -m sparsevox <command>
 
 commands:
-  demo [--cpu] [--channels C]   voxelise the built-in LiDAR-like scan and run a small sparse network
+  demo [--cpu] [--voxel-size M] [--dtype D]
+                                voxelise the built-in LiDAR-like scan and run a small sparse network
   cache show | clear | path     inspect or reset the autotuner's cache
   build                         build-ffi, then build-cutlass; says which path JAX calls take
   build-cutlass                 compile the CUTLASS shared object (needs nvcc)

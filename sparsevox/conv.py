@@ -37,6 +37,11 @@ def _gpu_name(a) -> str:
 
 def check_conv_args(feats, weight, kmap: KernelMap, op: str = "conv") -> None:
     """Validate shapes, dtypes and devices; raise ``ValueError`` naming the argument."""
+    for name, a in (("features", feats), ("weight", weight)):
+        if type(a).__module__.split(".")[0] not in ("numpy", "cupy"):
+            raise ValueError(f"{name} must be a NumPy or CuPy array here (the core), got {type(a).__module__}."
+                             f"{type(a).__name__}: torch tensors go through sparsevox.adapters.torch, JAX arrays "
+                             f"through sparsevox.adapters.jax (or pass Voxels to sparsevox.spatially_sparse_conv)")
     if feats.dtype.name not in _FLOATS:
         raise ValueError(f"features dtype must be one of {_FLOATS}, got {feats.dtype.name}")
     if weight.dtype != feats.dtype:
@@ -270,6 +275,8 @@ def spatially_sparse_conv(voxels, weight, kernel_size=3, stride=1, dilation=1, t
     ``out[p] = sum_k feats[stride * p + offset_k] @ weight[k]`` (cross-correlation, as PyTorch).
     PyTorch and JAX inputs go through :mod:`sparsevox.adapters` and are differentiable.
     """
+    if not isinstance(voxels, Voxels):
+        raise ValueError(f"voxels must be a sparsevox.Voxels, got {type(voxels).__name__}")
     lib = voxels.origin.lib
     if lib == "torch":
         from .adapters import torch as adapter
@@ -279,6 +286,8 @@ def spatially_sparse_conv(voxels, weight, kernel_size=3, stride=1, dilation=1, t
         from .adapters import jax as adapter
         return adapter.spatially_sparse_conv(voxels, weight, kernel_size, stride, dilation, transposed,
                                              generative, output_voxels, fwd_algo, bwd_algo)
+    if bwd_algo is not None:  # no backward runs here (NumPy/CuPy are not differentiated): still a valid name
+        resolve_algos(bwd_algo, "conv", "bwd")
     kmap = kernel_map(voxels, kernel_size, stride, dilation, transposed, generative, output_voxels)
     feats, _ = to_core(voxels.feats)
     w, _ = to_core(weight)

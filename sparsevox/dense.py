@@ -23,13 +23,13 @@ def _bits(a, xp):
 
 
 def _shape3(spatial_shape) -> tuple[int, int, int]:
-    try:
-        shp = tuple(int(v) for v in spatial_shape)
+    try:  # integers themselves: int() would truncate 8.5
+        ok = len(spatial_shape) == 3 and all(geometry._is_int(v) and v >= 1 for v in spatial_shape)
     except TypeError:
-        shp = ()
-    if len(shp) != 3 or any(v < 1 for v in shp):
+        ok = False
+    if not ok or isinstance(spatial_shape, str):
         raise ValueError(f"spatial_shape must be 3 ints >= 1 (X, Y, Z), got {spatial_shape!r}")
-    return shp
+    return tuple(int(v) for v in spatial_shape)
 
 
 def _sites(coords, spatial_shape, batch_size: int):

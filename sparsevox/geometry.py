@@ -23,7 +23,8 @@ _TRIPLES: dict = {}  # (type, value, minimum) -> the normalised tuple of a valid
 def triple(value, name: str, minimum: int = 1) -> tuple[int, int, int]:
     """Normalise an int or a 3-sequence of ints to a tuple, checking each is ``>= minimum``."""
     # Layers pass the same few values on every call (each map build normalises six): remember them.
-    key = (value.__class__, value, minimum)
+    # (the elements' types too: (True, 1, 1) == (1, 1, 1) and hashes alike, but only one is valid)
+    key = (value.__class__, value, minimum, tuple(map(type, value)) if value.__class__ is tuple else None)
     try:
         hit = _TRIPLES.get(key)
     except TypeError:  # unhashable (a list): normalised every time
@@ -36,16 +37,46 @@ def triple(value, name: str, minimum: int = 1) -> tuple[int, int, int]:
     return vals
 
 
+def _is_int(v) -> bool:
+    """An integer value: Python or NumPy ints, and 0-d integer arrays (a torch/NumPy scalar tensor); not bool."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, np.integer)):
+        return True
+    dtype = getattr(v, "dtype", None)
+    return getattr(v, "ndim", None) == 0 and dtype is not None and "int" in str(dtype)
+
+
+def voxel_size3(voxel_size) -> np.ndarray:
+    """A float or 3 floats, each positive and finite, as float64 ``[3]``; else ``ValueError``."""
+    try:
+        if isinstance(voxel_size, (str, bytes)):
+            raise TypeError
+        size = np.broadcast_to(np.asarray(voxel_size, dtype=np.float64), (3,))
+    except (ValueError, TypeError):
+        raise ValueError(f"voxel_size must be a float or 3 floats, got {voxel_size!r}") from None
+    if not np.all(size > 0) or not np.all(np.isfinite(size)):
+        raise ValueError(f"voxel_size must be positive and finite, got {voxel_size!r}")
+    return size
+
+
+def positive_int(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int, checked to be an integer (not a float that would be truncated, not a bool) and
+    ``>= minimum``; else ``ValueError`` naming ``name``."""
+    if not _is_int(value) or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def _triple(value, name: str, minimum: int) -> tuple[int, int, int]:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if _is_int(value):
         vals = (int(value),) * 3
     else:
-        try:
-            vals = tuple(int(v) for v in value)
-        except TypeError:
-            raise ValueError(f"{name} must be an int or a 3-tuple of ints, got {value!r}") from None
-        if len(vals) != 3:
+        # each value an integer itself: int() would truncate 3.7 and read "333" as three 3s
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3 \
+                or not all(_is_int(v) for v in value):
             raise ValueError(f"{name} must be an int or a 3-tuple of ints, got {value!r}")
+        vals = tuple(int(v) for v in value)
     if any(v < minimum for v in vals):
         raise ValueError(f"{name} must be >= {minimum} on every axis, got {value!r}")
     return vals

@@ -286,9 +286,32 @@ def recall(in_maps, out_maps, offsets_host, num_in: int, num_out: int) -> Kernel
     recall_stats["misses"] += 1
     xp = array_module(in_maps)
     host = np.asarray(offsets_host, dtype=np.int64)
-    if host.ndim != 1 or host[0] != 0 or np.any(np.diff(host) < 0) or host[-1] != in_maps.shape[0]:
+    if host.ndim != 1 or host.shape[0] < 1 or host[0] != 0 or np.any(np.diff(host) < 0) \
+            or host[-1] != in_maps.shape[0]:
         raise ValueError("kernel map offsets must be non-decreasing from 0 to len(in_maps)")
+    _check_pairs(in_maps, out_maps, num_in, num_out, xp)
     return KernelMap(in_maps, out_maps, xp.asarray(host.astype(np.int32)), host, num_in, num_out, None)
+
+
+def _check_pairs(in_maps, out_maps, num_in: int, num_out: int, xp) -> None:
+    """A map given as bare arrays (not made by sparsevox): 1-D integer arrays of one length whose rows lie in
+    ``[0, num_in)`` / ``[0, num_out)`` (else the kernels would read or write outside the features). One
+    reduction and, on the GPU, one read of the device, paid only when a map is wrapped anew."""
+    for name, a in (("in_maps", in_maps), ("out_maps", out_maps)):
+        if a.ndim != 1 or a.dtype.kind not in "iu":
+            raise ValueError(f"{name} must be a 1-D integer array, got shape {tuple(a.shape)} and dtype {a.dtype}")
+    if in_maps.shape[0] != out_maps.shape[0]:
+        raise ValueError(f"in_maps and out_maps must have one length, got {in_maps.shape[0]} and {out_maps.shape[0]}")
+    if int(num_in) < 0 or int(num_out) < 0:
+        raise ValueError(f"num_in and num_out must be >= 0, got {num_in} and {num_out}")
+    if in_maps.shape[0] == 0:
+        return
+    lo_in, hi_in, lo_out, hi_out = (int(v) for v in to_host(xp.stack(
+        [in_maps.min(), in_maps.max(), out_maps.min(), out_maps.max()]).astype(xp.int64)))
+    if lo_in < 0 or hi_in >= num_in:
+        raise ValueError(f"in_maps must hold rows in [0, num_in={num_in}), got values in [{lo_in}, {hi_in}]")
+    if lo_out < 0 or hi_out >= num_out:
+        raise ValueError(f"out_maps must hold rows in [0, num_out={num_out}), got values in [{lo_out}, {hi_out}]")
 
 
 # A GPU backend may replace the builder for CuPy arrays: {"cupy": callable with build_kernel_map's signature}.
@@ -329,15 +352,19 @@ def _kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, g
             cached = voxels._kmaps.get(raw)
         except TypeError:  # an unhashable argument (a list): the normalised key only
             cached = raw = None
+        except AttributeError:  # not a Voxels: the check below names it
+            cached = None
         if cached is not None:
             return cached[0]
+    from .voxels import Voxels  # (an import statement costs ~1.5 µs per call: only past the cache)
+    if not isinstance(voxels, Voxels):
+        raise ValueError(f"voxels must be a sparsevox.Voxels, got {type(voxels).__name__}")
     ks = geometry.triple(kernel_size, "kernel_size")
     st = geometry.triple(stride, "stride")
     dl = geometry.triple(dilation, "dilation")
     check_kind(transposed, generative, output_voxels is not None)
     out_v = None
     if output_voxels is not None:
-        from .voxels import Voxels  # (an import statement costs ~1.5 µs per call: only where needed)
         out_v = output_voxels if isinstance(output_voxels, Voxels) else Voxels(output_voxels, None)
     # Entries for given output sites hold them weakly and check identity (a dead one's id may come back):
     # a strong reference made a cycle (fine level -> strided map's coarse sites -> transposed map -> fine

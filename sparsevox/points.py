@@ -26,16 +26,6 @@ from .voxels import Voxels
 _CORNERS = np.array([[j >> 2, (j >> 1) & 1, j & 1] for j in range(8)], dtype=np.int64)
 
 
-def _voxel_size(voxel_size) -> np.ndarray:
-    try:
-        size = np.broadcast_to(np.asarray(voxel_size, dtype=np.float64), (3,))
-    except (ValueError, TypeError):
-        raise ValueError(f"voxel_size must be a float or 3 floats, got {voxel_size!r}") from None
-    if not np.all(size > 0) or not np.all(np.isfinite(size)):
-        raise ValueError(f"voxel_size must be positive and finite, got {voxel_size!r}")
-    return size
-
-
 def devoxelize_weights(voxels: Voxels, points, voxel_size, batch=None):
     """``(idx int32 [P, 8], w float64 [P, 8])`` (core arrays on the voxels' device): the rows of the 8
     voxels around each point (-1 where absent or of weight 0) and their renormalised trilinear weights
@@ -47,7 +37,7 @@ def devoxelize_weights(voxels: Voxels, points, voxel_size, batch=None):
         voxel_size: float or 3 floats > 0, as in ``Voxels.from_points``.
         batch: optional int ``[P]`` batch index of each point (default all 0).
     """
-    size = _voxel_size(voxel_size)
+    size = geometry.voxel_size3(voxel_size)
     p, porigin = to_core(points)
     c, vorigin = voxels.core_coords()
     if porigin.on_gpu != vorigin.on_gpu:

@@ -31,6 +31,11 @@ def _check_coords(c, xp, voxels) -> None:
         keys, _ = voxels.sorted_keys()
     else:
         keys = xp.sort(geometry.pack_keys(c, xp))
+    _check_unique(keys, xp)
+
+
+def _check_unique(keys, xp) -> None:
+    """``ValueError`` naming a repeated voxel of the sorted packed ``keys``."""
     if keys.shape[0] > 1:
         dup = keys[1:] == keys[:-1]
         if bool(dup.any()):
@@ -52,6 +57,9 @@ class Voxels:
     Both may come from NumPy, CuPy, PyTorch or JAX (anything DLPack speaks) and must live on the same
     device. ``coords``/``feats`` are kept as given, so framework autograd flows through ``feats``.
     Kernel maps built for this geometry are cached on the object (:func:`sparsevox.kernel_map`).
+    ``check=False`` skips validating ``coords`` here (shape, dtype, range, uniqueness), for coordinates the
+    caller knows are valid; invalid ones still raise the ``ValueError`` when the geometry is first used (a
+    kernel map, pooling): on the GPU the map builder's hash checks them, on the CPU the sorted keys do.
 
     Example:
         >>> v = Voxels(np.array([[0, 0, 0, 0], [0, 1, 0, 0]]), np.ones((2, 8), np.float32))
@@ -60,13 +68,15 @@ class Voxels:
     """
 
     def __init__(self, coords, feats, *, check: bool = True):
-        self.coords = coords
-        self.feats = feats
+        # nested lists (a quick script's input) as NumPy arrays: the library of a list is NumPy's
+        self.coords = np.asarray(coords) if isinstance(coords, (list, tuple)) else coords
+        self.feats = np.asarray(feats) if isinstance(feats, (list, tuple)) else feats
         self._kmaps: dict = {}
         self._core = None  # (core coords int32, origin)
         self._keys = None  # (sorted keys, permutation) built on first use
         self._rows_sorted = False  # rows known to be in key order (outputs of a strided/generative map)
         self._hash = None  # (table, mask): the GPU hash table of the coords, kept by validation for maps
+        self._unchecked = not check  # NumPy coords not yet validated: sorted_keys() checks them
         if check:
             self._validate()
 
@@ -122,6 +132,15 @@ class Voxels:
         if self._keys is None:
             c, _ = self.core_coords()
             xp = array_module(c)
+            if self._unchecked and xp is np:  # check=False: the CPU builders and pooling read these keys, and
+                self._unchecked = False       # packing wraps out-of-range values: validate (it sorts the keys)
+                try:
+                    self._validate()
+                except ValueError:
+                    self._unchecked, self._keys = True, None  # every later use raises it again
+                    raise
+                if self._keys is not None:
+                    return self._keys
             keys = geometry.pack_keys(c, xp)
             if self._rows_sorted:
                 self._keys = (keys, xp.arange(c.shape[0], dtype=xp.int32))
@@ -148,6 +167,7 @@ class Voxels:
             raise ValueError(f"feats must have {self.num_voxels} rows, got {feats.shape[0]}")
         out = Voxels(self.coords, feats, check=False)
         out._kmaps, out._core, out._keys, out._rows_sorted = self._kmaps, self._core, self._keys, self._rows_sorted
+        out._unchecked = self._unchecked
         out._hash = self._hash
         return out
 
@@ -155,7 +175,7 @@ class Voxels:
     def from_core_coords(cls, coords, feats, origin: Origin, sorted_rows: bool = True) -> "Voxels":
         """Wrap core int32 coords (sorted by key when ``sorted_rows``) and caller-library feats."""
         out = cls(from_core(coords, origin), feats, check=False)
-        out._core = (coords, origin)
+        out._core, out._unchecked = (coords, origin), False  # sparsevox made them
         out._rows_sorted = sorted_rows  # sorted_keys() then skips the argsort (and runs only if asked:
         return out                      # the GPU builder never asks, and packing costs ~14 launches)
 
@@ -265,15 +285,18 @@ class Voxels:
         xp = array_module(p)
         if p.ndim != 2 or p.shape[1] < 3:
             raise ValueError(f"points must have shape [P, 3 + F], got {tuple(p.shape)}")
-        size = np.broadcast_to(np.asarray(voxel_size, dtype=np.float64), (3,))
-        if not np.all(size > 0) or not np.all(np.isfinite(size)):
-            raise ValueError(f"voxel_size must be positive and finite, got {voxel_size!r}")
+        size = geometry.voxel_size3(voxel_size)
         xyz = p[:, :3].astype(xp.float64)
         if not bool(xp.isfinite(xyz).all()):
             raise ValueError("points: x, y, z must be finite (found NaN or inf)")
         feats = p[:, 3:] if features is None else to_core(features)[0]
-        if feats.shape[0] != p.shape[0]:
-            raise ValueError(f"features must have {p.shape[0]} rows, got {feats.shape[0]}")
+        if feats.ndim != 2 or feats.shape[0] != p.shape[0]:
+            raise ValueError(f"features must have shape [P={p.shape[0]}, F], got {tuple(feats.shape)}")
+        if batch is not None:
+            b = to_core(batch)[0]
+            if b.ndim != 1 or b.shape[0] != p.shape[0] or b.dtype.kind not in "iu":
+                raise ValueError(f"batch must be an integer array of shape [P={p.shape[0]}], got {b.dtype} "
+                                 f"{tuple(b.shape)}")
         if feats.shape[1] == 0:
             feats = xp.ones((p.shape[0], 1), dtype=xp.float32)
         n = p.shape[0]
@@ -300,7 +323,9 @@ class Voxels:
                 out /= counts[:, None]
         out = out.astype(feats.dtype) if feats.dtype.kind == "f" else out
         ucoords = geometry.unpack_keys(ukeys, xp)
-        return cls(from_core(ucoords, origin), from_core(out, origin), check=False)
+        v = cls(from_core(ucoords, origin), from_core(out, origin), check=False)
+        v._unchecked = False  # range-checked above, unique by construction
+        return v
 
 
 def _concat_channels(feats, lib: str):

@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 
 import sparsevox as sv
 from sparsevox import _arrays
+from sparsevox.geometry import positive_int
 from sparsevox.conv import output_voxels_of
 from sparsevox.tuning import tune_cache
 from sparsevox.tuning.algo_inputs import resolve_algos
@@ -429,6 +430,10 @@ def _checked(feats, weight, what: str = "weight", cast_inside: bool = False):
     weight argument ``what``). ``cast_inside``: under autocast, leave a floating-point weight in its own
     dtype when the eager autograd.Function will run (it casts the weight itself and returns the weight's
     gradient in the weight's dtype)."""
+    for name, t in (("features", feats), (what, weight)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor (this is the torch adapter), got {type(t).__module__}."
+                             f"{type(t).__name__}")
     if cast_inside and weight.is_floating_point() and feats.is_cuda and torch.is_autocast_enabled("cuda") \
             and not torch.compiler.is_compiling() and _needs_function(feats, weight):
         (feats,) = _autocast(feats)
@@ -503,7 +508,7 @@ def spatially_sparse_conv(voxels, weight, kernel_size=3, stride=1, dilation=1, t
                           generative=False, output_voxels=None, fwd_algo=None, bwd_algo=None):
     """Differentiable :func:`sparsevox.spatially_sparse_conv` for torch ``Voxels`` (same arguments)."""
     feats = voxels.feats
-    if (output_voxels is None and weight.shape[0] == 1
+    if (output_voxels is None and isinstance(weight, torch.Tensor) and weight.shape[0] == 1
             and _is_pointwise(kernel_size, stride, transposed, generative, feats, fwd_algo, bwd_algo)):
         if weight.ndim != 3 or weight.shape[1] != feats.shape[1]:
             raise ValueError(f"weight must have shape [K=1, C_in={feats.shape[1]}, C_out], got {tuple(weight.shape)}")
@@ -532,13 +537,17 @@ def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map
 
 # --- modules --------------------------------------------------------------------------------------
 
-def _set_geometry(layer, kernel_size, stride, dilation, transposed, generative, fwd_algo, bwd_algo) -> int:
+def _set_geometry(layer, kernel_size, stride, dilation, transposed, generative, fwd_algo, bwd_algo,
+                  op: str = "conv") -> int:
     """Store a layer's normalised geometry and algorithm inputs; return its number of offsets K."""
     from sparsevox.geometry import triple
     layer.kernel_size = triple(kernel_size, "kernel_size")
     layer.stride = triple(stride, "stride")
     layer.dilation = triple(dilation, "dilation")
     layer.transposed, layer.generative = bool(transposed), bool(generative)
+    for value, direction in ((fwd_algo, "fwd"), (bwd_algo, "bwd")):
+        if value is not None:  # a misspelt name fails here, not at the first forward (or backward)
+            resolve_algos(value, op, direction)
     layer.fwd_algo, layer.bwd_algo = fwd_algo, bwd_algo
     return math.prod(layer.kernel_size)
 
@@ -554,9 +563,8 @@ class SpatiallySparseConv(torch.nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1, transposed=False,
                  generative=False, bias=True, fwd_algo=None, bwd_algo=None, device=None, dtype=None):
         super().__init__()
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        if self.in_channels < 1 or self.out_channels < 1:
-            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.out_channels = positive_int(out_channels, "out_channels")
         k = _set_geometry(self, kernel_size, stride, dilation, transposed, generative, fwd_algo, bwd_algo)
         self.weight = torch.nn.Parameter(torch.empty(k, self.in_channels, self.out_channels, device=device, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.empty(self.out_channels, device=device, dtype=dtype)) if bias else None
@@ -600,10 +608,9 @@ class SpatiallySparseDepthwiseConv(torch.nn.Module):
     def __init__(self, channels, kernel_size=3, stride=1, dilation=1, transposed=False, generative=False,
                  bias=True, fwd_algo=None, bwd_algo=None, device=None, dtype=None):
         super().__init__()
-        if int(channels) < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
-        self.channels = int(channels)
-        k = _set_geometry(self, kernel_size, stride, dilation, transposed, generative, fwd_algo, bwd_algo)
+        self.channels = positive_int(channels, "channels")
+        k = _set_geometry(self, kernel_size, stride, dilation, transposed, generative, fwd_algo, bwd_algo,
+                          "depthwise")
         self.weight = torch.nn.Parameter(torch.empty(k, self.channels, device=device, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.empty(self.channels, device=device, dtype=dtype)) if bias else None
         bound = 1.0 / math.sqrt(k)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsevox.geometry import BATCH_MAX, triple
+from sparsevox.geometry import BATCH_MAX, positive_int, triple
 from sparsevox.pooling import GLOBAL_MODES
 from sparsevox.voxels import Voxels
 
@@ -144,7 +144,7 @@ class InstanceNorm(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = False, device=None, dtype=None):
         super().__init__()
-        self.num_features, self.eps, self.affine = int(num_features), float(eps), bool(affine)
+        self.num_features, self.eps, self.affine = positive_int(num_features, "num_features"), float(eps), bool(affine)
         if affine:
             self.weight = nn.Parameter(torch.ones(self.num_features, device=device, dtype=dtype))
             self.bias = nn.Parameter(torch.zeros(self.num_features, device=device, dtype=dtype))

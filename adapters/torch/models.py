@@ -6,6 +6,7 @@ import math
 from torch import nn
 
 import sparsevox as sv
+from sparsevox.geometry import positive_int
 from sparsevox.unet import DEFAULT_WIDTHS, unet_shape
 
 from .functional import SparseConv3d, SpatiallySparseConv
@@ -87,7 +88,8 @@ class MinkUNet(nn.Module):
         super().__init__()
         w, b = unet_shape(widths, blocks)
         algos = dict(fwd_algo=fwd_algo, bwd_algo=bwd_algo)
-        self.in_channels, self.num_classes, self.widths, self.blocks = int(in_channels), int(num_classes), w, b
+        self.in_channels, self.num_classes = positive_int(in_channels, "in_channels"), positive_int(num_classes, "num_classes")
+        self.widths, self.blocks = w, b
         self.stem = SparseSequential(_conv_bn_relu(in_channels, w[0], 3, **algos),
                                      _conv_bn_relu(w[0], w[0], 3, **algos))
         self.encoder = nn.ModuleList(DownStage(w[i - 1], w[i], b[i - 1], **algos) for i in range(1, 5))
@@ -141,6 +143,9 @@ class MinkUNet(nn.Module):
             sites(self.encoder[i - 1], *([self.decoder[3 - i]] if i < 4 else [])) for i in range(1, 5)]
 
     def forward(self, voxels):
+        if not isinstance(voxels, sv.Voxels):
+            raise ValueError(f"MinkUNet takes sparsevox.Voxels (coords [N, 4], feats [N, in_channels]), got "
+                             f"{type(voxels).__name__}")
         # kept for the forward: each strided layer's output shares its level's sites, and the maps on them
         sites = self.build_maps(voxels)  # noqa: F841
         x = self.stem(voxels)
