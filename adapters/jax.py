@@ -684,8 +684,25 @@ def _algo_key(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+def _check_algos(op: str, fwd_algo, bwd_algo) -> None:
+    """A misspelt algorithm name fails here, at trace time, not inside the callback (an XLA runtime error)."""
+    for value, direction in ((fwd_algo, "fwd"), (bwd_algo, "bwd")):
+        if value is not None:
+            resolve_algos(value, op, direction)
+
+
+def _check_map_feats(feats, kmap) -> None:
+    """feats ``[kmap.num_in, C]`` of a float dtype: static facts, checked before the callback sees them."""
+    if not isinstance(kmap, JaxKernelMap):
+        raise ValueError(f"kmap must be a JaxKernelMap (sparsevox.adapters.jax.kernel_map, built outside jit), "
+                         f"got {type(kmap).__name__}")
+    _check_feats(feats, kmap.num_in)
+
+
 def conv_features(feats, weight, kmap: JaxKernelMap, fwd_algo=None, bwd_algo=None):
     """Differentiable features ``[N_out, C_out]`` of a convolution: feats ``[N_in, C_in]``, weight ``[K, C_in, C_out]``."""
+    _check_map_feats(feats, kmap)
+    _check_algos("conv", fwd_algo, bwd_algo)
     if weight.dtype != feats.dtype:
         raise ValueError(f"weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
     if weight.ndim != 3 or weight.shape[0] != len(kmap.offsets) - 1 or weight.shape[1] != feats.shape[1]:
@@ -696,6 +713,8 @@ def conv_features(feats, weight, kmap: JaxKernelMap, fwd_algo=None, bwd_algo=Non
 
 def depthwise_features(feats, weight, kmap: JaxKernelMap, fwd_algo=None, bwd_algo=None):
     """Differentiable depthwise features ``[N_out, C]``: feats ``[N_in, C]``, weight ``[K, C]``."""
+    _check_map_feats(feats, kmap)
+    _check_algos("depthwise", fwd_algo, bwd_algo)
     if weight.dtype != feats.dtype:
         raise ValueError(f"depthwise_weight dtype ({weight.dtype}) must equal the features dtype ({feats.dtype})")
     if weight.ndim != 2 or weight.shape != (len(kmap.offsets) - 1, feats.shape[1]):
@@ -728,7 +747,9 @@ def spatially_sparse_depthwise_conv(input_features, depthwise_weight, kernel_map
 
 def init_conv(key, in_channels, out_channels, kernel_size=3, bias=True, dtype=jnp.float32):
     """Parameters ``{"weight": [K, C_in, C_out], "bias": [C_out]}``, Kaiming-uniform like ``torch.nn.Conv3d``."""
-    k = int(np.prod(np.broadcast_to(kernel_size, 3)))
+    in_channels = geometry.positive_int(in_channels, "in_channels")
+    out_channels = geometry.positive_int(out_channels, "out_channels")
+    k = int(np.prod(geometry.triple(kernel_size, "kernel_size")))
     bound = 1.0 / np.sqrt(in_channels * k)
     kw, kb = jax.random.split(key)
     params = {"weight": jax.random.uniform(kw, (k, in_channels, out_channels), dtype, -bound, bound)}
@@ -752,12 +773,17 @@ class SpatiallySparseConv:
     (``kernel_map(voxels, layer.kernel_size, layer.stride, ...)``).
     """
 
+    _op = "conv"
+
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1, transposed=False,
                  generative=False, bias=True, fwd_algo=None, bwd_algo=None, dtype=jnp.float32):
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        # checked here, not at init/apply: a float would be truncated, a bad size fail inside XLA
+        self.in_channels = geometry.positive_int(in_channels, "in_channels")
+        self.out_channels = geometry.positive_int(out_channels, "out_channels")
+        self.kernel_size = geometry.triple(kernel_size, "kernel_size")
+        self.stride = geometry.triple(stride, "stride")
+        self.dilation = geometry.triple(dilation, "dilation")
+        _check_algos(self._op, fwd_algo, bwd_algo)
         self.transposed, self.generative, self.bias, self.dtype = transposed, generative, bias, dtype
         self.fwd_algo, self.bwd_algo = fwd_algo, bwd_algo
 
@@ -775,13 +801,16 @@ class SpatiallySparseConv:
 class SpatiallySparseDepthwiseConv(SpatiallySparseConv):
     """Depthwise conv layer: params ``{"weight": [K, C], "bias": [C]}``; same ``init``/``apply`` pattern."""
 
+    _op = "depthwise"
+
     def __init__(self, channels, kernel_size=3, stride=1, dilation=1, transposed=False, generative=False,
                  bias=True, fwd_algo=None, bwd_algo=None, dtype=jnp.float32):
+        geometry.positive_int(channels, "channels")  # the error names this layer's argument
         super().__init__(channels, channels, kernel_size, stride, dilation, transposed, generative, bias,
                          fwd_algo, bwd_algo, dtype)
 
     def init(self, key):
-        k = int(np.prod(np.broadcast_to(self.kernel_size, 3)))
+        k = int(np.prod(self.kernel_size))
         bound = 1.0 / np.sqrt(k)
         kw, kb = jax.random.split(key)
         params = {"weight": jax.random.uniform(kw, (k, self.in_channels), self.dtype, -bound, bound)}
@@ -826,8 +855,10 @@ def _concrete(x, what: str, hint: str) -> None:
 
 
 def _check_feats(feats, rows=None, what: str = "feats") -> None:
+    """2-D float features; ``rows``: the map's ``num_in`` (a bucketed map's: its padded row bucket)."""
     if feats.ndim != 2 or (rows is not None and feats.shape[0] != rows):
-        raise ValueError(f"{what} must have shape [{'N' if rows is None else rows}, C], got {tuple(feats.shape)}")
+        want = "[N, C]" if rows is None else f"[{rows}, C] (kmap.num_in rows)"
+        raise ValueError(f"{what} must have shape {want}, got {tuple(feats.shape)}")
     if jnp.dtype(feats.dtype).name not in FLOAT_DTYPES:
         raise ValueError(f"{what} dtype must be one of {FLOAT_DTYPES}, got {jnp.dtype(feats.dtype).name}")
 
@@ -844,6 +875,12 @@ def _as_index(a, what: str, shape: tuple):
     if not jnp.issubdtype(a.dtype, jnp.integer):
         raise ValueError(f"{what} must be an integer array, got {a.dtype}")
     return a if a.dtype == jnp.int32 else a.astype(jnp.int32)
+
+
+def _item_count(value, name: str, rows: int) -> int:
+    """A static batch item count: an integer (int() would truncate 2.5), >= 1 when there are rows (each
+    row belongs to an item); 0 only without rows, as ``Voxels.batch_size`` of empty voxels."""
+    return geometry.positive_int(value, name, minimum=1 if rows else 0)
 
 
 def _is_jax_voxels(voxels, name: str = "voxels") -> bool:
@@ -941,14 +978,14 @@ def max_pool_features(feats, kmap: JaxKernelMap):
     """Differentiable max pooling of feats ``[num_in, C]`` over the map of :func:`pool_kernel_map`:
     ``[num_out, C]``, the channel-wise maximum over each output's active inputs (0 for none). Gradient:
     to the winning input (ties: the lowest row). Runs under ``jit``, ``grad`` and ``vmap``."""
-    _check_feats(feats, kmap.num_in)
+    _check_map_feats(feats, kmap)
     return _max_pool(feats, kmap)
 
 
 def avg_pool_features(feats, kmap: JaxKernelMap):
     """Differentiable average pooling (the mean over each output's active inputs); see
     :func:`max_pool_features`."""
-    _check_feats(feats, kmap.num_in)
+    _check_map_feats(feats, kmap)
     return _avg_pool(feats, kmap)
 
 
@@ -1016,8 +1053,9 @@ def global_pool_features(feats, batch, num_batches: int, mode: str = "avg"):
     (e.g. ``voxels.batch_index()``, may be traced); ``num_batches`` static."""
     pooling._check_mode(mode)
     _check_feats(feats)
+    num_batches = _item_count(num_batches, "num_batches", feats.shape[0])
     batch = _as_index(batch, "batch", (feats.shape[0],))
-    return _global_pool(feats, batch, int(num_batches), mode)
+    return _global_pool(feats, batch, num_batches, mode)
 
 
 def global_pool(voxels, mode: str = "avg"):
@@ -1206,8 +1244,9 @@ def to_dense_features(feats, coords, spatial_shape, batch_size: int):
     ``[batch_size, C, X, Y, Z]``. Coordinates outside the grid are a ``ValueError`` of the core raised
     inside the callback (an XLA runtime error carrying it); :func:`to_dense` checks them before."""
     _check_feats(feats)
+    batch_size = _item_count(batch_size, "batch_size", feats.shape[0])
     coords = _as_index(coords, "coords", (feats.shape[0], 4))
-    return _to_dense(feats, coords, _dense._shape3(spatial_shape), int(batch_size))
+    return _to_dense(feats, coords, _dense._shape3(spatial_shape), batch_size)
 
 
 def to_dense(voxels, spatial_shape, batch_size: int | None = None):
@@ -1216,7 +1255,7 @@ def to_dense(voxels, spatial_shape, batch_size: int | None = None):
     if not _is_jax_voxels(voxels):
         return _dense.to_dense(voxels, spatial_shape, batch_size)
     shp = _dense._shape3(spatial_shape)
-    bsz = voxels.batch_size if batch_size is None else int(batch_size)
+    bsz = voxels.batch_size if batch_size is None else _item_count(batch_size, "batch_size", voxels.num_voxels)
     _dense._sites(voxels.core_coords()[0], shp, bsz)
     return to_dense_features(voxels.feats, voxels.coords, shp, bsz)
 

@@ -146,8 +146,10 @@ class BatchNorm(nnx.BatchNorm):
         else:
             n = x.shape[0]
             if n < 2:
-                raise ValueError(f"BatchNorm in training needs more than 1 voxel per channel, got {n} (torch "
-                                 f"raises too); use_running_average=True normalises with the running statistics")
+                # torch raises for 1 row; for 0 rows it returns an empty result (statistics unchanged)
+                torch_does = "as torch" if n == 1 else "torch's BatchNorm1d returns an empty result instead"
+                raise ValueError(f"BatchNorm in training needs more than 1 voxel per channel, got {n} ({torch_does}); "
+                                 f"use_running_average=True normalises with the running statistics")
             mean = xf.mean(0)
             var = jnp.square(xf - mean).mean(0)  # two passes: no cancellation
             decay = self.momentum
@@ -186,7 +188,7 @@ class BatchNorm(nnx.BatchNorm):
             mean, var = self.mean[...].astype(sdt), self.var[...].astype(sdt)
         else:
             # at least one row in the means (an empty level normalises to zeros); the running statistics
-            # move only with two rows or more (the exact path raises below two, as torch)
+            # move only with two rows or more (the exact path raises below two: torch raises for one row)
             n = jnp.maximum(valid, 1).astype(sdt)
             mean = xf.sum(0) / n
             var = jnp.where(keep, jnp.square(xf - mean), 0).sum(0) / n
@@ -266,6 +268,7 @@ class ResidualBlock(_KernelMaps, nnx.Module):
 
     def __init__(self, c_in: int, c_out: int, kernel_size=3, dilation=1, fwd_algo=None, bwd_algo=None, *,
                  dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        c_in, c_out = _positive(c_in, "c_in"), _positive(c_out, "c_out")  # else named as the convs' in_features
         kw = dict(fwd_algo=fwd_algo, bwd_algo=bwd_algo, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         bn = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.main = SparseSequential(

@@ -14,7 +14,7 @@ from flax import nnx
 from sparsevox.unet import DEFAULT_WIDTHS, unet_shape
 from sparsevox.voxels import Voxels
 
-from .conv import SparseConv
+from .conv import SparseConv, _positive
 from .layers import BatchNorm, ResidualBlock, SparseSequential
 from .maps import LevelMaps, coarser, level_maps
 
@@ -105,14 +105,17 @@ class MinkUNet(nnx.Module):
 
     def __init__(self, in_channels: int, num_classes: int, widths=DEFAULT_WIDTHS, blocks=2, fwd_algo=None,
                  bwd_algo=None, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        # named here: num_classes reaches only nnx.Linear (which accepts 0), in_channels the stem's in_features
+        self.in_channels = _positive(in_channels, "in_channels")
+        self.num_classes = _positive(num_classes, "num_classes")
         w, b = unet_shape(widths, blocks)
         kw = dict(fwd_algo=fwd_algo, bwd_algo=bwd_algo, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.in_channels, self.num_classes, self.widths, self.blocks = int(in_channels), int(num_classes), w, b
-        self.stem = SparseSequential(_conv_bn_relu(in_channels, w[0], 3, **kw), _conv_bn_relu(w[0], w[0], 3, **kw))
+        self.widths, self.blocks = w, b
+        self.stem = SparseSequential(_conv_bn_relu(self.in_channels, w[0], 3, **kw), _conv_bn_relu(w[0], w[0], 3, **kw))
         self.encoder = nnx.List([DownStage(w[i - 1], w[i], b[i - 1], **kw) for i in range(1, 5)])
         # decoder stage j: up from w[4 + j - 1], concatenated with encoder level 3 - j (level 0 = stem)
         self.decoder = nnx.List([UpStage(w[4 + j], w[5 + j], w[3 - j], b[4 + j], **kw) for j in range(4)])
-        self.classifier = nnx.Linear(w[8], num_classes, dtype=dtype, param_dtype=param_dtype,
+        self.classifier = nnx.Linear(w[8], self.num_classes, dtype=dtype, param_dtype=param_dtype,
                                      kernel_init=_torch_uniform(w[8]), bias_init=_torch_uniform(w[8]), rngs=rngs)
 
     def kernel_maps(self, voxels: Voxels, bucket: bool = False) -> tuple:

@@ -20,6 +20,7 @@ from sparsevox.adapters import jax as svj
 from sparsevox.geometry import triple
 from sparsevox.pooling import GLOBAL_MODES, _pool_geometry
 
+from .conv import _positive
 from .maps import LevelMaps, map_key
 
 __all__ = ["MaxPool3d", "AvgPool3d", "GlobalPool", "Unpool"]
@@ -80,16 +81,15 @@ class GlobalPool(nnx.Module):
     def __init__(self, mode: str = "avg", num_batches: int | None = None):
         if mode not in GLOBAL_MODES:
             raise ValueError(f"mode must be one of {GLOBAL_MODES}, got {mode!r}")
-        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                        or num_batches < 1):
-            raise ValueError(f"num_batches must be an int >= 1 or None, got {num_batches!r}")
-        self.mode, self.num_batches = mode, num_batches
+        self.mode = mode
+        self.num_batches = None if num_batches is None else _positive(num_batches, "num_batches")
 
     def __call__(self, x, maps, num_batches: int | None = None):
         b = num_batches if num_batches is not None else self.num_batches
         if b is None:
             raise ValueError("GlobalPool needs num_batches (the output's row count, static under jit): "
                              "GlobalPool(mode, num_batches=B) or call(x, maps, num_batches=B)")
+        b = _positive(b, "num_batches")  # b + 1 below would pass the adapter's check for b = 0
         batch = maps.batch if isinstance(maps, LevelMaps) else jnp.asarray(maps)
         # padding rows (batch -1) go to one extra item, dropped: they change no real item's value or count;
         # an index >= num_batches goes past it, so the range check still refuses it
