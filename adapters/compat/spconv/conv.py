@@ -25,7 +25,7 @@ from torch.nn.init import calculate_gain
 from sparsevox.adapters.torch.functional import conv_features
 
 from . import maps
-from .core import ConvAlgo, IndiceData, SparseConvTensor, expand_nd
+from .core import ConvAlgo, IndiceData, SparseConvTensor, checked_int, checked_nd
 from .modules import SparseModule
 
 __all__ = ["SparseConvolution"] + [f"{kind}{nd}d" for nd in (1, 2, 3, 4) for kind in
@@ -54,8 +54,10 @@ def _unsupported_act(act_type) -> bool:
 
 class SparseConvolution(SparseModule):
     """spconv's ``SparseConvolution`` (same arguments). Supported: ndim 1, 2, 3; ``subm``, ``transposed``,
-    ``inverse``; any ``kernel_size``/``stride``/``padding``/``dilation`` (SubM: odd sizes, as spconv),
-    ``output_padding`` of transposed layers; ``indice_key``; ``bias``; ``record_voxel_count``.
+    ``inverse``; ``kernel_size``/``stride``/``padding``/``dilation`` (SubM: odd sizes, as spconv),
+    ``output_padding`` of transposed layers; ``indice_key``; ``bias``; ``record_voxel_count``. Channels,
+    ``kernel_size``, ``stride`` and ``dilation`` must be integers >= 1, ``padding`` and ``output_padding``
+    integers (negative ones crop, as in spconv); else ``ValueError`` naming the argument.
     ``algo``, ``fp32_accum`` and ``large_kernel_fast_algo`` are accepted and recorded (sparsevox chooses
     its algorithm itself and accumulates in float32 or wider). Not supported (``NotImplementedError``):
     ndim 4, ``groups != 1`` (spconv neither), fused activations (``act_type``), int8 inputs."""
@@ -77,12 +79,18 @@ class SparseConvolution(SparseModule):
         if _unsupported_act(act_type):
             raise NotImplementedError(f"fused activations (act_type={act_type}): apply the activation to "
                                       f"x.features after the layer")
-        self.ndim, self.in_channels, self.out_channels = ndim, int(in_channels), int(out_channels)
-        self.kernel_size = expand_nd(ndim, kernel_size)
-        self.stride = expand_nd(ndim, stride)
-        self.padding = expand_nd(ndim, padding)
-        self.dilation = expand_nd(ndim, dilation)
-        self.output_padding = expand_nd(ndim, output_padding)
+        # checked here, by name: spconv lets 0 and 2.5 through to a ZeroDivisionError, a negative dimension or a
+        # truncated size. Stride >= 1 for SubM too, which spconv ignores there: 0 is a mistake, not a setting.
+        self.ndim = ndim
+        self.in_channels = checked_int("in_channels", in_channels)
+        self.out_channels = checked_int("out_channels", out_channels)
+        self.kernel_size = checked_nd("kernel_size", ndim, kernel_size, 1)
+        self.stride = checked_nd("stride", ndim, stride, 1)
+        self.dilation = checked_nd("dilation", ndim, dilation, 1)
+        # any integer: spconv crops with negative ones (its output size and pairs, which maps follows); an
+        # output size <= 0 is refused in forward (maps.check_output_size)
+        self.padding = checked_nd("padding", ndim, padding)
+        self.output_padding = checked_nd("output_padding", ndim, output_padding)
         kv, kv_stride = math.prod(self.kernel_size), math.prod(self.stride)
         self.conv1x1 = kv == 1 and (subm or kv_stride == 1)
         if self.conv1x1 and not subm and self.padding != [0] * ndim:

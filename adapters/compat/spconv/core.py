@@ -9,6 +9,7 @@ replaced (it is checked against the indices object on every use).
 from __future__ import annotations
 
 import enum
+import operator
 
 import numpy as np
 import torch
@@ -41,6 +42,46 @@ def expand_nd(ndim: int, val) -> list[int]:
     if len(res) != ndim:
         raise ValueError(f"expected an int or {ndim} ints, got {val!r}")
     return [int(v) for v in res]
+
+
+def _int_value(v) -> int | None:
+    """``v`` as an int when it holds one: an int, a NumPy or torch integer scalar, or an integral float such as
+    the 3.0 of ``(3.0, 3, 3)`` (which spconv's ``int(v)`` takes); None for 3.7, a bool, a string."""
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    if isinstance(v, (float, np.floating)):
+        return int(v) if float(v).is_integer() else None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def checked_int(name: str, val, low: int = 1) -> int:
+    """``val`` as an int ``>= low``, else ``ValueError`` naming ``name`` (2.5 is refused, not truncated)."""
+    v = _int_value(val)
+    if v is None or v < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {val!r}")
+    return v
+
+
+def checked_nd(name: str, ndim: int, val, low: int | None = None) -> list[int]:
+    """``val`` (one integer for every axis, or ``ndim`` of them) as ``ndim`` ints, each ``>= low`` (None: any
+    integer), else ``ValueError`` naming ``name``: the layers' check of their sizes, where :func:`expand_nd`
+    (spconv's) would truncate 3.7 to 3 and let 0 through to a division by zero."""
+    one = _int_value(val)
+    if one is not None:
+        vals = [one] * ndim
+    elif isinstance(val, (str, bytes)) or not hasattr(val, "__iter__"):
+        vals = []
+    else:
+        vals = [_int_value(v) for v in val]
+    if len(vals) != ndim or None in vals:
+        what = "an integer" if low is None else f"an integer >= {low}"
+        raise ValueError(f"{name} must be {what} or {ndim} such integers (one per axis), got {val!r}")
+    if low is not None and min(vals) < low:
+        raise ValueError(f"{name} must be >= {low} per axis, got {val!r}")
+    return vals
 
 
 class IndiceData:
@@ -245,9 +286,23 @@ class SparseConvTensor:
 
     def dense(self, channels_first: bool = True):
         """``[B, C, *spatial_shape]`` (``channels_first``) or ``[B, *spatial_shape, C]``, zeros where no
-        site is active. Differentiable."""
-        shape = [self.batch_size] + list(self.spatial_shape) + [self.features.shape[1]]
-        res = scatter_nd(self.indices.to(self.features.device).long(), self.features, shape)
+        site is active. Differentiable.
+
+        Raises ``ValueError`` when an index lies outside ``[0, batch_size)`` (column 0) or ``[0,
+        spatial_shape)`` (one reduction of the indices, one read of the device). Duplicate sites are not
+        checked, as in spconv: the dense tensor holds one of their rows (which one is unspecified: a scatter
+        without accumulation), not their sum."""
+        indices = self.indices.to(self.features.device).long()
+        bounds = [int(self.batch_size)] + [int(n) for n in self.spatial_shape]
+        if indices.shape[0]:
+            # torch would raise an IndexError for a large index and wrap a negative one round silently
+            lo, hi = torch.stack(torch.aminmax(indices, dim=0)).tolist()
+            if min(lo) < 0 or any(h >= n for h, n in zip(hi, bounds)):
+                raise ValueError(f"indices must lie in [0, batch_size) in column 0 and in [0, spatial_shape) in the "
+                                 f"others: batch_size {bounds[0]}, spatial_shape {bounds[1:]}, got indices per "
+                                 f"column from {lo} to {hi}")
+        shape = bounds + [self.features.shape[1]]
+        res = scatter_nd(indices, self.features, shape)
         if not channels_first:
             return res
         ndim = len(self.spatial_shape)

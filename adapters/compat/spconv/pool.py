@@ -24,7 +24,7 @@ from sparsevox import _arrays, pooling
 from sparsevox.adapters.torch.functional import kernel_map_tensors
 
 from . import maps
-from .core import ConvAlgo, IndiceData, SparseConvTensor, expand_nd
+from .core import ConvAlgo, IndiceData, SparseConvTensor, checked_nd
 from .modules import SparseModule
 
 __all__ = ["SparseMaxPool", "SparseAvgPool", "SparseGlobalMaxPool", "SparseGlobalAvgPool"] + \
@@ -80,10 +80,12 @@ class _LocalPool(SparseModule):
         if ndim not in (1, 2, 3):
             raise NotImplementedError(f"{ndim}D sparse pooling: sparsevox.compat.spconv supports 1D, 2D and 3D")
         self.ndim = ndim
-        self.kernel_size = expand_nd(ndim, kernel_size)
-        self.stride = list(self.kernel_size) if stride is None else expand_nd(ndim, stride)
-        self.padding = expand_nd(ndim, padding)
-        self.dilation = expand_nd(ndim, dilation)
+        # checked by name as the convolutions' (0 was a ZeroDivisionError in forward); padding any integer
+        # (negative crops, as in spconv); stride None is the kernel size (spconv's)
+        self.kernel_size = checked_nd("kernel_size", ndim, kernel_size, 1)
+        self.stride = list(self.kernel_size) if stride is None else checked_nd("stride", ndim, stride, 1)
+        self.padding = checked_nd("padding", ndim, padding)
+        self.dilation = checked_nd("dilation", ndim, dilation, 1)
         self.subm, self.indice_key, self.record_voxel_count = subm, indice_key, record_voxel_count
         if record_voxel_count and not subm:
             self.register_buffer(_MAX_NUM_VOXELS_DURING_TRAINING, torch.zeros(1, dtype=torch.int32))
@@ -140,7 +142,9 @@ class _LocalPool(SparseModule):
 
 class SparseMaxPool(_LocalPool):
     """spconv's ``SparseMaxPool(ndim, kernel_size=3, stride=1, padding=0, dilation=1, indice_key=None,
-    subm=False, algo=None, record_voxel_count=False, name=None)``: ``max(0, max over the window)``."""
+    subm=False, algo=None, record_voxel_count=False, name=None)``: ``max(0, max over the window)``.
+    ``kernel_size``, ``stride`` and ``dilation`` must be integers >= 1, ``padding`` integers (else
+    ``ValueError`` naming the argument)."""
     is_max = True
 
 
