@@ -297,3 +297,12 @@ def test_sparse_add_equals_spconvs(rng, subset):
     assert all(np.allclose(g[k], w[k], atol=1e-12) for k in w)
     if not subset:  # then both sort the rows
         assert torch.equal(got.indices, want.indices)
+
+
+def test_no_grid_is_an_empty_tensor_as_in_spconv():
+    """spconv stores ``torch.Tensor()`` for a tensor made without a grid (model code tests ``grid.numel()``)."""
+    x = CMP.SparseConvTensor(torch.ones(1, 2), torch.zeros(1, 4, dtype=torch.int32), [2, 2, 2], 1)
+    assert isinstance(x.grid, torch.Tensor) and x.grid.numel() == 0
+    assert x.replace_feature(torch.ones(1, 3)).grid is x.grid
+    grid = torch.zeros(5)
+    assert CMP.SparseConvTensor(torch.ones(1, 2), torch.zeros(1, 4, dtype=torch.int32), [2, 2, 2], 1, grid).grid is grid

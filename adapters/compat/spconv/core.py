@@ -207,7 +207,8 @@ class SparseConvTensor:
         self.spatial_shape = [int(v) for v in spatial_shape]
         self.batch_size = batch_size
         self.indice_dict = {} if indice_dict is None else indice_dict
-        self.grid, self.voxel_num = grid, voxel_num
+        # spconv stores an empty tensor for "no grid" (code tests x.grid.numel(), not None)
+        self.grid, self.voxel_num = (torch.Tensor() if grid is None else grid), voxel_num
         self.benchmark, self.benchmark_record = False, {}
         self.thrust_allocator = None
         self._timer = None
