@@ -366,6 +366,8 @@ def _kernel_map(voxels, kernel_size=3, stride=1, dilation=1, transposed=False, g
     out_v = None
     if output_voxels is not None:
         out_v = output_voxels if isinstance(output_voxels, Voxels) else Voxels(output_voxels, None)
+        if out_v._unchecked and array_module(out_v.core_coords()[0]) is np:
+            out_v.sorted_keys()  # check=False output sites on the CPU: checked as the input's are (raises)
     # Entries for given output sites hold them weakly and check identity (a dead one's id may come back):
     # a strong reference made a cycle (fine level -> strided map's coarse sites -> transposed map -> fine
     # level) that only the cyclic GC frees, holding a step's maps in GPU memory until it runs.

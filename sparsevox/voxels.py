@@ -68,9 +68,12 @@ class Voxels:
     """
 
     def __init__(self, coords, feats, *, check: bool = True):
-        # nested lists (a quick script's input) as NumPy arrays: the library of a list is NumPy's
-        self.coords = np.asarray(coords) if isinstance(coords, (list, tuple)) else coords
-        self.feats = np.asarray(feats) if isinstance(feats, (list, tuple)) else feats
+        if check:  # nested lists (a quick script's input) as NumPy arrays: the library of a list is NumPy's
+            # (not with check=False: pytree unflattening builds Voxels of whatever leaves a tree map made)
+            coords = np.asarray(coords) if isinstance(coords, (list, tuple)) else coords
+            feats = np.asarray(feats) if isinstance(feats, (list, tuple)) else feats
+        self.coords = coords
+        self.feats = feats
         self._kmaps: dict = {}
         self._core = None  # (core coords int32, origin)
         self._keys = None  # (sorted keys, permutation) built on first use
@@ -133,14 +136,15 @@ class Voxels:
             c, _ = self.core_coords()
             xp = array_module(c)
             if self._unchecked and xp is np:  # check=False: the CPU builders and pooling read these keys, and
-                self._unchecked = False       # packing wraps out-of-range values: validate (it sorts the keys)
-                try:
-                    self._validate()
+                self._unchecked = False       # packing wraps out-of-range values: check the coords (their
+                try:                          # uniqueness check sorts the keys); the feats are not asked for
+                    if c.ndim != 2 or c.shape[1] != 4:
+                        raise ValueError(f"coords must have shape [N, 4] (batch, x, y, z), got {tuple(c.shape)}")
+                    _check_coords(c, xp, self)
                 except ValueError:
                     self._unchecked, self._keys = True, None  # every later use raises it again
                     raise
-                if self._keys is not None:
-                    return self._keys
+                return self._keys
             keys = geometry.pack_keys(c, xp)
             if self._rows_sorted:
                 self._keys = (keys, xp.arange(c.shape[0], dtype=xp.int32))
@@ -294,6 +298,9 @@ class Voxels:
             raise ValueError(f"features must have shape [P={p.shape[0]}, F], got {tuple(feats.shape)}")
         if batch is not None:
             b = to_core(batch)[0]
+            if b.ndim == 0 and b.dtype.kind in "iu":  # one batch index for every point
+                b = xp.full(p.shape[0], int(b), dtype=b.dtype)
+                batch = b
             if b.ndim != 1 or b.shape[0] != p.shape[0] or b.dtype.kind not in "iu":
                 raise ValueError(f"batch must be an integer array of shape [P={p.shape[0]}], got {b.dtype} "
                                  f"{tuple(b.shape)}")

@@ -306,3 +306,37 @@ def test_no_grid_is_an_empty_tensor_as_in_spconv():
     assert x.replace_feature(torch.ones(1, 3)).grid is x.grid
     grid = torch.zeros(5)
     assert CMP.SparseConvTensor(torch.ones(1, 2), torch.zeros(1, 4, dtype=torch.int32), [2, 2, 2], 1, grid).grid is grid
+
+
+def test_point_to_voxel_grid_rounds_halves_away_from_zero_in_float32():
+    """spconv's grid size is std::round of a float32 quotient: a 1.25 m range of 0.5 m voxels has 3 cells
+    (Python's round(2.5) is 2)."""
+    assert PointToVoxel([0.5] * 3, [0, 0, 0, 1.25, 1.25, 1.25], 4, 10, 1).grid_size == [3, 3, 3]
+    assert PointToVoxel([0.1] * 3, [0, 0, 0, 0.25, 0.25, 0.25], 4, 10, 1).grid_size == [3, 3, 3]
+    assert PointToVoxel([0.2, 0.1, 0.05], [-1, -2, -3, 1, 2, 3], 4, 10, 1).grid_size == [120, 40, 10]  # z, y, x
+
+
+def test_placeholder_modules_raise_only_for_spconvs_names():
+    """After install(): spconv 2.3.8's names in modules compat lacks raise NotImplementedError; any other
+    name is an AttributeError (an ImportError for ``from ... import``), as spconv gives for spconv-1 names,
+    so fallbacks written for them still work, and hasattr answers."""
+    out = _run("""
+        import sparsevox.compat.spconv as compat
+        compat.install()
+        import spconv.utils, spconv.pytorch.hash
+        try:
+            from spconv.utils import VoxelGeneratorV2  # a spconv 1.x name
+        except ImportError:
+            pass
+        assert not hasattr(spconv.utils, "VoxelGenerator") and spconv.utils.CPU_ONLY_BUILD is False
+        for mod, name in ((spconv.utils, "Point2VoxelGPU3d"), (spconv.utils, "rbbox_iou"),
+                          (spconv.pytorch.hash, "HashTable")):
+            try:
+                getattr(mod, name)
+            except NotImplementedError as e:
+                assert name in str(e)
+            else:
+                raise AssertionError(name)
+        print("ok")
+    """)
+    assert out.strip() == "ok"

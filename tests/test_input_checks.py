@@ -177,3 +177,35 @@ def test_torch_adapter_names_a_weight_of_another_library(rng):
             sv.spatially_sparse_conv(v, w, 3 if w.shape[0] == 27 else 1)
     with pytest.raises(ValueError, match="MinkUNet takes sparsevox.Voxels"):
         svt.MinkUNet(4, 5, widths=(4,) * 9, blocks=1)(torch.ones(3, 4))
+
+
+def test_unchecked_output_voxels_are_checked_too():
+    v = sv.Voxels(np.array([[0, 0, 0, 0], [0, 2, 2, 2]], np.int32), np.ones((2, 1), np.float32))
+    bad = sv.Voxels(np.array([[0, 0, 0, 0], [0, 0, 0, 0], [0, 200000, 0, 0]], np.int32), None, check=False)
+    with pytest.raises(ValueError, match="unique per batch|x must be in"):
+        sv.kernel_map(v, 2, 2, transposed=True, output_voxels=bad)
+
+
+def test_unchecked_voxels_check_only_their_coords():
+    """The deferred check is of the coords (as promised): feats of another dtype or none are not its business."""
+    c = np.array([[0, 0, 0, 0], [0, 1, 0, 0]], np.int32)
+    v = sv.Voxels(c, np.array([[1], [2]], np.int64), check=False)  # e.g. integer labels riding along
+    assert sv.kernel_map(v, 3).num_pairs == 4
+
+
+def test_from_points_takes_one_batch_index_for_all_points(rng):
+    p = rng.random((10, 3))
+    v = sv.Voxels.from_points(p, 0.5, batch=np.int64(3))
+    assert (np.asarray(v.coords)[:, 0] == 3).all()
+
+
+def test_jax_tree_maps_over_voxels_keep_their_leaves():
+    """Pytree unflattening builds Voxels with check=False: leaves a tree map made (tuples of shapes) stay as
+    they are (converting lists and tuples is for a user's own Voxels(list, list))."""
+    jax = pytest.importorskip("jax", reason="jax not installed")
+    import jax.numpy as jnp
+    pytest.importorskip("sparsevox.adapters.jax")
+    v = sv.Voxels(jnp.asarray([[0, 0, 0, 0], [0, 1, 0, 0]]), jnp.ones((2, 3)))
+    shapes = jax.tree.map(lambda x: x.shape, v)
+    assert shapes.coords == (2, 4) and shapes.feats == (2, 3)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), v).feats[0] == (2, 3)

@@ -24,14 +24,26 @@ from ._unsupported import attribute_error
 
 SPCONV_VERSION = "2.3.8"  # the version whose behaviour compat reproduces (and reports)
 
-# spconv.pytorch's submodules that compat does not provide: {name: (what, hint)}
+# spconv.pytorch's submodules that compat does not provide: {name: (what, spconv 2.3.8's public names (None:
+# every public name: int8 only), hint)}. Their names raise NotImplementedError; other names stay
+# AttributeErrors (an ImportError for `from ... import`), as in spconv, so fallbacks written for spconv 1
+# names keep working and hasattr answers.
 _MISSING_PYTORCH = {
-    "hash": ("spconv.pytorch.hash", "a GPU hash table"),
-    "quantization": ("spconv.pytorch.quantization", "int8 sparse convolution"),
-    "cppcore": ("spconv.pytorch.cppcore", "cumm tensor views"),
-    "spatial": ("spconv.pytorch.spatial", "RemoveDuplicate"),
-    "interpreter": ("spconv.pytorch.interpreter", "spconv's TensorRT interpreter"),
+    "hash": ("spconv.pytorch.hash", ("HashTable",), "a GPU hash table"),
+    "quantization": ("spconv.pytorch.quantization", None, "int8 sparse convolution"),
+    "cppcore": ("spconv.pytorch.cppcore", ("TorchAllocator", "TorchSpconvMatmul", "ExternalAllocator",
+                                           "ExternalSpconvMatmul", "get_arch", "get_current_stream",
+                                           "torch_tensor_to_tv", "torch_tensors_to_tv", "AllocKeys",
+                                           "COMPILED_CUDA_ARCHS", "CompileInfo"), "cumm tensor views"),
+    "spatial": ("spconv.pytorch.spatial", ("RemoveDuplicate",), "RemoveDuplicate"),
+    "interpreter": ("spconv.pytorch.interpreter", ("NetworkInterpreter", "REGISTERED_NODE_HANDLERS",
+                                                   "get_node_handler", "register_method_handler",
+                                                   "register_node_handler"), "spconv's TensorRT interpreter"),
 }
+# spconv.utils (2.3.8, CPU and CUDA builds): cumm tensor views in and out, box ops
+_SPCONV_UTILS = tuple(f"Point2Voxel{d}{n}d" for d in ("CPU", "GPU") for n in range(1, 5)) + (
+    "BoxOps", "non_max_suppression_cpu", "rbbox_intersection", "rbbox_iou", "rbbox_iou_loss",
+    "rotate_non_max_suppression_cpu")
 
 
 def _module(name: str, doc: str, package: bool = False, **attrs) -> types.ModuleType:
@@ -78,9 +90,9 @@ def install(replace: bool = False) -> types.ModuleType:
     spconv_core = _module("spconv.core", "spconv.core on sparsevox: ConvAlgo and AlgoHint.",
                           ConvAlgo=core.ConvAlgo, AlgoHint=core.AlgoHint)
     utils = _module("spconv.utils", "spconv.utils: cumm-based voxelisers and box ops, not supported.")
-    # cumm's tensor views in and out (Point2VoxelCPU3d, ...) and box ops: every public name raises
-    utils.__getattr__ = attribute_error("spconv.utils", "spconv.utils", None,
-                                        "spconv.pytorch.utils.PointToVoxel voxelises torch tensors")
+    utils.__getattr__ = attribute_error("spconv.utils", "spconv.utils", _SPCONV_UTILS,
+                                        "spconv.pytorch.utils.PointToVoxel voxelises torch tensors",
+                                        known={"CPU_ONLY_BUILD": False})
     root = _module("spconv", "spconv 2.x on sparsevox (sparsevox.compat.spconv.install()).", package=True,
                    __version__=SPCONV_VERSION, SPCONV_VERSION_NUMBERS=[int(v) for v in SPCONV_VERSION.split(".")],
                    ConvAlgo=core.ConvAlgo, AlgoHint=core.AlgoHint, constants=constants, core=spconv_core,
@@ -89,9 +101,10 @@ def install(replace: bool = False) -> types.ModuleType:
                "spconv.pytorch": compat}
     for sub in ("conv", "core", "modules", "pool", "ops", "functional", "utils", "tables", "identity", "constants"):
         modules[f"spconv.pytorch.{sub}"] = getattr(compat, sub)
-    for sub, (what, feature) in _MISSING_PYTORCH.items():
+    for sub, (what, names, feature) in _MISSING_PYTORCH.items():
         mod = _module(f"spconv.pytorch.{sub}", f"{what} ({feature}): not supported by sparsevox.compat.spconv.")
-        mod.__getattr__ = attribute_error(mod.__name__, what, None, feature)
+        mod.__getattr__ = attribute_error(mod.__name__, what, names, feature)
         modules[mod.__name__] = mod
+        setattr(compat, sub, mod)  # as importing a submodule binds it on its package
     sys.modules.update(modules)
     return root

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 __all__ = ["PointToVoxel", "gather_features_by_pc_voxel_id"]
@@ -56,7 +57,10 @@ class PointToVoxel:
         # spconv's metadata: per axis in z, y, x order (the indices' order)
         self.vsize = vsize[::-1]
         self.coors_range = rng[:ndim][::-1] + rng[ndim:][::-1]
-        self.grid_size = [int(round((self.coors_range[ndim + i] - self.coors_range[i]) / self.vsize[i]))
+        # as spconv's calc_meta_data: float32 arithmetic, std::round (halves away from zero; Python's round
+        # takes them to even, and float64 differs: a 1.25 m range of 0.5 m voxels is 3 cells there, not 2)
+        self.grid_size = [_round_half_away(np.float32(np.float32(self.coors_range[ndim + i])
+                                                      - np.float32(self.coors_range[i])) / np.float32(self.vsize[i]))
                           for i in range(ndim)]
         self.grid_stride = [math.prod(self.grid_size[i + 1:]) for i in range(ndim)]
 
@@ -116,6 +120,12 @@ class PointToVoxel:
             empty = torch.arange(p_max, device=dev).unsqueeze(0) >= num.unsqueeze(1)  # [m, P]
             voxels = torch.where(empty.unsqueeze(2) & (num > 0).view(-1, 1, 1), mean.unsqueeze(1), voxels)
         return voxels, indices, num, pc_voxel_id
+
+
+def _round_half_away(q) -> int:
+    """std::round of a float32 value (its exact value in float64: adding 0.5 there does not round)."""
+    q = float(q)
+    return int(math.copysign(math.floor(abs(q) + 0.5), q))
 
 
 def gather_features_by_pc_voxel_id(seg_res_features: torch.Tensor, pc_voxel_id: torch.Tensor, invalid_value=0):
