@@ -200,3 +200,8 @@ def test_flax_step_probe_times_the_callbacks_of_a_step(tmp_path):
     assert first["callbacks_ms"] == pytest.approx(sum(first["by_kind_ms"].values()))
     with pytest.raises(SystemExit):
         flax_step.main(["--steps", "1"])
+    # as benchmarks/gpu_suite.sh calls a module: --out DIR --stem STEM --quick --budget-s
+    assert flax_step.main(["--scene", "tiny", "--modes", "fp32_infer", "--widths", "4,4,4,4,4,4,4,4,4", "--quick",
+                           "--out", str(tmp_path), "--stem", "S", "--budget-s", "100"]) == 0
+    (rec,) = json.loads((tmp_path / "S-flax_step.json").read_text())["records"]
+    assert rec["mode"] == "fp32_infer" and len(rec["steps"]) == 5

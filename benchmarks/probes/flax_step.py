@@ -4,7 +4,12 @@ jitted step (ending in ``block_until_ready``), and inside it the host time of ev
 (each convolution, pooling or point op that does not take the XLA FFI path), by kind.
 
     python -m benchmarks.probes.flax_step [--scene semantickitti] [--steps 10] [--modes fp32_infer fp32_train]
-                                          [--widths 32,32,64,128,256,128,96,96,96] [--ffi 0|1] [--out FILE.json]
+                                          [--widths 32,32,64,128,256,128,96,96,96] [--ffi 0|1]
+                                          [--out FILE.json | --out DIR --stem STEM] [--quick] [--budget-s S]
+
+(``--out DIR --stem STEM --quick --budget-s S`` as ``benchmarks/gpu_suite.sh`` passes them to a module:
+the records go to ``DIR/STEM-flax_step.json``; ``--quick`` runs 5 steps; a mode not started within the
+budget is left out.)
 
 Every step takes a different crop of the scene (a new scan: new maps, first calls on them); the maps are
 bucketed (``kernel_maps(voxels, bucket=True)``), so the step compiles only when a bucket signature is new
@@ -152,8 +157,13 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=["fp32_infer", "fp32_train"], choices=["fp32_infer", "fp32_train"])
     ap.add_argument("--widths", default=DEFAULT_WIDTHS, help="nine comma-separated level widths")
     ap.add_argument("--ffi", choices=["0", "1"], default=None, help="set SPARSEVOX_JAX_FFI (default: as it is)")
-    ap.add_argument("--out", default=None, help="write the records here (JSON)")
+    ap.add_argument("--out", default=None, help="write the records here (a .json file, or a folder with --stem)")
+    ap.add_argument("--stem", default=None, help="with --out DIR: the records go to DIR/STEM-flax_step.json")
+    ap.add_argument("--quick", action="store_true", help="5 steps")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no mode after this many seconds")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.steps = min(args.steps, 5)
     if args.steps < 2:
         ap.error(f"--steps must be >= 2 (the first compiles), got {args.steps}")
     widths = [int(w) for w in args.widths.split(",")]
@@ -175,7 +185,11 @@ def main(argv=None) -> int:
         coords = found[0].coords
     scans = _crops(coords, args.steps, np.random.default_rng(0))
     records = []
+    t0 = time.monotonic()
     for mode in args.modes:
+        if args.budget_s is not None and time.monotonic() - t0 > args.budget_s:
+            print(f"flax_step: budget of {args.budget_s:g} s spent; {mode} not run")
+            continue
         rec = run_mode(mode, scans, widths)
         records.append(rec)
         m = rec["median_of_steps_without_compile"]
@@ -186,9 +200,13 @@ def main(argv=None) -> int:
             print(f"    {kind:48s} {ms:8.2f} ms  {m['by_kind_calls'][kind]:5.0f} calls")
     if args.out:
         from benchmarks import provenance
-        Path(args.out).write_text(json.dumps({**provenance.header(provenance.gpu_name() or "cpu"), "scene": args.scene,
-                                              "widths": widths, "records": records}, indent=1))
-        print(f"wrote {args.out}")
+        path = Path(args.out)
+        if args.stem is not None or path.is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / f"{args.stem or provenance.stem()}-flax_step.json"
+        path.write_text(json.dumps({**provenance.header(provenance.gpu_name() or "cpu"), "scene": args.scene,
+                                    "widths": widths, "records": records}, indent=1))
+        print(f"wrote {path}")
     return 0
 
 
