@@ -33,21 +33,22 @@ def _to_jax(t):
     return jax.dlpack.from_dlpack(t.contiguous()) if t.is_cuda else jnp.asarray(t.numpy())
 
 
-def make_step(model, mode: str, vox, labels):
-    """``step()``: one step of ``mode`` (:data:`FLAX_MODES`) on a fresh ``Voxels`` of ``vox()``'s points."""
+def jitted_steps(traces=None):
+    """``(train_step(model, feats, maps, labels) -> loss, infer(model, feats, maps) -> logits)``, both
+    ``nnx.jit``-ed, on bucketed maps: training is masked cross-entropy (padding rows left out) and plain SGD
+    at lr 0.01. ``traces``: a one-element list counted up at every trace (compilations)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    import sparsevox as sv
-    if mode not in FLAX_MODES:
-        raise ValueError(f"mode must be one of {FLAX_MODES} for the Flax model, got {mode!r}")
-    train = mode == "fp32_train"
-    model.train() if train else model.eval()
-    jlabels = _to_jax(labels).astype(jnp.int32)
+    def traced():
+        if traces is not None:
+            traces[0] += 1  # runs only while tracing
 
     @nnx.jit
     def train_step(model, feats, maps, labels):
+        traced()
+
         def loss_fn(m):
             mask = maps[0].mask()
             ce = -jnp.take_along_axis(jax.nn.log_softmax(m(feats, maps)), labels[:, None], axis=1)[:, 0]
@@ -57,7 +58,25 @@ def make_step(model, mode: str, vox, labels):
         nnx.update(model, jax.tree_util.tree_map(lambda p, g: p - 0.01 * g, params, grads))
         return loss
 
-    infer = nnx.jit(lambda m, f, maps: m(f, maps))
+    @nnx.jit
+    def infer(model, feats, maps):
+        traced()
+        return model(feats, maps)
+    return train_step, infer
+
+
+def make_step(model, mode: str, vox, labels):
+    """``step()``: one step of ``mode`` (:data:`FLAX_MODES`) on a fresh ``Voxels`` of ``vox()``'s points."""
+    import jax
+    import jax.numpy as jnp
+
+    import sparsevox as sv
+    if mode not in FLAX_MODES:
+        raise ValueError(f"mode must be one of {FLAX_MODES} for the Flax model, got {mode!r}")
+    train = mode == "fp32_train"
+    model.train() if train else model.eval()
+    jlabels = _to_jax(labels).astype(jnp.int32)
+    train_step, infer = jitted_steps()
 
     def step():
         coords, feats = vox()

@@ -6,6 +6,7 @@ and forgets launches, and every check of the CUDA handler runs through XLA itsel
 the backward runs against an emulation of the kernels. The GPU tests compare the FFI forward (GPU-verified
 at ce287b0) and backward (not yet run on a GPU) with the buffer_callback path and the float64 oracle.
 """
+import contextlib
 import logging
 import os
 import shutil
@@ -364,6 +365,19 @@ def test_the_build_command(built, tmp_path, capsys):
 
 # --- on a GPU: the FFI forward and backward against buffer_callback and the float64 oracle ---------------
 
+@contextlib.contextmanager
+def _gpu_ffi(dtype: str):
+    """The FFI library built (here, when missing) and, for float64, JAX's x64 mode on while the body runs."""
+    if not ffi_lib.available()[0]:
+        ffi_build.build()
+        ffi_lib.reset()
+    jax.config.update("jax_enable_x64", dtype == "float64")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
 def _gpu_case(rng, dtype, c_in=16, c_out=32, n=400):
     import sparsevox as sv
     from reference import random_voxels
@@ -379,12 +393,7 @@ def _gpu_case(rng, dtype, c_in=16, c_out=32, n=400):
 def test_gpu_ffi_forward_matches_buffer_callback_and_the_oracle(rng, monkeypatch, dtype):
     svj = pytest.importorskip("sparsevox.adapters.jax")
     from reference import TOL, dense_conv, rel_err
-    if not ffi_lib.available()[0]:
-        ffi_build.build()
-        ffi_lib.reset()
-    if dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    try:
+    with _gpu_ffi(dtype):
         c, f, w, v = _gpu_case(rng, dtype)
         kmap = svj.kernel_map(v, 3)
         wj = jnp.asarray(w, dtype)
@@ -398,8 +407,6 @@ def test_gpu_ffi_forward_matches_buffer_callback_and_the_oracle(rng, monkeypatch
         ref = dense_conv(c, f.astype(dtype).astype(np.float64), w.astype(dtype).astype(np.float64), 3, 1, 1, False, c)
         assert rel_err(results["1"], ref) < TOL[dtype]
         np.testing.assert_allclose(results["1"], results["0"], rtol=TOL[dtype], atol=TOL[dtype])
-    finally:
-        jax.config.update("jax_enable_x64", False)
 
 
 @pytest.mark.gpu
@@ -411,12 +418,7 @@ def test_gpu_ffi_backward_matches_buffer_callback_and_the_oracle(rng, monkeypatc
     buffer_callback path, and the weight gradient of 16-bit data is the float32 accumulator rounded once."""
     svj = pytest.importorskip("sparsevox.adapters.jax")
     from reference import TOL, dense_conv_grads, rel_err
-    if not ffi_lib.available()[0]:
-        ffi_build.build()
-        ffi_lib.reset()
-    if dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    try:
+    with _gpu_ffi(dtype):
         c, f, w, v = _gpu_case(rng, dtype, c_in=16, c_out=24, n=600)
         w = rng.standard_normal((kernel ** 3, 16, 24)) / np.sqrt(kernel ** 3 * 16)
         kmap = svj.kernel_map(v, kernel, stride)
@@ -443,8 +445,6 @@ def test_gpu_ffi_backward_matches_buffer_callback_and_the_oracle(rng, monkeypatc
             assert rel_err(got, want) < 2 * TOL[dtype]
         if dtype == "float16":  # accumulated in float32, rounded to float16 once: within float16's rounding
             assert rel_err(results["1"][1], rgw) < 1e-3
-    finally:
-        jax.config.update("jax_enable_x64", False)
 
 
 @pytest.mark.gpu

@@ -92,6 +92,7 @@ def run_mode(mode: str, scans, widths, in_channels: int = 4, classes: int = 20) 
     from flax import nnx
 
     import sparsevox as sv
+    from benchmarks import flax_cell
     from sparsevox.adapters import jax as svj
     from sparsevox.adapters.flax import MinkUNet
 
@@ -99,24 +100,7 @@ def run_mode(mode: str, scans, widths, in_channels: int = 4, classes: int = 20) 
     model = MinkUNet(in_channels, classes, widths=tuple(widths), rngs=nnx.Rngs(0))
     model.train() if train else model.eval()
     traces = [0]
-
-    @nnx.jit
-    def train_step(model, feats, maps, labels):
-        traces[0] += 1  # runs only while tracing
-
-        def loss_fn(m):
-            mask = maps[0].mask()
-            ce = -jnp.take_along_axis(jax.nn.log_softmax(m(feats, maps)), labels[:, None], axis=1)[:, 0]
-            return jnp.where(mask, ce, 0).sum() / mask.sum()
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        params = nnx.state(model, nnx.Param)
-        nnx.update(model, jax.tree_util.tree_map(lambda p, g: p - 0.01 * g, params, grads))
-        return loss
-
-    @nnx.jit
-    def infer(model, feats, maps):
-        traces[0] += 1
-        return model(feats, maps)
+    train_step, infer = flax_cell.jitted_steps(traces)  # the end-to-end benchmark's Flax steps
 
     rng = np.random.default_rng(1)
     rows = []
