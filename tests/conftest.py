@@ -28,6 +28,16 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
+def spconv_cpu_build():
+    """``spconv.pytorch`` of spconv's CPU build (CI installs its wheel), else the test is skipped: where it
+    is absent, and where it is the CUDA build (the GPU machine's), whose layers assert CUDA tensors."""
+    sp = pytest.importorskip("spconv.pytorch", reason="spconv not installed (CI installs its CPU wheel)")
+    import spconv.utils
+    if not getattr(spconv.utils, "CPU_ONLY_BUILD", False):
+        pytest.skip("spconv here is its CUDA build, whose layers take CUDA tensors only (the GPU tests compare it)")
+    return sp
+
+
 def pointcloud_dir():
     """Real scans: the copy carried to the GPU machine, else ../shared beside the checkout."""
     root = Path(__file__).resolve().parents[1]

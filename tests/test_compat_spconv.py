@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import pointcloud_dir
+from conftest import pointcloud_dir, spconv_cpu_build
 from reference import rel_err
 
 torch = pytest.importorskip("torch", reason="torch not installed")
@@ -851,7 +851,7 @@ def test_gpu_networks_against_spconv(rng):
 # convolution backward and average pooling call CUDA, and global pooling is not implemented there.
 
 def _spconv_cpu():
-    return pytest.importorskip("spconv.pytorch", reason="spconv not installed (CI installs its CPU wheel)")
+    return spconv_cpu_build()
 
 
 CPU_CASES = [c for c in GPU_CASES if c not in ("avg pool", "global")]

@@ -5,6 +5,7 @@ for a negative index); everything spconv accepts and computes meaningfully still
 padding and output_padding (they crop), ``stride=None`` pools, integral floats such as ``(3.0, 3, 3)``."""
 import numpy as np
 import pytest
+from conftest import spconv_cpu_build
 
 torch = pytest.importorskip("torch", reason="torch not installed")
 import sparsevox.compat.spconv as CMP  # noqa: E402
@@ -171,7 +172,7 @@ def _scene(seed=0, shape=(7, 6, 8), n=60):
 ], ids=["conv p-1", "conv s2 p(-1,0,1)", "max pool p-1", "transposed p-1", "transposed op-1", "transposed op(3,0,1)"])
 @pytest.mark.usefixtures("one_thread")  # (spconv's CPU build races with several torch threads: rows off by 0.3)
 def test_negative_padding_and_any_output_padding_compute_what_spconv_does(make):
-    SP = pytest.importorskip("spconv.pytorch", reason="spconv not installed (CI installs its CPU wheel)")
+    SP = spconv_cpu_build()
     from spconv.pytorch.conv import SparseConvolution
     feats, idx, shape = _scene()
     ref_layer, layer = make(SP, SparseConvolution).double(), make(CMP, CMP.SparseConvolution).double()
