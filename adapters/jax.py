@@ -443,29 +443,22 @@ def _ffi_launch(core: KernelMap, direction: str, dtype: str, f_shape, w_shape, a
     return hit or None
 
 
-def _ffi_on() -> bool:
-    """Whether convolutions traced now take the FFI path. Read once per public call and handed to the
-    custom_vjp as a static argument: JAX caches the traces of a custom_vjp's rules by their static
-    arguments, so a setting read inside them would be baked into a cached trace."""
-    return _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "0"))[0]
-
-
-def _ffi_core(kmap: JaxKernelMap, ffi: bool):
-    """The core map of an exact map on the GPU when the FFI path is on (``ffi``), else None (buffer_callback)."""
-    if kmap.bucketed or not ffi:
+def _ffi_core(kmap: JaxKernelMap):
+    """The core map of an exact map on the GPU when the FFI path is on, else None (buffer_callback)."""
+    if kmap.bucketed or not _ffi_path(os.environ.get("SPARSEVOX_JAX_FFI", "0"))[0]:
         return None
     core = kmap.source.ref() if kmap.source is not None else None
     return None if core is None or array_module(core.in_maps) is np else core
 
 
-def _ffi_forward(feats, weight, kmap: JaxKernelMap, fwd_algo, ffi: bool):
+def _ffi_forward(feats, weight, kmap: JaxKernelMap, fwd_algo):
     """The convolution forward as one ``sparsevox_launch`` custom call, or None to use buffer_callback.
 
     Used only when the FFI library is built, jax has a GPU backend and ``SPARSEVOX_JAX_FFI`` is ``1``, for
     an exact map on the GPU whose planned algorithm is IMPLICIT_GEMM. XLA launches the prepared kernels on
     its own stream with no Python in the step (command buffers: not yet; the handler does not declare
     itself compatible)."""
-    core = _ffi_core(kmap, ffi)
+    core = _ffi_core(kmap)
     hit = core and _ffi_launch(core, "fwd", jnp.dtype(feats.dtype).name, feats.shape, weight.shape, fwd_algo)
     if not hit:
         return None
@@ -474,7 +467,7 @@ def _ffi_forward(feats, weight, kmap: JaxKernelMap, fwd_algo, ffi: bool):
     return jax.ffi.ffi_call(ffi_lib.TARGET, out, vmap_method="sequential")(feats, weight, launch_id=np.int64(hit[0]))
 
 
-def _ffi_backward(feats, weight, kmap: JaxKernelMap, grad, bwd_algo, ffi: bool):
+def _ffi_backward(feats, weight, kmap: JaxKernelMap, grad, bwd_algo):
     """The convolution's ``(grad_feats, grad_weight)`` as two ``sparsevox_launch`` custom calls (dgrad,
     wgrad), or None to use buffer_callback. NOT YET GPU-VERIFIED (written on a CPU-only machine; the GPU
     tests of tests/test_xla_ffi.py are the proof). Same conditions as :func:`_ffi_forward`, for both
@@ -482,7 +475,7 @@ def _ffi_backward(feats, weight, kmap: JaxKernelMap, grad, bwd_algo, ffi: bool):
     XLA transpose; the wgrad accumulates into a zeroed float32 (float64) buffer that the call takes as an
     input and returns aliased, cast to the weight's dtype by XLA: the weight gradient is the
     accumulator's, rounded once."""
-    core = _ffi_core(kmap, ffi)
+    core = _ffi_core(kmap)
     if core is None or grad.dtype != feats.dtype:
         return None
     dt = jnp.dtype(feats.dtype).name
@@ -542,9 +535,9 @@ def _bucketed_remember(core_map: KernelMap, key, direction: str, fv, wv, algo) -
         tune_cache.plans[_bucketed_signature(direction, str(fv.dtype), fv.shape[1], wv.shape, core_map, algo)] = choice
 
 
-def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo, ffi: bool = False):
+def _forward(op, feats, weight, kmap: JaxKernelMap, fwd_algo):
     if op == "conv":
-        out = _ffi_forward(feats, weight, kmap, fwd_algo, ffi)
+        out = _ffi_forward(feats, weight, kmap, fwd_algo)
         if out is not None:
             return out
     c_out = weight.shape[2] if op == "conv" else weight.shape[1]
@@ -616,9 +609,9 @@ def _fast_backward(dprep, wprep, outs, g, f, w) -> bool:
     return True
 
 
-def _backward(op, feats, weight, kmap: JaxKernelMap, grad, bwd_algo, ffi: bool = False):
+def _backward(op, feats, weight, kmap: JaxKernelMap, grad, bwd_algo):
     if op == "conv":
-        got = _ffi_backward(feats, weight, kmap, grad, bwd_algo, ffi)
+        got = _ffi_backward(feats, weight, kmap, grad, bwd_algo)
         if got is not None:
             return got
     core = sv.conv_backward if op == "conv" else sv.depthwise_backward
@@ -665,16 +658,16 @@ def _backward(op, feats, weight, kmap: JaxKernelMap, grad, bwd_algo, ffi: bool =
 
 
 def _make(op):
-    @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-    def f(feats, weight, kmap, fwd_algo=None, bwd_algo=None, ffi=False):
-        return _forward(op, feats, weight, kmap, fwd_algo, ffi)
+    @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+    def f(feats, weight, kmap, fwd_algo=None, bwd_algo=None):
+        return _forward(op, feats, weight, kmap, fwd_algo)
 
-    def f_fwd(feats, weight, kmap, fwd_algo, bwd_algo, ffi):
-        return _forward(op, feats, weight, kmap, fwd_algo, ffi), (feats, weight, kmap)
+    def f_fwd(feats, weight, kmap, fwd_algo, bwd_algo):
+        return _forward(op, feats, weight, kmap, fwd_algo), (feats, weight, kmap)
 
-    def f_bwd(fwd_algo, bwd_algo, ffi, res, grad):
+    def f_bwd(fwd_algo, bwd_algo, res, grad):
         feats, weight, kmap = res
-        gf, gw = _backward(op, feats, weight, kmap, grad, bwd_algo, ffi)
+        gf, gw = _backward(op, feats, weight, kmap, grad, bwd_algo)
         zeros = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, jax.dtypes.float0), kmap)
         return gf, gw, zeros
 
@@ -715,7 +708,7 @@ def conv_features(feats, weight, kmap: JaxKernelMap, fwd_algo=None, bwd_algo=Non
     if weight.ndim != 3 or weight.shape[0] != len(kmap.offsets) - 1 or weight.shape[1] != feats.shape[1]:
         raise ValueError(f"weight must have shape [K={len(kmap.offsets) - 1}, C_in={feats.shape[1]}, C_out], "
                          f"got {tuple(weight.shape)}")
-    return _conv(feats, weight, kmap, _algo_key(fwd_algo), _algo_key(bwd_algo), _ffi_on())
+    return _conv(feats, weight, kmap, _algo_key(fwd_algo), _algo_key(bwd_algo))
 
 
 def depthwise_features(feats, weight, kmap: JaxKernelMap, fwd_algo=None, bwd_algo=None):

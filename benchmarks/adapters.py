@@ -150,12 +150,6 @@ def main(argv=None) -> int:
                   f"{torch_stack_ms:.3f} ms (fwd / fwd+bwd / fwd per layer of a {STACK}-layer stack); {line} "
                   f"(jax/torch); map recall misses {rec['kernel_map_recall_misses']}")
             records.append(rec)
-            print(f"{scene.name} {dtype} C={c}: core {core_f:.3f}/{core_fb:.3f}  torch {torch_f:.3f}/{torch_fb:.3f}"
-                  f"  jax {jax_f:.3f}/{jax_fb:.3f} ms (fwd/fwd+bwd; map closed over: fwd {jax_f_closed:.3f}); "
-                  f"jax/torch {rec['jax_over_torch']['fwd']:.2f}× / {rec['jax_over_torch']['fwd_bwd']:.2f}×; "
-                  f"map recall misses {misses_arg} (argument), {misses_closed} (closed over); "
-                  f"{STACK}-layer stack, fwd per layer: torch {torch_s:.3f}, jax {jax_s:.3f} ms "
-                  f"(jax/torch {jax_s / torch_s:.2f}×)")
     from benchmarks import provenance
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

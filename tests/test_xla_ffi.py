@@ -315,8 +315,7 @@ def test_the_ffi_backward_hands_each_call_what_its_launch_expects(rng, monkeypat
             return jax.pure_callback(host, result, *args)
         return call
 
-    monkeypatch.setattr(svj, "_ffi_on", lambda: True)
-    monkeypatch.setattr(svj, "_ffi_core", lambda m, ffi: m.source.ref() if ffi else None)
+    monkeypatch.setattr(svj, "_ffi_core", lambda m: m.source.ref())
     monkeypatch.setattr(svj, "_ffi_launch", fake_launch)
     monkeypatch.setattr(jax.ffi, "ffi_call", fake_ffi_call)
     out, vjp = jax.vjp(lambda f, w: svj.conv_features(f, w, kmap), jax.device_put(f, cpu), jax.device_put(w, cpu))
@@ -329,29 +328,6 @@ def test_the_ffi_backward_hands_each_call_what_its_launch_expects(rng, monkeypat
     ref_out = sv.conv_forward(f.astype(np.float64), w.astype(np.float64), core)
     for got, want in ((out, ref_out), (gf, ref[0]), (gw, ref[1])):
         assert rel_err(np.asarray(got, np.float64), want) < TOL[dtype]
-
-
-def test_the_ffi_setting_reaches_every_trace_of_a_gradient(rng, monkeypatch):
-    """The setting is read per call and is a static argument of the custom_vjp: a gradient traced after
-    the setting changed sees the new one in its forward and backward rules (read inside the rules, a
-    trace JAX cached for the same shapes kept the old path: the GPU run at f61ee6a found the callback
-    baseline of test_gpu_ffi_backward... tracing with the FFI calls)."""
-    svj = pytest.importorskip("sparsevox.adapters.jax")
-    import sparsevox as sv
-    from reference import random_voxels
-    seen, on = [], [True]
-    monkeypatch.setattr(svj, "_ffi_on", lambda: on[0])
-    monkeypatch.setattr(svj, "_ffi_forward", lambda f, w, k, a, ffi: seen.append(("fwd", ffi)))
-    monkeypatch.setattr(svj, "_ffi_backward", lambda f, w, k, g, a, ffi: seen.append(("bwd", ffi)))
-    c = random_voxels(rng, 40, extent=5)
-    v = sv.Voxels(jnp.asarray(c), jnp.asarray(rng.standard_normal((len(c), 2)), jnp.float32))
-    kmap = svj.kernel_map(v, 3)
-    w = jnp.asarray(rng.standard_normal((27, 2, 3)), jnp.float32)
-    for flag in (True, False, True):
-        on[0] = flag
-        seen.clear()
-        jax.jit(jax.grad(lambda f: svj.conv_features(f, w, kmap).sum()))(v.feats)
-        assert seen and set(seen) == {("fwd", flag), ("bwd", flag)}, (flag, seen)
 
 
 def test_cpu_jax_takes_the_fallback_and_says_so_once(built, caplog, monkeypatch, rng):
@@ -439,7 +415,7 @@ def test_gpu_ffi_forward_matches_buffer_callback_and_the_oracle(rng, monkeypatch
 @pytest.mark.parametrize("kernel, stride", [(3, 1), (2, 2)], ids=["subm-mirrored", "k2s2"])
 def test_gpu_ffi_backward_matches_buffer_callback_and_the_oracle(rng, monkeypatch, dtype, kernel, stride):
     """The FFI backward (dgrad and wgrad custom calls; written without a GPU on 2026-12-05): the jitted
-    gradient's HLO has three sparsevox_launch calls, its gradients match the float64 oracle and the
+    gradient's HLO has their two sparsevox_launch calls, its gradients match the float64 oracle and the
     buffer_callback path, and the weight gradient of 16-bit data is the float32 accumulator rounded once."""
     svj = pytest.importorskip("sparsevox.adapters.jax")
     from reference import TOL, dense_conv_grads, rel_err
@@ -460,8 +436,10 @@ def test_gpu_ffi_backward_matches_buffer_callback_and_the_oracle(rng, monkeypatc
                 return (out.astype(jnp.float32) * gj.astype(jnp.float32)).sum()
             fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
             hlo = fn.lower(v.feats, wj).as_text()
+            # dgrad and wgrad (the gradient of a loss linear in the output does not need the forward, which
+            # XLA then drops: the GPU run at e9f6612 counted 2 calls with all three launches registered)
             n_calls = hlo.count(ffi_lib.TARGET)
-            assert n_calls >= 3 if setting == "1" else n_calls == 0, f"SPARSEVOX_JAX_FFI={setting}: {n_calls} calls"
+            assert n_calls >= 2 if setting == "1" else n_calls == 0, f"SPARSEVOX_JAX_FFI={setting}: {n_calls} calls"
             results[setting] = [np.asarray(a, np.float64) for a in fn(v.feats, wj)]
         x64, w64, g64 = (a.astype(dtype).astype(np.float64) for a in (f, w, g))
         rgf, rgw = dense_conv_grads(c, x64, w64, g64, kernel, stride, 1, False, out_c)
