@@ -432,8 +432,11 @@ def test_gpu_ffi_backward_matches_buffer_callback_and_the_oracle(rng, monkeypatc
             monkeypatch.setenv("SPARSEVOX_JAX_FFI", setting)
 
             def loss(f, w):
+                # summed in float64 for float64 data: a float32 sum would hand the backward g rounded to
+                # float32 (the GPU run at e9f6612: 2.5e-8 against the oracle's full-precision g)
+                acc = jnp.float64 if dtype == "float64" else jnp.float32
                 out = svj.conv_features(f, w, kmap, fwd_algo="implicit_gemm", bwd_algo="implicit_gemm")
-                return (out.astype(jnp.float32) * gj.astype(jnp.float32)).sum()
+                return (out.astype(acc) * gj.astype(acc)).sum()
             fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
             hlo = fn.lower(v.feats, wj).as_text()
             # dgrad and wgrad (the gradient of a loss linear in the output does not need the forward, which
