@@ -95,3 +95,40 @@ def test_compat_minkunet_has_the_native_kinds_and_gets_a_column():
     md = step_profile.render(doc)
     assert "| mode | kind | sparsevox ms (calls) | spconv ms (calls) | compat ms (calls) |" in md
     assert "| fp16_infer | subm_k3 | 1.00 (34) | 2.00 (34) | 3.00 (34) |" in md
+
+
+def _corr(cat, name, ts, dur, corr):
+    return {**_ev(cat, name, ts, dur), "args": {"correlation": corr}}
+
+
+def test_layer_table_ties_kernels_to_the_layer_that_launched_them():
+    from benchmarks.probes import layer_table
+    events = [
+        _ev("user_annotation", "svxL0", 0, 100), _ev("user_annotation", "svxL1", 200, 100),
+        _ev("user_annotation", "unrelated", 0, 1000),
+        _corr("cuda_driver", "cuLaunchKernel", 10, 5, 1), _corr("cuda_runtime", "cudaLaunchKernel", 50, 5, 2),
+        _corr("cuda_runtime", "cudaMemsetAsync", 250, 5, 3), _corr("cuda_runtime", "cudaLaunchKernel", 150, 5, 4),
+        _corr("kernel", "igemm_fwd<a>", 900, 400, 1), _corr("kernel", "igemm_fwd<b>", 1300, 200, 2),
+        _corr("gpu_memset", "Memset", 1500, 100, 3), _corr("kernel", "build_map", 1600, 1000, 4),
+        _corr("kernel", "orphan", 2600, 600, 99),  # no launch event seen: outside every layer
+    ]
+    ms, top = layer_table.attribute(events, steps=2)
+    # device ms per step, by the range that holds the launch (not the kernel's own, later, device time)
+    assert ms == pytest.approx({"svxL0": 0.3, "svxL1": 0.05, "(outside layers)": 0.8})
+    assert top == {"svxL0": "igemm_fwd<a>", "svxL1": "Memset", "(outside layers)": "build_map"}
+
+
+def test_layer_table_pairs_the_convolutions_of_both_models_in_order():
+    from benchmarks.probes import layer_table
+    conv = lambda kind, ms, c: {"kind": kind, "in": [100, c], "out": [100, c], "ms": ms, "top_kernel": "k"}  # noqa: E731
+    ours = [conv("subm_k3", 0.2, 32), {"kind": "batchnorm", "in": None, "out": None, "ms": 0.05, "top_kernel": ""},
+            conv("k1", 0.1, 64)]
+    theirs = [conv("subm_k3", 0.4, 32), conv("k1", 0.05, 64)]
+    doc = {"scene": "s", "device": "GPU", "date": "d", "commit": "c", "steps": 2, "records": [
+        {"mode": "fp16_infer", "library": "sparsevox", "layers": ours, "outside_ms": 1.0, "total_ms": 1.35},
+        {"mode": "fp16_infer", "library": "spconv", "layers": theirs, "outside_ms": 2.0, "total_ms": 2.45}]}
+    text = layer_table.render(doc)
+    assert "| 0 | subm_k3 | 100 → 100 | 32 → 32 | 0.200 | 0.400 | 2.00× | `k` |" in text
+    assert "| 2 | k1 | 100 → 100 | 64 → 64 | 0.100 | 0.050 | 0.50× | `k` |" in text
+    assert "| subm_k3 | 0.200 | 0.400 |" in text and "| other layers (norms, ReLU, classifier) | 0.050 | 0.000 |" in text
+    assert "| all device time | 1.350 | 2.450 |" in text

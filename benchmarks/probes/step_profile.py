@@ -268,6 +268,38 @@ def _libraries(doc) -> list[str]:
     return ["sparsevox", "spconv"] + (["compat"] if "compat" in ran else [])
 
 
+def build_models(scene: str, sp, compat=None):
+    """``(libs, models, labels, n_voxels)`` for the MinkUNet step of :mod:`benchmarks.end_to_end` on
+    ``scene``: native sparsevox, spconv (module ``sp``, when not None) and compat (module ``compat``, when
+    not None) with the same weights and calibrated BatchNorm statistics, each kept on the CPU."""
+    import torch
+
+    from benchmarks import end_to_end as e2e
+    from sparsevox.adapters.torch import MinkUNet
+    plan = e2e.SCENES[scene]
+    points, _ = e2e.scene_points(plan.source)
+    xyz, feats, index = e2e.batch_points(points, plan.batch)
+    vox = e2e.Voxeliser(xyz, feats, index, plan.voxel_size, "cuda")
+    libs = e2e.Libraries(sp, vox, e2e.spm.DEFAULT_WIDTHS, compat)
+    coords0, feats0 = vox()
+    torch.manual_seed(0)
+    labels = torch.randint(0, e2e.NUM_CLASSES, (len(coords0),), device="cuda")
+    sv_model = MinkUNet(vox.channels, e2e.NUM_CLASSES).cuda()
+    e2e.calibrate_batchnorm(sv_model, libs.make_input("sparsevox", coords0, feats0))
+    models = {"sparsevox": sv_model.cpu()}
+    if sp is not None:
+        sp_model = libs.build_spconv().cuda()
+        e2e.spm.load_from_sparsevox(sp_model, sv_model.cuda())
+        models["spconv"] = sp_model.cpu()
+        sv_model.cpu()
+    if compat is not None:
+        compat_model = libs.build_compat().cuda()
+        e2e.spm.load_from_sparsevox(compat_model, sv_model.cuda())
+        models["compat"] = compat_model.cpu()
+        sv_model.cpu()
+    return libs, models, labels, int(len(coords0))
+
+
 def main(argv=None) -> int:
     from benchmarks import end_to_end as e2e
     from benchmarks import peers as peers_mod
@@ -290,40 +322,18 @@ def main(argv=None) -> int:
                     help="also the spconv-API MinkUNet on sparsevox.compat.spconv (library 'compat')")
     a = ap.parse_args(argv)
     import torch
-
-    from sparsevox.adapters.torch import MinkUNet
     if not torch.cuda.is_available():
         print("step_profile: no GPU", file=sys.stderr)
         return 2
     sp, why = peers_mod.import_peer("spconv")
     if sp is None:
         print(f"step_profile: spconv not importable ({why}); sparsevox only", file=sys.stderr)
-    plan = e2e.SCENES[a.scene]
-    points, _ = e2e.scene_points(plan.source)
-    xyz, feats, index = e2e.batch_points(points, plan.batch)
-    vox = e2e.Voxeliser(xyz, feats, index, plan.voxel_size, "cuda")
     compat = None
     if a.compat:
         import sparsevox.compat.spconv as compat
-    libs = e2e.Libraries(sp, vox, e2e.spm.DEFAULT_WIDTHS, compat)
-    coords0, feats0 = vox()
-    torch.manual_seed(0)
-    labels = torch.randint(0, e2e.NUM_CLASSES, (len(coords0),), device="cuda")
-    sv_model = MinkUNet(vox.channels, e2e.NUM_CLASSES).cuda()
-    e2e.calibrate_batchnorm(sv_model, libs.make_input("sparsevox", coords0, feats0))
-    models = {"sparsevox": sv_model.cpu()}
-    if sp is not None:
-        sp_model = libs.build_spconv().cuda()
-        e2e.spm.load_from_sparsevox(sp_model, sv_model.cuda())
-        models["spconv"] = sp_model.cpu()
-        sv_model.cpu()
-    if compat is not None:
-        compat_model = libs.build_compat().cuda()
-        e2e.spm.load_from_sparsevox(compat_model, sv_model.cuda())
-        models["compat"] = compat_model.cpu()
-        sv_model.cpu()
+    libs, models, labels, n_voxels = build_models(a.scene, sp, compat)
     stem = a.stem or provenance.stem()
-    doc = {**provenance.header(torch.cuda.get_device_name()), "scene": a.scene, "n_voxels": int(len(coords0)), "steps": a.steps, "records": []}
+    doc = {**provenance.header(torch.cuda.get_device_name()), "scene": a.scene, "n_voxels": n_voxels, "steps": a.steps, "records": []}
     cprof, phase_rows = [], []
     for mode in a.modes:
         for lib, model in models.items():
