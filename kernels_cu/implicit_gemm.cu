@@ -216,11 +216,33 @@ __device__ __forceinline__ int next_k(const unsigned* __restrict__ tm, int words
     }
 }
 
+// The store's epilogue (igemm_fwd's ep_* arguments; all null / 0 in every launch but a fused one): what a
+// network applies right after a convolution in inference, in the same pass instead of another launch over
+// the output (issue 19):  v = act((v - mean[c]) * rsqrt(var[c] + eps) * w[c] + b[c] + r[row, c]).
+// mean null: no BatchNorm (w, b null: no affine part); r null: no residual; act: ReLU when relu (NaN kept, as
+// torch.relu), else the identity. Arithmetic in the accumulator type, one rounding at the store (the unfused
+// path rounds the convolution's output to T before the BatchNorm reads it).
+template <typename T, typename AccT>
+__device__ __forceinline__ AccT epilogue(AccT v, int col, size_t at, const float* __restrict__ mean,
+                                         const float* __restrict__ var, const float* __restrict__ w,
+                                         const float* __restrict__ b, const T* __restrict__ res, float eps, int relu) {
+    if (mean) {
+        v = (v - AccT(__ldg(mean + col))) * AccT(rsqrtf(__ldg(var + col) + eps));
+        if (w) v *= AccT(__ldg(w + col));
+        if (b) v += AccT(__ldg(b + col));
+    }
+    if (res) v += to_acc(res[at]);
+    if (relu && v < AccT(0)) v = AccT(0);
+    return v;
+}
+
 template <typename T, int BM, int BN, int BK, int WM, int WN, int STAGES, bool VEC, bool TC>
 __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32)
 igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restrict__ nbr,
           const unsigned* __restrict__ tile_mask, const int* __restrict__ row_of_slot, T* __restrict__ Y,
-          int n_rows, int c_in, int c_out, int mask_words, int k_cap, int accumulate) {
+          int n_rows, int c_in, int c_out, int mask_words, int k_cap, int accumulate,
+          const float* __restrict__ ep_mean, const float* __restrict__ ep_var, const float* __restrict__ ep_w,
+          const float* __restrict__ ep_b, const T* __restrict__ ep_res, float ep_eps, int ep_relu) {
     using AccT = typename AccOf<T>::type;
     constexpr int NTH = (BM / WM) * (BN / WN) * 32;
     constexpr int P = Pad<T>::value;
@@ -345,7 +367,9 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
     cp_async_wait<0>();
 
     // Epilogue: every element of the tile is written exactly once (zeros where no pair contributes);
-    // with `accumulate` (the later passes of a mask split) it is added to what an earlier pass wrote.
+    // with `accumulate` (the later passes of a mask split) it is added to what an earlier pass wrote; then
+    // the fused BatchNorm / residual / ReLU when asked (see epilogue; only a split's last pass is asked).
+    const bool ep = ep_mean != nullptr || ep_res != nullptr || ep_relu != 0;
     if constexpr (TC) {
         const bool pairs = (c_out % 2 == 0);
 #pragma unroll
@@ -354,16 +378,26 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
             acc_pos<WM, WN, TC>(i, lane, r, c);
             const int slot = row0 + wm + r, col = n0 + wn + c;
             if (slot >= n_rows) continue;
-            T* dst = Y + (size_t)(row_of_slot ? __ldg(row_of_slot + slot) : slot) * c_out + col;
+            const size_t at = (size_t)(row_of_slot ? __ldg(row_of_slot + slot) : slot) * c_out + col;
+            T* dst = Y + at;
             if (pairs && col + 1 < c_out) {
                 if (accumulate) {
                     acc[i] += to_acc(dst[0]);
                     acc[i + 1] += to_acc(dst[1]);
                 }
+                if (ep) {
+                    acc[i] = epilogue(acc[i], col, at, ep_mean, ep_var, ep_w, ep_b, ep_res, ep_eps, ep_relu);
+                    acc[i + 1] = epilogue(acc[i + 1], col + 1, at + 1, ep_mean, ep_var, ep_w, ep_b, ep_res, ep_eps, ep_relu);
+                }
                 store_acc2(dst, acc[i], acc[i + 1]);
             } else {
-                if (col < c_out) store_acc(dst, accumulate ? acc[i] + to_acc(dst[0]) : acc[i]);
-                if (col + 1 < c_out) store_acc(dst + 1, accumulate ? acc[i + 1] + to_acc(dst[1]) : acc[i + 1]);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    if (col + h >= c_out) continue;
+                    AccT v = accumulate ? acc[i + h] + to_acc(dst[h]) : acc[i + h];
+                    if (ep) v = epilogue(v, col + h, at + h, ep_mean, ep_var, ep_w, ep_b, ep_res, ep_eps, ep_relu);
+                    store_acc(dst + h, v);
+                }
             }
         }
     } else {
@@ -373,8 +407,10 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
             acc_pos<WM, WN, TC>(i, lane, r, c);
             const int slot = row0 + wm + r, col = n0 + wn + c;
             if (slot < n_rows && col < c_out) {
-                T* dst = Y + (size_t)(row_of_slot ? __ldg(row_of_slot + slot) : slot) * c_out + col;
-                store_acc(dst, accumulate ? acc[i] + to_acc(*dst) : acc[i]);
+                const size_t at = (size_t)(row_of_slot ? __ldg(row_of_slot + slot) : slot) * c_out + col;
+                AccT v = accumulate ? acc[i] + to_acc(Y[at]) : acc[i];
+                if (ep) v = epilogue(v, col, at, ep_mean, ep_var, ep_w, ep_b, ep_res, ep_eps, ep_relu);
+                store_acc(Y + at, v);
             }
         }
     }

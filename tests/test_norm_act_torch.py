@@ -41,6 +41,12 @@ def _counting(monkeypatch):
     return calls
 
 
+def _no_conv_fusion(monkeypatch):
+    """The modules' path as before the convolution epilogue (sparsevox.adapters.torch.fused)."""
+    from sparsevox.adapters.torch import layers
+    monkeypatch.setattr(layers, "conv_bn_act", lambda *a, **k: None)
+
+
 GPU_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5, torch.float64: 1e-12}
 
 
@@ -118,7 +124,9 @@ def test_gpu_batchnorm_reads_statistics_written_through_data(rng):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_gpu_sequential_and_residual_block_fuse_and_match_float64(rng, monkeypatch, dtype):
     """Conv + BN + ReLU and a residual block (both BN + ReLU and BN + add + ReLU fused) against float64 CPU
-    copies, under autocast for float16 (float32 parameters, as users run inference)."""
+    copies, under autocast for float16 (float32 parameters, as users run inference). The convolution's own
+    epilogue fusion (test_fused_epilogue.py) is off here: this is the path of a layer without a prepared launch."""
+    _no_conv_fusion(monkeypatch)
     calls = _counting(monkeypatch)
     net = _randomised(svt.SparseSequential(svt.SparseConv3d(8, 16, 3, bias=False), svt.BatchNorm(16),
                                            torch.nn.ReLU(inplace=True), svt.ResidualBlock(16, 24)), rng).eval()
@@ -136,6 +144,7 @@ def test_gpu_sequential_and_residual_block_fuse_and_match_float64(rng, monkeypat
 
 @pytest.mark.gpu
 def test_gpu_hooks_training_and_gradients_take_the_module_chain(rng, monkeypatch):
+    _no_conv_fusion(monkeypatch)
     calls = _counting(monkeypatch)
     net = _randomised(svt.SparseSequential(svt.SparseConv3d(4, 8, 3, bias=False), svt.BatchNorm(8),
                                            torch.nn.ReLU()), rng).cuda().eval()

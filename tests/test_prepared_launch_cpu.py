@@ -33,6 +33,31 @@ def test_launch_fills_the_address_holes_of_every_step():
     assert prep.out_shape == (10, 4)
 
 
+def test_epilogue_goes_to_the_last_step_of_a_fusable_launch_only():
+    from sparsevox.algorithms.implicit_gemm import EPILOGUE_ARGS, NO_EPILOGUE, epilogue_args
+    k1, k2 = _FakeKernel(), _FakeKernel()
+    steps = [(k1, 7, 128, 0, (None, None, 99, None, np.int32(0)) + NO_EPILOGUE),
+             (k2, 7, 128, 0, (None, None, 98, None, np.int32(1)) + NO_EPILOGUE)]  # a mask split's two passes
+    ep = epilogue_args(0x100, 0x200, 0x300, 0, 0x400, 1e-5, True)
+    assert ep == (0x100, 0x200, 0x300, 0, 0x400, np.float32(1e-5), np.int32(1)) and len(ep) == EPILOGUE_ARGS
+    prep = Launch(steps, (0, 1, 3), False, (10, 4), fusable=True)
+    assert prep.launch(16, 32, 48, epilogue=ep)
+    assert k1.calls[0][2][-EPILOGUE_ARGS:] == NO_EPILOGUE  # the first pass stores the plain sum ...
+    assert k2.calls[0][2] == (16, 32, 98, 48, np.int32(1)) + ep  # ... the last adds to it, then the epilogue
+    assert prep.launch(16, 32, 48) and k2.calls[1][2][-EPILOGUE_ARGS:] == NO_EPILOGUE  # nothing kept
+    with pytest.raises(ValueError, match="takes none"):
+        Launch(steps, (0, 1, 3), False, (10, 4)).launch(16, 32, 48, epilogue=ep)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(mean=8), "together"), (dict(var=8), "together"),
+                                          (dict(weight=8), "need mean"), (dict(bias=8), "need mean")])
+def test_epilogue_args_refuses_half_a_batchnorm(kwargs, match):
+    from sparsevox.algorithms.implicit_gemm import epilogue_args
+    with pytest.raises(ValueError, match=match):
+        epilogue_args(**kwargs)
+    assert epilogue_args(residual=64, relu=True)[4:] == (64, np.float32(0), np.int32(1))  # residual + ReLU alone
+
+
 @pytest.mark.parametrize("a,b", [(18, 32), (16, 40), (2, 6)])
 def test_vector_launch_refuses_misaligned_inputs(a, b):
     k = _FakeKernel()
@@ -251,7 +276,7 @@ def test_driver_launch_of_the_implicit_gemm_launches(fake_driver, monkeypatch, d
     made = []
 
     def kernel(kind, dt, bm, bn, vec, device_id, variant=None, tf32x3=False):
-        k = fake_driver.kernel(0xE000 + len(made), 12 if kind == "fwd" else 8)
+        k = fake_driver.kernel(0xE000 + len(made), 19 if kind == "fwd" else 8)
         made.append(k)
         return k, 128, 4096
     ptrs = iter(range(0x10_0000, 0x20_0000, 0x100))
@@ -265,11 +290,15 @@ def test_driver_launch_of_the_implicit_gemm_launches(fake_driver, monkeypatch, d
                                  kernel_size=(3, 3, 3), stride=(2, 2, 2), dilation=(1, 1, 1))
     prep = ig.prepare(direction, "float16", 32, 64, kmap, 2, **params)
     assert prep.device_id == 2
-    assert prep.launch(0x1_0000, 0x2_0000, 0x3_0000, stream=0x77)
+    assert prep.fusable == (direction == "fwd")  # dgrad runs the same kernel, but nothing follows it in a network
+    ep = ig.epilogue_args(0x5_0000, 0x6_0000, 0, 0, 0x7_0000, 1e-3, True) if prep.fusable else None
+    assert prep.launch(0x1_0000, 0x2_0000, 0x3_0000, stream=0x77, epilogue=ep)
     assert len(fake_driver.launches) == len(prep.steps) == params.get("mask_split", 1)
-    for got, (fn, grid, block, smem, template) in zip(fake_driver.launches, prep.steps):
+    for s, (got, (fn, grid, block, smem, template)) in enumerate(zip(fake_driver.launches, prep.steps)):
         assert (got["func"], got["grid"], got["block"], got["smem"], got["stream"]) == \
             (fn.ptr, (grid, 1, 1), (block, 1, 1), smem, 0x77)
+        if ep is not None and s == len(prep.steps) - 1:
+            template = template[:-ig.EPILOGUE_ARGS] + ep
         _assert_args(got, template, prep.holes, 0x1_0000, 0x2_0000, 0x3_0000)
     assert fake_driver.devices == [2]
 

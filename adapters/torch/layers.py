@@ -21,7 +21,8 @@ from sparsevox.voxels import Voxels
 
 from . import ops
 from .functional import SparseConv3d, SpatiallySparseConv, SpatiallySparseDepthwiseConv
-from .norm_act import batchnorm_act, fuses, unhooked
+from .fused import conv_bn_act, plain_conv
+from .norm_act import batchnorm_act, fuses, plain_batchnorm, unhooked
 
 __all__ = ["SparseSequential", "BatchNorm", "InstanceNorm", "ResidualBlock", "cat_voxels", "takes_voxels",
            "MaxPool3d", "AvgPool3d", "GlobalPool", "Unpool"]
@@ -90,6 +91,13 @@ class SparseSequential(nn.Sequential):
         i, n = 0, len(modules)
         while i < n:
             module = modules[i]
+            if i + 1 < n and isinstance(voxels, Voxels) and plain_conv(module) and plain_batchnorm(modules[i + 1]):
+                relu = i + 2 < n and type(modules[i + 2]) is nn.ReLU and unhooked(modules[i + 2])
+                y = conv_bn_act(module, voxels, modules[i + 1], relu=relu)  # inference: one launch
+                if y is not None:
+                    voxels = y
+                    i += 3 if relu else 2
+                    continue
             if i + 1 < n and isinstance(voxels, Voxels) and fuses(module, modules[i + 1]):
                 y = batchnorm_act(module, voxels.feats, relu=True)  # evaluation on CUDA: BN + ReLU in one launch
                 if y is not None:
@@ -208,8 +216,13 @@ class ResidualBlock(nn.Module):
         modules = tuple(self.main._modules.values())
         bn = modules[-1]
         if not bn.training and type(self.main) is SparseSequential and fuses(bn, self.relu) and unhooked(self.main):
-            # evaluation on CUDA: the last BatchNorm, the residual add and the ReLU in one launch
-            pre = SparseSequential._run(voxels, modules[:-1])
+            # evaluation on CUDA: the last convolution, BatchNorm, the residual add and the ReLU in one launch,
+            # else the last three in one (after the convolution's own)
+            mid = SparseSequential._run(voxels, modules[:-2])
+            y = conv_bn_act(modules[-2], mid, bn, residual=skip, relu=True) if plain_conv(modules[-2]) else None
+            if y is not None:
+                return voxels.replace(y.feats)
+            pre = SparseSequential._run(mid, modules[-2:-1])
             y = batchnorm_act(bn, pre.feats, residual=skip, relu=True)
             if y is None:  # (CPU, a gradient wanted): the modules, the BatchNorm given features or Voxels
                 y = self.relu(SparseSequential._run(pre, (bn,)).feats + skip)

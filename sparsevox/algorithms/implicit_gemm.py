@@ -563,32 +563,41 @@ class Launch:
     None: the current device at the first such launch).
     """
     __slots__ = ("steps", "holes", "vec", "out_shape", "acc_dtype", "transpose_b", "flip_b", "keep", "device_id",
-                 "_packed")
+                 "fusable", "_packed")
 
     def __init__(self, steps, holes, vec, out_shape, acc_dtype=None, transpose_b=False, keep=(), device_id=None,
-                 flip_b=False):
+                 flip_b=False, fusable=False):
         self.steps = [(fn, grid, block, smem, tuple(args)) for fn, grid, block, smem, args in steps]
         self.holes, self.vec, self.out_shape = holes, vec, tuple(out_shape)
         self.acc_dtype, self.transpose_b, self.flip_b, self.keep = acc_dtype, transpose_b, flip_b, keep
         self.device_id = device_id
+        self.fusable = fusable  # a forward whose last step takes an epilogue (:data:`EPILOGUE_ARGS`)
         self._packed = None  # the driver path's argument blocks, built on its first launch
 
-    def launch(self, a: int, b: int, out: int, stream: int | None = None) -> bool:
+    def launch(self, a: int, b: int, out: int, stream: int | None = None, epilogue: tuple | None = None) -> bool:
         """Launch with device addresses ``a``, ``b``, ``out``. Returns False, launching nothing, when the
         kernel uses 16-byte vector loads and ``a`` or ``b`` is not 16-byte aligned.
 
         ``stream``: a raw ``cudaStream_t`` to launch on through the CUDA driver, with the arguments packed
         once per kernel (:func:`_launch_driver`); the current device must be ``device_id``. None: through CuPy, on CuPy's
-        current stream."""
+        current stream.
+        ``epilogue``: on a ``fusable`` Launch, the values of the forward kernel's last :data:`EPILOGUE_ARGS`
+        arguments for its last step (:func:`epilogue_args`): the inference BatchNorm, residual add and ReLU
+        applied at the store. ValueError on a Launch that is not fusable."""
+        if epilogue is not None and not self.fusable:
+            raise ValueError("epilogue given to a Launch that takes none (only an IMPLICIT_GEMM forward does)")
         if self.vec and (a | b) & 15:
             return False
         if stream is not None:
-            _launch_driver(self, a, b, out, stream)
+            _launch_driver(self, a, b, out, stream, epilogue)
             return True
         i, j, k = self.holes
-        for fn, grid, block, smem, template in self.steps:
+        last = len(self.steps) - 1
+        for s, (fn, grid, block, smem, template) in enumerate(self.steps):
             args = list(template)
             args[i], args[j], args[k] = a, b, out
+            if epilogue is not None and s == last:
+                args[-EPILOGUE_ARGS:] = epilogue
             fn((grid,), (block,), tuple(args), shared_mem=smem)
         return True
 
@@ -611,7 +620,7 @@ class Launch:
 # packs its values with one struct.pack_into and hands the buffer to cuLaunchKernel. A fresh map's Launch
 # thus packs nothing new (per-Launch ctypes boxes cost ~50 µs of host time per layer of a fresh scan, 7b3ec93).
 
-def _launch_driver(prep: Launch, a: int, b: int, out: int, stream: int) -> None:
+def _launch_driver(prep: Launch, a: int, b: int, out: int, stream: int, epilogue: tuple | None = None) -> None:
     packed = prep._packed
     if packed is None:
         import cupy
@@ -619,10 +628,32 @@ def _launch_driver(prep: Launch, a: int, b: int, out: int, stream: int) -> None:
         packed = prep._packed = [(as_driver_kernel(fn, dev), (max(1, int(grid)),), (max(1, int(block)),), int(smem),
                                   list(args)) for fn, grid, block, smem, args in prep.steps]
     i, j, k = prep.holes
-    for kernel, grid, block, smem, template in packed:
+    last = len(packed) - 1
+    for s, (kernel, grid, block, smem, template) in enumerate(packed):
         values = template.copy()
         values[i], values[j], values[k] = a, b, out
+        if epilogue is not None and s == last:
+            values[-EPILOGUE_ARGS:] = epilogue
         kernel(grid, block, values, smem, stream)
+
+
+# igemm_fwd's trailing epilogue arguments (kernels_cu/implicit_gemm.cu: epilogue): BatchNorm mean, var,
+# weight, bias (float32 addresses or 0), residual (an address of the output's dtype and shape, or 0), eps,
+# ReLU. NO_EPILOGUE is what every launch passes unless a fused call replaces the last step's.
+EPILOGUE_ARGS = 7
+NO_EPILOGUE = (0, 0, 0, 0, 0, np.float32(0), np.int32(0))
+
+
+def epilogue_args(mean: int = 0, var: int = 0, weight: int = 0, bias: int = 0, residual: int = 0, eps: float = 0.0,
+                  relu: bool = False) -> tuple:
+    """The values of :data:`EPILOGUE_ARGS` for :meth:`Launch.launch`: ``act((y - mean) / sqrt(var + eps) * weight
+    + bias + residual)`` applied to the output ``y`` at its store. Addresses of float32 ``[C_out]`` statistics
+    (mean 0: no BatchNorm; weight/bias 0: no affine part) and of a residual like the output (0: none)."""
+    if bool(mean) != bool(var):
+        raise ValueError("mean and var must be given together (both addresses, or both 0)")
+    if (weight or bias) and not mean:
+        raise ValueError("weight and bias need mean and var (the BatchNorm's affine part)")
+    return (int(mean), int(var), int(weight), int(bias), int(residual), np.float32(eps), np.int32(bool(relu)))
 
 
 def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec, device_id,
@@ -654,12 +685,13 @@ def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows,
         masks = tile_masks(kmap, reverse, bm, sort_rows, part)
         steps.append((fn, grid, threads, smem,
                       (None, None, nbr.data.ptr, masks.data.ptr, 0 if slots is None else slots.data.ptr, None, np.int32(n_rows),
-                       np.int32(c_a), np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap), np.int32(h > 0))))
+                       np.int32(c_a), np.int32(c_b), np.int32(masks.shape[1]), np.int32(k_cap), np.int32(h > 0))
+                      + NO_EPILOGUE))
         keep += [nbr, masks, slots]
     if sort_rows:  # unsorted rows (the float16 default) read the unsorted table itself: nothing to drop
         _release_unsorted(kmap, reverse)  # the steps hold their sorted tables; the unsorted one may be unused
     prep = Launch(steps, (0, 1, 5), vec, (n_rows, c_b), transpose_b=reverse or flip_b, keep=tuple(keep),
-                  device_id=device_id, flip_b=flip_b)
+                  device_id=device_id, flip_b=flip_b, fusable=not (reverse or flip_b))
     kmap.derived[key] = prep
     return prep
 
