@@ -222,12 +222,15 @@ __device__ __forceinline__ int next_k(const unsigned* __restrict__ tm, int words
 // mean null: no BatchNorm (w, b null: no affine part); r null: no residual; act: ReLU when relu (NaN kept, as
 // torch.relu), else the identity. Arithmetic in the accumulator type, one rounding at the store (the unfused
 // path rounds the convolution's output to T before the BatchNorm reads it).
+__device__ __forceinline__ float inv_sqrt(float v) { return rsqrtf(v); }
+__device__ __forceinline__ double inv_sqrt(double v) { return rsqrt(v); }  // float64 features: float64 math
+
 template <typename T, typename AccT>
 __device__ __forceinline__ AccT epilogue(AccT v, int col, size_t at, const float* __restrict__ mean,
                                          const float* __restrict__ var, const float* __restrict__ w,
-                                         const float* __restrict__ b, const T* __restrict__ res, float eps, int relu) {
+                                         const float* __restrict__ b, const T* __restrict__ res, double eps, int relu) {
     if (mean) {
-        v = (v - AccT(__ldg(mean + col))) * AccT(rsqrtf(__ldg(var + col) + eps));
+        v = (v - AccT(__ldg(mean + col))) * inv_sqrt(AccT(__ldg(var + col)) + AccT(eps));
         if (w) v *= AccT(__ldg(w + col));
         if (b) v += AccT(__ldg(b + col));
     }
@@ -242,7 +245,7 @@ igemm_fwd(const T* __restrict__ X, const T* __restrict__ W, const int* __restric
           const unsigned* __restrict__ tile_mask, const int* __restrict__ row_of_slot, T* __restrict__ Y,
           int n_rows, int c_in, int c_out, int mask_words, int k_cap, int accumulate,
           const float* __restrict__ ep_mean, const float* __restrict__ ep_var, const float* __restrict__ ep_w,
-          const float* __restrict__ ep_b, const T* __restrict__ ep_res, float ep_eps, int ep_relu) {
+          const float* __restrict__ ep_b, const T* __restrict__ ep_res, double ep_eps, int ep_relu) {
     using AccT = typename AccOf<T>::type;
     constexpr int NTH = (BM / WM) * (BN / WN) * 32;
     constexpr int P = Pad<T>::value;

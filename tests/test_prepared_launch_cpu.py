@@ -39,7 +39,7 @@ def test_epilogue_goes_to_the_last_step_of_a_fusable_launch_only():
     steps = [(k1, 7, 128, 0, (None, None, 99, None, np.int32(0)) + NO_EPILOGUE),
              (k2, 7, 128, 0, (None, None, 98, None, np.int32(1)) + NO_EPILOGUE)]  # a mask split's two passes
     ep = epilogue_args(0x100, 0x200, 0x300, 0, 0x400, 1e-5, True)
-    assert ep == (0x100, 0x200, 0x300, 0, 0x400, np.float32(1e-5), np.int32(1)) and len(ep) == EPILOGUE_ARGS
+    assert ep == (0x100, 0x200, 0x300, 0, 0x400, np.float64(1e-5), np.int32(1)) and len(ep) == EPILOGUE_ARGS
     prep = Launch(steps, (0, 1, 3), False, (10, 4), fusable=True)
     assert prep.launch(16, 32, 48, epilogue=ep)
     assert k1.calls[0][2][-EPILOGUE_ARGS:] == NO_EPILOGUE  # the first pass stores the plain sum ...
@@ -55,7 +55,7 @@ def test_epilogue_args_refuses_half_a_batchnorm(kwargs, match):
     from sparsevox.algorithms.implicit_gemm import epilogue_args
     with pytest.raises(ValueError, match=match):
         epilogue_args(**kwargs)
-    assert epilogue_args(residual=64, relu=True)[4:] == (64, np.float32(0), np.int32(1))  # residual + ReLU alone
+    assert epilogue_args(residual=64, relu=True)[4:] == (64, np.float64(0), np.int32(1))  # residual + ReLU alone
 
 
 @pytest.mark.parametrize("a,b", [(18, 32), (16, 40), (2, 6)])

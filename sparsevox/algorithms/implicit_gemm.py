@@ -641,7 +641,7 @@ def _launch_driver(prep: Launch, a: int, b: int, out: int, stream: int, epilogue
 # weight, bias (float32 addresses or 0), residual (an address of the output's dtype and shape, or 0), eps,
 # ReLU. NO_EPILOGUE is what every launch passes unless a fused call replaces the last step's.
 EPILOGUE_ARGS = 7
-NO_EPILOGUE = (0, 0, 0, 0, 0, np.float32(0), np.int32(0))
+NO_EPILOGUE = (0, 0, 0, 0, 0, np.float64(0), np.int32(0))
 
 
 def epilogue_args(mean: int = 0, var: int = 0, weight: int = 0, bias: int = 0, residual: int = 0, eps: float = 0.0,
@@ -653,7 +653,7 @@ def epilogue_args(mean: int = 0, var: int = 0, weight: int = 0, bias: int = 0, r
         raise ValueError("mean and var must be given together (both addresses, or both 0)")
     if (weight or bias) and not mean:
         raise ValueError("weight and bias need mean and var (the BatchNorm's affine part)")
-    return (int(mean), int(var), int(weight), int(bias), int(residual), np.float32(eps), np.int32(bool(relu)))
+    return (int(mean), int(var), int(weight), int(bias), int(residual), np.float64(eps), np.int32(bool(relu)))
 
 
 def _prepare_gather_gemm(dt, c_a, c_b, kmap, reverse, n_rows, bm, bn, sort_rows, stage_nbr, vec, device_id,
