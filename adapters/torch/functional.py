@@ -119,6 +119,18 @@ def _from_signature(kmap, key, sig, direction, feats, weight):
     return prep
 
 
+def _forward_launch(kmap, key, name, feats, weight, fwd_algo):
+    """``(prep, sig)``: the forward's launch object kept on ``kmap`` under ``key``, else (a convolution on a
+    fresh map) the one made from the plan of its layer signature ``sig`` (None when none was planned: the
+    core call runs); ``sig`` is None when the launch was already on the map."""
+    prep = _prepared(kmap, key)
+    if prep is not None or name != "conv":
+        return prep, None
+    sig = _signature("fwd", name, feats, weight, kmap, fwd_algo)
+    with _stream(feats):  # its tables are built on the caller's device and stream
+        return _from_signature(kmap, key, sig, "fwd", feats, weight), sig
+
+
 def _remember(kmap, key, sig, name, direction, f, w, algo):
     """After a core call: keep its launch object on the map and its plan under the layer's signature."""
     choice = sv.conv.remember_prepared(kmap, key, name, direction, f, w, _algo_value(algo))
@@ -254,13 +266,8 @@ def _define(name: str, core_forward, core_backward, out_channels):
             with _stream(feats):  # a recalled map's offsets are made on the stream that will read them
                 kmap = _core_map(in_maps, out_maps, offsets, feats.shape[0], num_out)
         key = _fwd_key(name, feats, weight, fwd_algo)
-        prep = _prepared(kmap, key)
-        sig, fresh = None, False
-        if prep is None and name == "conv":
-            sig = _signature("fwd", name, feats, weight, kmap, fwd_algo)
-            with _stream(feats):  # its tables are built on the caller's device and stream
-                prep = _from_signature(kmap, key, sig, "fwd", feats, weight)
-            fresh = True
+        prep, sig = _forward_launch(kmap, key, name, feats, weight, fwd_algo)
+        fresh = sig is not None
         if prep:
             # A spare output only from this map's second call of the signature on: a fresh map's layers
             # are mostly called once (a new scan every step), and an unused spare is memory held per layer.

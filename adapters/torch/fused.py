@@ -12,8 +12,10 @@ import sparsevox as sv
 from sparsevox.algorithms.implicit_gemm import epilogue_args
 from sparsevox.conv import output_voxels_of
 
-from .functional import (SparseConv3d, SpatiallySparseConv, _algo_str, _autocast, _from_signature, _fwd_key,
-                         _needs_function, _signature, _stream)
+from sparsevox import _arrays
+
+from .functional import (SparseConv3d, SpatiallySparseConv, _algo_str, _autocast, _forward_launch, _fwd_key,
+                         _needs_function)
 from .norm_act import plain_batchnorm, unhooked
 
 _CONV_TYPES = (SpatiallySparseConv, SparseConv3d)
@@ -67,12 +69,7 @@ def conv_bn_act(conv, voxels, bn, residual: torch.Tensor | None = None, relu: bo
                                  or residual.device != feats.device):
         return None
     algo = _algo_str(conv.fwd_algo)
-    key = _fwd_key("conv", feats, weight, algo)
-    prep = kmap.derived.get(key)
-    if prep is None:
-        sig = _signature("fwd", "conv", feats, weight, kmap, algo)
-        with _stream(feats):  # its tables are built on the caller's device and stream
-            prep = _from_signature(kmap, key, sig, "fwd", feats, weight)
+    prep, _ = _forward_launch(kmap, _fwd_key("conv", feats, weight, algo), "conv", feats, weight, algo)
     if not getattr(prep, "fusable", False) or not (feats.is_contiguous() and weight.is_contiguous()):
         return None
     residual = None if residual is None else residual.contiguous()
@@ -80,7 +77,6 @@ def conv_bn_act(conv, voxels, bn, residual: torch.Tensor | None = None, relu: bo
     epilogue = epilogue_args(mean.data_ptr(), var.data_ptr(), 0 if w is None else w.data_ptr(),
                              0 if b is None else b.data_ptr(), 0 if residual is None else residual.data_ptr(),
                              bn.eps, relu)
-    from sparsevox import _arrays
     dev = feats.get_device()
     with _arrays.on_device(dev):
         out = torch.empty(prep.out_shape, dtype=feats.dtype, device=feats.device)

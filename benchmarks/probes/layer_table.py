@@ -26,7 +26,7 @@ import json
 import os
 import sys
 
-from benchmarks.probes.step_profile import build_models, layer_kind
+from benchmarks.probes.step_profile import gpu_models, layer_kind
 
 CONV_KINDS = ("subm_k3", "k1", "down_k2s2", "up_k2s2")
 
@@ -178,7 +178,6 @@ def render(doc: dict) -> str:
 
 def main(argv=None) -> int:
     from benchmarks import end_to_end as e2e
-    from benchmarks import peers as peers_mod
     from benchmarks import provenance
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scene", default="semantickitti", choices=list(e2e.SCENES))
@@ -189,14 +188,12 @@ def main(argv=None) -> int:
     ap.add_argument("--stem", default=None)
     a = ap.parse_args(argv)
     import torch
-    if not torch.cuda.is_available():
-        print("layer_table: no GPU", file=sys.stderr)
-        return 2
+
     import sparsevox
-    sp, why = peers_mod.import_peer("spconv")
-    if sp is None:
-        print(f"layer_table: spconv not importable ({why}); sparsevox only", file=sys.stderr)
-    libs, models, labels, n_voxels = build_models(a.scene, sp)
+    built = gpu_models("layer_table", a.scene)
+    if built is None:
+        return 2
+    libs, models, labels, n_voxels = built
     doc = {**provenance.header(torch.cuda.get_device_name()), "scene": a.scene, "n_voxels": n_voxels,
            "steps": a.steps, "records": []}
     cells = [(lib, lib) for lib in models] + ([("sparsevox_sorted", "sparsevox")] if a.sort_ab else [])

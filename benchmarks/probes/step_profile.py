@@ -300,9 +300,23 @@ def build_models(scene: str, sp, compat=None):
     return libs, models, labels, int(len(coords0))
 
 
+def gpu_models(probe: str, scene: str, compat=None):
+    """:func:`build_models` with spconv when it imports (else a line on stderr, sparsevox only), or None
+    with a line on stderr when there is no GPU."""
+    import torch
+
+    from benchmarks import peers as peers_mod
+    if not torch.cuda.is_available():
+        print(f"{probe}: no GPU", file=sys.stderr)
+        return None
+    sp, why = peers_mod.import_peer("spconv")
+    if sp is None:
+        print(f"{probe}: spconv not importable ({why}); sparsevox only", file=sys.stderr)
+    return build_models(scene, sp, compat)
+
+
 def main(argv=None) -> int:
     from benchmarks import end_to_end as e2e
-    from benchmarks import peers as peers_mod
     from benchmarks import provenance
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scene", default="semantickitti", choices=list(e2e.SCENES))
@@ -322,16 +336,13 @@ def main(argv=None) -> int:
                     help="also the spconv-API MinkUNet on sparsevox.compat.spconv (library 'compat')")
     a = ap.parse_args(argv)
     import torch
-    if not torch.cuda.is_available():
-        print("step_profile: no GPU", file=sys.stderr)
-        return 2
-    sp, why = peers_mod.import_peer("spconv")
-    if sp is None:
-        print(f"step_profile: spconv not importable ({why}); sparsevox only", file=sys.stderr)
     compat = None
     if a.compat:
         import sparsevox.compat.spconv as compat
-    libs, models, labels, n_voxels = build_models(a.scene, sp, compat)
+    built = gpu_models("step_profile", a.scene, compat)
+    if built is None:
+        return 2
+    libs, models, labels, n_voxels = built
     stem = a.stem or provenance.stem()
     doc = {**provenance.header(torch.cuda.get_device_name()), "scene": a.scene, "n_voxels": n_voxels, "steps": a.steps, "records": []}
     cprof, phase_rows = [], []
